@@ -1,0 +1,275 @@
+"""A topology's nodes as one running unit: ports, peer tables, start, stop, saved state.
+
+`Cluster.launch` picks free loopback ports, writes every node's configuration (each node
+knowing every other node and the harness as C-MOVE peers), starts the processes and waits
+until each answers. A detached cluster (`pacs-harness up`) saves its state in a directory
+derived from the topology file, where `status`, `store`, `down` and pytest find it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from harness.config import NodeSpec, Topology
+from harness.dicom.dimse import HARNESS_AE_TITLE
+from harness.errors import ConfigError, EnvironmentProblem
+from harness.launch.process import ProcessHandle
+from harness.nodes import Node, Peer, make_node
+
+STATE_FILE = "state.json"
+
+
+def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
+    """A TCP port nobody listens on right now (and not in `taken`)."""
+    taken = taken if taken is not None else set()
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in taken:
+            taken.add(port)
+            return port
+    raise EnvironmentProblem(f"no free TCP port found on {host}")
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def state_root() -> Path:
+    """Where detached clusters keep their state (PACS_HARNESS_STATE_DIR overrides)."""
+    env = os.environ.get("PACS_HARNESS_STATE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "pacs-harness"
+
+
+def state_dir_for(topology: Topology) -> Path:
+    """One state directory per topology file (by absolute path), `default` for the default."""
+    if topology.is_default:
+        return state_root() / "default"
+    digest = hashlib.sha256(os.path.abspath(topology.source).encode()).hexdigest()[:12]
+    return state_root() / f"{topology.name}-{digest}"
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """Serialise up/down of one topology between concurrent commands."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class Cluster:
+    """The nodes of one topology, launched by us or attached to from saved state."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        nodes: dict[str, Node],
+        *,
+        root: Path | None,
+        harness_port: int,
+        owned: bool,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.topology = topology
+        self.nodes = nodes
+        self.root = root
+        self.harness_port = harness_port
+        self.owned = owned  # True when this object must stop the nodes
+        self.state_dir = state_dir
+
+    def __getitem__(self, name: str) -> Node:
+        return self.node(name)
+
+    def node(self, name: str) -> Node:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise ConfigError(
+                f"{self.topology.source}: no node named {name!r} "
+                f"(nodes: {', '.join(self.nodes)})"
+            ) from None
+
+    @property
+    def harness_peer(self) -> Peer:
+        """The harness's own storage SCP, a C-MOVE destination every node knows."""
+        return Peer("pacs-harness", HARNESS_AE_TITLE, "127.0.0.1", self.harness_port)
+
+    # -- launch ------------------------------------------------------------------------
+    @classmethod
+    def launch(
+        cls,
+        topology: Topology,
+        *,
+        detached: bool = False,
+        root: Path | None = None,
+        state_dir: Path | None = None,
+        ready_timeout_s: float = 60.0,
+        on_event: Callable[[str], None] | None = None,
+    ) -> Cluster:
+        """Start every launched node and check every external one answers."""
+        say = on_event or (lambda _msg: None)
+        taken = {p for s in topology.nodes.values() for p in (s.dicom_port, s.http_port) if p}
+        specs: dict[str, NodeSpec] = {}
+        for name, spec in topology.nodes.items():
+            if spec.launched:
+                for port in (spec.dicom_port, spec.http_port):
+                    if port and port_in_use(spec.host, port):
+                        raise EnvironmentProblem(
+                            f"{topology.source}: node {name}: port {port} on {spec.host} is "
+                            "already in use (free it or pick another port)"
+                        )
+                spec = replace(
+                    spec,
+                    dicom_port=spec.dicom_port or free_port(spec.host, taken),
+                    http_port=spec.http_port
+                    or (free_port(spec.host, taken) if spec.kind == "orthanc" else None),
+                )
+            specs[name] = spec
+        root = root or Path(tempfile.mkdtemp(prefix=f"pacs-harness-{topology.name}-"))
+        root.mkdir(parents=True, exist_ok=True)
+        nodes = {
+            name: make_node(spec, root / name if spec.launched else None)
+            for name, spec in specs.items()
+        }
+        cluster = cls(
+            topology, nodes, root=root, harness_port=free_port("127.0.0.1", taken),
+            owned=True, state_dir=state_dir,
+        )
+        peers = [Peer(n.name, n.ae_title, n.host, n.dicom_port) for n in nodes.values()]
+        peers.append(cluster.harness_peer)
+        try:
+            for node in nodes.values():
+                if node.spec.launched:
+                    node.workdir.mkdir(parents=True, exist_ok=True)
+                    node.prepare(peers)
+                    say(f"starting {node.name} ({node.kind}) on {node.host}:{node.dicom_port}")
+                    node.start(detached=detached)
+            if detached:
+                cluster.save_state()
+            for node in nodes.values():
+                node.wait_ready(ready_timeout_s if node.spec.launched else 15.0)
+                say(f"{node.name} ({node.kind}) ready: {node.ae_title}@{node.host}:{node.dicom_port}")
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    # -- state for detached clusters --------------------------------------------------
+    def save_state(self) -> None:
+        assert self.state_dir is not None
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "topology": self.topology.source,
+            "name": self.topology.name,
+            "root": str(self.root),
+            "harness_port": self.harness_port,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "nodes": {
+                name: {
+                    "kind": node.kind,
+                    "ae_title": node.ae_title,
+                    "host": node.host,
+                    "dicom_port": node.dicom_port,
+                    "http_port": node.http_port,
+                    "workdir": str(node.workdir) if node.workdir else None,
+                    "pid": node.handle.pid if node.handle else None,
+                    "start_time": node.handle.start_time if node.handle else None,
+                }
+                for name, node in self.nodes.items()
+            },
+        }
+        tmp = self.state_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.state_dir / STATE_FILE)
+
+    @classmethod
+    def from_state(cls, topology: Topology, state_dir: Path) -> Cluster | None:
+        """The detached cluster saved for this topology, or None when there is none."""
+        path = state_dir / STATE_FILE
+        if not path.exists():
+            return None
+        state = json.loads(path.read_text())
+        nodes: dict[str, Node] = {}
+        for name, saved in state["nodes"].items():
+            declared = topology.nodes.get(name)
+            base = declared or NodeSpec(name=name, kind=saved["kind"], ae_title=saved["ae_title"])
+            spec = replace(
+                base,
+                kind=saved["kind"],
+                ae_title=saved["ae_title"],
+                host=saved["host"],
+                dicom_port=saved["dicom_port"],
+                http_port=saved["http_port"],
+                dicomweb_root=base.dicomweb_root
+                or ("/dicom-web" if saved["kind"] == "orthanc" else None),
+                orthanc_rest=base.orthanc_rest or saved["kind"] == "orthanc",
+            )
+            node = make_node(spec, Path(saved["workdir"]) if saved["workdir"] else None)
+            if saved.get("pid"):
+                node.handle = ProcessHandle(saved["pid"], saved["start_time"])
+            nodes[name] = node
+        return cls(
+            topology, nodes, root=Path(state["root"]), harness_port=state["harness_port"],
+            owned=False, state_dir=state_dir,
+        )
+
+    def all_processes_alive(self) -> bool:
+        return all(n.handle.alive() for n in self.nodes.values() if n.handle is not None)
+
+    # -- status and stop ----------------------------------------------------------------
+    def status(self) -> list[dict[str, Any]]:
+        rows = []
+        for node in self.nodes.values():
+            row = node.describe()
+            row["alive"] = node.alive()
+            rows.append(row)
+        return rows
+
+    def collect_logs(self, target: Path) -> list[Path]:
+        """Copy every node's log into `target` (for reports); returns the copies."""
+        copies = []
+        for node in self.nodes.values():
+            if node.log_path and node.log_path.exists():
+                target.mkdir(parents=True, exist_ok=True)
+                copy = target / f"{node.name}.log"
+                shutil.copyfile(node.log_path, copy)
+                copies.append(copy)
+        return copies
+
+    def stop(self) -> None:
+        """Stop every process we started and remove the temporary directories and state."""
+        errors = []
+        for node in self.nodes.values():
+            try:
+                node.stop()
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
+                errors.append(f"{node.name}: {exc}")
+        if self.root and self.root.exists():
+            shutil.rmtree(self.root, ignore_errors=True)
+        if self.state_dir is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / STATE_FILE).unlink()
+        if errors:
+            raise EnvironmentProblem("could not stop: " + "; ".join(errors))

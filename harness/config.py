@@ -1,0 +1,398 @@
+"""Topology files: which PACS nodes a merger has, validated before anything starts.
+
+A topology is YAML::
+
+    name: merger-pilot
+    nodes:
+      legacy:  {kind: dcmqrscp, ae_title: LEGACY}
+      central: {kind: orthanc,  ae_title: CENTRAL}
+      site_b:  {kind: external, ae_title: SITEB, host: 127.0.0.1, dicom_port: 11112}
+    settings: {}          # free-form scenario settings (thresholds, volumes)
+
+Every mistake is reported as one `ConfigError` line naming the file, the line, the field and
+what is allowed, e.g. ``topo.yaml:3: nodes.legacy.kind: unknown kind 'orthank' (allowed:
+orthanc, dcmqrscp, embedded, external)``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.errors import ConfigError
+
+LAUNCHED_KINDS = ("orthanc", "dcmqrscp", "embedded")
+KINDS = (*LAUNCHED_KINDS, "external")
+
+TOP_LEVEL_FIELDS = ("name", "nodes", "settings")
+NODE_FIELDS = {
+    "kind": "orthanc, dcmqrscp, embedded or external",
+    "ae_title": "1-16 characters: letters, digits, space, _ - .",
+    "host": "a host name or IP address (launched nodes: 127.0.0.0/8 only)",
+    "dicom_port": "an integer 1-65535",
+    "http_port": "an integer 1-65535",
+    "disposable": "true or false",
+    "credentials": "{username_env: VAR, password_env: VAR}",
+    "dicomweb_root": "URL path of the DICOMweb service, e.g. /dicom-web",
+    "orthanc_rest": "true when an external node is an Orthanc with its REST API",
+    "description": "free text",
+}
+CREDENTIAL_FIELDS = ("username_env", "password_env")
+AE_TITLE_RE = re.compile(r"^[A-Za-z0-9_\-. ]{1,16}$")
+NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Names of environment variables holding a login; the values are never stored."""
+
+    username_env: str | None = None
+    password_env: str | None = None
+
+    def resolve(self) -> tuple[str, str] | None:
+        """Read the login from the environment, or None when not configured."""
+        if not self.username_env:
+            return None
+        user = os.environ.get(self.username_env)
+        password = os.environ.get(self.password_env or "", "")
+        if user is None:
+            raise ConfigError(
+                f"credentials: environment variable {self.username_env} is not set"
+            )
+        return user, password
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node as declared (ports may still be None: picked free at start)."""
+
+    name: str
+    kind: str
+    ae_title: str
+    host: str = "127.0.0.1"
+    dicom_port: int | None = None
+    http_port: int | None = None
+    disposable: bool = True
+    credentials: Credentials = field(default_factory=Credentials)
+    dicomweb_root: str | None = None
+    orthanc_rest: bool = False
+    description: str = ""
+    line: int = 0
+
+    @property
+    def launched(self) -> bool:
+        return self.kind in LAUNCHED_KINDS
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The validated topology: nodes by name plus free-form scenario settings."""
+
+    name: str
+    nodes: dict[str, NodeSpec]
+    settings: dict[str, Any] = field(default_factory=dict)
+    source: str = "<default>"
+
+    @property
+    def is_default(self) -> bool:
+        return self.source == "<default>"
+
+    def node(self, name: str) -> NodeSpec:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise ConfigError(
+                f"{self.source}: no node named {name!r} (nodes: {', '.join(self.nodes)})"
+            ) from None
+
+
+# ---------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+def _construct(node: yaml.Node, lines: dict[tuple, int], path: tuple) -> Any:
+    """Turn a composed YAML node into plain Python, remembering each path's line."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.safe_load(yaml.serialize(key_node)) if key_node.tag else key_node.value
+            key = str(key)
+            if key in result:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1, path)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            result[key] = _construct(value_node, lines, (*path, key))
+            lines[(*path, key)] = key_node.start_mark.line + 1
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(item, lines, (*path, i)) for i, item in enumerate(node.value)]
+    return yaml.safe_load(yaml.serialize(node))
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int, path: tuple) -> None:
+        self.key, self.line, self.path = key, line, path
+
+
+def _load_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
+    lines: dict[tuple, int] = {}
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: invalid YAML: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+    if node is None:
+        return None, lines
+    try:
+        return _construct(node, lines, ()), lines
+    except _DuplicateKey as dup:
+        dotted = ".".join(str(p) for p in (*dup.path, dup.key))
+        raise ConfigError(f"{source}:{dup.line}: {dotted}: duplicate key") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+
+
+class _Checker:
+    """Raises ConfigError with file:line: field: message."""
+
+    def __init__(self, source: str, lines: dict[tuple, int]) -> None:
+        self.source, self.lines = source, lines
+
+    def line(self, path: tuple) -> int:
+        while path and path not in self.lines:
+            path = path[:-1]
+        return self.lines.get(path, 1)
+
+    def fail(self, path: tuple, message: str) -> ConfigError:
+        dotted = ".".join(str(p) for p in path) or "(top level)"
+        return ConfigError(f"{self.source}:{self.line(path)}: {dotted}: {message}")
+
+
+def _port(check: _Checker, path: tuple, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise check.fail(path, f"invalid port {value!r} (allowed: an integer 1-65535)")
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _node(check: _Checker, name: Any, raw: Any) -> NodeSpec:
+    path = ("nodes", name)
+    if not isinstance(name, str) or not NODE_NAME_RE.match(name):
+        raise check.fail(
+            path, "invalid node name (allowed: a letter then letters, digits, _ or -, max 32)"
+        )
+    if not isinstance(raw, dict):
+        raise check.fail(path, "must be a mapping with at least 'kind'")
+    for key in raw:
+        if key not in NODE_FIELDS:
+            raise check.fail(
+                (*path, key), f"unknown field (allowed: {', '.join(NODE_FIELDS)})"
+            )
+    kind = raw.get("kind")
+    if kind is None:
+        raise check.fail((*path, "kind"), f"missing (allowed: {', '.join(KINDS)})")
+    if kind not in KINDS:
+        raise check.fail((*path, "kind"), f"unknown kind {kind!r} (allowed: {', '.join(KINDS)})")
+
+    ae_title = raw.get("ae_title", name.upper().replace("-", "_")[:16])
+    if not isinstance(ae_title, str) or not AE_TITLE_RE.match(ae_title) or ae_title.strip() != ae_title:
+        raise check.fail(
+            (*path, "ae_title"),
+            f"invalid AE title {ae_title!r} (allowed: {NODE_FIELDS['ae_title']}, "
+            "no leading or trailing space)",
+        )
+
+    host = raw.get("host")
+    if kind == "external":
+        if not host:
+            raise check.fail(
+                (*path, "host"), "missing: an external node needs the host where it runs"
+            )
+        if raw.get("dicom_port") is None:
+            raise check.fail(
+                (*path, "dicom_port"), "missing: an external node needs its DICOM port"
+            )
+    else:
+        host = host or "127.0.0.1"
+    if not isinstance(host, str):
+        raise check.fail((*path, "host"), f"invalid host {host!r} (allowed: a host name or IP)")
+    if kind != "external" and not _is_loopback(host):
+        raise check.fail(
+            (*path, "host"), f"launched nodes listen on loopback only, not {host!r} "
+            "(allowed: 127.0.0.0/8 or localhost)"
+        )
+
+    disposable = raw.get("disposable", kind != "external")
+    if not isinstance(disposable, bool):
+        raise check.fail((*path, "disposable"), f"invalid value {disposable!r} (allowed: true or false)")
+
+    creds_raw = raw.get("credentials") or {}
+    if not isinstance(creds_raw, dict):
+        raise check.fail((*path, "credentials"), f"must be {NODE_FIELDS['credentials']}")
+    for key, value in creds_raw.items():
+        if key not in CREDENTIAL_FIELDS:
+            raise check.fail(
+                (*path, "credentials", key),
+                "unknown field (allowed: username_env, password_env: names of environment "
+                "variables; never put the secret itself in the file)",
+            )
+        if not isinstance(value, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
+            raise check.fail(
+                (*path, "credentials", key), "must name an environment variable, e.g. SITEB_PASSWORD"
+            )
+    for flag in ("orthanc_rest",):
+        if flag in raw and not isinstance(raw[flag], bool):
+            raise check.fail((*path, flag), "invalid value (allowed: true or false)")
+
+    return NodeSpec(
+        name=name,
+        kind=kind,
+        ae_title=ae_title,
+        host=host,
+        dicom_port=_port(check, (*path, "dicom_port"), raw.get("dicom_port")),
+        http_port=_port(check, (*path, "http_port"), raw.get("http_port")),
+        disposable=disposable,
+        credentials=Credentials(**creds_raw),
+        dicomweb_root=raw.get("dicomweb_root") or ("/dicom-web" if kind == "orthanc" else None),
+        orthanc_rest=bool(raw.get("orthanc_rest", kind == "orthanc")),
+        description=str(raw.get("description", "")),
+        line=check.line(path),
+    )
+
+
+def parse_topology(text: str, source: str = "<string>") -> Topology:
+    """Validate topology YAML text; raise ConfigError naming file, line and field."""
+    data, lines = _load_yaml(text, source)
+    check = _Checker(source, lines)
+    if not isinstance(data, dict):
+        raise check.fail((), "a topology must be a mapping with 'name' and 'nodes'")
+    for key in data:
+        if key not in TOP_LEVEL_FIELDS:
+            raise check.fail((key,), f"unknown field (allowed: {', '.join(TOP_LEVEL_FIELDS)})")
+    name = data.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name.strip():
+        raise check.fail(("name",), "must be a non-empty string")
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, dict) or not raw_nodes:
+        raise check.fail(("nodes",), "missing or empty: declare at least one node")
+    settings = data.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise check.fail(("settings",), "must be a mapping")
+
+    nodes = {node_name: _node(check, node_name, raw) for node_name, raw in raw_nodes.items()}
+
+    seen_ae: dict[str, str] = {}
+    seen_ports: dict[tuple[str, int], tuple[str, str]] = {}
+    for spec in nodes.values():
+        if spec.ae_title in seen_ae:
+            raise check.fail(
+                ("nodes", spec.name, "ae_title"),
+                f"duplicate AE title {spec.ae_title!r} (already used by node "
+                f"{seen_ae[spec.ae_title]!r}; AE titles must be unique)",
+            )
+        seen_ae[spec.ae_title] = spec.name
+        for port_field in ("dicom_port", "http_port"):
+            port = getattr(spec, port_field)
+            if port is None:
+                continue
+            host_key = "loopback" if _is_loopback(spec.host) else spec.host
+            if (host_key, port) in seen_ports:
+                other, other_field = seen_ports[(host_key, port)]
+                raise check.fail(
+                    ("nodes", spec.name, port_field),
+                    f"port {port} clashes with {other}.{other_field} (each port once per host)",
+                )
+            seen_ports[(host_key, port)] = (spec.name, port_field)
+    return Topology(name=name, nodes=nodes, settings=settings, source=source)
+
+
+def load_topology(path: str | os.PathLike[str]) -> Topology:
+    """Read and validate a topology file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: topology file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read topology file: {exc}") from None
+    return parse_topology(text, str(p))
+
+
+# ---------------------------------------------------------------------------------------
+# Default topology
+
+
+@dataclass(frozen=True)
+class DefaultChoice:
+    """Which kind the default topology chose for a node, and why (printed to the user)."""
+
+    node: str
+    kind: str
+    reason: str
+
+
+def default_topology(
+    which: Callable[[str], str | None] | None = None,
+) -> tuple[Topology, list[DefaultChoice]]:
+    """A `legacy` and a `target` node: real servers where installed, embedded otherwise.
+
+    legacy is DCMTK's dcmqrscp when installed (an old-style archive), target is Orthanc
+    when installed (the new central archive); each falls back to the embedded PACS.
+    """
+    from harness.tools import find_binary
+
+    which = which or find_binary
+    choices = []
+    dcmqrscp = which("dcmqrscp")
+    if dcmqrscp:
+        choices.append(DefaultChoice("legacy", "dcmqrscp", f"DCMTK found at {dcmqrscp}"))
+    else:
+        choices.append(DefaultChoice("legacy", "embedded", "dcmqrscp (DCMTK) not installed"))
+    orthanc = which("Orthanc")
+    if orthanc:
+        choices.append(DefaultChoice("target", "orthanc", f"Orthanc found at {orthanc}"))
+    else:
+        choices.append(DefaultChoice("target", "embedded", "Orthanc not installed"))
+    nodes = {
+        c.node: NodeSpec(
+            name=c.node,
+            kind=c.kind,
+            ae_title=c.node.upper(),
+            dicomweb_root="/dicom-web" if c.kind == "orthanc" else None,
+            orthanc_rest=c.kind == "orthanc",
+        )
+        for c in choices
+    }
+    return Topology(name="default", nodes=nodes, source="<default>"), choices
+
+
+def resolve_topology(path: str | os.PathLike[str] | None) -> tuple[Topology, list[DefaultChoice]]:
+    """The topology from `path`, or the default one (with the choices made) when None."""
+    if path is None:
+        return default_topology()
+    return load_topology(path), []
+

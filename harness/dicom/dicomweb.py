@@ -1,0 +1,126 @@
+"""DICOMweb client: QIDO-RS (search), WADO-RS (retrieve), STOW-RS (store), over requests.
+
+Kept to the few calls scenarios need. Multipart bodies are built and parsed here so that
+retrieved instances come back as the exact bytes the server sent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from harness.errors import EnvironmentProblem
+
+
+def parse_multipart(body: bytes, content_type: str) -> list[bytes]:
+    """Split a multipart/related body into its parts' payloads."""
+    boundary = None
+    for param in content_type.split(";"):
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip('"')
+    if not boundary:
+        raise ValueError(f"multipart response without boundary: {content_type!r}")
+    delimiter = b"--" + boundary.encode()
+    parts = []
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, sep, payload = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        if payload.endswith(b"\r\n"):
+            payload = payload[:-2]
+        parts.append(payload)
+    return parts
+
+
+class DicomwebClient:
+    """QIDO-RS, WADO-RS and STOW-RS against one service root (e.g. .../dicom-web)."""
+
+    def __init__(
+        self,
+        root_url: str,
+        auth: tuple[str, str] | None = None,
+        *,
+        verify: bool | str = True,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.root_url = root_url.rstrip("/")
+        self.session = requests.Session()
+        self.session.auth = auth
+        self.session.verify = verify
+        self.timeout_s = timeout_s
+
+    def __repr__(self) -> str:
+        return f"DicomwebClient({self.root_url})"
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        try:
+            rsp = self.session.request(
+                method, f"{self.root_url}{path}", timeout=self.timeout_s, **kwargs
+            )
+        except requests.RequestException as exc:
+            raise EnvironmentProblem(f"DICOMweb at {self.root_url}: {exc.__class__.__name__}") from None
+        if rsp.status_code >= 400:
+            raise EnvironmentProblem(
+                f"DICOMweb at {self.root_url}: {method} {path} answered HTTP {rsp.status_code}"
+            )
+        return rsp
+
+    # QIDO-RS -------------------------------------------------------------------------
+    def search(self, path: str = "/studies", **params: Any) -> list[dict[str, Any]]:
+        """QIDO-RS search; returns DICOM JSON objects (empty list on 204)."""
+        rsp = self._request("GET", path, params=params or None,
+                            headers={"Accept": "application/dicom+json"})
+        return rsp.json() if rsp.content else []
+
+    def search_studies(self, **params: Any) -> list[dict[str, Any]]:
+        return self.search("/studies", **params)
+
+    def search_instances(self, study_uid: str, **params: Any) -> list[dict[str, Any]]:
+        return self.search(f"/studies/{study_uid}/instances", **params)
+
+    # WADO-RS -------------------------------------------------------------------------
+    def retrieve(self, path: str) -> list[bytes]:
+        """WADO-RS retrieve of a study, series or instance: the Part 10 files as bytes."""
+        rsp = self._request(
+            "GET", path, headers={"Accept": 'multipart/related; type="application/dicom"'}
+        )
+        return parse_multipart(rsp.content, rsp.headers.get("Content-Type", ""))
+
+    def retrieve_instance(self, study: str, series: str, instance: str) -> bytes:
+        parts = self.retrieve(f"/studies/{study}/series/{series}/instances/{instance}")
+        if len(parts) != 1:
+            raise EnvironmentProblem(
+                f"DICOMweb at {self.root_url}: expected 1 instance, got {len(parts)}"
+            )
+        return parts[0]
+
+    def retrieve_study(self, study: str) -> list[bytes]:
+        return self.retrieve(f"/studies/{study}")
+
+    # STOW-RS -------------------------------------------------------------------------
+    def store(self, files: Iterable[bytes | str | Path]) -> dict[str, Any]:
+        """STOW-RS: send Part 10 files in one multipart request; returns the response JSON."""
+        boundary = uuid.uuid4().hex
+        body = bytearray()
+        for item in files:
+            data = item if isinstance(item, bytes) else Path(item).read_bytes()
+            body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            body += data + b"\r\n"
+        body += f"--{boundary}--\r\n".encode()
+        rsp = self._request(
+            "POST",
+            "/studies",
+            data=bytes(body),
+            headers={
+                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                "Accept": "application/dicom+json",
+            },
+        )
+        return rsp.json() if rsp.content else {}

@@ -1,0 +1,643 @@
+"""DIMSE client: C-ECHO, C-STORE over N parallel associations, C-FIND, C-MOVE, C-GET.
+
+Every operation returns a typed result carrying the DIMSE status, so scenarios assert on what
+a PACS answered rather than on exceptions. Failing to associate at all is an environment
+problem (`DimseConnectionError`, exit 3) that names the peer.
+
+TLS: pass `tls=TLSConfig(...)` to `DimseClient`; it becomes pynetdicom's `tls_args`.
+"""
+
+from __future__ import annotations
+
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    RLELossless,
+)
+from pynetdicom import AE, build_context, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    ComputedRadiographyImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForPresentation,
+    EncapsulatedPDFStorage,
+    BasicTextSRStorage,
+    EnhancedSRStorage,
+    MRImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    NuclearMedicineImageStorage,
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    PositronEmissionTomographyImageStorage,
+    SecondaryCaptureImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+    Verification,
+    XRayAngiographicImageStorage,
+)
+
+from harness.errors import EnvironmentProblem
+
+HARNESS_AE_TITLE = "PACSHARNESS"
+MAX_CONTEXTS = 128
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+_FIND_MODELS = {
+    "study": StudyRootQueryRetrieveInformationModelFind,
+    "patient": PatientRootQueryRetrieveInformationModelFind,
+}
+_MOVE_MODELS = {
+    "study": StudyRootQueryRetrieveInformationModelMove,
+    "patient": PatientRootQueryRetrieveInformationModelMove,
+}
+_GET_MODELS = {
+    "study": StudyRootQueryRetrieveInformationModelGet,
+    "patient": PatientRootQueryRetrieveInformationModelGet,
+}
+
+#: Storage SOP classes offered for C-GET (the requestor must propose them with the SCP role).
+COMMON_STORAGE_CLASSES: tuple[str, ...] = (
+    CTImageStorage,
+    MRImageStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    UltrasoundImageStorage,
+    UltrasoundMultiFrameImageStorage,
+    NuclearMedicineImageStorage,
+    PositronEmissionTomographyImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+    XRayAngiographicImageStorage,
+    SecondaryCaptureImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    BasicTextSRStorage,
+    EnhancedSRStorage,
+    EncapsulatedPDFStorage,
+)
+#: Transfer syntaxes the harness can receive unchanged; one context each so that a PACS
+#: which keeps what it stored can send it back without transcoding.
+RECEIVABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+_NON_IMAGE_CLASSES = {BasicTextSRStorage, EnhancedSRStorage, EncapsulatedPDFStorage}
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Client-side TLS settings; ready for nodes that require DICOM over TLS."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_hostname: str | None = None
+
+    def tls_args(self) -> tuple[ssl.SSLContext, str | None]:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        if self.cert_file:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context, self.server_hostname
+
+
+@dataclass(frozen=True)
+class Status:
+    """A DIMSE status code with its category (PS3.7 Annex C)."""
+
+    code: int
+
+    @property
+    def category(self) -> str:
+        c = self.code
+        if c == 0x0000:
+            return "success"
+        if c in (0xFF00, 0xFF01):
+            return "pending"
+        if c == 0xFE00:
+            return "cancel"
+        if c in (0x0001, 0x0107, 0x0116) or 0xB000 <= c <= 0xBFFF:
+            return "warning"
+        return "failure"
+
+    @property
+    def ok(self) -> bool:
+        return self.category in ("success", "warning")
+
+    def __str__(self) -> str:
+        return f"0x{self.code:04X} ({self.category})"
+
+
+#: Status used when no DIMSE status came back at all (association aborted, no context).
+NO_STATUS = Status(0xFFFF)
+
+
+class DimseConnectionError(EnvironmentProblem):
+    """The peer could not be reached or refused the association."""
+
+
+@dataclass
+class EchoResult:
+    status: Status
+    elapsed_s: float
+
+
+@dataclass
+class StoreResult:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    status: Status
+    source: str = ""
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status.ok and self.error is None
+
+
+@dataclass
+class StoreReport:
+    results: list[StoreResult] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    associations: int = 1
+
+    @property
+    def succeeded(self) -> list[StoreResult]:
+        return [r for r in self.results if r.ok]
+
+    @property
+    def failed(self) -> list[StoreResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+@dataclass
+class FindResult:
+    status: Status
+    matches: list[Dataset]
+    elapsed_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status.category == "success"
+
+
+@dataclass
+class RetrievedInstance:
+    """One instance received by C-GET, as the PACS sent it."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    dataset: Dataset
+
+
+@dataclass
+class RetrieveResult:
+    status: Status
+    completed: int
+    failed: int
+    warning: int
+    elapsed_s: float
+    instances: list[RetrievedInstance] = field(default_factory=list)
+    failed_sop_instance_uids: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status.category == "success" and self.failed == 0
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _identifier(level: str, keys: dict[str, Any] | Dataset | None) -> Dataset:
+    level = level.upper()
+    if level not in LEVELS:
+        raise ValueError(f"query level {level!r} (allowed: {', '.join(LEVELS)})")
+    if isinstance(keys, Dataset):
+        ds = keys
+    else:
+        ds = Dataset()
+        for keyword, value in (keys or {}).items():
+            setattr(ds, keyword, "" if value is None else value)
+    ds.QueryRetrieveLevel = level
+    if "SpecificCharacterSet" not in ds:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
+
+
+def iter_dicom_files(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Every file under the given files and folders (sorted, recursive)."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            yield path
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+
+
+@dataclass
+class _StoreItem:
+    source: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    payload: Dataset | Path
+
+
+def _store_item(obj: Dataset | str | Path) -> _StoreItem | None:
+    """Header of one thing to store; None for a file that is not DICOM (e.g. a manifest)."""
+    if isinstance(obj, Dataset):
+        meta = getattr(obj, "file_meta", None) or FileMetaDataset()
+        ts = meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
+        return _StoreItem("<dataset>", obj.SOPClassUID, obj.SOPInstanceUID, ts, obj)
+    path = Path(obj)
+    try:
+        header = dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError):
+        return None
+    if "SOPClassUID" not in header or "SOPInstanceUID" not in header:
+        return None
+    ts = header.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian)
+    return _StoreItem(str(path), header.SOPClassUID, header.SOPInstanceUID, ts, path)
+
+
+class DimseClient:
+    """A DIMSE service user talking to one peer (host, port, AE title)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        called_ae: str,
+        calling_ae: str = HARNESS_AE_TITLE,
+        *,
+        tls: TLSConfig | None = None,
+        timeout_s: float = 30.0,
+        max_pdu: int = 0,
+    ) -> None:
+        self.host, self.port, self.called_ae = host, port, called_ae
+        self.calling_ae = calling_ae
+        self.tls = tls
+        self.timeout_s = timeout_s
+        self.max_pdu = max_pdu
+
+    def __repr__(self) -> str:
+        return f"{self.called_ae}@{self.host}:{self.port}"
+
+    # -- association -----------------------------------------------------------------
+    def _ae(self) -> AE:
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = self.timeout_s
+        ae.dimse_timeout = self.timeout_s
+        ae.network_timeout = self.timeout_s
+        ae.connection_timeout = min(self.timeout_s, 10.0)
+        ae.maximum_pdu_size = self.max_pdu
+        return ae
+
+    def associate(
+        self,
+        contexts: Sequence[PresentationContext],
+        *,
+        ext_neg: list | None = None,
+        evt_handlers: list | None = None,
+    ):
+        """Open an association or raise DimseConnectionError naming the peer."""
+        ae = self._ae()
+        kwargs: dict[str, Any] = {
+            "ae_title": self.called_ae,
+            "contexts": list(contexts),
+            "max_pdu": self.max_pdu,
+        }
+        if ext_neg:
+            kwargs["ext_neg"] = ext_neg
+        if evt_handlers:
+            kwargs["evt_handlers"] = evt_handlers
+        if self.tls:
+            kwargs["tls_args"] = self.tls.tls_args()
+        assoc = ae.associate(self.host, self.port, **kwargs)
+        if not assoc.is_established:
+            reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else (
+                "no answer"
+            )
+            raise DimseConnectionError(
+                f"peer {self}: association {reason} (calling AE {self.calling_ae})"
+            )
+        return assoc
+
+    # -- C-ECHO ----------------------------------------------------------------------
+    def echo(self) -> EchoResult:
+        start = time.perf_counter()
+        assoc = self.associate([build_context(Verification)])
+        try:
+            rsp = assoc.send_c_echo()
+            status = Status(rsp.Status) if rsp and "Status" in rsp else NO_STATUS
+        finally:
+            assoc.release()
+        return EchoResult(status, time.perf_counter() - start)
+
+    def negotiate(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+        """Which (SOP class, transfer syntax) pairs the peer accepts, as one context each."""
+        pairs = list(dict.fromkeys(pairs))
+        accepted: dict[tuple[str, str], bool] = {}
+        for start in range(0, len(pairs), MAX_CONTEXTS):
+            chunk = pairs[start : start + MAX_CONTEXTS]
+            assoc = self.associate([build_context(sop, [ts]) for sop, ts in chunk])
+            try:
+                for cx in assoc.accepted_contexts:
+                    accepted[(cx.abstract_syntax, cx.transfer_syntax[0])] = True
+            finally:
+                assoc.release()
+        return {pair: accepted.get(pair, False) for pair in pairs}
+
+    # -- C-STORE ---------------------------------------------------------------------
+    def store(
+        self,
+        objects: Iterable[Dataset | str | Path],
+        *,
+        associations: int = 1,
+        on_result: Callable[[StoreResult], None] | None = None,
+    ) -> StoreReport:
+        """Send datasets and files (folders are walked) over N parallel associations.
+
+        Each (SOP class, transfer syntax) pair gets its own presentation context, so objects
+        go out exactly as they are; a pair the peer does not accept fails that object with a
+        clear error instead of silently converting it. Files that are not DICOM are skipped.
+        """
+        if associations < 1:
+            raise ValueError("associations must be >= 1")
+        items: list[_StoreItem] = []
+        for obj in objects:
+            if isinstance(obj, str | Path) and Path(obj).is_dir():
+                for path in iter_dicom_files([obj]):
+                    item = _store_item(path)
+                    if item:
+                        items.append(item)
+                continue
+            item = _store_item(obj)
+            if item:
+                items.append(item)
+        report = StoreReport(associations=associations)
+        start = time.perf_counter()
+        pairs = list(dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in items))
+        for chunk_start in range(0, len(pairs), MAX_CONTEXTS):
+            chunk = set(pairs[chunk_start : chunk_start + MAX_CONTEXTS])
+            batch = [i for i in items if (i.sop_class_uid, i.transfer_syntax_uid) in chunk]
+            self._store_batch(batch, sorted(chunk), associations, report, on_result)
+        report.elapsed_s = time.perf_counter() - start
+        return report
+
+    def _store_batch(
+        self,
+        batch: list[_StoreItem],
+        pairs: list[tuple[str, str]],
+        associations: int,
+        report: StoreReport,
+        on_result: Callable[[StoreResult], None] | None,
+    ) -> None:
+        work: queue.Queue[_StoreItem] = queue.Queue()
+        for item in batch:
+            work.put(item)
+        lock = threading.Lock()
+        contexts = [build_context(sop, [ts]) for sop, ts in pairs]
+        errors: list[BaseException] = []
+
+        def record(result: StoreResult) -> None:
+            with lock:
+                report.results.append(result)
+            if on_result:
+                on_result(result)
+
+        def worker() -> None:
+            assoc = None
+            try:
+                while True:
+                    try:
+                        item = work.get_nowait()
+                    except queue.Empty:
+                        return
+                    if assoc is None or not assoc.is_established:
+                        assoc = self.associate(contexts)
+                    record(self._store_one(assoc, item))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller thread
+                errors.append(exc)
+            finally:
+                if assoc is not None and assoc.is_established:
+                    assoc.release()
+
+        threads = [
+            threading.Thread(target=worker, name=f"store-{n}", daemon=True)
+            for n in range(min(associations, max(1, len(batch))))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def _store_one(self, assoc, item: _StoreItem) -> StoreResult:
+        result = StoreResult(
+            item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid, NO_STATUS,
+            source=item.source,
+        )
+        accepted = any(
+            cx.abstract_syntax == item.sop_class_uid
+            and cx.transfer_syntax[0] == item.transfer_syntax_uid
+            for cx in assoc.accepted_contexts
+        )
+        if not accepted:
+            result.error = (
+                f"peer {self} did not accept SOP class {item.sop_class_uid} "
+                f"with transfer syntax {item.transfer_syntax_uid}"
+            )
+            return result
+        try:
+            rsp = assoc.send_c_store(item.payload)
+        except (ValueError, AttributeError, OSError) as exc:
+            result.error = f"{item.source}: {exc}"
+            return result
+        if rsp and "Status" in rsp:
+            result.status = Status(rsp.Status)
+            if not result.status.ok:
+                comment = rsp.get("ErrorComment", "")
+                result.error = f"peer {self} answered {result.status} {comment}".strip()
+        else:
+            result.error = f"peer {self}: no C-STORE response (association aborted or timed out)"
+        return result
+
+    # -- C-FIND ----------------------------------------------------------------------
+    def find(
+        self, level: str, keys: dict[str, Any] | Dataset | None = None, *, model: str = "study"
+    ) -> FindResult:
+        """C-FIND at PATIENT, STUDY, SERIES or IMAGE level; keys with None are return keys."""
+        identifier = _identifier(level, keys)
+        sop_class = _FIND_MODELS[model]
+        start = time.perf_counter()
+        assoc = self.associate([build_context(sop_class)])
+        matches: list[Dataset] = []
+        status = NO_STATUS
+        try:
+            for rsp_status, rsp_identifier in assoc.send_c_find(identifier, sop_class):
+                if rsp_status is None or "Status" not in rsp_status:
+                    break
+                status = Status(rsp_status.Status)
+                if status.category == "pending" and rsp_identifier is not None:
+                    matches.append(rsp_identifier)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return FindResult(status, matches, time.perf_counter() - start)
+
+    # -- C-MOVE ----------------------------------------------------------------------
+    def move(
+        self,
+        destination_ae: str,
+        level: str,
+        keys: dict[str, Any] | Dataset,
+        *,
+        model: str = "study",
+    ) -> RetrieveResult:
+        """Ask the peer to send matching instances to `destination_ae` (a peer it knows)."""
+        identifier = _identifier(level, keys)
+        sop_class = _MOVE_MODELS[model]
+        start = time.perf_counter()
+        assoc = self.associate([build_context(sop_class)])
+        last: Dataset | None = None
+        try:
+            for rsp_status, _ in assoc.send_c_move(identifier, destination_ae, sop_class):
+                if rsp_status is None or "Status" not in rsp_status:
+                    break
+                last = rsp_status
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return _retrieve_result(last, time.perf_counter() - start)
+
+    # -- C-GET -----------------------------------------------------------------------
+    def get(
+        self,
+        level: str,
+        keys: dict[str, Any] | Dataset,
+        *,
+        model: str = "study",
+        sop_classes: Sequence[str] | None = None,
+        transfer_syntaxes: Sequence[str] = RECEIVABLE_TRANSFER_SYNTAXES,
+        on_instance: Callable[[RetrievedInstance], None] | None = None,
+        keep: bool = True,
+    ) -> RetrieveResult:
+        """Retrieve matching instances over this association (C-GET).
+
+        Each storage SOP class is offered once per transfer syntax so the PACS can send
+        what it holds unchanged. `keep=False` with `on_instance` streams instead of
+        collecting every dataset in memory.
+        """
+        identifier = _identifier(level, keys)
+        sop_class = _GET_MODELS[model]
+        classes = list(sop_classes or COMMON_STORAGE_CLASSES)
+        contexts = [build_context(sop_class)]
+        roles = []
+        for storage_class in classes:
+            syntaxes = transfer_syntaxes
+            if storage_class in _NON_IMAGE_CLASSES:
+                syntaxes = [ts for ts in transfer_syntaxes if not UID(ts).is_compressed]
+            for ts in syntaxes:
+                contexts.append(build_context(storage_class, [ts]))
+            roles.append(storage_class)
+        if len(contexts) > MAX_CONTEXTS:
+            raise ValueError(
+                f"C-GET would need {len(contexts)} presentation contexts (max {MAX_CONTEXTS}); "
+                "pass fewer sop_classes or transfer_syntaxes"
+            )
+        from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+
+        ext_neg = []
+        for storage_class in roles:
+            role = SCP_SCU_RoleSelectionNegotiation()
+            role.sop_class_uid = storage_class
+            role.scu_role = False
+            role.scp_role = True
+            ext_neg.append(role)
+
+        received: list[RetrievedInstance] = []
+
+        def handle_store(event) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            instance = RetrievedInstance(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                dataset=ds,
+            )
+            if keep:
+                received.append(instance)
+            if on_instance:
+                on_instance(instance)
+            return 0x0000
+
+        start = time.perf_counter()
+        assoc = self.associate(
+            contexts, ext_neg=ext_neg, evt_handlers=[(evt.EVT_C_STORE, handle_store)]
+        )
+        last: Dataset | None = None
+        try:
+            for rsp_status, _ in assoc.send_c_get(identifier, sop_class):
+                if rsp_status is None or "Status" not in rsp_status:
+                    break
+                last = rsp_status
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        result = _retrieve_result(last, time.perf_counter() - start)
+        result.instances = received
+        return result
+
+
+def _retrieve_result(last: Dataset | None, elapsed: float) -> RetrieveResult:
+    if last is None:
+        return RetrieveResult(NO_STATUS, 0, 0, 0, elapsed)
+    failed_uids: list[str] = []
+    if "FailedSOPInstanceUIDList" in last and last.FailedSOPInstanceUIDList:
+        value = last.FailedSOPInstanceUIDList
+        failed_uids = [str(v) for v in (value if isinstance(value, list | tuple) else [value])]
+    return RetrieveResult(
+        status=Status(last.Status),
+        completed=int(last.get("NumberOfCompletedSuboperations", 0) or 0),
+        failed=int(last.get("NumberOfFailedSuboperations", 0) or 0),
+        warning=int(last.get("NumberOfWarningSuboperations", 0) or 0),
+        elapsed_s=elapsed,
+        failed_sop_instance_uids=failed_uids,
+    )

@@ -1,0 +1,218 @@
+"""The one interface every PACS node offers, whatever runs behind it.
+
+Scenarios only see `Node`: its address (host, DICOM port, AE title, HTTP port), protocol
+clients, and the vendor-specific chores (start, stop, wipe, statistics, logs) that each
+adapter implements for its kind. Destructive chores check `disposable` here, once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.config import NodeSpec
+from harness.dicom.dicomweb import DicomwebClient
+from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient, DimseConnectionError
+from harness.dicom.orthanc_rest import OrthancRest
+from harness.errors import EnvironmentProblem, NotDisposableError
+from harness.launch.process import ProcessHandle, log_tail, spawn
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another DICOM application entity a node must know (C-MOVE destinations)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass
+class NodeStatistics:
+    patients: int
+    studies: int
+    series: int
+    instances: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Node:
+    """Base class: an addressable PACS with protocol clients and lifecycle chores."""
+
+    kind = "abstract"
+    has_process = False
+
+    def __init__(self, spec: NodeSpec, workdir: Path | None = None) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.ae_title = spec.ae_title
+        self.host = spec.host
+        self.dicom_port: int = spec.dicom_port or 0
+        self.http_port: int | None = spec.http_port
+        self.workdir = workdir
+        self.peers: list[Peer] = []
+        self.handle: ProcessHandle | None = None
+        self._popen = None
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} node {self.name} {self.ae_title}@{self.host}:{self.dicom_port}>"
+
+    # -- identity ----------------------------------------------------------------------
+    @property
+    def disposable(self) -> bool:
+        return self.spec.disposable
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.workdir / "node.log" if self.workdir else None
+
+    def describe(self) -> dict[str, Any]:
+        """The fields `status --json` prints for a node."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "ae_title": self.ae_title,
+            "host": self.host,
+            "dicom_port": self.dicom_port,
+            "http_port": self.http_port,
+            "disposable": self.disposable,
+        }
+
+    # -- protocol clients ----------------------------------------------------------------
+    def dimse(self, calling_ae: str = HARNESS_AE_TITLE, timeout_s: float = 30.0) -> DimseClient:
+        return DimseClient(self.host, self.dicom_port, self.ae_title, calling_ae, timeout_s=timeout_s)
+
+    @property
+    def http_url(self) -> str | None:
+        return f"http://{self.host}:{self.http_port}" if self.http_port else None
+
+    def dicomweb(self) -> DicomwebClient | None:
+        """A DICOMweb client when the node serves DICOMweb, else None."""
+        if not self.http_url or not self.spec.dicomweb_root:
+            return None
+        return DicomwebClient(self.http_url + self.spec.dicomweb_root, self._http_auth())
+
+    def rest(self) -> OrthancRest | None:
+        """Orthanc REST client when the node is an Orthanc, else None."""
+        if not self.http_url or not self.spec.orthanc_rest:
+            return None
+        return OrthancRest(self.http_url, self._http_auth())
+
+    def _http_auth(self) -> tuple[str, str] | None:
+        return self.spec.credentials.resolve()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def prepare(self, peers: list[Peer]) -> None:
+        """Write configuration into the work directory (launched kinds)."""
+        self.peers = [p for p in peers if p.ae_title != self.ae_title]
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, *, detached: bool = False) -> None:
+        """Launch the node's process; `wait_ready` then tells when it answers."""
+        if not self.has_process:
+            return
+        assert self.workdir is not None
+        self._popen, self.handle = spawn(
+            self.command(), log_path=self.log_path, cwd=self.workdir, detached=detached
+        )
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Poll C-ECHO (and HTTP where the node has it) until it answers or time is up."""
+        deadline = time.monotonic() + timeout_s
+        last_error = "no answer"
+        while time.monotonic() < deadline:
+            if self.handle is not None and not self.handle.alive():
+                raise EnvironmentProblem(
+                    f"node {self.name} ({self.kind}) exited during start-up; "
+                    f"log tail:\n{self.log_tail()}"
+                )
+            try:
+                if self.ready():
+                    return
+            except (DimseConnectionError, EnvironmentProblem, OSError) as exc:
+                last_error = str(exc)
+            time.sleep(0.2)
+        raise EnvironmentProblem(
+            f"node {self.name} ({self.kind}) at {self.host}:{self.dicom_port} not ready after "
+            f"{timeout_s:.0f} s ({last_error}); log tail:\n{self.log_tail()}"
+        )
+
+    def ready(self) -> bool:
+        """One readiness probe: C-ECHO succeeds."""
+        return self.dimse(timeout_s=5).echo().status.ok
+
+    def alive(self) -> bool:
+        """True when the process (if any) runs and the node answers C-ECHO."""
+        if self.handle is not None and not self.handle.alive():
+            return False
+        try:
+            return self.dimse(timeout_s=5).echo().status.ok
+        except (DimseConnectionError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.stop()
+        if self._popen is not None:
+            try:
+                self._popen.wait(timeout=5)
+            except Exception:  # noqa: BLE001 - already SIGKILLed above; nothing more to do
+                pass
+
+    def log_tail(self, lines: int = 30) -> str:
+        return log_tail(self.log_path, lines) if self.log_path else ""
+
+    def version(self) -> str:
+        return "unknown"
+
+    # -- chores ------------------------------------------------------------------------
+    def require_disposable(self, action: str) -> None:
+        if not self.disposable:
+            raise NotDisposableError(
+                f"node {self.name}: refusing to {action}: it is not declared "
+                "'disposable: true' in the topology"
+            )
+
+    def wipe(self) -> None:
+        """Delete every study on the node (only when disposable)."""
+        self.require_disposable("wipe it")
+        self._wipe()
+
+    def _wipe(self) -> None:
+        raise NotDisposableError(f"node {self.name} ({self.kind}) offers no way to delete studies")
+
+    def statistics(self) -> NodeStatistics:
+        """Counts by walking the hierarchy with C-FIND; adapters override with faster ways."""
+        return dimse_statistics(self.dimse())
+
+
+def dimse_statistics(client: DimseClient) -> NodeStatistics:
+    """Patient, study, series and instance counts using only C-FIND (works on any PACS)."""
+    studies = client.find("STUDY", {"StudyInstanceUID": None, "PatientID": None})
+    if not studies.ok:
+        raise EnvironmentProblem(f"peer {client}: study-level C-FIND answered {studies.status}")
+    patients = {str(s.get("PatientID", "")) for s in studies.matches}
+    series_count = instance_count = 0
+    for study in studies.matches:
+        series = client.find(
+            "SERIES", {"StudyInstanceUID": study.StudyInstanceUID, "SeriesInstanceUID": None}
+        )
+        series_count += len(series.matches)
+        for one in series.matches:
+            images = client.find(
+                "IMAGE",
+                {
+                    "StudyInstanceUID": study.StudyInstanceUID,
+                    "SeriesInstanceUID": one.SeriesInstanceUID,
+                    "SOPInstanceUID": None,
+                },
+            )
+            instance_count += len(images.matches)
+    return NodeStatistics(len(patients), len(studies.matches), series_count, instance_count)

@@ -1,0 +1,49 @@
+"""The embedded pure-Python PACS (pynetdicom), run in a subprocess: the zero-install default."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pydicom
+import pynetdicom
+
+from harness.nodes.base import Node, NodeStatistics, Peer
+
+
+class EmbeddedNode(Node):
+    kind = "embedded"
+    has_process = True
+
+    @property
+    def storage_dir(self):
+        return self.workdir / "storage"
+
+    def prepare(self, peers: list[Peer]) -> None:
+        super().prepare(peers)
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        table = {p.ae_title: {"host": p.host, "port": p.port} for p in self.peers}
+        (self.workdir / "peers.json").write_text(json.dumps(table, indent=2))
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "harness.nodes.embedded_server",
+            "--ae-title", self.ae_title,
+            "--port", str(self.dicom_port),
+            "--host", self.host,
+            "--storage", str(self.storage_dir),
+            "--peers", str(self.workdir / "peers.json"),
+        ]
+
+    def version(self) -> str:
+        return f"embedded PACS (pynetdicom {pynetdicom.__version__}, pydicom {pydicom.__version__})"
+
+    def _wipe(self) -> None:
+        from harness.nodes import embedded_server
+
+        embedded_server.wipe_storage(self.storage_dir)
+
+    def statistics(self) -> NodeStatistics:
+        from harness.nodes import embedded_server
+
+        return NodeStatistics(**embedded_server.statistics(self.storage_dir))
