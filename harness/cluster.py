@@ -107,8 +107,7 @@ class Cluster:
             return self.nodes[name]
         except KeyError:
             raise ConfigError(
-                f"{self.topology.source}: no node named {name!r} "
-                f"(nodes: {', '.join(self.nodes)})"
+                f"{self.topology.source}: no node named {name!r} (nodes: {', '.join(self.nodes)})"
             ) from None
 
     @property
@@ -154,8 +153,12 @@ class Cluster:
             for name, spec in specs.items()
         }
         cluster = cls(
-            topology, nodes, root=root, harness_port=free_port("127.0.0.1", taken),
-            owned=True, state_dir=state_dir,
+            topology,
+            nodes,
+            root=root,
+            harness_port=free_port("127.0.0.1", taken),
+            owned=True,
+            state_dir=state_dir,
         )
         peers = [Peer(n.name, n.ae_title, n.host, n.dicom_port) for n in nodes.values()]
         peers.append(cluster.harness_peer)
@@ -170,7 +173,10 @@ class Cluster:
                 cluster.save_state()
             for node in nodes.values():
                 node.wait_ready(ready_timeout_s if node.spec.launched else 15.0)
-                say(f"{node.name} ({node.kind}) ready: {node.ae_title}@{node.host}:{node.dicom_port}")
+                say(
+                    f"{node.name} ({node.kind}) ready: "
+                    f"{node.ae_title}@{node.host}:{node.dicom_port}"
+                )
         except BaseException:
             cluster.stop()
             raise
@@ -231,8 +237,12 @@ class Cluster:
                 node.handle = ProcessHandle(saved["pid"], saved["start_time"])
             nodes[name] = node
         return cls(
-            topology, nodes, root=Path(state["root"]), harness_port=state["harness_port"],
-            owned=False, state_dir=state_dir,
+            topology,
+            nodes,
+            root=Path(state["root"]),
+            harness_port=state["harness_port"],
+            owned=False,
+            state_dir=state_dir,
         )
 
     def all_processes_alive(self) -> bool:

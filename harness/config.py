@@ -63,9 +63,7 @@ class Credentials:
         user = os.environ.get(self.username_env)
         password = os.environ.get(self.password_env or "", "")
         if user is None:
-            raise ConfigError(
-                f"credentials: environment variable {self.username_env} is not set"
-            )
+            raise ConfigError(f"credentials: environment variable {self.username_env} is not set")
         return user, password
 
 
@@ -209,9 +207,7 @@ def _node(check: _Checker, name: Any, raw: Any) -> NodeSpec:
         raise check.fail(path, "must be a mapping with at least 'kind'")
     for key in raw:
         if key not in NODE_FIELDS:
-            raise check.fail(
-                (*path, key), f"unknown field (allowed: {', '.join(NODE_FIELDS)})"
-            )
+            raise check.fail((*path, key), f"unknown field (allowed: {', '.join(NODE_FIELDS)})")
     kind = raw.get("kind")
     if kind is None:
         raise check.fail((*path, "kind"), f"missing (allowed: {', '.join(KINDS)})")
@@ -219,7 +215,11 @@ def _node(check: _Checker, name: Any, raw: Any) -> NodeSpec:
         raise check.fail((*path, "kind"), f"unknown kind {kind!r} (allowed: {', '.join(KINDS)})")
 
     ae_title = raw.get("ae_title", name.upper().replace("-", "_")[:16])
-    if not isinstance(ae_title, str) or not AE_TITLE_RE.match(ae_title) or ae_title.strip() != ae_title:
+    if (
+        not isinstance(ae_title, str)
+        or not AE_TITLE_RE.match(ae_title)
+        or ae_title.strip() != ae_title
+    ):
         raise check.fail(
             (*path, "ae_title"),
             f"invalid AE title {ae_title!r} (allowed: {NODE_FIELDS['ae_title']}, "
@@ -242,13 +242,16 @@ def _node(check: _Checker, name: Any, raw: Any) -> NodeSpec:
         raise check.fail((*path, "host"), f"invalid host {host!r} (allowed: a host name or IP)")
     if kind != "external" and not _is_loopback(host):
         raise check.fail(
-            (*path, "host"), f"launched nodes listen on loopback only, not {host!r} "
-            "(allowed: 127.0.0.0/8 or localhost)"
+            (*path, "host"),
+            f"launched nodes listen on loopback only, not {host!r} "
+            "(allowed: 127.0.0.0/8 or localhost)",
         )
 
     disposable = raw.get("disposable", kind != "external")
     if not isinstance(disposable, bool):
-        raise check.fail((*path, "disposable"), f"invalid value {disposable!r} (allowed: true or false)")
+        raise check.fail(
+            (*path, "disposable"), f"invalid value {disposable!r} (allowed: true or false)"
+        )
 
     creds_raw = raw.get("credentials") or {}
     if not isinstance(creds_raw, dict):
@@ -262,7 +265,8 @@ def _node(check: _Checker, name: Any, raw: Any) -> NodeSpec:
             )
         if not isinstance(value, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
             raise check.fail(
-                (*path, "credentials", key), "must name an environment variable, e.g. SITEB_PASSWORD"
+                (*path, "credentials", key),
+                "must name an environment variable, e.g. SITEB_PASSWORD",
             )
     for flag in ("orthanc_rest",):
         if flag in raw and not isinstance(raw[flag], bool):
@@ -395,4 +399,3 @@ def resolve_topology(path: str | os.PathLike[str] | None) -> tuple[Topology, lis
     if path is None:
         return default_topology()
     return load_topology(path), []
-

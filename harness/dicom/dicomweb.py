@@ -65,7 +65,9 @@ class DicomwebClient:
                 method, f"{self.root_url}{path}", timeout=self.timeout_s, **kwargs
             )
         except requests.RequestException as exc:
-            raise EnvironmentProblem(f"DICOMweb at {self.root_url}: {exc.__class__.__name__}") from None
+            raise EnvironmentProblem(
+                f"DICOMweb at {self.root_url}: {exc.__class__.__name__}"
+            ) from None
         if rsp.status_code >= 400:
             raise EnvironmentProblem(
                 f"DICOMweb at {self.root_url}: {method} {path} answered HTTP {rsp.status_code}"
@@ -75,8 +77,9 @@ class DicomwebClient:
     # QIDO-RS -------------------------------------------------------------------------
     def search(self, path: str = "/studies", **params: Any) -> list[dict[str, Any]]:
         """QIDO-RS search; returns DICOM JSON objects (empty list on 204)."""
-        rsp = self._request("GET", path, params=params or None,
-                            headers={"Accept": "application/dicom+json"})
+        rsp = self._request(
+            "GET", path, params=params or None, headers={"Accept": "application/dicom+json"}
+        )
         return rsp.json() if rsp.content else []
 
     def search_studies(self, **params: Any) -> list[dict[str, Any]]:

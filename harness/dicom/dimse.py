@@ -22,11 +22,11 @@ from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     RLELossless,
@@ -34,12 +34,12 @@ from pydicom.uid import (
 from pynetdicom import AE, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
-    CTImageStorage,
+    BasicTextSRStorage,
     ComputedRadiographyImageStorage,
+    CTImageStorage,
     DigitalMammographyXRayImageStorageForPresentation,
     DigitalXRayImageStorageForPresentation,
     EncapsulatedPDFStorage,
-    BasicTextSRStorage,
     EnhancedSRStorage,
     MRImageStorage,
     MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
@@ -187,6 +187,7 @@ class StoreReport:
     results: list[StoreResult] = field(default_factory=list)
     elapsed_s: float = 0.0
     associations: int = 1
+    skipped: list[str] = field(default_factory=list)  # files that are not DICOM
 
     @property
     def succeeded(self) -> list[StoreResult]:
@@ -349,8 +350,12 @@ class DimseClient:
             kwargs["tls_args"] = self.tls.tls_args()
         assoc = ae.associate(self.host, self.port, **kwargs)
         if not assoc.is_established:
-            reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else (
-                "no answer"
+            reason = (
+                "rejected"
+                if assoc.is_rejected
+                else "aborted"
+                if assoc.is_aborted
+                else ("no answer")
             )
             raise DimseConnectionError(
                 f"peer {self}: association {reason} (calling AE {self.calling_ae})"
@@ -399,17 +404,15 @@ class DimseClient:
         if associations < 1:
             raise ValueError("associations must be >= 1")
         items: list[_StoreItem] = []
-        for obj in objects:
-            if isinstance(obj, str | Path) and Path(obj).is_dir():
-                for path in iter_dicom_files([obj]):
-                    item = _store_item(path)
-                    if item:
-                        items.append(item)
-                continue
-            item = _store_item(obj)
-            if item:
-                items.append(item)
         report = StoreReport(associations=associations)
+        for obj in objects:
+            expanded = iter_dicom_files([obj]) if isinstance(obj, str | Path) else [obj]
+            for one in expanded:
+                item = _store_item(one)
+                if item:
+                    items.append(item)
+                else:
+                    report.skipped.append(str(one))
         start = time.perf_counter()
         pairs = list(dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in items))
         for chunk_start in range(0, len(pairs), MAX_CONTEXTS):
@@ -470,7 +473,10 @@ class DimseClient:
 
     def _store_one(self, assoc, item: _StoreItem) -> StoreResult:
         result = StoreResult(
-            item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid, NO_STATUS,
+            item.sop_instance_uid,
+            item.sop_class_uid,
+            item.transfer_syntax_uid,
+            NO_STATUS,
             source=item.source,
         )
         accepted = any(

@@ -39,7 +39,9 @@ class OrthancRest:
                 method, f"{self.base_url}{path}", timeout=self.timeout_s, **kwargs
             )
         except requests.RequestException as exc:
-            raise EnvironmentProblem(f"Orthanc at {self.base_url}: {exc.__class__.__name__}") from None
+            raise EnvironmentProblem(
+                f"Orthanc at {self.base_url}: {exc.__class__.__name__}"
+            ) from None
         if rsp.status_code >= 400:
             raise EnvironmentProblem(
                 f"Orthanc at {self.base_url}: {method} {path} answered HTTP {rsp.status_code}"

@@ -52,7 +52,7 @@ class Node:
         self.name = spec.name
         self.ae_title = spec.ae_title
         self.host = spec.host
-        self.dicom_port: int = spec.dicom_port or 0
+        self.dicom_port: int | None = spec.dicom_port
         self.http_port: int | None = spec.http_port
         self.workdir = workdir
         self.peers: list[Peer] = []
@@ -85,7 +85,9 @@ class Node:
 
     # -- protocol clients ----------------------------------------------------------------
     def dimse(self, calling_ae: str = HARNESS_AE_TITLE, timeout_s: float = 30.0) -> DimseClient:
-        return DimseClient(self.host, self.dicom_port, self.ae_title, calling_ae, timeout_s=timeout_s)
+        return DimseClient(
+            self.host, self.dicom_port, self.ae_title, calling_ae, timeout_s=timeout_s
+        )
 
     @property
     def http_url(self) -> str | None:

@@ -59,8 +59,10 @@ AETable END
     def command(self) -> list[str]:
         return [
             require_binary("dcmqrscp"),
-            "--config", str(self.workdir / "dcmqrscp.cfg"),
-            "--log-level", "info",
+            "--config",
+            str(self.workdir / "dcmqrscp.cfg"),
+            "--log-level",
+            "info",
             "--disable-host-lookup",
         ]
 

@@ -27,12 +27,19 @@ class EmbeddedNode(Node):
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "harness.nodes.embedded_server",
-            "--ae-title", self.ae_title,
-            "--port", str(self.dicom_port),
-            "--host", self.host,
-            "--storage", str(self.storage_dir),
-            "--peers", str(self.workdir / "peers.json"),
+            sys.executable,
+            "-m",
+            "harness.nodes.embedded_server",
+            "--ae-title",
+            self.ae_title,
+            "--port",
+            str(self.dicom_port),
+            "--host",
+            self.host,
+            "--storage",
+            str(self.storage_dir),
+            "--peers",
+            str(self.workdir / "peers.json"),
         ]
 
     def version(self) -> str:

@@ -37,7 +37,9 @@ class ExternalNode(Node):
         if rest is not None:
             stats = rest.statistics()
             return NodeStatistics(
-                int(stats["CountPatients"]), int(stats["CountStudies"]),
-                int(stats["CountSeries"]), int(stats["CountInstances"]),
+                int(stats["CountPatients"]),
+                int(stats["CountStudies"]),
+                int(stats["CountSeries"]),
+                int(stats["CountInstances"]),
             )
         return super().statistics()

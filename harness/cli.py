@@ -1,0 +1,438 @@
+"""The `pacs-harness` command: up, down, status, store, run, generate.
+
+Exit codes (every command): 0 pass, 1 findings or failure, 2 usage or configuration error,
+3 environment error (missing binary, a node that does not start or answer).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from harness import __version__
+from harness.errors import (
+    EXIT_ENVIRONMENT,
+    EXIT_FINDINGS,
+    EXIT_PASS,
+    EXIT_USAGE,
+    ConfigError,
+    EnvironmentProblem,
+    HarnessError,
+)
+
+console = Console(stderr=True)
+out = Console()
+
+TOPOLOGY_HELP = (
+    "topology YAML file (default: a legacy and a target node, real servers if installed)"
+)
+
+
+def topology_option(func):
+    return click.option(
+        "--topology",
+        "-t",
+        "topology_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help=TOPOLOGY_HELP,
+    )(func)
+
+
+def json_option(func):
+    return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(func)
+
+
+def _resolve(topology_path: str | None, quiet: bool = False):
+    from harness.config import resolve_topology
+
+    topology, choices = resolve_topology(topology_path)
+    if not quiet:
+        for choice in choices:
+            console.print(
+                f"default topology: [bold]{choice.node}[/] = {choice.kind} ({choice.reason})"
+            )
+    return topology
+
+
+def _running_cluster(topology):
+    """The cluster `up` started for this topology, or None."""
+    from harness.cluster import Cluster, state_dir_for
+
+    return Cluster.from_state(topology, state_dir_for(topology))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pacs-harness")
+def cli() -> None:
+    """Validation harness for PACS integration and migration.
+
+    Start PACS nodes from a topology file (or a default one), fill them with synthetic
+    studies, and run the scenario suites that gate each rollout phase.
+
+    Exit codes: 0 pass, 1 findings/fail, 2 usage or configuration error, 3 environment error.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+@cli.command()
+@topology_option
+@json_option
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=60.0,
+    show_default=True,
+    help="seconds to wait for each node to answer",
+)
+def up(topology_path: str | None, as_json: bool, timeout_s: float) -> None:
+    """Start the topology's nodes and return, leaving them running until `down`."""
+    from harness.cluster import Cluster, state_dir_for, state_lock
+
+    topology = _resolve(topology_path, quiet=as_json)
+    state_dir = state_dir_for(topology)
+    with state_lock(state_dir):
+        cluster = Cluster.from_state(topology, state_dir)
+        if cluster is not None and cluster.all_processes_alive():
+            console.print(f"topology {topology.name} is already up")
+        else:
+            if cluster is not None:
+                console.print("found a stale run of this topology: cleaning it up")
+                cluster.stop()
+            with console.status("starting nodes..."):
+                cluster = Cluster.launch(
+                    topology,
+                    detached=True,
+                    root=state_dir / "nodes",
+                    state_dir=state_dir,
+                    ready_timeout_s=timeout_s,
+                    on_event=lambda msg: console.print(f"  {msg}"),
+                )
+    _print_status(cluster.status(), as_json)
+
+
+@cli.command()
+@topology_option
+@click.option(
+    "--all",
+    "all_runs",
+    is_flag=True,
+    help="stop every node any pacs-harness run left running on this machine",
+)
+def down(topology_path: str | None, all_runs: bool) -> None:
+    """Stop the nodes `up` started and remove their temporary directories."""
+    from harness.cluster import STATE_FILE, Cluster, state_lock, state_root
+
+    if all_runs:
+        stopped = 0
+        for state_file in sorted(state_root().glob(f"*/{STATE_FILE}")):
+            cluster = Cluster.from_state(_resolve_saved(state_file), state_file.parent)
+            if cluster is not None:
+                with state_lock(state_file.parent):
+                    cluster.stop()
+                console.print(f"stopped {state_file.parent.name} ({len(cluster.nodes)} nodes)")
+                stopped += 1
+        if not stopped:
+            console.print("nothing was running")
+        return
+    topology = _resolve(topology_path, quiet=True)
+    from harness.cluster import state_dir_for
+
+    state_dir = state_dir_for(topology)
+    with state_lock(state_dir):
+        cluster = Cluster.from_state(topology, state_dir)
+        if cluster is None:
+            console.print(f"topology {topology.name} is not up: nothing to stop")
+            return
+        cluster.stop()
+    console.print(f"stopped topology {topology.name} ({len(cluster.nodes)} nodes)")
+
+
+def _resolve_saved(state_file: Path):
+    """A topology good enough to stop what a state file describes, even if its YAML is gone."""
+    from harness.config import Topology
+
+    state = json.loads(state_file.read_text())
+    return Topology(name=state["name"], nodes={}, source=state["topology"])
+
+
+# ---------------------------------------------------------------------------------------
+@cli.command()
+@topology_option
+@json_option
+def status(topology_path: str | None, as_json: bool) -> None:
+    """Show each node: kind, AE title, address, ports, and whether it answers C-ECHO.
+
+    Exit 0 when every node answers, 1 when one does not.
+    """
+    from harness.nodes import make_node
+
+    topology = _resolve(topology_path, quiet=True)
+    cluster = _running_cluster(topology)
+    if cluster is not None:
+        rows = cluster.status()
+    else:
+        rows = []
+        for spec in topology.nodes.values():
+            node = make_node(spec, None)
+            row = node.describe()
+            row["alive"] = node.alive() if not spec.launched else False
+            rows.append(row)
+        if not as_json:
+            console.print(f"topology {topology.name} is not up (start it: pacs-harness up)")
+    _print_status(rows, as_json)
+    if not all(row["alive"] for row in rows):
+        sys.exit(EXIT_FINDINGS)
+
+
+def _print_status(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="PACS nodes")
+    for column in ("name", "kind", "ae_title", "host", "dicom_port", "http_port", "alive"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            *[
+                ("[green]yes[/]" if row["alive"] else "[red]no[/]")
+                if key == "alive"
+                else str(row[key] if row[key] is not None else "-")
+                for key in ("name", "kind", "ae_title", "host", "dicom_port", "http_port", "alive")
+            ]
+        )
+    out.print(table)
+
+
+# ---------------------------------------------------------------------------------------
+@cli.command()
+@topology_option
+@json_option
+@click.option("--to", "node_name", required=True, help="name of the node to store into")
+@click.option(
+    "--associations",
+    "-n",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="parallel DICOM associations",
+)
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+def store(
+    topology_path: str | None,
+    as_json: bool,
+    node_name: str,
+    associations: int,
+    paths: tuple[str, ...],
+) -> None:
+    """Send DICOM files or folders to a node with C-STORE (exit 1 if any is refused)."""
+    from harness.dicom.dimse import iter_dicom_files
+    from harness.nodes import make_node
+
+    for path in paths:
+        if not Path(path).exists():
+            raise ConfigError(f"{path}: no such file or folder")
+    topology = _resolve(topology_path, quiet=True)
+    cluster = _running_cluster(topology)
+    if cluster is not None:
+        node = cluster.node(node_name)
+    else:
+        spec = topology.node(node_name)
+        if spec.launched:
+            raise EnvironmentProblem(
+                f"node {node_name} is not running (start it: pacs-harness up"
+                + (f" --topology {topology_path})" if topology_path else ")")
+            )
+        node = make_node(spec, None)
+    files = list(iter_dicom_files(paths))
+    if not files:
+        raise ConfigError(f"no files found under {', '.join(paths)}")
+    with _progress(disable=as_json) as progress:
+        task = progress.add_task(f"C-STORE to {node_name}", total=len(files))
+        report = node.dimse().store(
+            files, associations=associations, on_result=lambda _r: progress.advance(task)
+        )
+        progress.update(task, completed=len(files))
+    skipped = len(report.skipped)
+    summary = {
+        "node": node_name,
+        "files": len(files),
+        "sent": len(report.results),
+        "stored": len(report.succeeded),
+        "failed": len(report.failed),
+        "skipped_not_dicom": skipped,
+        "associations": associations,
+        "elapsed_s": round(report.elapsed_s, 3),
+        "instances_per_s": round(len(report.results) / report.elapsed_s, 1)
+        if report.elapsed_s
+        else None,
+        "failures": [
+            {"source": r.source, "sop_instance_uid": r.sop_instance_uid, "error": r.error}
+            for r in report.failed
+        ],
+    }
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        out.print(
+            f"stored {summary['stored']} of {summary['sent']} instances into {node_name} in "
+            f"{summary['elapsed_s']} s ({summary['instances_per_s']}/s, "
+            f"{associations} associations)"
+            + (f"; {skipped} non-DICOM files skipped" if skipped else "")
+        )
+        for failure in summary["failures"][:20]:
+            out.print(f"[red]failed[/] {failure['source']}: {failure['error']}")
+    if report.failed:
+        sys.exit(EXIT_FINDINGS)
+
+
+def _progress(disable: bool = False) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disable,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+@cli.command()
+@topology_option
+@click.option(
+    "--phase",
+    default=None,
+    type=click.Choice(["planning", "infrastructure", "pilot", "staged-rollout", "full"]),
+    help="run what gates this phase and the phases before it",
+)
+@click.option(
+    "--scenario",
+    "scenarios",
+    multiple=True,
+    help="run only this scenario (repeatable), e.g. connectivity",
+)
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="where to write junit.xml, allure-results/ and report.json "
+    "(default: reports/run-<timestamp>)",
+)
+@click.option("--keep", is_flag=True, help="leave launched nodes running afterwards")
+@click.option("--quiet", "-q", is_flag=True, help="less pytest output")
+def run(
+    topology_path: str | None,
+    phase: str | None,
+    scenarios: tuple[str, ...],
+    report_dir: str | None,
+    keep: bool,
+    quiet: bool,
+) -> None:
+    """Run the scenario suites against the topology and write the report.
+
+    With no arguments this is the main job: the default topology, every scenario.
+    """
+    import scenarios as scenarios_package
+
+    _resolve(topology_path)  # validate (exit 2) and say what the default chose
+    suite_dir = Path(scenarios_package.__file__).parent
+    known = sorted(p.stem.removeprefix("test_") for p in suite_dir.glob("test_*.py"))
+    for name in scenarios:
+        if name not in known:
+            raise ConfigError(
+                f"--scenario {name!r}: unknown scenario (allowed: {', '.join(known)})"
+            )
+    target = Path(report_dir or f"reports/run-{time.strftime('%Y%m%d-%H%M%S')}")
+    target.mkdir(parents=True, exist_ok=True)
+    report_json = target / "report.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(suite_dir),
+        "-c",
+        str(suite_dir / "pytest.ini"),
+        "--rootdir",
+        str(suite_dir.parent),
+        "--junitxml",
+        str(target / "junit.xml"),
+        "--alluredir",
+        str(target / "allure-results"),
+        "--pacs-report-json",
+        str(report_json),
+        "-q" if quiet else "-v",
+    ]
+    if topology_path:
+        argv += ["--pacs-topology", str(Path(topology_path).resolve())]
+    if phase:
+        argv += ["--phase", phase]
+    for name in scenarios:
+        argv += ["--pacs-scenario", name]
+    if keep:
+        argv.append("--pacs-keep")
+    code = subprocess.call(argv)
+    report = json.loads(report_json.read_text()) if report_json.exists() else None
+    console.print(f"report: {target}/ (report.json, junit.xml, allure-results/)")
+    if report and report.get("environment_error"):
+        console.print(f"[red]environment error:[/] {report['environment_error']}")
+        sys.exit(EXIT_ENVIRONMENT)
+    if code == 5 or (report and report.get("reason") == "no scenario ran"):
+        console.print("[red]no scenario ran[/] (check --phase and --scenario)")
+        sys.exit(EXIT_USAGE)
+    if code == 4:
+        sys.exit(EXIT_USAGE)
+    if code == 3 or report is None:
+        sys.exit(EXIT_ENVIRONMENT)
+    verdict = report["verdict"]
+    console.print(f"verdict: [bold {'green' if verdict == 'pass' else 'red'}]{verdict}[/]")
+    sys.exit(EXIT_PASS if code == 0 and verdict == "pass" else EXIT_FINDINGS)
+
+
+def _register_optional_commands() -> None:
+    try:
+        from synthetic_data.cli import generate_command
+    except ImportError:
+        return
+    cli.add_command(generate_command)
+
+
+_register_optional_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the click group, turning HarnessErrors into one line + exit code."""
+    try:
+        cli.main(args=argv, prog_name="pacs-harness", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except click.exceptions.Abort:
+        console.print("interrupted")
+        sys.exit(130)
+    except HarnessError as exc:
+        console.print("[red]error:[/]", escape(str(exc)), highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    sys.exit(EXIT_PASS)

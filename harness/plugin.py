@@ -1,0 +1,381 @@
+"""pytest plugin: topology options, node fixtures, phase and scenario markers, report.json.
+
+Registered through the `pytest11` entry point, so any project that installs pacs-harness can
+write PACS tests::
+
+    @pytest.mark.phase("pilot")
+    @pytest.mark.scenario("ingest")
+    def test_store(pacs_node, pacs_janitor):
+        legacy = pacs_node("legacy")
+        assert legacy.dimse().echo().status.ok
+
+Settings resolve command line > ini > default, as in pytest-postgresql. Nodes start once per
+session on first use (or are attached to when `pacs-harness up` already runs them) and are
+stopped at the end unless `--pacs-keep`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from harness.nodes import Node
+
+PHASES = ("planning", "infrastructure", "pilot", "staged-rollout", "full")
+
+_cluster_key = pytest.StashKey["Cluster | None"]()
+_environment_error_key = pytest.StashKey[str]()
+_results_key = pytest.StashKey[dict]()
+_metrics_key = pytest.StashKey[dict]()
+_started_key = pytest.StashKey[str]()
+_topology_key = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("pacs-harness", "PACS validation harness")
+    group.addoption(
+        "--pacs-topology",
+        dest="pacs_topology",
+        default=None,
+        metavar="FILE",
+        help="topology YAML naming the PACS nodes (default: a legacy and a target node)",
+    )
+    group.addoption(
+        "--phase",
+        dest="pacs_phase",
+        default=None,
+        metavar="NAME",
+        help=f"run what gates this rollout phase and the ones before it ({', '.join(PHASES)})",
+    )
+    group.addoption(
+        "--pacs-scenario",
+        dest="pacs_scenario",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="run only this scenario (repeatable)",
+    )
+    group.addoption(
+        "--pacs-keep",
+        dest="pacs_keep",
+        action="store_true",
+        default=None,
+        help="leave launched nodes running after the session (stop them with pacs-harness down)",
+    )
+    group.addoption(
+        "--pacs-report-json",
+        dest="pacs_report_json",
+        default=None,
+        metavar="FILE",
+        help="write the run's report.json (verdict, scenarios, metrics) to FILE",
+    )
+    parser.addini("pacs_topology", "topology YAML file for the PACS nodes", default=None)
+    parser.addini("pacs_phase", "rollout phase to gate", default=None)
+    parser.addini("pacs_keep", "leave nodes running after the session", type="bool", default=False)
+
+
+def _setting(config: pytest.Config, name: str) -> Any:
+    value = config.getoption(name)
+    if value is None:
+        value = config.getini(name)
+    return value or None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"phase(name): the rollout phase this test gates ({', '.join(PHASES)})",
+    )
+    config.addinivalue_line("markers", "scenario(name): the scenario this test belongs to")
+    phase = _setting(config, "pacs_phase")
+    if phase and phase not in PHASES:
+        raise pytest.UsageError(f"--phase {phase!r}: unknown phase (allowed: {', '.join(PHASES)})")
+    config.stash[_results_key] = {}
+    config.stash[_metrics_key] = {}
+    config.stash[_cluster_key] = None
+    config.stash[_started_key] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    # SIGTERM (CI cancelling a job) should tear down like Ctrl-C does, not leave nodes.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        try:
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        except ValueError:  # not in the main thread
+            pass
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def item_phase(item: pytest.Item) -> str | None:
+    marker = item.get_closest_marker("phase")
+    return str(marker.args[0]) if marker and marker.args else None
+
+
+def item_scenario(item: pytest.Item) -> str:
+    marker = item.get_closest_marker("scenario")
+    if marker and marker.args:
+        return str(marker.args[0])
+    module = Path(str(item.fspath)).stem
+    return module.removeprefix("test_")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    phase = _setting(config, "pacs_phase")
+    scenarios = config.getoption("pacs_scenario")
+    selected, deselected = [], []
+    for item in items:
+        item_ph = item_phase(item)
+        if item_ph is not None and item_ph not in PHASES:
+            raise pytest.UsageError(
+                f"{item.nodeid}: phase marker {item_ph!r} unknown (allowed: {', '.join(PHASES)})"
+            )
+        keep = True
+        if phase and item_ph and PHASES.index(item_ph) > PHASES.index(phase):
+            keep = False
+        if scenarios and item_scenario(item) not in scenarios:
+            keep = False
+        (selected if keep else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize `pacs_node_name` over the topology's nodes, `pacs_node_pair` over pairs."""
+    wanted = {"pacs_node_name", "pacs_node_pair"} & set(metafunc.fixturenames)
+    if not wanted:
+        return
+    from harness.config import resolve_topology
+    from harness.errors import HarnessError
+
+    try:
+        topology, _ = resolve_topology(_setting(metafunc.config, "pacs_topology"))
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if "pacs_node_name" in wanted:
+        metafunc.parametrize("pacs_node_name", list(topology.nodes))
+    if "pacs_node_pair" in wanted:
+        writable = [name for name, spec in topology.nodes.items() if spec.disposable]
+        pairs = [(a, b) for a in writable for b in writable if a != b]
+        metafunc.parametrize("pacs_node_pair", pairs, ids=[f"{a}->{b}" for a, b in pairs])
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session")
+def pacs_topology(pytestconfig: pytest.Config):
+    """The validated Topology (from --pacs-topology / ini, or the default one)."""
+    from harness.config import resolve_topology
+    from harness.errors import HarnessError
+
+    path = _setting(pytestconfig, "pacs_topology")
+    try:
+        topology, choices = resolve_topology(path)
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    for choice in choices:
+        print(f"pacs-harness: default topology: {choice.node} = {choice.kind} ({choice.reason})")
+    return topology
+
+
+@pytest.fixture(scope="session")
+def pacs_cluster(pytestconfig: pytest.Config, pacs_topology, tmp_path_factory):
+    """The running nodes: attached when `pacs-harness up` runs them, else launched here."""
+    from harness.cluster import Cluster, state_dir_for, state_lock
+    from harness.errors import HarnessError
+
+    keep = bool(_setting(pytestconfig, "pacs_keep"))
+    state_dir = state_dir_for(pacs_topology)
+    try:
+        with state_lock(state_dir):
+            cluster = Cluster.from_state(pacs_topology, state_dir)
+            if cluster is not None and not cluster.all_processes_alive():
+                cluster.stop()
+                cluster = None
+            if cluster is None:
+                cluster = Cluster.launch(
+                    pacs_topology,
+                    detached=keep,
+                    root=state_dir / "nodes" if keep else None,
+                    state_dir=state_dir if keep else None,
+                )
+                cluster.owned = not keep
+    except HarnessError as exc:
+        pytestconfig.stash[_environment_error_key] = str(exc)
+        pytest.fail(str(exc), pytrace=False)
+    pytestconfig.stash[_cluster_key] = cluster
+    pytestconfig.stash[_topology_key] = {
+        "name": cluster.topology.name,
+        "source": cluster.topology.source,
+        "nodes": [{**n.describe(), "version": n.version()} for n in cluster.nodes.values()],
+    }
+    yield cluster
+    report_json = pytestconfig.getoption("pacs_report_json")
+    if report_json:
+        cluster.collect_logs(Path(report_json).parent / "logs")
+    if cluster.owned:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pacs_node(pacs_cluster) -> Callable[[str], Node]:
+    """A function returning a node by its topology name: `pacs_node("legacy")`."""
+    return pacs_cluster.node
+
+
+@pytest.fixture(scope="session")
+def pacs_nodes(pacs_cluster) -> list[Node]:
+    """Every node of the topology, in declaration order."""
+    return list(pacs_cluster.nodes.values())
+
+
+@pytest.fixture
+def pacs_janitor(pacs_cluster):
+    """Wipe every disposable node before and after the test; non-disposable ones are left."""
+    disposable = [n for n in pacs_cluster.nodes.values() if n.disposable]
+    for node in disposable:
+        node.wipe()
+    yield pacs_cluster
+    for node in disposable:
+        if node.alive():
+            node.wipe()
+
+
+@pytest.fixture
+def pacs_metrics(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """A dict whose content goes to the test's scenario metrics in report.json."""
+    metrics: dict[str, Any] = {}
+    request.config.stash[_metrics_key][request.node.nodeid] = metrics
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Outcomes, node logs on failure, report.json
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    results = item.config.stash[_results_key]
+    entry = results.setdefault(
+        item.nodeid,
+        {
+            "nodeid": item.nodeid,
+            "scenario": item_scenario(item),
+            "phase": item_phase(item),
+            "outcome": "passed",
+            "duration_s": 0.0,
+        },
+    )
+    entry["duration_s"] += report.duration
+    if report.failed:
+        entry["outcome"] = "failed" if report.when == "call" else "error"
+        entry.setdefault("message", _short(report.longreprtext))
+        _attach_node_logs(item, report)
+    elif report.skipped and entry["outcome"] == "passed":
+        entry["outcome"] = "skipped"
+        if isinstance(report.longrepr, tuple):
+            entry["message"] = str(report.longrepr[2])
+
+
+def _short(text: str, limit: int = 2000) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    tail = "\n".join(lines[-12:])
+    return tail[-limit:]
+
+
+def _attach_node_logs(item: pytest.Item, report: pytest.TestReport) -> None:
+    cluster = item.config.stash.get(_cluster_key, None)
+    if cluster is None:
+        return
+    for node in cluster.nodes.values():
+        tail = node.log_tail(40)
+        if not tail:
+            continue
+        report.sections.append((f"pacs node {node.name} ({node.kind}) log", tail))
+        try:
+            import allure
+
+            allure.attach(
+                tail, name=f"{node.name} log", attachment_type=allure.attachment_type.TEXT
+            )
+        except Exception:  # noqa: BLE001 - allure not active in this run
+            pass
+
+
+def build_report(config: pytest.Config, exitstatus: int) -> dict[str, Any]:
+    """report.json: verdict, topology, and one entry per scenario with its tests and metrics."""
+    from harness import __version__
+
+    results = config.stash[_results_key]
+    metrics = config.stash[_metrics_key]
+    scenarios: dict[str, dict[str, Any]] = {}
+    for nodeid, entry in results.items():
+        scenario = scenarios.setdefault(
+            entry["scenario"],
+            {
+                "name": entry["scenario"],
+                "phase": entry["phase"],
+                "outcome": "passed",
+                "duration_s": 0.0,
+                "metrics": {},
+                "tests": [],
+            },
+        )
+        scenario["tests"].append({**entry, "metrics": metrics.get(nodeid, {})})
+        scenario["duration_s"] = round(scenario["duration_s"] + entry["duration_s"], 3)
+        scenario["metrics"].update(metrics.get(nodeid, {}))
+        rank = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
+        if rank[entry["outcome"]] > rank[scenario["outcome"]]:
+            scenario["outcome"] = entry["outcome"]
+        if entry["phase"] and (
+            scenario["phase"] is None
+            or PHASES.index(entry["phase"]) > PHASES.index(scenario["phase"])
+        ):
+            scenario["phase"] = entry["phase"]
+    ran = [e for e in results.values() if e["outcome"] != "skipped"]
+    failed = [e for e in results.values() if e["outcome"] in ("failed", "error")]
+    verdict = "pass" if ran and not failed and exitstatus == 0 else "fail"
+    topology = config.stash.get(_topology_key, {})
+    report: dict[str, Any] = {
+        "verdict": verdict,
+        "started": config.stash[_started_key],
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "harness_version": __version__,
+        "phase": _setting(config, "pacs_phase"),
+        "topology": topology,
+        "scenarios": list(scenarios.values()),
+        "counts": {
+            outcome: sum(1 for e in results.values() if e["outcome"] == outcome)
+            for outcome in ("passed", "failed", "error", "skipped")
+        },
+    }
+    if not ran:
+        report["reason"] = "no scenario ran"
+    env_error = config.stash.get(_environment_error_key, None)
+    if env_error:
+        report["environment_error"] = env_error
+    return report
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    path = session.config.getoption("pacs_report_json")
+    if not path:
+        return
+    report = build_report(session.config, int(exitstatus))
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(target)
