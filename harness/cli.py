@@ -14,7 +14,6 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -36,8 +35,8 @@ from harness.errors import (
     HarnessError,
 )
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 TOPOLOGY_HELP = (
     "topology YAML file (default: a legacy and a target node, real servers if installed)"
@@ -430,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         console.print("interrupted")
         sys.exit(130)
     except HarnessError as exc:
-        console.print("[red]error:[/]", escape(str(exc)), highlight=False)
+        # plain text: one line a script can grep, never wrapped or coloured
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -172,7 +172,7 @@ class Cluster:
             if detached:
                 cluster.save_state()
             for node in nodes.values():
-                node.wait_ready(ready_timeout_s if node.spec.launched else 15.0)
+                node.wait_ready(ready_timeout_s)
                 say(
                     f"{node.name} ({node.kind}) ready: "
                     f"{node.ae_title}@{node.host}:{node.dicom_port}"

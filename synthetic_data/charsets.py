@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass
 
 from faker import Faker
+from pydicom.charset import convert_encodings
+from pydicom.valuerep import PersonName
 
 from harness.errors import ConfigError
 
@@ -159,14 +161,26 @@ def make_name(charset: str, sex: str, seed: int) -> NameParts:
     raise RuntimeError(f"could not make a name for {charset}")  # pragma: no cover
 
 
+def encoded_name(charset: str, text: str) -> bytes:
+    """The bytes pydicom writes for a PN value in that charset (escape sequences included)."""
+    value = specific_character_set(charset)
+    terms = [value] if isinstance(value, str) else (value or [""])
+    return PersonName(text).encode(convert_encodings(terms))
+
+
 def _name_ok(charset: str, name: NameParts) -> bool:
     alpha = f"{name.family}^{name.given}"
     if any(c in alpha for c in "=\\^") and alpha.count("^") != 1:
         return False
-    if len(name.dicom()) > 60:
-        return False
     if charset in (JAPANESE, KOREAN):
         if not alpha.isascii():
             return False
-        return all(fits(charset, "".join(g)) for g in (name.ideographic, name.phonetic) if g)
-    return fits(charset, alpha)
+        if not all(fits(charset, "".join(g)) for g in (name.ideographic, name.phonetic) if g):
+            return False
+    elif not fits(charset, alpha):
+        return False
+    raw = encoded_name(charset, name.dicom())
+    # PN allows 64 characters per group, but validators count the whole value's bytes; a JIS
+    # X 0208 character whose code contains 0x5C (e.g. 本) is read as a value delimiter by
+    # some tools, so such names are skipped to keep every object validator-clean.
+    return len(raw) <= 64 and b"\\" not in raw

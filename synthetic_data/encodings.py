@@ -76,6 +76,15 @@ def syntax_by_uid(uid: str) -> Syntax:
     return _BY_UID[uid]
 
 
+def stored_photometric(syntax: Syntax, photometric: str, samples: int) -> str:
+    """JPEG 2000 colour is written with its component transform (PS3.5 8.2.4)."""
+    if samples == 3 and syntax.uid == JPEG2000Lossless:
+        return "YBR_RCT"
+    if samples == 3 and syntax.uid == JPEG2000:
+        return "YBR_ICT"
+    return photometric
+
+
 def _rle_kwargs() -> dict:
     """Prefer the fast pylibjpeg-rle plugin; pydicom's native RLE encoder is pure Python."""
     if importlib.util.find_spec("rle") is not None:
@@ -89,6 +98,7 @@ def encode_pixels(arr: np.ndarray, syntax: Syntax, *, frames: int, rows: int, co
     """Encode native pixels (frames, rows, cols[, samples]) into encapsulated Pixel Data."""
     from pydicom.pixels.encoders.base import get_encoder
 
+    photometric = stored_photometric(syntax, photometric, samples)
     kwargs = {
         "rows": rows, "columns": columns, "samples_per_pixel": samples,
         "bits_allocated": bits_allocated, "bits_stored": bits_stored,
@@ -111,7 +121,7 @@ def encode_pixels(arr: np.ndarray, syntax: Syntax, *, frames: int, rows: int, co
     elif syntax.uid == JPEG2000Lossless:
         extra = {"encoding_plugin": "pylibjpeg"}
     if syntax.uid in (JPEG2000, JPEG2000Lossless) and samples == 3:
-        extra["use_mct"] = False
+        extra["use_mct"] = True  # stored as YBR_RCT / YBR_ICT, see stored_photometric()
     for i in range(frames):
         out.append(encoder.encode(np.ascontiguousarray(arr[i]), **kwargs, **extra))
     return encapsulate(out)

@@ -46,6 +46,7 @@ class Node:
 
     kind = "abstract"
     has_process = False
+    max_store_associations: int | None = None  # a cap the server itself needs
 
     def __init__(self, spec: NodeSpec, workdir: Path | None = None) -> None:
         self.spec = spec
@@ -86,7 +87,12 @@ class Node:
     # -- protocol clients ----------------------------------------------------------------
     def dimse(self, calling_ae: str = HARNESS_AE_TITLE, timeout_s: float = 30.0) -> DimseClient:
         return DimseClient(
-            self.host, self.dicom_port, self.ae_title, calling_ae, timeout_s=timeout_s
+            self.host,
+            self.dicom_port,
+            self.ae_title,
+            calling_ae,
+            timeout_s=timeout_s,
+            max_store_associations=self.max_store_associations,
         )
 
     @property

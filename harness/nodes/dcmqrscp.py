@@ -4,6 +4,12 @@ The generated dcmqrscp.cfg knows every peer of the topology in its HostTable, so
 any of them works. dcmqrscp forks one child per association; the process group is stopped
 as a whole. By default it accepts uncompressed transfer syntaxes only, as a real legacy
 archive would: the connectivity scenario reports that rather than hiding it.
+
+Two DCMTK 3.6.7 limits shape this adapter: at most 500 studies per storage area (beyond
+that dcmqrscp deletes the oldest study), and parallel C-STOREs lose instances (the forked
+children pick the same file names: 20 instances over 2 associations left 9 files). So the
+harness stores into dcmqrscp over one association (`max_store_associations = 1`);
+`--single-process` is no way out, it aborts every association after the first.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from harness.nodes.base import Node, Peer
 from harness.tools import find_binary, require_binary
 
 # dcmqrscp deletes the oldest studies when an AE's quota is exceeded: make it unreachable.
-MAX_STUDIES = 1_000_000
+MAX_STUDIES = 500  # the most DCMTK allows per storage area
 MAX_BYTES_PER_STUDY = "100000mb"
 
 
@@ -27,6 +33,7 @@ def _symbolic(name: str) -> str:
 class DcmqrscpNode(Node):
     kind = "dcmqrscp"
     has_process = True
+    max_store_associations = 1
 
     @property
     def database_dir(self):

@@ -1,0 +1,1127 @@
+"""Embedded PACS: a zero-install DICOM Query/Retrieve SCP with storage, built on pynetdicom.
+
+Why it exists: every harness run needs at least one PACS it can start, fill, query, retrieve
+from and wipe without Docker or a vendor install. This module is that default node. It is
+started as a subprocess by the harness::
+
+    python -m harness.nodes.embedded_server --ae-title LEGACY --port 11112 --storage DIR \\
+        --peers PEERS.json [--host 127.0.0.1] [--log-level info]
+
+``--port 0`` binds an ephemeral port; the startup line on stderr always names the real one::
+
+    embedded PACS <AE> listening on <host>:<port>
+
+Services: Verification; Storage SCP for every storage SOP class of pynetdicom's
+``AllStoragePresentationContexts`` with every transfer syntax; Patient Root and Study Root
+Query/Retrieve FIND, MOVE and GET. SIGTERM or SIGINT shut the server down and exit 0.
+
+``PEERS.json`` maps C-MOVE destinations, ``{"AETITLE": {"host": "127.0.0.1", "port": 11113}}``.
+It is re-read on every C-MOVE request, so the harness may rewrite it while the server runs
+(write it to a temporary name and ``os.replace`` it, so a request never sees half a file).
+
+Storage layout (stable: the harness adapter reads it directly)::
+
+    DIR/index.sqlite    SQLite index in WAL mode (plus index.sqlite-wal / index.sqlite-shm)
+    DIR/files/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+                        each instance exactly as received: preamble, file meta, then the data
+                        set bytes unchanged, in the transfer syntax it arrived in
+    DIR/tmp/            in-flight writes, moved into files/ with os.replace (never half files)
+
+Schema (``SCHEMA_VERSION`` 1, also in ``PRAGMA user_version``), one row per stored instance.
+Text columns are never NULL: an absent attribute is ``''``. Multi-valued text is joined with
+a backslash. PN values are Unicode, decoded with the instance's Specific Character Set::
+
+    CREATE TABLE instances (
+        sop_instance_uid          TEXT PRIMARY KEY,  -- (0008,0018)
+        sop_class_uid             TEXT NOT NULL,     -- (0008,0016)
+        patient_id                TEXT NOT NULL,     -- (0010,0020)
+        patient_name              TEXT NOT NULL,     -- (0010,0010)
+        patient_birth_date        TEXT NOT NULL,     -- (0010,0030)
+        patient_sex               TEXT NOT NULL,     -- (0010,0040)
+        issuer_of_patient_id      TEXT NOT NULL,     -- (0010,0021)
+        study_instance_uid        TEXT NOT NULL,     -- (0020,000D)
+        study_date                TEXT NOT NULL,     -- (0008,0020)
+        study_time                TEXT NOT NULL,     -- (0008,0030)
+        accession_number          TEXT NOT NULL,     -- (0008,0050)
+        study_description         TEXT NOT NULL,     -- (0008,1030)
+        study_id                  TEXT NOT NULL,     -- (0020,0010)
+        referring_physician_name  TEXT NOT NULL,     -- (0008,0090)
+        modality                  TEXT NOT NULL,     -- (0008,0060)
+        series_instance_uid       TEXT NOT NULL,     -- (0020,000E)
+        series_number             TEXT NOT NULL,     -- (0020,0011), IS text as received
+        series_description        TEXT NOT NULL,     -- (0008,103E)
+        instance_number           TEXT NOT NULL,     -- (0020,0013), IS text as received
+        transfer_syntax_uid       TEXT NOT NULL,     -- as received (the file's 0002,0010)
+        specific_character_set    TEXT NOT NULL,     -- (0008,0005) of the instance
+        path                      TEXT NOT NULL,     -- relative to DIR, '/' separated
+        size_bytes                INTEGER NOT NULL,  -- size of the stored file
+        received_at               TEXT NOT NULL,     -- ISO 8601 UTC, milliseconds
+        calling_ae_title          TEXT NOT NULL,     -- who sent it
+        store_status              INTEGER NOT NULL   -- status returned for that C-STORE:
+                                                     -- 0x0000, or 0xB007 when the data set's
+                                                     -- SOP class/instance UID differs from the
+                                                     -- request's (stored anyway)
+    );
+    -- indexes on patient_id, study_instance_uid, series_instance_uid
+
+Storing the same SOP Instance UID again replaces row and file (status 0x0000). Failed
+C-STOREs (undecodable data set 0xC000, missing Study/Series/SOP Instance UID 0xA900, disk or
+database error 0xA700) leave no row; they appear only in the log.
+
+Adapter API (import from this module; all safe while the server runs):
+
+* ``open_index(path) -> sqlite3.Connection``: opens ``path`` (the .sqlite file, or DIR),
+  creates the schema if missing; autocommit mode, WAL, rows are ``sqlite3.Row``.
+* ``statistics(storage_dir) -> {"patients", "studies", "series", "instances"}``
+* ``wipe_storage(storage_dir) -> int``: deletes every row and stored file, returns the number
+  of rows deleted. It holds the SQLite write lock meanwhile, so a concurrent C-STORE lands
+  either entirely before (and is wiped) or entirely after (and is kept).
+
+Retrieval: C-GET and C-MOVE send the stored files. When the receiving association accepted the
+stored transfer syntax for the SOP class the data set goes out unchanged (compressed pixel data
+included). Otherwise pynetdicom converts between uncompressed syntaxes; a compressed instance is
+decompressed to Explicit VR Little Endian when the peer accepted an uncompressed syntax for the
+class and pydicom has a decoder for it (RLE always; JPEG family only with pylibjpeg/GDCM/Pillow).
+If no usable context remains (e.g. a C-GET requestor that did not offer the SOP class, or offered
+only another compressed syntax), that C-STORE sub-operation counts as failed and its SOP Instance
+UID goes into the Failed SOP Instance UID List: the final status is 0xB000 (warning) if some
+sub-operations succeeded, or 0xA702 if all failed. The server never crashes on it.
+
+C-MOVE proposes one presentation context per (SOP class, transfer syntax) pair of the matched
+instances, then, room permitting (128 contexts at most), Explicit VR Little Endian for classes
+stored compressed. Instances whose pair did not fit are failed sub-operations.
+
+Retrieve keys are hierarchical unique keys: PatientID (PATIENT), StudyInstanceUID (STUDY),
+SeriesInstanceUID (SERIES), SOPInstanceUID (IMAGE), each a single value or a backslash list;
+unique keys of higher levels narrow the selection when present. A missing key of the level, an
+unknown level, or PATIENT level in Study Root gives 0xA900 (C-FIND too). pynetdicom can only
+report a C-GET/C-MOVE handler status after one announced sub-operation, so such a 0xA900
+response carries NumberOfFailedSuboperations 1, and a C-MOVE first associates with the
+(known) destination. Unknown C-MOVE destination or unreachable destination: 0xA801.
+
+Files are renamed into place atomically but not fsync'ed: a crashed process never leaves a half
+file, a power loss on a non-journalled file system might (acceptable for a test node).
+
+Matching (PS3.4 C.2.2.2) is lenient/relational: any supported key at or above the query level
+is a matching key; keys below the level are returned empty. Single value, universal (empty),
+``*``/``?`` wildcards (case-sensitive except PN), backslash lists (UID lists, and OR-lists for
+other keys), DA/TM ranges ``A-B``, ``-B``, ``A-`` (partial bounds such as ``-2020`` allowed).
+
+Logging goes to stderr: one line per association and one per DIMSE request (its final response,
+with the calling AE title and status). Patient names and IDs are never logged, only UIDs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom.config
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    build_context,
+    evt,
+)
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+LOG = logging.getLogger("harness.embedded_pacs")
+
+SCHEMA_VERSION = 1
+INDEX_FILENAME = "index.sqlite"
+FILES_DIRNAME = "files"
+TMP_DIRNAME = "tmp"
+MAX_CONTEXTS = 128
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_ENVIRONMENT = 3
+
+# --------------------------------------------------------------------------------------------
+# Index
+# --------------------------------------------------------------------------------------------
+
+# (column, DICOM keyword) for the attributes copied from each received data set.
+_DATASET_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("patient_id", "PatientID"),
+    ("patient_name", "PatientName"),
+    ("patient_birth_date", "PatientBirthDate"),
+    ("patient_sex", "PatientSex"),
+    ("issuer_of_patient_id", "IssuerOfPatientID"),
+    ("study_instance_uid", "StudyInstanceUID"),
+    ("study_date", "StudyDate"),
+    ("study_time", "StudyTime"),
+    ("accession_number", "AccessionNumber"),
+    ("study_description", "StudyDescription"),
+    ("study_id", "StudyID"),
+    ("referring_physician_name", "ReferringPhysicianName"),
+    ("modality", "Modality"),
+    ("series_instance_uid", "SeriesInstanceUID"),
+    ("series_number", "SeriesNumber"),
+    ("series_description", "SeriesDescription"),
+    ("instance_number", "InstanceNumber"),
+)
+
+COLUMNS: tuple[str, ...] = (
+    "sop_instance_uid",
+    "sop_class_uid",
+    *(col for col, _ in _DATASET_COLUMNS),
+    "transfer_syntax_uid",
+    "specific_character_set",
+    "path",
+    "size_bytes",
+    "received_at",
+    "calling_ae_title",
+    "store_status",
+)
+
+_TEXT_COLUMNS = [c for c in COLUMNS if c not in ("sop_instance_uid", "size_bytes", "store_status")]
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS instances (\n"
+    "    sop_instance_uid TEXT PRIMARY KEY,\n"
+    + "".join(f"    {col} TEXT NOT NULL DEFAULT '',\n" for col in _TEXT_COLUMNS)
+    + "    size_bytes INTEGER NOT NULL DEFAULT 0,\n"
+    "    store_status INTEGER NOT NULL DEFAULT 0\n"
+    ");\n"
+    "CREATE INDEX IF NOT EXISTS idx_instances_patient ON instances (patient_id);\n"
+    "CREATE INDEX IF NOT EXISTS idx_instances_study ON instances (study_instance_uid);\n"
+    "CREATE INDEX IF NOT EXISTS idx_instances_series ON instances (series_instance_uid);\n"
+)
+
+
+def _connect(db_file: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(db_file, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 30000")
+    return conn
+
+
+def _index_file(path: str | os.PathLike[str]) -> Path:
+    """A directory (existing, or not yet created and without a suffix) means DIR/index.sqlite."""
+    p = Path(path)
+    if p.is_dir() or (not p.exists() and not p.suffix):
+        return p / INDEX_FILENAME
+    return p
+
+
+def open_index(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """Open (creating if needed) the SQLite index, so the server and the adapter share one schema.
+
+    ``path`` is the ``index.sqlite`` file or the storage directory holding it. The connection
+    is in autocommit mode (use ``BEGIN IMMEDIATE`` for multi-statement writes), in WAL mode so
+    readers never block the server, with a 30 s busy timeout and ``sqlite3.Row`` rows.
+    """
+    db_file = _index_file(path)
+    db_file.parent.mkdir(parents=True, exist_ok=True)
+    conn = _connect(db_file)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(_SCHEMA)
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextlib.contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """Hold SQLite's write lock for the block: serialises stores and wipes across processes."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def statistics(storage_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """Count what the node holds, so scenarios can assert on it without a C-FIND round trip."""
+    conn = open_index(Path(storage_dir) / INDEX_FILENAME)
+    try:
+        row = conn.execute(
+            "SELECT COUNT(DISTINCT patient_id), COUNT(DISTINCT study_instance_uid), "
+            "COUNT(DISTINCT series_instance_uid), COUNT(*) FROM instances"
+        ).fetchone()
+    finally:
+        conn.close()
+    return {"patients": row[0], "studies": row[1], "series": row[2], "instances": row[3]}
+
+
+def wipe_storage(storage_dir: str | os.PathLike[str]) -> int:
+    """Delete every indexed row and stored file, so a disposable node starts a scenario empty.
+
+    Safe while the server runs: the SQLite write lock is held throughout, and stores take the
+    same lock around moving their file into place and indexing it. In-flight temporary files
+    under ``tmp/`` are left to their writers. Returns the number of rows deleted.
+    """
+    storage = Path(storage_dir)
+    files_dir = storage / FILES_DIRNAME
+    conn = open_index(storage / INDEX_FILENAME)
+    try:
+        with _write_transaction(conn):
+            count = conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+            if files_dir.is_dir():
+                for child in files_dir.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            child.unlink()
+            conn.execute("DELETE FROM instances")
+    finally:
+        conn.close()
+    leftovers = list(files_dir.rglob("*")) if files_dir.is_dir() else []
+    if any(p.is_file() for p in leftovers):
+        LOG.warning("wipe: %d entries could not be deleted under %s", len(leftovers), files_dir)
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# Query model
+# --------------------------------------------------------------------------------------------
+
+LEVELS: tuple[str, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+_PATIENT, _STUDY, _SERIES, _IMAGE = range(4)
+
+
+@dataclass(frozen=True)
+class _Attr:
+    column: str | None  # None: computed from the entity's rows
+    level: int
+    kind: str  # uid, date, time, pn, int, str, list (computed CS list), count, const
+
+
+_ATTRS: dict[str, _Attr] = {
+    "PatientID": _Attr("patient_id", _PATIENT, "str"),
+    "PatientName": _Attr("patient_name", _PATIENT, "pn"),
+    "PatientBirthDate": _Attr("patient_birth_date", _PATIENT, "date"),
+    "PatientSex": _Attr("patient_sex", _PATIENT, "str"),
+    "IssuerOfPatientID": _Attr("issuer_of_patient_id", _PATIENT, "str"),
+    "NumberOfPatientRelatedStudies": _Attr(None, _PATIENT, "count"),
+    "NumberOfPatientRelatedSeries": _Attr(None, _PATIENT, "count"),
+    "NumberOfPatientRelatedInstances": _Attr(None, _PATIENT, "count"),
+    "StudyInstanceUID": _Attr("study_instance_uid", _STUDY, "uid"),
+    "StudyDate": _Attr("study_date", _STUDY, "date"),
+    "StudyTime": _Attr("study_time", _STUDY, "time"),
+    "AccessionNumber": _Attr("accession_number", _STUDY, "str"),
+    "StudyDescription": _Attr("study_description", _STUDY, "str"),
+    "StudyID": _Attr("study_id", _STUDY, "str"),
+    "ReferringPhysicianName": _Attr("referring_physician_name", _STUDY, "pn"),
+    "ModalitiesInStudy": _Attr(None, _STUDY, "list"),
+    "SOPClassesInStudy": _Attr(None, _STUDY, "list"),
+    "NumberOfStudyRelatedSeries": _Attr(None, _STUDY, "count"),
+    "NumberOfStudyRelatedInstances": _Attr(None, _STUDY, "count"),
+    "SeriesInstanceUID": _Attr("series_instance_uid", _SERIES, "uid"),
+    "Modality": _Attr("modality", _SERIES, "str"),
+    "SeriesNumber": _Attr("series_number", _SERIES, "int"),
+    "SeriesDescription": _Attr("series_description", _SERIES, "str"),
+    "NumberOfSeriesRelatedInstances": _Attr(None, _SERIES, "count"),
+    "SOPInstanceUID": _Attr("sop_instance_uid", _IMAGE, "uid"),
+    "SOPClassUID": _Attr("sop_class_uid", _IMAGE, "uid"),
+    "InstanceNumber": _Attr("instance_number", _IMAGE, "int"),
+    "AvailableTransferSyntaxUID": _Attr("transfer_syntax_uid", _IMAGE, "uid"),
+}
+
+# Unique key of each level, used for grouping rows into entities and for retrieval.
+_LEVEL_KEY = {
+    _PATIENT: ("patient_id", "issuer_of_patient_id"),
+    _STUDY: ("study_instance_uid",),
+    _SERIES: ("series_instance_uid",),
+    _IMAGE: ("sop_instance_uid",),
+}
+_UNIQUE_KEYWORD = {
+    _PATIENT: "PatientID",
+    _STUDY: "StudyInstanceUID",
+    _SERIES: "SeriesInstanceUID",
+    _IMAGE: "SOPInstanceUID",
+}
+
+_PATIENT_ROOT = {
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+}
+
+
+class InvalidIdentifier(ValueError):
+    """The request identifier cannot be served (status 0xA900)."""
+
+
+@dataclass
+class _Query:
+    level: int
+    keys: dict[str, list[str]]  # keyword -> non-empty query values (matching keys only)
+
+
+def _query_values(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        items = [str(v) for v in value]
+    elif isinstance(value, bytes):
+        return []
+    else:
+        items = str(value).split("\\")
+    return [s.strip() for s in items if s is not None and s.strip() != ""]
+
+
+def _parse_query(identifier: Dataset, model: UID) -> _Query:
+    level_name = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if level_name not in LEVELS:
+        raise InvalidIdentifier(f"QueryRetrieveLevel {level_name!r} not supported")
+    level = LEVELS.index(level_name)
+    if level == _PATIENT and model not in _PATIENT_ROOT:
+        raise InvalidIdentifier("PATIENT level requires the Patient Root model")
+    keys: dict[str, list[str]] = {}
+    for elem in identifier:
+        attr = _ATTRS.get(elem.keyword)
+        if attr is None or attr.level > level or elem.VR == "SQ":
+            continue
+        if attr.kind in ("count", "const"):
+            continue
+        values = _query_values(elem.value)
+        if values and not all(v == "*" for v in values):
+            keys[elem.keyword] = values
+    return _Query(level, keys)
+
+
+def _has_wildcard(q: str) -> bool:
+    return "*" in q or "?" in q
+
+
+def _wildcard(q: str, value: str, ignore_case: bool) -> bool:
+    pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in q)
+    flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
+    return re.fullmatch(pattern, value, flags) is not None
+
+
+def _range(q: str, value: str, strip: str) -> bool:
+    lo, hi = (part.strip().replace(strip, "") for part in q.split("-", 1))
+    value = value.replace(strip, "")
+    if not value:
+        return False
+    if lo and value < lo:
+        return False
+    return not (hi and value[: len(hi)] > hi)
+
+
+def _match_one(kind: str, q: str, value: str) -> bool:
+    value = value.strip()
+    if kind == "uid":
+        return q == value
+    if kind in ("date", "time"):
+        strip = "." if kind == "date" else ":"
+        if "-" in q:
+            return _range(q, value, strip)
+        if _has_wildcard(q):
+            return _wildcard(q, value, False)
+        q, value = q.replace(strip, ""), value.replace(strip, "")
+        return q == value if kind == "date" else bool(value) and value.startswith(q)
+    if kind == "pn":
+        candidates = {value, value.split("=")[0]}
+        if _has_wildcard(q):
+            return any(_wildcard(q, v, True) for v in candidates)
+        return any(q.casefold() == v.casefold() for v in candidates)
+    if _has_wildcard(q):
+        return _wildcard(q, value, False)
+    if kind == "int":
+        try:
+            return int(q) == int(value)
+        except ValueError:
+            return q == value
+    return q == value
+
+
+@dataclass
+class _Entity:
+    level: int
+    rows: list[sqlite3.Row] = field(default_factory=list)
+
+    @property
+    def rep(self) -> sqlite3.Row:
+        """The most recently received row: its values answer for the entity."""
+        return self.rows[-1]
+
+    def distinct(self, column: str) -> list[str]:
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            if row[column]:
+                seen.setdefault(row[column], None)
+        return list(seen)
+
+    def computed(self, keyword: str) -> str | list[str]:
+        if keyword in ("NumberOfPatientRelatedStudies",):
+            return str(len(self.distinct("study_instance_uid")))
+        if keyword in ("NumberOfPatientRelatedSeries", "NumberOfStudyRelatedSeries"):
+            return str(len(self.distinct("series_instance_uid")))
+        if keyword.endswith("RelatedInstances"):
+            return str(len(self.rows))
+        if keyword == "ModalitiesInStudy":
+            return sorted(self.distinct("modality"))
+        if keyword == "SOPClassesInStudy":
+            return sorted(self.distinct("sop_class_uid"))
+        raise KeyError(keyword)
+
+    def matches(self, keys: dict[str, list[str]]) -> bool:
+        for keyword, queries in keys.items():
+            attr = _ATTRS[keyword]
+            if attr.column is None:
+                values = list(self.computed(keyword))
+                kind = "str"
+            else:
+                values = self.distinct(attr.column) or [""]
+                kind = attr.kind
+            if not any(_match_one(kind, q, v) for q in queries for v in values):
+                return False
+        return True
+
+
+def _prefilter(query: _Query) -> tuple[str, list[str]]:
+    """SQL narrowing on exact keys at or above the level; exact matching is done in Python."""
+    clauses: list[str] = []
+    params: list[str] = []
+    for keyword, values in query.keys.items():
+        attr = _ATTRS[keyword]
+        if attr.column is None or any(_has_wildcard(v) for v in values):
+            continue
+        if attr.kind == "uid" or keyword == "PatientID":
+            clauses.append(f"{attr.column} IN ({','.join('?' * len(values))})")
+            params.extend(values)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    return where, params
+
+
+def search(conn: sqlite3.Connection, query: _Query) -> list[_Entity]:
+    """Group index rows into entities of the query level and keep those that match."""
+    where, params = _prefilter(query)
+    rows = conn.execute(
+        f"SELECT * FROM instances {where} ORDER BY received_at, sop_instance_uid", params
+    ).fetchall()
+    groups: dict[tuple[str, ...], _Entity] = {}
+    key_cols = _LEVEL_KEY[query.level]
+    for row in rows:
+        key = tuple(row[c] for c in key_cols)
+        groups.setdefault(key, _Entity(query.level)).rows.append(row)
+    return [e for e in groups.values() if e.matches(query.keys)]
+
+
+def _response(identifier: Dataset, entity: _Entity, ae_title: str) -> Dataset:
+    resp = Dataset()
+    resp.SpecificCharacterSet = "ISO_IR 192"
+    resp.QueryRetrieveLevel = LEVELS[entity.level]
+    for elem in identifier:
+        keyword = elem.keyword
+        if keyword in ("SpecificCharacterSet", "QueryRetrieveLevel") or elem.tag.is_private:
+            continue
+        if elem.VR == "SQ":
+            resp.add_new(elem.tag, "SQ", [])
+            continue
+        attr = _ATTRS.get(keyword)
+        value: Any = None
+        if keyword == "RetrieveAETitle":
+            value = ae_title
+        elif keyword == "InstanceAvailability":
+            value = "ONLINE"
+        elif attr is not None and attr.level <= entity.level:
+            value = entity.computed(keyword) if attr.column is None else entity.rep[attr.column]
+        if value in ("", []):
+            value = None
+        try:
+            resp.add_new(elem.tag, elem.VR, value)
+        except Exception:  # a bad stored value must not break the response
+            LOG.debug("cannot encode stored value for %s; returned empty", keyword)
+            resp.add_new(elem.tag, elem.VR, None)
+    if "RetrieveAETitle" not in resp:
+        resp.RetrieveAETitle = ae_title
+    return resp
+
+
+def _retrieve_rows(conn: sqlite3.Connection, identifier: Dataset, model: UID) -> list[sqlite3.Row]:
+    """Instances selected by a C-GET/C-MOVE identifier: unique keys of the level and above."""
+    level_name = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if level_name not in LEVELS:
+        raise InvalidIdentifier(f"QueryRetrieveLevel {level_name!r} not supported")
+    level = LEVELS.index(level_name)
+    if level == _PATIENT and model not in _PATIENT_ROOT:
+        raise InvalidIdentifier("PATIENT level requires the Patient Root model")
+    clauses: list[str] = []
+    params: list[str] = []
+    for lvl in range(level + 1):
+        keyword = _UNIQUE_KEYWORD[lvl]
+        values = _query_values(identifier.get(keyword))
+        if not values:
+            if lvl == level:
+                raise InvalidIdentifier(f"{keyword} is required at {level_name} level")
+            continue
+        column = _ATTRS[keyword].column
+        clauses.append(f"{column} IN ({','.join('?' * len(values))})")
+        params.extend(values)
+    return conn.execute(
+        f"SELECT * FROM instances WHERE {' AND '.join(clauses)} ORDER BY study_instance_uid, "
+        "series_instance_uid, CAST(instance_number AS INTEGER), sop_instance_uid",
+        params,
+    ).fetchall()
+
+
+def move_contexts(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]:
+    """Contexts for a C-MOVE sub-association: stored syntaxes first so files go out unchanged."""
+    unique = list(dict.fromkeys((str(c), str(t)) for c, t in pairs))
+    wanted = list(unique)
+    for sop_class, ts in unique:
+        if UID(ts).is_compressed:
+            fallback = (sop_class, str(ExplicitVRLittleEndian))
+            if fallback not in wanted:
+                wanted.append(fallback)
+    # Exact pairs take precedence over fallbacks when the 128 limit bites.
+    return [build_context(c, t) for c, t in wanted[:MAX_CONTEXTS]]
+
+
+# --------------------------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------------------------
+
+
+def load_peers(path: str | os.PathLike[str] | None) -> dict[str, tuple[str, int]]:
+    """Read the C-MOVE destination table; re-read per request so the harness can edit it live."""
+    if path is None:
+        return {}
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    peers: dict[str, tuple[str, int]] = {}
+    for title, spec in data.items():
+        host = spec.get("host") or spec.get("address") or "127.0.0.1"
+        peers[str(title).strip()] = (str(host), int(spec["port"]))
+    return peers
+
+
+_SAFE_NAME = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
+
+
+def _safe_component(uid: str) -> str:
+    """A UID as a path component; anything odd is hashed so it cannot escape DIR/files."""
+    if _SAFE_NAME.match(uid) and ".." not in uid:
+        return uid
+    return "x" + hashlib.sha1(uid.encode("utf-8", "replace")).hexdigest()
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip()
+
+
+def _calling(event: Any) -> str:
+    try:
+        return str(event.assoc.requestor.ae_title).strip()
+    except Exception:
+        return "?"
+
+
+class EmbeddedPacs:
+    """State shared by the handlers: storage paths, peers file, a write lock and request notes."""
+
+    def __init__(self, ae_title: str, storage_dir: Path, peers_file: Path | None) -> None:
+        self.ae_title = ae_title
+        self.storage = storage_dir
+        self.files_dir = storage_dir / FILES_DIRNAME
+        self.tmp_dir = storage_dir / TMP_DIRNAME
+        self.db_file = storage_dir / INDEX_FILENAME
+        self.peers_file = peers_file
+        self.ae: AE | None = None
+        self._write_lock = threading.Lock()
+        self._notes: dict[tuple[int, int], str] = {}
+        self._notes_lock = threading.Lock()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def prepare_storage(self) -> None:
+        """Create the layout and schema; drop temp files a crashed predecessor left behind."""
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        open_index(self.db_file).close()
+
+    def build_ae(self) -> AE:
+        """An AE offering exactly the services the harness expects of a legacy PACS."""
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = 32
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.network_timeout = 60
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(
+                cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scp_role=True, scu_role=False
+            )
+        for model in (
+            PatientRootQueryRetrieveInformationModelFind,
+            PatientRootQueryRetrieveInformationModelMove,
+            PatientRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelMove,
+            StudyRootQueryRetrieveInformationModelGet,
+        ):
+            ae.add_supported_context(model)
+        self.ae = ae
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        """Event bindings for ``AE.start_server``."""
+        return [
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_ABORTED, self.on_aborted),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_DIMSE_SENT, self.on_dimse_sent),
+        ]
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def _note(self, event: Any, text: str) -> None:
+        """Attach detail to the request; it is logged with the final response's status."""
+        key = (id(event.assoc), int(event.request.MessageID))
+        with self._notes_lock:
+            self._notes[key] = text
+
+    def on_accepted(self, event: Any) -> None:
+        req = event.assoc.requestor
+        LOG.info(
+            "association accepted calling=%s peer=%s:%s", _calling(event), req.address, req.port
+        )
+
+    def on_rejected(self, event: Any) -> None:
+        LOG.warning("association rejected calling=%s", _calling(event))
+
+    def on_aborted(self, event: Any) -> None:
+        LOG.warning("association aborted calling=%s", _calling(event))
+
+    def on_released(self, event: Any) -> None:
+        LOG.debug("association released calling=%s", _calling(event))
+
+    def on_dimse_sent(self, event: Any) -> None:
+        """Log each request once, when its final (non-pending) response goes out."""
+        msg = event.message
+        name = type(msg).__name__
+        if not name.endswith("_RSP"):
+            return
+        cs = msg.command_set
+        status = int(cs.get("Status", 0))
+        if status in (0xFF00, 0xFF01):
+            return
+        msg_id = int(cs.get("MessageIDBeingRespondedTo", 0))
+        with self._notes_lock:
+            note = self._notes.pop((id(event.assoc), msg_id), "")
+        parts = [
+            name.replace("_", "-"),
+            f"calling={_calling(event)}",
+            f"msg_id={msg_id}",
+            f"status=0x{status:04X}",
+        ]
+        if name == "C_STORE_RSP":
+            parts.append(f"sop={cs.get('AffectedSOPInstanceUID', '')}")
+        if name in ("C_GET_RSP", "C_MOVE_RSP"):
+            parts.append(
+                "completed={} failed={} warning={}".format(
+                    cs.get("NumberOfCompletedSuboperations", 0),
+                    cs.get("NumberOfFailedSuboperations", 0),
+                    cs.get("NumberOfWarningSuboperations", 0),
+                )
+            )
+        if note:
+            parts.append(note)
+        LOG.info(" ".join(str(p) for p in parts))
+
+    # -- services ------------------------------------------------------------------------------
+
+    def on_echo(self, event: Any) -> int:
+        """Verification always succeeds: the node is alive if it answers."""
+        return 0x0000
+
+    def on_store(self, event: Any) -> int:
+        """Store the bytes exactly as received, then index them (see module docstring)."""
+        req = event.request
+        try:
+            ds = event.dataset
+            sop_instance = _text(ds, "SOPInstanceUID")
+            sop_class = _text(ds, "SOPClassUID") or str(req.AffectedSOPClassUID)
+            values = {col: _text(ds, kw) for col, kw in _DATASET_COLUMNS}
+            charset = _text(ds, "SpecificCharacterSet")
+        except Exception as exc:
+            LOG.error("C-STORE data set cannot be decoded: %s", type(exc).__name__)
+            return 0xC000
+        study, series = values["study_instance_uid"], values["series_instance_uid"]
+        if not (sop_instance and study and series):
+            self._note(event, "missing Study/Series/SOP Instance UID")
+            return 0xA900
+        status = 0x0000
+        if sop_instance != str(req.AffectedSOPInstanceUID) or sop_class != str(
+            req.AffectedSOPClassUID
+        ):
+            status = 0xB007
+        rel = "/".join(
+            (
+                FILES_DIRNAME,
+                _safe_component(study),
+                _safe_component(series),
+                _safe_component(sop_instance) + ".dcm",
+            )
+        )
+        final = self.storage / rel
+        tmp_name: str | None = None
+        try:
+            data = event.encoded_dataset()
+            fd, tmp_name = tempfile.mkstemp(prefix="store-", suffix=".part", dir=self.tmp_dir)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            row = {
+                **values,
+                "sop_instance_uid": sop_instance,
+                "sop_class_uid": sop_class,
+                "transfer_syntax_uid": str(event.context.transfer_syntax),
+                "specific_character_set": charset,
+                "path": rel,
+                "size_bytes": len(data),
+                "received_at": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+                "calling_ae_title": _calling(event),
+                "store_status": status,
+            }
+            with self._write_lock:
+                conn = _connect(self.db_file)
+                try:
+                    with _write_transaction(conn):
+                        old = conn.execute(
+                            "SELECT path FROM instances WHERE sop_instance_uid = ?",
+                            (sop_instance,),
+                        ).fetchone()
+                        final.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(tmp_name, final)
+                        tmp_name = None
+                        conn.execute(
+                            f"INSERT OR REPLACE INTO instances ({','.join(COLUMNS)}) "
+                            f"VALUES ({','.join('?' * len(COLUMNS))})",
+                            [row[c] for c in COLUMNS],
+                        )
+                finally:
+                    conn.close()
+            if old is not None and old["path"] != rel:
+                with contextlib.suppress(OSError):
+                    (self.storage / old["path"]).unlink()
+            if old is not None:
+                self._note(event, "replaced")
+        except (OSError, sqlite3.Error) as exc:
+            LOG.error("C-STORE cannot be stored: %s: %s", type(exc).__name__, exc)
+            return 0xA700
+        finally:
+            if tmp_name is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_name)
+        return status
+
+    def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        """C-FIND over the index; see the module docstring for the matching rules."""
+        model = UID(event.request.AffectedSOPClassUID)
+        try:
+            identifier = event.identifier
+            query = _parse_query(identifier, model)
+        except InvalidIdentifier as exc:
+            self._note(event, f"invalid identifier: {exc}")
+            yield 0xA900, None
+            return
+        except Exception as exc:
+            self._note(event, f"undecodable identifier: {type(exc).__name__}")
+            yield 0xC310, None
+            return
+        try:
+            conn = _connect(self.db_file)
+            try:
+                entities = search(conn, query)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            self._note(event, f"index error: {exc}")
+            yield 0xC311, None
+            return
+        self._note(event, f"level={LEVELS[query.level]} matches={len(entities)}")
+        for entity in entities:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield 0xFF00, _response(identifier, entity, self.ae_title)
+
+    def _select(self, event: Any) -> list[sqlite3.Row]:
+        model = UID(event.request.AffectedSOPClassUID)
+        conn = _connect(self.db_file)
+        try:
+            return _retrieve_rows(conn, event.identifier, model)
+        finally:
+            conn.close()
+
+    def _payload(
+        self, row: sqlite3.Row, accepted: list[PresentationContext] | None
+    ) -> Dataset | None:
+        """The stored instance to send; decompressed only if the peer cannot take it as is."""
+        try:
+            ds = dcmread(self.storage / row["path"])
+        except Exception as exc:
+            LOG.error(
+                "cannot read stored instance %s: %s", row["sop_instance_uid"], type(exc).__name__
+            )
+            return None
+        if accepted is None:
+            return ds
+        ts = UID(ds.file_meta.TransferSyntaxUID)
+        syntaxes = [
+            cx.transfer_syntax[0]
+            for cx in accepted
+            if cx.abstract_syntax == row["sop_class_uid"] and cx.transfer_syntax
+        ]
+        if not ts.is_compressed or ts in syntaxes:
+            return ds
+        if any(not UID(s).is_compressed for s in syntaxes):
+            try:
+                ds.decompress(generate_instance_uid=False)
+                LOG.debug("decompressed %s for a peer without %s", row["sop_instance_uid"], ts)
+            except Exception as exc:  # no decoder: the sub-operation fails
+                LOG.warning(
+                    "cannot decompress %s (%s): %s",
+                    row["sop_instance_uid"],
+                    ts.name,
+                    type(exc).__name__,
+                )
+        return ds
+
+    def _retrieve(
+        self, event: Any, rows: list[sqlite3.Row], accepted: list[PresentationContext] | None
+    ) -> Iterator[tuple[int, Dataset | None]]:
+        for row in rows:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            ds = self._payload(row, accepted)
+            if ds is None:
+                # Unreadable file: a stub without SOP Class UID makes pynetdicom's C-STORE
+                # raise, which it counts as a failed sub-operation listing this UID.
+                ds = Dataset()
+                ds.SOPInstanceUID = row["sop_instance_uid"]
+            yield 0xFF00, ds
+
+    def on_get(self, event: Any) -> Iterator[int | tuple[int, Dataset | None]]:
+        """C-GET: C-STORE the matched files back over the requestor's association."""
+        try:
+            rows = self._select(event)
+        except InvalidIdentifier as exc:
+            self._note(event, f"invalid identifier: {exc}")
+            yield 1
+            yield 0xA900, None
+            return
+        except Exception as exc:
+            self._note(event, f"cannot process: {type(exc).__name__}")
+            yield 1
+            yield 0xC410, None
+            return
+        self._note(event, f"matches={len(rows)}")
+        yield len(rows)
+        accepted = [cx for cx in event.assoc.accepted_contexts if cx.as_scu]
+        yield from self._retrieve(event, rows, accepted)
+
+    def on_move(self, event: Any) -> Iterator[Any]:
+        """C-MOVE: open an association to the destination named in the peers file and send."""
+        dest = str(event.move_destination or "").strip()
+        try:
+            peers = load_peers(self.peers_file)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            LOG.error("peers file %s unusable: %s", self.peers_file, exc)
+            peers = {}
+        if dest not in peers:
+            self._note(event, f"unknown destination {dest!r}")
+            yield None, None
+            return
+        host, port = peers[dest]
+        try:
+            rows = self._select(event)
+        except Exception as exc:
+            invalid = isinstance(exc, InvalidIdentifier)
+            self._note(
+                event,
+                f"dest={dest} "
+                + (
+                    f"invalid identifier: {exc}"
+                    if invalid
+                    else f"cannot process: {type(exc).__name__}"
+                ),
+            )
+            # pynetdicom only reports a handler status after the destination is associated.
+            yield host, port, {"contexts": [build_context(Verification)]}
+            yield 1
+            yield (0xA900 if invalid else 0xC510), None
+            return
+        self._note(event, f"dest={dest} matches={len(rows)}")
+        contexts = move_contexts((r["sop_class_uid"], r["transfer_syntax_uid"]) for r in rows)
+        assert self.ae is not None
+        before = list(self.ae.active_associations)
+        yield host, port, {"contexts": contexts or [build_context(Verification)]}
+        yield len(rows)
+        accepted = self._store_assoc_contexts(before, dest, port)
+        yield from self._retrieve(event, rows, accepted)
+
+    def _store_assoc_contexts(
+        self, before: list[Any], dest: str, port: int
+    ) -> list[PresentationContext] | None:
+        """Accepted contexts of the sub-association pynetdicom just opened, if identifiable.
+
+        None (ambiguous, e.g. two simultaneous moves to the same peer) means: send as stored
+        and let pynetdicom choose; only the decompression fallback is lost.
+        """
+        assert self.ae is not None
+        found = [
+            a
+            for a in self.ae.active_associations
+            if a not in before
+            and a.is_requestor
+            and a.is_established
+            and str(a.acceptor.ae_title).strip() == dest
+            and a.acceptor.port == port
+        ]
+        return list(found[0].accepted_contexts) if len(found) == 1 else None
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.nodes.embedded_server",
+        description="Embedded PACS: Verification, Storage and Query/Retrieve SCP.",
+    )
+    parser.add_argument("--ae-title", required=True, help="AE title of this node (max 16)")
+    parser.add_argument("--port", type=int, required=True, help="TCP port, 0 for ephemeral")
+    parser.add_argument("--storage", type=Path, required=True, help="storage directory")
+    parser.add_argument(
+        "--peers",
+        type=Path,
+        default=None,
+        help="JSON of C-MOVE destinations, re-read on every C-MOVE",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    args = parser.parse_args(argv)
+    title = args.ae_title.strip()
+    if not title or len(title) > 16 or "\\" in title or not title.isprintable():
+        parser.error(f"--ae-title {args.ae_title!r}: 1-16 printable characters, no backslash")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: out of range")
+    args.ae_title = title
+    return args
+
+
+def _configure_logging(level: str, ae_title: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s embedded-pacs[{ae_title}] %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
+    # pynetdicom's and pydicom's own messages can carry identifiers: warnings and errors only.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    # Validation messages quote values (names included); stored data is kept as received.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+
+
+def serve(
+    ae_title: str,
+    port: int,
+    storage_dir: Path,
+    peers_file: Path | None,
+    host: str = "127.0.0.1",
+    stop: threading.Event | None = None,
+) -> int:
+    """Run the node until ``stop`` is set (or SIGTERM/SIGINT in the main thread); exit code."""
+    pacs = EmbeddedPacs(ae_title, storage_dir.resolve(), peers_file)
+    try:
+        pacs.prepare_storage()
+    except (OSError, sqlite3.Error) as exc:
+        print(f"embedded PACS {ae_title}: storage {storage_dir} unusable: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    ae = pacs.build_ae()
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+    try:
+        server = ae.start_server((host, port), block=False, evt_handlers=pacs.handlers())
+    except OSError as exc:
+        print(f"embedded PACS {ae_title}: cannot bind {host}:{port}: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    assert server is not None
+    bound_port = server.server_address[1]
+    print(f"embedded PACS {ae_title} listening on {host}:{bound_port}", file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        LOG.info("shutting down")
+        ae.shutdown()
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (see the module docstring)."""
+    args = _parse_args(argv)
+    _configure_logging(args.log_level, args.ae_title)
+    return serve(args.ae_title, args.port, args.storage, args.peers, host=args.host)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

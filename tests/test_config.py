@@ -1,0 +1,134 @@
+"""Topology validation: every bad file is refused before anything starts, naming the line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.config import default_topology, load_topology, parse_topology
+from harness.errors import ConfigError
+
+GOOD = """\
+name: merger-pilot
+nodes:
+  legacy:  {kind: dcmqrscp, ae_title: LEGACY}
+  central: {kind: orthanc,  ae_title: CENTRAL}
+  site_b:  {kind: external, ae_title: SITEB, host: 127.0.0.1, dicom_port: 11112}
+"""
+
+
+def test_minimal_topology_from_the_issue():
+    topology = parse_topology(GOOD, "t.yaml")
+    assert list(topology.nodes) == ["legacy", "central", "site_b"]
+    assert topology.node("legacy").kind == "dcmqrscp"
+    assert topology.node("central").disposable is True
+    assert topology.node("site_b").disposable is False  # external: not unless declared
+    assert topology.node("site_b").dicom_port == 11112
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "name: x\nnodes:\n  a: {kind: orthank}\n",
+            "t.yaml:3: nodes.a.kind: unknown kind 'orthank' (allowed: orthanc, dcmqrscp, "
+            "embedded, external)",
+        ),
+        (
+            "name: x\nnodes:\n  a: {kind: orthanc, ae_title: SAME}\n"
+            "  b: {kind: embedded, ae_title: SAME}\n",
+            "t.yaml:4: nodes.b.ae_title: duplicate AE title 'SAME'",
+        ),
+        (
+            "name: x\nnodes:\n  a: {kind: orthanc, dicom_port: 4242}\n"
+            "  b:\n    kind: embedded\n    dicom_port: 4242\n",
+            "t.yaml:6: nodes.b.dicom_port: port 4242 clashes with a.dicom_port",
+        ),
+        (
+            "name: x\nnodes:\n  a: {kind: orthanc, dicom_port: 4242, http_port: 4242}\n",
+            "t.yaml:3: nodes.a.http_port: port 4242 clashes with a.dicom_port",
+        ),
+        (
+            "name: x\nnodes:\n  site:\n    kind: external\n    dicom_port: 104\n",
+            "t.yaml:3: nodes.site.host: missing: an external node needs the host",
+        ),
+        ("name: x\nnodes:\n  a: {kind: orthanc\n", "t.yaml:4: invalid YAML"),
+        ("name: x\nnodes: [a, b]\n", "t.yaml:2: nodes: missing or empty"),
+        (
+            "name: x\nnodes:\n  a: {kind: orthanc, colour: red}\n",
+            "t.yaml:3: nodes.a.colour: unknown field (allowed: kind, ae_title",
+        ),
+        (
+            "name: x\nnodes:\n  a: {kind: orthanc, dicom_port: 70000}\n",
+            "t.yaml:3: nodes.a.dicom_port: invalid port 70000 (allowed: an integer 1-65535)",
+        ),
+        (
+            "name: x\nnodes:\n  a: {kind: orthanc, ae_title: THIS_IS_FAR_TOO_LONG}\n",
+            "t.yaml:3: nodes.a.ae_title: invalid AE title 'THIS_IS_FAR_TOO_LONG'",
+        ),
+        (
+            "name: x\nnodes:\n  a: {kind: orthanc, host: 192.168.1.20}\n",
+            "t.yaml:3: nodes.a.host: launched nodes listen on loopback only",
+        ),
+        (
+            "name: x\nnodes:\n  a: {kind: orthanc}\n  a: {kind: embedded}\n",
+            "t.yaml:4: nodes.a: duplicate key",
+        ),
+        (
+            "name: x\nnodes:\n  s:\n    kind: external\n    host: 127.0.0.1\n    dicom_port: 1\n"
+            "    credentials: {password: hunter2}\n",
+            "t.yaml:7: nodes.s.credentials.password: unknown field",
+        ),
+        ("name: x\nnodes:\n  a: {ae_title: A}\n", "t.yaml:3: nodes.a.kind: missing"),
+        ("name: x\nnodez: {}\n", "t.yaml:2: nodez: unknown field (allowed: name, nodes, settings)"),
+        ("", "t.yaml:1: (top level): a topology must be a mapping"),
+    ],
+)
+def test_bad_topologies_name_file_line_and_field(text, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_topology(text, "t.yaml")
+    assert str(err.value).startswith(expected), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="topology file not found"):
+        load_topology(tmp_path / "nope.yaml")
+
+
+def test_default_topology_uses_real_servers_when_installed():
+    topology, choices = default_topology(which=lambda name: f"/usr/bin/{name}")
+    assert {n: s.kind for n, s in topology.nodes.items()} == {
+        "legacy": "dcmqrscp",
+        "target": "orthanc",
+    }
+    assert all("found at" in c.reason for c in choices)
+
+
+def test_default_topology_falls_back_to_embedded():
+    topology, choices = default_topology(which=lambda name: None)
+    assert {s.kind for s in topology.nodes.values()} == {"embedded"}
+    assert [c.reason for c in choices] == [
+        "dcmqrscp (DCMTK) not installed",
+        "Orthanc not installed",
+    ]
+
+
+@pytest.mark.parametrize("command", ["up", "status", "down"])
+def test_cli_exits_2_with_one_line_on_bad_topology(tmp_path: Path, command: str):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nnodes:\n  a: {kind: pacs9000}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", command, "--topology", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: {bad}:3: nodes.a.kind: unknown kind 'pacs9000' (allowed: "
+                     "orthanc, dcmqrscp, embedded, external)"]
+    assert "Traceback" not in proc.stderr

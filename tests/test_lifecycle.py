@@ -1,0 +1,157 @@
+"""Nothing is left running: not after Ctrl-C, SIGTERM or SIGKILL of the harness, not after
+`down`; and the CLI's up / status / store / down work on one node of each launched kind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.tools import find_binary
+from scenarios.helpers import sample_study
+from tests.helpers import handle_alive, processes_mentioning, run_cli, status_json
+
+ALL_KINDS = """\
+name: every-kind
+nodes:
+  archive: {kind: dcmqrscp, ae_title: ARCHIVE}
+  central: {kind: orthanc, ae_title: CENTRAL}
+  pocket: {kind: embedded, ae_title: POCKET}
+"""
+
+SLEEPING_TEST = '''
+import json, os, time
+def test_hold_nodes(pacs_cluster):
+    nodes = {n.name: [n.handle.pid, n.handle.start_time] for n in pacs_cluster.nodes.values()}
+    out = os.environ["HOLD_INFO"]
+    with open(out + ".tmp", "w") as f:
+        json.dump({"nodes": nodes, "root": str(pacs_cluster.root)}, f)
+    os.replace(out + ".tmp", out)
+    time.sleep(120)
+'''
+
+
+def _need_real_servers():
+    if not (find_binary("Orthanc") and find_binary("dcmqrscp")):
+        pytest.skip("Orthanc and DCMTK needed (apt-get install orthanc dcmtk)")
+
+
+@pytest.fixture
+def every_kind_topology(tmp_path) -> Path:
+    _need_real_servers()
+    path = tmp_path / "every-kind.yaml"
+    path.write_text(ALL_KINDS)
+    return path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_session_leaves_no_process(tmp_path, every_kind_topology, sig):
+    test_file = tmp_path / "test_hold.py"
+    test_file.write_text(textwrap.dedent(SLEEPING_TEST))
+    info = tmp_path / "hold.json"
+    env = {**os.environ, "HOLD_INFO": str(info)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider",
+         "--pacs-topology", str(every_kind_topology), "--rootdir", str(tmp_path)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not info.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "nodes did not come up"
+            time.sleep(0.2)
+        held = json.loads(info.read_text())
+        assert all(handle_alive(*pid_start) for pid_start in held["nodes"].values())
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(
+        handle_alive(*p) for p in held["nodes"].values()
+    ):
+        time.sleep(0.2)
+    assert [n for n, p in held["nodes"].items() if handle_alive(*p)] == []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and processes_mentioning(held["root"]):
+        time.sleep(0.2)
+    assert processes_mentioning(held["root"]) == []
+    if sig != signal.SIGKILL:  # a killed harness cannot clean its temporary folder
+        assert not Path(held["root"]).exists()
+
+
+def test_up_status_store_down_with_every_launched_kind(every_kind_topology, tmp_path):
+    topo = str(every_kind_topology)
+    up = run_cli("up", "--topology", topo)
+    assert up.returncode == 0, up.stderr
+    try:
+        rows = status_json("--topology", topo)
+        assert [(r["name"], r["kind"], r["alive"]) for r in rows] == [
+            ("archive", "dcmqrscp", True),
+            ("central", "orthanc", True),
+            ("pocket", "embedded", True),
+        ]
+        for row in rows:
+            assert set(row) >= {"name", "kind", "ae_title", "host", "dicom_port",
+                                "http_port", "alive"}
+            assert row["host"] == "127.0.0.1"
+        assert rows[1]["http_port"]
+
+        again = run_cli("up", "--topology", topo)
+        assert again.returncode == 0 and "already up" in again.stderr
+
+        folder = tmp_path / "study"
+        folder.mkdir()
+        for ds in sample_study(seed=21, instances=4):
+            ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        (folder / "notes.txt").write_text("not DICOM")
+        for row in rows:
+            stored = run_cli("store", "--topology", topo, "--to", row["name"],
+                             "--associations", "2", "--json", str(folder))
+            assert stored.returncode == 0, stored.stderr
+            summary = json.loads(stored.stdout)
+            assert (summary["stored"], summary["failed"], summary["skipped_not_dicom"]) == (
+                4, 0, 1)
+
+        missing = run_cli("store", "--topology", topo, "--to", "nosuch", str(folder))
+        assert missing.returncode == 2
+        assert "no node named 'nosuch'" in missing.stderr
+        bad_path = run_cli("store", "--topology", topo, "--to", "central", "/no/such/dir")
+        assert bad_path.returncode == 2 and "/no/such/dir: no such file" in bad_path.stderr
+    finally:
+        down = run_cli("down", "--topology", topo)
+    assert down.returncode == 0, down.stderr
+    rows = status_json("--topology", topo)
+    assert not any(r["alive"] for r in rows)
+    assert processes_mentioning(str(every_kind_topology.parent)) == []
+    assert run_cli("status", "--topology", topo).returncode == 1
+
+
+def test_store_to_a_node_that_is_not_up_is_an_environment_error(tmp_path):
+    topo = tmp_path / "t.yaml"
+    topo.write_text("name: t\nnodes:\n  a: {kind: embedded}\n")
+    proc = run_cli("store", "--topology", str(topo), "--to", "a", str(tmp_path))
+    assert proc.returncode == 3
+    assert "node a is not running (start it: pacs-harness up" in proc.stderr
+
+
+def test_down_all_stops_what_any_run_left(tmp_path):
+    topo = tmp_path / "left.yaml"
+    topo.write_text("name: left\nnodes:\n  a: {kind: embedded, ae_title: LEFTOVER}\n")
+    assert run_cli("up", "--topology", str(topo)).returncode == 0
+    (row,) = status_json("--topology", str(topo))
+    assert row["alive"]
+    proc = run_cli("down", "--all")
+    assert proc.returncode == 0 and "stopped left-" in proc.stderr
+    (row,) = status_json("--topology", str(topo))
+    assert not row["alive"]

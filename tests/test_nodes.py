@@ -1,0 +1,149 @@
+"""Each launched kind against the real server: start, answer, store, find, get, count,
+wipe, stop with nothing left behind. The external kind against a node started separately."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.cluster import Cluster
+from harness.config import parse_topology
+from harness.errors import NotDisposableError
+from harness.tools import find_binary
+from scenarios.helpers import sample_study
+from tests.helpers import processes_mentioning, run_cli, status_json
+
+BINARIES = {"orthanc": "Orthanc", "dcmqrscp": "dcmqrscp", "embedded": None}
+
+
+def _require(kind: str) -> None:
+    binary = BINARIES[kind]
+    if binary and not find_binary(binary):
+        pytest.skip(f"{binary} not installed (install: apt-get install orthanc dcmtk)")
+
+
+@pytest.fixture(params=list(BINARIES))
+def single_node(request):
+    kind = request.param
+    _require(kind)
+    topology = parse_topology(f"name: one\nnodes:\n  n1: {{kind: {kind}, ae_title: NODE1}}\n")
+    cluster = Cluster.launch(topology)
+    node = cluster.node("n1")
+    yield node
+    cluster.stop()
+    # the janitor side of the contract: nothing of the node survives stop()
+    assert not node.handle.alive()
+    assert not node.workdir.exists()
+    assert processes_mentioning(str(node.workdir)) == []
+
+
+def test_node_lifecycle_against_real_server(single_node):
+    node = single_node
+    assert node.alive()
+    assert node.dimse().echo().status.ok
+    assert node.version() != "unknown"
+    assert node.log_path.exists()
+
+    study = sample_study(seed=11, instances=3)
+    stored = node.dimse().store(study, associations=2)
+    assert stored.ok, [r.error for r in stored.failed]
+    assert len(stored.results) == 3
+
+    stats = node.statistics()
+    assert stats.as_dict() == {"patients": 1, "studies": 1, "series": 1, "instances": 3}
+
+    for level, keys in [
+        ("PATIENT", {"PatientID": study[0].PatientID}),
+        ("STUDY", {"StudyInstanceUID": study[0].StudyInstanceUID}),
+        ("SERIES", {"StudyInstanceUID": study[0].StudyInstanceUID, "SeriesInstanceUID": None}),
+        (
+            "IMAGE",
+            {
+                "StudyInstanceUID": study[0].StudyInstanceUID,
+                "SeriesInstanceUID": study[0].SeriesInstanceUID,
+                "SOPInstanceUID": None,
+            },
+        ),
+    ]:
+        model = "patient" if level == "PATIENT" else "study"
+        found = node.dimse().find(level, keys, model=model)
+        assert found.ok, f"{level}: {found.status}"
+        expected = {"PATIENT": 1, "STUDY": 1, "SERIES": 1, "IMAGE": 3}[level]
+        assert len(found.matches) == expected, level
+
+    got = node.dimse().get("STUDY", {"StudyInstanceUID": study[0].StudyInstanceUID})
+    assert got.ok and got.completed == 3
+    assert {i.sop_instance_uid: i.dataset.PixelData for i in got.instances} == {
+        ds.SOPInstanceUID: ds.PixelData for ds in study
+    }
+
+    node.wipe()
+    assert node.statistics().instances == 0
+    assert node.dimse().find("STUDY", {"StudyInstanceUID": None}).matches == []
+
+
+def test_unknown_move_destination_is_a_failure_status(single_node):
+    study = sample_study(seed=12)
+    assert single_node.dimse().store(study).ok
+    moved = single_node.dimse().move(
+        "NOSUCHAE", "STUDY", {"StudyInstanceUID": study[0].StudyInstanceUID}
+    )
+    assert not moved.ok
+    assert moved.status.category == "failure"
+
+
+@pytest.fixture
+def separately_started(tmp_path):
+    """An Orthanc (or embedded PACS) started by `pacs-harness up` in another process."""
+    kind = "orthanc" if find_binary("Orthanc") else "embedded"
+    topo = tmp_path / "site.yaml"
+    topo.write_text(f"name: site\nnodes:\n  site: {{kind: {kind}, ae_title: SITEPACS}}\n")
+    proc = run_cli("up", "--topology", str(topo))
+    assert proc.returncode == 0, proc.stderr
+    (row,) = status_json("--topology", str(topo))
+    yield row
+    proc = run_cli("down", "--topology", str(topo))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_external_node_is_reached_not_started(separately_started, tmp_path):
+    row = separately_started
+    topology = parse_topology(
+        "name: ext\nnodes:\n"
+        f"  remote: {{kind: external, ae_title: SITEPACS, host: 127.0.0.1, "
+        f"dicom_port: {row['dicom_port']}}}\n"
+    )
+    cluster = Cluster.launch(topology)
+    remote = cluster.node("remote")
+    assert remote.handle is None  # nothing launched
+    assert remote.alive()
+    study = sample_study(seed=13, instances=2)
+    assert remote.dimse().store(study).ok
+    # counted over DIMSE only (no REST declared)
+    assert remote.statistics().instances == 2
+    with pytest.raises(NotDisposableError, match="not declared 'disposable: true'"):
+        remote.wipe()
+    cluster.stop()
+    assert remote.alive(), "stopping a cluster must never stop an external node"
+
+    if row["kind"] == "orthanc":
+        declared = parse_topology(
+            "name: ext2\nnodes:\n"
+            f"  remote: {{kind: external, ae_title: SITEPACS, host: 127.0.0.1, "
+            f"dicom_port: {row['dicom_port']}, http_port: {row['http_port']}, "
+            "orthanc_rest: true, disposable: true}\n"
+        )
+        node = Cluster.launch(declared).node("remote")
+        node.wipe()
+        assert node.statistics().instances == 0
+
+
+def test_external_node_that_does_not_answer_is_an_environment_error():
+    from harness.errors import EnvironmentProblem
+    from harness.cluster import free_port
+
+    topology = parse_topology(
+        "name: ext\nnodes:\n"
+        f"  ghost: {{kind: external, host: 127.0.0.1, dicom_port: {free_port()}}}\n"
+    )
+    with pytest.raises(EnvironmentProblem, match="node ghost .* not ready"):
+        Cluster.launch(topology, ready_timeout_s=2)

@@ -1,0 +1,124 @@
+"""The pytest plugin (phases, scenarios, janitor, report.json) and `pacs-harness run`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.cluster import free_port
+from tests.helpers import run_cli
+
+pytest_plugins = ["pytester"]
+
+PHASED = """
+import pytest
+
+@pytest.mark.phase("planning")
+def test_plan(): pass
+
+@pytest.mark.phase("infrastructure")
+@pytest.mark.scenario("wiring")
+def test_infra(pacs_metrics):
+    pacs_metrics["cables"] = 3
+
+@pytest.mark.phase("pilot")
+def test_pilot(): pass
+
+@pytest.mark.phase("full")
+def test_full(): pass
+
+def test_unphased(): pass
+"""
+
+
+def test_phase_runs_that_phase_and_the_ones_before(pytester):
+    pytester.makepyfile(test_phased=PHASED)
+    result = pytester.runpytest_subprocess("--phase", "pilot", "-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4, deselected=1)
+    result.stdout.fnmatch_lines(["*test_pilot PASSED*"])
+    assert "test_full" not in result.stdout.str().replace("deselected", "")
+
+
+def test_unknown_phase_is_a_usage_error(pytester):
+    pytester.makepyfile(test_phased=PHASED)
+    result = pytester.runpytest_subprocess("--phase", "go-live")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--phase 'go-live': unknown phase (allowed: planning,*"])
+
+
+def test_report_json_groups_tests_by_scenario_with_metrics(pytester):
+    pytester.makepyfile(test_phased=PHASED)
+    report = pytester.path / "out" / "report.json"
+    result = pytester.runpytest_subprocess(
+        "--pacs-report-json", str(report), "--pacs-scenario", "wiring"
+    )
+    result.assert_outcomes(passed=1, deselected=4)
+    data = json.loads(report.read_text())
+    assert data["verdict"] == "pass"
+    (scenario,) = data["scenarios"]
+    assert (scenario["name"], scenario["phase"], scenario["outcome"]) == (
+        "wiring", "infrastructure", "passed")
+    assert scenario["metrics"] == {"cables": 3}
+
+
+def test_janitor_wipes_disposable_nodes_between_tests(pytester, tmp_path):
+    topo = tmp_path / "t.yaml"
+    topo.write_text("name: jan\nnodes:\n  box: {kind: embedded, ae_title: BOX}\n")
+    pytester.makepyfile(
+        test_jan="""
+from scenarios.helpers import sample_study
+
+def test_fill(pacs_node, pacs_janitor):
+    assert pacs_node("box").dimse().store(sample_study(seed=5, instances=2)).ok
+    assert pacs_node("box").statistics().instances == 2
+
+def test_starts_empty(pacs_node, pacs_janitor):
+    assert pacs_node("box").statistics().instances == 0
+"""
+    )
+    result = pytester.runpytest_subprocess("--pacs-topology", str(topo), "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_run_on_default_topology_is_the_main_job(tmp_path):
+    proc = run_cli("run", "--report-dir", str(tmp_path / "r"), "-q", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "default topology: legacy =" in proc.stderr
+    for name in ("junit.xml", "report.json", "allure-results"):
+        assert (tmp_path / "r" / name).exists(), name
+    assert any((tmp_path / "r" / "allure-results").glob("*-result.json"))
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["verdict"] == "pass"
+    assert {n["name"] for n in report["topology"]["nodes"]} == {"legacy", "target"}
+    (connectivity,) = [s for s in report["scenarios"] if s["name"] == "connectivity"]
+    assert connectivity["phase"] == "infrastructure"
+    assert connectivity["outcome"] == "passed"
+    assert "CT Image Storage" in connectivity["metrics"]["accepted.target"]
+    assert set(report["scenarios"][0]) >= {"name", "phase", "outcome", "duration_s", "metrics"}
+
+
+def test_run_with_unknown_scenario_exits_2(tmp_path):
+    proc = run_cli("run", "--scenario", "teleport", "--report-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert "--scenario 'teleport': unknown scenario (allowed: connectivity" in proc.stderr
+
+
+def test_run_with_no_matching_test_does_not_pass_silently(tmp_path):
+    proc = run_cli("run", "--phase", "planning", "--report-dir", str(tmp_path), timeout=300)
+    assert proc.returncode == 2
+    assert "no scenario ran" in proc.stderr
+
+
+def test_run_against_an_unreachable_node_is_an_environment_error(tmp_path):
+    topo = tmp_path / "ghost.yaml"
+    topo.write_text(
+        f"name: ghost\nnodes:\n  ghost: {{kind: external, host: 127.0.0.1, "
+        f"dicom_port: {free_port()}}}\n"
+    )
+    proc = run_cli("run", "--topology", str(topo), "--report-dir", str(tmp_path / "r"),
+                   timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    assert "environment error: node ghost (external)" in proc.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["verdict"] == "fail"
