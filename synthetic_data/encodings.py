@@ -62,7 +62,8 @@ def resolve_syntax(name: str) -> Syntax:
     syntax = SYNTAXES.get(key.lower()) or _BY_UID.get(key)
     if syntax is None:
         allowed = ", ".join(SYNTAXES) + " or their UIDs"
-        raise ConfigError(f"transfer_syntaxes: unknown transfer syntax {name!r} (allowed: {allowed})")
+        raise ConfigError(
+            f"transfer_syntaxes: unknown transfer syntax {name!r} (allowed: {allowed})")
     missing = [p for p in syntax.packages if importlib.util.find_spec(p) is None]
     if missing:
         raise ConfigError(

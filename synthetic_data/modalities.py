@@ -454,7 +454,8 @@ def _pt_series(ds: Dataset, layout: SeriesLayout, anatomy: Anatomy) -> None:
     ds.SliceThickness = f"{layout.params['thickness']:.2f}"
     rp = Dataset()
     rp.RadionuclideCodeSequence = Sequence([code("77004003", "SCT", "^18^Fluorine")])
-    rp.RadiopharmaceuticalCodeSequence = Sequence([code("35321007", "SCT", "Fluorodeoxyglucose F^18^")])
+    rp.RadiopharmaceuticalCodeSequence = Sequence(
+        [code("35321007", "SCT", "Fluorodeoxyglucose F^18^")])
     rp.Radiopharmaceutical = "FDG"
     rp.RadionuclideTotalDose = "370000000"
     rp.RadionuclideHalfLife = "6586.2"

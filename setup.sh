@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Set up pacs-harness in ./.venv on Debian/Ubuntu.
+#
+#   ./setup.sh                  Python packages only: the embedded PACS is the default node
+#   ./setup.sh --with-servers   also Orthanc (+ DICOMweb plugin) and DCMTK from apt (root)
+#   ./setup.sh --dev            also the test and lint tools
+set -euo pipefail
+cd "$(dirname "$0")"
+
+with_servers=0
+dev=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-servers) with_servers=1 ;;
+    --dev) dev=1 ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option $arg (allowed: --with-servers, --dev)" >&2; exit 2 ;;
+  esac
+done
+
+apt_install() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup.sh: need root to apt-get install $* (run with sudo)" >&2
+    exit 3
+  fi
+  if [ -z "${PACS_HARNESS_APT_UPDATED:-}" ]; then
+    apt-get update -qq
+    export PACS_HARNESS_APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+python=${PYTHON:-python3}
+if ! command -v "$python" >/dev/null; then
+  apt_install python3 python3-venv python3-pip
+fi
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup.sh: $("$python" --version) is too old: pacs-harness needs Python 3.11+" >&2
+  exit 3
+fi
+if ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
+  apt_install python3-venv
+fi
+
+if [ "$with_servers" = 1 ]; then
+  missing=()
+  [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+  [ -x /usr/bin/dcmqrscp ] || missing+=(dcmtk)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+extras=""
+[ "$dev" = 1 ] && extras="[dev]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}" 2>&1 \
+  | grep -v -e "WARNING: Location" -e "Running pip as the 'root' user" || true
+.venv/bin/python -c "import harness, pynetdicom" || { echo "setup.sh: install failed" >&2; exit 3; }
+echo "pacs-harness ready: .venv/bin/pacs-harness --help"
