@@ -138,8 +138,8 @@ def test_external_node_is_reached_not_started(separately_started, tmp_path):
 
 
 def test_external_node_that_does_not_answer_is_an_environment_error():
-    from harness.errors import EnvironmentProblem
     from harness.cluster import free_port
+    from harness.errors import EnvironmentProblem
 
     topology = parse_topology(
         "name: ext\nnodes:\n"
@@ -147,3 +147,33 @@ def test_external_node_that_does_not_answer_is_an_environment_error():
     )
     with pytest.raises(EnvironmentProblem, match="node ghost .* not ready"):
         Cluster.launch(topology, ready_timeout_s=2)
+
+
+def test_dicomweb_stow_qido_wado_on_orthanc():
+    _require("orthanc")
+    topology = parse_topology("name: web\nnodes:\n  web: {kind: orthanc, ae_title: WEB}\n")
+    cluster = Cluster.launch(topology)
+    try:
+        web = cluster.node("web").dicomweb()
+        study = sample_study(seed=31, instances=2)
+        from io import BytesIO
+
+        from pydicom import dcmread
+
+        payloads = []
+        for ds in study:
+            buffer = BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            payloads.append(buffer.getvalue())
+        response = web.store(payloads)
+        assert "00081199" in response  # ReferencedSOPSequence: what was stored
+        found = web.search_studies(StudyInstanceUID=study[0].StudyInstanceUID)
+        assert [f["0020000D"]["Value"][0] for f in found] == [study[0].StudyInstanceUID]
+        instances = web.search_instances(study[0].StudyInstanceUID)
+        assert len(instances) == 2
+        parts = web.retrieve_study(study[0].StudyInstanceUID)
+        assert sorted(dcmread(BytesIO(p)).SOPInstanceUID for p in parts) == sorted(
+            ds.SOPInstanceUID for ds in study
+        )
+    finally:
+        cluster.stop()

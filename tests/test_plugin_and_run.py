@@ -122,3 +122,19 @@ def test_run_against_an_unreachable_node_is_an_environment_error(tmp_path):
     assert "environment error: node ghost (external)" in proc.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["verdict"] == "fail"
+
+
+def test_run_on_embedded_nodes_only(tmp_path):
+    """What a machine without Orthanc or DCMTK runs: both nodes embedded."""
+    topo = tmp_path / "zero-install.yaml"
+    topo.write_text(
+        "name: zero-install\nnodes:\n  legacy: {kind: embedded}\n  target: {kind: embedded}\n"
+    )
+    proc = run_cli("run", "--topology", str(topo), "--report-dir", str(tmp_path / "r"), "-q",
+                   timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["verdict"] == "pass"
+    assert {n["kind"] for n in report["topology"]["nodes"]} == {"embedded"}
+    moves = [t for s in report["scenarios"] for t in s["tests"] if "move_between" in t["nodeid"]]
+    assert len(moves) == 2 and all(t["outcome"] == "passed" for t in moves)
