@@ -2,19 +2,25 @@
 # Set up pacs-harness in ./.venv on Debian/Ubuntu.
 #
 #   ./setup.sh                  Python packages only: the embedded PACS is the default node
-#   ./setup.sh --with-servers   also Orthanc (+ DICOMweb plugin) and DCMTK from apt (root)
+#   ./setup.sh --with-servers   also Orthanc (+ DICOMweb, PostgreSQL plugins), DCMTK and
+#                               PostgreSQL from apt (root)
+#   ./setup.sh --with-docker    also Docker (docker.io) and debootstrap, to run nodes as
+#                               containers built without a registry (root)
 #   ./setup.sh --dev            also the test and lint tools
 set -euo pipefail
 cd "$(dirname "$0")"
 
 with_servers=0
+with_docker=0
 dev=0
 for arg in "$@"; do
   case "$arg" in
     --with-servers) with_servers=1 ;;
+    --with-docker) with_docker=1 ;;
     --dev) dev=1 ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown option $arg (allowed: --with-servers, --dev)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option $arg (allowed: --with-servers, --with-docker, --dev)" >&2
+       exit 2 ;;
   esac
 done
 
@@ -47,6 +53,18 @@ if [ "$with_servers" = 1 ]; then
   [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
   [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
   [ -x /usr/bin/dcmqrscp ] || missing+=(dcmtk)
+  [ -e /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so ] || missing+=(orthanc-postgresql)
+  ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+fi
+
+if [ "$with_docker" = 1 ]; then
+  missing=()
+  command -v dockerd >/dev/null || missing+=(docker.io)
+  command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing ${missing[*]}"
     apt_install "${missing[@]}"

@@ -147,6 +147,7 @@ def down(topology_path: str | None, all_runs: bool) -> None:
                     cluster.stop()
                 console.print(f"stopped {state_file.parent.name} ({len(cluster.nodes)} nodes)")
                 stopped += 1
+        stopped += _remove_leftover_containers()
         if not stopped:
             console.print("nothing was running")
         return
@@ -161,6 +162,25 @@ def down(topology_path: str | None, all_runs: bool) -> None:
             return
         cluster.stop()
     console.print(f"stopped topology {topology.name} ({len(cluster.nodes)} nodes)")
+
+
+def _remove_leftover_containers() -> int:
+    """Containers with the harness label that no saved state accounts for (crashed runs)."""
+    import shutil
+
+    from harness.launch.docker import harness_containers, remove_containers
+
+    if not shutil.which("docker") and not Path("/var/run/docker.sock").exists():
+        return 0
+    try:
+        containers = harness_containers()
+    except EnvironmentProblem:
+        return 0  # no engine: no containers to remove
+    if containers:
+        names = ", ".join(c.name for c in containers)
+        remove_containers(containers)
+        console.print(f"removed {len(containers)} leftover containers: {names}")
+    return len(containers)
 
 
 def _resolve_saved(state_file: Path):
@@ -403,6 +423,38 @@ def run(
     verdict = report["verdict"]
     console.print(f"verdict: [bold {'green' if verdict == 'pass' else 'red'}]{verdict}[/]")
     sys.exit(EXIT_PASS if code == 0 and verdict == "pass" else EXIT_FINDINGS)
+
+
+@cli.group()
+def images() -> None:
+    """Container images for `launch: docker` nodes, built without a registry."""
+
+
+@images.command("build")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--tag", default=None, help="image tag (default: pacs-harness/NAME:<recipe digest>)")
+@click.option("--force", is_flag=True, help="rebuild even when a cached image matches")
+def images_build(names: tuple[str, ...], tag: str | None, force: bool) -> None:
+    """Build orthanc, dcmqrscp or embedded images from Debian packages (debootstrap + apt).
+
+    The mirror is the one this machine's apt uses; a build whose recipe did not change is
+    reused. Prints the image name it made.
+    """
+    from harness.launch.images import RECIPES, build_image
+
+    for name in names:
+        if name not in RECIPES:
+            raise ConfigError(
+                f"images build {name!r}: unknown image (allowed: {', '.join(RECIPES)})"
+            )
+    if tag and len(names) > 1:
+        raise ConfigError("--tag names one image: build one image at a time with --tag")
+    for name in names:
+        with console.status(f"building {name}..."):
+            image, built = build_image(
+                name, tag, force=force, say=lambda msg: console.print(f"  {msg}")
+            )
+        out.print(image)
 
 
 def _register_optional_commands() -> None:

@@ -13,10 +13,12 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 from harness.config import NodeSpec, Topology
 from harness.dicom.dimse import HARNESS_AE_TITLE
 from harness.errors import ConfigError, EnvironmentProblem
+from harness.launch.docker import ContainerHandle
 from harness.launch.process import ProcessHandle
 from harness.nodes import Node, Peer, make_node
 
@@ -79,6 +82,23 @@ def state_lock(state_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def handle_state(handle: ProcessHandle | ContainerHandle | None) -> dict | None:
+    """How a process or container is written into state.json."""
+    if isinstance(handle, ProcessHandle):
+        return {"type": "process", "pid": handle.pid, "start_time": handle.start_time}
+    if isinstance(handle, ContainerHandle):
+        return {"type": "container", "id": handle.container_id}
+    return None
+
+
+def handle_from_state(saved: dict | None) -> ProcessHandle | ContainerHandle | None:
+    if not saved:
+        return None
+    if saved["type"] == "container":
+        return ContainerHandle(saved["id"])
+    return ProcessHandle(saved["pid"], saved["start_time"])
+
+
 class Cluster:
     """The nodes of one topology, launched by us or attached to from saved state."""
 
@@ -91,7 +111,10 @@ class Cluster:
         harness_port: int,
         owned: bool,
         state_dir: Path | None = None,
+        run_id: str = "",
     ) -> None:
+        safe_name = re.sub(r"[^A-Za-z0-9_.-]", "-", topology.name)[:40]
+        self.run_id = run_id or f"{safe_name}-{uuid.uuid4().hex[:8]}"
         self.topology = topology
         self.nodes = nodes
         self.root = root
@@ -168,9 +191,9 @@ class Cluster:
                     node.workdir.mkdir(parents=True, exist_ok=True)
                     node.prepare(peers)
                     say(f"starting {node.name} ({node.kind}) on {node.host}:{node.dicom_port}")
-                    node.start(detached=detached)
-            if detached:
-                cluster.save_state()
+                    node.start(detached=detached, run_id=cluster.run_id)
+                    if detached:
+                        cluster.save_state()  # so `down` finds what already started
             for node in nodes.values():
                 node.wait_ready(ready_timeout_s)
                 say(
@@ -191,6 +214,7 @@ class Cluster:
             "name": self.topology.name,
             "root": str(self.root),
             "harness_port": self.harness_port,
+            "run_id": self.run_id,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "nodes": {
                 name: {
@@ -199,9 +223,10 @@ class Cluster:
                     "host": node.host,
                     "dicom_port": node.dicom_port,
                     "http_port": node.http_port,
+                    "launch": node.spec.launch,
                     "workdir": str(node.workdir) if node.workdir else None,
-                    "pid": node.handle.pid if node.handle else None,
-                    "start_time": node.handle.start_time if node.handle else None,
+                    "handle": handle_state(node.handle),
+                    "sidecars": {k: handle_state(h) for k, h in node.sidecars.items()},
                 }
                 for name, node in self.nodes.items()
             },
@@ -224,6 +249,7 @@ class Cluster:
             spec = replace(
                 base,
                 kind=saved["kind"],
+                launch=saved.get("launch", "process"),
                 ae_title=saved["ae_title"],
                 host=saved["host"],
                 dicom_port=saved["dicom_port"],

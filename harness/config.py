@@ -28,12 +28,19 @@ import yaml
 
 from harness.errors import ConfigError
 
-LAUNCHED_KINDS = ("orthanc", "dcmqrscp", "embedded")
+LAUNCHED_KINDS = ("orthanc", "dcmqrscp", "embedded", "dcm4chee")
 KINDS = (*LAUNCHED_KINDS, "external")
+LAUNCHES = ("process", "docker")
+#: kinds that run as a local process; dcm4chee exists only as containers
+PROCESS_KINDS = ("orthanc", "dcmqrscp", "embedded")
+INDEXES = ("sqlite", "postgresql")
 
 TOP_LEVEL_FIELDS = ("name", "nodes", "settings")
 NODE_FIELDS = {
-    "kind": "orthanc, dcmqrscp, embedded or external",
+    "kind": "orthanc, dcmqrscp, embedded, dcm4chee or external",
+    "launch": "process or docker (dcm4chee: docker only)",
+    "image": "the container image for launch: docker",
+    "index": "sqlite or postgresql (orthanc only)",
     "ae_title": "1-16 characters: letters, digits, space, _ - .",
     "host": "a host name or IP address (launched nodes: 127.0.0.0/8 only)",
     "dicom_port": "an integer 1-65535",
@@ -82,6 +89,9 @@ class NodeSpec:
     dicomweb_root: str | None = None
     orthanc_rest: bool = False
     description: str = ""
+    launch: str = "process"
+    image: str | None = None
+    index: str = "sqlite"
     line: int = 0
 
     @property
@@ -247,6 +257,28 @@ def _node(check: _Checker, name: Any, raw: Any) -> NodeSpec:
             "(allowed: 127.0.0.0/8 or localhost)",
         )
 
+    launch = raw.get("launch", "docker" if kind == "dcm4chee" else "process")
+    if launch not in LAUNCHES:
+        raise check.fail(
+            (*path, "launch"), f"unknown launch {launch!r} (allowed: {', '.join(LAUNCHES)})"
+        )
+    if kind == "external" and "launch" in raw:
+        raise check.fail((*path, "launch"), "an external node is not launched by the harness")
+    if launch == "process" and kind not in PROCESS_KINDS and kind != "external":
+        raise check.fail((*path, "launch"), f"{kind} runs only with launch: docker")
+    image = raw.get("image")
+    if image is not None and (launch != "docker" or not isinstance(image, str) or not image):
+        raise check.fail(
+            (*path, "image"), "only for launch: docker, as a non-empty image name"
+        )
+    index = raw.get("index", "sqlite")
+    if index not in INDEXES:
+        raise check.fail(
+            (*path, "index"), f"unknown index {index!r} (allowed: {', '.join(INDEXES)})"
+        )
+    if index != "sqlite" and kind != "orthanc":
+        raise check.fail((*path, "index"), "index: postgresql is for orthanc nodes only")
+
     disposable = raw.get("disposable", kind != "external")
     if not isinstance(disposable, bool):
         raise check.fail(
@@ -284,6 +316,9 @@ def _node(check: _Checker, name: Any, raw: Any) -> NodeSpec:
         dicomweb_root=raw.get("dicomweb_root") or ("/dicom-web" if kind == "orthanc" else None),
         orthanc_rest=bool(raw.get("orthanc_rest", kind == "orthanc")),
         description=str(raw.get("description", "")),
+        launch=launch,
+        image=image,
+        index=index,
         line=check.line(path),
     )
 

@@ -35,7 +35,7 @@ def test_minimal_topology_from_the_issue():
         (
             "name: x\nnodes:\n  a: {kind: orthank}\n",
             "t.yaml:3: nodes.a.kind: unknown kind 'orthank' (allowed: orthanc, dcmqrscp, "
-            "embedded, external)",
+            "embedded, dcm4chee, external)",
         ),
         (
             "name: x\nnodes:\n  a: {kind: orthanc, ae_title: SAME}\n"
@@ -59,7 +59,7 @@ def test_minimal_topology_from_the_issue():
         ("name: x\nnodes: [a, b]\n", "t.yaml:2: nodes: missing or empty"),
         (
             "name: x\nnodes:\n  a: {kind: orthanc, colour: red}\n",
-            "t.yaml:3: nodes.a.colour: unknown field (allowed: kind, ae_title",
+            "t.yaml:3: nodes.a.colour: unknown field (allowed: kind, launch, image, index, ae_title",
         ),
         (
             "name: x\nnodes:\n  a: {kind: orthanc, dicom_port: 70000}\n",
@@ -85,6 +85,26 @@ def test_minimal_topology_from_the_issue():
         ("name: x\nnodes:\n  a: {ae_title: A}\n", "t.yaml:3: nodes.a.kind: missing"),
         ("name: x\nnodez: {}\n", "t.yaml:2: nodez: unknown field (allowed: name, nodes, settings)"),
         ("", "t.yaml:1: (top level): a topology must be a mapping"),
+        (
+            "name: x\nnodes:\n  a: {kind: orthanc, launch: kubernetes}\n",
+            "t.yaml:3: nodes.a.launch: unknown launch 'kubernetes' (allowed: process, docker)",
+        ),
+        (
+            "name: x\nnodes:\n  a: {kind: dcm4chee, launch: process}\n",
+            "t.yaml:3: nodes.a.launch: dcm4chee runs only with launch: docker",
+        ),
+        (
+            "name: x\nnodes:\n  a: {kind: orthanc, image: 'orthancteam/orthanc'}\n",
+            "t.yaml:3: nodes.a.image: only for launch: docker",
+        ),
+        (
+            "name: x\nnodes:\n  a: {kind: dcmqrscp, index: postgresql}\n",
+            "t.yaml:3: nodes.a.index: index: postgresql is for orthanc nodes only",
+        ),
+        (
+            "name: x\nnodes:\n  a: {kind: orthanc, index: oracle}\n",
+            "t.yaml:3: nodes.a.index: unknown index 'oracle' (allowed: sqlite, postgresql)",
+        ),
     ],
 )
 def test_bad_topologies_name_file_line_and_field(text, expected):
@@ -130,5 +150,5 @@ def test_cli_exits_2_with_one_line_on_bad_topology(tmp_path: Path, command: str)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"error: {bad}:3: nodes.a.kind: unknown kind 'pacs9000' (allowed: "
-                     "orthanc, dcmqrscp, embedded, external)"]
+                     "orthanc, dcmqrscp, embedded, dcm4chee, external)"]
     assert "Traceback" not in proc.stderr

@@ -138,3 +138,45 @@ def test_run_on_embedded_nodes_only(tmp_path):
     assert {n["kind"] for n in report["topology"]["nodes"]} == {"embedded"}
     moves = [t for s in report["scenarios"] for t in s["tests"] if "move_between" in t["nodeid"]]
     assert len(moves) == 2 and all(t["outcome"] == "passed" for t in moves)
+
+
+KEEP_TEST = """
+def test_uses_node(pacs_node):
+    assert pacs_node("box").alive()
+"""
+
+
+def test_pacs_keep_leaves_nodes_for_status_and_down(pytester, tmp_path):
+    topo = tmp_path / "keep.yaml"
+    topo.write_text("name: keep\nnodes:\n  box: {kind: embedded, ae_title: KEEPBOX}\n")
+    pytester.makepyfile(test_keep=KEEP_TEST)
+    pytester.makeini(f"[pytest]\npacs_topology = {topo}\n")  # the ini setting works too
+    result = pytester.runpytest_subprocess("--pacs-keep", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    try:
+        (row,) = json.loads(run_cli("status", "--json", "--topology", str(topo)).stdout)
+        assert row["alive"], "--pacs-keep must leave the node running"
+    finally:
+        assert run_cli("down", "--topology", str(topo)).returncode == 0
+    (row,) = json.loads(run_cli("status", "--json", "--topology", str(topo)).stdout)
+    assert not row["alive"]
+
+
+def test_run_attaches_to_nodes_that_up_started(tmp_path):
+    topo = tmp_path / "attached.yaml"
+    topo.write_text(
+        "name: attached\nnodes:\n  legacy: {kind: embedded}\n  target: {kind: embedded}\n"
+    )
+    assert run_cli("up", "--topology", str(topo)).returncode == 0
+    try:
+        before = json.loads(run_cli("status", "--json", "--topology", str(topo)).stdout)
+        proc = run_cli("run", "--topology", str(topo), "--report-dir", str(tmp_path / "r"),
+                       "-q", timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        report = json.loads((tmp_path / "r" / "report.json").read_text())
+        ports = {n["name"]: n["dicom_port"] for n in report["topology"]["nodes"]}
+        assert ports == {r["name"]: r["dicom_port"] for r in before}
+        after = json.loads(run_cli("status", "--json", "--topology", str(topo)).stdout)
+        assert all(r["alive"] for r in after), "run must not stop nodes that up started"
+    finally:
+        assert run_cli("down", "--topology", str(topo)).returncode == 0

@@ -96,6 +96,7 @@ def spawn(
     cwd: Path,
     env: dict[str, str] | None = None,
     detached: bool = False,
+    user: str | None = None,
 ) -> tuple[subprocess.Popen, ProcessHandle]:
     """Start `argv` with stdout and stderr appended to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,7 @@ def spawn(
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                user=user,
                 preexec_fn=None if detached else _die_with_parent,
             )
         except FileNotFoundError:

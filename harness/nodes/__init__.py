@@ -11,6 +11,7 @@ __all__ = ["Node", "NodeStatistics", "Peer", "make_node", "node_class"]
 
 
 def node_class(kind: str) -> type[Node]:
+    from harness.nodes.dcm4chee import Dcm4cheeNode
     from harness.nodes.dcmqrscp import DcmqrscpNode
     from harness.nodes.embedded import EmbeddedNode
     from harness.nodes.external import ExternalNode
@@ -20,6 +21,7 @@ def node_class(kind: str) -> type[Node]:
         "orthanc": OrthancNode,
         "dcmqrscp": DcmqrscpNode,
         "embedded": EmbeddedNode,
+        "dcm4chee": Dcm4cheeNode,
         "external": ExternalNode,
     }[kind]
 

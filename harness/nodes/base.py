@@ -17,6 +17,7 @@ from harness.dicom.dicomweb import DicomwebClient
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient, DimseConnectionError
 from harness.dicom.orthanc_rest import OrthancRest
 from harness.errors import EnvironmentProblem, NotDisposableError
+from harness.launch.docker import ContainerHandle
 from harness.launch.process import ProcessHandle, log_tail, spawn
 
 
@@ -57,7 +58,8 @@ class Node:
         self.http_port: int | None = spec.http_port
         self.workdir = workdir
         self.peers: list[Peer] = []
-        self.handle: ProcessHandle | None = None
+        self.handle: ProcessHandle | ContainerHandle | None = None
+        self.sidecars: dict[str, ProcessHandle] = {}  # e.g. PostgreSQL under an Orthanc
         self._popen = None
 
     def __repr__(self) -> str:
@@ -119,17 +121,73 @@ class Node:
         """Write configuration into the work directory (launched kinds)."""
         self.peers = [p for p in peers if p.ae_title != self.ae_title]
 
-    def command(self) -> list[str]:
+    def program(self) -> list[str]:
+        """How to invoke the server on this machine (checked to be installed)."""
         raise NotImplementedError
 
-    def start(self, *, detached: bool = False) -> None:
-        """Launch the node's process; `wait_ready` then tells when it answers."""
+    def arguments(self) -> list[str]:
+        """The server's arguments, the same for a process and a container."""
+        return []
+
+    def command(self) -> list[str]:
+        """argv of the server as a local process."""
+        return [*self.program(), *self.arguments()]
+
+    # -- containers (launch: docker) -------------------------------------------------------
+    #: how to invoke the server inside the harness's own image
+    image_program: tuple[str, ...] = ()
+
+    def image(self) -> str:
+        """The image to run: the topology's `image:`, else the harness's locally built one."""
+        from harness.launch.images import default_tag
+
+        return self.spec.image or default_tag(self.kind)
+
+    @property
+    def local_image(self) -> bool:
+        return self.image().startswith("pacs-harness/")
+
+    def container_command(self) -> list[str] | None:
+        """argv inside the container (None: the image's own entrypoint)."""
+        if not self.local_image:
+            return None
+        return [*self.image_program, *self.arguments()]
+
+    def container_mounts(self) -> dict[Path, str]:
+        """The work directory appears at the same path inside, so generated configs hold."""
+        return {self.workdir: str(self.workdir)}
+
+    def container_environment(self) -> dict[str, str]:
+        return {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start_sidecars(self, *, detached: bool) -> None:
+        """Start servers the node needs first (PostgreSQL for an Orthanc index) into
+        `self.sidecars`."""
+
+    def start(self, *, detached: bool = False, run_id: str = "harness") -> None:
+        """Launch the node (process or container); `wait_ready` then tells when it answers."""
         if not self.has_process:
             return
         assert self.workdir is not None
-        self._popen, self.handle = spawn(
-            self.command(), log_path=self.log_path, cwd=self.workdir, detached=detached
-        )
+        self.start_sidecars(detached=detached)
+        if self.spec.launch == "docker":
+            from harness.launch.docker import run_container
+
+            self.handle = run_container(
+                image=self.image(),
+                command=self.container_command(),
+                name=f"pacs-harness-{run_id}-{self.name}",
+                run_id=run_id,
+                node_name=self.name,
+                mounts=self.container_mounts(),
+                environment=self.container_environment(),
+                detached=detached,
+            )
+        else:
+            self._popen, self.handle = spawn(
+                self.command(), log_path=self.log_path, cwd=self.workdir, detached=detached
+            )
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Poll C-ECHO (and HTTP where the node has it) until it answers or time is up."""
@@ -166,6 +224,12 @@ class Node:
             return False
 
     def stop(self) -> None:
+        """Stop the server (keeping a container's log in node.log), then its sidecars."""
+        if self.handle is not None and hasattr(self.handle, "logs") and self.log_path:
+            try:
+                self.log_path.write_text(self.handle.logs(tail=2000))
+            except OSError:
+                pass
         if self.handle is not None:
             self.handle.stop()
         if self._popen is not None:
@@ -173,8 +237,15 @@ class Node:
                 self._popen.wait(timeout=5)
             except Exception:  # noqa: BLE001 - already SIGKILLed above; nothing more to do
                 pass
+        for sidecar in self.sidecars.values():
+            sidecar.stop()
 
     def log_tail(self, lines: int = 30) -> str:
+        if self.handle is not None and hasattr(self.handle, "logs"):
+            try:
+                return "\n".join(self.handle.logs(tail=lines).splitlines()[-lines:])
+            except Exception:  # noqa: BLE001 - container gone: fall back to the saved log
+                pass
         return log_tail(self.log_path, lines) if self.log_path else ""
 
     def version(self) -> str:

@@ -63,9 +63,13 @@ AETable END
 """
         (self.workdir / "dcmqrscp.cfg").write_text(config)
 
-    def command(self) -> list[str]:
+    image_program = ("/usr/bin/dcmqrscp",)
+
+    def program(self) -> list[str]:
+        return [require_binary("dcmqrscp")]
+
+    def arguments(self) -> list[str]:
         return [
-            require_binary("dcmqrscp"),
             "--config",
             str(self.workdir / "dcmqrscp.cfg"),
             "--log-level",

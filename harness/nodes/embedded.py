@@ -25,11 +25,13 @@ class EmbeddedNode(Node):
         table = {p.ae_title: {"host": p.host, "port": p.port} for p in self.peers}
         (self.workdir / "peers.json").write_text(json.dumps(table, indent=2))
 
-    def command(self) -> list[str]:
+    image_program = ("python3", "/opt/pacs-harness/embedded_server.py")
+
+    def program(self) -> list[str]:
+        return [sys.executable, "-m", "harness.nodes.embedded_server"]
+
+    def arguments(self) -> list[str]:
         return [
-            sys.executable,
-            "-m",
-            "harness.nodes.embedded_server",
             "--ae-title",
             self.ae_title,
             "--port",
@@ -41,6 +43,9 @@ class EmbeddedNode(Node):
             "--peers",
             str(self.workdir / "peers.json"),
         ]
+
+    def container_environment(self) -> dict[str, str]:
+        return {"PYTHONPATH": "/opt/pacs-harness"}
 
     def version(self) -> str:
         return f"embedded PACS (pynetdicom {pynetdicom.__version__}, pydicom {pydicom.__version__})"

@@ -13,19 +13,18 @@ import os
 import requests
 
 from harness.errors import EnvironmentProblem
+from harness.launch.postgres import PostgresServer
 from harness.nodes.base import Node, NodeStatistics, Peer
 from harness.tools import require_binary
 
-DICOMWEB_PLUGIN_PATHS = (
-    "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
-    "/usr/lib/orthanc/libOrthancDicomWeb.so",
-)
+DEBIAN_PLUGIN_DIR = "/usr/share/orthanc/plugins"
+DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
+POSTGRESQL_INDEX_PLUGIN = "libOrthancPostgreSQLIndex.so"
 
 
-def orthanc_configuration(node: Node, peers: list[Peer]) -> dict:
-    """The JSON configuration Orthanc reads (also mounted into containers later)."""
+def orthanc_configuration(node: Node, peers: list[Peer], plugins: list[str]) -> dict:
+    """The JSON configuration Orthanc reads, as a process or in a container."""
     assert node.workdir is not None
-    plugins = [p for p in DICOMWEB_PLUGIN_PATHS if os.path.exists(p)][:1]
     return {
         "Name": node.name,
         "StorageDirectory": str(node.workdir / "storage"),
@@ -66,19 +65,72 @@ def orthanc_configuration(node: Node, peers: list[Peer]) -> dict:
 
 
 class OrthancNode(Node):
+    """Orthanc as a process or container; `index: postgresql` adds a PostgreSQL sidecar."""
+
     kind = "orthanc"
     has_process = True
+    image_program = ("/usr/sbin/Orthanc",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.postgres_port: int | None = None
 
     def prepare(self, peers: list[Peer]) -> None:
         super().prepare(peers)
         assert self.workdir is not None
         for sub in ("storage", "index"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
-        config = orthanc_configuration(self, self.peers)
+        plugins = [DICOMWEB_PLUGIN]
+        if self.spec.index == "postgresql":
+            from harness.cluster import free_port
+
+            self.postgres_port = free_port()
+            plugins.append(POSTGRESQL_INDEX_PLUGIN)
+        if self.spec.launch == "docker":
+            plugin_paths = [f"{DEBIAN_PLUGIN_DIR}/{p}" for p in plugins] if self.local_image else []
+        else:
+            plugin_paths = [f"{DEBIAN_PLUGIN_DIR}/{p}" for p in plugins]
+            missing = [p for p in plugin_paths if not os.path.exists(p)]
+            if missing:
+                raise EnvironmentProblem(
+                    f"node {self.name}: Orthanc plugin {missing[0]} not installed "
+                    "(install: apt-get install orthanc-dicomweb orthanc-postgresql)"
+                )
+        config = orthanc_configuration(self, self.peers, plugin_paths)
+        if self.postgres_port:
+            config["PostgreSQL"] = {
+                **PostgresServer(self.workdir / "pg", self.postgres_port).dsn(),
+                "EnableIndex": True,
+                "EnableStorage": False,
+                "Lock": False,
+            }
         (self.workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
 
-    def command(self) -> list[str]:
-        return [require_binary("Orthanc"), str(self.workdir / "orthanc.json")]
+    def program(self) -> list[str]:
+        return [require_binary("Orthanc")]
+
+    def arguments(self) -> list[str]:
+        return [str(self.workdir / "orthanc.json")]
+
+    def container_mounts(self) -> dict:
+        mounts = super().container_mounts()
+        if not self.local_image:  # the official image reads /etc/orthanc/*.json
+            mounts[self.workdir / "orthanc.json"] = "/etc/orthanc/orthanc.json"
+        return mounts
+
+    def container_environment(self) -> dict[str, str]:
+        if self.local_image:
+            return {}
+        env = {"DICOM_WEB_PLUGIN_ENABLED": "true"}
+        if self.postgres_port:
+            env["POSTGRESQL_PLUGIN_ENABLED"] = "true"
+        return env
+
+    def start_sidecars(self, *, detached: bool) -> None:
+        if self.postgres_port:
+            postgres = PostgresServer(self.workdir / "pg", self.postgres_port)
+            postgres.start(detached=detached)
+            self.sidecars["postgres"] = postgres.handle
 
     def ready(self) -> bool:
         try:

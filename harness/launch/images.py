@@ -1,0 +1,167 @@
+"""Build the harness's container images from Debian packages, with no image registry.
+
+Air-gapped imaging networks have a Debian mirror but no Docker Hub. An image is built by
+debootstrapping a minimal Debian, installing the server's packages with the chroot's apt
+(from the same mirror this machine's apt uses), and `docker import`ing the tree. A build is
+cached: its tag carries a digest of the recipe, so nothing is rebuilt unless it changed.
+
+The embedded PACS image carries Debian's python3 plus the pure-Python pydicom and pynetdicom
+copied from this installation, so it needs no package index either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import ConfigError, EnvironmentProblem
+from harness.launch.docker import docker_client, image_present
+
+BUILDER_VERSION = "1"
+SUITE = "bookworm"
+REPOSITORY = "pacs-harness"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    packages: tuple[str, ...]
+    python_packages: tuple[str, ...] = ()  # copied from this installation into /opt/pacs-harness
+
+
+RECIPES = {
+    "orthanc": Recipe("orthanc", ("orthanc", "orthanc-dicomweb", "orthanc-postgresql")),
+    "dcmqrscp": Recipe("dcmqrscp", ("dcmtk",)),
+    "embedded": Recipe("embedded", ("python3",), ("pydicom", "pynetdicom")),
+}
+
+
+def _python_package_dir(name: str) -> Path:
+    module = __import__(name)
+    return Path(module.__file__).parent
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    """What decides the image content: builder, suite, packages, copied Python code."""
+    digest = hashlib.sha256()
+    digest.update(f"{BUILDER_VERSION}|{SUITE}|{','.join(recipe.packages)}".encode())
+    for name in recipe.python_packages:
+        module = __import__(name)
+        digest.update(f"{name}=={getattr(module, '__version__', '?')}".encode())
+    if recipe.name == "embedded":
+        digest.update((Path(__file__).parents[1] / "nodes" / "embedded_server.py").read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def default_tag(name: str) -> str:
+    return f"{REPOSITORY}/{name}:{recipe_digest(RECIPES[name])}"
+
+
+def debian_mirror() -> str:
+    """The Debian mirror this machine's apt uses (deb822 or one-line sources)."""
+    candidates = [Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")]
+    candidates += sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
+    candidates += sorted(Path("/etc/apt/sources.list.d").glob("*.list"))
+    for path in candidates:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        match = re.search(r"^URIs:\s*(\S+/debian)\s*$", text, re.M) or re.search(
+            r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+/debian)\s+\S+", text, re.M
+        )
+        if match:
+            return match.group(1)
+    raise EnvironmentProblem("no Debian mirror found in /etc/apt/sources.list(.d)")
+
+
+def _run(argv: list[str], log: Path, what: str) -> None:
+    with open(log, "ab") as out:
+        code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT)
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise EnvironmentProblem(f"image build: {what} failed (exit {code}); log {log}:\n{tail}")
+
+
+def build_image(
+    name: str,
+    tag: str | None = None,
+    *,
+    force: bool = False,
+    say: Callable[[str], None] = lambda _msg: None,
+) -> tuple[str, bool]:
+    """Build (or reuse) the image for `name`; returns (image tag, built now?)."""
+    if name not in RECIPES:
+        raise ConfigError(f"images build {name!r}: unknown image (allowed: {', '.join(RECIPES)})")
+    recipe = RECIPES[name]
+    tag = tag or default_tag(name)
+    client = docker_client()
+    if not force and image_present(client, tag):
+        say(f"{tag} is up to date (cached)")
+        return tag, False
+    if os.geteuid() != 0:
+        raise EnvironmentProblem("building an image needs root (debootstrap and chroot)")
+    debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
+    if not os.path.exists(debootstrap):
+        raise EnvironmentProblem("debootstrap not found (install: apt-get install debootstrap)")
+    mirror = debian_mirror()
+    with tempfile.TemporaryDirectory(prefix=f"pacs-harness-image-{name}-") as tmp:
+        root = Path(tmp) / "root"
+        log = Path(tmp) / "build.log"
+        say(f"debootstrap {SUITE} (minbase)")
+        _run([debootstrap, "--variant=minbase", SUITE, str(root), mirror], log, "debootstrap")
+        policy = root / "usr/sbin/policy-rc.d"
+        policy.write_text("#!/bin/sh\nexit 101\n")  # no service starts inside the chroot
+        policy.chmod(0o755)
+        say(f"apt-get install {' '.join(recipe.packages)}")
+        env_prefix = ["env", "DEBIAN_FRONTEND=noninteractive"]
+        _run(["chroot", str(root), *env_prefix, "apt-get", "update", "-qq"], log, "apt-get update")
+        _run(
+            [
+                "chroot",
+                str(root),
+                *env_prefix,
+                "apt-get",
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                *recipe.packages,
+            ],
+            log,
+            "apt-get install",
+        )
+        _run(["chroot", str(root), "apt-get", "clean"], log, "apt-get clean")
+        shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
+        if recipe.python_packages:
+            target = root / "opt/pacs-harness"
+            for package in recipe.python_packages:
+                shutil.copytree(
+                    _python_package_dir(package),
+                    target / package,
+                    ignore=shutil.ignore_patterns("__pycache__", "tests"),
+                )
+            server = Path(__file__).parents[1] / "nodes" / "embedded_server.py"
+            shutil.copyfile(server, target / "embedded_server.py")
+        say(f"docker import {tag}")
+        archive = Path(tmp) / "root.tar"
+        with tarfile.open(archive, "w") as tar:
+            tar.add(root, arcname=".")
+        shutil.rmtree(root, ignore_errors=True)
+        # the docker CLI streams large archives reliably (the SDK's chunked upload fails on
+        # Debian's engine 20.10 with "invalid byte in chunk length")
+        docker_cli = shutil.which("docker")
+        if not docker_cli:
+            raise EnvironmentProblem("image build: the docker command is missing (docker.io)")
+        _run([docker_cli, "import", str(archive), tag], log, "docker import")
+    if not image_present(client, tag):
+        raise EnvironmentProblem(f"image build: docker import did not produce {tag}")
+    return tag, True

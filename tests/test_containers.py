@@ -1,0 +1,230 @@
+"""Container nodes for real: images built from Debian packages, Orthanc on PostgreSQL, a
+topology mixing containers and processes, and nothing left behind afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.cluster import Cluster
+from harness.config import parse_topology
+from harness.errors import EnvironmentProblem
+from harness.launch.docker import harness_containers
+from harness.tools import find_binary
+from scenarios.helpers import sample_study
+from tests.helpers import processes_mentioning, run_cli, status_json
+
+
+@pytest.fixture(scope="module")
+def docker_engine():
+    from harness.launch.docker import docker_client
+
+    try:
+        return docker_client()
+    except EnvironmentProblem as exc:
+        pytest.skip(f"no Docker engine: {exc}")
+
+
+@pytest.fixture(scope="module")
+def images(docker_engine):
+    """The harness's images, built once from Debian packages (cached across runs)."""
+    from harness.launch.images import build_image
+
+    return {name: build_image(name)[0] for name in ("orthanc", "dcmqrscp", "embedded")}
+
+
+def _containers_of(cluster: Cluster) -> list:
+    return harness_containers(cluster.run_id)
+
+
+def test_image_build_is_cached(images):
+    proc = run_cli("images", "build", "dcmqrscp")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == images["dcmqrscp"]
+    assert "up to date (cached)" in proc.stderr
+
+
+def test_unknown_image_is_a_usage_error():
+    proc = run_cli("images", "build", "pacs9000")
+    assert proc.returncode == 2
+    assert "unknown image (allowed: orthanc, dcmqrscp, embedded)" in proc.stderr
+
+
+MIXED = """\
+name: mixed
+nodes:
+  central: {kind: orthanc, launch: docker, index: postgresql, ae_title: CENTRAL}
+  legacy: {kind: dcmqrscp, launch: docker, ae_title: LEGACY}
+  pocket: {kind: embedded, ae_title: POCKET}
+  boxed: {kind: embedded, launch: docker, ae_title: BOXED}
+"""
+
+
+def test_mixed_topology_stores_finds_and_moves(images, docker_engine):
+    cluster = Cluster.launch(parse_topology(MIXED))
+    try:
+        containers = _containers_of(cluster)
+        assert sorted(c.labels["pacs-harness.node"] for c in containers) == [
+            "boxed", "central", "legacy"]
+        for container in containers:
+            assert container.attrs["HostConfig"]["NetworkMode"] == "host"
+        assert "postgres" in cluster.node("central").sidecars
+        config = json.loads((cluster.node("central").workdir / "orthanc.json").read_text())
+        assert config["PostgreSQL"]["EnableIndex"] is True
+
+        study = sample_study(seed=41, instances=3)
+        assert cluster.node("legacy").dimse().store(study).ok
+        # container -> container, container -> process, process -> container
+        for source, destination in [("legacy", "central"), ("central", "pocket"),
+                                    ("pocket", "boxed")]:
+            moved = cluster.node(source).dimse().move(
+                cluster.node(destination).ae_title, "STUDY",
+                {"StudyInstanceUID": study[0].StudyInstanceUID},
+            )
+            assert moved.ok and moved.completed == 3, (source, destination, moved.status)
+            got = cluster.node(destination).dimse().get(
+                "STUDY", {"StudyInstanceUID": study[0].StudyInstanceUID})
+            assert sorted(i.sop_instance_uid for i in got.instances) == sorted(
+                ds.SOPInstanceUID for ds in study)
+        assert cluster.node("central").statistics().instances == 3
+        # the index really is in PostgreSQL: Orthanc's SQLite index stays empty
+        assert not (cluster.node("central").workdir / "index" / "index").exists()
+    finally:
+        root = cluster.root
+        cluster.stop()
+    assert _containers_of(cluster) == []
+    assert not root.exists()
+    assert processes_mentioning(str(root)) == []
+
+
+def test_orthanc_process_on_postgresql():
+    if not (find_binary("Orthanc") and Path("/usr/share/orthanc/plugins/"
+                                            "libOrthancPostgreSQLIndex.so").exists()):
+        pytest.skip("orthanc-postgresql not installed")
+    cluster = Cluster.launch(parse_topology(
+        "name: pg\nnodes:\n  pg: {kind: orthanc, index: postgresql}\n"))
+    try:
+        node = cluster.node("pg")
+        postgres = node.sidecars["postgres"]
+        assert postgres.alive()
+        assert node.dimse().store(sample_study(seed=42, instances=2)).ok
+        assert node.statistics().instances == 2
+        node.wipe()
+        assert node.statistics().instances == 0
+    finally:
+        cluster.stop()
+    assert not postgres.alive()
+
+
+HOLD = '''
+import json, os, time
+def test_hold(pacs_cluster):
+    with open(os.environ["HOLD_INFO"] + ".tmp", "w") as f:
+        json.dump({"run_id": pacs_cluster.run_id, "root": str(pacs_cluster.root)}, f)
+    os.replace(os.environ["HOLD_INFO"] + ".tmp", os.environ["HOLD_INFO"])
+    time.sleep(120)
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_container_session_leaves_nothing(images, tmp_path, sig):
+    topo = tmp_path / "mixed.yaml"
+    topo.write_text(MIXED)
+    (tmp_path / "test_hold.py").write_text(textwrap.dedent(HOLD))
+    info = tmp_path / "hold.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", str(tmp_path / "test_hold.py"), "-q",
+         "-p", "no:cacheprovider", "--pacs-topology", str(topo), "--rootdir", str(tmp_path)],
+        env={**os.environ, "HOLD_INFO": str(info)}, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not info.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "nodes did not come up"
+            time.sleep(0.3)
+        held = json.loads(info.read_text())
+        assert len(harness_containers(held["run_id"])) == 3
+        proc.send_signal(sig)
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if sig == signal.SIGKILL:
+        # a killed harness cannot clean up: the next run's sweep (or down --all) does
+        assert run_cli("down", "--all").returncode == 0
+    assert harness_containers(held["run_id"]) == []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and processes_mentioning(held["root"]):
+        time.sleep(0.3)
+    assert processes_mentioning(held["root"]) == []
+
+
+def test_up_and_down_with_containers(images, tmp_path):
+    topo = tmp_path / "mixed.yaml"
+    topo.write_text(MIXED)
+    proc = run_cli("up", "--topology", str(topo), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        rows = status_json("--topology", str(topo))
+        assert all(r["alive"] for r in rows), rows
+    finally:
+        assert run_cli("down", "--topology", str(topo)).returncode == 0
+    assert harness_containers() == []
+    assert not any(r["alive"] for r in status_json("--topology", str(topo)))
+
+
+def test_no_docker_engine_is_exit_3_with_how_to_start_it(tmp_path):
+    topo = tmp_path / "d.yaml"
+    topo.write_text("name: d\nnodes:\n  a: {kind: embedded, launch: docker}\n")
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-such.sock"}
+    proc = run_cli("up", "--topology", str(topo), env=env)
+    assert proc.returncode == 3
+    assert "Docker engine not reachable" in proc.stderr
+    assert "dockerd --bridge=none" in proc.stderr
+
+
+def test_dcm4chee_absent_images_are_reported_honestly(docker_engine, tmp_path):
+    from harness.launch.docker import image_present
+    from harness.nodes.dcm4chee import ARCHIVE_IMAGE, DB_IMAGE, LDAP_IMAGE
+
+    present = all(image_present(docker_engine, i) for i in (LDAP_IMAGE, DB_IMAGE, ARCHIVE_IMAGE))
+    topo = tmp_path / "dcm.yaml"
+    topo.write_text("name: dcm\nnodes:\n  arc: {kind: dcm4chee, ae_title: DCM4CHEE}\n")
+    if present:
+        pytest.skip("dcm4chee images present: test_dcm4chee_node exercises them")
+    proc = run_cli("up", "--topology", str(topo))
+    assert proc.returncode == 3
+    assert "dcm4chee images not present" in proc.stderr
+    assert harness_containers() == []
+
+
+def test_dcm4chee_node(docker_engine):
+    from harness.launch.docker import image_present
+    from harness.nodes.dcm4chee import ARCHIVE_IMAGE, DB_IMAGE, LDAP_IMAGE
+
+    missing = [i for i in (LDAP_IMAGE, DB_IMAGE, ARCHIVE_IMAGE)
+               if not image_present(docker_engine, i)]
+    if missing:
+        pytest.skip(f"dcm4chee images not present here (no registry): {', '.join(missing)}")
+    cluster = Cluster.launch(parse_topology(
+        "name: dcm\nnodes:\n  arc: {kind: dcm4chee, ae_title: DCM4CHEE}\n"))
+    try:
+        node = cluster.node("arc")
+        study = sample_study(seed=43, instances=2)
+        assert node.dimse().store(study).ok
+        found = node.dimse().find("STUDY", {"StudyInstanceUID": study[0].StudyInstanceUID})
+        assert len(found.matches) == 1
+    finally:
+        cluster.stop()
+    assert harness_containers(cluster.run_id) == []
