@@ -118,7 +118,6 @@ def up(topology_path: str | None, as_json: bool, timeout_s: float) -> None:
                 cluster = Cluster.launch(
                     topology,
                     detached=True,
-                    root=state_dir / "nodes",
                     state_dir=state_dir,
                     ready_timeout_s=timeout_s,
                     on_event=lambda msg: console.print(f"  {msg}"),
@@ -457,15 +456,15 @@ def images_build(names: tuple[str, ...], tag: str | None, force: bool) -> None:
         out.print(image)
 
 
-def _register_optional_commands() -> None:
-    try:
-        from synthetic_data.cli import generate_command
-    except ImportError:
-        return
+def _register_commands_of_other_modules() -> None:
+    from harness.migrate_cli import migrate_command
+    from synthetic_data.cli import generate_command
+
     cli.add_command(generate_command)
+    cli.add_command(migrate_command)
 
 
-_register_optional_commands()
+_register_commands_of_other_modules()
 
 
 def main(argv: list[str] | None = None) -> None:

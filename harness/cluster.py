@@ -169,7 +169,10 @@ class Cluster:
                     or (free_port(spec.host, taken) if spec.kind == "orthanc" else None),
                 )
             specs[name] = spec
-        root = root or Path(tempfile.mkdtemp(prefix=f"pacs-harness-{topology.name}-"))
+        if root is None:
+            root = Path(tempfile.mkdtemp(prefix=f"pacs-harness-{topology.name}-"))
+            # traversable (not listable) for servers that run as another user (PostgreSQL)
+            root.chmod(0o711)
         root.mkdir(parents=True, exist_ok=True)
         nodes = {
             name: make_node(spec, root / name if spec.launched else None)

@@ -205,7 +205,6 @@ def pacs_cluster(pytestconfig: pytest.Config, pacs_topology, tmp_path_factory):
                 cluster = Cluster.launch(
                     pacs_topology,
                     detached=keep,
-                    root=state_dir / "nodes" if keep else None,
                     state_dir=state_dir if keep else None,
                 )
                 cluster.owned = not keep

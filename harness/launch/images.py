@@ -25,7 +25,7 @@ from pathlib import Path
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.docker import docker_client, image_present
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "3"
 SUITE = "bookworm"
 REPOSITORY = "pacs-harness"
 
@@ -144,11 +144,15 @@ def build_image(
         if recipe.python_packages:
             target = root / "opt/pacs-harness"
             for package in recipe.python_packages:
+                source = _python_package_dir(package)
                 shutil.copytree(
-                    _python_package_dir(package),
+                    source,
                     target / package,
                     ignore=shutil.ignore_patterns("__pycache__", "tests"),
                 )
+                # the metadata too: pydicom reads its own version through importlib.metadata
+                for dist_info in source.parent.glob(f"{package}-*.dist-info"):
+                    shutil.copytree(dist_info, target / dist_info.name)
             server = Path(__file__).parents[1] / "nodes" / "embedded_server.py"
             shutil.copyfile(server, target / "embedded_server.py")
         say(f"docker import {tag}")

@@ -1,0 +1,280 @@
+"""`pacs-harness migrate`: run the reference migrator (or the site's tool) between two nodes.
+
+Nodes are resolved like `store`: from the cluster `up` started for the topology, else as
+external nodes of the topology. While the migration runs, the availability monitor probes
+both nodes; its figures are part of the summary (and of `--json`).
+
+Also runnable on its own: ``python -m harness.migrate_cli --from A --to B ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from harness.errors import EXIT_FINDINGS, EXIT_PASS, EXIT_USAGE, EnvironmentProblem, HarnessError
+from harness.migrate import METHODS, ExternalMigration, Migrator, StudyOutcome
+from harness.monitor import AvailabilityMonitor
+from harness.nodes.base import Node
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+def _node(topology, cluster, name: str, topology_path: str | None) -> Node:
+    """A node of the running cluster, else an external node of the topology (as `store`)."""
+    from harness.nodes import make_node
+
+    if cluster is not None:
+        return cluster.node(name)
+    spec = topology.node(name)
+    if spec.launched:
+        raise EnvironmentProblem(
+            f"node {name} is not running (start it: pacs-harness up"
+            + (f" --topology {topology_path})" if topology_path else ")")
+        )
+    return make_node(spec, None)
+
+
+def _present_on(target: Node) -> Callable[[str], bool]:
+    """For an external tool: 'is the study on the target yet?' by study-level C-FIND.
+
+    Positive answers are cached, so once a study is there it costs nothing more.
+    """
+    seen: set[str] = set()
+    lock = threading.Lock()
+
+    def check(study: str) -> bool:
+        with lock:
+            if study in seen:
+                return True
+        found = target.dimse(timeout_s=10).find("STUDY", {"StudyInstanceUID": study})
+        if found.ok and found.matches:
+            with lock:
+                seen.add(study)
+            return True
+        return False
+
+    return check
+
+
+def _progress(disable: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disable,
+    )
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share * 100:.1f}%"
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    result = summary["result"]
+    external = summary.get("external")
+    if external:
+        state = "timed out" if external["timed_out"] else f"exit code {external['exit_code']}"
+        out.print(
+            f"external command: {state} after {external['elapsed_s']} s "
+            f"(log: {external['log_path']})"
+        )
+    out.print(
+        f"{result['method']} {result['source']} -> {result['target']}: "
+        f"{result['migrated']} migrated, {result['skipped_already_confirmed']} already "
+        f"confirmed, {result['already_on_target']} found on target, "
+        f"{result['failed']} failed of {result['studies_total']} studies; "
+        f"{result['instances_sent']} instances sent, {result['retries_used']} retries, "
+        f"{result['elapsed_s']} s (state: {summary['state']})"
+    )
+    availability = summary.get("availability")
+    if availability:
+        parts = []
+        for role in ("source", "target"):
+            probes = availability["probes"][role]
+            latency = availability["latency_s"][role]
+            parts.append(
+                f"{role} unreachable {_percent(availability['inaccessible_share'][role])} "
+                f"of {probes['total']} probes" + (f", p95 {latency['p95']} s" if latency else "")
+            )
+        out.print("availability: " + "; ".join(parts))
+    for study, error in list(result["errors"].items())[:20]:
+        out.print(f"[red]failed[/] study {study}: {error}")
+
+
+@click.command("migrate")
+@click.option(
+    "--topology",
+    "-t",
+    "topology_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="topology YAML file (default: the default topology)",
+)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--from", "source_name", required=True, help="name of the source node")
+@click.option("--to", "target_name", required=True, help="name of the target node")
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="move",
+    show_default=True,
+    help="move: source C-MOVEs to target; get: C-GET then C-STORE; dicomweb: WADO-RS then "
+    "STOW-RS; orthanc: the source Orthanc pushes over its REST API",
+)
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--rate", type=click.FloatRange(min=0, min_open=True), default=None, help="studies per second"
+)
+@click.option("--retries", default=3, show_default=True, type=click.IntRange(0, 100))
+@click.option(
+    "--state",
+    "state_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="SQLite state file; run again with the same file to resume "
+    "(default: ./migration-FROM-to-TO.sqlite)",
+)
+@click.option(
+    "--external-command",
+    default=None,
+    help="run the site's own migration tool instead; placeholders {source_ae} {source_host} "
+    "{source_port} {target_ae} {target_host} {target_port}",
+)
+@click.option(
+    "--external-timeout",
+    default=3600.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="seconds before the external command is killed",
+)
+@click.option("--shell", is_flag=True, help="run --external-command through /bin/sh")
+@click.option("--no-monitor", is_flag=True, help="do not probe availability meanwhile")
+def migrate_command(
+    topology_path: str | None,
+    as_json: bool,
+    source_name: str,
+    target_name: str,
+    method: str,
+    workers: int,
+    rate: float | None,
+    retries: int,
+    state_path: str | None,
+    external_command: str | None,
+    external_timeout: float,
+    shell: bool,
+    no_monitor: bool,
+) -> None:
+    """Migrate every study from one node to another, resumably, with zero-loss proof.
+
+    A study counts as migrated once the target's C-FIND lists every SOP instance the
+    source has. Killed or interrupted? Run the same command again: confirmed studies are
+    not sent again. Exit 1 if any study is not on the target at the end.
+    """
+    from harness.cluster import Cluster, state_dir_for
+    from harness.config import resolve_topology
+
+    topology, _choices = resolve_topology(topology_path)
+    cluster = Cluster.from_state(topology, state_dir_for(topology))
+    source = _node(topology, cluster, source_name, topology_path)
+    target = _node(topology, cluster, target_name, topology_path)
+    state = Path(state_path or f"migration-{source_name}-to-{target_name}.sqlite")
+    migrator = Migrator(
+        source,
+        target,
+        "move" if external_command else method,
+        state_path=state,
+        workers=workers,
+        rate_limit=rate,
+        retries=retries,
+    )
+    summary: dict[str, Any] = {"state": str(state)}
+    try:
+        studies = migrator.plan()
+        monitor = None
+        if not no_monitor:
+            monitor = AvailabilityMonitor(
+                source,
+                target,
+                studies,
+                is_migrated=_present_on(target) if external_command else migrator.is_confirmed,
+            )
+            monitor.start()
+        try:
+            with _progress(disable=as_json) as progress:
+                task = progress.add_task(f"{source_name} -> {target_name}", total=len(studies))
+
+                def advance(done: int, total: int, _outcome: StudyOutcome | None) -> None:
+                    progress.update(task, completed=done, total=total)
+
+                if external_command:
+                    tool = ExternalMigration(
+                        external_command,
+                        source,
+                        target,
+                        timeout_s=external_timeout,
+                        log_path=state.with_suffix(".external.log"),
+                        shell=shell,
+                    )
+                    progress.update(task, description="external command running")
+                    external = tool.run()
+                    summary["external"] = external.as_dict()
+                    progress.update(task, description="verifying on target")
+                    result = migrator.verify(progress=advance)
+                else:
+                    result = migrator.run(progress=advance)
+        finally:
+            if monitor is not None:
+                monitor.stop()
+        summary["result"] = result.as_dict()
+        summary["availability"] = monitor.summary() if monitor is not None else None
+    finally:
+        migrator.close()
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    external_failed = bool(summary.get("external")) and not summary["external"]["ok"]
+    if not result.ok or external_failed:
+        sys.exit(EXIT_FINDINGS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m harness.migrate_cli`: the command with pacs-harness's exit codes."""
+    try:
+        migrate_command.main(args=argv, prog_name="migrate", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        console.print("interrupted (run the same command again to resume)")
+        sys.exit(130)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    sys.exit(EXIT_PASS)
+
+
+if __name__ == "__main__":
+    main()

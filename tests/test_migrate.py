@@ -1,0 +1,340 @@
+"""The reference migrator against real nodes: every method, resume after SIGKILL, retries,
+rate limit, the site's own tool, and the refusals a user can act on.
+
+One cluster for the module: sources legacy (dcmqrscp), pocket (embedded), central (Orthanc);
+targets web (Orthanc) and sink (embedded), wiped by each test that writes to them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.cluster import Cluster
+from harness.config import parse_topology
+from harness.errors import ConfigError, EnvironmentProblem
+from harness.migrate import ExternalMigration, Migrator, list_studies
+from harness.nodes.base import Node
+from harness.tools import find_binary
+from scenarios.helpers import sample_study
+
+TOPOLOGY = """name: migrate
+nodes:
+  legacy:  {kind: dcmqrscp, ae_title: LEGACY}
+  pocket:  {kind: embedded, ae_title: POCKET}
+  central: {kind: orthanc,  ae_title: CENTRAL}
+  web:     {kind: orthanc,  ae_title: WEB}
+  sink:    {kind: embedded, ae_title: SINK}
+"""
+# (source, studies, instances per study)
+CONTENT = {"legacy": (4, 3), "pocket": (10, 2), "central": (4, 3)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    for binary in ("Orthanc", "dcmqrscp", "movescu"):
+        if not find_binary(binary):
+            pytest.skip(f"{binary} not installed (install: apt-get install orthanc dcmtk)")
+    cluster = Cluster.launch(parse_topology(TOPOLOGY))
+    try:
+        for offset, (name, (studies, instances)) in enumerate(CONTENT.items()):
+            batch = [
+                ds
+                for n in range(studies)
+                for ds in sample_study(seed=1000 * (offset + 1) + n, instances=instances)
+            ]
+            stored = cluster.node(name).dimse().store(batch)
+            assert stored.ok, [r.error for r in stored.failed]
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _content(node: Node, studies: list[str]) -> dict[str, tuple[str, bytes]]:
+    """SOP Instance UID -> (transfer syntax, pixel data bytes), by one C-GET of all studies
+    (UID list matching, which all three servers support)."""
+    got = node.dimse().get("STUDY", {"StudyInstanceUID": "\\".join(studies)})
+    assert got.ok, f"{node.name}: C-GET: {got.status}"
+    return {i.sop_instance_uid: (i.transfer_syntax_uid, i.dataset.PixelData) for i in got.instances}
+
+
+def _assert_identical(source: Node, target: Node) -> None:
+    studies = list_studies(source.dimse())
+    assert sorted(list_studies(target.dimse())) == sorted(studies)
+    on_source, on_target = _content(source, studies), _content(target, studies)
+    assert on_source and on_target == on_source
+    assert target.statistics().instances == len(on_source)
+
+
+@pytest.mark.parametrize(
+    ("method", "source", "target"),
+    [
+        ("move", "legacy", "web"),  # dcmqrscp -> Orthanc
+        ("move", "pocket", "web"),  # embedded -> Orthanc
+        ("get", "legacy", "sink"),  # dcmqrscp -> embedded
+        ("dicomweb", "central", "web"),  # Orthanc -> Orthanc
+        ("orthanc", "central", "sink"),  # Orthanc -> embedded
+    ],
+)
+def test_method_copies_every_instance_unchanged(cluster, tmp_path, method, source, target):
+    src, dst = cluster.node(source), cluster.node(target)
+    dst.wipe()
+    studies, per_study = CONTENT[source]
+    with Migrator(src, dst, method, state_path=tmp_path / "state.sqlite") as migrator:
+        result = migrator.run()
+    assert result.ok, result.errors
+    assert (result.studies_total, result.migrated) == (studies, studies)
+    assert result.instances_sent == studies * per_study
+    _assert_identical(src, dst)
+
+    # idempotent: a second run sends nothing
+    with Migrator(src, dst, method, state_path=tmp_path / "state.sqlite") as migrator:
+        again = migrator.run()
+    assert (again.skipped_already_confirmed, again.instances_sent) == (studies, 0)
+
+
+def _topology_file(cluster: Cluster, path: Path, names: list[str]) -> Path:
+    """The launched nodes as external nodes of a topology, for the CLI in a subprocess."""
+    lines = ["name: ext", "nodes:"]
+    for name in names:
+        node = cluster.node(name)
+        extra = (
+            f", http_port: {node.http_port}, orthanc_rest: true, dicomweb_root: /dicom-web"
+            if node.kind == "orthanc"
+            else ""
+        )
+        lines.append(
+            f"  {name}: {{kind: external, ae_title: {node.ae_title}, host: {node.host}, "
+            f"dicom_port: {node.dicom_port}{extra}}}"
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "harness.migrate_cli", *args]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "harness-state")}
+
+
+def _confirmed(state: Path) -> int:
+    """Studies confirmed so far (0 while the migrator has not created its schema yet)."""
+    try:
+        with sqlite3.connect(state) as conn:
+            query = "SELECT count(*) FROM studies WHERE state = 'confirmed'"
+            return conn.execute(query).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_sigkill_mid_run_then_restart_ends_with_zero_loss_and_no_resend(cluster, tmp_path):
+    source, target = cluster.node("pocket"), cluster.node("web")
+    target.wipe()
+    topo = _topology_file(cluster, tmp_path / "ext.yaml", ["pocket", "web"])
+    state = tmp_path / "state.sqlite"
+    args = ["--topology", str(topo), "--from", "pocket", "--to", "web", "--state", str(state)]
+
+    # run 1: rate-limited so there is time to kill it after a few confirmed studies
+    proc = subprocess.Popen(
+        _cli(*args, "--rate", "3", "--workers", "1", "--json"),
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state.exists() and _confirmed(state) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the migrator ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    confirmed_before = _confirmed(state)
+    assert 3 <= confirmed_before < CONTENT["pocket"][0]
+
+    # run 2: resumes with the saved plan
+    done = subprocess.run(
+        _cli(*args, "--json", "--no-monitor"),
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)["result"]
+    assert result["skipped_already_confirmed"] == confirmed_before
+    assert result["failed"] == 0
+    assert (
+        result["skipped_already_confirmed"] + result["migrated"] + result["already_on_target"]
+        == CONTENT["pocket"][0]
+    )
+
+    # zero loss, no duplicate, pixel data identical
+    _assert_identical(source, target)
+    assert target.statistics().instances == source.statistics().instances
+    with sqlite3.connect(state) as conn:
+        run1, run2 = (r[0] for r in conn.execute("SELECT run_id FROM runs ORDER BY run_id"))
+        assert (
+            conn.execute("SELECT count(*) FROM studies WHERE state != 'confirmed'").fetchone()[0]
+            == 0
+        )
+        confirmed_in_run1 = {
+            r[0]
+            for r in conn.execute(
+                "SELECT study_instance_uid FROM studies WHERE confirmed_run = ?", (run1,)
+            )
+        }
+        resent = {
+            r[0]
+            for r in conn.execute("SELECT study_instance_uid FROM sends WHERE run_id = ?", (run2,))
+        }
+        assert len(confirmed_in_run1) == confirmed_before
+        assert not confirmed_in_run1 & resent, "a confirmed study was sent again"
+        # every study went out once, plus at most one re-send of the study cut by the kill
+        sends = conn.execute("SELECT count(*) FROM sends").fetchone()[0]
+        assert CONTENT["pocket"][0] <= sends <= CONTENT["pocket"][0] + 1
+
+
+def test_target_down_for_a_while_is_retried_with_backoff(cluster, tmp_path):
+    source, target = cluster.node("legacy"), cluster.node("sink")
+    target.wipe()
+    target.stop()
+    assert not target.alive()
+    migrator = Migrator(
+        source, target, "get", state_path=tmp_path / "s.sqlite", retries=6, backoff_s=0.3
+    )
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", migrator.run()))
+    thread.start()
+    try:
+        time.sleep(1.0)  # the first attempts fail: connection refused
+        target.start()
+        target.wait_ready(30)
+    finally:
+        thread.join(60)
+        migrator.close()
+    result = outcome["result"]
+    assert result.ok, result.errors
+    assert result.retries_used > 0
+    assert result.migrated == CONTENT["legacy"][0]
+    _assert_identical(source, target)
+
+
+def test_rate_limit_is_honoured(cluster, tmp_path):
+    source, target = cluster.node("central"), cluster.node("sink")
+    target.wipe()
+    with Migrator(source, target, "orthanc", state_path=tmp_path / "a.sqlite") as migrator:
+        assert migrator.run().ok
+    studies = CONTENT["central"][0]
+    # with fresh state files every study is checked again (and found on the target)
+    with Migrator(source, target, state_path=tmp_path / "b.sqlite", rate_limit=2.0) as limited:
+        slow = limited.run()
+    with Migrator(source, target, state_path=tmp_path / "c.sqlite") as unlimited:
+        fast = unlimited.run()
+    assert slow.already_on_target == fast.already_on_target == studies
+    assert slow.elapsed_s >= (studies - 1) / 2.0 * 0.95  # evenly spaced starts
+    assert fast.elapsed_s < slow.elapsed_s
+
+
+def test_external_command_runs_and_harness_verifies(cluster, tmp_path):
+    target = cluster.node("web")
+    target.wipe()
+    topo = _topology_file(cluster, tmp_path / "ext.yaml", ["legacy", "web"])
+    movescu = find_binary("movescu")
+    command = (
+        f"{movescu} -S -aet PACSHARNESS -aec {{source_ae}} -aem {{target_ae}} "
+        "-k QueryRetrieveLevel=STUDY -k StudyInstanceUID= {source_host} {source_port}"
+    )
+    base = ["--topology", str(topo), "--from", "legacy", "--to", "web", "--json"]
+    done = subprocess.run(
+        _cli(*base, "--state", str(tmp_path / "x.sqlite"), "--external-command", command),
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["external"]["exit_code"] == 0
+    assert summary["external"]["argv"][4:8] == ["-aec", "LEGACY", "-aem", "WEB"]
+    assert summary["result"]["already_on_target"] == CONTENT["legacy"][0]
+    assert summary["availability"]["probes"]["source"]["total"] >= 1
+    _assert_identical(cluster.node("legacy"), target)
+
+    # a tool that fails: its exit code is reported, the command exits 1
+    failing = subprocess.run(
+        _cli(
+            *base,
+            "--state",
+            str(tmp_path / "y.sqlite"),
+            "--no-monitor",
+            "--external-command",
+            "sh -c 'exit 3'",
+        ),
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert failing.returncode == 1, failing.stderr
+    assert json.loads(failing.stdout)["external"]["exit_code"] == 3
+
+
+def test_external_command_timeout_kills_its_process_group(cluster, tmp_path):
+    tool = ExternalMigration(
+        "sh -c 'sleep 60 & sleep 60'",
+        cluster.node("legacy"),
+        cluster.node("web"),
+        timeout_s=0.5,
+        log_path=tmp_path / "tool.log",
+    )
+    start = time.monotonic()
+    result = tool.run()
+    assert result.timed_out and result.exit_code is None and not result.ok
+    assert time.monotonic() - start < 10
+    assert "sleep 60" in (tmp_path / "tool.log").read_text()
+    with pytest.raises(EnvironmentProblem, match="program not found: no-such-tool"):
+        ExternalMigration(
+            "no-such-tool {source_ae}",
+            cluster.node("legacy"),
+            cluster.node("web"),
+            log_path=tmp_path / "t.log",
+        ).run()
+
+
+def test_refusals_name_the_node(cluster, tmp_path):
+    legacy, web, sink = cluster.node("legacy"), cluster.node("web"), cluster.node("sink")
+    with pytest.raises(ConfigError, match="dicomweb: source node legacy serves no DICOMweb"):
+        Migrator(legacy, web, "dicomweb", state_path=tmp_path / "s")
+    with pytest.raises(ConfigError, match="orthanc: source node sink is not an Orthanc"):
+        Migrator(sink, web, "orthanc", state_path=tmp_path / "s")
+    with pytest.raises(ConfigError, match="unknown"):
+        Migrator(legacy, web, "ftp", state_path=tmp_path / "s")
+    # a state file belongs to one migration
+    with Migrator(legacy, web, state_path=tmp_path / "bound.sqlite") as first:
+        first.open()
+    with pytest.raises(ConfigError, match="belongs to another migration"):
+        Migrator(sink, web, state_path=tmp_path / "bound.sqlite").open()
+    # CLI: bad input is exit 2 with one line
+    done = subprocess.run(
+        _cli("--from", "legacy", "--to", "web", "--method", "ftp"),
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
