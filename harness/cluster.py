@@ -262,8 +262,10 @@ class Cluster:
                 orthanc_rest=base.orthanc_rest or saved["kind"] == "orthanc",
             )
             node = make_node(spec, Path(saved["workdir"]) if saved["workdir"] else None)
-            if saved.get("pid"):
-                node.handle = ProcessHandle(saved["pid"], saved["start_time"])
+            node.handle = handle_from_state(saved.get("handle"))
+            node.sidecars = {
+                key: handle_from_state(value) for key, value in saved.get("sidecars", {}).items()
+            }
             nodes[name] = node
         return cls(
             topology,
@@ -272,6 +274,7 @@ class Cluster:
             harness_port=state["harness_port"],
             owned=False,
             state_dir=state_dir,
+            run_id=state.get("run_id", ""),
         )
 
     def all_processes_alive(self) -> bool:

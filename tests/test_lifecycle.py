@@ -90,12 +90,22 @@ def test_interrupted_session_leaves_no_process(tmp_path, every_kind_topology, si
         assert not Path(held["root"]).exists()
 
 
+def _saved_root(topology_path: Path) -> Path:
+    """The temporary root `up` recorded for this topology."""
+    from harness.cluster import state_dir_for
+    from harness.config import load_topology
+
+    state = json.loads((state_dir_for(load_topology(topology_path)) / "state.json").read_text())
+    return Path(state["root"])
+
+
 def test_up_status_store_down_with_every_launched_kind(every_kind_topology, tmp_path):
     topo = str(every_kind_topology)
     up = run_cli("up", "--topology", topo)
     assert up.returncode == 0, up.stderr
     try:
-        rows = status_json("--topology", topo)
+        rows = before = status_json("--topology", topo)
+        row_root = str(_saved_root(every_kind_topology))
         assert [(r["name"], r["kind"], r["alive"]) for r in rows] == [
             ("archive", "dcmqrscp", True),
             ("central", "orthanc", True),
@@ -133,7 +143,12 @@ def test_up_status_store_down_with_every_launched_kind(every_kind_topology, tmp_
     assert down.returncode == 0, down.stderr
     rows = status_json("--topology", topo)
     assert not any(r["alive"] for r in rows)
-    assert processes_mentioning(str(every_kind_topology.parent)) == []
+    # really gone, not only forgotten: the ports are closed and no process is left
+    from harness.cluster import port_in_use
+
+    for row in before:
+        assert not port_in_use("127.0.0.1", row["dicom_port"]), row["name"]
+    assert processes_mentioning(row_root) == []
     assert run_cli("status", "--topology", topo).returncode == 1
 
 
@@ -153,5 +168,8 @@ def test_down_all_stops_what_any_run_left(tmp_path):
     assert row["alive"]
     proc = run_cli("down", "--all")
     assert proc.returncode == 0 and "stopped left-" in proc.stderr
-    (row,) = status_json("--topology", str(topo))
-    assert not row["alive"]
+    (after,) = status_json("--topology", str(topo))
+    assert not after["alive"]
+    from harness.cluster import port_in_use
+
+    assert not port_in_use("127.0.0.1", row["dicom_port"])
