@@ -29,8 +29,10 @@ class ManifestWriter:
         self.by_charset: Counter[str] = Counter()
         self.by_quirk: Counter[str] = Counter()
         self.quirky = 0
-        self.studies: set[str] = set()
-        self.series: set[str] = set()
+        # objects arrive study by study, series by series: count changes, keep no UID sets
+        self.studies = 0
+        self.series = 0
+        self._last_study = self._last_series = ""
         self.records: set[str] = set()
         self.persons: set[str] = set()
         self.trap_groups: dict[str, str] = {}
@@ -45,8 +47,12 @@ class ManifestWriter:
         if record["quirks"]:
             self.quirky += 1
             self.by_quirk.update(record["quirks"])
-        self.studies.add(record["study"]["uid"])
-        self.series.add(record["series"]["uid"])
+        if record["study"]["uid"] != self._last_study:
+            self._last_study = record["study"]["uid"]
+            self.studies += 1
+        if record["series"]["uid"] != self._last_series:
+            self._last_series = record["series"]["uid"]
+            self.series += 1
         self.records.add(record["patient"]["record_id"])
         self.persons.add(record["patient"]["person_id"])
         for trap in record["traps"]:
@@ -59,8 +65,8 @@ class ManifestWriter:
         return {
             "instances": self.instances,
             "bytes": self.bytes,
-            "studies": len(self.studies),
-            "series": len(self.series),
+            "studies": self.studies,
+            "series": self.series,
             "patient_records": len(self.records),
             "persons": len(self.persons),
             "quirky_instances": self.quirky,

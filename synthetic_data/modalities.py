@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -31,6 +32,12 @@ XA_IMAGE = UID("1.2.840.10008.5.1.4.1.1.12.1")
 SC_IMAGE = UID("1.2.840.10008.5.1.4.1.1.7")
 BASIC_TEXT_SR = UID("1.2.840.10008.5.1.4.1.1.88.11")
 ENCAPSULATED_PDF = UID("1.2.840.10008.5.1.4.1.1.104.1")
+
+
+class ElementSink(Protocol):
+    """Where per-instance elements go: a Dataset, or the generator's lighter element list."""
+
+    def add_new(self, tag: int, VR: str, value: object) -> object: ...
 
 
 def code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -72,7 +79,7 @@ class Modality:
     anatomies: tuple[Anatomy, ...]
     layout: Callable[[str, Anatomy, random.Random], list[SeriesLayout]]
     series_attrs: Callable[[Dataset, SeriesLayout, Anatomy], None]
-    instance_attrs: Callable[[Dataset, SeriesLayout, int], None]
+    instance_attrs: Callable[[ElementSink, SeriesLayout, int], None]
     image_plane: bool = False  # has Image Plane module (position per instance)
     frame_of_reference: bool = False
     has_pixels: bool = True
@@ -106,6 +113,7 @@ def _ct_layout(scale: str, anatomy: Anatomy, rng: random.Random) -> list[SeriesL
 
 
 def _ct_series(ds: Dataset, layout: SeriesLayout, anatomy: Anatomy) -> None:
+    plane_static(ds, layout)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.RescaleIntercept = "-1024"
     ds.RescaleSlope = "1"
@@ -121,7 +129,7 @@ def _ct_series(ds: Dataset, layout: SeriesLayout, anatomy: Anatomy) -> None:
     ds.WindowWidth = "400" if anatomy.body_part != "HEAD" else "80"
 
 
-def _no_instance_attrs(ds: Dataset, layout: SeriesLayout, index: int) -> None:
+def _no_instance_attrs(ds: ElementSink, layout: SeriesLayout, index: int) -> None:
     return None
 
 
@@ -155,6 +163,7 @@ def _mr_layout(scale: str, anatomy: Anatomy, rng: random.Random) -> list[SeriesL
 
 
 def _mr_series(ds: Dataset, layout: SeriesLayout, anatomy: Anatomy) -> None:
+    plane_static(ds, layout)
     p = layout.params
     ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
     ds.ScanningSequence = p["seq"].split("\\")
@@ -182,18 +191,24 @@ def _mr_series(ds: Dataset, layout: SeriesLayout, anatomy: Anatomy) -> None:
 
 # ---- shared planar geometry ---------------------------------------------------------------
 
-def axial_position(ds: Dataset, layout: SeriesLayout, index: int) -> None:
+def plane_static(ds: Dataset, layout: SeriesLayout) -> None:
+    """Image Plane values shared by the whole axial stack."""
+    pix = layout.pixels
+    assert pix is not None
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [round(pix.spacing[0], 6), round(pix.spacing[1], 6)]
+
+
+def axial_position(ds: ElementSink, layout: SeriesLayout, index: int) -> None:
     """Image Plane values for slice `index` of an axial stack, head first supine."""
     pix = layout.pixels
     assert pix is not None
     step = float(layout.params.get("step", layout.params.get("thickness", 5.0) or 5.0))
-    z = -index * step
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [
-        round(-pix.spacing[1] * pix.columns / 2, 3), round(-pix.spacing[0] * pix.rows / 2, 3),
-        round(z, 3)]
-    ds.SliceLocation = f"{z:.2f}"
-    ds.PixelSpacing = [round(pix.spacing[0], 6), round(pix.spacing[1], 6)]
+    z = -index * step + 0.0  # no "-0"
+    x0 = round(-pix.spacing[1] * pix.columns / 2, 3)
+    y0 = round(-pix.spacing[0] * pix.rows / 2, 3)
+    ds.add_new(0x00200032, "DS", f"{x0:g}\\{y0:g}\\{z:g}")
+    ds.add_new(0x00201041, "DS", f"{z:.2f}")
 
 
 # ---- CR / DX -------------------------------------------------------------------------------
@@ -312,14 +327,14 @@ def _mg_series(ds: Dataset, layout: SeriesLayout, anatomy: Anatomy) -> None:
     ds.FilterMaterial = "RHODIUM"
 
 
-def _mg_instance(ds: Dataset, layout: SeriesLayout, index: int) -> None:
+def _mg_instance(ds: ElementSink, layout: SeriesLayout, index: int) -> None:
     lat, view, vcode, orient = _MG_VIEWS[index % 4]
-    ds.ImageLaterality = lat
-    ds.ViewPosition = view
-    ds.PatientOrientation = orient
+    ds.add_new(0x00200062, "CS", lat)  # Image Laterality
+    ds.add_new(0x00185101, "CS", view)  # View Position
+    ds.add_new(0x00200020, "CS", orient)  # Patient Orientation
     item = code(*vcode)
     item.ViewModifierCodeSequence = Sequence()
-    ds.ViewCodeSequence = Sequence([item])
+    ds.add_new(0x00540220, "SQ", Sequence([item]))  # View Code Sequence
 
 
 # ---- US ------------------------------------------------------------------------------------
@@ -343,7 +358,8 @@ def _us_layout(scale: str, anatomy: Anatomy, rng: random.Random) -> list[SeriesL
 
 def _us_series(ds: Dataset, layout: SeriesLayout, anatomy: Anatomy) -> None:
     assert layout.pixels is not None
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL", "0001"]
+    region = "ABDOMINAL" if anatomy.body_part == "ABDOMEN" else "SMALL PART"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", region, "0001"]  # value 4: 2D imaging
     ds.LossyImageCompression = "00"
     ds.PatientOrientation = ""
     if layout.pixels.frames > 1:
@@ -352,7 +368,6 @@ def _us_series(ds: Dataset, layout: SeriesLayout, anatomy: Anatomy) -> None:
         ds.CineRate = 30
         ds.RecommendedDisplayFrameRate = 30
         ds.FrameDelay = "0"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL", "0001"]
     ds.TransducerData = ["C5-2"]
     ds.ProcessingFunction = "GEN"
 
@@ -434,6 +449,7 @@ def _pt_layout(scale: str, anatomy: Anatomy, rng: random.Random) -> list[SeriesL
 
 
 def _pt_series(ds: Dataset, layout: SeriesLayout, anatomy: Anatomy) -> None:
+    plane_static(ds, layout)
     corrected = layout.params["corrected"]
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.Units = "BQML"
@@ -468,9 +484,9 @@ def _pt_series(ds: Dataset, layout: SeriesLayout, anatomy: Anatomy) -> None:
     ds.PatientGantryRelationshipCodeSequence = Sequence([code("102540008", "SCT", "headfirst")])
 
 
-def _pt_instance(ds: Dataset, layout: SeriesLayout, index: int) -> None:
+def _pt_instance(ds: ElementSink, layout: SeriesLayout, index: int) -> None:
     axial_position(ds, layout, index)
-    ds.ImageIndex = index + 1
+    ds.add_new(0x00541330, "US", index + 1)  # Image Index
 
 
 # ---- XA ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def _positive_int(name: str, value: object, maximum: int) -> int:
     return value
 
 
-@dataclass
+@dataclass(frozen=True)
 class GeneratorOptions:
     """Everything that determines an archive; the same options give byte-identical files.
 
@@ -71,7 +71,8 @@ class GeneratorOptions:
             rate = -1.0
         if not 0.0 <= rate <= 1.0:
             raise ConfigError(f"trap_rate: must be a number from 0 to 1, got {self.trap_rate!r}")
-        self.trap_rate = rate
+        _set = object.__setattr__  # frozen: normalised values are set once, here
+        _set(self, "trap_rate", rate)
         mods = []
         for m in _as_list(self.modalities) or ["CT", "MR"]:
             key = _MODALITY_ALIASES.get(m.upper(), m.upper())
@@ -81,12 +82,12 @@ class GeneratorOptions:
                 )
             if key not in mods:
                 mods.append(key)
-        self.modality_list = tuple(mods)
+        _set(self, "modality_list", tuple(mods))
         charsets = [resolve_charset(c) for c in _as_list(self.charsets)] or [DEFAULT]
-        self.charset_list = tuple(dict.fromkeys(charsets))
+        _set(self, "charset_list", tuple(dict.fromkeys(charsets)))
         syntaxes = [resolve_syntax(s).name for s in _as_list(self.transfer_syntaxes)]
-        self.syntax_list = tuple(dict.fromkeys(syntaxes or [DEFAULT_SYNTAX]))
-        self.root = normalise_root(self.uid_root)
+        _set(self, "syntax_list", tuple(dict.fromkeys(syntaxes or [DEFAULT_SYNTAX])))
+        _set(self, "root", normalise_root(self.uid_root))
 
     def summary(self) -> dict:
         """The normalised options, as written into manifest.json."""

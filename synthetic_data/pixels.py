@@ -8,6 +8,7 @@ range. That is two vectorised passes per object, so even 512x512 CT costs about 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -178,15 +179,21 @@ def phantom(spec: PixelSpec, count: int, seed: int) -> tuple[np.ndarray, np.ndar
     return base, noise.astype(np.int16)
 
 
-def render(spec: PixelSpec, position: int, total: int, noise_index: int, seed: int) -> np.ndarray:
-    """Pixels of one object: frames x rows x cols [x samples], dtype per the spec."""
+def frame_plan(spec: PixelSpec, position: int, total: int, noise_index: int
+               ) -> tuple[tuple[int, int], ...]:
+    """(structure slice, noise field) of each frame of object `position` of `total`."""
     count = slice_count(spec, total)
-    base, noise = phantom(spec, count, seed)
-    frames = []
+    plan = []
     for f in range(spec.frames):
         idx = ((position * spec.frames + f) * count) // max(total * spec.frames, 1)
-        img = base[min(idx, count - 1)] + noise[(noise_index + f) % NOISE_BANK]
-        frames.append(img)
+        plan.append((min(idx, count - 1), (noise_index + f) % NOISE_BANK))
+    return tuple(plan)
+
+
+def render(spec: PixelSpec, position: int, total: int, noise_index: int, seed: int) -> np.ndarray:
+    """Pixels of one object: frames x rows x cols [x samples], dtype per the spec."""
+    base, noise = phantom(spec, slice_count(spec, total), seed)
+    frames = [base[b] + noise[n] for b, n in frame_plan(spec, position, total, noise_index)]
     arr = np.stack(frames) if spec.frames > 1 else frames[0][None]
     lo, hi = spec.value_range
     np.clip(arr, max(lo, -32768), min(hi, 32767), out=arr)
@@ -195,5 +202,35 @@ def render(spec: PixelSpec, position: int, total: int, noise_index: int, seed: i
 
 def pixel_sha256(arr: np.ndarray) -> str:
     """Hash of the native little-endian pixel bytes: equal for a lossless round trip."""
-    return hashlib.sha256(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"),
-                                                           copy=False).tobytes()).hexdigest()
+    native = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+    return hashlib.sha256(memoryview(native).cast("B")).hexdigest()
+
+
+class BytesCache:
+    """A small LRU cache bounded by the total size of its values (encoded pixel data).
+
+    A 300-slice CT series is drawn from 24 structure slices x 3 noise fields, so most
+    objects' pixel data (and its hash, and its compressed form) repeat; encoding them once
+    is what makes realistic scales fast.
+    """
+
+    def __init__(self, budget: int = 192 * 1024 * 1024) -> None:
+        self._items: OrderedDict[tuple, tuple[bytes, str]] = OrderedDict()
+        self._size = 0
+        self._budget = budget
+
+    def get(self, key: tuple) -> tuple[bytes, str] | None:
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+        return hit
+
+    def put(self, key: tuple, value: tuple[bytes, str]) -> None:
+        size = len(value[0])
+        if size > self._budget:
+            return
+        self._items[key] = value
+        self._size += size
+        while self._size > self._budget:
+            _, (old, _) = self._items.popitem(last=False)
+            self._size -= len(old)

@@ -20,6 +20,7 @@ import random
 import struct
 import warnings
 
+from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
@@ -39,9 +40,14 @@ def choose(rng: random.Random, deflated: bool) -> list[str]:
 
 def _set(ds: Dataset, tag: int, vr: str, value: object) -> None:
     """Replace (never mutate: elements are shared between instances) without validation."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds[tag] = DataElement(tag, vr, value)
+    mode = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds[tag] = DataElement(tag, vr, value)
+    finally:
+        config.settings.writing_validation_mode = mode
 
 
 def apply_series(ds: Dataset, applied: list[str], rng: random.Random) -> None:
@@ -76,11 +82,11 @@ def apply_series(ds: Dataset, applied: list[str], rng: random.Random) -> None:
             _set(ds, 0x00200035, "DS", ["1", "0", "0", "0", "1", "0"])
 
 
-def patch_bytes(data: bytes, ds: Dataset, applied: list[str]) -> bytes:
+def patch_bytes(data: bytes, ds: Dataset, transfer_syntax: str, applied: list[str]) -> bytes:
     """Byte-level quirks on the written file (odd_length: drop Study Description's pad)."""
     if "odd_length" not in applied or 0x00081030 not in ds:
         return data
-    implicit = ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    implicit = transfer_syntax == "1.2.840.10008.1.2"
     start = data.index(b"DICM") + 4
     meta_len = struct.unpack("<I", data[start + 8:start + 12])[0]
     body = start + 12 + meta_len

@@ -57,6 +57,7 @@ def studies(draw: st.DrawFn, modality: str | None = None, charset: str | None = 
 
 
 _LO_CHARS = st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="\\")
+_TEXT_CHARS = st.characters(min_codepoint=0x20, max_codepoint=0x7E, include_characters="\r\n\t")
 
 
 @st.composite
@@ -83,7 +84,7 @@ def patients(draw: st.DrawFn, charset: str | None = None) -> Dataset:
 
 def _text(max_size: int, alphabet: st.SearchStrategy[str] = _LO_CHARS,
           multiline: bool = False) -> st.SearchStrategy[str]:
-    chars = alphabet if not multiline else st.one_of(alphabet, st.sampled_from(["\r\n", "\t"]))
+    chars = alphabet if not multiline else _TEXT_CHARS
     body = st.text(chars, max_size=max_size).map(lambda s: s[:max_size].rstrip())
     edge = st.sampled_from(["", "A" * max_size])
     return st.one_of(edge, body)
@@ -141,7 +142,9 @@ _VR_STRATEGIES: dict[str, st.SearchStrategy] = {
     "DA": _dates(),
     "DS": _ds_value(),
     "DT": st.one_of(st.sampled_from(["2024", "20241231235959.999999+1400", "19000101"]),
-                    st.datetimes().map(lambda d: d.strftime("%Y%m%d%H%M%S"))),
+                    st.datetimes().map(
+                        lambda d: f"{d.year:04d}{d.month:02d}{d.day:02d}{d.hour:02d}"
+                                  f"{d.minute:02d}{d.second:02d}")),
     "FL": _floats(32),
     "FD": _floats(64),
     "IS": _int_range(-(2**31), 2**31 - 1).map(str),

@@ -70,15 +70,31 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch, exc):
     real = writer_mod.encode_instance
     calls = []
 
-    def flaky(inst):
+    def flaky(inst, encoder):
         calls.append(1)
         if len(calls) == 3:
             raise exc
-        return real(inst)
+        return real(inst, encoder)
 
     monkeypatch.setattr(writer_mod, "encode_instance", flaky)
     with pytest.raises(type(exc)):
         write_archive(GeneratorOptions(patients=3), tmp_path / "out")
+    assert _leftovers(tmp_path) == []
+
+
+def test_failure_in_writer_thread_leaves_nothing(tmp_path, monkeypatch):
+    real = writer_mod._FileSink._write
+    calls = []
+
+    def full_disk(self, *args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        return real(self, *args)
+
+    monkeypatch.setattr(writer_mod._FileSink, "_write", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_archive(GeneratorOptions(patients=4), tmp_path / "out")
     assert _leftovers(tmp_path) == []
 
 

@@ -165,7 +165,7 @@ def test_latin1_and_utf8_names_fit_their_charset():
 
 
 def test_private_tags_sequences_and_long_text():
-    opts = GeneratorOptions(patients=4, modalities=["CT", "SR"], seed=2)
+    opts = GeneratorOptions(patients=10, modalities=["CT", "SR"], seed=2)
     datasets = list(generate(opts))
     ds = datasets[0]
     block = ds.private_block(0x0009, "ACME SYNTHETIC 1.0")
@@ -176,3 +176,33 @@ def test_private_tags_sequences_and_long_text():
     sr_text = max(len(d.ContentSequence[0].ContentSequence[0].TextValue)
                   for d in datasets if d.Modality == "SR")
     assert max(longest, sr_text) > 2000
+
+
+def test_archive_files_equal_dcmwrite_of_generated_datasets(tmp_path):
+    """The writer's fast encoder gives exactly pydicom's bytes for every generated object."""
+    from synthetic_data.charsets import CHARSET_NAMES
+    from synthetic_data.options import MODALITIES
+    from synthetic_data.strategies import available_syntaxes
+
+    opts = GeneratorOptions(patients=len(MODALITIES), modalities=list(MODALITIES), seed=8,
+                            charsets=list(CHARSET_NAMES), transfer_syntaxes=available_syntaxes(),
+                            facilities=2)
+    write_archive(opts, tmp_path / "w")
+    records = read_manifest(tmp_path / "w")
+    datasets = list(generate(opts))
+    assert len(records) == len(datasets)
+    for rec, ds in zip(records, datasets, strict=True):
+        assert (tmp_path / "w" / rec["path"]).read_bytes() == _bytes(ds), rec["path"]
+
+
+def test_yielded_datasets_do_not_share_mutable_state():
+    opts = GeneratorOptions(patients=1, modalities=["CT"], seed=1, trap_rate=0.0)
+    first, second = list(generate(opts))[:2]
+    first.PatientName = "Changed^Name"
+    first.ImageType[0] = "DERIVED"
+    first.ProcedureCodeSequence[0].CodeValue = "X"
+    assert str(second.PatientName) != "Changed^Name"
+    assert second.ImageType[0] == "ORIGINAL"
+    assert second.ProcedureCodeSequence[0].CodeValue != "X"
+    again = list(generate(opts))[0]
+    assert again.PatientName == second.PatientName
