@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-
 from io import BytesIO
 
 import numpy as np

@@ -59,7 +59,8 @@ def test_minimal_topology_from_the_issue():
         ("name: x\nnodes: [a, b]\n", "t.yaml:2: nodes: missing or empty"),
         (
             "name: x\nnodes:\n  a: {kind: orthanc, colour: red}\n",
-            "t.yaml:3: nodes.a.colour: unknown field (allowed: kind, launch, image, index, ae_title",
+            "t.yaml:3: nodes.a.colour: unknown field (allowed: kind, launch, image, index, "
+            "ae_title",
         ),
         (
             "name: x\nnodes:\n  a: {kind: orthanc, dicom_port: 70000}\n",
