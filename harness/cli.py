@@ -260,24 +260,14 @@ def store(
     paths: tuple[str, ...],
 ) -> None:
     """Send DICOM files or folders to a node with C-STORE (exit 1 if any is refused)."""
+    from harness.cluster import reachable_node
     from harness.dicom.dimse import iter_dicom_files
-    from harness.nodes import make_node
 
     for path in paths:
         if not Path(path).exists():
             raise ConfigError(f"{path}: no such file or folder")
     topology = _resolve(topology_path, quiet=True)
-    cluster = _running_cluster(topology)
-    if cluster is not None:
-        node = cluster.node(node_name)
-    else:
-        spec = topology.node(node_name)
-        if spec.launched:
-            raise EnvironmentProblem(
-                f"node {node_name} is not running (start it: pacs-harness up"
-                + (f" --topology {topology_path})" if topology_path else ")")
-            )
-        node = make_node(spec, None)
+    node = reachable_node(topology, _running_cluster(topology), node_name)
     files = list(iter_dicom_files(paths))
     if not files:
         raise ConfigError(f"no files found under {', '.join(paths)}")
@@ -458,10 +448,11 @@ def images_build(names: tuple[str, ...], tag: str | None, force: bool) -> None:
 
 def _register_commands_of_other_modules() -> None:
     from harness.migrate_cli import migrate_command
+    from harness.verify_cli import inventory_command, verify_command
     from synthetic_data.cli import generate_command
 
-    cli.add_command(generate_command)
-    cli.add_command(migrate_command)
+    for command in (generate_command, migrate_command, inventory_command, verify_command):
+        cli.add_command(command)
 
 
 _register_commands_of_other_modules()

@@ -315,3 +315,17 @@ class Cluster:
                 (self.state_dir / STATE_FILE).unlink()
         if errors:
             raise EnvironmentProblem("could not stop: " + "; ".join(errors))
+
+
+def reachable_node(topology: Topology, cluster: Cluster | None, name: str) -> Node:
+    """A node of the running cluster (`up`), else an external node of the topology.
+
+    A launched node that is not up is an EnvironmentProblem telling how to start it.
+    """
+    if cluster is not None:
+        return cluster.node(name)
+    spec = topology.node(name)
+    if spec.launched:
+        hint = "" if topology.is_default else f" --topology {topology.source}"
+        raise EnvironmentProblem(f"node {name} is not running (start it: pacs-harness up{hint})")
+    return make_node(spec, None)

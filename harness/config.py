@@ -149,7 +149,7 @@ class _DuplicateKey(Exception):
         self.key, self.line, self.path = key, line, path
 
 
-def _load_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
+def load_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
     lines: dict[tuple, int] = {}
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -174,7 +174,7 @@ def _load_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
 # Validation
 
 
-class _Checker:
+class Checker:
     """Raises ConfigError with file:line: field: message."""
 
     def __init__(self, source: str, lines: dict[tuple, int]) -> None:
@@ -190,7 +190,7 @@ class _Checker:
         return ConfigError(f"{self.source}:{self.line(path)}: {dotted}: {message}")
 
 
-def _port(check: _Checker, path: tuple, value: Any) -> int | None:
+def _port(check: Checker, path: tuple, value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
@@ -207,7 +207,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _node(check: _Checker, name: Any, raw: Any) -> NodeSpec:
+def _node(check: Checker, name: Any, raw: Any) -> NodeSpec:
     path = ("nodes", name)
     if not isinstance(name, str) or not NODE_NAME_RE.match(name):
         raise check.fail(
@@ -325,8 +325,8 @@ def _node(check: _Checker, name: Any, raw: Any) -> NodeSpec:
 
 def parse_topology(text: str, source: str = "<string>") -> Topology:
     """Validate topology YAML text; raise ConfigError naming file, line and field."""
-    data, lines = _load_yaml(text, source)
-    check = _Checker(source, lines)
+    data, lines = load_yaml(text, source)
+    check = Checker(source, lines)
     if not isinstance(data, dict):
         raise check.fail((), "a topology must be a mapping with 'name' and 'nodes'")
     for key in data:

@@ -27,28 +27,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from harness.errors import EXIT_FINDINGS, EXIT_PASS, EXIT_USAGE, EnvironmentProblem, HarnessError
+from harness.errors import EXIT_FINDINGS, EXIT_PASS, EXIT_USAGE, HarnessError
 from harness.migrate import METHODS, ExternalMigration, Migrator, StudyOutcome
 from harness.monitor import AvailabilityMonitor
 from harness.nodes.base import Node
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
-
-
-def _node(topology, cluster, name: str, topology_path: str | None) -> Node:
-    """A node of the running cluster, else an external node of the topology (as `store`)."""
-    from harness.nodes import make_node
-
-    if cluster is not None:
-        return cluster.node(name)
-    spec = topology.node(name)
-    if spec.launched:
-        raise EnvironmentProblem(
-            f"node {name} is not running (start it: pacs-harness up"
-            + (f" --topology {topology_path})" if topology_path else ")")
-        )
-    return make_node(spec, None)
 
 
 def _present_on(target: Node) -> Callable[[str], bool]:
@@ -190,13 +175,13 @@ def migrate_command(
     source has. Killed or interrupted? Run the same command again: confirmed studies are
     not sent again. Exit 1 if any study is not on the target at the end.
     """
-    from harness.cluster import Cluster, state_dir_for
+    from harness.cluster import Cluster, reachable_node, state_dir_for
     from harness.config import resolve_topology
 
     topology, _choices = resolve_topology(topology_path)
     cluster = Cluster.from_state(topology, state_dir_for(topology))
-    source = _node(topology, cluster, source_name, topology_path)
-    target = _node(topology, cluster, target_name, topology_path)
+    source = reachable_node(topology, cluster, source_name)
+    target = reachable_node(topology, cluster, target_name)
     state = Path(state_path or f"migration-{source_name}-to-{target_name}.sqlite")
     migrator = Migrator(
         source,

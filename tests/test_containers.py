@@ -228,3 +228,22 @@ def test_dcm4chee_node(docker_engine):
     finally:
         cluster.stop()
     assert harness_containers(cluster.run_id) == []
+
+
+def test_migration_scenario_into_orthanc_container_on_postgresql(images, tmp_path):
+    topo = tmp_path / "to-container.yaml"
+    topo.write_text(
+        "name: to-container\nnodes:\n"
+        "  legacy: {kind: dcmqrscp, launch: docker}\n"
+        "  target: {kind: orthanc, launch: docker, index: postgresql}\n"
+    )
+    proc = run_cli("run", "--topology", str(topo), "--scenario", "migration", "--phase", "pilot",
+                   "--report-dir", str(tmp_path / "r"), "-q", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    (migration,) = report["scenarios"]
+    ran = [t for t in migration["tests"] if t["outcome"] == "passed"]
+    assert {t["metrics"]["method"] for t in ran} == {"move", "get"}
+    assert all(t["metrics"]["verdict"] == "pass" for t in ran)
+    assert {n["kind"] for n in report["topology"]["nodes"]} == {"dcmqrscp", "orthanc"}
+    assert harness_containers() == []

@@ -1,0 +1,484 @@
+"""Inventory: crawl a PACS node into a ledger (harness/ledger.py), resumably.
+
+The crawl lists every study first (C-FIND at STUDY level, or QIDO-RS where the node serves
+DICOMweb: one HTTP request per page instead of one association per query), then commits one
+study at a time:
+
+- depth `attributes`: the study's instances with their key attributes, from C-FIND at SERIES
+  and IMAGE level over one association, or from one QIDO-RS request;
+- depth `full`: every instance retrieved (WADO-RS streamed per study where the node serves
+  DICOMweb, else C-GET streamed with `keep=False`), its attributes normalised and its pixels
+  decoded and hashed; nothing is written to disk but the ledger.
+
+`sample=N` (depth full only) retrieves N studies fully, chosen by a hash of their
+StudyInstanceUID so that a source and a target crawled with the same N retrieve the same
+studies, and lists the others at depth `attributes` (counts and key attributes for all).
+
+Killed half-way, a crawl resumes at the first study not yet committed (the listing is kept);
+`resume=False` starts again from scratch, and so does a crawl into a ledger that finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import requests
+from pydicom import Dataset, dcmread
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.errors import InvalidDicomError
+from pynetdicom import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from harness.dicom.dicomweb import DicomwebClient
+from harness.dicom.dimse import DimseClient, RetrievedInstance
+from harness.errors import ConfigError, EnvironmentProblem
+from harness.ledger import (
+    IDENTITY_COLUMNS,
+    IMAGE_QUERY_KEYS,
+    SERIES_QUERY_KEYS,
+    STUDY_QUERY_KEYS,
+    InstanceRow,
+    Ledger,
+    SeriesRow,
+    StudyRow,
+    normalise,
+    row_from_dataset,
+    row_from_keys,
+)
+from harness.nodes.base import Node
+
+Progress = Callable[[int, int], None]
+DEPTHS = ("attributes", "full")
+VIA = ("auto", "dimse", "dicomweb")
+QIDO_PAGE = 1000
+WADO_CHUNK = 1 << 20
+_COUNT_KEYS = ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
+
+
+@dataclass
+class CrawlSummary:
+    """What one crawl did; `counts` are those of the whole ledger afterwards."""
+
+    node: str
+    kind: str
+    ledger: str
+    depth: str
+    sample: int | None
+    via: str
+    counts: dict[str, int]
+    studies_total: int = 0
+    studies_crawled: int = 0  # in this run
+    studies_resumed: int = 0  # already committed by an earlier, interrupted run
+    studies_retrieved: int = 0  # fully retrieved (all at depth full, N with a sample)
+    instances_retrieved: int = 0
+    pixels_undecoded: int = 0  # hashed as raw bytes: no decoder here for their syntax
+    issues: int = 0
+    elapsed_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# where the facts come from: DIMSE for every kind, DICOMweb where the node serves it
+
+
+def _query(level: str, keys: dict[str, Any]) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        tag = tag_for_keyword(keyword)
+        ds.add(DataElement(tag, dictionary_VR(tag), value))
+    return ds
+
+
+def _keys(ds: Dataset, wanted: tuple[str, ...]) -> dict[str, Any]:
+    attrs = normalise(ds)
+    return {k: attrs.get(k) for k in wanted}
+
+
+class _DimseSource:
+    """C-FIND for listings, C-GET for retrieval: what every PACS offers."""
+
+    name = "dimse"
+
+    def __init__(self, node: Node) -> None:
+        self.client: DimseClient = node.dimse()
+
+    def _find(self, assoc: Any, identifier: Dataset) -> Iterator[Dataset]:
+        for status, found in assoc.send_c_find(identifier,
+                                               StudyRootQueryRetrieveInformationModelFind):
+            if status is None or "Status" not in status:
+                raise EnvironmentProblem(f"peer {self.client}: C-FIND aborted "
+                                         f"({identifier.QueryRetrieveLevel} level)")
+            if status.Status in (0xFF00, 0xFF01) and found is not None:
+                yield found
+            elif status.Status != 0x0000:
+                raise EnvironmentProblem(
+                    f"peer {self.client}: {identifier.QueryRetrieveLevel}-level C-FIND "
+                    f"answered 0x{status.Status:04X}")
+
+    def _assoc(self) -> Any:
+        return self.client.associate([build_context(StudyRootQueryRetrieveInformationModelFind)])
+
+    def studies(self) -> Iterator[Dataset]:
+        assoc = self._assoc()
+        try:
+            yield from self._find(assoc, _query("STUDY", dict.fromkeys(STUDY_QUERY_KEYS)))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def instances(self, study_uid: str) -> Iterator[dict[str, Any]]:
+        assoc = self._assoc()
+        try:
+            series_keys = {"StudyInstanceUID": study_uid, **dict.fromkeys(SERIES_QUERY_KEYS)}
+            for series in list(self._find(assoc, _query("SERIES", series_keys))):
+                series_attrs = _keys(series, SERIES_QUERY_KEYS)
+                image_keys = {"StudyInstanceUID": study_uid,
+                              "SeriesInstanceUID": series.SeriesInstanceUID,
+                              **dict.fromkeys(IMAGE_QUERY_KEYS)}
+                for image in self._find(assoc, _query("IMAGE", image_keys)):
+                    yield {**series_attrs, **_keys(image, IMAGE_QUERY_KEYS)}
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def retrieve(self, study_uid: str, on_dataset: Callable[[Dataset, str], None]
+                 ) -> list[tuple[str, str]]:
+        def on_instance(instance: RetrievedInstance) -> None:
+            on_dataset(instance.dataset, instance.transfer_syntax_uid)
+
+        result = self.client.get("STUDY", {"StudyInstanceUID": study_uid},
+                                 on_instance=on_instance, keep=False)
+        problems = [(uid, f"C-GET failed for this instance ({result.status})")
+                    for uid in result.failed_sop_instance_uids]
+        if not result.ok or (result.failed and not problems):
+            problems.append(("", f"C-GET answered {result.status} "
+                                 f"({result.failed} failed sub-operations)"))
+        return problems
+
+
+def _from_json(obj: dict[str, Any]) -> Dataset:
+    obj = {tag: value for tag, value in obj.items() if value.get("vr") != "UR"}
+    return Dataset.from_json(obj)
+
+
+def _multipart(rsp: requests.Response) -> Iterator[bytes]:
+    """The parts of a multipart/related response, read as a stream (one part in memory)."""
+    boundary = None
+    for param in rsp.headers.get("Content-Type", "").split(";"):
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip('"')
+    if not boundary:
+        raise EnvironmentProblem(f"{rsp.url}: multipart answer without boundary")
+    delimiter = b"\r\n--" + boundary.encode()
+    buffer = bytearray(b"\r\n")
+    scan_from = 0
+    for chunk in rsp.iter_content(WADO_CHUNK):
+        buffer += chunk
+        while True:
+            first = buffer.find(delimiter)
+            if first < 0:
+                break
+            start = first + len(delimiter)
+            end = buffer.find(delimiter, max(start, scan_from))
+            if end < 0:
+                scan_from = max(start, len(buffer) - len(delimiter))
+                break
+            part = bytes(buffer[start:end])
+            del buffer[:end]
+            scan_from = 0
+            _, sep, payload = part.partition(b"\r\n\r\n")
+            if sep:
+                yield payload
+
+
+class _DicomwebSource:
+    """QIDO-RS for listings, WADO-RS for retrieval (as stored: transfer-syntax=*)."""
+
+    name = "dicomweb"
+
+    def __init__(self, node: Node) -> None:
+        web = node.dicomweb()
+        assert web is not None
+        self.web: DicomwebClient = web
+
+    def _search(self, path: str, fields: tuple[str, ...]) -> Iterator[Dataset]:
+        include = [f"{tag_for_keyword(k):08X}" for k in fields]
+        offset = 0
+        while True:
+            page = self.web.search(path, includefield=include, limit=QIDO_PAGE, offset=offset)
+            for obj in page:
+                yield _from_json(obj)
+            if len(page) < QIDO_PAGE:
+                return
+            offset += len(page)
+
+    def studies(self) -> Iterator[Dataset]:
+        yield from self._search("/studies", STUDY_QUERY_KEYS)
+
+    def instances(self, study_uid: str) -> Iterator[dict[str, Any]]:
+        for ds in self._search(f"/studies/{study_uid}/instances",
+                               SERIES_QUERY_KEYS + IMAGE_QUERY_KEYS):
+            yield _keys(ds, SERIES_QUERY_KEYS + IMAGE_QUERY_KEYS)
+
+    def retrieve(self, study_uid: str, on_dataset: Callable[[Dataset, str], None]
+                 ) -> list[tuple[str, str]]:
+        url = f"{self.web.root_url}/studies/{study_uid}"
+        accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        try:
+            rsp = self.web.session.get(url, headers={"Accept": accept}, stream=True,
+                                       timeout=self.web.timeout_s)
+        except requests.RequestException as exc:
+            raise EnvironmentProblem(f"DICOMweb at {self.web.root_url}: "
+                                     f"{exc.__class__.__name__}") from None
+        with rsp:
+            if rsp.status_code >= 400:
+                return [("", f"WADO-RS answered HTTP {rsp.status_code}")]
+            problems = []
+            for payload in _multipart(rsp):
+                try:
+                    ds = dcmread(BytesIO(payload))
+                except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
+                    problems.append(("", f"WADO-RS part is not DICOM ({exc})"))
+                    continue
+                on_dataset(ds, str(ds.file_meta.get("TransferSyntaxUID", "")) or None)
+        return problems
+
+
+#: Kinds whose C-GET sends each instance in its stored syntax when offered (dcmqrscp converts
+#: to the first context it accepted, so its ledgers cannot tell a stored syntax).
+KEEPS_STORED_SYNTAX = ("orthanc", "embedded")
+
+
+def _reports_stored_syntax(node: Node, source: Any) -> bool:
+    return source.name == "dicomweb" or node.kind in KEEPS_STORED_SYNTAX
+
+
+def _source(node: Node, via: str) -> _DimseSource | _DicomwebSource:
+    if via not in VIA:
+        raise ConfigError(f"via: unknown {via!r} (allowed: {', '.join(VIA)})")
+    if via == "dicomweb" and node.dicomweb() is None:
+        raise ConfigError(f"via: node {node.name} ({node.kind}) serves no DICOMweb")
+    if via == "dicomweb" or (via == "auto" and node.dicomweb() is not None):
+        return _DicomwebSource(node)
+    return _DimseSource(node)
+
+
+# ---------------------------------------------------------------------------------------
+# the crawl
+
+
+def sample_rank(study_uid: str) -> str:
+    """Sampling order: the same studies are picked on every node holding them."""
+    return hashlib.blake2b(study_uid.encode(), digest_size=8).hexdigest()
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _study_row(ds: Dataset) -> StudyRow | None:
+    keys = _keys(ds, STUDY_QUERY_KEYS)
+    uid = keys.get("StudyInstanceUID")
+    if not uid:
+        return None
+    identity = {col: "" if keys.get(kw) is None else str(keys[kw])
+                for kw, col in IDENTITY_COLUMNS.items()}
+    return StudyRow(
+        study_uid=str(uid),
+        **identity,
+        keys={k: v for k, v in keys.items() if k not in _COUNT_KEYS},
+        reported_series=_int(keys.get("NumberOfStudyRelatedSeries")),
+        reported_instances=_int(keys.get("NumberOfStudyRelatedInstances")),
+    )
+
+
+def _check_depth(depth: str, sample: int | None) -> None:
+    if depth not in DEPTHS:
+        raise ConfigError(f"depth: unknown depth {depth!r} (allowed: {', '.join(DEPTHS)})")
+    if sample is not None:
+        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
+            raise ConfigError(f"sample: must be a whole number of studies >= 1, got {sample!r}")
+        if depth != "full":
+            raise ConfigError("sample: only with depth full (it says how many studies to "
+                              "retrieve fully; the others are listed at depth attributes)")
+
+
+_RESUME_KEYS = ("ae_title", "depth", "sample", "via")  # what must match to resume a crawl
+
+
+def _open_ledger(node: Node, path: Path, depth: str, sample: int | None, via: str,
+                 resume: bool) -> tuple[Ledger, bool]:
+    """The ledger to write into, and whether it continues an earlier crawl."""
+    wanted = {"node": node.name, "kind": node.kind, "ae_title": node.ae_title,
+              "depth": depth, "sample": "" if sample is None else str(sample), "via": via}
+    if resume and path.exists():
+        ledger = Ledger.open(path)
+        meta = ledger.meta()
+        if "finished" in meta:  # a complete crawl is not resumed: it is done again
+            ledger.close()
+            return Ledger.create(path, wanted), False
+        different = {k: (meta.get(k), wanted[k]) for k in _RESUME_KEYS if meta.get(k) != wanted[k]}
+        if different:
+            ledger.close()
+            what = ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in different.items())
+            raise ConfigError(f"{path}: this ledger was crawled with {what}; give another "
+                              "path or start again (resume=False)")
+        return ledger, True
+    return Ledger.create(path, wanted), False
+
+
+def crawl(
+    node: Node,
+    ledger_path: str | Path,
+    depth: str = "attributes",
+    sample: int | None = None,
+    progress: Progress | None = None,
+    *,
+    resume: bool = True,
+    via: str = "auto",
+) -> CrawlSummary:
+    """Crawl every patient, study, series and instance of `node` into `ledger_path`.
+
+    `progress(done, total)` is called with study counts. `via`: `auto` (DICOMweb where the
+    node serves it, else DIMSE), `dimse` or `dicomweb`.
+    """
+    _check_depth(depth, sample)
+    started = time.perf_counter()
+    source = _source(node, via)
+    path = Path(ledger_path)
+    ledger, resumed = _open_ledger(node, path, depth, sample, via, resume)
+    summary = CrawlSummary(node.name, node.kind, str(path), depth, sample, source.name, {})
+    stored_syntax = _reports_stored_syntax(node, source)
+    if not stored_syntax:
+        summary.notes.append(f"transfer syntaxes not recorded: {node.kind} may convert "
+                             "instances on retrieval, so the stored syntax is unknown")
+    ledger.set_meta(transfer_syntax="stored" if stored_syntax else "unknown")
+    try:
+        if ledger.meta().get("listing") != "complete":
+            _list_studies(ledger, source, depth, sample)
+        total = ledger.conn.execute("SELECT count(*) FROM studies").fetchone()[0]
+        pending = ledger.pending_studies()
+        summary.studies_total = total
+        summary.studies_resumed = total - len(pending) if resumed else 0
+        done = total - len(pending)
+        if progress:
+            progress(done, total)
+        for study_uid, retrieve in pending:
+            if retrieve:
+                _crawl_full(ledger, source, study_uid, stored_syntax)
+            else:
+                _crawl_attributes(ledger, source, study_uid)
+            summary.studies_crawled += 1
+            done += 1
+            if progress:
+                progress(done, total)
+        ledger.finish()
+        q = ledger.conn.execute
+        summary.counts = ledger.counts()
+        summary.studies_retrieved = q("SELECT count(*) FROM studies WHERE retrieve = 1"
+                                      ).fetchone()[0]
+        summary.instances_retrieved = q("SELECT count(*) FROM instances WHERE retrieved = 1"
+                                        ).fetchone()[0]
+        summary.pixels_undecoded = q("SELECT count(*) FROM instances WHERE pixel_mode = 'raw'"
+                                     ).fetchone()[0]
+        summary.issues = q("SELECT count(*) FROM issues").fetchone()[0]
+        summary.elapsed_s = round(time.perf_counter() - started, 3)
+        ledger.set_meta(summary=summary.as_dict())
+    finally:
+        ledger.close()
+    return summary
+
+
+def _list_studies(ledger: Ledger, source: Any, depth: str, sample: int | None) -> None:
+    ledger.conn.execute("DELETE FROM studies WHERE state = 'listed'")  # an interrupted listing
+    batch: list[StudyRow] = []
+    for ds in source.studies():
+        row = _study_row(ds)
+        if row is None:
+            continue
+        batch.append(row)
+        if len(batch) >= 1000:
+            ledger.add_studies(batch)
+            batch = []
+    ledger.add_studies(batch)
+    if depth == "full":
+        uids = [uid for (uid,) in ledger.conn.execute("SELECT study_uid FROM studies")]
+        chosen = sorted(uids, key=sample_rank)[:sample] if sample else uids
+        ledger.conn.execute("BEGIN")
+        ledger.conn.executemany("UPDATE studies SET retrieve = 1 WHERE study_uid = ?",
+                                [(uid,) for uid in chosen])
+        ledger.conn.execute("COMMIT")
+    ledger.set_meta(listing="complete")
+
+
+def _crawl_attributes(ledger: Ledger, source: Any, study_uid: str) -> None:
+    study_keys = ledger.study_keys(study_uid)
+    series: dict[str, SeriesRow] = {}
+    rows: list[InstanceRow] = []
+    issues: list[tuple[str, str]] = []
+    for keys in source.instances(study_uid):
+        if not keys.get("SOPInstanceUID"):
+            issues.append(("", "an IMAGE-level match without SOPInstanceUID"))
+            continue
+        attrs = {**study_keys, **keys, "StudyInstanceUID": study_uid}
+        rows.append(row_from_keys(attrs))
+        uid = str(attrs.get("SeriesInstanceUID") or "")
+        if uid not in series:
+            series[uid] = _series_row(attrs, study_uid)
+    ledger.commit_study(study_uid, series.values(), rows, issues)
+
+
+def _series_row(attrs: dict[str, Any], study_uid: str) -> SeriesRow:
+    def text(key: str) -> str:
+        value = attrs.get(key)
+        return "" if value is None else str(value)
+
+    return SeriesRow(text("SeriesInstanceUID"), study_uid, text("Modality"),
+                     text("SeriesNumber"), text("SeriesDescription"))
+
+
+def _crawl_full(ledger: Ledger, source: Any, study_uid: str, stored_syntax: bool) -> None:
+    series: dict[str, SeriesRow] = {}
+    rows: list[InstanceRow] = []
+    issues: list[tuple[str, str]] = []
+
+    def on_dataset(ds: Dataset, transfer_syntax: str | None) -> None:
+        try:
+            row = row_from_dataset(ds, transfer_syntax)
+            if not stored_syntax:
+                row.transfer_syntax = None
+        except Exception as exc:  # noqa: BLE001 - one unreadable object must not stop a crawl
+            uid = str(ds.get("SOPInstanceUID", ""))
+            issues.append((uid, f"could not read the retrieved instance: {exc}"))
+            return
+        if row.study_uid != study_uid:
+            issues.append((row.sop_uid, f"retrieved with study {study_uid} but belongs to "
+                                        f"study {row.study_uid}"))
+        rows.append(row)
+        if row.series_uid not in series:
+            series[row.series_uid] = SeriesRow(
+                row.series_uid, row.study_uid, str(ds.get("Modality", "") or ""),
+                str(ds.get("SeriesNumber", "") or ""), str(ds.get("SeriesDescription", "") or ""))
+
+    issues.extend(source.retrieve(study_uid, on_dataset))
+    reported = ledger.conn.execute("SELECT reported_instances FROM studies WHERE study_uid = ?",
+                                   (study_uid,)).fetchone()[0]
+    if reported is not None and reported != len(rows):
+        issues.append(("", f"the node reports {reported} instances, {len(rows)} were retrieved"))
+    ledger.commit_study(study_uid, series.values(), rows, issues)

@@ -1,0 +1,838 @@
+"""Reconciliation: compare a source and a target ledger; what the rules do not allow is a finding.
+
+Instances are matched by SOP Instance UID, series and studies by their UIDs, patients through
+their studies. The heavy lifting is two SQL passes over the ATTACHed ledgers (source left-
+joined to target; target anti-joined to source) that keep only the instances that are missing,
+extra or whose digests or identity columns differ beyond the rules; everything after that
+works on those few rows, so equal ledgers of 1M instances each reconcile in seconds.
+
+Rollups, so that one defect is one finding:
+
+- missing/extra: a series whose every instance is missing (and whose UID the other side does
+  not have) is one `missing_series` finding listing its instances; likewise a study whose
+  every series is missing, and a patient whose every study is missing. Anything smaller is one
+  `missing_instance` finding per instance. `extra_*` mirror this on the target.
+- duplicate: an extra target instance with the same attributes (apart from SOP Instance UID)
+  and pixels as another instance is one `duplicate_instance` finding, not an extra.
+- reassignment: a study (all of its instances) now filed under another *source* patient is one
+  `study_reassignment` (patient attributes then not reported again); when every study of a
+  patient went to the same other patient it is one `patient_reassignment`.
+- altered: instances with the same difference (same attributes, same before and after) are
+  reported once for the highest entity they cover entirely (patient, study, series, else each
+  instance), but not higher than the level the attributes belong to (StudyDate at most study,
+  Modality at most series). `altered_pixels` rolls up the same way.
+
+Outputs: findings.json (machine-readable, every finding with its UIDs), findings.csv (one row
+per finding and attribute), summary.txt (counts, findings by type, verdict pass/fail).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sqlite3
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import EXIT_FINDINGS, EXIT_PASS, ConfigError
+from harness.ledger import (
+    IDENTITY_COLUMNS,
+    INSTANCE_COLUMNS,
+    KEY_ATTRS,
+    PATIENT_ATTRS,
+    SERIES_ATTRS,
+    STUDY_ATTRS,
+)
+from harness.rules import Rules, load_rules
+
+LEVELS = ("patient", "study", "series", "instance")
+FINDING_TYPES = (
+    "missing_patient", "missing_study", "missing_series", "missing_instance",
+    "extra_patient", "extra_study", "extra_series", "extra_instance",
+    "altered_attributes", "altered_pixels", "duplicate_instance",
+    "patient_reassignment", "study_reassignment",
+)
+_COMPARED_WHEN_NOT_RETRIEVED = (*KEY_ATTRS, *IDENTITY_COLUMNS, "SOPClassUID")
+_CHUNK = 500  # UIDs per IN (...) list
+
+
+@dataclass
+class Finding:
+    """One difference the rules do not allow (rolled up: see the module docstring)."""
+
+    type: str
+    level: str
+    patient_id: str = ""
+    issuer: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    sop_uid: str = ""
+    instances: int = 1
+    sop_uids: list[str] = field(default_factory=list)
+    attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    related: dict[str, Any] = field(default_factory=dict)
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Findings:
+    """The result of one reconciliation and its writers."""
+
+    source: str
+    target: str
+    counts: dict[str, dict[str, int]]
+    findings: list[Finding]
+    missing: int  # source instances absent from the target
+    extra: int  # target instances absent from the source (duplicates included)
+    altered: int  # instances present on both sides that differ beyond the rules
+    rules: dict[str, Any]
+    sample: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        return "fail" if self.findings else "pass"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FINDINGS if self.findings else EXIT_PASS
+
+    def by_type(self) -> dict[str, int]:
+        counted = Counter(f.type for f in self.findings)
+        return {t: counted[t] for t in FINDING_TYPES if counted[t]}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "counts": self.counts,
+            "missing": self.missing,
+            "extra": self.extra,
+            "altered": self.altered,
+            "by_type": self.by_type(),
+            "source": self.source,
+            "target": self.target,
+            "rules": self.rules,
+            "sample": self.sample,
+            "warnings": self.warnings,
+            "elapsed_s": self.elapsed_s,
+            "findings": [f.as_dict() for f in self.findings],
+        }
+
+    def summary_text(self) -> str:
+        """A few lines for a person: verdict first."""
+        src, tgt = self.counts["source"], self.counts["target"]
+
+        def line(c: dict[str, int]) -> str:
+            return (f"{c['patients']} patients, {c['studies']} studies, {c['series']} series, "
+                    f"{c['instances']} instances")
+
+        out = [
+            f"verdict: {self.verdict.upper()} ({len(self.findings)} findings)",
+            f"source: {line(src)}  [{self.source}]",
+            f"target: {line(tgt)}  [{self.target}]",
+            f"instances missing: {self.missing}, extra: {self.extra}, altered: {self.altered}",
+        ]
+        if self.findings:
+            out.append("findings: " + ", ".join(f"{t} {n}" for t, n in self.by_type().items()))
+            for f in self.findings[:10]:
+                out.append(f"  - {f.type} ({f.level}, {f.instances} instance(s)): {f.detail}")
+            if len(self.findings) > 10:
+                out.append(f"  ... {len(self.findings) - 10} more in findings.json/findings.csv")
+        if self.sample:
+            out.append(f"sample: {self.sample['statement']}")
+        out.append(f"rules: {self.rules.get('source', '<none>')}")
+        for warning in self.warnings[:10]:
+            out.append(f"warning: {warning}")
+        return "\n".join(out) + "\n"
+
+    def write(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write findings.json, findings.csv and summary.txt into `out_dir`."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / "findings.json", "csv": out / "findings.csv",
+                 "summary": out / "summary.txt"}
+        paths["json"].write_text(json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n",
+                                 encoding="utf-8")
+        write_csv(self.findings, paths["csv"])
+        paths["summary"].write_text(self.summary_text(), encoding="utf-8")
+        return paths
+
+
+CSV_COLUMNS = ("finding", "type", "level", "patient_id", "issuer", "study_uid", "series_uid",
+               "sop_uid", "instances", "attribute", "before", "after", "detail")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def write_csv(findings: Iterable[Finding], path: str | os.PathLike[str]) -> None:
+    """One row per finding and attribute, so a spreadsheet filter on any column works."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for number, f in enumerate(findings, start=1):
+            base = [number, f.type, f.level, f.patient_id, f.issuer, f.study_uid, f.series_uid,
+                    f.sop_uid, f.instances]
+            if f.attributes:
+                for name, change in f.attributes.items():
+                    writer.writerow([*base, name, _cell(change.get("before")),
+                                     _cell(change.get("after")), f.detail])
+            else:
+                writer.writerow([*base, "", "", "", f.detail])
+
+
+# ---------------------------------------------------------------------------------------
+# sampling confidence
+
+
+def sample_bound(sampled: int, total: int, confidence: float = 0.95) -> float:
+    """The largest fraction of studies that could be altered, at `confidence`, when none of
+    `sampled` studies drawn without replacement from `total` was (hypergeometric)."""
+    if total <= 0 or sampled >= total:
+        return 0.0
+    if sampled <= 0:
+        return 1.0
+    alpha = 1.0 - confidence
+
+    def log_p_none(bad: int) -> float:  # P(no altered study in the sample | `bad` of them)
+        if total - bad < sampled:
+            return -math.inf
+        return (math.lgamma(total - bad + 1) - math.lgamma(total - bad - sampled + 1)
+                - math.lgamma(total + 1) + math.lgamma(total - sampled + 1))
+
+    low, high = 0, total  # P(0 | low) >= alpha > P(0 | high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        if log_p_none(mid) >= math.log(alpha):
+            low = mid
+        else:
+            high = mid
+    return low / total
+
+
+# ---------------------------------------------------------------------------------------
+# reconciliation
+
+
+def _counts(conn: sqlite3.Connection, alias: str) -> dict[str, int]:
+    q = conn.execute
+    return {
+        "patients": q(f"SELECT count(*) FROM {alias}.patients").fetchone()[0],
+        "studies": q(f"SELECT count(*) FROM {alias}.studies").fetchone()[0],
+        "series": q(f"SELECT count(*) FROM {alias}.series").fetchone()[0],
+        "instances": q(f"SELECT count(*) FROM {alias}.instances").fetchone()[0],
+    }
+
+
+def _same_sql(rules: Rules) -> str:
+    """SQL true when source row a and target row b agree under the rules (prefilter)."""
+    conds = [
+        "a.series_uid = b.series_uid",
+        "a.study_uid = b.study_uid",
+        "(a.sop_class = b.sop_class OR a.sop_class = '' OR b.sop_class = '')",
+        "(CASE WHEN a.retrieved = 1 AND b.retrieved = 1 "
+        "THEN a.attrs_digest IS b.attrs_digest AND a.pixel_digest IS b.pixel_digest "
+        "ELSE a.keys_digest = b.keys_digest END)",
+    ]
+    for keyword, column in IDENTITY_COLUMNS.items():
+        if keyword in rules.ignore:
+            continue
+        if column == "patient_id":
+            prefix = "coalesce(p.prefix, :default_prefix)"
+            unchanged = "" if rules.prefix_required else " OR b.patient_id = a.patient_id"
+            conds.append(f"(CASE WHEN {prefix} IS NULL THEN b.patient_id = a.patient_id "
+                         f"ELSE b.patient_id = {prefix} || a.patient_id{unchanged} END)")
+        elif keyword in rules.added:
+            conds.append(f"(b.{column} = a.{column} OR a.{column} = '')")
+        else:
+            conds.append(f"b.{column} = a.{column}")
+    if not rules.charset_conversion and "SpecificCharacterSet" not in rules.ignore:
+        conds.append("(a.charset IS NULL OR b.charset IS NULL OR a.charset = b.charset)")
+    if not rules.lossless_transfer_syntax_change:
+        conds.append("(a.transfer_syntax IS NULL OR b.transfer_syntax IS NULL "
+                     "OR a.transfer_syntax = b.transfer_syntax)")
+    return "(" + " AND ".join(conds) + ")"
+
+
+def _in_chunks(conn: sqlite3.Connection, sql: str, values: Iterable[Any]) -> list[tuple]:
+    """Run `sql` (with one `{}` for an IN list) over `values` in chunks."""
+    values = list(values)
+    rows: list[tuple] = []
+    for start in range(0, len(values), _CHUNK):
+        chunk = values[start:start + _CHUNK]
+        rows.extend(conn.execute(sql.format(", ".join("?" * len(chunk))), chunk))
+    return rows
+
+
+class _Reconciler:
+    """One reconciliation; state shared by the steps below."""
+
+    def __init__(self, conn: sqlite3.Connection, rules: Rules) -> None:
+        self.conn = conn
+        self.rules = rules
+        self.findings: list[Finding] = []
+        self.warnings: list[str] = []
+        self.study_patient: dict[str, dict[str, tuple[str, str]]] = {"s": {}, "t": {}}
+        self.altered_studies: set[str] = set()
+
+    # -- SQL passes -------------------------------------------------------------------
+    def differences(self) -> None:
+        conn, rules = self.conn, self.rules
+        conn.execute("CREATE TEMP TABLE prefix_map (issuer TEXT PRIMARY KEY, prefix TEXT)")
+        conn.executemany("INSERT INTO prefix_map VALUES (?, ?)",
+                         list(rules.prefix_by_issuer.items()))
+        conn.execute(
+            "CREATE TEMP TABLE cand AS SELECT a.sop_uid AS sop_uid, b.sop_uid IS NULL AS missing "
+            "FROM s.instances a LEFT JOIN t.instances b ON b.sop_uid = a.sop_uid "
+            "LEFT JOIN prefix_map p ON p.issuer = a.issuer "
+            f"WHERE b.sop_uid IS NULL OR NOT coalesce({_same_sql(rules)}, 0)",
+            {"default_prefix": rules.prefix_default},
+        )
+        conn.execute(
+            "CREATE TEMP TABLE extra AS SELECT b.sop_uid AS sop_uid FROM t.instances b "
+            "WHERE NOT EXISTS (SELECT 1 FROM s.instances a WHERE a.sop_uid = b.sop_uid)"
+        )
+
+    def patient_of(self, alias: str, study_uid: str, fallback: tuple[str, str]
+                   ) -> tuple[str, str]:
+        cache = self.study_patient[alias]
+        if study_uid not in cache:
+            row = self.conn.execute(
+                f"SELECT patient_id, issuer FROM {alias}.studies WHERE study_uid = ?",
+                (study_uid,)).fetchone()
+            cache[study_uid] = (row[0], row[1]) if row else fallback
+        return cache[study_uid]
+
+    # -- missing and extra --------------------------------------------------------------
+    def absent(self, kind: str, side: str, other: str, rows: list[tuple[str, str, str, str, str]]
+               ) -> None:
+        """Roll up instances of `side` that `other` lacks into patient/study/series findings."""
+        if not rows:
+            return
+        by_series: dict[str, list[tuple]] = defaultdict(list)
+        for row in rows:
+            by_series[row[1]].append(row)
+        series_total = dict(_in_chunks(
+            self.conn, f"SELECT series_uid, count(*) FROM {side}.instances "
+                       "WHERE series_uid IN ({}) GROUP BY series_uid", by_series))
+        on_other = {r[0] for r in _in_chunks(
+            self.conn, f"SELECT DISTINCT series_uid FROM {other}.instances "
+                       "WHERE series_uid IN ({})", by_series)}
+        full_series = {s for s, items in by_series.items()
+                       if len(items) == series_total.get(s) and s not in on_other}
+
+        study_of = {s: by_series[s][0][2] for s in by_series}
+        full_by_study: dict[str, set[str]] = defaultdict(set)
+        for s in full_series:
+            full_by_study[study_of[s]].add(s)
+        study_series = dict(_in_chunks(
+            self.conn, f"SELECT study_uid, count(DISTINCT series_uid) FROM {side}.instances "
+                       "WHERE study_uid IN ({}) GROUP BY study_uid", full_by_study))
+        study_on_other = {r[0] for r in _in_chunks(
+            self.conn, f"SELECT DISTINCT study_uid FROM {other}.instances "
+                       "WHERE study_uid IN ({})", full_by_study)}
+        full_studies = {st for st, series in full_by_study.items()
+                        if len(series) == study_series.get(st) and st not in study_on_other}
+
+        patient = {st: self.patient_of(side, st, (by_series[next(iter(ss))][0][3],
+                                                  by_series[next(iter(ss))][0][4]))
+                   for st, ss in full_by_study.items()}
+        full_by_patient: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for st in full_studies:
+            full_by_patient[patient[st]].add(st)
+        full_patients = set()
+        for key, studies in full_by_patient.items():
+            total = self.conn.execute(
+                f"SELECT count(*) FROM {side}.studies st WHERE patient_id = ? AND issuer = ? "
+                f"AND EXISTS (SELECT 1 FROM {side}.instances i WHERE i.study_uid = st.study_uid)",
+                key).fetchone()[0]
+            if len(studies) == total:
+                full_patients.add(key)
+
+        def uids(series_set: Iterable[str]) -> list[str]:
+            return sorted(r[0] for s in series_set for r in by_series[s])
+
+        where = "target" if kind == "missing" else "source"
+        for key in sorted(full_patients):
+            studies = sorted(full_by_patient[key])
+            series = [s for st in studies for s in full_by_study[st]]
+            self.findings.append(Finding(
+                f"{kind}_patient", "patient", key[0], key[1], sop_uids=uids(series),
+                instances=len(uids(series)), related={"studies": studies},
+                detail=f"patient {key[0]!r} ({len(studies)} studies) is not on the {where}"))
+        for st in sorted(full_studies):
+            if patient[st] in full_patients:
+                continue
+            series = sorted(full_by_study[st])
+            self.findings.append(Finding(
+                f"{kind}_study", "study", *patient[st], study_uid=st, sop_uids=uids(series),
+                instances=len(uids(series)), related={"series": series},
+                detail=f"study {st} ({len(series)} series) is not on the {where}"))
+        def patient_of(row: tuple) -> tuple[str, str]:
+            return self.patient_of(side, row[2], (row[3], row[4]))
+
+        for s in sorted(full_series):
+            st = study_of[s]
+            if st in full_studies:
+                continue
+            self.findings.append(Finding(
+                f"{kind}_series", "series", *patient_of(by_series[s][0]), study_uid=st,
+                series_uid=s,
+                sop_uids=uids([s]), instances=len(by_series[s]),
+                detail=f"series {s} ({len(by_series[s])} instances) is not on the {where}"))
+        for s, items in sorted(by_series.items()):
+            if s in full_series:
+                continue
+            for row in sorted(items):
+                sop, series_uid, study_uid = row[:3]
+                self.findings.append(Finding(
+                    f"{kind}_instance", "instance", *patient_of(row), study_uid=study_uid,
+                    series_uid=series_uid, sop_uid=sop, sop_uids=[sop],
+                    detail=f"instance {sop} is not on the {where}"))
+
+    def missing_and_extra(self) -> tuple[int, int]:
+        cols = "a.sop_uid, a.series_uid, a.study_uid, a.patient_id, a.issuer"
+        missing = self.conn.execute(
+            f"SELECT {cols} FROM cand c JOIN s.instances a ON a.sop_uid = c.sop_uid "
+            "WHERE c.missing").fetchall()
+        self.absent("missing", "s", "t", missing)
+
+        extras = self.conn.execute(
+            f"SELECT {cols.replace('a.', 'b.')}, b.attrs_digest, b.pixel_digest "
+            "FROM extra e JOIN t.instances b ON b.sop_uid = e.sop_uid").fetchall()
+        plain = []
+        for sop, series, study, pid, issuer, attrs_digest, pixels in extras:
+            original = self._duplicate_of(sop, attrs_digest, pixels)
+            if original is None:
+                plain.append((sop, series, study, pid, issuer))
+                continue
+            self.findings.append(Finding(
+                "duplicate_instance", "instance", pid, issuer, study_uid=study, series_uid=series,
+                sop_uid=sop, sop_uids=[sop], related={"duplicate_of": original},
+                detail=f"instance {sop} has the content of {original} under a new SOP "
+                       "Instance UID"))
+        self.absent("extra", "t", "s", plain)
+        return len(missing), len(extras)
+
+    def _duplicate_of(self, sop: str, attrs_digest: str | None, pixels: str | None
+                      ) -> str | None:
+        if attrs_digest is None:
+            return None  # only known from C-FIND: too little to call it a duplicate
+        for alias in ("t", "s"):
+            row = self.conn.execute(
+                f"SELECT sop_uid FROM {alias}.instances WHERE attrs_digest = ? "
+                "AND pixel_digest IS ? AND sop_uid != ? "
+                "AND sop_uid NOT IN (SELECT sop_uid FROM extra) LIMIT 1",
+                (attrs_digest, pixels, sop)).fetchone()
+            if row:
+                return row[0]
+        return None
+
+    # -- altered ----------------------------------------------------------------------
+    def _diff(self, a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, tuple], bool]:
+        """Attribute differences the rules do not allow, and whether pixels changed."""
+        rules = self.rules
+        ja, jb = json.loads(a["attrs_json"]), json.loads(b["attrs_json"])
+        both = a["retrieved"] and b["retrieved"]
+        names = (set(ja) | set(jb)) if both else set(_COMPARED_WHEN_NOT_RETRIEVED)
+        diff = {}
+        for name in names:
+            before, after = ja.get(name), jb.get(name)
+            if before == after:
+                continue
+            if not both and (before is None or after is None) and name == "SOPClassUID":
+                continue  # not every node answers SOPClassUID in C-FIND
+            diff[name] = (before, after)
+        pixels_changed = False
+        if both and a["pixel_digest"] != b["pixel_digest"]:
+            if a["pixel_mode"] == b["pixel_mode"]:
+                pixels_changed = True
+            else:
+                self.warnings.append(f"instance {a['sop_uid']}: pixels decoded on one side "
+                                     "only, not compared")
+        if "PatientID" not in rules.ignore and not rules.patient_id_allowed(
+                a["patient_id"], a["issuer"], b["patient_id"]):
+            diff["PatientID"] = (a["patient_id"], b["patient_id"])  # e.g. a required prefix
+        if a["transfer_syntax"] and b["transfer_syntax"] and \
+                a["transfer_syntax"] != b["transfer_syntax"]:
+            diff["TransferSyntaxUID"] = (a["transfer_syntax"], b["transfer_syntax"])
+        allowed = set()
+        for name, (before, after) in diff.items():
+            if name in rules.ignore:
+                allowed.add(name)
+            elif name in rules.added and before is None:
+                allowed.add(name)
+            elif name == "PatientID" and rules.patient_id_allowed(
+                    str(before or ""), a["issuer"], str(after or "")):
+                allowed.add(name)
+            elif name == "SpecificCharacterSet" and rules.charset_conversion:
+                allowed.add(name)
+            elif name == "TransferSyntaxUID" and rules.transfer_syntax_allowed(
+                    before, after, (not pixels_changed) if both else None):
+                allowed.add(name)
+        if pixels_changed and "TransferSyntaxUID" in diff:
+            allowed.add("TransferSyntaxUID")  # reported with the pixels: one defect, one finding
+        return {k: v for k, v in diff.items() if k not in allowed}, pixels_changed
+
+    def _other_source_patient(self, pair: dict[str, Any]) -> tuple[str, str] | None:
+        """The other source patient a target instance is now filed under, if any."""
+        a, b = pair["a"], pair["b"]
+        candidates = self.rules.source_patient_ids(b["patient_id"])
+        rows = _in_chunks(self.conn, "SELECT patient_id, issuer FROM s.patients "
+                                     "WHERE patient_id IN ({})", sorted(candidates))
+        rows = [r for r in rows if (r[0], r[1]) != (a["patient_id"], a["issuer"])]
+        if not rows:
+            return None
+        same_issuer = [r for r in rows if r[1] == b["issuer"]]
+        return tuple((same_issuer or rows)[0])
+
+    def altered(self) -> int:
+        cols = ", ".join(f"{alias}.{c}" for alias in ("a", "b") for c in INSTANCE_COLUMNS)
+        cur = self.conn.execute(
+            f"SELECT {cols}, ja.attrs_json, jb.attrs_json FROM cand c "
+            "JOIN s.instances a ON a.sop_uid = c.sop_uid "
+            "JOIN t.instances b ON b.sop_uid = c.sop_uid "
+            "JOIN s.instance_attrs ja ON ja.sop_uid = c.sop_uid "
+            "JOIN t.instance_attrs jb ON jb.sop_uid = c.sop_uid "
+            "WHERE NOT c.missing")
+        n = len(INSTANCE_COLUMNS)
+        pairs = []
+        for values in cur:
+            a = dict(zip(INSTANCE_COLUMNS, values[:n], strict=True))
+            b = dict(zip(INSTANCE_COLUMNS, values[n:2 * n], strict=True))
+            a["attrs_json"], b["attrs_json"] = values[2 * n], values[2 * n + 1]
+            diff, pixels = self._diff(a, b)
+            if diff or pixels:
+                a["patient"] = self.patient_of("s", a["study_uid"], (a["patient_id"], a["issuer"]))
+                del a["attrs_json"], b["attrs_json"]  # memory: keep what the findings need
+                pairs.append({"a": a, "b": b, "diff": diff, "pixels": pixels})
+        if not pairs:
+            return 0
+        self.altered_studies = {p["a"]["study_uid"] for p in pairs}
+        compared = self._compared_counts({p["a"]["patient"] for p in pairs})
+        self._reassignments(pairs, compared)
+        self._rollup_altered(pairs, compared)
+        return len({p["a"]["sop_uid"] for p in pairs if p["diff"] or p["pixels"]
+                    or p.get("reassigned")})
+
+    def _compared_counts(self, patients: set[tuple[str, str]]) -> dict[str, Any]:
+        """Instances present on both sides, per series, study and patient (for rollups)."""
+        studies: dict[str, tuple[str, str]] = {}
+        for key in patients:
+            for (uid,) in self.conn.execute(
+                    "SELECT study_uid FROM s.studies WHERE patient_id = ? AND issuer = ?", key):
+                studies[uid] = key
+        counts: dict[str, Any] = {"series": Counter(), "study": Counter(), "patient": Counter(),
+                                  "studies_of": defaultdict(set)}
+        for study, series, number in _in_chunks(
+                self.conn, "SELECT a.study_uid, a.series_uid, count(*) FROM s.instances a "
+                           "JOIN t.instances b ON b.sop_uid = a.sop_uid "
+                           "WHERE a.study_uid IN ({}) GROUP BY 1, 2", studies):
+            counts["series"][series] += number
+            counts["study"][study] += number
+            counts["patient"][studies[study]] += number
+            counts["studies_of"][studies[study]].add(study)
+        return counts
+
+    def _reassignments(self, pairs: list[dict[str, Any]], compared: dict[str, Any]) -> None:
+        by_study: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for pair in pairs:
+            if "PatientID" in pair["diff"]:
+                other = self._other_source_patient(pair)
+                if other is not None:
+                    pair["to"] = other
+                    by_study[pair["a"]["study_uid"]].append(pair)
+        moved: dict[str, tuple[str, str]] = {}
+        for study, items in by_study.items():
+            targets = {p["to"] for p in items}
+            if len(targets) == 1 and len(items) == compared["study"][study]:
+                moved[study] = next(iter(targets))
+        by_patient: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for study in moved:
+            by_patient[by_study[study][0]["a"]["patient"]].append(study)
+        for source_patient, studies in sorted(by_patient.items()):
+            targets = {moved[s] for s in studies}
+            whole = set(studies) == compared["studies_of"][source_patient] and len(targets) == 1
+            example = by_study[studies[0]][0]
+            changes = {k: {"before": v[0], "after": v[1]} for k, v in example["diff"].items()
+                       if k in PATIENT_ATTRS}
+            groups = [studies] if whole else [[s] for s in sorted(studies)]
+            for group in groups:
+                to = moved[group[0]]
+                sops = sorted(p["a"]["sop_uid"] for s in group for p in by_study[s])
+                kind = "patient_reassignment" if whole else "study_reassignment"
+                self.findings.append(Finding(
+                    kind, "patient" if whole else "study", *source_patient,
+                    study_uid="" if whole else group[0], instances=len(sops), sop_uids=sops,
+                    attributes=changes,
+                    related={"from_patient": {"patient_id": source_patient[0],
+                                              "issuer": source_patient[1]},
+                             "to_patient": {"patient_id": to[0], "issuer": to[1]},
+                             "studies": sorted(group)},
+                    detail=(f"{'all studies of ' if whole else 'study ' + group[0] + ' of '}"
+                            f"patient {source_patient[0]!r} now under patient {to[0]!r}")))
+            for study in studies:
+                for pair in by_study[study]:
+                    pair["reassigned"] = True
+                    pair["diff"] = {k: v for k, v in pair["diff"].items()
+                                    if k not in PATIENT_ATTRS}
+
+    def _rollup_altered(self, pairs: list[dict[str, Any]], compared: dict[str, Any]) -> None:
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for pair in pairs:
+            if pair["diff"]:
+                signature = json.dumps(sorted(pair["diff"].items()), default=str)
+                groups[("altered_attributes", signature)].append(pair)
+            if pair["pixels"]:
+                groups[("altered_pixels", "")].append(pair)
+        for (kind, _), items in groups.items():
+            cap = _cap_level(items[0]["diff"]) if kind == "altered_attributes" else 0
+            self._rollup_group(kind, items, compared, cap)
+
+    def _rollup_group(self, kind: str, items: list[dict[str, Any]], compared: dict[str, Any],
+                      cap: int) -> None:
+        remaining = list(items)
+        keys = (
+            ("patient", lambda p: p["a"]["patient"]),
+            ("study", lambda p: p["a"]["study_uid"]),
+            ("series", lambda p: p["a"]["series_uid"]),
+        )
+        for level_index, (level, key_of) in enumerate(keys):
+            if level_index < cap:
+                continue
+            grouped: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+            for pair in remaining:
+                grouped[key_of(pair)].append(pair)
+            kept = []
+            for key, members in grouped.items():
+                if len(members) == compared[level][key] and len(members) > 1:
+                    self._altered_finding(kind, level, members)
+                else:
+                    kept.extend(members)
+            remaining = kept
+        for pair in remaining:
+            self._altered_finding(kind, "instance", [pair])
+
+    def _altered_finding(self, kind: str, level: str, members: list[dict[str, Any]]) -> None:
+        first = members[0]["a"]
+        diff = members[0]["diff"] if kind == "altered_attributes" else {}
+        sops = sorted(m["a"]["sop_uid"] for m in members)
+        where = {"patient": f"patient {first['patient'][0]!r}",
+                 "study": f"study {first['study_uid']}",
+                 "series": f"series {first['series_uid']}",
+                 "instance": f"instance {first['sop_uid']}"}[level]
+        if kind == "altered_pixels":
+            detail = f"pixel data of {where} changed ({len(sops)} instance(s))"
+        else:
+            detail = f"{', '.join(sorted(diff))} changed on {where} ({len(sops)} instance(s))"
+        self.findings.append(Finding(
+            kind, level, *first["patient"],
+            study_uid=first["study_uid"] if level != "patient" else "",
+            series_uid=first["series_uid"] if level in ("series", "instance") else "",
+            sop_uid=first["sop_uid"] if level == "instance" else "",
+            instances=len(sops), sop_uids=sops,
+            attributes={k: {"before": v[0], "after": v[1]} for k, v in sorted(diff.items())},
+            related=_pixel_details(members) if kind == "altered_pixels" else {},
+            detail=detail))
+
+    # -- sample and warnings ------------------------------------------------------------
+    def sample(self, meta: dict[str, dict[str, str]]) -> dict[str, Any] | None:
+        if not (meta["s"].get("sample") or meta["t"].get("sample")):
+            return None
+        total = self.conn.execute("SELECT count(*) FROM s.studies").fetchone()[0]
+        sampled = [uid for (uid,) in self.conn.execute(
+            "SELECT a.study_uid FROM s.studies a JOIN t.studies b ON b.study_uid = a.study_uid "
+            "WHERE a.retrieve = 1 AND b.retrieve = 1")]
+        bad = len(set(sampled) & self.altered_studies)
+        bound = sample_bound(len(sampled), total) if not bad else None
+        if bad:
+            statement = (f"{bad} of {len(sampled)} fully compared studies have altered content "
+                         f"(of {total} studies)")
+        else:
+            statement = (f"no altered content in {len(sampled)} fully compared studies of "
+                         f"{total}: with 95% confidence at most {bound:.2%} of the studies "
+                         "have altered attributes or pixels")
+        return {"studies_compared_fully": len(sampled), "studies_total": total,
+                "studies_altered": bad, "max_altered_fraction_95": bound,
+                "statement": statement}
+
+    def crawl_warnings(self, meta: dict[str, dict[str, str]]) -> None:
+        for alias, name in (("s", "source"), ("t", "target")):
+            issues = self.conn.execute(
+                f"SELECT study_uid, sop_uid, problem FROM {alias}.issues LIMIT 20").fetchall()
+            total = self.conn.execute(f"SELECT count(*) FROM {alias}.issues").fetchone()[0]
+            for study, sop, problem in issues:
+                self.warnings.append(f"{name} crawl: {sop or study}: {problem}")
+            if total > len(issues):
+                self.warnings.append(f"{name} crawl: {total - len(issues)} more issues "
+                                     "(see the ledger's issues table)")
+        for alias, name in (("s", "source"), ("t", "target")):
+            if meta[alias].get("transfer_syntax") == "unknown" and \
+                    meta[alias].get("depth") == "full":
+                self.warnings.append(
+                    f"transfer syntaxes not compared: the {name} node ({meta[alias].get('kind')})"
+                    " may convert instances on retrieval (pixels were compared decoded)")
+        if meta["s"].get("depth") != meta["t"].get("depth"):
+            self.warnings.append(
+                f"ledgers crawled at different depths (source {meta['s'].get('depth')}, target "
+                f"{meta['t'].get('depth')}): only key attributes were compared")
+
+
+def _pixel_details(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """Transfer syntaxes before and after (a lossy recompression shows here)."""
+    syntaxes = Counter((m["a"]["transfer_syntax"], m["b"]["transfer_syntax"]) for m in members)
+    return {"transfer_syntax": [{"before": a, "after": b, "instances": n}
+                                for (a, b), n in sorted(syntaxes.items(), key=str)]}
+
+
+def _cap_level(diff: dict[str, tuple]) -> int:
+    """How high a shared difference may roll up: 0 patient, 1 study, 2 series."""
+    level = 0
+    for name in diff:
+        if name in STUDY_ATTRS:
+            level = max(level, 1)
+        elif name in SERIES_ATTRS:
+            level = max(level, 2)
+    return level
+
+
+def reconcile(source_ledger: str | os.PathLike[str], target_ledger: str | os.PathLike[str],
+              rules: Rules | str | os.PathLike[str] | None = None) -> Findings:
+    """Compare two finished ledgers; every difference the rules do not allow is a finding."""
+    started = time.perf_counter()
+    if not isinstance(rules, Rules):
+        rules = load_rules(rules)
+    source, target = Path(source_ledger), Path(target_ledger)
+    conn = _attach_ro(source, target)
+    try:
+        meta = {alias: dict(conn.execute(f"SELECT key, value FROM {alias}.meta"))
+                for alias in ("s", "t")}
+        counts = {"source": _counts(conn, "s"), "target": _counts(conn, "t")}
+        rec = _Reconciler(conn, rules)
+        rec.differences()
+        missing, extra = rec.missing_and_extra()
+        altered = rec.altered()
+        rec.crawl_warnings(meta)
+        sample = rec.sample(meta)
+    finally:
+        conn.close()
+    order = {t: i for i, t in enumerate(FINDING_TYPES)}
+    findings = sorted(rec.findings, key=lambda f: (order[f.type], f.patient_id, f.study_uid,
+                                                   f.series_uid, f.sop_uid))
+    return Findings(
+        source=str(source), target=str(target), counts=counts, findings=findings,
+        missing=missing, extra=extra, altered=altered, rules=rules.as_dict(), sample=sample,
+        warnings=rec.warnings, elapsed_s=round(time.perf_counter() - started, 3),
+    )
+
+
+def _attach_ro(source: Path, target: Path) -> sqlite3.Connection:
+    """An in-memory connection with both ledgers attached read-only as `s` and `t`."""
+    conn = sqlite3.connect("file::memory:", uri=True, isolation_level=None)
+    conn.execute("PRAGMA temp_store = MEMORY")
+    for alias, path in (("s", source), ("t", target)):
+        if not path.is_file():
+            conn.close()
+            raise ConfigError(f"{path}: no such ledger file")
+        conn.execute(f"ATTACH DATABASE ? AS {alias}", (f"file:{path.absolute()}?mode=ro",))
+        try:
+            meta = dict(conn.execute(f"SELECT key, value FROM {alias}.meta"))
+        except sqlite3.DatabaseError:
+            conn.close()
+            raise ConfigError(f"{path}: not a ledger") from None
+        if "finished" not in meta:
+            conn.close()
+            raise ConfigError(f"{path}: the crawl of this ledger did not finish; run it again "
+                              "(it resumes where it stopped)")
+    return conn
+
+
+# ---------------------------------------------------------------------------------------
+# verify = crawl both + reconcile
+
+VerifyProgress = Callable[[str, int, int], None]
+
+
+@dataclass
+class VerifyResult:
+    """Both crawls and their reconciliation; `as_json()` is what the CLI prints."""
+
+    findings: Findings
+    source_crawl: Any  # inventory.CrawlSummary
+    target_crawl: Any
+    paths: dict[str, str]
+
+    @property
+    def verdict(self) -> str:
+        return self.findings.verdict
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        return self.findings.counts
+
+    @property
+    def missing(self) -> int:
+        return self.findings.missing
+
+    @property
+    def extra(self) -> int:
+        return self.findings.extra
+
+    @property
+    def altered(self) -> int:
+        return self.findings.altered
+
+    @property
+    def exit_code(self) -> int:
+        return self.findings.exit_code
+
+    def as_json(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "counts": self.counts, "missing": self.missing,
+                "extra": self.extra, "altered": self.altered}
+
+
+def verify(
+    source: Any,
+    target: Any,
+    workdir: str | os.PathLike[str],
+    depth: str = "attributes",
+    rules: Rules | str | os.PathLike[str] | None = None,
+    progress: VerifyProgress | None = None,
+    *,
+    sample: int | None = None,
+    resume: bool = False,
+) -> VerifyResult:
+    """Crawl `source` and `target` (Nodes) into `workdir`, reconcile, write the findings.
+
+    `progress(side, done, total)` with side `source` or `target`, in studies. Ledgers from
+    an earlier run in `workdir` are replaced unless `resume=True`.
+    """
+    from harness.inventory import crawl
+
+    if not isinstance(rules, Rules):
+        rules = load_rules(rules)  # fail on a bad rules file before crawling for an hour
+    out = Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = {}
+    for side, node in (("source", source), ("target", target)):
+        report = (lambda d, t, s=side: progress(s, d, t)) if progress else None
+        summaries[side] = crawl(node, out / f"{side}.ledger.sqlite", depth=depth, sample=sample,
+                                progress=report, resume=resume)
+    findings = reconcile(out / "source.ledger.sqlite", out / "target.ledger.sqlite", rules)
+    paths = {k: str(v) for k, v in findings.write(out).items()}
+    paths["source_ledger"] = str(out / "source.ledger.sqlite")
+    paths["target_ledger"] = str(out / "target.ledger.sqlite")
+    return VerifyResult(findings, summaries["source"], summaries["target"], paths)

@@ -1,0 +1,109 @@
+"""`pacs-harness inventory` and `pacs-harness verify`: crawl nodes, prove what was lost.
+
+Exit codes: verify exits 0 when nothing was lost or altered outside the rules, 1 when
+something was (the findings say what), 2 for bad input, 3 when a node does not answer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from harness.errors import EXIT_FINDINGS
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+def _nodes(topology_path: str | None, *names: str):
+    from harness.cluster import Cluster, reachable_node, state_dir_for
+    from harness.config import resolve_topology
+
+    topology, _ = resolve_topology(topology_path)
+    cluster = Cluster.from_state(topology, state_dir_for(topology))
+    return [reachable_node(topology, cluster, name) for name in names]
+
+
+def _progress(disable: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, disable=disable,
+    )
+
+
+@click.command("inventory")
+@click.option("--node", "node_name", required=True, help="the node to crawl")
+@click.option("--depth", type=click.Choice(["attributes", "full"]), default="attributes",
+              show_default=True, help="full also retrieves every instance and digests it")
+@click.option("--sample", type=click.IntRange(1), default=None,
+              help="retrieve only N studies fully (counts for all), with the confidence given")
+@click.option("--ledger", type=click.Path(dir_okay=False), default=None,
+              help="SQLite ledger to write (default: inventory-NODE.sqlite); resumes if present")
+@click.option("--topology", "-t", "topology_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def inventory_command(node_name: str, depth: str, sample: int | None, ledger: str | None,
+                      topology_path: str | None, as_json: bool) -> None:
+    """Crawl every patient, study, series and instance of a node into a ledger."""
+    from harness.inventory import crawl
+
+    (node,) = _nodes(topology_path, node_name)
+    path = Path(ledger or f"inventory-{node_name}.sqlite")
+    with _progress(as_json) as progress:
+        task = progress.add_task(f"crawling {node_name}", total=None)
+        summary = crawl(
+            node, path, depth=depth, sample=sample,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    result = {"node": node_name, "ledger": str(path), **summary.as_dict()}
+    if as_json:
+        out.print_json(json.dumps(result, default=str))
+    else:
+        out.print(" ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, dict)))
+
+
+@click.command("verify")
+@click.option("--source", "source_name", required=True, help="node the data came from")
+@click.option("--target", "target_name", required=True, help="node the data went to")
+@click.option("--depth", type=click.Choice(["attributes", "full"]), default="attributes",
+              show_default=True, help="full compares every instance's attributes and pixels")
+@click.option("--rules", type=click.Path(dir_okay=False), default=None,
+              help="YAML rules: the changes the migration may make")
+@click.option("--sample", type=click.IntRange(1), default=None,
+              help="retrieve only N studies fully (counts for all)")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="where ledgers and findings go (default: verify-SOURCE-TARGET/)")
+@click.option("--topology", "-t", "topology_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--json", "as_json", is_flag=True,
+              help="print {verdict, counts, missing, extra, altered}")
+def verify_command(source_name: str, target_name: str, depth: str, rules: str | None,
+                   sample: int | None, out_dir: str | None, topology_path: str | None,
+                   as_json: bool) -> None:
+    """Prove, instance by instance, what a migration lost, altered or added.
+
+    Writes findings.json, findings.csv and summary.txt; exit 1 when anything is lost or
+    altered outside the rules.
+    """
+    from harness.reconcile import verify
+
+    source, target = _nodes(topology_path, source_name, target_name)
+    workdir = Path(out_dir or f"verify-{source_name}-{target_name}")
+    with _progress(as_json) as progress:
+        tasks = {side: progress.add_task(f"crawling {side}", total=None)
+                 for side in ("source", "target")}
+        result = verify(
+            source, target, workdir, depth=depth, rules=rules, sample=sample,
+            progress=lambda side, done, total: progress.update(
+                tasks[side], completed=done, total=total),
+        )
+    if as_json:
+        out.print_json(json.dumps(result.as_json()))
+    else:
+        out.print(result.findings.summary_text())
+        console.print(f"findings: {workdir}/ (findings.json, findings.csv)")
+    if result.verdict != "pass":
+        sys.exit(EXIT_FINDINGS)
