@@ -171,7 +171,7 @@ def test_run_attaches_to_nodes_that_up_started(tmp_path):
     try:
         before = json.loads(run_cli("status", "--json", "--topology", str(topo)).stdout)
         proc = run_cli("run", "--topology", str(topo), "--report-dir", str(tmp_path / "r"),
-                       "-q", timeout=600)
+                       "--scenario", "connectivity", "-q", timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         report = json.loads((tmp_path / "r" / "report.json").read_text())
         ports = {n["name"]: n["dicom_port"] for n in report["topology"]["nodes"]}
