@@ -458,23 +458,30 @@ def _register_commands_of_other_modules() -> None:
 _register_commands_of_other_modules()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the click group, turning HarnessErrors into one line + exit code."""
+def run_command(
+    command: click.Command,
+    argv: list[str] | None,
+    prog_name: str,
+    interrupted: str = "interrupted",
+) -> None:
+    """Run a click command with the harness's exit codes; HarnessErrors become one line."""
     try:
-        cli.main(args=argv, prog_name="pacs-harness", standalone_mode=False)
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(EXIT_USAGE)
-    except click.exceptions.Abort:
-        console.print("interrupted")
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        console.print(interrupted)
         sys.exit(130)
     except HarnessError as exc:
         # plain text: one line a script can grep, never wrapped or coloured
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
     sys.exit(EXIT_PASS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `pacs-harness`."""
+    run_command(cli, argv, "pacs-harness")

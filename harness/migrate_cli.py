@@ -27,7 +27,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from harness.errors import EXIT_FINDINGS, EXIT_PASS, EXIT_USAGE, HarnessError
+from harness.errors import EXIT_FINDINGS
 from harness.migrate import METHODS, ExternalMigration, Migrator, StudyOutcome
 from harness.monitor import AvailabilityMonitor
 from harness.nodes.base import Node
@@ -245,20 +245,11 @@ def migrate_command(
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m harness.migrate_cli`: the command with pacs-harness's exit codes."""
-    try:
-        migrate_command.main(args=argv, prog_name="migrate", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(EXIT_USAGE)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        console.print("interrupted (run the same command again to resume)")
-        sys.exit(130)
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    sys.exit(EXIT_PASS)
+    from harness.cli import run_command
+
+    run_command(
+        migrate_command, argv, "migrate", "interrupted (run the same command again to resume)"
+    )
 
 
 if __name__ == "__main__":
