@@ -2,11 +2,12 @@
 # Set up pacs-harness in ./.venv on Debian/Ubuntu.
 #
 #   ./setup.sh                  Python packages only: the embedded PACS is the default node
-#   ./setup.sh --with-servers   also Orthanc (+ DICOMweb, PostgreSQL plugins), DCMTK and
-#                               PostgreSQL from apt (root)
+#   ./setup.sh --with-servers   also Orthanc (+ DICOMweb, PostgreSQL plugins), DCMTK,
+#                               PostgreSQL and HAProxy from apt (root)
 #   ./setup.sh --with-docker    also Docker (docker.io) and debootstrap, to run nodes as
 #                               containers built without a registry (root)
-#   ./setup.sh --dev            also the test and lint tools
+#   ./setup.sh --dev            also the test and lint tools (and, as root, Debian's
+#                               chromium for the HTML report's browser tests)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -55,6 +56,7 @@ if [ "$with_servers" = 1 ]; then
   [ -x /usr/bin/dcmqrscp ] || missing+=(dcmtk)
   [ -e /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so ] || missing+=(orthanc-postgresql)
   ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
+  command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing ${missing[*]}"
     apt_install "${missing[@]}"
@@ -69,6 +71,11 @@ if [ "$with_docker" = 1 ]; then
     echo "installing ${missing[*]}"
     apt_install "${missing[@]}"
   fi
+fi
+
+if [ "$dev" = 1 ] && [ "$(id -u)" -eq 0 ] && ! command -v chromium >/dev/null; then
+  echo "installing chromium (browser tests of the HTML report)"
+  apt_install chromium
 fi
 
 if [ ! -x .venv/bin/python ]; then

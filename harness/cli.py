@@ -7,6 +7,7 @@ Exit codes (every command): 0 pass, 1 findings or failure, 2 usage or configurat
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -398,7 +399,16 @@ def run(
         argv.append("--pacs-keep")
     code = subprocess.call(argv)
     report = json.loads(report_json.read_text()) if report_json.exists() else None
-    console.print(f"report: {target}/ (report.json, junit.xml, allure-results/)")
+    if report is not None:
+        from harness.report.html import write_html_report
+
+        report["command"] = shlex.join(["pacs-harness", *sys.argv[1:]])
+        report_json.write_text(json.dumps(report, indent=2, default=str))
+        try:
+            write_html_report(target)
+        except HarnessError as exc:
+            console.print(f"[yellow]no index.html:[/] {exc}")
+    console.print(f"report: {target}/index.html (and report.json, junit.xml, allure-results/)")
     if report and report.get("environment_error"):
         console.print(f"[red]environment error:[/] {report['environment_error']}")
         sys.exit(EXIT_ENVIRONMENT)
@@ -411,6 +421,14 @@ def run(
         sys.exit(EXIT_ENVIRONMENT)
     verdict = report["verdict"]
     console.print(f"verdict: [bold {'green' if verdict == 'pass' else 'red'}]{verdict}[/]")
+    if phase:
+        from harness.report.gate import evaluate_gate
+
+        gate = evaluate_gate(report, phase)
+        console.print(f"phase {phase}: {'ready' if gate.ready else 'NOT READY'}")
+        for reason in gate.reasons:
+            console.print(f"  - {reason}")
+        sys.exit(EXIT_PASS if code == 0 and gate.ready else EXIT_FINDINGS)
     sys.exit(EXIT_PASS if code == 0 and verdict == "pass" else EXIT_FINDINGS)
 
 
@@ -448,10 +466,18 @@ def images_build(names: tuple[str, ...], tag: str | None, force: bool) -> None:
 
 def _register_commands_of_other_modules() -> None:
     from harness.migrate_cli import migrate_command
+    from harness.report.cli import gate_command, report_command
     from harness.verify_cli import inventory_command, verify_command
     from synthetic_data.cli import generate_command
 
-    for command in (generate_command, migrate_command, inventory_command, verify_command):
+    for command in (
+        generate_command,
+        migrate_command,
+        inventory_command,
+        verify_command,
+        report_command,
+        gate_command,
+    ):
         cli.add_command(command)
 
 

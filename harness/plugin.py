@@ -312,6 +312,16 @@ def _attach_node_logs(item: pytest.Item, report: pytest.TestReport) -> None:
             pass
 
 
+def _scenario_outcome(tests: list[dict[str, Any]]) -> str:
+    """error or failed if any test was; passed if any passed (skips are reasons, not
+    failures: e.g. a method that does not apply); skipped only when nothing ran."""
+    outcomes = {t["outcome"] for t in tests}
+    for outcome in ("error", "failed", "passed"):
+        if outcome in outcomes:
+            return outcome
+    return "skipped"
+
+
 def build_report(config: pytest.Config, exitstatus: int) -> dict[str, Any]:
     """report.json: verdict, topology, and one entry per scenario with its tests and metrics."""
     from harness import __version__
@@ -334,9 +344,7 @@ def build_report(config: pytest.Config, exitstatus: int) -> dict[str, Any]:
         scenario["tests"].append({**entry, "metrics": metrics.get(nodeid, {})})
         scenario["duration_s"] = round(scenario["duration_s"] + entry["duration_s"], 3)
         scenario["metrics"].update(metrics.get(nodeid, {}))
-        rank = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
-        if rank[entry["outcome"]] > rank[scenario["outcome"]]:
-            scenario["outcome"] = entry["outcome"]
+        scenario["outcome"] = _scenario_outcome(scenario["tests"])
         if entry["phase"] and (
             scenario["phase"] is None
             or PHASES.index(entry["phase"]) > PHASES.index(scenario["phase"])

@@ -76,7 +76,7 @@ def expected_collisions(archive) -> set[str]:
 
 
 def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: int, seed: int,
-                      settings: dict, metrics: dict) -> None:
+                      settings: dict, metrics: dict, label: str) -> None:
     archive = list(generate(GeneratorOptions(
         patients=patients, studies_per_patient=1, modalities=MODALITIES, facilities=2,
         seed=seed, scale="tiny", trap_rate=0.5, transfer_syntaxes=["explicit", "implicit"],
@@ -99,7 +99,7 @@ def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: i
     verified = verify(source, target, workdir / "verify", depth="full", rules=rules)
     merged = merged_patients(verified.paths["source_ledger"], verified.paths["target_ledger"])
 
-    metrics.update({
+    metrics[label] = {
         "method": method,
         "source": f"{source.name} ({source.kind})",
         "target": f"{target.name} ({target.kind})",
@@ -112,7 +112,7 @@ def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: i
         "availability": availability,
         "identity": identities.as_dict(),
         "merged_patients": merged,
-    })
+    }
     assert result.ok, f"migration failed for {len(result.errors)} studies: {result.errors}"
     assert verified.verdict == "pass", verified.findings.summary_text()
     assert merged == [], f"patients of different facilities merged: {merged}"
@@ -134,7 +134,7 @@ def test_migration_pilot(pacs_topology, pacs_node, pacs_janitor, pacs_metrics, t
     migrate_and_prove(
         source, target, tmp_path, method=method, seed=101,
         patients=int(settings.get("pilot_patients", 4)), settings=settings,
-        metrics=pacs_metrics,
+        metrics=pacs_metrics, label=f"pilot-{method}",
     )
 
 
@@ -146,5 +146,5 @@ def test_migration_staged_volume(pacs_topology, pacs_node, pacs_janitor, pacs_me
     migrate_and_prove(
         source, target, tmp_path, method="move", seed=202,
         patients=int(settings.get("staged_patients", 16)), settings=settings,
-        metrics=pacs_metrics,
+        metrics=pacs_metrics, label="staged-move",
     )

@@ -98,7 +98,12 @@ def spawn(
     detached: bool = False,
     user: str | None = None,
 ) -> tuple[subprocess.Popen, ProcessHandle]:
-    """Start `argv` with stdout and stderr appended to `log_path`."""
+    """Start `argv` with stdout and stderr appended to `log_path`.
+
+    Attached children die with the *thread* that spawned them (that is how the kernel's
+    parent-death signal works): spawn long-lived nodes from a thread that lives as long as
+    the harness (the main thread), never from a short-lived worker thread.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         try:

@@ -1,0 +1,50 @@
+"""Assessment (phase planning): know what every archive holds before anything moves.
+
+Each node is inventoried through its query services and the result is held against the
+node's own count: studies the PACS stores but does not answer for are studies a migration
+would silently leave behind. The identity report lists colliding patient IDs and likely
+duplicates, the decisions a merger must take before the pilot.
+
+A site's own archive (external, not disposable) is assessed as it is; a disposable node is
+first filled with a small synthetic archive with identity traps, so the check has substance.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.identity import identity_report
+from harness.inventory import crawl
+from harness.rules import load_rules
+from synthetic_data import GeneratorOptions, generate
+
+pytestmark = [pytest.mark.phase("planning"), pytest.mark.scenario("assessment")]
+
+
+def test_inventory_matches_what_the_node_holds(pacs_node, pacs_node_name, pacs_topology,
+                                               pacs_janitor, pacs_metrics, tmp_path):
+    node = pacs_node(pacs_node_name)
+    if node.disposable:
+        archive = list(generate(GeneratorOptions(
+            patients=6, studies_per_patient=1, modalities=["CT", "MR", "SR"], facilities=2,
+            seed=303, scale="tiny", trap_rate=0.6, transfer_syntaxes=["explicit"],
+        )))
+        assert node.dimse().store(archive, associations=2).ok
+    held = node.statistics()
+    summary = crawl(node, tmp_path / f"{pacs_node_name}.ledger.sqlite")
+    rules = load_rules(pacs_topology.settings.get("migration", {}).get("rules"))
+    identities = identity_report(tmp_path / f"{pacs_node_name}.ledger.sqlite", rules)
+    pacs_metrics[f"inventory.{pacs_node_name}"] = {
+        "held": held.as_dict(),
+        "answered": summary.counts,
+        "identity": identities.as_dict(),
+    }
+    answered = summary.counts
+    assert answered["studies"] == held.studies, (
+        f"{pacs_node_name} holds {held.studies} studies but its query service lists "
+        f"{answered['studies']}"
+    )
+    assert answered["instances"] == held.instances, (
+        f"{pacs_node_name} holds {held.instances} instances but answers for "
+        f"{answered['instances']}"
+    )
