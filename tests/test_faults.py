@@ -1,0 +1,377 @@
+"""Every fault type has the effect it claims, measured: links through FaultProxy, nodes by
+signals or the Docker API, and the schedule that runs them."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import statistics
+import threading
+import time
+
+import pytest
+
+from harness import faults
+from harness.cluster import Cluster
+from harness.config import parse_topology
+from harness.dicom.dimse import DimseConnectionError
+from harness.errors import ConfigError, EnvironmentProblem, NotDisposableError
+from harness.faults import WAN_PRESETS, FaultProxy, FaultSchedule
+from harness.nodes import make_node
+from harness.tools import find_binary
+from tests.helpers import processes_mentioning
+
+
+class _Server:
+    """A loopback TCP server: echoes (mode echo) or swallows and counts (mode sink)."""
+
+    def __init__(self, mode: str = "echo") -> None:
+        self.mode = mode
+        self.received = 0
+        self.done_at: float | None = None
+        self.expect = 0
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while data := conn.recv(65536):
+                self.received += len(data)
+                if self.expect and self.received >= self.expect and self.done_at is None:
+                    self.done_at = time.monotonic()
+                if self.mode == "echo":
+                    conn.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+@pytest.fixture
+def echo():
+    server = _Server("echo")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def proxy(echo):
+    with FaultProxy(0, "127.0.0.1", echo.port, name="test") as link:
+        yield link
+
+
+def _connect(port: int, timeout: float = 2.0) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+def _round_trips(port: int, count: int = 8) -> list[float]:
+    times = []
+    with _connect(port) as sock:
+        for _ in range(count):
+            start = time.perf_counter()
+            sock.sendall(b"ping")
+            got = b""
+            while len(got) < 4:
+                got += sock.recv(4)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+# -- links ------------------------------------------------------------------------------
+
+
+def test_proxy_forwards_unchanged(proxy):
+    with _connect(proxy.port) as sock:
+        sock.sendall(b"hello")
+        assert sock.recv(5) == b"hello"
+    assert max(_round_trips(proxy.port)) < 0.02
+
+
+def test_latency_adds_the_delay_each_way(proxy):
+    base = statistics.median(_round_trips(proxy.port))
+    proxy.latency_s = 0.05
+    slow = _round_trips(proxy.port)
+    # one way 50 ms per direction: a round trip takes 100 ms more
+    assert 0.095 <= statistics.median(slow) - base <= 0.15, slow
+    assert min(slow) >= 0.095
+
+
+def test_jitter_varies_the_delay(proxy):
+    proxy.latency_s, proxy.jitter_s = 0.04, 0.03
+    rtts = _round_trips(proxy.port, count=15)
+    assert statistics.pstdev(rtts) > 0.005, rtts
+    assert min(rtts) >= 0.02 and max(rtts) <= 0.16, rtts
+
+
+def test_wan_preset_30ms(proxy):
+    proxy.set_preset("wan-30ms-100mbit")
+    assert WAN_PRESETS["wan-30ms-100mbit"]["bandwidth_bps"] == 100e6
+    median = statistics.median(_round_trips(proxy.port))
+    assert 0.05 <= median <= 0.09, median
+
+
+def test_bandwidth_limits_throughput():
+    sink = _Server("sink")
+    with FaultProxy(0, "127.0.0.1", sink.port, name="bw") as link:
+        link.bandwidth_bps = 8e6  # 1 MB/s
+        payload = b"x" * 1_000_000
+        sink.expect = len(payload)
+        start = time.monotonic()
+        with _connect(link.port) as sock:
+            sock.sendall(payload)
+            deadline = time.monotonic() + 5
+            while sink.done_at is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert sink.done_at is not None, f"only {sink.received} bytes arrived"
+        took = sink.done_at - start
+        assert 0.9 <= took <= 1.6, f"1 MB at 8 Mbit/s took {took:.2f} s"
+    sink.close()
+
+
+def test_cut_refuses_then_heal_accepts(proxy):
+    with _connect(proxy.port) as before:
+        proxy.cut()
+        # the open connection is reset too
+        with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
+            before.sendall(b"x")
+            time.sleep(0.05)
+            if before.recv(1) == b"":
+                raise ConnectionResetError("EOF")
+    with pytest.raises(ConnectionRefusedError):
+        _connect(proxy.port)
+    proxy.heal()
+    assert _round_trips(proxy.port, 1)
+
+
+def test_blackhole_accepts_but_nothing_comes_back(proxy, echo):
+    proxy.blackhole()
+    with _connect(proxy.port, timeout=0.5) as sock:  # accepted
+        sock.sendall(b"anyone?")
+        with pytest.raises(TimeoutError):
+            sock.recv(10)
+    assert echo.received == 0
+    proxy.heal()
+    assert _round_trips(proxy.port, 1)
+
+
+def test_reset_drops_an_open_connection(proxy):
+    with _connect(proxy.port) as sock:
+        sock.sendall(b"a")
+        assert sock.recv(1) == b"a"
+        proxy.reset()
+        time.sleep(0.05)
+        with pytest.raises(ConnectionResetError):
+            sock.sendall(b"b")
+            time.sleep(0.05)
+            sock.recv(1)
+    assert proxy.open_connections == 0
+
+
+def test_drop_resets_new_connections(proxy):
+    proxy.drop_rate = 1.0
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        with _connect(proxy.port) as sock:
+            time.sleep(0.05)
+            sock.sendall(b"x")
+            if sock.recv(1) == b"":
+                raise ConnectionResetError("EOF")
+    assert proxy.connections_dropped == 1
+
+
+def test_half_open_closes_one_direction(proxy, echo):
+    with _connect(proxy.port) as sock:
+        sock.sendall(b"1")
+        assert sock.recv(1) == b"1"
+        proxy.half_open()
+        assert sock.recv(1) == b""  # server-to-client closed: EOF
+        sock.sendall(b"still going")  # client-to-server still forwarded
+        time.sleep(0.1)
+        assert echo.received == 1 + len(b"still going")
+
+
+def test_apply_reverts_by_itself(proxy):
+    proxy.apply("cut", 0.5)
+    with pytest.raises(ConnectionRefusedError):
+        _connect(proxy.port)
+    time.sleep(0.8)
+    assert _round_trips(proxy.port, 1)
+    proxy.apply("latency", 0.6, latency_s=0.05)
+    assert min(_round_trips(proxy.port, 2)) >= 0.09
+    time.sleep(0.7)
+    assert max(_round_trips(proxy.port, 2)) < 0.03
+
+
+def test_apply_refuses_unbounded_or_unknown(proxy):
+    with pytest.raises(ConfigError, match="duration_s"):
+        proxy.apply("cut", 0)
+    with pytest.raises(ConfigError, match="duration_s"):
+        proxy.apply("cut", 10_000)
+    with pytest.raises(ConfigError, match="unknown fault"):
+        proxy.apply("flood", 1)
+
+
+# -- schedule -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"at_s": 1}, r"settings.faults: must be a list"),
+        ([{"fault": "kill", "target": "a"}], r"faults\[0\].at_s: missing"),
+        ([{"at_s": -1, "fault": "kill", "target": "a"}], r"faults\[0\].at_s: must be"),
+        ([{"at_s": 1, "fault": "nuke", "target": "a"}], r"faults\[0\].fault: unknown fault"),
+        ([{"at_s": 1, "fault": "cut", "target": "a"}], r"faults\[0\].duration_s"),
+        ([{"at_s": 1, "fault": "restart", "target": "a", "duration_s": 2}], "no duration"),
+        ([{"at_s": 1, "fault": "kill", "target": ""}], r"faults\[0\].target"),
+    ],
+)
+def test_schedule_errors_name_the_field(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        FaultSchedule.from_settings(raw)
+
+
+def test_schedule_runs_and_records(proxy):
+    schedule = FaultSchedule.from_settings(
+        [
+            {"at_s": 0.2, "fault": "cut", "target": "l", "duration_s": 0.4},
+            {"at_s": 0.9, "fault": "latency", "target": "l", "duration_s": 0.5, "latency_s": 0.05},
+        ]
+    )
+    with pytest.raises(ConfigError, match="needs a link"):
+        schedule.check_targets({}, {})
+    schedule.start({}, {"l": proxy})
+    time.sleep(0.35)
+    with pytest.raises(ConnectionRefusedError):
+        _connect(proxy.port)
+    time.sleep(0.7)
+    assert min(_round_trips(proxy.port, 2)) >= 0.09
+    schedule.join(5)
+    time.sleep(0.6)
+    assert max(_round_trips(proxy.port, 2)) < 0.03
+    assert [(e["what"], e["target"], e["duration_s"]) for e in schedule.events] == [
+        ("cut", "l", 0.4),
+        ("latency", "l", 0.5),
+    ]
+    assert 0.15 <= schedule.events[0]["t"] <= 0.4
+
+
+# -- nodes --------------------------------------------------------------------------------
+
+
+def _echo_ok(node, timeout_s: float = 2.0) -> bool:
+    try:
+        return node.dimse(timeout_s=timeout_s).echo().status.ok
+    except (DimseConnectionError, OSError):
+        return False
+
+
+def _exercise_node_faults(node) -> None:
+    port = node.dicom_port
+    assert _echo_ok(node)
+
+    faults.pause(node)
+    start = time.monotonic()
+    assert not _echo_ok(node, timeout_s=2), "a paused node still answered"
+    assert time.monotonic() - start >= 1.5  # it hung (connection accepted, no answer)
+    faults.resume(node)
+    node.wait_ready(20)
+
+    faults.kill(node)
+    assert not node.handle.alive()
+    assert not _echo_ok(node)
+    faults.start_again(node)
+    assert node.dicom_port == port and _echo_ok(node)
+
+    faults.stop(node)
+    assert not node.handle.alive() and not _echo_ok(node)
+    faults.start_again(node)
+    assert _echo_ok(node)
+
+    before = node.handle
+    faults.restart(node)
+    assert node.handle != before and node.dicom_port == port and _echo_ok(node)
+
+
+@pytest.mark.parametrize("kind", ["embedded", "orthanc"])
+def test_node_faults_on_process_nodes(kind, tmp_path):
+    if kind == "orthanc" and not find_binary("Orthanc"):
+        pytest.skip("Orthanc is not installed")
+    topology = parse_topology(f"name: faults\nnodes:\n  victim: {{kind: {kind}}}\n")
+    cluster = Cluster.launch(topology, root=tmp_path / "nodes")
+    try:
+        _exercise_node_faults(cluster["victim"])
+    finally:
+        cluster.stop()
+    assert not processes_mentioning(str(tmp_path))
+
+
+def test_node_faults_on_a_container_node(tmp_path):
+    from harness.launch.docker import docker_client
+
+    try:
+        docker_client()
+    except EnvironmentProblem as exc:
+        pytest.skip(f"no Docker engine: {exc}")
+    from harness.launch.images import build_image
+
+    build_image("embedded")
+    topology = parse_topology("name: faults\nnodes:\n  box: {kind: embedded, launch: docker}\n")
+    cluster = Cluster.launch(topology, root=tmp_path / "nodes")
+    try:
+        node = cluster["box"]
+        _exercise_node_faults(node)
+        assert node.handle.alive()
+    finally:
+        cluster.stop()
+    from harness.launch.docker import harness_containers
+
+    assert not harness_containers(cluster.run_id)
+
+
+def test_node_faults_refuse_a_non_disposable_node():
+    topology = parse_topology(
+        "name: ext\nnodes:\n  site: {kind: external, host: 127.0.0.1, dicom_port: 9}\n"
+    )
+    node = make_node(topology.nodes["site"], None)
+    for action in (faults.kill, faults.stop, faults.pause, faults.resume, faults.restart):
+        with pytest.raises(NotDisposableError, match="not declared 'disposable: true'"):
+            action(node)
+    schedule = FaultSchedule.from_settings([{"at_s": 0, "fault": "kill", "target": "site"}])
+    with pytest.raises(NotDisposableError):
+        schedule.start({"site": node}, {})
+
+
+def test_schedule_kills_and_restarts_a_node(tmp_path):
+    topology = parse_topology("name: sched\nnodes:\n  n1: {kind: embedded}\n")
+    cluster = Cluster.launch(topology, root=tmp_path / "nodes")
+    try:
+        node = cluster["n1"]
+        schedule = FaultSchedule.from_settings(
+            [{"at_s": 0.1, "fault": "kill", "target": "n1", "duration_s": 1.0}]
+        ).start({"n1": node}, {})
+        time.sleep(0.5)
+        assert not _echo_ok(node)
+        schedule.join(30)
+        assert _echo_ok(node), (schedule.events, schedule.errors, node.log_tail())
+        assert [e["what"] for e in schedule.events] == ["kill", "kill-end"]
+        assert not schedule.errors
+    finally:
+        cluster.stop()
