@@ -132,9 +132,11 @@ def test_run_on_embedded_nodes_only(tmp_path):
     topo.write_text(
         "name: zero-install\nnodes:\n  legacy: {kind: embedded}\n  target: {kind: embedded}\n"
     )
+    # up to pilot: the staged-rollout scenarios start Orthanc pairs of their own
     proc = run_cli("run", "--topology", str(topo), "--report-dir", str(tmp_path / "r"), "-q",
-                   timeout=600)
+                   "--phase", "pilot", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "phase pilot: ready" in proc.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["verdict"] == "pass"
     assert {n["kind"] for n in report["topology"]["nodes"]} == {"embedded"}
