@@ -121,6 +121,7 @@ class Cluster:
         self.harness_port = harness_port
         self.owned = owned  # True when this object must stop the nodes
         self.state_dir = state_dir
+        self.links: dict = {}  # link name -> harness.faults.FaultProxy
 
     def __getitem__(self, name: str) -> Node:
         return self.node(name)
@@ -186,13 +187,19 @@ class Cluster:
             owned=True,
             state_dir=state_dir,
         )
+        if topology.links and detached:
+            raise ConfigError(
+                f"{topology.source}: links run inside the harness process: use them with "
+                "`pacs-harness run` or pytest, not `up`"
+            )
+        cluster.start_links()
         peers = [Peer(n.name, n.ae_title, n.host, n.dicom_port) for n in nodes.values()]
         peers.append(cluster.harness_peer)
         try:
             for node in nodes.values():
                 if node.spec.launched:
                     node.workdir.mkdir(parents=True, exist_ok=True)
-                    node.prepare(peers)
+                    node.prepare(cluster.peers_seen_by(node.name, peers))
                     say(f"starting {node.name} ({node.kind}) on {node.host}:{node.dicom_port}")
                     node.start(detached=detached, run_id=cluster.run_id)
                     if detached:
@@ -300,8 +307,32 @@ class Cluster:
                 copies.append(copy)
         return copies
 
+    # -- links (fault proxies) ----------------------------------------------------------
+    def start_links(self) -> None:
+        """One fault proxy per declared link, with its preset settings."""
+        from harness.faults import FaultProxy
+
+        for link in self.topology.links.values():
+            to = self.nodes[link.to]
+            proxy = FaultProxy(0, to.host, to.dicom_port, name=link.name)
+            proxy.latency_s, proxy.jitter_s = link.latency_s, link.jitter_s
+            proxy.bandwidth_bps = link.bandwidth_bps
+            self.links[link.name] = proxy.start()
+            if link.source is None:
+                to.access_port = proxy.port
+
+    def peers_seen_by(self, name: str, peers: list[Peer]) -> list[Peer]:
+        """The peer table of node `name`: a peer it reaches over a link is the link's proxy."""
+        seen = []
+        for peer in peers:
+            proxy = self.links.get(f"{name}->{peer.name}")
+            seen.append(replace(peer, host="127.0.0.1", port=proxy.port) if proxy else peer)
+        return seen
+
     def stop(self) -> None:
         """Stop every process we started and remove the temporary directories and state."""
+        for proxy in self.links.values():
+            proxy.close()
         errors = []
         for node in self.nodes.values():
             try:

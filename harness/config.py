@@ -35,7 +35,15 @@ LAUNCHES = ("process", "docker")
 PROCESS_KINDS = ("orthanc", "dcmqrscp", "embedded")
 INDEXES = ("sqlite", "postgresql")
 
-TOP_LEVEL_FIELDS = ("name", "nodes", "settings")
+TOP_LEVEL_FIELDS = ("name", "nodes", "links", "settings")
+LINK_FIELDS = {
+    "from": "a node name (leave out: the harness itself)",
+    "to": "a node name",
+    "preset": "a WAN preset, e.g. wan-30ms-100mbit",
+    "latency_ms": "a number >= 0",
+    "jitter_ms": "a number >= 0",
+    "bandwidth_mbit": "a number > 0",
+}
 NODE_FIELDS = {
     "kind": "orthanc, dcmqrscp, embedded, dcm4chee or external",
     "launch": "process or docker (dcm4chee: docker only)",
@@ -49,6 +57,7 @@ NODE_FIELDS = {
     "credentials": "{username_env: VAR, password_env: VAR}",
     "dicomweb_root": "URL path of the DICOMweb service, e.g. /dicom-web",
     "orthanc_rest": "true when an external node is an Orthanc with its REST API",
+    "orthanc_config": "a mapping merged into the generated orthanc.json (orthanc only)",
     "description": "free text",
 }
 CREDENTIAL_FIELDS = ("username_env", "password_env")
@@ -92,6 +101,7 @@ class NodeSpec:
     launch: str = "process"
     image: str | None = None
     index: str = "sqlite"
+    orthanc_config: dict[str, Any] = field(default_factory=dict)
     line: int = 0
 
     @property
@@ -100,12 +110,25 @@ class NodeSpec:
 
 
 @dataclass(frozen=True)
+class LinkSpec:
+    """A network path that goes through a fault proxy: from a node (or the harness) to a node."""
+
+    name: str  # "<from>-><to>", "harness-><to>" for the harness's own traffic
+    to: str
+    source: str | None = None  # None: the harness
+    latency_s: float = 0.0
+    jitter_s: float = 0.0
+    bandwidth_bps: float | None = None
+
+
+@dataclass(frozen=True)
 class Topology:
-    """The validated topology: nodes by name plus free-form scenario settings."""
+    """The validated topology: nodes by name, links, and free-form scenario settings."""
 
     name: str
     nodes: dict[str, NodeSpec]
     settings: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, LinkSpec] = field(default_factory=dict)
     source: str = "<default>"
 
     @property
@@ -279,6 +302,12 @@ def _node(check: Checker, name: Any, raw: Any) -> NodeSpec:
     if index != "sqlite" and kind != "orthanc":
         raise check.fail((*path, "index"), "index: postgresql is for orthanc nodes only")
 
+    orthanc_config = raw.get("orthanc_config", {})
+    if not isinstance(orthanc_config, dict):
+        raise check.fail((*path, "orthanc_config"), "must be a mapping of Orthanc settings")
+    if orthanc_config and kind != "orthanc":
+        raise check.fail((*path, "orthanc_config"), "orthanc_config is for orthanc nodes only")
+
     disposable = raw.get("disposable", kind != "external")
     if not isinstance(disposable, bool):
         raise check.fail(
@@ -319,6 +348,7 @@ def _node(check: Checker, name: Any, raw: Any) -> NodeSpec:
         launch=launch,
         image=image,
         index=index,
+        orthanc_config=orthanc_config,
         line=check.line(path),
     )
 
@@ -366,7 +396,67 @@ def parse_topology(text: str, source: str = "<string>") -> Topology:
                     f"port {port} clashes with {other}.{other_field} (each port once per host)",
                 )
             seen_ports[(host_key, port)] = (spec.name, port_field)
-    return Topology(name=name, nodes=nodes, settings=settings, source=source)
+    links = _links(check, data.get("links"), nodes)
+    return Topology(name=name, nodes=nodes, settings=settings, source=source, links=links)
+
+
+def _number(check: Checker, path: tuple, value: Any, minimum: float, strict: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+        value <= minimum if strict else value < minimum
+    ):
+        relation = ">" if strict else ">="
+        raise check.fail(path, f"must be a number {relation} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _links(check: Checker, raw: Any, nodes: dict[str, NodeSpec]) -> dict[str, LinkSpec]:
+    """`links:` is a list of {from?, to, preset? | latency_ms?, jitter_ms?, bandwidth_mbit?}."""
+    from harness.faults import WAN_PRESETS
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        raise check.fail(("links",), "must be a list of {from, to, preset, latency_ms, ...}")
+    links: dict[str, LinkSpec] = {}
+    for index, item in enumerate(raw):
+        path = ("links", index)
+        if not isinstance(item, dict):
+            raise check.fail(path, "must be a mapping with at least 'to'")
+        for key in item:
+            if key not in LINK_FIELDS:
+                raise check.fail((*path, key), f"unknown field (allowed: {', '.join(LINK_FIELDS)})")
+        for end in ("from", "to"):
+            value = item.get(end)
+            if end == "to" and value is None:
+                raise check.fail((*path, "to"), "missing: the node the link leads to")
+            if value is not None and value not in nodes:
+                raise check.fail(
+                    (*path, end), f"unknown node {value!r} (nodes: {', '.join(nodes)})"
+                )
+        if item.get("from") == item["to"]:
+            raise check.fail(path, "a link joins two different nodes")
+        settings = {"latency_s": 0.0, "jitter_s": 0.0, "bandwidth_bps": None}
+        if "preset" in item:
+            if item["preset"] not in WAN_PRESETS:
+                raise check.fail(
+                    (*path, "preset"),
+                    f"unknown preset {item['preset']!r} (allowed: {', '.join(WAN_PRESETS)})",
+                )
+            settings.update(WAN_PRESETS[item["preset"]])
+        if "latency_ms" in item:
+            settings["latency_s"] = _number(check, (*path, "latency_ms"), item["latency_ms"], 0,
+                                            False) / 1000
+        if "jitter_ms" in item:
+            settings["jitter_s"] = _number(check, (*path, "jitter_ms"), item["jitter_ms"], 0,
+                                           False) / 1000
+        if "bandwidth_mbit" in item:
+            settings["bandwidth_bps"] = _number(
+                check, (*path, "bandwidth_mbit"), item["bandwidth_mbit"], 0, True) * 1e6
+        name = f"{item.get('from') or 'harness'}->{item['to']}"
+        if name in links:
+            raise check.fail(path, f"duplicate link {name}")
+        links[name] = LinkSpec(name=name, to=item["to"], source=item.get("from"), **settings)
+    return links
 
 
 def load_topology(path: str | os.PathLike[str]) -> Topology:

@@ -249,6 +249,34 @@ def pacs_janitor(pacs_cluster):
             node.wipe()
 
 
+@pytest.fixture(scope="session")
+def pacs_link(pacs_cluster):
+    """A function returning the fault proxy of a declared link: `pacs_link("legacy->central")`."""
+    from harness.errors import ConfigError
+
+    def link(name: str):
+        try:
+            return pacs_cluster.links[name]
+        except KeyError:
+            known = ", ".join(pacs_cluster.links) or "none declared"
+            raise ConfigError(f"no link {name!r} in the topology (links: {known})") from None
+
+    return link
+
+
+@pytest.fixture
+def pacs_fault_schedule(pacs_cluster, pacs_topology, pacs_metrics):
+    """Run the topology's `settings.faults` schedule during the test; its events go to the
+    test's metrics as `fault_events` (the report draws them on the timelines)."""
+    from harness.faults import FaultSchedule
+
+    schedule = FaultSchedule.from_settings(pacs_topology.settings.get("faults"))
+    schedule.start(pacs_cluster.nodes, pacs_cluster.links)
+    yield schedule
+    schedule.stop()
+    pacs_metrics["fault_events"] = schedule.events
+
+
 @pytest.fixture
 def pacs_metrics(request: pytest.FixtureRequest) -> dict[str, Any]:
     """A dict whose content goes to the test's scenario metrics in report.json."""

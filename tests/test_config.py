@@ -84,7 +84,10 @@ def test_minimal_topology_from_the_issue():
             "t.yaml:7: nodes.s.credentials.password: unknown field",
         ),
         ("name: x\nnodes:\n  a: {ae_title: A}\n", "t.yaml:3: nodes.a.kind: missing"),
-        ("name: x\nnodez: {}\n", "t.yaml:2: nodez: unknown field (allowed: name, nodes, settings)"),
+        (
+            "name: x\nnodez: {}\n",
+            "t.yaml:2: nodez: unknown field (allowed: name, nodes, links, settings)",
+        ),
         ("", "t.yaml:1: (top level): a topology must be a mapping"),
         (
             "name: x\nnodes:\n  a: {kind: orthanc, launch: kubernetes}\n",
@@ -153,3 +156,49 @@ def test_cli_exits_2_with_one_line_on_bad_topology(tmp_path: Path, command: str)
     assert lines == [f"error: {bad}:3: nodes.a.kind: unknown kind 'pacs9000' (allowed: "
                      "orthanc, dcmqrscp, embedded, dcm4chee, external)"]
     assert "Traceback" not in proc.stderr
+
+
+LINKED = """\
+name: linked
+nodes:
+  legacy: {kind: embedded}
+  central: {kind: orthanc, orthanc_config: {StableAge: 5}}
+links:
+  - {to: central, preset: wan-30ms-100mbit}
+  - {from: legacy, to: central, latency_ms: 10, bandwidth_mbit: 50}
+"""
+
+
+def test_links_and_orthanc_config():
+    topology = parse_topology(LINKED, "t.yaml")
+    assert list(topology.links) == ["harness->central", "legacy->central"]
+    wan = topology.links["harness->central"]
+    assert (wan.latency_s, wan.bandwidth_bps) == (0.03, 100e6)
+    lan = topology.links["legacy->central"]
+    assert (lan.source, lan.latency_s, lan.bandwidth_bps) == ("legacy", 0.01, 50e6)
+    assert topology.node("central").orthanc_config == {"StableAge": 5}
+
+
+@pytest.mark.parametrize(
+    ("links", "expected"),
+    [
+        ("[{to: nowhere}]", "t.yaml:5: links.0.to: unknown node 'nowhere' (nodes: a, b)"),
+        ("[{from: a}]", "t.yaml:5: links.0.to: missing"),
+        ("[{to: a, preset: dialup}]", "t.yaml:5: links.0.preset: unknown preset 'dialup'"),
+        ("[{to: a, latency_ms: -1}]", "t.yaml:5: links.0.latency_ms: must be a number >= 0"),
+        ("[{to: a, bandwidth_mbit: 0}]", "t.yaml:5: links.0.bandwidth_mbit: must be a number > 0"),
+        ("[{to: a}, {to: a}]", "t.yaml:5: links.1: duplicate link harness->a"),
+        ("[{from: a, to: a}]", "t.yaml:5: links.0: a link joins two different nodes"),
+        ("{to: a}", "t.yaml:5: links: must be a list"),
+    ],
+)
+def test_bad_links(links, expected):
+    text = f"name: x\nnodes:\n  a: {{kind: embedded}}\n  b: {{kind: orthanc}}\nlinks: {links}\n"
+    with pytest.raises(ConfigError) as err:
+        parse_topology(text, "t.yaml")
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_orthanc_config_only_for_orthanc():
+    with pytest.raises(ConfigError, match="orthanc_config is for orthanc nodes only"):
+        parse_topology("name: x\nnodes:\n  a: {kind: embedded, orthanc_config: {A: 1}}\n", "t")

@@ -56,6 +56,9 @@ class Node:
         self.host = spec.host
         self.dicom_port: int | None = spec.dicom_port
         self.http_port: int | None = spec.http_port
+        # where the harness's own DIMSE traffic goes: a fault proxy's port when the topology
+        # declares a link harness->node, else the node's port
+        self.access_port: int | None = None
         self.workdir = workdir
         self.peers: list[Peer] = []
         self.handle: ProcessHandle | ContainerHandle | None = None
@@ -88,9 +91,10 @@ class Node:
 
     # -- protocol clients ----------------------------------------------------------------
     def dimse(self, calling_ae: str = HARNESS_AE_TITLE, timeout_s: float = 30.0) -> DimseClient:
+        """A DIMSE client for this node (through its harness link when one is declared)."""
         return DimseClient(
             self.host,
-            self.dicom_port,
+            self.access_port or self.dicom_port,
             self.ae_title,
             calling_ae,
             timeout_s=timeout_s,

@@ -104,6 +104,7 @@ class OrthancNode(Node):
                 "EnableStorage": False,
                 "Lock": False,
             }
+        config.update(self.spec.orthanc_config)  # the topology's own settings win
         (self.workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
 
     def program(self) -> list[str]:

@@ -1,0 +1,83 @@
+"""Links declared in the topology really go through fault proxies: delay, cut, schedule."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from harness.cluster import Cluster
+from harness.config import parse_topology
+from scenarios.helpers import sample_study
+
+pytest_plugins = ["pytester"]
+
+LINKED = """\
+name: linked
+nodes:
+  a: {kind: embedded, ae_title: NODEA}
+  b: {kind: embedded, ae_title: NODEB}
+links:
+  - {to: a, latency_ms: 100}
+  - {from: b, to: a}
+"""
+
+
+@pytest.fixture
+def linked():
+    cluster = Cluster.launch(parse_topology(LINKED))
+    yield cluster
+    cluster.stop()
+
+
+def test_harness_link_adds_its_latency(linked):
+    a, b = linked.node("a"), linked.node("b")
+    assert a.access_port == linked.links["harness->a"].port != a.dicom_port
+    start = time.perf_counter()
+    assert a.dimse().echo().status.ok
+    through_link = time.perf_counter() - start
+    start = time.perf_counter()
+    assert b.dimse().echo().status.ok  # no link: direct
+    direct = time.perf_counter() - start
+    # an association is at least two round trips: 4 x 100 ms one way
+    assert through_link >= 0.4 > direct
+
+
+def test_node_to_node_link_carries_c_move_and_cut_stops_it(linked):
+    a, b = linked.node("a"), linked.node("b")
+    study = sample_study(seed=61, instances=2)
+    assert b.dimse().store(study).ok
+    keys = {"StudyInstanceUID": study[0].StudyInstanceUID}
+    moved = b.dimse().move(a.ae_title, "STUDY", keys)
+    assert moved.ok and moved.completed == 2
+    assert linked.links["b->a"].connections_total >= 1
+    a.wipe()
+    linked.links["b->a"].cut()
+    refused = b.dimse().move(a.ae_title, "STUDY", keys)
+    assert not refused.ok
+    assert a.statistics().instances == 0
+    linked.links["b->a"].heal()
+    assert b.dimse().move(a.ae_title, "STUDY", keys).ok
+
+
+def test_fault_schedule_from_settings_runs_and_is_recorded(pytester, tmp_path):
+    topo = tmp_path / "t.yaml"
+    topo.write_text(LINKED + "settings:\n  faults:\n"
+                    "    - {at_s: 0.2, fault: cut, target: 'harness->a', duration_s: 1.0}\n")
+    report = tmp_path / "report.json"
+    pytester.makepyfile(test_sched="""
+import time
+def test_cut_then_healed(pacs_node, pacs_fault_schedule):
+    time.sleep(0.6)
+    assert not pacs_node("a").alive()       # inside the cut
+    time.sleep(1.2)
+    assert pacs_node("a").alive()           # healed by itself
+""")
+    result = pytester.runpytest_subprocess("--pacs-topology", str(topo), "-p",
+                                           "no:cacheprovider", "--pacs-report-json", str(report))
+    result.assert_outcomes(passed=1)
+    import json
+
+    (scenario,) = json.loads(report.read_text())["scenarios"]
+    events = scenario["metrics"]["fault_events"]
+    assert [e["what"] for e in events][:1] == ["cut"]
