@@ -465,6 +465,7 @@ def images_build(names: tuple[str, ...], tag: str | None, force: bool) -> None:
 
 
 def _register_commands_of_other_modules() -> None:
+    from harness.load_cli import load_command, sla_command
     from harness.migrate_cli import migrate_command
     from harness.report.cli import gate_command, report_command
     from harness.verify_cli import inventory_command, verify_command
@@ -477,6 +478,8 @@ def _register_commands_of_other_modules() -> None:
         verify_command,
         report_command,
         gate_command,
+        load_command,
+        sla_command,
     ):
         cli.add_command(command)
 

@@ -1,0 +1,810 @@
+"""Load engine: DIMSE and DICOMweb workloads against one node, measured with HdrHistogram.
+
+A workload is YAML (checked with file:line errors like a topology)::
+
+    name: small-mix
+    duration_s: 20          # measured time after the warm-up; the run stops by itself
+    warmup_s: 3             # operations that start during the warm-up are not recorded
+    max_operations: 5000    # hard bound on the number of operations, whatever the rates
+    dataset:                # studies stored before the run, read by the reading groups
+      studies: 4
+      instances_per_study: 10
+      scale: small          # tiny, small (64x64) or realistic (512x512 CT)
+      modality: CT
+    groups:
+      - {name: modalities, operation: c-store, users: 2, instances: 5}
+      - {name: readers, operation: c-get, users: 3}
+      - {name: queries, operation: c-find, level: STUDY, rate: 5}   # open model
+
+A group with `users: N` is a closed model (N concurrent users, each one operation after the
+other); with `rate: R` it is an open model (R arrivals per second whatever the PACS does,
+at most `max_in_flight` at once). Open-model latency is measured from each operation's
+*scheduled* start, which corrects coordinated omission: a PACS that stalls shows its stall.
+
+Why threads: each operation blocks on the network, and pynetdicom is thread-safe per
+association. The harness measures its own CPU (os.times) and says when it, not the PACS,
+was the limit (Python runs ~1 core of bytecode at a time).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+from pydicom import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.uid import generate_uid
+
+from harness.config import Checker, load_yaml
+from harness.dicom.dimse import HARNESS_AE_TITLE, DimseConnectionError
+from harness.errors import ConfigError, EnvironmentProblem, HarnessError
+
+OPERATIONS = ("c-echo", "c-store", "c-find", "c-move", "c-get", "wado-rs", "qido-rs", "stow-rs")
+WEB_OPERATIONS = ("wado-rs", "qido-rs", "stow-rs")
+FIND_LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+SCALES = ("tiny", "small", "realistic")
+TOP_FIELDS = {
+    "name": "a short name",
+    "description": "free text",
+    "duration_s": "seconds measured after the warm-up (0 < s <= 3600)",
+    "warmup_s": "seconds not recorded at the start (0 <= s <= 600)",
+    "max_operations": "a whole number 1-1000000: the run stops after that many operations",
+    "dataset": "{studies, instances_per_study, scale, modality}",
+    "groups": "a list of {name, operation, users | rate, ...}",
+}
+DATASET_FIELDS = ("studies", "instances_per_study", "scale", "modality")
+GROUP_FIELDS = {
+    "name": "a unique name",
+    "operation": ", ".join(OPERATIONS),
+    "users": "closed model: concurrent users (1-256)",
+    "rate": "open model: arrivals per second (0 < r <= 10000)",
+    "max_in_flight": "open model: operations in flight at most (default 64)",
+    "level": "C-FIND level: " + ", ".join(FIND_LEVELS),
+    "instances": "c-store/stow-rs: instances per operation (one new study each time)",
+    "associations": "c-store: parallel associations per operation (default 1)",
+    "destination": "c-move: AE title to move to (default: the harness's own receiver)",
+    "think_s": "closed model: pause between a user's operations (default 0)",
+}
+HIGHEST_TRACKABLE_US = 3_600_000_000  # one hour in microseconds
+PERCENTILES = (50, 90, 95, 99, 99.9)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Users (closed) or arrivals (open) doing one operation."""
+
+    name: str
+    operation: str
+    users: int | None = None
+    rate: float | None = None
+    max_in_flight: int = 64
+    level: str = "STUDY"
+    instances: int = 1
+    associations: int = 1
+    destination: str | None = None
+    think_s: float = 0.0
+
+    @property
+    def model(self) -> str:
+        return "open" if self.rate is not None else "closed"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    studies: int = 2
+    instances_per_study: int = 5
+    scale: str = "small"
+    modality: str = "CT"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    groups: tuple[Group, ...]
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    max_operations: int = 100_000
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    description: str = ""
+    source: str = "<string>"
+
+    def describe(self) -> dict[str, Any]:
+        """The workload as written into results and SLA evidence."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "description": self.description,
+            "duration_s": self.duration_s,
+            "warmup_s": self.warmup_s,
+            "max_operations": self.max_operations,
+            "dataset": self.dataset.__dict__,
+            "groups": [{k: v for k, v in g.__dict__.items() if v is not None} for g in self.groups],
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing
+
+
+def _number(check: Checker, path: tuple, value: Any, low: float, high: float,
+            *, whole: bool = False, low_open: bool = False) -> float:
+    kind = "a whole number" if whole else "a number"
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and whole and not isinstance(value, int):
+        ok = False
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise check.fail(path, f"must be {kind} {bound} and <= {high}, got {value!r}")
+    return value
+
+
+def _group(check: Checker, index: int, raw: Any, seen: set[str]) -> Group:
+    path = ("groups", index)
+    if not isinstance(raw, dict):
+        raise check.fail(path, "must be a mapping {name, operation, users | rate}")
+    for key in raw:
+        if key not in GROUP_FIELDS:
+            raise check.fail((*path, key), f"unknown field (allowed: {', '.join(GROUP_FIELDS)})")
+    operation = raw.get("operation")
+    if operation not in OPERATIONS:
+        raise check.fail((*path, "operation"),
+                         f"unknown operation {operation!r} (allowed: {GROUP_FIELDS['operation']})")
+    name = raw.get("name", operation)
+    if not isinstance(name, str) or not name:
+        raise check.fail((*path, "name"), "must be a non-empty string")
+    if name in seen:
+        raise check.fail((*path, "name"), f"duplicate group name {name!r}")
+    seen.add(name)
+    if ("users" in raw) == ("rate" in raw):
+        raise check.fail(path, "give exactly one of users (closed model) or rate (open model)")
+    users = rate = None
+    if "users" in raw:
+        users = int(_number(check, (*path, "users"), raw["users"], 1, 256, whole=True))
+    else:
+        rate = float(_number(check, (*path, "rate"), raw["rate"], 0, 10_000, low_open=True))
+    level = str(raw.get("level", "STUDY")).upper()
+    if level not in FIND_LEVELS:
+        raise check.fail((*path, "level"),
+                         f"unknown level {level!r} (allowed: {', '.join(FIND_LEVELS)})")
+    destination = raw.get("destination")
+    if destination is not None and (
+        not isinstance(destination, str) or not 0 < len(destination) <= 16
+    ):
+        raise check.fail((*path, "destination"), "must be an AE title (1-16 characters)")
+    return Group(
+        name=name,
+        operation=operation,
+        users=users,
+        rate=rate,
+        max_in_flight=int(_number(check, (*path, "max_in_flight"), raw.get("max_in_flight", 64),
+                                  1, 1024, whole=True)),
+        level=level,
+        instances=int(_number(check, (*path, "instances"), raw.get("instances", 1), 1, 10_000,
+                              whole=True)),
+        associations=int(_number(check, (*path, "associations"), raw.get("associations", 1),
+                                 1, 64, whole=True)),
+        destination=destination,
+        think_s=float(_number(check, (*path, "think_s"), raw.get("think_s", 0), 0, 60)),
+    )
+
+
+def workload_from_data(data: Any, lines: dict[tuple, int], source: str) -> Workload:
+    """Validate an already parsed workload (also used for workloads inline in a contract)."""
+    check = Checker(source, lines)
+    if not isinstance(data, dict):
+        raise check.fail((), "a workload must be a mapping with at least 'groups'")
+    for key in data:
+        if key not in TOP_FIELDS:
+            raise check.fail((key,), f"unknown field (allowed: {', '.join(TOP_FIELDS)})")
+    groups_raw = data.get("groups")
+    if not isinstance(groups_raw, list) or not groups_raw:
+        raise check.fail(("groups",), "must be a non-empty list of groups")
+    seen: set[str] = set()
+    groups = tuple(_group(check, i, raw, seen) for i, raw in enumerate(groups_raw))
+    ds_raw = data.get("dataset", {}) or {}
+    if not isinstance(ds_raw, dict):
+        raise check.fail(("dataset",), f"must be a mapping {{{', '.join(DATASET_FIELDS)}}}")
+    for key in ds_raw:
+        if key not in DATASET_FIELDS:
+            raise check.fail(("dataset", key),
+                             f"unknown field (allowed: {', '.join(DATASET_FIELDS)})")
+    scale = ds_raw.get("scale", "small")
+    if scale not in SCALES:
+        raise check.fail(("dataset", "scale"),
+                         f"unknown scale {scale!r} (allowed: {', '.join(SCALES)})")
+    dataset = DatasetSpec(
+        studies=int(_number(check, ("dataset", "studies"), ds_raw.get("studies", 2), 1, 1000,
+                            whole=True)),
+        instances_per_study=int(_number(check, ("dataset", "instances_per_study"),
+                                        ds_raw.get("instances_per_study", 5), 1, 5000, whole=True)),
+        scale=scale,
+        modality=str(ds_raw.get("modality", "CT")),
+    )
+    name = data.get("name", Path(source).stem)
+    return Workload(
+        name=str(name),
+        groups=groups,
+        duration_s=float(_number(check, ("duration_s",), data.get("duration_s", 10), 0, 3600,
+                                 low_open=True)),
+        warmup_s=float(_number(check, ("warmup_s",), data.get("warmup_s", 2), 0, 600)),
+        max_operations=int(_number(check, ("max_operations",), data.get("max_operations", 100_000),
+                                   1, 1_000_000, whole=True)),
+        dataset=dataset,
+        description=str(data.get("description", "")),
+        source=source,
+    )
+
+
+def parse_workload(text: str, source: str = "<string>") -> Workload:
+    data, lines = load_yaml(text, source)
+    return workload_from_data(data, lines, source)
+
+
+def load_workload(path: str | os.PathLike[str]) -> Workload:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read workload: {exc.strerror}") from None
+    return parse_workload(text, str(path))
+
+
+# ---------------------------------------------------------------------------------------
+# Synthetic data
+
+
+@dataclass
+class Study:
+    """A study on the node that reading groups retrieve and query."""
+
+    study_uid: str
+    patient_id: str
+    series_uid: str
+    sop_uids: list[str]
+    bytes_total: int
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def template_instance(spec: DatasetSpec, seed: int = 0) -> Dataset:
+    """One synthetic instance of the requested scale and modality (never real data)."""
+    from synthetic_data import GeneratorOptions, generate
+
+    options = GeneratorOptions(
+        patients=1, studies_per_patient=1, modalities=[spec.modality], facilities=1,
+        seed=seed, scale=spec.scale, trap_rate=0.0,
+    )
+    return next(iter(generate(options)))
+
+
+_UI_TAGS = {
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+    "SOPInstanceUID": 0x00080018,
+}
+
+
+def clone_study(template: Dataset, instances: int, patient_id: str | None = None) -> list[Dataset]:
+    """`instances` copies of the template in one new study, sharing the pixel bytes.
+
+    Only the UID elements (and InstanceNumber, PatientID) are new objects, so a 512x512 CT
+    study costs microseconds to make and the harness spends its CPU on the network.
+    """
+    study_uid, series_uid = generate_uid(), generate_uid()
+    out = []
+    for number in range(instances):
+        ds = Dataset()
+        for elem in template:
+            ds.add(elem)  # shared, never mutated below
+        sop_uid = generate_uid()
+        for keyword, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
+                               ("SOPInstanceUID", sop_uid)):
+            tag = _UI_TAGS[keyword]
+            ds[tag] = DataElement(tag, "UI", value)
+        ds[0x00200013] = DataElement(0x00200013, "IS", number + 1)
+        if patient_id is not None:
+            ds[0x00100020] = DataElement(0x00100020, "LO", patient_id)
+        ds.file_meta = copy.copy(template.file_meta)
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        out.append(ds)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Measurements
+
+
+class OperationStats:
+    """Latency histogram (microseconds), counts, bytes and errors of one group."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.histogram = HdrHistogram(1, HIGHEST_TRACKABLE_US, 3)
+        self.count = 0
+        self.errors = 0
+        self.instances = 0
+        self.bytes = 0
+        self.dropped = 0  # open model: arrivals never started before the end
+        self.errors_by_status: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def record(self, latency_s: float, ok: bool, status: str, instances: int, nbytes: int) -> None:
+        with self.lock:
+            self.histogram.record_value(max(1, min(int(latency_s * 1e6), HIGHEST_TRACKABLE_US)))
+            self.count += 1
+            if ok:
+                self.instances += instances
+                self.bytes += nbytes
+            else:
+                self.errors += 1
+                self.errors_by_status[status] += 1
+
+    def percentile_ms(self, p: float) -> float:
+        with self.lock:
+            if not self.histogram.get_total_count():
+                return 0.0
+            return self.histogram.get_value_at_percentile(p) / 1000.0
+
+    def as_dict(self, measured_s: float) -> dict[str, Any]:
+        with self.lock:
+            h, n = self.histogram, self.histogram.get_total_count()
+            latency = {f"p{p:g}": round(h.get_value_at_percentile(p) / 1000.0, 3) if n else None
+                       for p in PERCENTILES}
+            latency["mean"] = round(h.get_mean_value() / 1000.0, 3) if n else None
+            latency["max"] = round(h.get_max_value() / 1000.0, 3) if n else None
+            encoded = h.encode()
+            return {
+                "operation": self.group.operation,
+                "model": self.group.model,
+                "users": self.group.users,
+                "rate": self.group.rate,
+                "count": self.count,
+                "errors": self.errors,
+                "dropped": self.dropped,
+                "availability_pct": round(100.0 * (self.count - self.errors) / self.count, 4)
+                if self.count else None,
+                "instances": self.instances,
+                "bytes": self.bytes,
+                "ops_per_s": round(self.count / measured_s, 3),
+                "instances_per_s": round(self.instances / measured_s, 3),
+                "mb_per_s": round(self.bytes / measured_s / 1e6, 3),
+                "latency_ms": latency,
+                "errors_by_status": dict(self.errors_by_status),
+                "hdr_histogram": encoded.decode() if isinstance(encoded, bytes) else encoded,
+            }
+
+
+class Timeline:
+    """Per-second buckets of completed work (instances, bytes, operations, errors)."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, list[int]] = {}
+        self.lock = threading.Lock()
+
+    def add(self, second: int, ok: bool, instances: int, nbytes: int) -> None:
+        with self.lock:
+            b = self.buckets.setdefault(second, [0, 0, 0, 0])
+            b[0] += 1
+            b[1] += 0 if ok else 1
+            b[2] += instances if ok else 0
+            b[3] += nbytes if ok else 0
+
+    def as_list(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [
+                {"t_s": s, "operations": b[0], "errors": b[1], "instances": b[2],
+                 "mb": round(b[3] / 1e6, 3)}
+                for s, b in sorted(self.buckets.items())
+            ]
+
+
+def _process_cpu_s(pid: int) -> float | None:
+    """utime + stime of another process (e.g. the PACS) from /proc, None when unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+# ---------------------------------------------------------------------------------------
+# The engine
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    status: str
+    instances: int = 0
+    nbytes: int = 0
+
+
+class _MoveSink:
+    """The harness's own Storage SCP for C-MOVE destinations: counts, keeps nothing."""
+
+    def __init__(self, port: int) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        self.received = 0
+        self.lock = threading.Lock()
+        ae = AE(ae_title=HARNESS_AE_TITLE)
+        ae.maximum_associations = 64
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+
+        def on_store(event: Any) -> int:
+            with self.lock:
+                self.received += 1
+            return 0x0000
+
+        try:
+            self.server = ae.start_server(("127.0.0.1", port), block=False,
+                                          evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        except OSError as exc:
+            raise EnvironmentProblem(
+                f"harness C-MOVE receiver on 127.0.0.1:{port}: {exc}"
+            ) from None
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+ALL_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50",
+]
+
+
+class LoadRun:
+    """One bounded run of a workload against one node; `run()` returns the results dict."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        node: Any,
+        *,
+        duration_s: float | None = None,
+        move_port: int | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.workload = workload
+        self.node = node
+        self.duration_s = float(duration_s if duration_s is not None else workload.duration_s)
+        self.move_port = move_port
+        self.on_progress = on_progress
+        self.random = random.Random(seed)
+        self.stats = {g.name: OperationStats(g) for g in workload.groups}
+        self.timeline = Timeline()
+        self.studies: list[Study] = []
+        self.template: Dataset | None = None
+        self.template_bytes = 0
+        self.stop_event = threading.Event()
+        self.started_ops = 0
+        self.count_lock = threading.Lock()
+        self.t0 = 0.0  # monotonic start of the measured phase
+
+    # -- preparation ------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Store the read dataset (untimed) and check every operation can be attempted."""
+        needs_web = [g.name for g in self.workload.groups if g.operation in WEB_OPERATIONS]
+        if needs_web and self.node.dicomweb() is None:
+            raise ConfigError(
+                f"{self.workload.source}: groups {', '.join(needs_web)}: node {self.node.name} "
+                "serves no DICOMweb"
+            )
+        moves = [g for g in self.workload.groups if g.operation == "c-move" and not g.destination]
+        if moves and self.move_port is None:
+            raise ConfigError(
+                f"{self.workload.source}: group {moves[0].name}: c-move needs a destination "
+                "(the harness's receiver port is unknown for this node; set destination:)"
+            )
+        spec = self.workload.dataset
+        self.template = template_instance(spec)
+        self.template_bytes = len(_encode(self.template))
+        client = self.node.dimse()
+        for number in range(spec.studies):
+            datasets = clone_study(self.template, spec.instances_per_study,
+                                   patient_id=f"LOAD{number:05d}")
+            report = client.store(datasets, associations=min(4, len(datasets)))
+            if not report.ok:
+                raise EnvironmentProblem(
+                    f"node {self.node.name}: storing the workload's dataset failed: "
+                    f"{report.failed[0].error}"
+                )
+            first = datasets[0]
+            self.studies.append(Study(
+                study_uid=str(first.StudyInstanceUID), patient_id=f"LOAD{number:05d}",
+                series_uid=str(first.SeriesInstanceUID),
+                sop_uids=[str(d.SOPInstanceUID) for d in datasets],
+                bytes_total=self.template_bytes * len(datasets),
+            ))
+
+    # -- operations -------------------------------------------------------------------
+    def operation(self, group: Group) -> Outcome:
+        """One operation of the group (raises on association failure); not recorded."""
+        study = self.random.choice(self.studies)
+        op = group.operation
+        if op == "c-echo":
+            result = self.node.dimse().echo()
+            return Outcome(result.status.ok, str(result.status))
+        if op == "c-store":
+            datasets = clone_study(self.template, group.instances)
+            report = self.node.dimse().store(datasets, associations=group.associations)
+            failed = report.failed
+            status = str(failed[0].status) if failed else "0x0000 (success)"
+            return Outcome(not failed, status, len(report.succeeded),
+                           len(report.succeeded) * self.template_bytes)
+        if op == "c-find":
+            keys: dict[str, Any] = {"StudyInstanceUID": study.study_uid}
+            if group.level == "PATIENT":
+                keys = {"PatientID": study.patient_id, "PatientName": None}
+                result = self.node.dimse().find("PATIENT", keys, model="patient")
+            else:
+                if group.level == "STUDY":
+                    keys = {"PatientID": study.patient_id, "StudyInstanceUID": None,
+                            "StudyDate": None, "ModalitiesInStudy": None}
+                elif group.level == "SERIES":
+                    keys["SeriesInstanceUID"] = None
+                    keys["Modality"] = None
+                else:
+                    keys.update(SeriesInstanceUID=study.series_uid, SOPInstanceUID=None)
+                result = self.node.dimse().find(group.level, keys)
+            return Outcome(result.ok and bool(result.matches), str(result.status))
+        if op == "c-get":
+            received = [0]
+
+            def count(_instance: Any) -> None:
+                received[0] += 1
+
+            result = self.node.dimse().get("STUDY", {"StudyInstanceUID": study.study_uid},
+                                           keep=False, on_instance=count)
+            ok = result.ok and received[0] == len(study.sop_uids)
+            return Outcome(ok, str(result.status), received[0], received[0] * self.template_bytes)
+        if op == "c-move":
+            result = self.node.dimse().move(group.destination or HARNESS_AE_TITLE, "STUDY",
+                                            {"StudyInstanceUID": study.study_uid})
+            ok = result.ok and result.completed == len(study.sop_uids)
+            return Outcome(ok, str(result.status), result.completed,
+                           result.completed * self.template_bytes)
+        web = self.node.dicomweb()
+        if op == "qido-rs":
+            found = web.search_studies(PatientID=study.patient_id)
+            return Outcome(bool(found), "HTTP 200")
+        if op == "wado-rs":
+            parts = web.retrieve_study(study.study_uid)
+            ok = len(parts) == len(study.sop_uids)
+            return Outcome(ok, "HTTP 200" if ok else "HTTP 200 (incomplete)", len(parts),
+                           sum(len(p) for p in parts))
+        if op == "stow-rs":
+            payload = [_encode(ds) for ds in clone_study(self.template, group.instances)]
+            answer = web.store(payload)
+            failed = answer.get("00081198", {}).get("Value", []) if isinstance(answer, dict) else []
+            return Outcome(not failed, "HTTP 200" if not failed else "STOW failed instances",
+                           len(payload) - len(failed), sum(len(p) for p in payload))
+        raise AssertionError(op)
+
+    def _execute(self, group: Group, scheduled: float) -> None:
+        """Run one operation and record it (latency from `scheduled`) unless in warm-up."""
+        try:
+            outcome = self.operation(group)
+        except DimseConnectionError as exc:
+            outcome = Outcome(False, f"association failed: {str(exc)[:80]}")
+        except HarnessError as exc:
+            outcome = Outcome(False, str(exc).rsplit(" answered ", 1)[-1][:80])
+        except Exception as exc:  # noqa: BLE001 - one failed operation must not stop the load
+            outcome = Outcome(False, f"{type(exc).__name__}: {str(exc)[:60]}")
+        end = time.monotonic()
+        if scheduled < self.t0:  # started during the warm-up
+            return
+        self.stats[group.name].record(end - scheduled, outcome.ok, outcome.status,
+                                      outcome.instances, outcome.nbytes)
+        self.timeline.add(int(end - self.t0), outcome.ok, outcome.instances, outcome.nbytes)
+
+    def _take_slot(self) -> bool:
+        """Count one more operation; False once the count bound is reached."""
+        with self.count_lock:
+            if self.started_ops >= self.workload.max_operations:
+                self.stop_event.set()
+                return False
+            self.started_ops += 1
+            return True
+
+    def _closed_user(self, group: Group, deadline: float) -> None:
+        while not self.stop_event.is_set() and time.monotonic() < deadline:
+            start = time.monotonic()
+            if start >= self.t0 and not self._take_slot():
+                return
+            self._execute(group, start)
+            if group.think_s:
+                self.stop_event.wait(group.think_s)
+
+    def _open_arrivals(self, group: Group, start: float, deadline: float) -> None:
+        interval = 1.0 / float(group.rate)
+        pool = ThreadPoolExecutor(max_workers=group.max_in_flight,
+                                  thread_name_prefix=f"load-{group.name}")
+        futures: list[Future] = []
+        n = 0
+        try:
+            while not self.stop_event.is_set():
+                scheduled = start + n * interval
+                if scheduled >= deadline:
+                    break
+                delay = scheduled - time.monotonic()
+                if delay > 0 and self.stop_event.wait(delay):
+                    break
+                if scheduled >= self.t0 and not self._take_slot():
+                    break
+                futures.append(pool.submit(self._execute, group, scheduled))
+                n += 1
+        finally:
+            # arrivals queued at the end get a grace period to run (their latency shows the
+            # backlog); those that still have not started are counted as dropped, not run
+            wait(futures, timeout=min(30.0, max(5.0, self.duration_s)))
+            dropped = sum(1 for f in futures if f.cancel())
+            self.stats[group.name].dropped += dropped
+            pool.shutdown(wait=True)
+
+    # -- run --------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Prepare, warm up, measure, stop; the results as a dict (see module docstring)."""
+        self.prepare()
+        sink = _MoveSink(self.move_port) if self.move_port and any(
+            g.operation == "c-move" and not g.destination for g in self.workload.groups) else None
+        pacs_pid = getattr(getattr(self.node, "handle", None), "pid", None)
+        started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        begin = time.monotonic()
+        self.t0 = begin + self.workload.warmup_s
+        deadline = self.t0 + self.duration_s
+        cpu0 = cpu_measured0 = _own_cpu_s()
+        pacs0 = _process_cpu_s(pacs_pid) if pacs_pid else None
+        threads = []
+        for group in self.workload.groups:
+            if group.model == "closed":
+                for n in range(group.users or 1):
+                    threads.append(threading.Thread(
+                        target=self._closed_user, args=(group, deadline),
+                        name=f"load-{group.name}-{n}", daemon=True))
+            else:
+                threads.append(threading.Thread(
+                    target=self._open_arrivals, args=(group, begin, deadline),
+                    name=f"load-{group.name}-arrivals", daemon=True))
+        try:
+            for thread in threads:
+                thread.start()
+            warm = False
+            while any(t.is_alive() for t in threads):
+                now = time.monotonic()
+                if not warm and now >= self.t0:
+                    warm = True
+                    cpu_measured0 = _own_cpu_s()
+                    pacs0 = _process_cpu_s(pacs_pid) if pacs_pid else None
+                if now > deadline + 120:  # operations hang past any timeout: stop waiting
+                    self.stop_event.set()
+                    break
+                if self.on_progress and warm:
+                    self.on_progress(self.snapshot(now))
+                time.sleep(0.5 if self.on_progress else 0.1)
+                if now >= deadline:
+                    self.stop_event.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        finally:
+            self.stop_event.set()
+            if sink is not None:
+                sink.stop()
+        end = time.monotonic()
+        measured_s = max(1e-6, min(end, deadline) - self.t0) if end > self.t0 else 1e-6
+        wall_measured = max(1e-6, end - self.t0)
+        cpu_measured = _own_cpu_s() - cpu_measured0
+        pacs_cpu = None
+        if pacs_pid and pacs0 is not None:
+            after = _process_cpu_s(pacs_pid)
+            pacs_cpu = None if after is None else round((after - pacs0) / wall_measured, 3)
+        return self._results(started_at, measured_s, cpu_measured / wall_measured,
+                             _own_cpu_s() - cpu0, pacs_cpu, sink)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Live figures for a progress display: throughput, p95, errors so far."""
+        elapsed = max(1e-6, now - self.t0)
+        instances = sum(s.instances for s in self.stats.values())
+        mb = sum(s.bytes for s in self.stats.values()) / 1e6
+        return {
+            "elapsed_s": round(elapsed, 1),
+            "duration_s": self.duration_s,
+            "instances_per_s": round(instances / elapsed, 1),
+            "mb_per_s": round(mb / elapsed, 2),
+            "errors": sum(s.errors for s in self.stats.values()),
+            "p95_ms": {name: round(s.percentile_ms(95), 1) for name, s in self.stats.items()},
+        }
+
+    def _results(self, started_at: str, measured_s: float, cpu_cores: float, cpu_total_s: float,
+                 pacs_cores: float | None, sink: _MoveSink | None) -> dict[str, Any]:
+        from harness import __version__
+
+        operations = {name: s.as_dict(measured_s) for name, s in self.stats.items()}
+        warnings = []
+        # Python executes bytecode on ~1 core at a time; near that, the harness is the limit.
+        saturated = cpu_cores >= 0.85 or cpu_cores >= 0.85 * (os.cpu_count() or 1)
+        if saturated and (pacs_cores is None or pacs_cores < cpu_cores):
+            warnings.append(
+                f"the harness used {cpu_cores:.2f} CPU cores (Python runs ~1 at a time) while "
+                f"the PACS used {'unknown' if pacs_cores is None else f'{pacs_cores:.2f}'}: the "
+                "harness saturated before the PACS did; these figures understate the PACS "
+                "(use --locust with more processes)"
+            )
+        for name, op in operations.items():
+            if op["dropped"]:
+                warnings.append(f"{name}: {op['dropped']} arrivals never started before the end "
+                                "(the PACS or the harness could not keep up with the rate)")
+        count = sum(op["count"] for op in operations.values())
+        return {
+            "workload": self.workload.describe(),
+            "node": self.node.describe() | {"version": _version(self.node)},
+            "harness_version": __version__,
+            "started": started_at,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "measured_s": round(measured_s, 3),
+            "operations": operations,
+            "totals": {
+                "operations": count,
+                "errors": sum(op["errors"] for op in operations.values()),
+                "instances": sum(op["instances"] for op in operations.values()),
+                "instances_per_s": round(sum(op["instances"] for op in operations.values())
+                                         / measured_s, 3),
+                "mb_per_s": round(sum(op["bytes"] for op in operations.values())
+                                  / measured_s / 1e6, 3),
+                "bounded_by": "max_operations" if self.started_ops >= self.workload.max_operations
+                else "duration",
+            },
+            "timeline": self.timeline.as_list(),
+            "harness": {"cpu_cores": round(cpu_cores, 3), "cpu_s_total": round(cpu_total_s, 3),
+                        "saturated": saturated, "cpu_count": os.cpu_count()},
+            "pacs": {"cpu_cores": pacs_cores},
+            "move_received": sink.received if sink else None,
+            "warnings": warnings,
+        }
+
+
+def _version(node: Any) -> str | None:
+    try:
+        return node.version()
+    except Exception:  # noqa: BLE001 - a version is nice to have, never required
+        return None
+
+
+def run_workload(
+    workload: Workload,
+    node: Any,
+    *,
+    duration_s: float | None = None,
+    move_port: int | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run `workload` against `node` (bounded in time and count) and return the results."""
+    return LoadRun(workload, node, duration_s=duration_s, move_port=move_port,
+                   on_progress=on_progress).run()
