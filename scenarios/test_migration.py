@@ -16,7 +16,7 @@ Topology settings (all optional)::
         rules: rules.yaml         # allowed changes (harness/rules.py); default: none
         max_inaccessible_share: 0.05
         pilot_patients: 4
-        staged_patients: 16
+        staged_patients: 48
 """
 
 from __future__ import annotations
@@ -145,6 +145,6 @@ def test_migration_staged_volume(pacs_topology, pacs_node, pacs_janitor, pacs_me
     settings = _settings(pacs_topology)
     migrate_and_prove(
         source, target, tmp_path, method="move", seed=202,
-        patients=int(settings.get("staged_patients", 16)), settings=settings,
+        patients=int(settings.get("staged_patients", 48)), settings=settings,
         metrics=pacs_metrics, label="staged-move",
     )

@@ -230,21 +230,29 @@ def test_dcm4chee_node(docker_engine):
     assert harness_containers(cluster.run_id) == []
 
 
-def test_migration_scenario_into_orthanc_container_on_postgresql(images, tmp_path):
-    topo = tmp_path / "to-container.yaml"
+def test_connectivity_and_migration_scenarios_on_a_mixed_topology(images, tmp_path):
+    """Orthanc container on PostgreSQL as the target, dcmqrscp container as the legacy
+    archive, an embedded process beside them: the shipped scenarios pass unchanged."""
+    topo = tmp_path / "mixed-run.yaml"
     topo.write_text(
-        "name: to-container\nnodes:\n"
+        "name: mixed-run\nnodes:\n"
         "  legacy: {kind: dcmqrscp, launch: docker}\n"
         "  target: {kind: orthanc, launch: docker, index: postgresql}\n"
+        "  pocket: {kind: embedded}\n"
     )
-    proc = run_cli("run", "--topology", str(topo), "--scenario", "migration", "--phase", "pilot",
+    proc = run_cli("run", "--topology", str(topo), "--scenario", "connectivity",
+                   "--scenario", "migration", "--phase", "pilot",
                    "--report-dir", str(tmp_path / "r"), "-q", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "phase pilot: ready" in proc.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    (migration,) = report["scenarios"]
-    ran = [t for t in migration["tests"] if t["outcome"] == "passed"]
+    scenarios = {s["name"]: s for s in report["scenarios"]}
+    assert scenarios["connectivity"]["outcome"] == "passed"
+    moves = [t for t in scenarios["connectivity"]["tests"] if "move_between" in t["nodeid"]]
+    assert len(moves) == 6 and all(t["outcome"] == "passed" for t in moves)
+    ran = [t for t in scenarios["migration"]["tests"] if t["outcome"] == "passed"]
     results = [m for t in ran for m in t["metrics"].values()]
     assert {m["method"] for m in results} == {"move", "get"}
     assert all(m["verdict"] == "pass" for m in results)
-    assert {n["kind"] for n in report["topology"]["nodes"]} == {"dcmqrscp", "orthanc"}
+    assert {n["kind"] for n in report["topology"]["nodes"]} == {"dcmqrscp", "orthanc", "embedded"}
     assert harness_containers() == []
