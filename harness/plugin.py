@@ -278,11 +278,20 @@ def pacs_fault_schedule(pacs_cluster, pacs_topology, pacs_metrics):
 
 
 @pytest.fixture
-def pacs_metrics(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """A dict whose content goes to the test's scenario metrics in report.json."""
+def pacs_metrics(request: pytest.FixtureRequest):
+    """A dict whose content goes to the test's scenario metrics in report.json (and, as a
+    JSON attachment, to the Allure results)."""
     metrics: dict[str, Any] = {}
     request.config.stash[_metrics_key][request.node.nodeid] = metrics
-    return metrics
+    yield metrics
+    if metrics:
+        import allure
+
+        allure.attach(
+            json.dumps(metrics, indent=2, default=str),
+            name="metrics",
+            attachment_type=allure.attachment_type.JSON,
+        )
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import allure
 import pytest
 
 from harness.identity import identity_report, merged_patients
@@ -81,23 +82,33 @@ def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: i
         patients=patients, studies_per_patient=1, modalities=MODALITIES, facilities=2,
         seed=seed, scale="tiny", trap_rate=0.5, transfer_syntaxes=["explicit", "implicit"],
     )))
-    stored = source.dimse().store(archive, associations=4)
+    with allure.step(f"load {len(archive)} synthetic instances into {source.name}"):
+        stored = source.dimse().store(archive, associations=4)
     assert stored.ok, f"loading the source failed: {stored.failed[0].error}"
     studies = sorted({ds.StudyInstanceUID for ds in archive})
 
     rules = load_rules(settings.get("rules"))
-    crawl(source, workdir / "before.ledger.sqlite")
-    identities = identity_report(workdir / "before.ledger.sqlite", rules)
+    with allure.step("identity report before migrating"):
+        crawl(source, workdir / "before.ledger.sqlite")
+        identities = identity_report(workdir / "before.ledger.sqlite", rules)
 
-    with Migrator(source, target, method, state_path=workdir / "migration.sqlite",
-                  workers=2) as migrator:
+    with allure.step(f"migrate {source.name} -> {target.name} by {method}"), Migrator(
+        source, target, method, state_path=workdir / "migration.sqlite", workers=2
+    ) as migrator:
         with AvailabilityMonitor(source, target, studies, interval_s=0.2, seed=seed,
                                  is_migrated=migrator.is_confirmed) as monitor:
             result = migrator.run()
     availability = monitor.summary()
 
-    verified = verify(source, target, workdir / "verify", depth="full", rules=rules)
-    merged = merged_patients(verified.paths["source_ledger"], verified.paths["target_ledger"])
+    with allure.step("reconcile target against source at full depth"):
+        verified = verify(source, target, workdir / "verify", depth="full", rules=rules)
+        merged = merged_patients(
+            verified.paths["source_ledger"], verified.paths["target_ledger"]
+        )
+    allure.attach.file(
+        verified.paths["csv"], name="findings.csv",
+        attachment_type=allure.attachment_type.CSV,
+    )
 
     metrics[label] = {
         "method": method,

@@ -96,12 +96,26 @@ def test_run_on_default_topology_is_the_main_job(tmp_path):
     assert connectivity["outcome"] == "passed"
     assert "CT Image Storage" in connectivity["metrics"]["accepted.target"]
     assert set(report["scenarios"][0]) >= {"name", "phase", "outcome", "duration_s", "metrics"}
+    # Allure: steps and attachments (metrics, the findings CSV) for teams that use it
+    allure_results = [
+        json.loads(p.read_text())
+        for p in (tmp_path / "r" / "allure-results").glob("*-result.json")
+    ]
+    migration = [r for r in allure_results if "test_migration_pilot" in r.get("fullName", "")
+                 and r.get("status") == "passed"]
+    assert migration, "no passed migration test in the Allure results"
+    assert any(step["name"].startswith("reconcile") for step in migration[0]["steps"])
+    names = {a["name"] for r in migration for a in r.get("attachments", [])}
+    assert {"findings.csv", "metrics"} <= names
 
 
 def test_run_with_unknown_scenario_exits_2(tmp_path):
     proc = run_cli("run", "--scenario", "teleport", "--report-dir", str(tmp_path))
     assert proc.returncode == 2
-    assert "--scenario 'teleport': unknown scenario (allowed: connectivity" in proc.stderr
+    assert (
+        "--scenario 'teleport': unknown scenario (allowed: assessment, connectivity"
+        in proc.stderr
+    )
 
 
 def test_run_with_no_matching_test_does_not_pass_silently(tmp_path):
