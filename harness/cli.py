@@ -7,6 +7,7 @@ Exit codes (every command): 0 pass, 1 findings or failure, 2 usage or configurat
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from harness.errors import (
     EnvironmentProblem,
     HarnessError,
 )
+from harness.launch.process import die_with_parent
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -324,6 +326,15 @@ def _progress(disable: bool = False) -> Progress:
 
 
 # ---------------------------------------------------------------------------------------
+def scenario_names(suite_dir: Path) -> list[str]:
+    """Names a suite answers to: its `scenario(...)` markers, else its module name."""
+    names = set()
+    for module in suite_dir.glob("test_*.py"):
+        marked = re.findall(r"mark\.scenario\(\s*[\"']([^\"']+)[\"']", module.read_text())
+        names.update(marked or [module.stem.removeprefix("test_")])
+    return sorted(names)
+
+
 @cli.command()
 @topology_option
 @click.option(
@@ -363,7 +374,7 @@ def run(
 
     _resolve(topology_path)  # validate (exit 2) and say what the default chose
     suite_dir = Path(scenarios_package.__file__).parent
-    known = sorted(p.stem.removeprefix("test_") for p in suite_dir.glob("test_*.py"))
+    known = scenario_names(suite_dir)
     for name in scenarios:
         if name not in known:
             raise ConfigError(
@@ -397,7 +408,8 @@ def run(
         argv += ["--pacs-scenario", name]
     if keep:
         argv.append("--pacs-keep")
-    code = subprocess.call(argv)
+    # the pytest child dies with this command, even when this command is killed
+    code = subprocess.call(argv, preexec_fn=die_with_parent)
     report = json.loads(report_json.read_text()) if report_json.exists() else None
     if report is not None:
         from harness.report.html import write_html_report

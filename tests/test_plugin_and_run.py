@@ -81,14 +81,15 @@ def test_starts_empty(pacs_node, pacs_janitor):
     result.assert_outcomes(passed=2)
 
 
-def test_run_on_default_topology_is_the_main_job(tmp_path):
-    proc = run_cli("run", "--report-dir", str(tmp_path / "r"), "-q", timeout=600)
+@pytest.mark.timeout(1800)
+def test_run_on_default_topology_is_the_main_job(default_run):
+    report_dir, proc = default_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "default topology: legacy =" in proc.stderr
-    for name in ("junit.xml", "report.json", "allure-results"):
-        assert (tmp_path / "r" / name).exists(), name
-    assert any((tmp_path / "r" / "allure-results").glob("*-result.json"))
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    for name in ("junit.xml", "report.json", "allure-results", "index.html"):
+        assert (report_dir / name).exists(), name
+    assert any((report_dir / "allure-results").glob("*-result.json"))
+    report = json.loads((report_dir / "report.json").read_text())
     assert report["verdict"] == "pass"
     assert {n["name"] for n in report["topology"]["nodes"]} == {"legacy", "target"}
     (connectivity,) = [s for s in report["scenarios"] if s["name"] == "connectivity"]
@@ -99,7 +100,7 @@ def test_run_on_default_topology_is_the_main_job(tmp_path):
     # Allure: steps and attachments (metrics, the findings CSV) for teams that use it
     allure_results = [
         json.loads(p.read_text())
-        for p in (tmp_path / "r" / "allure-results").glob("*-result.json")
+        for p in (report_dir / "allure-results").glob("*-result.json")
     ]
     migration = [r for r in allure_results if "test_migration_pilot" in r.get("fullName", "")
                  and r.get("status") == "passed"]
@@ -113,7 +114,8 @@ def test_run_with_unknown_scenario_exits_2(tmp_path):
     proc = run_cli("run", "--scenario", "teleport", "--report-dir", str(tmp_path))
     assert proc.returncode == 2
     assert (
-        "--scenario 'teleport': unknown scenario (allowed: assessment, connectivity"
+        "--scenario 'teleport': unknown scenario (allowed: assessment, connectivity, "
+        "disaster-recovery"
         in proc.stderr
     )
 
@@ -133,7 +135,7 @@ def test_run_against_an_unreachable_node_is_an_environment_error(tmp_path):
         f"dicom_port: {free_port()}}}\n"
     )
     proc = run_cli("run", "--topology", str(topo), "--report-dir", str(tmp_path / "r"),
-                   timeout=300)
+                   "--scenario", "connectivity", timeout=300)
     assert proc.returncode == 3, proc.stderr
     assert "environment error: node ghost (external)" in proc.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -198,3 +200,20 @@ def test_run_attaches_to_nodes_that_up_started(tmp_path):
         assert all(r["alive"] for r in after), "run must not stop nodes that up started"
     finally:
         assert run_cli("down", "--topology", str(topo)).returncode == 0
+
+
+def test_failing_scenario_fails_the_phase_gate_and_the_report_says_why(tmp_path):
+    """A real failure: a threshold no migration can meet (share of failed probes < 0)."""
+    topo = tmp_path / "strict.yaml"
+    topo.write_text(
+        "name: strict\nnodes:\n  legacy: {kind: embedded}\n  target: {kind: embedded}\n"
+        "settings:\n  migration: {max_inaccessible_share: -1, pilot_patients: 2}\n"
+    )
+    proc = run_cli("run", "--topology", str(topo), "--phase", "pilot", "--scenario",
+                   "migration", "--report-dir", str(tmp_path / "r"), "-q", timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "phase pilot: NOT READY" in proc.stderr
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "NOT READY" in page and "of source probes failed" in page
+    gate = run_cli("gate", "--report", str(tmp_path / "r"), "--phase", "pilot")
+    assert gate.returncode == 1

@@ -21,7 +21,6 @@ from click.testing import CliRunner
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.report.cli import report_command
 from harness.report.html import redact, redact_text, write_html_report
-from tests.helpers import run_cli
 
 SECRETS = ("hunter2", "s3cr3t-pw", "tok-abcdef123456", "AKIAFAKEKEY", "bearer-xyz-0123456789")
 
@@ -30,11 +29,14 @@ SECRETS = ("hunter2", "s3cr3t-pw", "tok-abcdef123456", "AKIAFAKEKEY", "bearer-xy
 # Report directories
 
 
+# the first test to use the shared full run waits for it (about five minutes)
+pytestmark = pytest.mark.timeout(1800)
+
+
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory) -> Path:
-    """A full `pacs-harness run` on the default topology (every scenario)."""
-    target = tmp_path_factory.mktemp("run") / "report"
-    proc = run_cli("run", "--report-dir", str(target), "-q", timeout=600)
+def real_run(default_run) -> Path:
+    """A full `pacs-harness run` on the default topology (every scenario, shared)."""
+    target, proc = default_run
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     assert (target / "report.json").is_file()
     return target

@@ -362,6 +362,13 @@ class DimseClient:
             raise DimseConnectionError(
                 f"peer {self}: association {reason} (calling AE {self.calling_ae})"
             )
+        # pynetdicom reads and writes PDUs on a blocking socket once associated: a peer that
+        # stalls mid-PDU (a cut or blackholed link, a frozen PACS) would hang this thread and
+        # any kill() of the association forever. With a timeout, the read fails, pynetdicom
+        # treats it as a closed transport, and the operation reports a failure instead.
+        transport = getattr(getattr(assoc, "dul", None), "socket", None)
+        if transport is not None and getattr(transport, "socket", None) is not None:
+            transport.socket.settimeout(self.timeout_s)
         return assoc
 
     # -- C-ECHO ----------------------------------------------------------------------

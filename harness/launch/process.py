@@ -22,7 +22,7 @@ from harness.errors import EnvironmentProblem
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """preexec_fn: ask the kernel to SIGKILL this child when the harness dies."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -116,7 +116,7 @@ def spawn(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 user=user,
-                preexec_fn=None if detached else _die_with_parent,
+                preexec_fn=None if detached else die_with_parent,
             )
         except FileNotFoundError:
             raise EnvironmentProblem(f"cannot start {argv[0]}: program not found") from None
