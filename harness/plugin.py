@@ -278,20 +278,12 @@ def pacs_fault_schedule(pacs_cluster, pacs_topology, pacs_metrics):
 
 
 @pytest.fixture
-def pacs_metrics(request: pytest.FixtureRequest):
+def pacs_metrics(request: pytest.FixtureRequest) -> dict[str, Any]:
     """A dict whose content goes to the test's scenario metrics in report.json (and, as a
     JSON attachment, to the Allure results)."""
     metrics: dict[str, Any] = {}
     request.config.stash[_metrics_key][request.node.nodeid] = metrics
-    yield metrics
-    if metrics:
-        import allure
-
-        allure.attach(
-            json.dumps(metrics, indent=2, default=str),
-            name="metrics",
-            attachment_type=allure.attachment_type.JSON,
-        )
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,6 +306,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         },
     )
     entry["duration_s"] += report.duration
+    if report.when == "call":
+        _attach_metrics(item.config.stash[_metrics_key].get(item.nodeid))
     if report.failed:
         entry["outcome"] = "failed" if report.when == "call" else "error"
         entry.setdefault("message", _short(report.longreprtext))
@@ -322,6 +316,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         entry["outcome"] = "skipped"
         if isinstance(report.longrepr, tuple):
             entry["message"] = str(report.longrepr[2])
+
+
+def _attach_metrics(metrics: dict[str, Any] | None) -> None:
+    """The test's metrics as a JSON attachment of its Allure result."""
+    if not metrics:
+        return
+    try:
+        import allure
+
+        allure.attach(
+            json.dumps(metrics, indent=2, default=str),
+            name="metrics",
+            attachment_type=allure.attachment_type.JSON,
+        )
+    except Exception:  # noqa: BLE001 - allure not active in this run
+        pass
 
 
 def _short(text: str, limit: int = 2000) -> str:
