@@ -13,14 +13,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
 from harness.errors import EXIT_FINDINGS, EXIT_PASS, ConfigError, EnvironmentProblem
 from harness.plugin import PHASES
 from harness.report.gate import evaluate_gate
-from harness.report.html import write_html_report
+from harness.report.html import load_report, write_html_report
 
 ALLURE_INSTALL = (
     "install it with `npm install -g allure-commandline` (needs Java: apt-get install "
@@ -36,18 +35,6 @@ def _report_dir(path: str) -> Path:
     return target
 
 
-def load_report(report_dir: Path) -> dict[str, Any]:
-    """The parsed report.json of a run directory, or a one-line ConfigError (exit 2)."""
-    source = report_dir / "report.json"
-    if not source.is_file():
-        raise ConfigError(f"{source}: no report.json (is {report_dir} a pacs-harness run?)")
-    try:
-        report = json.loads(source.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{source}: not readable JSON ({exc})") from None
-    if not isinstance(report, dict) or not isinstance(report.get("scenarios"), list):
-        raise ConfigError(f"{source}: not a pacs-harness report (no 'scenarios' list)")
-    return report
 
 
 @click.command("gate")

@@ -982,10 +982,9 @@ def render_html(report: dict[str, Any], logs: dict[str, str], report_dir: Path) 
     )
 
 
-def write_html_report(report_dir: Path) -> Path:
-    """Read report_dir/report.json and logs/, write report_dir/index.html, return its path."""
-    report_dir = Path(report_dir)
-    source = report_dir / "report.json"
+def load_report(report_dir: Path) -> dict[str, Any]:
+    """The parsed report.json of a run directory, or a one-line ConfigError (exit 2)."""
+    source = Path(report_dir) / "report.json"
     if not source.is_file():
         raise ConfigError(f"{source}: no report.json (is {report_dir} a pacs-harness run?)")
     try:
@@ -994,6 +993,13 @@ def write_html_report(report_dir: Path) -> Path:
         raise ConfigError(f"{source}: not readable JSON ({exc})") from None
     if not isinstance(report, dict) or not isinstance(report.get("scenarios"), list):
         raise ConfigError(f"{source}: not a pacs-harness report (no 'scenarios' list)")
+    return report
+
+
+def write_html_report(report_dir: Path) -> Path:
+    """Read report_dir/report.json and logs/, write report_dir/index.html, return its path."""
+    report_dir = Path(report_dir)
+    report = load_report(report_dir)
     page = render_html(report, _log_tails(report_dir), report_dir)
     target = report_dir / "index.html"
     tmp = target.with_suffix(".tmp")
