@@ -459,16 +459,21 @@ def _links(check: Checker, raw: Any, nodes: dict[str, NodeSpec]) -> dict[str, Li
     return links
 
 
-def load_topology(path: str | os.PathLike[str]) -> Topology:
-    """Read and validate a topology file."""
+def read_config_text(path: str | os.PathLike[str], what: str) -> str:
+    """The text of a user's YAML file (topology, rules, workload, contract), or one
+    ConfigError line naming the file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{p}: topology file not found") from None
+        raise ConfigError(f"{p}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read topology file: {exc}") from None
-    return parse_topology(text, str(p))
+        raise ConfigError(f"{p}: cannot read {what}: {exc}") from None
+
+
+def load_topology(path: str | os.PathLike[str]) -> Topology:
+    """Read and validate a topology file."""
+    return parse_topology(read_config_text(path, "topology file"), str(path))
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from the scenario settings in a background thread and records each on a timeline
 
 from __future__ import annotations
 
-import os
 import queue
 import random
 import signal
@@ -455,12 +454,7 @@ def _process_signal(node: Node, sig: int) -> None:
     handle = node.handle
     if not isinstance(handle, ProcessHandle) or not handle.alive():
         raise EnvironmentProblem(f"node {node.name}: no running process to signal")
-    try:
-        os.killpg(handle.pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        os.kill(handle.pid, sig)
+    handle.signal_group(sig)
 
 
 def _container(node: Node):

@@ -46,7 +46,7 @@ from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
 
-from harness.config import Checker, load_yaml
+from harness.config import Checker, load_yaml, read_config_text
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseConnectionError
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 
@@ -254,11 +254,7 @@ def parse_workload(text: str, source: str = "<string>") -> Workload:
 
 
 def load_workload(path: str | os.PathLike[str]) -> Workload:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read workload: {exc.strerror}") from None
-    return parse_workload(text, str(path))
+    return parse_workload(read_config_text(path, "workload"), str(path))
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,13 +23,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydicom.datadict import tag_for_keyword
 
-from harness.config import Checker, load_yaml
-from harness.errors import ConfigError
+from harness.config import Checker, load_yaml, read_config_text
 from harness.ledger import attr_name
 
 FIELDS = {
@@ -203,11 +201,4 @@ def load_rules(path: str | os.PathLike[str] | None) -> Rules:
     """Read and validate a rules file; None means no change is allowed."""
     if path is None:
         return Rules()
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such rules file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read rules file ({exc.__class__.__name__})") from None
-    return parse_rules(text, str(p))
+    return parse_rules(read_config_text(path, "rules file"), str(path))

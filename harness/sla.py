@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.config import Checker, load_yaml
+from harness.config import Checker, load_yaml, read_config_text
 from harness.errors import ConfigError, HarnessError
 from harness.load import Workload, load_workload, run_workload, workload_from_data
 
@@ -213,11 +213,7 @@ def parse_contract(text: str, source: str = "<string>") -> Contract:
 
 
 def load_contract(path: str | os.PathLike[str]) -> Contract:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read contract: {exc.strerror}") from None
-    return parse_contract(text, str(path))
+    return parse_contract(read_config_text(path, "contract"), str(path))
 
 
 # ---------------------------------------------------------------------------------------

@@ -60,17 +60,18 @@ class ProcessHandle:
         if not self.alive():
             self._reap()
             return
-        self._signal_group(signal.SIGTERM)
+        self.signal_group(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._reap()
             if not self.alive():
                 break
             time.sleep(0.05)
-        self._signal_group(signal.SIGKILL)
+        self.signal_group(signal.SIGKILL)
         self._reap()
 
-    def _signal_group(self, sig: int) -> None:
+    def signal_group(self, sig: int) -> None:
+        """Signal the process group, unless the pid now belongs to another process."""
         # The process leads its own session, so its pgid is its pid; check that we
         # still talk to the same process before signalling its group.
         if process_start_time(self.pid) != self.start_time:
