@@ -15,18 +15,10 @@ import time
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from harness import __version__
+from harness.console import console, out, progress_bar
 from harness.errors import (
     EXIT_ENVIRONMENT,
     EXIT_FINDINGS,
@@ -37,9 +29,6 @@ from harness.errors import (
     HarnessError,
 )
 from harness.launch.process import die_with_parent
-
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
 
 TOPOLOGY_HELP = (
     "topology YAML file (default: a legacy and a target node, real servers if installed)"
@@ -274,7 +263,7 @@ def store(
     files = list(iter_dicom_files(paths))
     if not files:
         raise ConfigError(f"no files found under {', '.join(paths)}")
-    with _progress(disable=as_json) as progress:
+    with progress_bar(as_json) as progress:
         task = progress.add_task(f"C-STORE to {node_name}", total=len(files))
         report = node.dimse().store(
             files, associations=associations, on_result=lambda _r: progress.advance(task)
@@ -313,16 +302,6 @@ def store(
         sys.exit(EXIT_FINDINGS)
 
 
-def _progress(disable: bool = False) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=disable,
-    )
 
 
 # ---------------------------------------------------------------------------------------

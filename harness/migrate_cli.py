@@ -17,23 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
+from harness.console import out, progress_bar
 from harness.errors import EXIT_FINDINGS
 from harness.migrate import METHODS, ExternalMigration, Migrator, StudyOutcome
 from harness.monitor import AvailabilityMonitor
 from harness.nodes.base import Node
-
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
 
 
 def _present_on(target: Node) -> Callable[[str], bool]:
@@ -58,16 +47,6 @@ def _present_on(target: Node) -> Callable[[str], bool]:
     return check
 
 
-def _progress(disable: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=disable,
-    )
 
 
 def _percent(share: float | None) -> str:
@@ -205,7 +184,7 @@ def migrate_command(
             )
             monitor.start()
         try:
-            with _progress(disable=as_json) as progress:
+            with progress_bar(as_json) as progress:
                 task = progress.add_task(f"{source_name} -> {target_name}", total=len(studies))
 
                 def advance(done: int, total: int, _outcome: StudyOutcome | None) -> None:

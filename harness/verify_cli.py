@@ -11,13 +11,9 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from harness.console import console, out, progress_bar
 from harness.errors import EXIT_FINDINGS
-
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
 
 
 def _nodes(topology_path: str | None, *names: str):
@@ -29,11 +25,6 @@ def _nodes(topology_path: str | None, *names: str):
     return [reachable_node(topology, cluster, name) for name in names]
 
 
-def _progress(disable: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, disable=disable,
-    )
 
 
 @click.command("inventory")
@@ -53,7 +44,7 @@ def inventory_command(node_name: str, depth: str, sample: int | None, ledger: st
 
     (node,) = _nodes(topology_path, node_name)
     path = Path(ledger or f"inventory-{node_name}.sqlite")
-    with _progress(as_json) as progress:
+    with progress_bar(as_json) as progress:
         task = progress.add_task(f"crawling {node_name}", total=None)
         summary = crawl(
             node, path, depth=depth, sample=sample,
@@ -92,7 +83,7 @@ def verify_command(source_name: str, target_name: str, depth: str, rules: str | 
 
     source, target = _nodes(topology_path, source_name, target_name)
     workdir = Path(out_dir or f"verify-{source_name}-{target_name}")
-    with _progress(as_json) as progress:
+    with progress_bar(as_json) as progress:
         tasks = {side: progress.add_task(f"crawling {side}", total=None)
                  for side in ("source", "target")}
         result = verify(
