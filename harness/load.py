@@ -48,6 +48,7 @@ from pydicom.uid import generate_uid
 
 from harness.config import Checker, load_yaml, read_config_text
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseConnectionError
+from harness.dicom.tcp import on_connection_open
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 
 OPERATIONS = ("c-echo", "c-store", "c-find", "c-move", "c-get", "wado-rs", "qido-rs", "stow-rs")
@@ -458,7 +459,8 @@ class _MoveSink:
 
         try:
             self.server = ae.start_server(("127.0.0.1", port), block=False,
-                                          evt_handlers=[(evt.EVT_C_STORE, on_store)])
+                                          evt_handlers=[(evt.EVT_C_STORE, on_store),
+                                                        (evt.EVT_CONN_OPEN, on_connection_open)])
         except OSError as exc:
             raise EnvironmentProblem(
                 f"harness C-MOVE receiver on 127.0.0.1:{port}: {exc}"

@@ -59,6 +59,7 @@ from pynetdicom.sop_class import (
     XRayAngiographicImageStorage,
 )
 
+from harness.dicom.tcp import prompt_tcp
 from harness.errors import EnvironmentProblem
 
 HARNESS_AE_TITLE = "PACSHARNESS"
@@ -369,6 +370,7 @@ class DimseClient:
         transport = getattr(getattr(assoc, "dul", None), "socket", None)
         if transport is not None and getattr(transport, "socket", None) is not None:
             transport.socket.settimeout(self.timeout_s)
+            prompt_tcp(transport)  # no 40 ms Nagle/delayed-ACK stall per message
         return assoc
 
     # -- C-ECHO ----------------------------------------------------------------------

@@ -123,6 +123,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -646,6 +647,31 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
+def _prompt_tcp(event: Any) -> None:
+    """EVT_CONN_OPEN: no Nagle delay, immediate ACKs (why: harness/dicom/tcp.py; this module
+    runs without the package, so it carries this copy)."""
+    transport = getattr(getattr(event.assoc, "dul", None), "socket", None)
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if quickack is None:
+        return
+    plain_recv = transport.recv
+
+    def recv(nr_bytes: int) -> bytearray:
+        data = plain_recv(nr_bytes)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+        return data
+
+    transport.recv = recv
+
+
 def _calling(event: Any) -> str:
     try:
         return str(event.assoc.requestor.ae_title).strip()
@@ -706,6 +732,7 @@ class EmbeddedPacs:
     def handlers(self) -> list[tuple[Any, Any]]:
         """Event bindings for ``AE.start_server``."""
         return [
+            (evt.EVT_CONN_OPEN, _prompt_tcp),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
@@ -1002,7 +1029,10 @@ class EmbeddedPacs:
         contexts = move_contexts((r["sop_class_uid"], r["transfer_syntax_uid"]) for r in rows)
         assert self.ae is not None
         before = list(self.ae.active_associations)
-        yield host, port, {"contexts": contexts or [build_context(Verification)]}
+        yield host, port, {
+            "contexts": contexts or [build_context(Verification)],
+            "evt_handlers": [(evt.EVT_CONN_OPEN, _prompt_tcp)],
+        }
         yield len(rows)
         accepted = self._store_assoc_contexts(before, dest, port)
         yield from self._retrieve(event, rows, accepted)
