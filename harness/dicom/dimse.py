@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -59,6 +60,13 @@ from pynetdicom.sop_class import (
     XRayAngiographicImageStorage,
 )
 
+from harness.dicom.store_scu import (
+    AssociationFailed,
+    StoreAssociation,
+    TransferFailed,
+    dataset_bytes,
+    read_file_meta,
+)
 from harness.dicom.tcp import prompt_tcp
 from harness.errors import EnvironmentProblem
 
@@ -279,6 +287,15 @@ class _StoreItem:
     payload: Dataset | Path
 
 
+@dataclass
+class _Prepared:
+    """An item with its encoded dataset, ready for the wire (or the reason it is not)."""
+
+    item: _StoreItem
+    data: bytes | memoryview | None
+    error: str | None = None
+
+
 def _store_item(obj: Dataset | str | Path) -> _StoreItem | None:
     """Header of one thing to store; None for a file that is not DICOM (e.g. a manifest)."""
     if isinstance(obj, Dataset):
@@ -286,6 +303,15 @@ def _store_item(obj: Dataset | str | Path) -> _StoreItem | None:
         ts = meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
         return _StoreItem("<dataset>", obj.SOPClassUID, obj.SOPInstanceUID, ts, obj)
     path = Path(obj)
+    try:
+        with path.open("rb") as file:
+            meta = read_file_meta(file.read(8192))
+    except OSError:
+        return None
+    if meta is not None:  # the usual case: no need to parse the dataset at all
+        return _StoreItem(
+            str(path), meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid, path
+        )
     try:
         header = dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, EOFError, ValueError):
@@ -447,7 +473,6 @@ class DimseClient:
         for item in batch:
             work.put(item)
         lock = threading.Lock()
-        contexts = [build_context(sop, [ts]) for sop, ts in pairs]
         errors: list[BaseException] = []
 
         def record(result: StoreResult) -> None:
@@ -456,21 +481,35 @@ class DimseClient:
             if on_result:
                 on_result(result)
 
-        def worker() -> None:
-            assoc = None
+        def take() -> _Prepared | None:
             try:
-                while not work.empty():
-                    if assoc is None or not assoc.is_established:
-                        assoc = self.associate(contexts)
-                    try:
-                        item = work.get_nowait()
-                    except queue.Empty:
-                        return
-                    record(self._store_one(assoc, item))
+                return self._prepare(work.get_nowait())
+            except queue.Empty:
+                return None
+
+        def worker() -> None:
+            # While the peer works on one instance, the next one is read and encoded, so
+            # one association runs at the peer's pace (the client's cost is off the path).
+            assoc: StoreAssociation | None = None
+            upcoming: list[_Prepared | None] = []
+
+            def read_ahead() -> None:
+                upcoming.append(take())
+
+            current = take()
+            try:
+                while current is not None:
+                    if assoc is None or not assoc.is_open:
+                        assoc = self._store_association(pairs)
+                    upcoming.clear()
+                    record(self._store_one(assoc, current, read_ahead))
+                    current = upcoming[0] if upcoming else take()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller thread
                 errors.append(exc)
+                if current is not None:
+                    work.put(current.item)  # not stored: another worker (or the caller) sees it
             finally:
-                if assoc is not None and assoc.is_established:
+                if assoc is not None:
                     assoc.release()
 
         threads = [
@@ -486,7 +525,36 @@ class DimseClient:
         if errors and not work.empty():
             raise errors[0]
 
-    def _store_one(self, assoc, item: _StoreItem) -> StoreResult:
+    def _store_association(self, pairs: list[tuple[str, str]]) -> StoreAssociation:
+        """A storage association (harness/dicom/store_scu.py) or DimseConnectionError."""
+        try:
+            return StoreAssociation(
+                self.host,
+                self.port,
+                self.called_ae,
+                self.calling_ae,
+                pairs,
+                timeout_s=self.timeout_s,
+                tls=self.tls.tls_args() if self.tls else None,
+            )
+        except AssociationFailed as exc:
+            raise DimseConnectionError(
+                f"peer {self}: association {exc} (calling AE {self.calling_ae})"
+            ) from None
+
+    @staticmethod
+    def _prepare(item: _StoreItem) -> _Prepared:
+        """The bytes to send for `item`, or why it cannot be sent."""
+        try:
+            return _Prepared(item, dataset_bytes(item.payload, item.transfer_syntax_uid))
+        except (ValueError, TypeError, AttributeError, OSError, struct.error) as exc:
+            return _Prepared(item, None, f"{item.source}: cannot encode: {exc}")
+
+    def _store_one(
+        self, assoc: StoreAssociation, prepared: _Prepared, meanwhile: Callable[[], None]
+    ) -> StoreResult:
+        """Store one prepared instance; `meanwhile` runs while the peer processes it."""
+        item = prepared.item
         result = StoreResult(
             item.sop_instance_uid,
             item.sop_class_uid,
@@ -494,29 +562,27 @@ class DimseClient:
             NO_STATUS,
             source=item.source,
         )
-        accepted = any(
-            cx.abstract_syntax == item.sop_class_uid
-            and cx.transfer_syntax[0] == item.transfer_syntax_uid
-            for cx in assoc.accepted_contexts
-        )
-        if not accepted:
+        context_id = assoc.accepted.get((item.sop_class_uid, item.transfer_syntax_uid))
+        if context_id is None:
             result.error = (
                 f"peer {self} did not accept SOP class {item.sop_class_uid} "
                 f"with transfer syntax {item.transfer_syntax_uid}"
             )
             return result
-        try:
-            rsp = assoc.send_c_store(item.payload)
-        except (ValueError, AttributeError, OSError) as exc:
-            result.error = f"{item.source}: {exc}"
+        if prepared.data is None:
+            result.error = prepared.error
             return result
-        if rsp and "Status" in rsp:
-            result.status = Status(rsp.Status)
-            if not result.status.ok:
-                comment = rsp.get("ErrorComment", "")
-                result.error = f"peer {self} answered {result.status} {comment}".strip()
-        else:
-            result.error = f"peer {self}: no C-STORE response (association aborted or timed out)"
+        try:
+            assoc.send_store(context_id, item.sop_class_uid, item.sop_instance_uid, prepared.data)
+            meanwhile()
+            answer = assoc.read_store_response()
+        except TransferFailed as exc:
+            assoc.abort()
+            result.error = f"peer {self}: no C-STORE response ({exc})"
+            return result
+        result.status = Status(answer.status)
+        if not result.status.ok:
+            result.error = f"peer {self} answered {result.status} {answer.error_comment}".strip()
         return result
 
     # -- C-FIND ----------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 def prompt_tcp(transport: Any) -> None:
@@ -32,14 +32,14 @@ def prompt_tcp(transport: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         return  # closed meanwhile: nothing to tune
-    if _QUICKACK is None or getattr(transport, "_prompt_acks", False):
+    if QUICKACK is None or getattr(transport, "_prompt_acks", False):
         return
     plain_recv = transport.recv
 
     def recv(nr_bytes: int) -> bytearray:
         data = plain_recv(nr_bytes)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
         except OSError:
             pass  # the connection closed; the caller sees it from what recv returned
         return data

@@ -1,0 +1,432 @@
+"""C-STORE service user on a plain socket: encoded datasets go to the wire as they are.
+
+Why not pynetdicom here: storing is the one operation where the client's own cost decides
+the result (load tests, migrations, the contract ingest rate). pynetdicom splits every
+dataset into PDUs through several Python layers and threads (~8 ms per 0.5 MB instance
+here); this module frames the file's bytes into P-DATA-TF PDUs with a few slices and one
+`sendall` per few MB, so one association runs at the PACS's pace (docs/performance.md).
+Everything else (find, move, get, echo, negotiation checks) stays on pynetdicom.
+
+Scope, all of PS3.8 that a storage SCU needs: A-ASSOCIATE-RQ/AC/RJ with one presentation
+context per (SOP class, transfer syntax), maximum PDU length from both sides, P-DATA-TF
+with command and dataset fragments, A-RELEASE, A-ABORT both ways. One operation at a time
+(no asynchronous operations window), as every PACS expects by default.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from harness.dicom.tcp import QUICKACK
+
+APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
+IMPLEMENTATION_CLASS_UID = b"2.25.217958312904782271629875573895301975957"  # pacs-harness
+IMPLEMENTATION_VERSION = b"PACSHARNESS"
+OUR_MAX_PDU = 1 << 20  # what we accept from the peer (only responses come back)
+UNLIMITED_PDU_CHUNK = 1 << 20  # fragment size when the peer announces no limit
+SEND_BATCH = 4 << 20  # bytes of dataset framed per sendall
+
+_REJECT_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognized",
+    (1, 7): "called AE title not recognized",
+    (2, 1): "no reason given",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
+
+
+class AssociationFailed(Exception):
+    """The peer refused, aborted or never answered the association request (message says)."""
+
+
+class TransferFailed(Exception):
+    """The association broke during an operation: abort, closed socket or timeout."""
+
+
+@dataclass(frozen=True)
+class StoreAnswer:
+    """What the peer answered to one C-STORE-RQ."""
+
+    status: int
+    error_comment: str = ""
+
+
+# -- encoding ----------------------------------------------------------------------------------
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+
+def _ae(title: str) -> bytes:
+    return title.encode("ascii", "replace")[:16].ljust(16, b" ")
+
+
+def associate_rq(
+    called: str, calling: str, pairs: Sequence[tuple[str, str]], max_pdu: int
+) -> bytes:
+    """A-ASSOCIATE-RQ with presentation context 1, 3, 5, ... for each pair in order."""
+    items = [_item(0x10, APPLICATION_CONTEXT)]
+    for index, (sop_class, syntax) in enumerate(pairs):
+        body = (
+            struct.pack(">BBBB", 2 * index + 1, 0, 0, 0)
+            + _item(0x30, sop_class.encode())
+            + _item(0x40, syntax.encode())
+        )
+        items.append(_item(0x20, body))
+    user = (
+        _item(0x51, struct.pack(">I", max_pdu))
+        + _item(0x52, IMPLEMENTATION_CLASS_UID)
+        + _item(0x55, IMPLEMENTATION_VERSION)
+    )
+    items.append(_item(0x50, user))
+    body = struct.pack(">HH", 1, 0) + _ae(called) + _ae(calling) + bytes(32) + b"".join(items)
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def _element(group_element: int, value: bytes) -> bytes:
+    group, element = divmod(group_element, 0x10000)
+    return struct.pack("<HHI", group, element, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
+    """The C-STORE-RQ command set, implicit VR little endian (PS3.7 9.3.1.1)."""
+    body = (
+        _element(0x00000002, _uid_value(sop_class))
+        + _element(0x00000100, struct.pack("<H", 0x0001))
+        + _element(0x00000110, struct.pack("<H", message_id & 0xFFFF))
+        + _element(0x00000700, struct.pack("<H", 0x0000))
+        + _element(0x00000800, struct.pack("<H", 0x0001))  # a dataset follows
+        + _element(0x00001000, _uid_value(sop_instance))
+    )
+    return _element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def parse_command(data: bytes) -> dict[int, bytes]:
+    """Elements of an implicit VR little endian command set, by tag."""
+    elements: dict[int, bytes] = {}
+    offset = 0
+    while offset + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHI", data, offset)
+        offset += 8
+        elements[(group << 16) | element] = bytes(data[offset : offset + length])
+        offset += length
+    return elements
+
+
+def _pdata(context_id: int, control: int, fragment: bytes | memoryview) -> list:
+    """One P-DATA-TF PDU holding one PDV (header pieces, then the fragment itself)."""
+    pdv_length = len(fragment) + 2
+    return [
+        struct.pack(">BBIIBB", 0x04, 0, pdv_length + 4, pdv_length, context_id, control),
+        fragment,
+    ]
+
+
+# -- what gets sent ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """Where a Part 10 file's dataset starts, and the meta elements the sender needs."""
+
+    dataset_offset: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+def read_file_meta(head: bytes) -> FileMeta | None:
+    """The file meta (group 0002) of a Part 10 file, from the file's first bytes.
+
+    Walks the explicit VR meta elements, so a missing or wrong group length does not matter.
+    None when `head` is not a Part 10 file, lacks one of the three UIDs, or the meta runs
+    past `head` (the caller then reads the file with pydicom).
+    """
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None
+    offset = 132
+    values: dict[int, str] = {}
+    while offset + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, offset)
+        if group != 0x0002:
+            try:
+                return FileMeta(offset, values[2], values[3], values[0x10])
+            except KeyError:
+                return None
+        vr = head[offset + 4 : offset + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            if offset + 12 > len(head):
+                return None
+            (length,) = struct.unpack_from("<I", head, offset + 8)
+            start = offset + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, offset + 6)
+            start = offset + 8
+        if element in (2, 3, 0x10):
+            values[element] = head[start : start + length].rstrip(b"\0 ").decode("ascii", "replace")
+        offset = start + length
+    return None
+
+
+def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
+    """A dataset (without file meta) encoded in `transfer_syntax`, deflated if it says so."""
+    syntax = UID(transfer_syntax)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = syntax.is_little_endian
+    buffer.is_implicit_VR = syntax.is_implicit_VR
+    write_dataset(buffer, ds)
+    data = buffer.getvalue()
+    if syntax == DeflatedExplicitVRLittleEndian:
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = compressor.compress(data) + compressor.flush()
+    return data
+
+
+def dataset_bytes(payload: Dataset | Path, transfer_syntax: str) -> bytes | memoryview:
+    """The bytes to send for one instance: a file's own dataset bytes, or a dataset encoded."""
+    if isinstance(payload, Dataset):
+        return encode_dataset(payload, transfer_syntax)
+    raw = payload.read_bytes()
+    meta = read_file_meta(raw)
+    if meta is None:
+        raise ValueError(f"{payload}: not a DICOM Part 10 file (no readable file meta)")
+    return memoryview(raw)[meta.dataset_offset :]
+
+
+# -- the association ---------------------------------------------------------------------------
+
+
+class StoreAssociation:
+    """One storage association: open, store one instance at a time, release (or abort)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        called_ae: str,
+        calling_ae: str,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        timeout_s: float,
+        tls: tuple[ssl.SSLContext, str | None] | None = None,
+    ) -> None:
+        self.peer = f"{called_ae}@{host}:{port}"
+        self.timeout_s = timeout_s
+        self._buffer = bytearray()
+        self._message_id = 0
+        self.accepted: dict[tuple[str, str], int] = {}
+        self.peer_max_pdu = 0
+        try:
+            sock = socket.create_connection((host, port), timeout=min(timeout_s, 10.0))
+        except OSError as exc:
+            raise AssociationFailed(f"cannot connect: {exc.strerror or exc}") from None
+        sock.settimeout(timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            context, hostname = tls
+            try:
+                sock = context.wrap_socket(sock, server_hostname=hostname)
+            except (OSError, ssl.SSLError) as exc:
+                sock.close()
+                raise AssociationFailed(f"TLS handshake failed: {exc}") from None
+        self.sock: socket.socket | None = sock
+        try:
+            self._negotiate(called_ae, calling_ae, list(pairs))
+        except (AssociationFailed, TransferFailed) as exc:
+            self.close()
+            raise AssociationFailed(str(exc)) from None
+
+    @property
+    def is_open(self) -> bool:
+        return self.sock is not None
+
+    # -- PDU transport --------------------------------------------------------------------
+    def _recv_exact(self, count: int) -> bytes:
+        assert self.sock is not None
+        while len(self._buffer) < count:
+            try:
+                chunk = self.sock.recv(max(65536, count - len(self._buffer)))
+            except TimeoutError:
+                raise TransferFailed(f"no answer within {self.timeout_s:g} s") from None
+            except OSError as exc:
+                raise TransferFailed(f"connection lost: {exc.strerror or exc}") from None
+            if not chunk:
+                raise TransferFailed("connection closed by the peer")
+            if QUICKACK is not None:  # acknowledge now: see harness/dicom/tcp.py
+                try:
+                    self.sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
+                except OSError:
+                    pass
+            self._buffer += chunk
+        data = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return data
+
+    def _read_pdu(self) -> tuple[int, bytes]:
+        pdu_type, _, length = struct.unpack(">BBI", self._recv_exact(6))
+        return pdu_type, self._recv_exact(length)
+
+    def _send(self, data: bytes | bytearray) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise TransferFailed(f"peer did not read within {self.timeout_s:g} s") from None
+        except OSError as exc:
+            raise TransferFailed(f"connection lost: {exc.strerror or exc}") from None
+
+    # -- association establishment ---------------------------------------------------------
+    def _negotiate(self, called: str, calling: str, pairs: list[tuple[str, str]]) -> None:
+        self._send(associate_rq(called, calling, pairs, OUR_MAX_PDU))
+        pdu_type, body = self._read_pdu()
+        if pdu_type == 0x03:
+            result, source, reason = body[1], body[2], body[3]
+            kind = "rejected permanently" if result == 1 else "rejected (transient)"
+            why = _REJECT_REASONS.get((source, reason), f"source {source}, reason {reason}")
+            raise AssociationFailed(f"{kind}: {why} (calling AE {calling})")
+        if pdu_type == 0x07:
+            raise AssociationFailed("aborted by the peer during negotiation")
+        if pdu_type != 0x02 or len(body) < 68:
+            raise AssociationFailed(f"unexpected answer (PDU type 0x{pdu_type:02X})")
+        offset = 68
+        while offset + 4 <= len(body):
+            item_type, _, length = struct.unpack_from(">BBH", body, offset)
+            value = body[offset + 4 : offset + 4 + length]
+            offset += 4 + length
+            if item_type == 0x21 and len(value) >= 4 and value[2] == 0:
+                context_id = value[0]
+                index = (context_id - 1) // 2
+                syntax = _sub_item(value[4:], 0x40)
+                if 0 <= index < len(pairs) and syntax is not None:
+                    sop_class, proposed = pairs[index]
+                    if syntax.rstrip(b"\0").decode() == proposed:
+                        self.accepted[(sop_class, proposed)] = context_id
+            elif item_type == 0x50:
+                max_length = _sub_item(value, 0x51)
+                if max_length is not None and len(max_length) == 4:
+                    (self.peer_max_pdu,) = struct.unpack(">I", max_length)
+
+    # -- C-STORE ------------------------------------------------------------------------------
+    def store(
+        self, context_id: int, sop_class: str, sop_instance: str, data: bytes | memoryview
+    ) -> StoreAnswer:
+        """Send one C-STORE-RQ with its dataset and wait for the C-STORE-RSP."""
+        self.send_store(context_id, sop_class, sop_instance, data)
+        return self.read_store_response()
+
+    def send_store(
+        self, context_id: int, sop_class: str, sop_instance: str, data: bytes | memoryview
+    ) -> None:
+        """Send one C-STORE-RQ with its dataset; read_store_response() collects the answer."""
+        self._message_id = self._message_id % 0xFFFF + 1
+        chunk = self.peer_max_pdu - 6 if self.peer_max_pdu >= 16 else UNLIMITED_PDU_CHUNK
+        command = c_store_rq(self._message_id, sop_class, sop_instance)
+        pieces = _pdata(context_id, 0x03, command)  # command, last fragment
+        pending = len(command)
+        view = memoryview(data)
+        for start in range(0, max(len(view), 1), chunk):
+            fragment = view[start : start + chunk]
+            last = start + chunk >= len(view)
+            pieces += _pdata(context_id, 0x02 if last else 0x00, fragment)
+            pending += len(fragment)
+            if pending >= SEND_BATCH or last:
+                self._send(b"".join(pieces))
+                pieces, pending = [], 0
+
+    def read_store_response(self) -> StoreAnswer:
+        """Wait for the C-STORE-RSP to the request just sent."""
+        command = bytearray()
+        while True:
+            pdu_type, body = self._read_pdu()
+            if pdu_type == 0x07:
+                self.close()
+                raise TransferFailed("association aborted by the peer")
+            if pdu_type != 0x04:
+                self.abort()
+                raise TransferFailed(f"unexpected PDU type 0x{pdu_type:02X} while waiting")
+            done = False
+            for control, fragment in _pdvs(body):
+                if control & 0x01:
+                    command += fragment
+                    done = done or bool(control & 0x02)
+            if done:
+                break
+        elements = parse_command(bytes(command))
+        status_raw = elements.get(0x00000900)
+        if status_raw is None or len(status_raw) < 2:
+            self.abort()
+            raise TransferFailed("C-STORE-RSP without a status")
+        (status,) = struct.unpack("<H", status_raw[:2])
+        comment = elements.get(0x00000902, b"").rstrip(b"\0 ").decode("ascii", "replace")
+        return StoreAnswer(status, comment)
+
+    # -- ending ---------------------------------------------------------------------------------
+    def release(self) -> None:
+        """A-RELEASE-RQ and wait for the RP; aborts if the peer does not answer properly."""
+        if self.sock is None:
+            return
+        try:
+            self._send(struct.pack(">BBIxxxx", 0x05, 0, 4))
+            while True:
+                pdu_type, _ = self._read_pdu()
+                if pdu_type in (0x06, 0x07):
+                    break
+        except TransferFailed:
+            pass
+        self.close()
+
+    def abort(self) -> None:
+        """A-ABORT (source: service user) and close; never raises."""
+        if self.sock is None:
+            return
+        try:
+            self.sock.sendall(struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0, 0))
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock = None
+
+
+def _sub_item(value: bytes, wanted: int) -> bytes | None:
+    offset = 0
+    while offset + 4 <= len(value):
+        item_type, _, length = struct.unpack_from(">BBH", value, offset)
+        if item_type == wanted:
+            return value[offset + 4 : offset + 4 + length]
+        offset += 4 + length
+    return None
+
+
+def _pdvs(body: bytes) -> Iterator[tuple[int, bytes]]:
+    """(message control header, fragment) of each PDV in a P-DATA-TF body."""
+    offset = 0
+    while offset + 6 <= len(body):
+        (length,) = struct.unpack_from(">I", body, offset)
+        yield body[offset + 5], body[offset + 6 : offset + 4 + length]
+        offset += 4 + length
