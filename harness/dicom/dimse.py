@@ -442,6 +442,7 @@ class DimseClient:
             raise ValueError("associations must be >= 1")
         if self.max_store_associations:
             associations = min(associations, self.max_store_associations)
+        start = time.perf_counter()
         items: list[_StoreItem] = []
         report = StoreReport(associations=associations)
         for obj in objects:
@@ -452,7 +453,6 @@ class DimseClient:
                     items.append(item)
                 else:
                     report.skipped.append(str(one))
-        start = time.perf_counter()
         pairs = list(dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in items))
         for chunk_start in range(0, len(pairs), MAX_CONTEXTS):
             chunk = set(pairs[chunk_start : chunk_start + MAX_CONTEXTS])

@@ -36,6 +36,7 @@ IMPLEMENTATION_VERSION = b"PACSHARNESS"
 OUR_MAX_PDU = 1 << 20  # what we accept from the peer (only responses come back)
 UNLIMITED_PDU_CHUNK = 1 << 20  # fragment size when the peer announces no limit
 SEND_BATCH = 4 << 20  # bytes of dataset framed per sendall
+LARGEST_PDU_READ = 16 << 20  # anything longer is a broken or hostile peer
 
 _REJECT_REASONS = {
     (1, 1): "no reason given",
@@ -230,7 +231,6 @@ class StoreAssociation:
         timeout_s: float,
         tls: tuple[ssl.SSLContext, str | None] | None = None,
     ) -> None:
-        self.peer = f"{called_ae}@{host}:{port}"
         self.timeout_s = timeout_s
         self._buffer = bytearray()
         self._message_id = 0
@@ -284,6 +284,8 @@ class StoreAssociation:
 
     def _read_pdu(self) -> tuple[int, bytes]:
         pdu_type, _, length = struct.unpack(">BBI", self._recv_exact(6))
+        if length > LARGEST_PDU_READ:  # we announced OUR_MAX_PDU; this is not DICOM
+            raise TransferFailed(f"peer sent a PDU of {length} bytes (type 0x{pdu_type:02X})")
         return pdu_type, self._recv_exact(length)
 
     def _send(self, data: bytes | bytearray) -> None:
