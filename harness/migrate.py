@@ -55,6 +55,7 @@ import re
 import shlex
 import signal
 import sqlite3
+import struct
 import subprocess
 import threading
 import time
@@ -70,6 +71,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as S
 
 from harness.dicom.dicomweb import DicomwebClient, parse_multipart
 from harness.dicom.dimse import MAX_CONTEXTS, NO_STATUS, DimseClient, Status
+from harness.dicom.store_scu import StoreAssociation, TransferFailed, dataset_bytes
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 from harness.nodes.base import Node
 
@@ -459,7 +461,7 @@ class _StoreStream:
     def __init__(self, client: DimseClient) -> None:
         self.client = client
         self.pairs: list[tuple[str, str]] = []
-        self.assoc = None
+        self.assoc: StoreAssociation | None = None
 
     def send(self, ds: Dataset) -> None:
         pair = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
@@ -468,27 +470,31 @@ class _StoreStream:
                 self.pairs.pop(0)
             self.pairs.append(pair)
             self.close()
-        if self.assoc is None or not self.assoc.is_established:
-            self.assoc = self.client.associate([build_context(s, [t]) for s, t in self.pairs])
-        if not any(
-            cx.abstract_syntax == pair[0] and cx.transfer_syntax[0] == pair[1]
-            for cx in self.assoc.accepted_contexts
-        ):
+        if self.assoc is None or not self.assoc.is_open:
+            self.assoc = self.client.store_association(self.pairs)
+        context_id = self.assoc.accepted.get(pair)
+        if context_id is None:
             raise MigrationError(
                 f"peer {self.client} does not accept SOP class {pair[0]} with transfer "
                 f"syntax {pair[1]}"
             )
-        rsp = self.assoc.send_c_store(ds)
-        if not rsp or "Status" not in rsp:
-            raise MigrationError(f"peer {self.client}: no C-STORE response")
-        status = Status(rsp.Status)
+        try:
+            data = dataset_bytes(ds, pair[1])
+        except (ValueError, TypeError, AttributeError, struct.error) as exc:
+            raise MigrationError(f"{ds.SOPInstanceUID}: cannot encode: {exc}") from None
+        try:
+            answer = self.assoc.store(context_id, pair[0], str(ds.SOPInstanceUID), data)
+        except TransferFailed as exc:
+            self.assoc.abort()
+            raise MigrationError(f"peer {self.client}: no C-STORE response ({exc})") from None
+        status = Status(answer.status)
         if not status.ok:
             raise MigrationError(
                 f"peer {self.client} answered C-STORE of {ds.SOPInstanceUID} with {status}"
             )
 
     def close(self) -> None:
-        if self.assoc is not None and self.assoc.is_established:
+        if self.assoc is not None:
             self.assoc.release()
         self.assoc = None
 

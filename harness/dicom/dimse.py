@@ -500,7 +500,7 @@ class DimseClient:
             try:
                 while current is not None:
                     if assoc is None or not assoc.is_open:
-                        assoc = self._store_association(pairs)
+                        assoc = self.store_association(pairs)
                     upcoming.clear()
                     record(self._store_one(assoc, current, read_ahead))
                     current = upcoming[0] if upcoming else take()
@@ -525,7 +525,7 @@ class DimseClient:
         if errors and not work.empty():
             raise errors[0]
 
-    def _store_association(self, pairs: list[tuple[str, str]]) -> StoreAssociation:
+    def store_association(self, pairs: list[tuple[str, str]]) -> StoreAssociation:
         """A storage association (harness/dicom/store_scu.py) or DimseConnectionError."""
         try:
             return StoreAssociation(
