@@ -6,10 +6,10 @@
 The same files (synthetic 512x512 CT, ~0.5 MB each) go to the same launched Orthanc node,
 wiped between runs, in two TCP configurations of the DCMTK side:
 
-  * `default`: Orthanc and storescu as Debian installs them. Debian's DCMTK leaves Nagle's
-    algorithm on, so each C-STORE-RSP waits for the client's delayed ACK (~40 ms);
-  * `nodelay`: Orthanc and storescu started with TCP_NODELAY=1 (DCMTK's switch that turns
-    Nagle's algorithm off, as Orthanc's own static builds do at compile time).
+  * `default`: Orthanc and storescu as Debian installs them (TCP_NODELAY=0). Debian's DCMTK
+    leaves Nagle's algorithm on, so each C-STORE-RSP waits for the client's delayed ACK;
+  * `nodelay`: both with TCP_NODELAY=1 (DCMTK's switch that turns Nagle's algorithm off, as
+    Orthanc's own static builds do at compile time; nodes the harness launches get it).
 
 In each: storescu over one association (one process for all files), then the harness's
 DimseClient.store over 1 and 8 associations, each timed around the whole call (file scan
@@ -140,10 +140,9 @@ def main() -> None:
                   flush=True)
 
         for config in ("default", "nodelay"):
-            env = dict(os.environ)
-            env.pop("TCP_NODELAY", None)
-            if config == "nodelay":
-                env["TCP_NODELAY"] = "1"
+            # launched nodes default to TCP_NODELAY=1 (harness/nodes/base.py); 0 reproduces
+            # Orthanc and storescu as Debian ships them
+            env = {**os.environ, "TCP_NODELAY": "1" if config == "nodelay" else "0"}
             orthanc_version = store_to_orthanc(files, env, f"orthanc-{config}", record)
 
         port = free_port()

@@ -26,10 +26,10 @@ from typing import Any
 
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import build_context
 
 from harness import faults
 from harness.dicom.dimse import DimseClient, Status
+from harness.dicom.store_scu import StoreAssociation, dataset_bytes
 from harness.nodes.base import Node
 
 
@@ -93,21 +93,27 @@ class _Recorder:
             return len(self.acked)
 
 
-def _store_once(client: DimseClient, assoc, ds: Dataset):
+def _store_once(
+    client: DimseClient, assoc: StoreAssociation | None, ds: Dataset
+) -> tuple[bool, StoreAssociation | None]:
     """One C-STORE; returns (ok, association to reuse or None)."""
+    pair = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
     try:
-        if assoc is None or not assoc.is_established:
-            context = build_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
-            assoc = client.associate([context])
-        rsp = assoc.send_c_store(ds)
-        ok = bool(rsp) and "Status" in rsp and Status(rsp.Status).ok
+        if assoc is None or not assoc.is_open:
+            assoc = client.store_association([pair])
+        context_id = assoc.accepted.get(pair)
+        ok = (
+            context_id is not None
+            and Status(
+                assoc.store(
+                    context_id, pair[0], str(ds.SOPInstanceUID), dataset_bytes(ds, pair[1])
+                ).status
+            ).ok
+        )
     except Exception:  # noqa: BLE001 - any failure is a failed attempt on the timeline
         ok = False
     if not ok and assoc is not None:
-        try:
-            assoc.abort()
-        except Exception:  # noqa: BLE001
-            pass
+        assoc.abort()
         assoc = None
     return ok, assoc
 
@@ -171,7 +177,7 @@ def measure_failover(
                         trigger.set()
                     break
                 time.sleep(0.1)  # a modality retries after a short pause
-        if assoc is not None and assoc.is_established:
+        if assoc is not None:
             assoc.release()
 
     def injector() -> None:
@@ -179,8 +185,12 @@ def measure_failover(
             return
         fault_at.append(time.monotonic())
         events.append(
-            {"t": round(fault_at[0] - t0, 3), "what": fault.__name__, "target": primary.name,
-             "duration_s": None}
+            {
+                "t": round(fault_at[0] - t0, 3),
+                "what": fault.__name__,
+                "target": primary.name,
+                "duration_s": None,
+            }
         )
         fault(primary)
 
@@ -236,9 +246,12 @@ def measure_failover(
     rto_s = round(recovered_at[0] - fault_at[0], 3) if fault_at and recovered_at else None
     if fault_at:
         events.append(
-            {"t": round((recovered_at[0] if recovered_at else time.monotonic()) - t0, 3),
-             "what": "recovered" if recovered_at else "not-recovered",
-             "target": "virtual", "duration_s": rto_s}
+            {
+                "t": round((recovered_at[0] if recovered_at else time.monotonic()) - t0, 3),
+                "what": "recovered" if recovered_at else "not-recovered",
+                "target": "virtual",
+                "duration_s": rto_s,
+            }
         )
 
     time.sleep(settle_s)  # let the standby index what it received last
@@ -253,8 +266,12 @@ def measure_failover(
         failback(primary)
         failback_s = round(time.monotonic() - started, 3)
         events.append(
-            {"t": round(started - t0, 3), "what": "failback", "target": primary.name,
-             "duration_s": failback_s}
+            {
+                "t": round(started - t0, 3),
+                "what": "failback",
+                "target": primary.name,
+                "duration_s": failback_s,
+            }
         )
         on_primary = uids_on(primary, series)
     lost = sorted(set(rec.acked) - on_standby - on_primary)

@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from harness.dicom.tcp import QUICKACK
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.docker import ContainerHandle
 from harness.launch.process import ProcessHandle
@@ -118,6 +119,8 @@ class _Connection:
                 data = src.recv(_CHUNK)
                 if not data:
                     break
+                if QUICKACK is not None:  # acknowledge at once: a proxy must not add stalls
+                    src.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
                 if self.proxy.blackholed or (name == "down" and self.half_closed):
                     continue  # swallowed: nothing goes through
                 latency = self.proxy.latency_s
@@ -321,6 +324,8 @@ class FaultProxy:
         except OSError:
             _hard_close(client)  # the target is down: the client sees a reset
             return
+        for sock in (client, upstream):  # relay pieces as they come (harness/dicom/tcp.py)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Connection(self, client, upstream)
         with self._lock:
             self._conns.add(conn)

@@ -177,3 +177,31 @@ def test_dicomweb_stow_qido_wado_on_orthanc():
         )
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("exported", [None, "0"])
+def test_dcmtk_based_nodes_start_without_nagle_unless_told(monkeypatch, exported):
+    """Orthanc and dcmqrscp get TCP_NODELAY=1 (no 40 ms stall per response); an exported
+    TCP_NODELAY wins, so a Debian-packaged server's behaviour stays reproducible."""
+    _require("orthanc")
+    _require("dcmqrscp")
+    if exported is None:
+        monkeypatch.delenv("TCP_NODELAY", raising=False)
+    else:
+        monkeypatch.setenv("TCP_NODELAY", exported)
+    topology = parse_topology(
+        "name: nagle\nnodes:\n  o: {kind: orthanc}\n  q: {kind: dcmqrscp}\n  e: {kind: embedded}\n"
+    )
+    cluster = Cluster.launch(topology)
+    try:
+        seen = {}
+        for name in ("o", "q", "e"):
+            environ = open(f"/proc/{cluster.node(name).handle.pid}/environ", "rb").read()
+            values = [v for v in environ.split(b"\0") if v.startswith(b"TCP_NODELAY=")]
+            seen[name] = values[0].decode() if values else None
+    finally:
+        cluster.stop()
+    expected = f"TCP_NODELAY={exported or '1'}"
+    assert seen["o"] == expected and seen["q"] == expected
+    # the embedded PACS (pynetdicom) tunes its own sockets: it only inherits what was exported
+    assert seen["e"] == (None if exported is None else expected)

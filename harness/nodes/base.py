@@ -7,6 +7,7 @@ adapter implements for its kind. Destructive chores check `disposable` here, onc
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -164,6 +165,18 @@ class Node:
     def container_environment(self) -> dict[str, str]:
         return {}
 
+    #: DCMTK-based servers (Orthanc, dcmqrscp) keep Nagle's algorithm on unless TCP_NODELAY=1
+    #: is in their environment, so each response waits up to 40 ms for the peer's delayed ACK
+    #: (a proxy such as HAProxy, or another PACS; see harness/dicom/tcp.py). Nodes the harness
+    #: launches get it, as Orthanc's own static builds have it at compile time; a TCP_NODELAY
+    #: in the harness's environment wins (0 reproduces a Debian-packaged server).
+    dcmtk_network = False
+
+    def network_environment(self) -> dict[str, str]:
+        if not self.dcmtk_network:
+            return {}
+        return {"TCP_NODELAY": os.environ.get("TCP_NODELAY", "1")}
+
     # -- lifecycle -----------------------------------------------------------------------
     def start_sidecars(self, *, detached: bool) -> None:
         """Start servers the node needs first (PostgreSQL for an Orthanc index) into
@@ -185,12 +198,16 @@ class Node:
                 run_id=run_id,
                 node_name=self.name,
                 mounts=self.container_mounts(),
-                environment=self.container_environment(),
+                environment={**self.container_environment(), **self.network_environment()},
                 detached=detached,
             )
         else:
             self._popen, self.handle = spawn(
-                self.command(), log_path=self.log_path, cwd=self.workdir, detached=detached
+                self.command(),
+                log_path=self.log_path,
+                cwd=self.workdir,
+                detached=detached,
+                env={**os.environ, **self.network_environment()},
             )
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:

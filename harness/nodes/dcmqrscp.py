@@ -33,6 +33,7 @@ def _symbolic(name: str) -> str:
 class DcmqrscpNode(Node):
     kind = "dcmqrscp"
     has_process = True
+    dcmtk_network = True
     max_store_associations = 1
 
     @property

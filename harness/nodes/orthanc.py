@@ -70,6 +70,7 @@ class OrthancNode(Node):
     kind = "orthanc"
     has_process = True
     image_program = ("/usr/sbin/Orthanc",)
+    dcmtk_network = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
