@@ -7,11 +7,14 @@ One launched Orthanc holds 5 studies of 50 realistic CT instances (512x512). Tim
     (one process per query, as scripts call it);
   * 3 study retrievals by C-GET: harness DimseClient.get (streamed, nothing kept) vs
     /usr/bin/getscu writing the files into a temporary folder.
+The DCMTK tools run with TCP_NODELAY=1, like the launched node (harness/nodes/base.py): without
+it each of getscu's C-STORE responses waits for Orthanc's delayed ACK (~40 ms per instance).
 Ratios > 1 mean the harness is faster.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -43,6 +46,7 @@ def main() -> None:
             datasets = clone_study(template, INSTANCES, patient_id=f"QR{n:03d}")
             assert client.store(datasets, associations=4).ok
             studies.append((f"QR{n:03d}", str(datasets[0].StudyInstanceUID)))
+        dcmtk_env = {**os.environ, "TCP_NODELAY": "1"}
         address = ["-aet", HARNESS_AE_TITLE, "-aec", node.ae_title, node.host,
                    str(node.dicom_port)]
 
@@ -57,7 +61,7 @@ def main() -> None:
             subprocess.run([FINDSCU, "-S", "-k", "QueryRetrieveLevel=STUDY",
                             "-k", f"PatientID={studies[i % STUDIES][0]}",
                             "-k", "StudyInstanceUID", *address],
-                           check=True, capture_output=True, timeout=60)
+                           check=True, capture_output=True, timeout=60, env=dcmtk_env)
         dcmtk_find = (time.perf_counter() - start) / QUERIES
 
         start = time.perf_counter()
@@ -71,7 +75,8 @@ def main() -> None:
             target.mkdir()
             subprocess.run([GETSCU, "-S", "-k", "QueryRetrieveLevel=STUDY",
                             "-k", f"StudyInstanceUID={studies[i][1]}", "-od", str(target),
-                            *address], check=True, capture_output=True, timeout=300)
+                            *address], check=True, capture_output=True, timeout=300,
+                           env=dcmtk_env)
             assert len(list(target.iterdir())) == INSTANCES
         dcmtk_get = (time.perf_counter() - start) / RETRIEVES
     finally:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, build_context, evt
+from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
@@ -224,12 +226,32 @@ class FindResult:
 
 @dataclass
 class RetrievedInstance:
-    """One instance received by C-GET, as the PACS sent it."""
+    """One instance received by C-GET, as the PACS sent it.
+
+    Kept encoded and decoded on first use of `dataset`: counting or relaying instances
+    (load tests, availability probes) then costs no pydicom parsing.
+    """
 
     sop_instance_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
-    dataset: Dataset
+    encoded: bytes = field(repr=False)
+    file_meta: FileMetaDataset = field(repr=False)
+    _decoded: Dataset | None = field(default=None, repr=False)
+
+    @property
+    def dataset(self) -> Dataset:
+        if self._decoded is None:
+            syntax = UID(self.transfer_syntax_uid)
+            ds = decode(
+                BytesIO(self.encoded),
+                syntax.is_implicit_VR,
+                syntax.is_little_endian,
+                syntax.is_deflated,
+            )
+            ds.file_meta = self.file_meta
+            self._decoded = ds
+        return self._decoded
 
 
 @dataclass
@@ -681,13 +703,13 @@ class DimseClient:
         received: list[RetrievedInstance] = []
 
         def handle_store(event) -> int:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            request = event.request
             instance = RetrievedInstance(
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                sop_class_uid=str(request.AffectedSOPClassUID),
                 transfer_syntax_uid=str(event.context.transfer_syntax),
-                dataset=ds,
+                encoded=request.DataSet.getvalue(),
+                file_meta=event.file_meta,
             )
             if keep:
                 received.append(instance)
