@@ -115,17 +115,13 @@ class _DimseSource:
         self.client: DimseClient = node.dimse()
 
     def _find(self, assoc: Any, identifier: Dataset) -> Iterator[Dataset]:
-        for status, found in assoc.send_c_find(identifier,
-                                               StudyRootQueryRetrieveInformationModelFind):
-            if status is None or "Status" not in status:
-                raise EnvironmentProblem(f"peer {self.client}: C-FIND aborted "
-                                         f"({identifier.QueryRetrieveLevel} level)")
-            if status.Status in (0xFF00, 0xFF01) and found is not None:
-                yield found
-            elif status.Status != 0x0000:
-                raise EnvironmentProblem(
-                    f"peer {self.client}: {identifier.QueryRetrieveLevel}-level C-FIND "
-                    f"answered 0x{status.Status:04X}")
+        result = self.client.find_over(assoc, identifier.QueryRetrieveLevel, identifier)
+        if not result.ok:
+            raise EnvironmentProblem(
+                f"peer {self.client}: {identifier.QueryRetrieveLevel}-level C-FIND "
+                f"answered {result.status}"
+            )
+        yield from result.matches
 
     def _assoc(self) -> Any:
         return self.client.associate([build_context(StudyRootQueryRetrieveInformationModelFind)])

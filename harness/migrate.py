@@ -70,7 +70,7 @@ from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyRootFind
 
 from harness.dicom.dicomweb import DicomwebClient, parse_multipart
-from harness.dicom.dimse import MAX_CONTEXTS, NO_STATUS, DimseClient, Status
+from harness.dicom.dimse import MAX_CONTEXTS, DimseClient, Status
 from harness.dicom.store_scu import StoreAssociation, TransferFailed, dataset_bytes
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 from harness.nodes.base import Node
@@ -387,20 +387,10 @@ def list_studies(client: DimseClient) -> list[str]:
 
 def _find_on(assoc, client: DimseClient, level: str, keys: dict[str, str | None]) -> list:
     """One Study Root C-FIND over an open association; anything but success raises."""
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(identifier, keyword, value or "")
-    status, matches = NO_STATUS, []
-    for rsp_status, rsp_identifier in assoc.send_c_find(identifier, StudyRootFind):
-        if rsp_status is None or "Status" not in rsp_status:
-            break
-        status = Status(rsp_status.Status)
-        if status.category == "pending" and rsp_identifier is not None:
-            matches.append(rsp_identifier)
-    if status.category != "success":
-        raise MigrationError(f"peer {client}: {level} C-FIND answered {status}")
-    return matches
+    result = client.find_over(assoc, level, keys)
+    if not result.ok:
+        raise MigrationError(f"peer {client}: {level} C-FIND answered {result.status}")
+    return result.matches
 
 
 def study_content(

@@ -21,8 +21,9 @@ unless the topology's settings name the site's own::
         rate_per_s: 25
 
 Default RPO threshold: the reference pair forwards with Lua's OnStoredInstance, which runs
-after the C-STORE is acknowledged and falls behind under load; measured RPO was 15-20 of the
-50 acknowledged before the kill at 25 instances/s. The default threshold (kill_after) only
+after the C-STORE is acknowledged, so replication is asynchronous. At 25 instances/s it keeps
+up (measured RPO 0; it was 15-27 while every Orthanc response idled 40 ms on Nagle, see
+docs/performance.md), but nothing guarantees it: the default threshold (kill_after) only
 bounds it; set `rpo_instances: 0` to demand synchronous replication.
 """
 

@@ -612,22 +612,38 @@ class DimseClient:
         self, level: str, keys: dict[str, Any] | Dataset | None = None, *, model: str = "study"
     ) -> FindResult:
         """C-FIND at PATIENT, STUDY, SERIES or IMAGE level; keys with None are return keys."""
-        identifier = _identifier(level, keys)
-        sop_class = _FIND_MODELS[model]
         start = time.perf_counter()
-        assoc = self.associate([build_context(sop_class)])
-        matches: list[Dataset] = []
-        status = NO_STATUS
+        assoc = self.associate([build_context(_FIND_MODELS[model])])
         try:
-            for rsp_status, rsp_identifier in assoc.send_c_find(identifier, sop_class):
-                if rsp_status is None or "Status" not in rsp_status:
-                    break
-                status = Status(rsp_status.Status)
-                if status.category == "pending" and rsp_identifier is not None:
-                    matches.append(rsp_identifier)
+            result = self.find_over(assoc, level, keys, model=model)
         finally:
             if assoc.is_established:
                 assoc.release()
+        result.elapsed_s = time.perf_counter() - start
+        return result
+
+    def find_over(
+        self,
+        assoc,
+        level: str,
+        keys: dict[str, Any] | Dataset | None = None,
+        *,
+        model: str = "study",
+    ) -> FindResult:
+        """C-FIND over an association already open (with the model's context): walking a
+        study series by series costs one association instead of one per query."""
+        identifier = _identifier(level, keys)
+        sop_class = _FIND_MODELS[model]
+        start = time.perf_counter()
+        matches: list[Dataset] = []
+        status = NO_STATUS
+        for rsp_status, rsp_identifier in assoc.send_c_find(identifier, sop_class):
+            if rsp_status is None or "Status" not in rsp_status:
+                status = NO_STATUS  # aborted or timed out mid-answer
+                break
+            status = Status(rsp_status.Status)
+            if status.category == "pending" and rsp_identifier is not None:
+                matches.append(rsp_identifier)
         return FindResult(status, matches, time.perf_counter() - start)
 
     # -- C-MOVE ----------------------------------------------------------------------
