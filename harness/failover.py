@@ -29,7 +29,7 @@ from pydicom.uid import generate_uid
 
 from harness import faults
 from harness.dicom.dimse import DimseClient, Status
-from harness.dicom.store_scu import StoreAssociation, dataset_bytes
+from harness.dicom.wire import WireAssociation, dataset_bytes
 from harness.nodes.base import Node
 
 
@@ -94,13 +94,13 @@ class _Recorder:
 
 
 def _store_once(
-    client: DimseClient, assoc: StoreAssociation | None, ds: Dataset
-) -> tuple[bool, StoreAssociation | None]:
+    client: DimseClient, assoc: WireAssociation | None, ds: Dataset
+) -> tuple[bool, WireAssociation | None]:
     """One C-STORE; returns (ok, association to reuse or None)."""
     pair = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
     try:
         if assoc is None or not assoc.is_open:
-            assoc = client.store_association([pair])
+            assoc = client.wire_association([pair])
         context_id = assoc.accepted.get(pair)
         ok = (
             context_id is not None

@@ -55,7 +55,6 @@ import re
 import shlex
 import signal
 import sqlite3
-import struct
 import subprocess
 import threading
 import time
@@ -65,13 +64,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyRootFind
 
 from harness.dicom.dicomweb import DicomwebClient, parse_multipart
-from harness.dicom.dimse import MAX_CONTEXTS, DimseClient, Status
-from harness.dicom.store_scu import StoreAssociation, TransferFailed, dataset_bytes
+from harness.dicom.dimse import MAX_CONTEXTS, DimseClient, RetrievedInstance, Status
+from harness.dicom.wire import TransferFailed, WireAssociation
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 from harness.nodes.base import Node
 
@@ -451,36 +449,34 @@ class _StoreStream:
     def __init__(self, client: DimseClient) -> None:
         self.client = client
         self.pairs: list[tuple[str, str]] = []
-        self.assoc: StoreAssociation | None = None
+        self.assoc: WireAssociation | None = None
 
-    def send(self, ds: Dataset) -> None:
-        pair = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+    def send(self, instance: RetrievedInstance) -> None:
+        """Store one retrieved instance on the target, its bytes exactly as they came."""
+        pair = (instance.sop_class_uid, instance.transfer_syntax_uid)
         if pair not in self.pairs:
             if len(self.pairs) >= MAX_CONTEXTS:
                 self.pairs.pop(0)
             self.pairs.append(pair)
             self.close()
         if self.assoc is None or not self.assoc.is_open:
-            self.assoc = self.client.store_association(self.pairs)
+            self.assoc = self.client.wire_association(self.pairs)
         context_id = self.assoc.accepted.get(pair)
         if context_id is None:
             raise MigrationError(
                 f"peer {self.client} does not accept SOP class {pair[0]} with transfer "
                 f"syntax {pair[1]}"
             )
+        uid = instance.sop_instance_uid
         try:
-            data = dataset_bytes(ds, pair[1])
-        except (ValueError, TypeError, AttributeError, struct.error) as exc:
-            raise MigrationError(f"{ds.SOPInstanceUID}: cannot encode: {exc}") from None
-        try:
-            answer = self.assoc.store(context_id, pair[0], str(ds.SOPInstanceUID), data)
+            answer = self.assoc.store(context_id, pair[0], uid, instance.encoded)
         except TransferFailed as exc:
             self.assoc.abort()
             raise MigrationError(f"peer {self.client}: no C-STORE response ({exc})") from None
         status = Status(answer.status)
         if not status.ok:
             raise MigrationError(
-                f"peer {self.client} answered C-STORE of {ds.SOPInstanceUID} with {status}"
+                f"peer {self.client} answered C-STORE of {uid} with {status}"
             )
 
     def close(self) -> None:
@@ -809,7 +805,7 @@ class Migrator:
         def relay(instance) -> None:
             nonlocal stored
             try:
-                stream.send(instance.dataset)
+                stream.send(instance)
             except Exception as exc:
                 errors.append(_describe(exc))
                 raise  # pynetdicom answers the source's C-STORE with a failure status

@@ -33,7 +33,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     RLELossless,
 )
-from pynetdicom import AE, build_context, evt
+from pynetdicom import AE, build_context
 from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
@@ -62,14 +62,17 @@ from pynetdicom.sop_class import (
     XRayAngiographicImageStorage,
 )
 
-from harness.dicom.store_scu import (
+from harness.dicom.tcp import prompt_tcp
+from harness.dicom.wire import (
     AssociationFailed,
-    StoreAssociation,
     TransferFailed,
+    WireAssociation,
+    command_uid,
+    command_us,
     dataset_bytes,
+    encode_dataset,
     read_file_meta,
 )
-from harness.dicom.tcp import prompt_tcp
 from harness.errors import EnvironmentProblem
 
 HARNESS_AE_TITLE = "PACSHARNESS"
@@ -512,7 +515,7 @@ class DimseClient:
         def worker() -> None:
             # While the peer works on one instance, the next one is read and encoded, so
             # one association runs at the peer's pace (the client's cost is off the path).
-            assoc: StoreAssociation | None = None
+            assoc: WireAssociation | None = None
             upcoming: list[_Prepared | None] = []
 
             def read_ahead() -> None:
@@ -522,7 +525,7 @@ class DimseClient:
             try:
                 while current is not None:
                     if assoc is None or not assoc.is_open:
-                        assoc = self.store_association(pairs)
+                        assoc = self.wire_association(pairs)
                     upcoming.clear()
                     record(self._store_one(assoc, current, read_ahead))
                     current = upcoming[0] if upcoming else take()
@@ -547,10 +550,12 @@ class DimseClient:
         if errors and not work.empty():
             raise errors[0]
 
-    def store_association(self, pairs: list[tuple[str, str]]) -> StoreAssociation:
-        """A storage association (harness/dicom/store_scu.py) or DimseConnectionError."""
+    def wire_association(
+        self, pairs: list[tuple[str, str]], scp_roles: Sequence[str] = ()
+    ) -> WireAssociation:
+        """An association for C-STORE / C-GET (harness/dicom/wire.py) or DimseConnectionError."""
         try:
-            return StoreAssociation(
+            return WireAssociation(
                 self.host,
                 self.port,
                 self.called_ae,
@@ -558,6 +563,7 @@ class DimseClient:
                 pairs,
                 timeout_s=self.timeout_s,
                 tls=self.tls.tls_args() if self.tls else None,
+                scp_roles=scp_roles,
             )
         except AssociationFailed as exc:
             raise DimseConnectionError(
@@ -573,7 +579,7 @@ class DimseClient:
             return _Prepared(item, None, f"{item.source}: cannot encode: {exc}")
 
     def _store_one(
-        self, assoc: StoreAssociation, prepared: _Prepared, meanwhile: Callable[[], None]
+        self, assoc: WireAssociation, prepared: _Prepared, meanwhile: Callable[[], None]
     ) -> StoreResult:
         """Store one prepared instance; `meanwhile` runs while the peer processes it."""
         item = prepared.item
@@ -687,68 +693,89 @@ class DimseClient:
 
         Each storage SOP class is offered once per transfer syntax so the PACS can send
         what it holds unchanged. `keep=False` with `on_instance` streams instead of
-        collecting every dataset in memory.
+        collecting every dataset in memory; an `on_instance` that raises makes us answer
+        that sub-operation with a failure (0xC211), which the PACS counts as failed.
         """
         identifier = _identifier(level, keys)
         sop_class = _GET_MODELS[model]
         classes = list(sop_classes or COMMON_STORAGE_CLASSES)
-        contexts = [build_context(sop_class)]
-        roles = []
+        query_pairs = [(sop_class, ExplicitVRLittleEndian), (sop_class, ImplicitVRLittleEndian)]
+        pairs = list(query_pairs)
         for storage_class in classes:
             syntaxes = transfer_syntaxes
             if storage_class in _NON_IMAGE_CLASSES:
                 syntaxes = [ts for ts in transfer_syntaxes if not UID(ts).is_compressed]
-            for ts in syntaxes:
-                contexts.append(build_context(storage_class, [ts]))
-            roles.append(storage_class)
-        if len(contexts) > MAX_CONTEXTS:
+            pairs += [(storage_class, ts) for ts in syntaxes]
+        if len(pairs) > MAX_CONTEXTS:
             raise ValueError(
-                f"C-GET would need {len(contexts)} presentation contexts (max {MAX_CONTEXTS}); "
+                f"C-GET would need {len(pairs)} presentation contexts (max {MAX_CONTEXTS}); "
                 "pass fewer sop_classes or transfer_syntaxes"
             )
-        from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
-
-        ext_neg = []
-        for storage_class in roles:
-            role = SCP_SCU_RoleSelectionNegotiation()
-            role.sop_class_uid = storage_class
-            role.scu_role = False
-            role.scp_role = True
-            ext_neg.append(role)
 
         received: list[RetrievedInstance] = []
+        delivered = 0
 
-        def handle_store(event) -> int:
-            request = event.request
+        def on_store(context_id: int, command: dict[int, bytes], data: bytes) -> int:
+            nonlocal delivered
+            storage_class, syntax = assoc.contexts.get(context_id, ("", ""))
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = command_uid(command, 0x00000002) or storage_class
+            meta.MediaStorageSOPInstanceUID = command_uid(command, 0x00001000)
+            meta.TransferSyntaxUID = syntax
             instance = RetrievedInstance(
-                sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                sop_class_uid=str(request.AffectedSOPClassUID),
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                encoded=request.DataSet.getvalue(),
-                file_meta=event.file_meta,
+                sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
+                sop_class_uid=str(meta.MediaStorageSOPClassUID),
+                transfer_syntax_uid=syntax,
+                encoded=data,
+                file_meta=meta,
             )
+            if on_instance:
+                try:
+                    on_instance(instance)
+                except Exception:  # noqa: BLE001 - the caller's problem becomes the status
+                    return 0xC211
             if keep:
                 received.append(instance)
-            if on_instance:
-                on_instance(instance)
+            delivered += 1
             return 0x0000
 
         start = time.perf_counter()
-        assoc = self.associate(
-            contexts, ext_neg=ext_neg, evt_handlers=[(evt.EVT_C_STORE, handle_store)]
-        )
-        last: Dataset | None = None
+        assoc = self.wire_association(pairs, scp_roles=classes)
+        query = next((pair for pair in query_pairs if pair in assoc.accepted), None)
+        if query is None:
+            assoc.release()
+            raise DimseConnectionError(
+                f"peer {self} does not accept C-GET ({model} root information model)"
+            )
         try:
-            for rsp_status, _ in assoc.send_c_get(identifier, sop_class):
-                if rsp_status is None or "Status" not in rsp_status:
-                    break
-                last = rsp_status
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        result = _retrieve_result(last, time.perf_counter() - start)
+            final, data = assoc.get(
+                assoc.accepted[query], encode_dataset(identifier, query[1]), on_store
+            )
+        except TransferFailed:
+            assoc.abort()
+            result = RetrieveResult(NO_STATUS, delivered, 0, 0, time.perf_counter() - start)
+        else:
+            assoc.release()
+            result = RetrieveResult(
+                status=Status(command_us(final, 0x00000900)),
+                completed=command_us(final, 0x00001021),
+                failed=command_us(final, 0x00001022),
+                warning=command_us(final, 0x00001023),
+                elapsed_s=time.perf_counter() - start,
+                failed_sop_instance_uids=_failed_uids(data, query[1]),
+            )
         result.instances = received
         return result
+
+
+def _failed_uids(data: bytes | None, transfer_syntax: str) -> list[str]:
+    """Failed SOP Instance UID List of a final C-GET/C-MOVE response identifier, if any."""
+    if not data:
+        return []
+    syntax = UID(transfer_syntax)
+    ds = decode(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    value = ds.get("FailedSOPInstanceUIDList") or []
+    return [str(v) for v in (value if isinstance(value, list | tuple) else [value])]
 
 
 def _retrieve_result(last: Dataset | None, elapsed: float) -> RetrieveResult:

@@ -1,16 +1,16 @@
-"""C-STORE service user on a plain socket: encoded datasets go to the wire as they are.
+"""DIMSE on a plain socket for C-STORE and C-GET: encoded datasets go to the wire as they are.
 
-Why not pynetdicom here: storing is the one operation where the client's own cost decides
-the result (load tests, migrations, the contract ingest rate). pynetdicom splits every
-dataset into PDUs through several Python layers and threads (~8 ms per 0.5 MB instance
-here); this module frames the file's bytes into P-DATA-TF PDUs with a few slices and one
-`sendall` per few MB, so one association runs at the PACS's pace (docs/performance.md).
-Everything else (find, move, get, echo, negotiation checks) stays on pynetdicom.
+Why not pynetdicom here: storing and retrieving are where the client's own cost decides the
+result (load tests, migrations, contract ingest and retrieval times). pynetdicom moves every
+dataset through several Python layers and threads (~5-8 ms per 0.5 MB instance here); this
+module frames bytes into P-DATA-TF PDUs with a few slices and one `sendall` per few MB, and
+reassembles what arrives the same way, so one association runs at the PACS's pace
+(docs/performance.md). Echo, find and move stay on pynetdicom.
 
-Scope, all of PS3.8 that a storage SCU needs: A-ASSOCIATE-RQ/AC/RJ with one presentation
-context per (SOP class, transfer syntax), maximum PDU length from both sides, P-DATA-TF
-with command and dataset fragments, A-RELEASE, A-ABORT both ways. One operation at a time
-(no asynchronous operations window), as every PACS expects by default.
+Scope, all of PS3.8 that these two need: A-ASSOCIATE-RQ/AC/RJ with one presentation context
+per (SOP class, transfer syntax) and SCP role selection for C-GET's sub-operations, maximum
+PDU length both ways, P-DATA-TF with command and dataset fragments, A-RELEASE, A-ABORT both
+ways. One operation at a time (no asynchronous operations window), as PACSs expect.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import socket
 import ssl
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +79,14 @@ def _ae(title: str) -> bytes:
 
 
 def associate_rq(
-    called: str, calling: str, pairs: Sequence[tuple[str, str]], max_pdu: int
+    called: str,
+    calling: str,
+    pairs: Sequence[tuple[str, str]],
+    max_pdu: int,
+    scp_roles: Sequence[str] = (),
 ) -> bytes:
-    """A-ASSOCIATE-RQ with presentation context 1, 3, 5, ... for each pair in order."""
+    """A-ASSOCIATE-RQ with presentation context 1, 3, 5, ... for each pair in order, and
+    SCP role selection for `scp_roles` (storage classes C-GET will send back to us)."""
     items = [_item(0x10, APPLICATION_CONTEXT)]
     for index, (sop_class, syntax) in enumerate(pairs):
         body = (
@@ -89,9 +95,14 @@ def associate_rq(
             + _item(0x40, syntax.encode())
         )
         items.append(_item(0x20, body))
+    roles = b"".join(
+        _item(0x54, struct.pack(">H", len(uid)) + uid.encode() + b"\x00\x01")  # SCU no, SCP yes
+        for uid in scp_roles
+    )
     user = (
         _item(0x51, struct.pack(">I", max_pdu))
         + _item(0x52, IMPLEMENTATION_CLASS_UID)
+        + roles
         + _item(0x55, IMPLEMENTATION_VERSION)
     )
     items.append(_item(0x50, user))
@@ -109,17 +120,41 @@ def _uid_value(uid: str) -> bytes:
     return raw + b"\0" if len(raw) % 2 else raw
 
 
-def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
-    """The C-STORE-RQ command set, implicit VR little endian (PS3.7 9.3.1.1)."""
-    body = (
-        _element(0x00000002, _uid_value(sop_class))
-        + _element(0x00000100, struct.pack("<H", 0x0001))
-        + _element(0x00000110, struct.pack("<H", message_id & 0xFFFF))
-        + _element(0x00000700, struct.pack("<H", 0x0000))
-        + _element(0x00000800, struct.pack("<H", 0x0001))  # a dataset follows
-        + _element(0x00001000, _uid_value(sop_instance))
+NO_DATASET = 0x0101  # CommandDataSetType: nothing follows the command
+
+
+def encode_command(elements: dict[int, int | str]) -> bytes:
+    """A command set in implicit VR little endian (ints are US, strings UI), with its group
+    length, elements in tag order as PS3.7 requires."""
+    body = b"".join(
+        _element(tag, struct.pack("<H", value) if isinstance(value, int) else _uid_value(value))
+        for tag, value in sorted(elements.items())
     )
     return _element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
+    """The C-STORE-RQ command set (PS3.7 9.3.1.1)."""
+    return encode_command(
+        {
+            0x00000002: sop_class,
+            0x00000100: 0x0001,
+            0x00000110: message_id & 0xFFFF,
+            0x00000700: 0x0000,  # medium priority
+            0x00000800: 0x0001,  # a dataset follows
+            0x00001000: sop_instance,
+        }
+    )
+
+
+def command_us(elements: dict[int, bytes], tag: int, default: int = 0) -> int:
+    """An unsigned short of a parsed command set."""
+    raw = elements.get(tag, b"")
+    return struct.unpack("<H", raw[:2])[0] if len(raw) >= 2 else default
+
+
+def command_uid(elements: dict[int, bytes], tag: int) -> str:
+    return elements.get(tag, b"").rstrip(b"\0 ").decode("ascii", "replace")
 
 
 def parse_command(data: bytes) -> dict[int, bytes]:
@@ -217,7 +252,7 @@ def dataset_bytes(payload: Dataset | Path, transfer_syntax: str) -> bytes | memo
 # -- the association ---------------------------------------------------------------------------
 
 
-class StoreAssociation:
+class WireAssociation:
     """One storage association: open, store one instance at a time, release (or abort)."""
 
     def __init__(
@@ -230,11 +265,14 @@ class StoreAssociation:
         *,
         timeout_s: float,
         tls: tuple[ssl.SSLContext, str | None] | None = None,
+        scp_roles: Sequence[str] = (),
     ) -> None:
         self.timeout_s = timeout_s
+        self._pending_pdvs: deque[tuple[int, int, bytes]] = deque()
         self._buffer = bytearray()
         self._message_id = 0
         self.accepted: dict[tuple[str, str], int] = {}
+        self.contexts: dict[int, tuple[str, str]] = {}  # accepted id -> (SOP class, syntax)
         self.peer_max_pdu = 0
         try:
             sock = socket.create_connection((host, port), timeout=min(timeout_s, 10.0))
@@ -251,7 +289,7 @@ class StoreAssociation:
                 raise AssociationFailed(f"TLS handshake failed: {exc}") from None
         self.sock: socket.socket | None = sock
         try:
-            self._negotiate(called_ae, calling_ae, list(pairs))
+            self._negotiate(called_ae, calling_ae, list(pairs), scp_roles)
         except (AssociationFailed, TransferFailed) as exc:
             self.close()
             raise AssociationFailed(str(exc)) from None
@@ -298,8 +336,10 @@ class StoreAssociation:
             raise TransferFailed(f"connection lost: {exc.strerror or exc}") from None
 
     # -- association establishment ---------------------------------------------------------
-    def _negotiate(self, called: str, calling: str, pairs: list[tuple[str, str]]) -> None:
-        self._send(associate_rq(called, calling, pairs, OUR_MAX_PDU))
+    def _negotiate(
+        self, called: str, calling: str, pairs: list[tuple[str, str]], scp_roles: Sequence[str]
+    ) -> None:
+        self._send(associate_rq(called, calling, pairs, OUR_MAX_PDU, scp_roles))
         pdu_type, body = self._read_pdu()
         if pdu_type == 0x03:
             result, source, reason = body[1], body[2], body[3]
@@ -323,6 +363,7 @@ class StoreAssociation:
                     sop_class, proposed = pairs[index]
                     if syntax.rstrip(b"\0").decode() == proposed:
                         self.accepted[(sop_class, proposed)] = context_id
+                        self.contexts[context_id] = (sop_class, proposed)
             elif item_type == 0x50:
                 max_length = _sub_item(value, 0x51)
                 if max_length is not None and len(max_length) == 4:
@@ -341,9 +382,63 @@ class StoreAssociation:
     ) -> None:
         """Send one C-STORE-RQ with its dataset; read_store_response() collects the answer."""
         self._message_id = self._message_id % 0xFFFF + 1
-        chunk = self.peer_max_pdu - 6 if self.peer_max_pdu >= 16 else UNLIMITED_PDU_CHUNK
         command = c_store_rq(self._message_id, sop_class, sop_instance)
+        self._send_message(context_id, command, data)
+
+    def read_store_response(self) -> StoreAnswer:
+        """Wait for the C-STORE-RSP to the request just sent."""
+        _, elements, _ = self._read_message()
+        if 0x00000900 not in elements:
+            self.abort()
+            raise TransferFailed("C-STORE-RSP without a status")
+        return StoreAnswer(command_us(elements, 0x00000900), command_uid(elements, 0x00000902))
+
+    def _next_pdv(self) -> tuple[int, int, bytes]:
+        """(context id, message control header, fragment) of the next PDV received."""
+        while not self._pending_pdvs:
+            pdu_type, body = self._read_pdu()
+            if pdu_type == 0x07:
+                self.close()
+                raise TransferFailed("association aborted by the peer")
+            if pdu_type != 0x04:
+                self.abort()
+                raise TransferFailed(f"unexpected PDU type 0x{pdu_type:02X} while waiting")
+            self._pending_pdvs.extend(_pdvs(body))
+        return self._pending_pdvs.popleft()
+
+    def _read_message(self) -> tuple[int, dict[int, bytes], bytes | None]:
+        """The next DIMSE message: context id, command elements, dataset bytes (or None)."""
+        command: list[bytes] = []
+        while True:
+            context_id, control, fragment = self._next_pdv()
+            if not control & 0x01:
+                self.abort()
+                raise TransferFailed("dataset fragment where a command was expected")
+            command.append(fragment)
+            if control & 0x02:
+                break
+        elements = parse_command(b"".join(command))
+        if command_us(elements, 0x00000800, NO_DATASET) == NO_DATASET:
+            return context_id, elements, None
+        dataset: list[bytes] = []
+        while True:
+            _, control, fragment = self._next_pdv()
+            if control & 0x01:
+                self.abort()
+                raise TransferFailed("command fragment inside a dataset")
+            dataset.append(fragment)
+            if control & 0x02:
+                return context_id, elements, b"".join(dataset)
+
+    def _send_message(
+        self, context_id: int, command: bytes, data: bytes | memoryview | None
+    ) -> None:
+        """One DIMSE message: the command PDU, then the dataset in peer-sized PDUs."""
+        chunk = self.peer_max_pdu - 6 if self.peer_max_pdu >= 16 else UNLIMITED_PDU_CHUNK
         pieces = _pdata(context_id, 0x03, command)  # command, last fragment
+        if data is None:
+            self._send(b"".join(pieces))
+            return
         pending = len(command)
         view = memoryview(data)
         for start in range(0, max(len(view), 1), chunk):
@@ -355,32 +450,50 @@ class StoreAssociation:
                 self._send(b"".join(pieces))
                 pieces, pending = [], 0
 
-    def read_store_response(self) -> StoreAnswer:
-        """Wait for the C-STORE-RSP to the request just sent."""
-        command = bytearray()
+    # -- C-GET ----------------------------------------------------------------------------------
+    def get(
+        self,
+        context_id: int,
+        identifier: bytes,
+        on_store: Callable[[int, dict[int, bytes], bytes], int],
+    ) -> tuple[dict[int, bytes], bytes | None]:
+        """C-GET-RQ with an encoded identifier; every C-STORE sub-operation the peer sends
+        goes to `on_store(context id, command, dataset bytes)`, whose return value is the
+        status we answer. Returns the final C-GET-RSP (command elements, dataset bytes)."""
+        self._message_id = self._message_id % 0xFFFF + 1
+        sop_class = self.contexts[context_id][0]
+        command = encode_command(
+            {
+                0x00000002: sop_class,
+                0x00000100: 0x0010,
+                0x00000110: self._message_id,
+                0x00000700: 0x0000,
+                0x00000800: 0x0001,
+            }
+        )
+        self._send_message(context_id, command, identifier)
         while True:
-            pdu_type, body = self._read_pdu()
-            if pdu_type == 0x07:
-                self.close()
-                raise TransferFailed("association aborted by the peer")
-            if pdu_type != 0x04:
+            store_context, elements, data = self._read_message()
+            field = command_us(elements, 0x00000100)
+            if field == 0x0001 and data is not None:  # C-STORE-RQ of a sub-operation
+                status = on_store(store_context, elements, data)
+                response = encode_command(
+                    {
+                        0x00000002: command_uid(elements, 0x00000002),
+                        0x00000100: 0x8001,
+                        0x00000120: command_us(elements, 0x00000110),
+                        0x00000800: NO_DATASET,
+                        0x00000900: status,
+                        0x00001000: command_uid(elements, 0x00001000),
+                    }
+                )
+                self._send_message(store_context, response, None)
+            elif field == 0x8010:  # C-GET-RSP
+                if command_us(elements, 0x00000900) not in (0xFF00, 0xFF01):
+                    return elements, data
+            else:
                 self.abort()
-                raise TransferFailed(f"unexpected PDU type 0x{pdu_type:02X} while waiting")
-            done = False
-            for control, fragment in _pdvs(body):
-                if control & 0x01:
-                    command += fragment
-                    done = done or bool(control & 0x02)
-            if done:
-                break
-        elements = parse_command(bytes(command))
-        status_raw = elements.get(0x00000900)
-        if status_raw is None or len(status_raw) < 2:
-            self.abort()
-            raise TransferFailed("C-STORE-RSP without a status")
-        (status,) = struct.unpack("<H", status_raw[:2])
-        comment = elements.get(0x00000902, b"").rstrip(b"\0 ").decode("ascii", "replace")
-        return StoreAnswer(status, comment)
+                raise TransferFailed(f"unexpected DIMSE command 0x{field:04X} during C-GET")
 
     # -- ending ---------------------------------------------------------------------------------
     def release(self) -> None:
@@ -425,10 +538,10 @@ def _sub_item(value: bytes, wanted: int) -> bytes | None:
     return None
 
 
-def _pdvs(body: bytes) -> Iterator[tuple[int, bytes]]:
-    """(message control header, fragment) of each PDV in a P-DATA-TF body."""
+def _pdvs(body: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(context id, message control header, fragment) of each PDV in a P-DATA-TF body."""
     offset = 0
     while offset + 6 <= len(body):
         (length,) = struct.unpack_from(">I", body, offset)
-        yield body[offset + 5], body[offset + 6 : offset + 4 + length]
+        yield body[offset + 4], body[offset + 5], body[offset + 6 : offset + 4 + length]
         offset += 4 + length

@@ -1,9 +1,9 @@
-"""The harness's own C-STORE SCU (harness/dicom/store_scu.py) against real Storage SCPs.
+"""The harness's own C-STORE and C-GET (harness/dicom/wire.py) against real DICOM peers.
 
 The peers are pynetdicom acceptors in this process (an independent DICOM implementation,
-configured per test: small PDUs, refused AE titles, failure statuses, aborts) and a socket
-that accepts and never answers. Orthanc, DCMTK and the embedded PACS receive through the
-same code in every other store test.
+configured per test: small PDUs, refused AE titles, failure statuses, aborts, refused
+sub-operations) and a socket that accepts and never answers. Orthanc, DCMTK and the
+embedded PACS store and retrieve through the same code in every other test.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from pydicom.uid import (
     MRImageStorage,
 )
 from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from harness.cluster import free_port
 from harness.dicom.dimse import DimseClient, DimseConnectionError
-from harness.dicom.store_scu import read_file_meta
+from harness.dicom.wire import read_file_meta
 from harness.load import DatasetSpec, clone_study, template_instance
 
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
@@ -190,3 +191,75 @@ def test_file_meta_reader_handles_files_pydicom_wrote(tmp_path: Path) -> None:
     assert meta.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
     assert read_file_meta(b"\0" * 200) is None  # no DICM prefix
     assert read_file_meta(raw[:140]) is None  # meta cut short
+
+
+# -- C-GET -------------------------------------------------------------------------------
+
+
+@contextmanager
+def get_scp(datasets: list, *, abort_after: int | None = None) -> Iterator[int]:
+    """A pynetdicom Q/R SCP answering any C-GET with `datasets` (optionally aborting)."""
+    ae = AE(ae_title="QR")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet, SYNTAXES[:2])
+    for sop_class in (CTImageStorage, MRImageStorage):
+        ae.add_supported_context(sop_class, SYNTAXES, scu_role=False, scp_role=True)
+
+    def on_get(event):
+        yield len(datasets)
+        for number, ds in enumerate(datasets):
+            if abort_after is not None and number == abort_after:
+                event.assoc.abort()
+                return
+            yield 0xFF00, ds
+
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_GET, on_get)]
+    )
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
+def _study(count: int) -> list:
+    template = template_instance(DatasetSpec(scale="small", modality="CT"))
+    return list(clone_study(template, count))
+
+
+def test_c_get_receives_every_instance_as_sent_and_reports_refusals() -> None:
+    study = _study(4)
+    refused = str(study[2].SOPInstanceUID)
+    seen = []
+
+    def on_instance(instance) -> None:
+        if instance.sop_instance_uid == refused:
+            raise RuntimeError("cannot keep this one")  # answered 0xC211
+        seen.append(instance)
+
+    with get_scp(study) as port:
+        client = DimseClient("127.0.0.1", port, "QR")
+        result = client.get(
+            "STUDY",
+            {"StudyInstanceUID": study[0].StudyInstanceUID},
+            on_instance=on_instance,
+            keep=False,
+        )
+    assert (result.completed, result.failed) == (3, 1)
+    assert result.failed_sop_instance_uids == [refused]
+    assert not result.ok and result.instances == []  # keep=False: nothing held
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in study}
+    for instance in seen:
+        original = by_uid[instance.sop_instance_uid]
+        assert instance.sop_class_uid == CTImageStorage
+        assert instance.dataset.PixelData == original.PixelData
+        assert instance.dataset.PatientName == original.PatientName
+
+
+def test_c_get_broken_off_by_the_peer_is_a_result_not_a_hang() -> None:
+    study = _study(5)
+    with get_scp(study, abort_after=2) as port:
+        client = DimseClient("127.0.0.1", port, "QR", timeout_s=10)
+        result = client.get("STUDY", {"StudyInstanceUID": study[0].StudyInstanceUID})
+    assert result.status.category == "failure" and not result.ok  # no final status
+    assert result.completed == 2 and len(result.instances) == 2
