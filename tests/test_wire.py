@@ -191,6 +191,8 @@ def test_file_meta_reader_handles_files_pydicom_wrote(tmp_path: Path) -> None:
     assert meta.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
     assert read_file_meta(b"\0" * 200) is None  # no DICM prefix
     assert read_file_meta(raw[:140]) is None  # meta cut short
+    without_uids = read_file_meta(raw[:132] + b"\x08\x00\x05\x00CS\x00\x00")
+    assert without_uids is not None and without_uids.sop_instance_uid == ""
 
 
 # -- C-GET -------------------------------------------------------------------------------

@@ -333,7 +333,13 @@ def _store_item(obj: Dataset | str | Path) -> _StoreItem | None:
             meta = read_file_meta(file.read(8192))
     except OSError:
         return None
-    if meta is not None:  # the usual case: no need to parse the dataset at all
+    if (
+        meta is not None
+        and meta.sop_class_uid
+        and meta.sop_instance_uid
+        and meta.transfer_syntax_uid
+    ):
+        # the usual case: the file meta says it all, no need to parse the dataset
         return _StoreItem(
             str(path), meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid, path
         )

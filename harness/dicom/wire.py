@@ -195,8 +195,8 @@ def read_file_meta(head: bytes) -> FileMeta | None:
     """The file meta (group 0002) of a Part 10 file, from the file's first bytes.
 
     Walks the explicit VR meta elements, so a missing or wrong group length does not matter.
-    None when `head` is not a Part 10 file, lacks one of the three UIDs, or the meta runs
-    past `head` (the caller then reads the file with pydicom).
+    A UID the meta lacks is "". None when `head` is not a Part 10 file or the meta runs past
+    `head` (the caller then reads the file with pydicom).
     """
     if len(head) < 132 or head[128:132] != b"DICM":
         return None
@@ -205,10 +205,7 @@ def read_file_meta(head: bytes) -> FileMeta | None:
     while offset + 8 <= len(head):
         group, element = struct.unpack_from("<HH", head, offset)
         if group != 0x0002:
-            try:
-                return FileMeta(offset, values[2], values[3], values[0x10])
-            except KeyError:
-                return None
+            return FileMeta(offset, values.get(2, ""), values.get(3, ""), values.get(0x10, ""))
         vr = head[offset + 4 : offset + 6]
         if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
             if offset + 12 > len(head):
@@ -253,7 +250,7 @@ def dataset_bytes(payload: Dataset | Path, transfer_syntax: str) -> bytes | memo
 
 
 class WireAssociation:
-    """One storage association: open, store one instance at a time, release (or abort)."""
+    """One association: open, then C-STORE or C-GET one operation at a time, release."""
 
     def __init__(
         self,
