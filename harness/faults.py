@@ -328,7 +328,13 @@ class FaultProxy:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Connection(self, client, upstream)
         with self._lock:
-            self._conns.add(conn)
+            cut_meanwhile = self.is_cut  # cut() between accept and here: reset this one too
+            if not cut_meanwhile:
+                self._conns.add(conn)
+        if cut_meanwhile:
+            _hard_close(client)
+            _hard_close(upstream)
+            return
         if self.half_opened:
             conn.half_close()
         conn.start()
@@ -372,7 +378,9 @@ class FaultProxy:
 
     def reset(self) -> None:
         """RST every open connection (both sides)."""
-        for conn in list(self._conns):
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
             conn.close(hard=True)
 
     def heal(self) -> None:

@@ -161,6 +161,30 @@ def test_cut_refuses_then_heal_accepts(proxy):
     assert _round_trips(proxy.port, 1)
 
 
+def test_cut_also_resets_a_connection_accepted_just_before_it(monkeypatch, echo):
+    """A connection the proxy had accepted but not yet wired up when cut() came must not
+    survive the cut (found as a CI flake: the echo came back through a cut link)."""
+    plain_open = FaultProxy._open
+
+    def slow_open(self, client):
+        time.sleep(0.1)  # widen the window between accept and registration
+        plain_open(self, client)
+
+    monkeypatch.setattr(FaultProxy, "_open", slow_open)
+    with FaultProxy(0, "127.0.0.1", echo.port, name="race") as link:
+        with _connect(link.port) as before:
+            deadline = time.monotonic() + 2
+            while link.connections_total < 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            link.cut()
+            with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
+                before.sendall(b"x")
+                time.sleep(0.3)
+                if before.recv(1) == b"":
+                    raise ConnectionResetError("EOF")
+    assert echo.received == 0
+
+
 def test_blackhole_accepts_but_nothing_comes_back(proxy, echo):
     proxy.blackhole()
     with _connect(proxy.port, timeout=0.5) as sock:  # accepted
