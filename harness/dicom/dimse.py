@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, build_context
-from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
@@ -70,6 +68,7 @@ from harness.dicom.wire import (
     command_uid,
     command_us,
     dataset_bytes,
+    decode_dataset,
     encode_dataset,
     read_file_meta,
 )
@@ -245,13 +244,7 @@ class RetrievedInstance:
     @property
     def dataset(self) -> Dataset:
         if self._decoded is None:
-            syntax = UID(self.transfer_syntax_uid)
-            ds = decode(
-                BytesIO(self.encoded),
-                syntax.is_implicit_VR,
-                syntax.is_little_endian,
-                syntax.is_deflated,
-            )
+            ds = decode_dataset(self.encoded, self.transfer_syntax_uid)
             ds.file_meta = self.file_meta
             self._decoded = ds
         return self._decoded
@@ -673,15 +666,18 @@ class DimseClient:
         start = time.perf_counter()
         assoc = self.associate([build_context(sop_class)])
         last: Dataset | None = None
+        last_identifier: Dataset | None = None
         try:
-            for rsp_status, _ in assoc.send_c_move(identifier, destination_ae, sop_class):
+            for rsp_status, rsp_identifier in assoc.send_c_move(
+                identifier, destination_ae, sop_class
+            ):
                 if rsp_status is None or "Status" not in rsp_status:
                     break
-                last = rsp_status
+                last, last_identifier = rsp_status, rsp_identifier
         finally:
             if assoc.is_established:
                 assoc.release()
-        return _retrieve_result(last, time.perf_counter() - start)
+        return _retrieve_result(last, last_identifier, time.perf_counter() - start)
 
     # -- C-GET -----------------------------------------------------------------------
     def get(
@@ -768,34 +764,32 @@ class DimseClient:
                 failed=command_us(final, 0x00001022),
                 warning=command_us(final, 0x00001023),
                 elapsed_s=time.perf_counter() - start,
-                failed_sop_instance_uids=_failed_uids(data, query[1]),
+                failed_sop_instance_uids=_failed_uids(
+                    decode_dataset(data, query[1]) if data else None
+                ),
             )
         result.instances = received
         return result
 
 
-def _failed_uids(data: bytes | None, transfer_syntax: str) -> list[str]:
+def _failed_uids(identifier: Dataset | None) -> list[str]:
     """Failed SOP Instance UID List of a final C-GET/C-MOVE response identifier, if any."""
-    if not data:
+    value = identifier.get("FailedSOPInstanceUIDList") if identifier is not None else None
+    if not value:
         return []
-    syntax = UID(transfer_syntax)
-    ds = decode(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
-    value = ds.get("FailedSOPInstanceUIDList") or []
     return [str(v) for v in (value if isinstance(value, list | tuple) else [value])]
 
 
-def _retrieve_result(last: Dataset | None, elapsed: float) -> RetrieveResult:
+def _retrieve_result(
+    last: Dataset | None, identifier: Dataset | None, elapsed: float
+) -> RetrieveResult:
     if last is None:
         return RetrieveResult(NO_STATUS, 0, 0, 0, elapsed)
-    failed_uids: list[str] = []
-    if "FailedSOPInstanceUIDList" in last and last.FailedSOPInstanceUIDList:
-        value = last.FailedSOPInstanceUIDList
-        failed_uids = [str(v) for v in (value if isinstance(value, list | tuple) else [value])]
     return RetrieveResult(
         status=Status(last.Status),
         completed=int(last.get("NumberOfCompletedSuboperations", 0) or 0),
         failed=int(last.get("NumberOfFailedSuboperations", 0) or 0),
         warning=int(last.get("NumberOfWarningSuboperations", 0) or 0),
         elapsed_s=elapsed,
-        failed_sop_instance_uids=failed_uids,
+        failed_sop_instance_uids=_failed_uids(identifier),
     )

@@ -22,12 +22,14 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pynetdicom.dsutils import decode
 
 from harness.dicom.tcp import QUICKACK
 
@@ -233,6 +235,12 @@ def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
         compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
         data = compressor.compress(data) + compressor.flush()
     return data
+
+
+def decode_dataset(data: bytes, transfer_syntax: str) -> Dataset:
+    """A dataset received in `transfer_syntax` (the counterpart of encode_dataset)."""
+    syntax = UID(transfer_syntax)
+    return decode(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
 
 
 def dataset_bytes(payload: Dataset | Path, transfer_syntax: str) -> bytes | memoryview:
