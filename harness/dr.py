@@ -1,10 +1,13 @@
-"""Disaster-recovery drill for a launched Orthanc node: back up, destroy, restore, reconcile.
+"""Disaster-recovery drill for a launched node: back up, destroy, restore, reconcile.
 
-Why: a backup is only proven by a restore. The drill takes a cold backup of the node
-(storage directory and SQLite index, or a `pg_dump` of its PostgreSQL index), destroys the
-node (processes stopped, directory deleted), restores into a freshly launched node and
-compares what the restored node serves (IMAGE-level C-FIND, pixel sha256 over C-GET) with
-the manifest of what was stored: zero lost, zero altered, and the restore time measured.
+Why: a backup is only proven by a restore. The drill takes a cold backup of the node (its
+data directories: Orthanc's storage and SQLite index or a `pg_dump` of its PostgreSQL
+index, dcmqrscp's storage area, the embedded PACS's storage), destroys the node (processes
+or container stopped, directory deleted), restores into a freshly launched node at the same
+path (DCMTK's index.dat records absolute file paths) and compares what the restored node
+serves (pixel sha256 over C-GET) with the manifest of what was stored: zero lost, zero
+altered, and the restore time measured. Processes and containers alike (a container's
+work directory is mounted at the same path).
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ def _pg(tool: str) -> str:
 def backup(node: Node, dest: Path) -> dict[str, Any]:
     """Cold backup: pg_dump while running (postgresql), stop the node, copy its directories."""
     node.require_disposable("stop it for a backup")
-    if node.kind != "orthanc" or node.workdir is None or node.spec.launch != "process":
-        raise ConfigError(f"node {node.name}: the DR drill handles launched Orthanc processes")
+    if node.workdir is None or not node.data_directories():
+        raise ConfigError(
+            f"node {node.name} ({node.kind}): the DR drill handles launched orthanc, "
+            "dcmqrscp and embedded nodes"
+        )
     start = time.monotonic()
     dest.mkdir(parents=True, exist_ok=True)
     if node.spec.index == "postgresql":
@@ -50,9 +56,8 @@ def backup(node: Node, dest: Path) -> dict[str, Any]:
         if dump.returncode != 0:
             raise EnvironmentProblem(f"pg_dump failed: {dump.stderr.strip()[-400:]}")
     faults.stop(node)  # no writes while the files are copied
-    shutil.copytree(node.workdir / "storage", dest / "storage")
-    if node.spec.index != "postgresql":
-        shutil.copytree(node.workdir / "index", dest / "index")
+    for sub in node.data_directories():
+        shutil.copytree(node.workdir / sub, dest / sub)
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     return {"backup_s": round(time.monotonic() - start, 3), "backup_bytes": size}
 
@@ -68,10 +73,9 @@ def restore(topology: Topology, name: str, source: Path, root: Path) -> tuple[Cl
     try:
         node = cluster[name]
         faults.stop(node)
-        for sub in ("storage", "index"):
-            if (source / sub).exists():
-                shutil.rmtree(node.workdir / sub, ignore_errors=True)
-                shutil.copytree(source / sub, node.workdir / sub)
+        for sub in node.data_directories():
+            shutil.rmtree(node.workdir / sub, ignore_errors=True)
+            shutil.copytree(source / sub, node.workdir / sub)
         if (source / "index.pgdump").exists():
             pg = PostgresServer(node.workdir / "pg", node.postgres_port)  # type: ignore[attr-defined]
             pg.start()
@@ -131,13 +135,14 @@ def dr_drill(
     """
     node = cluster[name]
     topology = cluster.topology
-    result: dict[str, Any] = {"index": node.spec.index}
+    result: dict[str, Any] = {"kind": node.kind, "index": node.spec.index}
     result.update(backup(node, workdir / "backup"))
-    old_dir = node.workdir
+    old_dir, root = node.workdir, cluster.root
     cluster.stop()  # destroy: every process stopped, the node's directory deleted
     if old_dir is not None and old_dir.exists():
         raise EnvironmentProblem(f"node {name}: {old_dir} still exists after destruction")
-    restored, restore_s = restore(topology, name, workdir / "backup", workdir / "restored")
+    # the same path as before: a node's own index may hold absolute paths (dcmqrscp)
+    restored, restore_s = restore(topology, name, workdir / "backup", root)
     try:
         result["restore_time_s"] = restore_s
         started = time.monotonic()

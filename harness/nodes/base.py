@@ -280,6 +280,11 @@ class Node:
                 "'disposable: true' in the topology"
             )
 
+    def data_directories(self) -> tuple[str, ...]:
+        """Directories under `workdir` that hold the node's data (what a cold backup
+        copies); empty for a node the harness cannot back up (external, dcm4chee)."""
+        return ()
+
     def wipe(self) -> None:
         """Delete every study on the node (only when disposable)."""
         self.require_disposable("wipe it")

@@ -40,6 +40,9 @@ class DcmqrscpNode(Node):
     def database_dir(self):
         return self.workdir / "db"
 
+    def data_directories(self) -> tuple[str, ...]:
+        return ("db",)  # storage area and index.dat (which holds absolute file paths)
+
     def prepare(self, peers: list[Peer]) -> None:
         super().prepare(peers)
         self.database_dir.mkdir(parents=True, exist_ok=True)

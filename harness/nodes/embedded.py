@@ -19,6 +19,9 @@ class EmbeddedNode(Node):
     def storage_dir(self):
         return self.workdir / "storage"
 
+    def data_directories(self) -> tuple[str, ...]:
+        return ("storage",)  # files and the SQLite index (relative paths)
+
     def prepare(self, peers: list[Peer]) -> None:
         super().prepare(peers)
         self.storage_dir.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,10 @@ class OrthancNode(Node):
         config.update(self.spec.orthanc_config)  # the topology's own settings win
         (self.workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
 
+    def data_directories(self) -> tuple[str, ...]:
+        # with index: postgresql the index lives in PostgreSQL (the DR drill pg_dumps it)
+        return ("storage",) if self.spec.index == "postgresql" else ("storage", "index")
+
     def program(self) -> list[str]:
         return [require_binary("Orthanc")]
 
