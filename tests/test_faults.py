@@ -146,15 +146,19 @@ def test_bandwidth_limits_throughput():
     sink.close()
 
 
+def _assert_reset(sock: socket.socket, wait_s: float) -> None:
+    """The connection is dead: a byte sent, then the read fails (reset or end of stream)."""
+    with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
+        sock.sendall(b"x")
+        time.sleep(wait_s)
+        if sock.recv(1) == b"":
+            raise ConnectionResetError("EOF")
+
+
 def test_cut_refuses_then_heal_accepts(proxy):
     with _connect(proxy.port) as before:
         proxy.cut()
-        # the open connection is reset too
-        with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
-            before.sendall(b"x")
-            time.sleep(0.05)
-            if before.recv(1) == b"":
-                raise ConnectionResetError("EOF")
+        _assert_reset(before, 0.05)  # the open connection is reset too
     with pytest.raises(ConnectionRefusedError):
         _connect(proxy.port)
     proxy.heal()
@@ -177,11 +181,7 @@ def test_cut_also_resets_a_connection_accepted_just_before_it(monkeypatch, echo)
             while link.connections_total < 1 and time.monotonic() < deadline:
                 time.sleep(0.001)
             link.cut()
-            with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
-                before.sendall(b"x")
-                time.sleep(0.3)
-                if before.recv(1) == b"":
-                    raise ConnectionResetError("EOF")
+            _assert_reset(before, 0.3)
     assert echo.received == 0
 
 
