@@ -10,7 +10,9 @@ reassembles what arrives the same way, so one association runs at the PACS's pac
 Scope, all of PS3.8 that these two need: A-ASSOCIATE-RQ/AC/RJ with one presentation context
 per (SOP class, transfer syntax) and SCP role selection for C-GET's sub-operations, maximum
 PDU length both ways, P-DATA-TF with command and dataset fragments, A-RELEASE, A-ABORT both
-ways. One operation at a time (no asynchronous operations window), as PACSs expect.
+ways, the ARTIM timer. One operation at a time (no asynchronous operations window), as PACSs
+expect. The PDUs themselves are encoded and decoded, bounds-checked, in harness/dicom/pdu.py:
+whatever a peer sends, we end with TransferFailed / AssociationFailed saying what was wrong.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import NoReturn
 
 from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -31,26 +35,16 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom.dsutils import decode
 
+from harness.dicom import pdu
+from harness.dicom.pdu import PDV, PduError
 from harness.dicom.tcp import QUICKACK
 
-APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
-IMPLEMENTATION_CLASS_UID = b"2.25.217958312904782271629875573895301975957"  # pacs-harness
-IMPLEMENTATION_VERSION = b"PACSHARNESS"
 OUR_MAX_PDU = 1 << 20  # what we accept from the peer (only responses come back)
 UNLIMITED_PDU_CHUNK = 1 << 20  # fragment size when the peer announces no limit
 SEND_BATCH = 4 << 20  # bytes of dataset framed per sendall
 LARGEST_PDU_READ = 16 << 20  # anything longer is a broken or hostile peer
-
-_REJECT_REASONS = {
-    (1, 1): "no reason given",
-    (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognized",
-    (1, 7): "called AE title not recognized",
-    (2, 1): "no reason given",
-    (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion",
-    (3, 2): "local limit exceeded",
-}
+LARGEST_COMMAND = 1 << 20  # a command set is a few hundred bytes (PS3.7 9.3, 10.3)
+DEFAULT_ARTIM_S = 30.0  # PS3.8 9.1.5; pynetdicom's ACSE timeout has the same default
 
 
 class AssociationFailed(Exception):
@@ -61,6 +55,10 @@ class TransferFailed(Exception):
     """The association broke during an operation: abort, closed socket or timeout."""
 
 
+class CommandSetError(PduError):
+    """A command set (PS3.7 6.3, implicit VR little endian) that cannot be parsed."""
+
+
 @dataclass(frozen=True)
 class StoreAnswer:
     """What the peer answered to one C-STORE-RQ."""
@@ -69,47 +67,7 @@ class StoreAnswer:
     error_comment: str = ""
 
 
-# -- encoding ----------------------------------------------------------------------------------
-
-
-def _item(item_type: int, value: bytes) -> bytes:
-    return struct.pack(">BBH", item_type, 0, len(value)) + value
-
-
-def _ae(title: str) -> bytes:
-    return title.encode("ascii", "replace")[:16].ljust(16, b" ")
-
-
-def associate_rq(
-    called: str,
-    calling: str,
-    pairs: Sequence[tuple[str, str]],
-    max_pdu: int,
-    scp_roles: Sequence[str] = (),
-) -> bytes:
-    """A-ASSOCIATE-RQ with presentation context 1, 3, 5, ... for each pair in order, and
-    SCP role selection for `scp_roles` (storage classes C-GET will send back to us)."""
-    items = [_item(0x10, APPLICATION_CONTEXT)]
-    for index, (sop_class, syntax) in enumerate(pairs):
-        body = (
-            struct.pack(">BBBB", 2 * index + 1, 0, 0, 0)
-            + _item(0x30, sop_class.encode())
-            + _item(0x40, syntax.encode())
-        )
-        items.append(_item(0x20, body))
-    roles = b"".join(
-        _item(0x54, struct.pack(">H", len(uid)) + uid.encode() + b"\x00\x01")  # SCU no, SCP yes
-        for uid in scp_roles
-    )
-    user = (
-        _item(0x51, struct.pack(">I", max_pdu))
-        + _item(0x52, IMPLEMENTATION_CLASS_UID)
-        + roles
-        + _item(0x55, IMPLEMENTATION_VERSION)
-    )
-    items.append(_item(0x50, user))
-    body = struct.pack(">HH", 1, 0) + _ae(called) + _ae(calling) + bytes(32) + b"".join(items)
-    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+# -- command sets ------------------------------------------------------------------------------
 
 
 def _element(group_element: int, value: bytes) -> bytes:
@@ -160,24 +118,26 @@ def command_uid(elements: dict[int, bytes], tag: int) -> str:
 
 
 def parse_command(data: bytes) -> dict[int, bytes]:
-    """Elements of an implicit VR little endian command set, by tag."""
+    """Elements of an implicit VR little endian command set, by tag (PS3.7 6.3); every
+    length is checked against what is there, so a malformed one is CommandSetError."""
     elements: dict[int, bytes] = {}
     offset = 0
-    while offset + 8 <= len(data):
+    while offset < len(data):
+        if offset + 8 > len(data):
+            raise CommandSetError(
+                f"command set: {len(data) - offset} stray bytes at offset {offset}, "
+                "too short for an element header"
+            )
         group, element, length = struct.unpack_from("<HHI", data, offset)
         offset += 8
+        if length > len(data) - offset:
+            raise CommandSetError(
+                f"command set: element ({group:04X},{element:04X}) announces {length} bytes, "
+                f"only {len(data) - offset} left"
+            )
         elements[(group << 16) | element] = bytes(data[offset : offset + length])
         offset += length
     return elements
-
-
-def _pdata(context_id: int, control: int, fragment: bytes | memoryview) -> list:
-    """One P-DATA-TF PDU holding one PDV (header pieces, then the fragment itself)."""
-    pdv_length = len(fragment) + 2
-    return [
-        struct.pack(">BBIIBB", 0x04, 0, pdv_length + 4, pdv_length, context_id, control),
-        fragment,
-    ]
 
 
 # -- what gets sent ----------------------------------------------------------------------------
@@ -258,7 +218,12 @@ def dataset_bytes(payload: Dataset | Path, transfer_syntax: str) -> bytes | memo
 
 
 class WireAssociation:
-    """One association: open, then C-STORE or C-GET one operation at a time, release."""
+    """One association: open, then C-STORE or C-GET one operation at a time, release.
+
+    `timeout_s` bounds each wait for the peer during an operation (the DIMSE timeout);
+    `artim_s` bounds the whole wait for the A-ASSOCIATE-AC/RJ and for the A-RELEASE-RP (the
+    ARTIM timer, PS3.8 9.1.5), default the smaller of `timeout_s` and 30 s.
+    """
 
     def __init__(
         self,
@@ -271,14 +236,22 @@ class WireAssociation:
         timeout_s: float,
         tls: tuple[ssl.SSLContext, str | None] | None = None,
         scp_roles: Sequence[str] = (),
+        artim_s: float | None = None,
     ) -> None:
         self.timeout_s = timeout_s
-        self._pending_pdvs: deque[tuple[int, int, bytes]] = deque()
+        self.artim_s = min(timeout_s, DEFAULT_ARTIM_S) if artim_s is None else artim_s
+        self._pending_pdvs: deque[PDV] = deque()
         self._buffer = bytearray()
         self._message_id = 0
         self.accepted: dict[tuple[str, str], int] = {}
         self.contexts: dict[int, tuple[str, str]] = {}  # accepted id -> (SOP class, syntax)
         self.peer_max_pdu = 0
+        self.peer_implementation = ""  # class UID and version name, for messages and reports
+        self.scp_roles_requested: frozenset[str] = frozenset(scp_roles)
+        # SOP classes the peer lets us act as SCP for (C-GET's C-STORE sub-operations);
+        # PS3.7 D.3.3.4: without a role selection reply the default roles hold (we are SCU only)
+        self.scp_roles_granted: frozenset[str] = frozenset()
+        self.sock: socket.socket | None = None
         try:
             sock = socket.create_connection((host, port), timeout=min(timeout_s, 10.0))
         except OSError as exc:
@@ -292,44 +265,87 @@ class WireAssociation:
             except (OSError, ssl.SSLError) as exc:
                 sock.close()
                 raise AssociationFailed(f"TLS handshake failed: {exc}") from None
-        self.sock: socket.socket | None = sock
+        self.sock = sock
         try:
             self._negotiate(called_ae, calling_ae, list(pairs), scp_roles)
         except (AssociationFailed, TransferFailed) as exc:
             self.close()
             raise AssociationFailed(str(exc)) from None
+        except BaseException:
+            self.abort()
+            raise
 
     @property
     def is_open(self) -> bool:
         return self.sock is not None
 
+    @property
+    def scp_roles_refused(self) -> frozenset[str]:
+        """SOP classes we asked to act as SCP for and the peer did not grant (PS3.7 D.3.3.4):
+        a C-GET of such a class may get nothing back."""
+        return self.scp_roles_requested - self.scp_roles_granted
+
     # -- PDU transport --------------------------------------------------------------------
-    def _recv_exact(self, count: int) -> bytes:
+    def _recv_exact(self, count: int, deadline: float | None, waiting_for: str) -> bytes:
+        """`count` bytes; each read waits at most timeout_s, or, given a `deadline` (the
+        ARTIM timer's), all of them together end by that monotonic time."""
         assert self.sock is not None
-        while len(self._buffer) < count:
-            try:
+        try:
+            while len(self._buffer) < count:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    self.sock.settimeout(remaining)
                 chunk = self.sock.recv(max(65536, count - len(self._buffer)))
-            except TimeoutError:
-                raise TransferFailed(f"no answer within {self.timeout_s:g} s") from None
-            except OSError as exc:
-                raise TransferFailed(f"connection lost: {exc.strerror or exc}") from None
-            if not chunk:
-                raise TransferFailed("connection closed by the peer")
-            if QUICKACK is not None:  # acknowledge now: see harness/dicom/tcp.py
-                try:
-                    self.sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
-                except OSError:
-                    pass
-            self._buffer += chunk
+                if not chunk:
+                    raise TransferFailed("connection closed by the peer")
+                if QUICKACK is not None:  # acknowledge now: see harness/dicom/tcp.py
+                    try:
+                        self.sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
+                    except OSError:
+                        pass
+                self._buffer += chunk
+        except TimeoutError:
+            if deadline is not None:
+                raise TransferFailed(
+                    f"no answer within {self.artim_s:g} s to the {waiting_for} "
+                    "(ARTIM timer, PS3.8 9.1.5)"
+                ) from None
+            raise TransferFailed(f"no answer within {self.timeout_s:g} s") from None
+        except OSError as exc:
+            raise TransferFailed(f"connection lost: {exc.strerror or exc}") from None
+        finally:
+            if deadline is not None and self.sock is not None:
+                self.sock.settimeout(self.timeout_s)
         data = bytes(self._buffer[:count])
         del self._buffer[:count]
         return data
 
-    def _read_pdu(self) -> tuple[int, bytes]:
-        pdu_type, _, length = struct.unpack(">BBI", self._recv_exact(6))
+    def _read_pdu(self, deadline: float | None = None, waiting_for: str = "") -> pdu.Pdu:
+        """The next PDU, decoded. A malformed one aborts the association (source: service
+        provider, PS3.8 9.3.8) and raises TransferFailed naming what was wrong."""
+        header = self._recv_exact(pdu.PDU_HEADER_LENGTH, deadline, waiting_for)
+        try:
+            pdu_type, length = pdu.decode_pdu_header(header)
+        except PduError as exc:
+            self._fail(f"malformed PDU from the peer: {exc}", reason=1)
         if length > LARGEST_PDU_READ:  # we announced OUR_MAX_PDU; this is not DICOM
-            raise TransferFailed(f"peer sent a PDU of {length} bytes (type 0x{pdu_type:02X})")
-        return pdu_type, self._recv_exact(length)
+            self._fail(
+                f"peer sent a PDU of {length} bytes ({pdu.PDU_NAMES[pdu_type]}), "
+                f"more than the {LARGEST_PDU_READ} we read",
+                reason=6,
+            )
+        body = self._recv_exact(length, deadline, waiting_for)
+        try:
+            return pdu.decode_pdu_body(pdu_type, body)
+        except PduError as exc:
+            self._fail(f"malformed PDU from the peer: {exc}", reason=6)
+
+    def _fail(self, message: str, reason: int = 2) -> NoReturn:
+        """A-ABORT as service provider with `reason` (PS3.8 9.3.8), then TransferFailed."""
+        self.abort(source=2, reason=reason)
+        raise TransferFailed(message)
 
     def _send(self, data: bytes | bytearray) -> None:
         assert self.sock is not None
@@ -344,35 +360,35 @@ class WireAssociation:
     def _negotiate(
         self, called: str, calling: str, pairs: list[tuple[str, str]], scp_roles: Sequence[str]
     ) -> None:
-        self._send(associate_rq(called, calling, pairs, OUR_MAX_PDU, scp_roles))
-        pdu_type, body = self._read_pdu()
-        if pdu_type == 0x03:
-            result, source, reason = body[1], body[2], body[3]
-            kind = "rejected permanently" if result == 1 else "rejected (transient)"
-            why = _REJECT_REASONS.get((source, reason), f"source {source}, reason {reason}")
-            raise AssociationFailed(f"{kind}: {why} (calling AE {calling})")
-        if pdu_type == 0x07:
-            raise AssociationFailed("aborted by the peer during negotiation")
-        if pdu_type != 0x02 or len(body) < 68:
-            raise AssociationFailed(f"unexpected answer (PDU type 0x{pdu_type:02X})")
-        offset = 68
-        while offset + 4 <= len(body):
-            item_type, _, length = struct.unpack_from(">BBH", body, offset)
-            value = body[offset + 4 : offset + 4 + length]
-            offset += 4 + length
-            if item_type == 0x21 and len(value) >= 4 and value[2] == 0:
-                context_id = value[0]
-                index = (context_id - 1) // 2
-                syntax = _sub_item(value[4:], 0x40)
-                if 0 <= index < len(pairs) and syntax is not None:
-                    sop_class, proposed = pairs[index]
-                    if syntax.rstrip(b"\0").decode() == proposed:
-                        self.accepted[(sop_class, proposed)] = context_id
-                        self.contexts[context_id] = (sop_class, proposed)
-            elif item_type == 0x50:
-                max_length = _sub_item(value, 0x51)
-                if max_length is not None and len(max_length) == 4:
-                    (self.peer_max_pdu,) = struct.unpack(">I", max_length)
+        """Send the A-ASSOCIATE-RQ, read the answer within the ARTIM timer, record what the
+        A-ASSOCIATE-AC accepted: presentation contexts, maximum PDU length, SCP roles."""
+        deadline = time.monotonic() + self.artim_s
+        self._send(pdu.associate_rq(called, calling, pairs, OUR_MAX_PDU, scp_roles))
+        answer = self._read_pdu(deadline, "A-ASSOCIATE-RQ")
+        if isinstance(answer, pdu.AAssociateRJ):
+            raise AssociationFailed(f"{answer.describe()} (calling AE {calling})")
+        if isinstance(answer, pdu.AAbort):
+            raise AssociationFailed(f"aborted by the peer during negotiation ({answer.describe()})")
+        if not isinstance(answer, pdu.AAssociateAC):
+            self._fail(f"unexpected answer to the A-ASSOCIATE-RQ: {pdu.pdu_name(answer)}")
+        proposed = {2 * index + 1: pair for index, pair in enumerate(pairs)}
+        for result in answer.contexts:
+            pair = proposed.get(result.context_id)
+            if result.result == 0 and pair is not None and result.transfer_syntax == pair[1]:
+                self.accepted[pair] = result.context_id
+                self.contexts[result.context_id] = pair
+        user = answer.user_information
+        self.peer_max_pdu = user.max_length
+        self.peer_implementation = " ".join(
+            part
+            for part in (user.implementation_class_uid, user.implementation_version_name)
+            if part
+        )
+        self.scp_roles_granted = frozenset(
+            role.sop_class_uid
+            for role in user.role_selections
+            if role.scp_role and role.sop_class_uid in self.scp_roles_requested
+        )
 
     # -- C-STORE ------------------------------------------------------------------------------
     def store(
@@ -394,45 +410,64 @@ class WireAssociation:
         """Wait for the C-STORE-RSP to the request just sent."""
         _, elements, _ = self._read_message()
         if 0x00000900 not in elements:
-            self.abort()
-            raise TransferFailed("C-STORE-RSP without a status")
+            self._fail("C-STORE-RSP without a status", reason=0)
         return StoreAnswer(command_us(elements, 0x00000900), command_uid(elements, 0x00000902))
 
-    def _next_pdv(self) -> tuple[int, int, bytes]:
-        """(context id, message control header, fragment) of the next PDV received."""
+    def _next_pdv(self) -> PDV:
+        """The next PDV received, on a presentation context the peer accepted."""
         while not self._pending_pdvs:
-            pdu_type, body = self._read_pdu()
-            if pdu_type == 0x07:
+            if self.sock is None:
+                raise TransferFailed("association already closed")
+            received = self._read_pdu()
+            if isinstance(received, pdu.AAbort):
                 self.close()
-                raise TransferFailed("association aborted by the peer")
-            if pdu_type != 0x04:
-                self.abort()
-                raise TransferFailed(f"unexpected PDU type 0x{pdu_type:02X} while waiting")
-            self._pending_pdvs.extend(_pdvs(body))
-        return self._pending_pdvs.popleft()
+                raise TransferFailed(f"association aborted by the peer ({received.describe()})")
+            if not isinstance(received, pdu.PDataTF):
+                self._fail(f"unexpected {pdu.pdu_name(received)} while waiting for data")
+            self._pending_pdvs.extend(received.pdvs)
+        pdv = self._pending_pdvs.popleft()
+        if pdv.context_id not in self.contexts:
+            self._fail(
+                f"PDV on presentation context {pdv.context_id}, which was not accepted", reason=6
+            )
+        return pdv
 
     def _read_message(self) -> tuple[int, dict[int, bytes], bytes | None]:
         """The next DIMSE message: context id, command elements, dataset bytes (or None)."""
         command: list[bytes] = []
+        size = context_id = 0
         while True:
-            context_id, control, fragment = self._next_pdv()
-            if not control & 0x01:
-                self.abort()
-                raise TransferFailed("dataset fragment where a command was expected")
-            command.append(fragment)
-            if control & 0x02:
+            pdv = self._next_pdv()
+            if not pdv.is_command:
+                self._fail("dataset fragment where a command was expected", reason=0)
+            if command and pdv.context_id != context_id:
+                self._fail("command fragments on two presentation contexts", reason=0)
+            context_id = pdv.context_id
+            command.append(pdv.fragment)
+            size += len(pdv.fragment)
+            if size > LARGEST_COMMAND:
+                self._fail(f"command set longer than {LARGEST_COMMAND} bytes", reason=0)
+            if pdv.is_last:
                 break
-        elements = parse_command(b"".join(command))
+        try:
+            elements = parse_command(b"".join(command))
+        except CommandSetError as exc:
+            self._fail(f"malformed DIMSE message from the peer: {exc}", reason=0)
         if command_us(elements, 0x00000800, NO_DATASET) == NO_DATASET:
             return context_id, elements, None
         dataset: list[bytes] = []
         while True:
-            _, control, fragment = self._next_pdv()
-            if control & 0x01:
-                self.abort()
-                raise TransferFailed("command fragment inside a dataset")
-            dataset.append(fragment)
-            if control & 0x02:
+            pdv = self._next_pdv()
+            if pdv.is_command:
+                self._fail("command fragment inside a dataset", reason=0)
+            if pdv.context_id != context_id:
+                self._fail(
+                    f"dataset on presentation context {pdv.context_id}, its command on "
+                    f"{context_id}",
+                    reason=0,
+                )
+            dataset.append(pdv.fragment)
+            if pdv.is_last:
                 return context_id, elements, b"".join(dataset)
 
     def _send_message(
@@ -440,7 +475,11 @@ class WireAssociation:
     ) -> None:
         """One DIMSE message: the command PDU, then the dataset in peer-sized PDUs."""
         chunk = self.peer_max_pdu - 6 if self.peer_max_pdu >= 16 else UNLIMITED_PDU_CHUNK
-        pieces = _pdata(context_id, 0x03, command)  # command, last fragment
+        last_command = pdu.COMMAND | pdu.LAST_FRAGMENT
+        pieces: list[bytes | memoryview] = [
+            pdu.pdata_header(context_id, last_command, len(command)),
+            command,
+        ]
         if data is None:
             self._send(b"".join(pieces))
             return
@@ -449,7 +488,8 @@ class WireAssociation:
         for start in range(0, max(len(view), 1), chunk):
             fragment = view[start : start + chunk]
             last = start + chunk >= len(view)
-            pieces += _pdata(context_id, 0x02 if last else 0x00, fragment)
+            control = pdu.LAST_FRAGMENT if last else 0
+            pieces += [pdu.pdata_header(context_id, control, len(fragment)), fragment]
             pending += len(fragment)
             if pending >= SEND_BATCH or last:
                 self._send(b"".join(pieces))
@@ -464,7 +504,8 @@ class WireAssociation:
     ) -> tuple[dict[int, bytes], bytes | None]:
         """C-GET-RQ with an encoded identifier; every C-STORE sub-operation the peer sends
         goes to `on_store(context id, command, dataset bytes)`, whose return value is the
-        status we answer. Returns the final C-GET-RSP (command elements, dataset bytes)."""
+        status we answer. Returns the final C-GET-RSP (command elements, dataset bytes).
+        Sub-operations come only for classes in `scp_roles_granted` (PS3.7 D.3.3.4)."""
         self._message_id = self._message_id % 0xFFFF + 1
         sop_class = self.contexts[context_id][0]
         command = encode_command(
@@ -497,30 +538,37 @@ class WireAssociation:
                 if command_us(elements, 0x00000900) not in (0xFF00, 0xFF01):
                     return elements, data
             else:
-                self.abort()
-                raise TransferFailed(f"unexpected DIMSE command 0x{field:04X} during C-GET")
+                self._fail(f"unexpected DIMSE command 0x{field:04X} during C-GET", reason=0)
 
     # -- ending ---------------------------------------------------------------------------------
     def release(self) -> None:
-        """A-RELEASE-RQ and wait for the RP; aborts if the peer does not answer properly."""
+        """A-RELEASE-RQ, then wait for the A-RELEASE-RP no longer than the ARTIM timer
+        (PS3.8 9.1.5); a peer that does not answer in time is aborted. Never raises."""
         if self.sock is None:
             return
+        deadline = time.monotonic() + self.artim_s
         try:
-            self._send(struct.pack(">BBIxxxx", 0x05, 0, 4))
+            self._send(pdu.AReleaseRQ().encode())
             while True:
-                pdu_type, _ = self._read_pdu()
-                if pdu_type in (0x06, 0x07):
+                answer = self._read_pdu(deadline, "A-RELEASE-RQ")
+                if isinstance(answer, pdu.AReleaseRP | pdu.AAbort):
                     break
+                if isinstance(answer, pdu.AReleaseRQ):  # release collision, PS3.8 7.2
+                    self._send(pdu.AReleaseRP().encode())
+                    break
+                # P-DATA-TF already under way when we asked: not ours any more
         except TransferFailed:
-            pass
+            self.abort()
+            return
         self.close()
 
-    def abort(self) -> None:
-        """A-ABORT (source: service user) and close; never raises."""
+    def abort(self, source: int = 0, reason: int = 0) -> None:
+        """A-ABORT (PS3.8 9.3.8; by default source service-user) and close; never raises."""
         if self.sock is None:
             return
         try:
-            self.sock.sendall(struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0, 0))
+            self.sock.settimeout(min(self.timeout_s, 2.0))
+            self.sock.sendall(pdu.AAbort(source, reason).encode())
         except OSError:
             pass
         self.close()
@@ -531,22 +579,3 @@ class WireAssociation:
                 self.sock.close()
             finally:
                 self.sock = None
-
-
-def _sub_item(value: bytes, wanted: int) -> bytes | None:
-    offset = 0
-    while offset + 4 <= len(value):
-        item_type, _, length = struct.unpack_from(">BBH", value, offset)
-        if item_type == wanted:
-            return value[offset + 4 : offset + 4 + length]
-        offset += 4 + length
-    return None
-
-
-def _pdvs(body: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(context id, message control header, fragment) of each PDV in a P-DATA-TF body."""
-    offset = 0
-    while offset + 6 <= len(body):
-        (length,) = struct.unpack_from(">I", body, offset)
-        yield body[offset + 4], body[offset + 5], body[offset + 6 : offset + 4 + length]
-        offset += 4 + length
