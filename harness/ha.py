@@ -17,15 +17,18 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import struct
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom.sop_class import Verification
+
 from harness import faults
 from harness.cluster import Cluster, free_port
 from harness.config import parse_topology
+from harness.dicom import pdu
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient
 from harness.errors import EnvironmentProblem
 from harness.launch.process import ProcessHandle, log_tail, spawn
@@ -49,33 +52,15 @@ settings: {}
 """
 
 
-def _item(item_type: int, payload: bytes) -> bytes:
-    return struct.pack(">BBH", item_type, 0, len(payload)) + payload
-
-
 def associate_rq(called_ae: str, calling_ae: str = "HAPROXY_CHECK") -> bytes:
-    """An A-ASSOCIATE-RQ PDU proposing Verification (for HAProxy's DICOM health check)."""
-    app_context = _item(0x10, b"1.2.840.10008.3.1.1.1")
-    context = _item(
-        0x20,
-        b"\x01\x00\x00\x00"
-        + _item(0x30, b"1.2.840.10008.1.1")
-        + _item(0x40, b"1.2.840.10008.1.2"),
+    """The A-ASSOCIATE-RQ of HAProxy's DICOM health check: Verification, implicit VR little
+    endian, built by the harness's one builder (harness/dicom/pdu.py)."""
+    return pdu.associate_rq(
+        called_ae, calling_ae, [(Verification, ImplicitVRLittleEndian)], max_pdu=16384
     )
-    user_info = _item(0x50, _item(0x51, struct.pack(">I", 16384)))
-    body = (
-        struct.pack(">HH", 1, 0)
-        + called_ae.encode().ljust(16)
-        + calling_ae.encode().ljust(16)
-        + bytes(32)
-        + app_context
-        + context
-        + user_info
-    )
-    return struct.pack(">BBI", 0x01, 0, len(body)) + body
 
 
-RELEASE_RQ = bytes.fromhex("0500000000040000" + "0000")
+RELEASE_RQ = pdu.AReleaseRQ().encode()
 
 
 def haproxy_config(
