@@ -356,8 +356,8 @@ def test_a_transfer_syntax_that_is_not_ascii_is_kept_replaced() -> None:
     [
         (b"\x08\x00\x00\x00\x00\x00", "unknown PDU type 0x08"),
         (b"\x04\x00\x00\x00\x00\x00", "P-DATA-TF without a PDV"),
-        (b"\x04\x00\x00\x00\x00\x06\x00\x00\x00\x10\x01\x03", "PDV at offset 0 announces 16"),
-        (b"\x04\x00\x00\x00\x00\x05\x00\x00\x00\x01\x01", "5 stray bytes at offset 0"),
+        (b"\x04\x00\x00\x00\x00\x06\x00\x00\x00\x10\x01\x03", "PDV at offset 6 announces 16"),
+        (b"\x04\x00\x00\x00\x00\x05\x00\x00\x00\x01\x01", "5 stray bytes at offset 6"),
         (b"\x02\x00\x00\x00\x00\x10" + bytes(16), "A-ASSOCIATE-AC of 16 bytes"),
         (b"\x07\x00\x00\x00\x00\x04\x00\x00\x02", "announces 4 bytes, 3 follow"),
     ],

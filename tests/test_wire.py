@@ -9,11 +9,13 @@ embedded PACS store and retrieve through the same code in every other test.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 from pydicom import dcmread
 from pydicom.uid import (
@@ -24,11 +26,18 @@ from pydicom.uid import (
     MRImageStorage,
 )
 from pynetdicom import AE, evt
+from pynetdicom import pdu as pdu_classes
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from harness.cluster import free_port
 from harness.dicom.dimse import DimseClient, DimseConnectionError
-from harness.dicom.wire import read_file_meta
+from harness.dicom.wire import AssociationFailed, TransferFailed, WireAssociation, read_file_meta
 from harness.load import DatasetSpec, clone_study, template_instance
 
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
@@ -265,3 +274,394 @@ def test_c_get_broken_off_by_the_peer_is_a_result_not_a_hang() -> None:
         result = client.get("STUDY", {"StudyInstanceUID": study[0].StudyInstanceUID})
     assert result.status.category == "failure" and not result.ok  # no final status
     assert result.completed == 2 and len(result.instances) == 2
+
+
+# -- hostile peers -----------------------------------------------------------------------
+# A raw socket in the test plays the peer (it is the peer, not a PACS under test): it answers
+# with PDUs that are short, garbled, late or never sent, and records what the harness does.
+
+
+class RawPeer:
+    """Accepts one connection on 127.0.0.1, runs `script(conn, peer)`, then records every
+    PDU the harness still sends until it closes the connection (`eof` is then set)."""
+
+    def __init__(self, script: Callable[[socket.socket, RawPeer], None]) -> None:
+        self.script = script
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(60)
+        self.port = self.listener.getsockname()[1]
+        self.after_script: list[bytes] = []
+        self.eof = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(120)
+            try:
+                self.script(conn, self)
+                while (received := recv_pdu(conn)) is not None:
+                    self.after_script.append(received)
+                self.eof.set()
+            except (ConnectionResetError, BrokenPipeError):
+                self.eof.set()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+        self.thread.join(timeout=60)
+
+
+@contextmanager
+def raw_peer(script: Callable[[socket.socket, RawPeer], None]) -> Iterator[RawPeer]:
+    peer = RawPeer(script)
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
+def recv_pdu(conn: socket.socket) -> bytes | None:
+    """One whole PDU (header and body), or None when the other side closed."""
+    data = b""
+    wanted = 6
+    while len(data) < wanted:
+        chunk = conn.recv(wanted - len(data))
+        if not chunk:
+            return None
+        data += chunk
+        if len(data) == 6:
+            wanted = 6 + struct.unpack(">I", data[2:6])[0]
+    return data
+
+
+def pynetdicom_ac(rq: bytes) -> bytes:
+    """pynetdicom's A-ASSOCIATE-AC accepting every proposed context with its first syntax."""
+    request = pdu_classes.A_ASSOCIATE_RQ()
+    request.decode(rq)
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = request.application_context_name
+    primitive.called_ae_title = request.called_ae_title
+    primitive.calling_ae_title = request.calling_ae_title
+    results = []
+    for proposed in request.presentation_context:
+        context = PresentationContext()
+        context.context_id = proposed.context_id
+        context.add_transfer_syntax(proposed.transfer_syntax[0])
+        context.result = 0
+        results.append(context)
+    primitive.presentation_context_definition_results_list = results
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = 16384
+    class_uid = ImplementationClassUIDNotification()
+    class_uid.implementation_class_uid = "1.2.3.4"
+    primitive.user_information = [maximum, class_uid]
+    primitive.result = 0
+    return pdu_classes.A_ASSOCIATE_AC(primitive).encode()
+
+
+def accept_then(script: Callable[[socket.socket, RawPeer], None]) -> Callable:
+    """A peer script: read the A-ASSOCIATE-RQ, accept it (pynetdicom's AC), then `script`."""
+
+    def run(conn: socket.socket, peer: RawPeer) -> None:
+        conn.sendall(pynetdicom_ac(recv_pdu(conn) or b""))
+        script(conn, peer)
+
+    return run
+
+
+def read_c_store(conn: socket.socket) -> None:
+    """Read P-DATA-TF PDUs up to the last dataset fragment (one PDV per PDU, as we send)."""
+    while (received := recv_pdu(conn)) is not None:
+        if received[0] == 0x04 and received[11] & 0x03 == 0x02:
+            return
+
+
+def hand_pdu(pdu_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBI", pdu_type, 0, len(body)) + body
+
+
+def hand_item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+
+def hand_ac(items: bytes) -> bytes:
+    """An A-ASSOCIATE-AC written by hand (PS3.8 9.3.3) around `items`."""
+    fixed = struct.pack(">HH", 1, 0) + b"PEER".ljust(16) + b"HARNESS".ljust(16) + bytes(32)
+    return hand_pdu(0x02, fixed + hand_item(0x10, b"1.2.840.10008.3.1.1.1") + items)
+
+
+MAX_LENGTH = hand_item(0x50, hand_item(0x51, struct.pack(">I", 16384)))
+PROVIDER_ABORT_INVALID = hand_pdu(0x07, bytes([0, 0, 2, 6]))  # source 2, reason 6
+CT_PAIR = (CTImageStorage, ExplicitVRLittleEndian)
+GROUP_LENGTH_TOO_LONG = struct.pack("<HHI", 0, 0, 0xFFFF) + bytes(4)  # (0000,0000), 65535 bytes
+
+
+def associate(port: int, **options) -> WireAssociation:
+    options.setdefault("timeout_s", 30)
+    return WireAssociation("127.0.0.1", port, "PEER", "HARNESS", [CT_PAIR], **options)
+
+
+def sockets_to(port: int) -> list:
+    """This process's sockets still connected to `port` (the harness's end, not the peer's)."""
+    return [c for c in psutil.Process().net_connections("tcp") if c.raddr and c.raddr[1] == port]
+
+
+def rq_then_send(answer: bytes) -> Callable:
+    def run(conn: socket.socket, peer: RawPeer) -> None:
+        recv_pdu(conn)
+        conn.sendall(answer)
+
+    return run
+
+
+@pytest.mark.parametrize("length", [0, 2])
+def test_a_short_associate_rj_is_a_clear_failure_and_the_socket_is_closed(length: int) -> None:
+    with raw_peer(rq_then_send(hand_pdu(0x03, bytes(length)))) as peer:
+        with pytest.raises(AssociationFailed) as caught:
+            associate(peer.port)
+        assert f"A-ASSOCIATE-RJ of {length} bytes, 4 expected" in str(caught.value)
+        assert peer.eof.wait(60), "the harness kept the connection open"
+        assert sockets_to(peer.port) == []  # checked while the exception (and its frames) live
+        assert peer.after_script == [PROVIDER_ABORT_INVALID]
+
+
+def test_a_user_sees_the_malformed_answer_named_with_the_peer(tmp_path: Path) -> None:
+    with raw_peer(rq_then_send(hand_pdu(0x03, b""))) as peer:
+        with pytest.raises(DimseConnectionError) as caught:
+            DimseClient("127.0.0.1", peer.port, "PEER").store(ct_files(tmp_path, 1))
+    message = str(caught.value)
+    assert f"PEER@127.0.0.1:{peer.port}" in message
+    assert "malformed PDU from the peer: A-ASSOCIATE-RJ of 0 bytes, 4 expected" in message
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        (
+            hand_item(0x21, bytes(4))[:2] + b"\x00\x40" + bytes(4),
+            "item 0x21 at offset 99 announces 64 bytes, only 4 left",
+        ),
+        (MAX_LENGTH + b"\x50\x00\x00", "3 stray bytes at offset 111"),
+        (
+            hand_item(0x50, hand_item(0x51, b"\x00\x40\x00")),
+            "user information: maximum length sub-item of 3 bytes, 4 expected",
+        ),
+        (
+            hand_item(0x50, hand_item(0x54, b"\x00\x20" + b"1.2.840.10008.5.1.4.1.1.2\x00\x01")),
+            "role selection sub-item of 29 bytes with a UID of 32 bytes",
+        ),
+        (
+            hand_item(0x21, b"\x01\x00\x00\x00") + MAX_LENGTH,
+            "presentation context 1: accepted with 0 transfer syntaxes",
+        ),
+    ],
+    ids=["context-too-long", "stray-bytes", "max-length-3", "role-uid-length", "no-syntax"],
+)
+def test_an_associate_ac_with_garbage_items_is_refused_naming_the_item(
+    items: bytes, expected: str
+) -> None:
+    with raw_peer(rq_then_send(hand_ac(items))) as peer:
+        with pytest.raises(AssociationFailed) as caught:
+            associate(peer.port)
+        assert "malformed PDU from the peer: A-ASSOCIATE-AC" in str(caught.value)
+        assert expected in str(caught.value)
+        assert peer.eof.wait(60)
+        assert peer.after_script == [PROVIDER_ABORT_INVALID]
+        assert sockets_to(peer.port) == []
+
+
+def test_an_associate_ac_too_short_for_its_fixed_fields_is_refused() -> None:
+    with raw_peer(rq_then_send(hand_pdu(0x02, bytes(10)))) as peer:
+        with pytest.raises(AssociationFailed, match="A-ASSOCIATE-AC of 10 bytes, at least 68"):
+            associate(peer.port)
+
+
+def test_a_transfer_syntax_that_is_not_ascii_only_leaves_its_context_out() -> None:
+    context = hand_item(0x21, b"\x01\x00\x00\x00" + hand_item(0x40, b"1.2.840.10008.1.2.1\xff"))
+
+    def answer_then_release(conn: socket.socket, peer: RawPeer) -> None:
+        recv_pdu(conn)
+        conn.sendall(hand_ac(context + MAX_LENGTH))
+        if (recv_pdu(conn) or b"")[:1] == b"\x05":
+            conn.sendall(hand_pdu(0x06, bytes(4)))
+
+    with raw_peer(answer_then_release) as peer:
+        assoc = associate(peer.port)
+        assert assoc.accepted == {} and assoc.peer_max_pdu == 16384
+        assert len(sockets_to(peer.port)) == 1  # what the other tests see gone
+        assoc.release()
+        assert not assoc.is_open
+        assert peer.eof.wait(60) and peer.after_script == []  # released, not aborted
+
+
+def test_an_abort_during_negotiation_says_its_source_and_reason() -> None:
+    with raw_peer(rq_then_send(PROVIDER_ABORT_INVALID)) as peer:
+        with pytest.raises(AssociationFailed) as caught:
+            associate(peer.port)
+    assert str(caught.value) == (
+        "aborted by the peer during negotiation "
+        "(source 2 (service-provider), reason 6 (invalid PDU parameter value))"
+    )
+
+
+def test_an_abort_during_a_store_says_its_source_and_reason() -> None:
+    def abort_the_store(conn: socket.socket, peer: RawPeer) -> None:
+        read_c_store(conn)
+        conn.sendall(hand_pdu(0x07, bytes([0, 0, 2, 2])))
+
+    with raw_peer(accept_then(abort_the_store)) as peer:
+        assoc = associate(peer.port)
+        with pytest.raises(TransferFailed) as caught:
+            assoc.store(assoc.accepted[CT_PAIR], CTImageStorage, "1.2.3", b"\0" * 100)
+        assert not assoc.is_open
+        assert peer.eof.wait(60)
+    assert str(caught.value) == (
+        "association aborted by the peer (source 2 (service-provider), reason 2 (unexpected PDU))"
+    )
+
+
+def never_answer(conn: socket.socket, peer: RawPeer) -> None:
+    recv_pdu(conn)  # the A-ASSOCIATE-RQ; then only wait for the harness to close
+
+
+def trickle(conn: socket.socket, peer: RawPeer) -> None:
+    """Read the request, then a byte of an A-ASSOCIATE-AC header every 0.2 s, forever: each
+    read returns something, so only a deadline for the whole answer ends the wait."""
+    recv_pdu(conn)
+    conn.sendall(b"\x02")
+    while not peer.stop.wait(0.2):
+        conn.sendall(b"\x00")
+
+
+@pytest.mark.parametrize("script", [never_answer, trickle], ids=["silent", "trickle"])
+def test_a_peer_that_never_answers_the_request_is_left_when_artim_expires(script) -> None:
+    with raw_peer(script) as peer:
+        with pytest.raises(AssociationFailed) as caught:
+            associate(peer.port, timeout_s=3600, artim_s=1)  # the DIMSE timeout is no bound
+        assert str(caught.value) == (
+            "no answer within 1 s to the A-ASSOCIATE-RQ (ARTIM timer, PS3.8 9.1.5)"
+        )
+        assert peer.eof.wait(60)
+        assert sockets_to(peer.port) == []
+
+
+def silent_release(conn: socket.socket, peer: RawPeer) -> None:
+    conn.sendall(pynetdicom_ac(recv_pdu(conn) or b""))
+    assert (recv_pdu(conn) or b"")[:1] == b"\x05"  # the A-RELEASE-RQ, never answered
+
+
+def chatty_release(conn: socket.socket, peer: RawPeer) -> None:
+    """Answer the A-RELEASE-RQ with P-DATA-TF every 0.2 s instead of an A-RELEASE-RP."""
+    silent_release(conn, peer)
+    while not peer.stop.wait(0.2):
+        conn.sendall(hand_pdu(0x04, struct.pack(">IBB", 6, 1, 0) + bytes(4)))
+
+
+@pytest.mark.parametrize("script", [silent_release, chatty_release], ids=["silent", "chatty"])
+def test_a_peer_that_never_answers_the_release_is_aborted_when_artim_expires(script) -> None:
+    with raw_peer(script) as peer:
+        assoc = associate(peer.port, timeout_s=3600, artim_s=1)
+        assoc.release()  # returns: neither the DIMSE timeout nor the peer holds it
+        assert not assoc.is_open
+        assert peer.eof.wait(60)
+        if script is silent_release:
+            assert peer.after_script == [hand_pdu(0x07, bytes(4))]  # A-ABORT, service-user
+        assert sockets_to(peer.port) == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected", "abort"),
+    [
+        (
+            hand_pdu(0x04, struct.pack(">IBB", 1000, 1, 3) + bytes(4)),
+            "malformed PDU from the peer: P-DATA-TF: PDV at offset 6 announces 1000 bytes, "
+            "only 6 left in the PDU",
+            PROVIDER_ABORT_INVALID,
+        ),
+        (
+            hand_pdu(0x04, struct.pack(">IBB", 14, 1, 3) + GROUP_LENGTH_TOO_LONG),
+            "malformed DIMSE message from the peer: command set: element (0000,0000) "
+            "announces 65535 bytes, only 4 left",
+            hand_pdu(0x07, bytes(4)),
+        ),
+        (
+            hand_pdu(0x04, struct.pack(">IBB", 6, 99, 3) + bytes(4)),
+            "PDV on presentation context 99, which was not accepted",
+            PROVIDER_ABORT_INVALID,
+        ),
+        (
+            b"\x04\x00\xff\xff\xff\xff",
+            "peer sent a PDU of 4294967295 bytes (P-DATA-TF), more than the 16777216 we read",
+            PROVIDER_ABORT_INVALID,
+        ),
+        (
+            hand_pdu(0x09, bytes(4)),
+            "malformed PDU from the peer: unknown PDU type 0x09",
+            hand_pdu(0x07, bytes([0, 0, 2, 1])),
+        ),
+    ],
+    ids=["pdv-beyond-pdu", "command-element-beyond", "unknown-context", "huge-pdu", "type-9"],
+)
+def test_a_malformed_response_ends_the_store_with_a_clear_error(
+    answer: bytes, expected: str, abort: bytes
+) -> None:
+    def answer_the_store(conn: socket.socket, peer: RawPeer) -> None:
+        read_c_store(conn)
+        conn.sendall(answer)
+
+    with raw_peer(accept_then(answer_the_store)) as peer:
+        assoc = associate(peer.port)
+        with pytest.raises(TransferFailed) as caught:
+            assoc.store(assoc.accepted[CT_PAIR], CTImageStorage, "1.2.3", b"\0" * 100)
+        assert str(caught.value).startswith(expected)
+        assert not assoc.is_open
+        assert peer.eof.wait(60)
+        assert peer.after_script == [abort]
+
+
+@pytest.mark.parametrize(
+    ("ct_roles", "expected_granted"),
+    [
+        ({"scu_role": False, "scp_role": False}, {MRImageStorage}),  # refused outright
+        ({}, {MRImageStorage}),  # no role selection reply: default roles, we are SCU only
+        ({"scu_role": False, "scp_role": True}, {CTImageStorage, MRImageStorage}),
+    ],
+    ids=["refused", "no-reply", "granted"],
+)
+def test_scp_roles_the_peer_does_not_grant_are_visible(ct_roles, expected_granted) -> None:
+    """PS3.7 D.3.3.4, answered by pynetdicom: a C-GET caller can see which storage classes
+    it may not receive."""
+    ae = AE(ae_title="QR")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet, SYNTAXES[:2])
+    ae.add_supported_context(CTImageStorage, SYNTAXES, **ct_roles)
+    ae.add_supported_context(MRImageStorage, SYNTAXES, scu_role=False, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        pairs = [
+            (StudyRootQueryRetrieveInformationModelGet, ExplicitVRLittleEndian),
+            (CTImageStorage, ExplicitVRLittleEndian),
+            (MRImageStorage, ExplicitVRLittleEndian),
+        ]
+        assoc = WireAssociation(
+            "127.0.0.1",
+            port,
+            "QR",
+            "HARNESS",
+            pairs,
+            timeout_s=30,
+            scp_roles=[CTImageStorage, MRImageStorage],
+        )
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert assoc.scp_roles_granted == expected_granted
+    assert assoc.scp_roles_refused == {CTImageStorage, MRImageStorage} - expected_granted

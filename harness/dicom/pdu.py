@@ -404,23 +404,24 @@ def _text(raw: bytes) -> str:
     return raw.strip(b"\0 ").decode("ascii", "replace")
 
 
-def _items(data: bytes, where: str) -> Iterator[tuple[int, bytes]]:
-    """(item type, value) of each item (1-byte type, reserved, 2-byte length) in `data`."""
+def _items(data: bytes, where: str, at: int) -> Iterator[tuple[int, bytes, int]]:
+    """(item type, value, value's offset in the PDU) of each item (1-byte type, reserved,
+    2-byte length) in `data`, which starts at offset `at` of the PDU."""
     offset = 0
     while offset < len(data):
         if offset + 4 > len(data):
             raise PduError(
-                f"{where}: {len(data) - offset} stray bytes at offset {offset}, "
+                f"{where}: {len(data) - offset} stray bytes at offset {at + offset}, "
                 "too short for an item header"
             )
         item_type, _, length = struct.unpack_from(">BBH", data, offset)
         end = offset + 4 + length
         if end > len(data):
             raise PduError(
-                f"{where}: item 0x{item_type:02X} at offset {offset} announces {length} bytes, "
-                f"only {len(data) - offset - 4} left"
+                f"{where}: item 0x{item_type:02X} at offset {at + offset} announces {length} "
+                f"bytes, only {len(data) - offset - 4} left"
             )
-        yield item_type, data[offset + 4 : end]
+        yield item_type, data[offset + 4 : end], at + offset + 4
         offset = end
 
 
@@ -434,15 +435,15 @@ def _decode_association(pdu_type: int, body: bytes) -> AAssociateRQ | AAssociate
     user = UserInformation(implementation_class_uid="", implementation_version_name="")
     proposed: list[ProposedContext] = []
     results: list[ContextResult] = []
-    for item_type, value in _items(body[68:], name):
+    for item_type, value, at in _items(body[68:], name, PDU_HEADER_LENGTH + 68):
         if item_type == 0x10:
             application_context = _text(value)
         elif item_type == 0x20 and pdu_type == A_ASSOCIATE_RQ:
-            proposed.append(_decode_proposed_context(value, name))
+            proposed.append(_decode_proposed_context(value, name, at))
         elif item_type == 0x21 and pdu_type == A_ASSOCIATE_AC:
-            results.append(_decode_context_result(value, name))
+            results.append(_decode_context_result(value, name, at))
         elif item_type == 0x50:
-            user = _decode_user_information(value, name)
+            user = _decode_user_information(value, name, at)
         # other item types: ignored, PS3.8 9.3.1
     if pdu_type == A_ASSOCIATE_RQ:
         return AAssociateRQ(
@@ -459,12 +460,12 @@ def _context_head(value: bytes, where: str) -> tuple[int, int]:
     return value[0], value[2]
 
 
-def _decode_proposed_context(value: bytes, name: str) -> ProposedContext:
+def _decode_proposed_context(value: bytes, name: str, at: int) -> ProposedContext:
     context_id, _ = _context_head(value, name)
     where = f"{name} presentation context {context_id}"
     abstract_syntax = ""
     syntaxes: list[str] = []
-    for sub_type, sub_value in _items(value[4:], where):
+    for sub_type, sub_value, _ in _items(value[4:], where, at + 4):
         if sub_type == 0x30:
             abstract_syntax = _text(sub_value)
         elif sub_type == 0x40:
@@ -472,22 +473,22 @@ def _decode_proposed_context(value: bytes, name: str) -> ProposedContext:
     return ProposedContext(context_id, abstract_syntax, tuple(syntaxes))
 
 
-def _decode_context_result(value: bytes, name: str) -> ContextResult:
+def _decode_context_result(value: bytes, name: str, at: int) -> ContextResult:
     context_id, result = _context_head(value, name)
     where = f"{name} presentation context {context_id}"
-    syntaxes = [_text(v) for sub_type, v in _items(value[4:], where) if sub_type == 0x40]
+    syntaxes = [_text(v) for sub_type, v, _ in _items(value[4:], where, at + 4) if sub_type == 0x40]
     if result == 0 and len(syntaxes) != 1:
         raise PduError(f"{where}: accepted with {len(syntaxes)} transfer syntaxes, 1 expected")
     return ContextResult(context_id, result, syntaxes[0] if syntaxes else "")
 
 
-def _decode_user_information(value: bytes, name: str) -> UserInformation:
+def _decode_user_information(value: bytes, name: str, at: int) -> UserInformation:
     where = f"{name} user information"
     max_length = 0
     class_uid = version_name = ""
     roles: list[RoleSelection] = []
     window: tuple[int, int] | None = None
-    for sub_type, sub in _items(value, where):
+    for sub_type, sub, _ in _items(value, where, at):
         if sub_type == 0x51:
             if len(sub) != 4:
                 raise PduError(f"{where}: maximum length sub-item of {len(sub)} bytes, 4 expected")
@@ -528,18 +529,18 @@ def _decode_pdvs(body: bytes) -> Iterator[PDV]:
         raise PduError("P-DATA-TF without a PDV (PS3.8 9.3.5: one or more)")
     offset = 0
     while offset < len(body):
+        at = PDU_HEADER_LENGTH + offset
         if offset + 6 > len(body):
             raise PduError(
-                f"P-DATA-TF: {len(body) - offset} stray bytes at offset {offset}, "
-                "too short for a PDV"
+                f"P-DATA-TF: {len(body) - offset} stray bytes at offset {at}, too short for a PDV"
             )
         (length,) = struct.unpack_from(">I", body, offset)
         if length < 2:
-            raise PduError(f"P-DATA-TF: PDV at offset {offset} of length {length}, 2+ expected")
+            raise PduError(f"P-DATA-TF: PDV at offset {at} of length {length}, 2+ expected")
         end = offset + 4 + length
         if end > len(body):
             raise PduError(
-                f"P-DATA-TF: PDV at offset {offset} announces {length} bytes, "
+                f"P-DATA-TF: PDV at offset {at} announces {length} bytes, "
                 f"only {len(body) - offset - 4} left in the PDU"
             )
         yield PDV(body[offset + 4], body[offset + 5], body[offset + 6 : end])

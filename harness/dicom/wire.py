@@ -342,9 +342,14 @@ class WireAssociation:
         except PduError as exc:
             self._fail(f"malformed PDU from the peer: {exc}", reason=6)
 
-    def _fail(self, message: str, reason: int = 2) -> NoReturn:
-        """A-ABORT as service provider with `reason` (PS3.8 9.3.8), then TransferFailed."""
-        self.abort(source=2, reason=reason)
+    def _fail(self, message: str, reason: int | None = None) -> NoReturn:
+        """Abort, then TransferFailed(message). With a `reason` the PDU itself was wrong: the
+        abort's source is the service provider (PS3.8 9.3.8); without one the DIMSE message
+        was, and the source is the service user (us)."""
+        if reason is None:
+            self.abort()
+        else:
+            self.abort(source=2, reason=reason)
         raise TransferFailed(message)
 
     def _send(self, data: bytes | bytearray) -> None:
@@ -370,7 +375,7 @@ class WireAssociation:
         if isinstance(answer, pdu.AAbort):
             raise AssociationFailed(f"aborted by the peer during negotiation ({answer.describe()})")
         if not isinstance(answer, pdu.AAssociateAC):
-            self._fail(f"unexpected answer to the A-ASSOCIATE-RQ: {pdu.pdu_name(answer)}")
+            self._fail(f"unexpected answer to the A-ASSOCIATE-RQ: {pdu.pdu_name(answer)}", reason=2)
         proposed = {2 * index + 1: pair for index, pair in enumerate(pairs)}
         for result in answer.contexts:
             pair = proposed.get(result.context_id)
@@ -410,7 +415,7 @@ class WireAssociation:
         """Wait for the C-STORE-RSP to the request just sent."""
         _, elements, _ = self._read_message()
         if 0x00000900 not in elements:
-            self._fail("C-STORE-RSP without a status", reason=0)
+            self._fail("C-STORE-RSP without a status")
         return StoreAnswer(command_us(elements, 0x00000900), command_uid(elements, 0x00000902))
 
     def _next_pdv(self) -> PDV:
@@ -423,7 +428,7 @@ class WireAssociation:
                 self.close()
                 raise TransferFailed(f"association aborted by the peer ({received.describe()})")
             if not isinstance(received, pdu.PDataTF):
-                self._fail(f"unexpected {pdu.pdu_name(received)} while waiting for data")
+                self._fail(f"unexpected {pdu.pdu_name(received)} while waiting for data", reason=2)
             self._pending_pdvs.extend(received.pdvs)
         pdv = self._pending_pdvs.popleft()
         if pdv.context_id not in self.contexts:
@@ -439,32 +444,31 @@ class WireAssociation:
         while True:
             pdv = self._next_pdv()
             if not pdv.is_command:
-                self._fail("dataset fragment where a command was expected", reason=0)
+                self._fail("dataset fragment where a command was expected")
             if command and pdv.context_id != context_id:
-                self._fail("command fragments on two presentation contexts", reason=0)
+                self._fail("command fragments on two presentation contexts")
             context_id = pdv.context_id
             command.append(pdv.fragment)
             size += len(pdv.fragment)
             if size > LARGEST_COMMAND:
-                self._fail(f"command set longer than {LARGEST_COMMAND} bytes", reason=0)
+                self._fail(f"command set longer than {LARGEST_COMMAND} bytes")
             if pdv.is_last:
                 break
         try:
             elements = parse_command(b"".join(command))
         except CommandSetError as exc:
-            self._fail(f"malformed DIMSE message from the peer: {exc}", reason=0)
+            self._fail(f"malformed DIMSE message from the peer: {exc}")
         if command_us(elements, 0x00000800, NO_DATASET) == NO_DATASET:
             return context_id, elements, None
         dataset: list[bytes] = []
         while True:
             pdv = self._next_pdv()
             if pdv.is_command:
-                self._fail("command fragment inside a dataset", reason=0)
+                self._fail("command fragment inside a dataset")
             if pdv.context_id != context_id:
                 self._fail(
                     f"dataset on presentation context {pdv.context_id}, its command on "
                     f"{context_id}",
-                    reason=0,
                 )
             dataset.append(pdv.fragment)
             if pdv.is_last:
@@ -538,7 +542,7 @@ class WireAssociation:
                 if command_us(elements, 0x00000900) not in (0xFF00, 0xFF01):
                     return elements, data
             else:
-                self._fail(f"unexpected DIMSE command 0x{field:04X} during C-GET", reason=0)
+                self._fail(f"unexpected DIMSE command 0x{field:04X} during C-GET")
 
     # -- ending ---------------------------------------------------------------------------------
     def release(self) -> None:
