@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import subprocess
 from collections import defaultdict
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +226,34 @@ def test_cmove_to_the_harness_receiver_delivers_every_instance(filled):
     finally:
         sink.stop()
     assert moved == held and sink.received == held
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_cget_of_every_study_at_once(filled, kind):
+    """All studies in one C-GET (a UID list): more SOP classes than one association can offer
+    in every syntax, so the harness splits the retrieve by class; nothing is lost."""
+    cluster, stored = filled
+    studies = sorted({item.study_uid for item in stored[kind]})
+    held = set().union(*(_held(cluster, kind, study) for study in studies))
+    classes = {item.sop_class_uid for item in stored[kind]}
+    assert len(classes) > 3  # more than fit in one association with every syntax
+    got = cluster.node(kind).dimse(timeout_s=120).get("STUDY", {"StudyInstanceUID": studies})
+    assert got.ok, (got.status, got.failed_sop_instance_uids)
+    assert {i.sop_instance_uid for i in got.instances} == held
+    assert got.completed == len(held)
+
+
+def test_wado_returns_each_instance_in_its_stored_syntax(filled):
+    """WADO-RS asks for transfer-syntax=*: Orthanc answers with what it holds, untranscoded."""
+    cluster, stored = filled
+    if "orthanc" not in stored:
+        pytest.skip("Orthanc not installed")
+    web = cluster.node("orthanc").dicomweb()
+    assert web is not None
+    expected = {item.sop_instance_uid: item.transfer_syntax_uid for item in stored["orthanc"]}
+    seen = {}
+    for study in sorted({item.study_uid for item in stored["orthanc"]}):
+        for part in web.retrieve_study(study):
+            meta = dcmread(BytesIO(part), stop_before_pixels=True)
+            seen[str(meta.SOPInstanceUID)] = str(meta.file_meta.TransferSyntaxUID)
+    assert seen == expected

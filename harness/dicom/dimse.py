@@ -1127,10 +1127,10 @@ def _values(ds: Dataset, keyword: str) -> list[str]:
 
 def _failed_uids(identifier: Dataset | None) -> list[str]:
     """Failed SOP Instance UID List of a final C-GET/C-MOVE response identifier, if any."""
-    value = identifier.get("FailedSOPInstanceUIDList") if identifier is not None else None
-    if not value:
+    if identifier is None:
         return []
-    return [str(v) for v in (value if isinstance(value, list | tuple) else [value])]
+    # pydicom gives one str for a single UID, a MultiValue (not a list) for several
+    return [uid for uid in _values(identifier, "FailedSOPInstanceUIDList") if uid]
 
 
 def _retrieve_result(
