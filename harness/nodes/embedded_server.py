@@ -147,6 +147,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.multival import MultiValue
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -742,22 +743,16 @@ def _unreadable(ds: Dataset) -> str:
 
 def _mismatch(ds: Dataset) -> str:
     """Why a data set does not hold what its attributes announce ('' when it does): here,
-    uncompressed pixel data shorter than Rows x Columns x Samples x Frames x Bits Allocated
-    (PS3.5 8.1.1), which is how a truncated file shows once received."""
+    uncompressed pixel data shorter than its Image Pixel attributes require (PS3.5 8.1.1;
+    YBR_FULL_422 takes two samples a pixel, PS3.3 C.7.6.3.1.2), which is how a truncated
+    file shows once received."""
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     if "PixelData" not in ds or syntax.is_compressed:
         return ""
     try:
-        bits = (
-            int(ds.Rows)
-            * int(ds.Columns)
-            * int(ds.get("SamplesPerPixel", 1) or 1)
-            * int(ds.get("NumberOfFrames", 1) or 1)
-            * int(ds.BitsAllocated)
-        )
-    except (AttributeError, TypeError, ValueError):
+        expected = get_expected_length(ds, unit="bytes")
+    except (AttributeError, KeyError, TypeError, ValueError):
         return "pixel data without Rows, Columns or Bits Allocated"
-    expected = (bits + 7) // 8
     if len(ds.PixelData) < expected:
         return f"pixel data {len(ds.PixelData)} bytes, expected {expected}"
     return ""
