@@ -262,3 +262,21 @@ def test_wado_returns_each_instance_in_its_stored_syntax(filled):
             meta = dcmread(BytesIO(part), stop_before_pixels=True)
             seen[str(meta.SOPInstanceUID)] = str(meta.file_meta.TransferSyntaxUID)
     assert seen == expected
+
+
+def test_a_study_of_known_classes_costs_one_association(filled):
+    """The look-up and the C-GET share the association once the peer's classes were met:
+    retrieving a study again opens exactly one association (counted in the node's own log)."""
+    cluster, stored = filled
+    if "embedded" not in stored:
+        pytest.skip("embedded PACS not started")
+    node = cluster.node("embedded")
+    study = next(item.study_uid for item in stored["embedded"]
+                 if item.name == "pydicom/CT_small.dcm")
+    client = node.dimse()
+    assert client.get("STUDY", {"StudyInstanceUID": study}).ok  # meets CT Image Storage
+    before = node.log_path.read_text().count("association accepted calling=PACSHARNESS")
+    again = client.get("STUDY", {"StudyInstanceUID": study})
+    after = node.log_path.read_text().count("association accepted calling=PACSHARNESS")
+    assert again.ok and len(again.instances) == 1
+    assert after - before == 1

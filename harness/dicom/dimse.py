@@ -753,7 +753,8 @@ class DimseClient:
         # The look-up runs on the C-GET's own association, which also proposes the classes
         # this peer's last retrieve met: a series of similar studies costs one association each.
         peer = (self.host, self.port, self.called_ae, model)
-        seen = _CLASSES_SEEN.get(peer, [])[:per_association]
+        remembered = _CLASSES_SEEN.get(peer, [])
+        seen = remembered[:per_association]
         assoc, query = self._get_association(model, _pairs(seen, syntaxes), find=True)
         lookup = _Lookup(self, model, assoc)
         result: RetrieveResult | None = None
@@ -762,12 +763,13 @@ class DimseClient:
             if not sop_classes:
                 classes = lookup.classes(identifier)
             fits = classes is not None and len(classes) <= per_association
+            if fits:  # most recently met first
+                recent = dict.fromkeys([*(classes or ()), *remembered])
+                _CLASSES_SEEN[peer] = list(recent)[:per_association]
             if fits and set(classes or ()) <= set(seen):
                 lookup.assoc = None  # _get_over releases it
                 result = self._get_over(assoc, query, identifier, receive)
-            elif fits:
-                _CLASSES_SEEN[peer] = list(classes or ())
-            else:
+            elif not fits:
                 rows = lookup.instances(identifier)
         finally:
             lookup.close()
@@ -895,8 +897,9 @@ class DimseClient:
         )
 
 
-#: The SOP classes of the last retrieve from each peer (host, port, AE title, model): the
-#: next C-GET proposes them up front, so its look-up and retrieve share one association.
+#: The SOP classes met most recently in retrieves from each peer (host, port, AE title,
+#: model), as many as fit an association: the next C-GET proposes them up front, so its
+#: look-up and retrieve share one association when the study holds nothing else.
 _CLASSES_SEEN: dict[tuple[str, int, str, str], list[str]] = {}
 
 #: Syntaxes offered in the rounds for classes a node did not name: the uncompressed ones the
