@@ -41,6 +41,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import pynetdicom
 from hdrh.histogram import HdrHistogram
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
@@ -438,7 +439,11 @@ class Outcome:
 
 
 class _MoveSink:
-    """The harness's own Storage SCP for C-MOVE destinations: counts, keeps nothing."""
+    """The harness's own Storage SCP for C-MOVE destinations: counts, keeps nothing.
+
+    As a responder it accepts whatever is proposed: every storage class pynetdicom knows in
+    every transfer syntax, so the sender never has to transcode (and the 128-context limit of
+    PS3.8 9.3.2.2 binds the sender's proposal, not this list)."""
 
     def __init__(self, port: int) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -470,11 +475,9 @@ class _MoveSink:
         self.server.shutdown()
 
 
-ALL_TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
-    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50",
-]
+#: Every transfer syntax pynetdicom knows (uncompressed, deflated, big endian, JPEG family,
+#: JPEG-LS, JPEG 2000, HTJ2K, RLE, MPEG, HEVC, SMPTE 2110).
+ALL_TRANSFER_SYNTAXES = list(pynetdicom.ALL_TRANSFER_SYNTAXES)
 
 
 class LoadRun:

@@ -752,6 +752,97 @@ def test_move_decompresses_for_a_peer_without_the_stored_syntax(corpus: Corpus) 
     np.testing.assert_array_equal(ds.pixel_array, pixels(1))
 
 
+def _big_endian_file() -> Path:
+    """A real explicit VR big endian image (pydicom's test file, 16-bit OW pixel data)."""
+    from tests.realworld import valid_files
+
+    name = "pynetdicom/MRImageStorage_ExplicitVRBigEndian.dcm"
+    (found,) = [f.path for f in valid_files() if f.name == name]
+    return found
+
+
+@pytest.mark.parametrize("accepted", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_get_converts_big_endian_for_a_requestor_without_it(scratch: Node, accepted: str) -> None:
+    """Stored big endian, asked for by a requestor taking only a little endian syntax: the
+    OW pixel data is byte-swapped, so the decoded pixels equal the original's."""
+    original = dcmread(_big_endian_file())
+    assert store(scratch, [original]) == [0x0000]
+    final, received = get(
+        scratch,
+        [(MRImageStorage, [accepted])],
+        QueryRetrieveLevel="STUDY",
+        StudyInstanceUID=original.StudyInstanceUID,
+    )
+    assert final.Status == 0x0000
+    ts, ds = received[original.SOPInstanceUID]
+    assert ts == accepted
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    np.testing.assert_array_equal(ds.pixel_array, original.pixel_array)
+    assert ds.PatientName == original.PatientName and ds.Rows == original.Rows
+
+
+def test_move_converts_big_endian_for_a_destination_without_it(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    original = dcmread(_big_endian_file())
+    received: dict[str, tuple[str, Dataset]] = {}
+
+    def on_store(event: evt.Event) -> int:
+        received[event.request.AffectedSOPInstanceUID] = (
+            str(event.context.transfer_syntax),
+            event.dataset,
+        )
+        return 0x0000
+
+    scp = AE(ae_title="LITTLE")
+    scp.add_supported_context(MRImageStorage, [ExplicitVRLittleEndian])
+    server = scp.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None
+    request.addfinalizer(server.shutdown)
+    peers = tmp_path / "peers.json"
+    write_peers(peers, {"LITTLE": server.server_address[1]})
+    source = start_node("SOURCE", tmp_path / "source", request.addfinalizer, peers=peers)
+    assert store(source, [original]) == [0x0000]
+    final = move(
+        source, "LITTLE", QueryRetrieveLevel="STUDY", StudyInstanceUID=original.StudyInstanceUID
+    )
+    assert final.Status == 0x0000
+    ts, ds = received[original.SOPInstanceUID]
+    assert ts == ExplicitVRLittleEndian
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    np.testing.assert_array_equal(ds.pixel_array, original.pixel_array)
+
+
+def test_store_refuses_damaged_files_with_a_reason(scratch: Node) -> None:
+    """The real-world corpus's invalid files that a sender can get onto the wire (truncated,
+    pixel data shorter than announced, no usable image attributes) are refused at C-STORE
+    with an Error Comment naming the reason (PS3.4 B.2.3): nothing of them is stored, and
+    the log has no traceback."""
+    from harness.dicom.dimse import DimseClient
+    from tests.realworld import invalid_files
+
+    report = DimseClient(HOST, scratch.port, scratch.ae_title).store(
+        [f.path for f in invalid_files()]
+    )
+    sent = {Path(r.source).name: r for r in report.results if r.status.code != 0xFFFF}
+    # tests/realworld.py counts 3 samples a pixel for it; YBR_FULL_422 holds 2 (PS3.3
+    # C.7.6.3.1.2), so this one is complete and stored
+    ybr = sent.pop("SC_ybr_full_422_uncompressed.dcm")
+    assert ybr.status.code == 0x0000, ybr.error
+    assert "MR_truncated.dcm" in sent
+    for name, result in sent.items():
+        assert result.status.code in (0xA900, 0xC000), (name, result.status)
+        assert result.error and result.error.split(")", 1)[1].strip(), (name, result.error)
+    assert "pixel data 8130 bytes, expected 8192" in sent["MR_truncated.dcm"].error
+    assert statistics(scratch.storage)["instances"] == 1  # the YBR_FULL_422 one
+    assert len(list((scratch.storage / "files").rglob("*.dcm"))) == 1
+    log = "".join(scratch.log)
+    assert log.count("refused:") >= len(sent)
+    assert "Traceback" not in log
+
+
 # ---------------------------------------------------------------------------------------------
 # Adapter API, replacement, shutdown
 # ---------------------------------------------------------------------------------------------

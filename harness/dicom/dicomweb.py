@@ -15,6 +15,9 @@ import requests
 
 from harness.errors import EnvironmentProblem
 
+#: WADO-RS Accept header for instances exactly as stored (no transcoding).
+STORED_SYNTAX_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
 
 def parse_multipart(body: bytes, content_type: str) -> list[bytes]:
     """Split a multipart/related body into its parts' payloads."""
@@ -90,10 +93,12 @@ class DicomwebClient:
 
     # WADO-RS -------------------------------------------------------------------------
     def retrieve(self, path: str) -> list[bytes]:
-        """WADO-RS retrieve of a study, series or instance: the Part 10 files as bytes."""
-        rsp = self._request(
-            "GET", path, headers={"Accept": 'multipart/related; type="application/dicom"'}
-        )
+        """WADO-RS retrieve of a study, series or instance: the Part 10 files as bytes.
+
+        Asks for each instance in the syntax it is stored in (transfer-syntax=*, PS3.18
+        8.7.3.5.2): without it the server transcodes to Explicit VR Little Endian, so the
+        bytes compared against an original would not be the ones the archive holds."""
+        rsp = self._request("GET", path, headers={"Accept": STORED_SYNTAX_ACCEPT})
         return parse_multipart(rsp.content, rsp.headers.get("Content-Type", ""))
 
     def retrieve_instance(self, study: str, series: str, instance: str) -> bytes:

@@ -25,14 +25,16 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     JPEG2000,
     UID,
+    AllTransferSyntaxes,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     RLELossless,
 )
-from pynetdicom import AE, build_context
+from pynetdicom import AE, AllStoragePresentationContexts, build_context
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
@@ -91,7 +93,8 @@ _GET_MODELS = {
     "patient": PatientRootQueryRetrieveInformationModelGet,
 }
 
-#: Storage SOP classes offered for C-GET (the requestor must propose them with the SCP role).
+#: Storage SOP classes of everyday studies (the connectivity scenario's table; the C-GET
+#: fallback when a node cannot say which classes a study holds).
 COMMON_STORAGE_CLASSES: tuple[str, ...] = (
     CTImageStorage,
     MRImageStorage,
@@ -110,8 +113,11 @@ COMMON_STORAGE_CLASSES: tuple[str, ...] = (
     EnhancedSRStorage,
     EncapsulatedPDFStorage,
 )
-#: Transfer syntaxes the harness can receive unchanged; one context each so that a PACS
-#: which keeps what it stored can send it back without transcoding.
+#: Every storage SOP class pynetdicom knows (what the harness accepts as a Storage SCP).
+STORAGE_CLASSES: tuple[str, ...] = tuple(
+    str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+)
+#: The syntaxes of the connectivity table and of the fallback proposal (7 x 16 fit in 128).
 RECEIVABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -121,7 +127,28 @@ RECEIVABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
     JPEG2000,
     RLELossless,
 )
+#: What C-GET offers for each SOP class: every transfer syntax pydicom knows, each in its own
+#: presentation context, uncompressed first. The SCP sends over the context that matches what
+#: it holds (PS3.4 C.4.3.3), so nothing needs transcoding, whatever it stored.
+RETRIEVE_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        [
+            ExplicitVRLittleEndian,
+            ImplicitVRLittleEndian,
+            DeflatedExplicitVRLittleEndian,
+            ExplicitVRBigEndian,
+            *(str(ts) for ts in AllTransferSyntaxes),
+        ]
+    )
+)
+_QUERY_CONTEXTS = 4  # C-GET and C-FIND models, each in explicit and implicit VR little endian
 _NON_IMAGE_CLASSES = {BasicTextSRStorage, EnhancedSRStorage, EncapsulatedPDFStorage}
+_UNIQUE_KEYS = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
 
 
 @dataclass(frozen=True)
@@ -687,97 +714,426 @@ class DimseClient:
         *,
         model: str = "study",
         sop_classes: Sequence[str] | None = None,
-        transfer_syntaxes: Sequence[str] = RECEIVABLE_TRANSFER_SYNTAXES,
+        transfer_syntaxes: Sequence[str] = RETRIEVE_TRANSFER_SYNTAXES,
         on_instance: Callable[[RetrievedInstance], None] | None = None,
         keep: bool = True,
     ) -> RetrieveResult:
-        """Retrieve matching instances over this association (C-GET).
+        """Retrieve matching instances (C-GET), as the PACS holds them.
 
-        Each storage SOP class is offered once per transfer syntax so the PACS can send
-        what it holds unchanged. `keep=False` with `on_instance` streams instead of
-        collecting every dataset in memory; an `on_instance` that raises makes us answer
-        that sub-operation with a failure (0xC211), which the PACS counts as failed.
+        Sub-operations can only use presentation contexts the requestor proposed, at most 128
+        per association (PS3.8 9.3.2.2): far fewer than every storage class in every syntax.
+        So the study's SOP classes are looked up first (C-FIND: SOPClassesInStudy, else
+        SOPClassUID at IMAGE level; `sop_classes` skips this), and each class is offered in
+        every transfer syntax so the PACS sends what it holds unchanged. Classes that do not
+        fit in one association get IMAGE-level C-GETs of their own. A node that reports no
+        classes (DCMTK's dcmqrscp) gets the everyday classes first, then the instances it
+        failed are asked again with the other storage classes, until every class was offered.
+
+        `keep=False` with `on_instance` streams instead of collecting every dataset in
+        memory; an `on_instance` that raises makes us answer that sub-operation with a
+        failure (0xC211), which the PACS counts as failed.
         """
         identifier = _identifier(level, keys)
-        sop_class = _GET_MODELS[model]
-        classes = list(sop_classes or COMMON_STORAGE_CLASSES)
-        query_pairs = [(sop_class, ExplicitVRLittleEndian), (sop_class, ImplicitVRLittleEndian)]
-        pairs = list(query_pairs)
-        for storage_class in classes:
-            syntaxes = transfer_syntaxes
-            if storage_class in _NON_IMAGE_CLASSES:
-                syntaxes = [ts for ts in transfer_syntaxes if not UID(ts).is_compressed]
-            pairs += [(storage_class, ts) for ts in syntaxes]
-        if len(pairs) > MAX_CONTEXTS:
+        syntaxes = list(dict.fromkeys(str(ts) for ts in transfer_syntaxes))
+        per_association = (MAX_CONTEXTS - _QUERY_CONTEXTS) // max(1, len(syntaxes))
+        if per_association < 1:
             raise ValueError(
-                f"C-GET would need {len(pairs)} presentation contexts (max {MAX_CONTEXTS}); "
-                "pass fewer sop_classes or transfer_syntaxes"
+                f"C-GET: {len(syntaxes)} transfer syntaxes leave no room in "
+                f"{MAX_CONTEXTS} presentation contexts"
             )
-
-        received: list[RetrievedInstance] = []
-        delivered = 0
-
-        def on_store(context_id: int, command: dict[int, bytes], data: bytes) -> int:
-            nonlocal delivered
-            storage_class, syntax = assoc.contexts.get(context_id, ("", ""))
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = command_uid(command, 0x00000002) or storage_class
-            meta.MediaStorageSOPInstanceUID = command_uid(command, 0x00001000)
-            meta.TransferSyntaxUID = syntax
-            instance = RetrievedInstance(
-                sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
-                sop_class_uid=str(meta.MediaStorageSOPClassUID),
-                transfer_syntax_uid=syntax,
-                encoded=data,
-                file_meta=meta,
-            )
-            if on_instance:
-                try:
-                    on_instance(instance)
-                except Exception:  # noqa: BLE001 - the caller's problem becomes the status
-                    return 0xC211
-            if keep:
-                received.append(instance)
-            delivered += 1
-            return 0x0000
-
         start = time.perf_counter()
-        assoc = self.wire_association(pairs, scp_roles=classes)
+        receive = _Receiver(on_instance, keep)
+        if sop_classes:
+            classes = list(dict.fromkeys(sop_classes))
+            if len(classes) <= per_association:
+                result = self._get_once(identifier, model, _pairs(classes, syntaxes), receive)
+                result.elapsed_s = time.perf_counter() - start
+                result.instances = receive.kept
+                return result
+        # The look-up runs on the C-GET's own association, which also proposes the classes
+        # this peer's last retrieve met: a series of similar studies costs one association each.
+        peer = (self.host, self.port, self.called_ae, model)
+        remembered = _CLASSES_SEEN.get(peer, [])
+        seen = remembered[:per_association]
+        assoc, query = self._get_association(model, _pairs(seen, syntaxes), find=True)
+        lookup = _Lookup(self, model, assoc)
+        result: RetrieveResult | None = None
+        rows: list[dict[str, str]] | None = None
+        try:
+            if not sop_classes:
+                classes = lookup.classes(identifier)
+            fits = classes is not None and len(classes) <= per_association
+            if fits:  # most recently met first
+                recent = dict.fromkeys([*(classes or ()), *remembered])
+                _CLASSES_SEEN[peer] = list(recent)[:per_association]
+            if fits and set(classes or ()) <= set(seen):
+                lookup.assoc = None  # _get_over releases it
+                result = self._get_over(assoc, query, identifier, receive)
+            elif not fits:
+                rows = lookup.instances(identifier)
+        finally:
+            lookup.close()
+        if result is not None:
+            pass
+        elif classes is not None and len(classes) <= per_association:
+            result = self._get_once(identifier, model, _pairs(classes, syntaxes), receive)
+        elif rows is not None and all(row["SOPClassUID"] for row in rows):
+            result = self._get_by_class(identifier, model, rows, syntaxes, per_association, receive)
+        else:
+            result = self._get_by_rounds(identifier, model, rows, receive)
+        result.elapsed_s = time.perf_counter() - start
+        result.instances = receive.kept
+        return result
+
+    def _get_by_class(
+        self,
+        identifier: Dataset,
+        model: str,
+        rows: list[dict[str, str]],
+        syntaxes: list[str],
+        per_association: int,
+        receive: _Receiver,
+    ) -> RetrieveResult:
+        """One IMAGE-level C-GET per series and group of classes that fits an association."""
+        classes = list(dict.fromkeys(row["SOPClassUID"] for row in rows))
+        parts: list[RetrieveResult] = []
+        for first in range(0, len(classes), per_association):
+            group = set(classes[first : first + per_association])
+            pairs = _pairs(sorted(group), syntaxes)
+            for keys in _image_keys([row for row in rows if row["SOPClassUID"] in group]):
+                parts.append(self._get_once(_identifier("IMAGE", keys), model, pairs, receive))
+        return _combine(parts, retried=[0] * len(parts))
+
+    def _get_by_rounds(
+        self,
+        identifier: Dataset,
+        model: str,
+        rows: list[dict[str, str]] | None,
+        receive: _Receiver,
+    ) -> RetrieveResult:
+        """For a node that cannot say which classes it holds: the everyday classes first, then
+        the instances it failed (named in its Failed SOP Instance UID List) with the others."""
+        parts = [
+            self._get_once(
+                identifier, model, _pairs(COMMON_STORAGE_CLASSES, RECEIVABLE_TRANSFER_SYNTAXES),
+                receive,
+            )
+        ]
+        retried = [0]
+        where = {row["SOPInstanceUID"]: row for row in rows or []}
+        others = [c for c in STORAGE_CLASSES if c not in COMMON_STORAGE_CLASSES]
+        per_association = (MAX_CONTEXTS - _QUERY_CONTEXTS) // len(_FALLBACK_SYNTAXES)
+        for first in range(0, len(others), per_association):
+            failed = [uid for uid in parts[-1].failed_sop_instance_uids if uid in where]
+            if not failed:
+                break
+            retried[-1] = len(failed)
+            pairs = _pairs(others[first : first + per_association], _FALLBACK_SYNTAXES)
+            round_parts = [
+                self._get_once(_identifier("IMAGE", keys), model, pairs, receive)
+                for keys in _image_keys([where[uid] for uid in failed])
+            ]
+            parts.append(_combine(round_parts, retried=[0] * len(round_parts)))
+            retried.append(0)
+        return _combine(parts, retried=retried)
+
+    def _get_once(
+        self,
+        identifier: Dataset,
+        model: str,
+        pairs: list[tuple[str, str]],
+        receive: _Receiver,
+    ) -> RetrieveResult:
+        """One C-GET over its own association proposing `pairs` (storage class, syntax)."""
+        assoc, query = self._get_association(model, pairs)
+        return self._get_over(assoc, query, identifier, receive)
+
+    def _get_association(
+        self, model: str, pairs: list[tuple[str, str]], *, find: bool = False
+    ) -> tuple[WireAssociation, tuple[str, str]]:
+        """An association for C-GET (and C-FIND if `find`) with SCP roles for the storage
+        classes of `pairs`, and the accepted C-GET context."""
+        get_class, find_class = _GET_MODELS[model], _FIND_MODELS[model]
+        query_pairs = [(get_class, ExplicitVRLittleEndian), (get_class, ImplicitVRLittleEndian)]
+        find_pairs = [(find_class, ts) for _, ts in query_pairs] if find else []
+        classes = list(dict.fromkeys(storage_class for storage_class, _ in pairs))
+        assoc = self.wire_association([*query_pairs, *find_pairs, *pairs], scp_roles=classes)
         query = next((pair for pair in query_pairs if pair in assoc.accepted), None)
         if query is None:
             assoc.release()
             raise DimseConnectionError(
                 f"peer {self} does not accept C-GET ({model} root information model)"
             )
+        return assoc, query
+
+    def _get_over(
+        self,
+        assoc: WireAssociation,
+        query: tuple[str, str],
+        identifier: Dataset,
+        receive: _Receiver,
+    ) -> RetrieveResult:
+        """One C-GET over `assoc` (context `query`), then release it."""
+        start = time.perf_counter()
+        delivered_before = receive.delivered
         try:
             final, data = assoc.get(
-                assoc.accepted[query], encode_dataset(identifier, query[1]), on_store
+                assoc.accepted[query],
+                encode_dataset(identifier, query[1]),
+                lambda context_id, command, data: receive(assoc, context_id, command, data),
             )
         except TransferFailed:
             assoc.abort()
-            result = RetrieveResult(NO_STATUS, delivered, 0, 0, time.perf_counter() - start)
-        else:
-            assoc.release()
-            result = RetrieveResult(
-                status=Status(command_us(final, 0x00000900)),
-                completed=command_us(final, 0x00001021),
-                failed=command_us(final, 0x00001022),
-                warning=command_us(final, 0x00001023),
-                elapsed_s=time.perf_counter() - start,
-                failed_sop_instance_uids=_failed_uids(
-                    decode_dataset(data, query[1]) if data else None
-                ),
+            completed = receive.delivered - delivered_before
+            return RetrieveResult(NO_STATUS, completed, 0, 0, time.perf_counter() - start)
+        assoc.release()
+        return RetrieveResult(
+            status=Status(command_us(final, 0x00000900)),
+            completed=command_us(final, 0x00001021),
+            failed=command_us(final, 0x00001022),
+            warning=command_us(final, 0x00001023),
+            elapsed_s=time.perf_counter() - start,
+            failed_sop_instance_uids=_failed_uids(decode_dataset(data, query[1]) if data else None),
+        )
+
+
+#: The SOP classes met most recently in retrieves from each peer (host, port, AE title,
+#: model), as many as fit an association: the next C-GET proposes them up front, so its
+#: look-up and retrieve share one association when the study holds nothing else.
+_CLASSES_SEEN: dict[tuple[str, int, str, str], list[str]] = {}
+
+#: Syntaxes offered in the rounds for classes a node did not name: the uncompressed ones the
+#: SCP can convert anything uncompressed to (63 classes fit in one association).
+_FALLBACK_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def _pairs(classes: Iterable[str], syntaxes: Sequence[str]) -> list[tuple[str, str]]:
+    """(class, syntax) for every class in every syntax; non-image classes uncompressed only."""
+    pairs: list[tuple[str, str]] = []
+    for storage_class in classes:
+        offered = syntaxes
+        if storage_class in _NON_IMAGE_CLASSES:
+            offered = [ts for ts in syntaxes if not UID(ts).is_compressed]
+        pairs += [(storage_class, ts) for ts in offered]
+    return pairs
+
+
+def _image_keys(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """IMAGE-level retrieve keys, one set per series, for instance rows of a look-up."""
+    by_series: dict[tuple[str, ...], list[str]] = {}
+    for row in rows:
+        parent = tuple((k, row[k]) for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+                       if k in row)
+        by_series.setdefault(parent, []).append(row["SOPInstanceUID"])
+    return [{**dict(parent), "SOPInstanceUID": uids} for parent, uids in by_series.items()]
+
+
+def _combine(parts: list[RetrieveResult], retried: list[int]) -> RetrieveResult:
+    """One result for several C-GETs; `retried[i]` failures of part i were asked again later.
+
+    A failure status that is not about sub-operations (no answer, refused identifier, cancel)
+    wins; otherwise what still failed decides between success, warning (0xB000) and 0xA702.
+    """
+    completed = sum(p.completed for p in parts)
+    warning = sum(p.warning for p in parts)
+    failed = sum(max(p.failed - again, 0) for p, again in zip(parts, retried, strict=True))
+    failed_uids = [
+        uid
+        for p, again in zip(parts, retried, strict=True)
+        if not again
+        for uid in p.failed_sop_instance_uids
+    ]
+    elapsed = sum(p.elapsed_s for p in parts)
+    for part in parts:
+        category = part.status.category
+        if part.status == NO_STATUS or category == "cancel" or (
+            category == "failure" and part.failed == 0
+        ):
+            return RetrieveResult(part.status, completed, failed, warning, elapsed,
+                                  failed_sop_instance_uids=failed_uids)
+    if failed:
+        status = Status(0xB000 if completed else 0xA702)
+    elif warning or any(p.status.category == "warning" and not again
+                        for p, again in zip(parts, retried, strict=True)):
+        status = Status(0xB000)
+    else:
+        status = Status(0x0000)
+    return RetrieveResult(status, completed, failed, warning, elapsed,
+                          failed_sop_instance_uids=failed_uids)
+
+
+class _Receiver:
+    """The requestor's side of C-GET sub-operations: wraps each received data set."""
+
+    def __init__(
+        self, on_instance: Callable[[RetrievedInstance], None] | None, keep: bool
+    ) -> None:
+        self.on_instance = on_instance
+        self.keep = keep
+        self.kept: list[RetrievedInstance] = []
+        self.delivered = 0
+
+    def __call__(
+        self, assoc: WireAssociation, context_id: int, command: dict[int, bytes], data: bytes
+    ) -> int:
+        storage_class, syntax = assoc.contexts.get(context_id, ("", ""))
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = command_uid(command, 0x00000002) or storage_class
+        meta.MediaStorageSOPInstanceUID = command_uid(command, 0x00001000)
+        meta.TransferSyntaxUID = syntax
+        instance = RetrievedInstance(
+            sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
+            sop_class_uid=str(meta.MediaStorageSOPClassUID),
+            transfer_syntax_uid=syntax,
+            encoded=data,
+            file_meta=meta,
+        )
+        if self.on_instance:
+            try:
+                self.on_instance(instance)
+            except Exception:  # noqa: BLE001 - the caller's problem becomes the status
+                return 0xC211
+        if self.keep:
+            self.kept.append(instance)
+        self.delivered += 1
+        return 0x0000
+
+
+class _Lookup:
+    """C-FINDs over one association: what a C-GET will find, to propose the right contexts."""
+
+    def __init__(
+        self, client: DimseClient, model: str, assoc: WireAssociation | None = None
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.assoc = assoc
+        self.context: tuple[int, str] | None = None
+        if assoc is not None:
+            self._choose_context()
+        self.walked: dict[str, list[dict[str, str]] | None] = {}
+
+    def close(self) -> None:
+        if self.assoc is not None:
+            self.assoc.release()
+            self.assoc = None
+
+    def find(self, level: str, keys: dict[str, Any]) -> list[Dataset] | None:
+        """Matches of one C-FIND, or None when the node cannot answer it."""
+        if self.assoc is None:
+            sop_class = _FIND_MODELS[self.model]
+            self.assoc = self.client.wire_association(
+                [(sop_class, ExplicitVRLittleEndian), (sop_class, ImplicitVRLittleEndian)]
             )
-        result.instances = received
-        return result
+            self._choose_context()
+        if self.context is None or not self.assoc.is_open:
+            return None
+        context_id, syntax = self.context
+        try:
+            answers = self.assoc.find(context_id, encode_dataset(_identifier(level, keys), syntax))
+        except TransferFailed:
+            self.assoc.abort()
+            self.context = None
+            return None
+        if Status(answers[-1][0]).category != "success":
+            return None
+        try:
+            return [decode_dataset(data, syntax) for status, data in answers[:-1] if data]
+        except (ValueError, TypeError, EOFError, struct.error):
+            return None
+
+    def _choose_context(self) -> None:
+        assert self.assoc is not None
+        sop_class = _FIND_MODELS[self.model]
+        found = [
+            (self.assoc.accepted[(sop_class, ts)], ts)
+            for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+            if (sop_class, ts) in self.assoc.accepted
+        ]
+        self.context = found[0] if found else None
+
+    def classes(self, identifier: Dataset) -> list[str] | None:
+        """The storage SOP classes the retrieve will meet, or None when the node cannot say."""
+        level = str(identifier.QueryRetrieveLevel)
+        if level in ("PATIENT", "STUDY"):
+            keys = self._fixed(identifier, "STUDY")
+            keys.setdefault("StudyInstanceUID", None)
+            matches = self.find("STUDY", {**keys, "SOPClassesInStudy": None})
+            if matches is not None and all(m.get("SOPClassesInStudy") for m in matches):
+                named = (c for m in matches for c in _values(m, "SOPClassesInStudy"))
+                return list(dict.fromkeys(named))
+        rows = self.instances(identifier)
+        if rows is None or not all(row["SOPClassUID"] for row in rows):
+            return None
+        return list(dict.fromkeys(row["SOPClassUID"] for row in rows))
+
+    def instances(self, identifier: Dataset) -> list[dict[str, str]] | None:
+        """Unique keys and SOP class of every instance the retrieve selects (a hierarchical
+        walk down to IMAGE level), or None when the node cannot answer."""
+        done = identifier.to_json()
+        if done not in self.walked:
+            self.walked[done] = self._walk(identifier)
+        return self.walked[done]
+
+    def _walk(self, identifier: Dataset) -> list[dict[str, str]] | None:
+        level = str(identifier.QueryRetrieveLevel)
+        levels = _model_levels(self.model)
+        if level not in levels:
+            return None
+        frontier = [self._fixed(identifier, level)]
+        for depth in range(levels.index(level), len(levels)):
+            current = levels[depth]
+            key = _UNIQUE_KEYS[current]
+            below: list[dict[str, Any]] = []
+            for keys in frontier:
+                query = {**keys, key: keys.get(key)}
+                if current == "IMAGE":
+                    query["SOPClassUID"] = None
+                matches = self.find(current, query)
+                if matches is None:
+                    return None
+                for match in matches:
+                    value = str(match.get(key, "") or "")
+                    if not value:
+                        return None
+                    child = {**keys, key: value}
+                    if current == "IMAGE":
+                        child["SOPClassUID"] = str(match.get("SOPClassUID", "") or "")
+                    below.append(child)
+            frontier = below
+        return frontier
+
+    def _fixed(self, identifier: Dataset, level: str) -> dict[str, Any]:
+        """The identifier's unique keys at `level` and above (the model's levels only)."""
+        levels = _model_levels(self.model)
+        wanted = levels[: levels.index(level) + 1] if level in levels else levels
+        return {
+            _UNIQUE_KEYS[lvl]: identifier.get(_UNIQUE_KEYS[lvl])
+            for lvl in wanted
+            if identifier.get(_UNIQUE_KEYS[lvl])
+        }
+
+
+def _model_levels(model: str) -> tuple[str, ...]:
+    return LEVELS if model == "patient" else LEVELS[1:]
+
+
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    """The values of a possibly multi-valued element as strings (none when absent)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
 
 
 def _failed_uids(identifier: Dataset | None) -> list[str]:
     """Failed SOP Instance UID List of a final C-GET/C-MOVE response identifier, if any."""
-    value = identifier.get("FailedSOPInstanceUIDList") if identifier is not None else None
-    if not value:
+    if identifier is None:
         return []
-    return [str(v) for v in (value if isinstance(value, list | tuple) else [value])]
+    # pydicom gives one str for a single UID, a MultiValue (not a list) for several
+    return [uid for uid in _values(identifier, "FailedSOPInstanceUIDList") if uid]
 
 
 def _retrieve_result(

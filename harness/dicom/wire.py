@@ -544,6 +544,34 @@ class WireAssociation:
             else:
                 self._fail(f"unexpected DIMSE command 0x{field:04X} during C-GET")
 
+    # -- C-FIND ---------------------------------------------------------------------------------
+    def find(self, context_id: int, identifier: bytes) -> list[tuple[int, bytes | None]]:
+        """C-FIND-RQ with an encoded identifier (PS3.7 9.1.2): (status, identifier bytes) of
+        every response, the final (non-pending) one last. Lets C-GET look up what a study
+        holds without a second, slower pynetdicom association."""
+        self._message_id = self._message_id % 0xFFFF + 1
+        sop_class = self.contexts[context_id][0]
+        command = encode_command(
+            {
+                0x00000002: sop_class,
+                0x00000100: 0x0020,
+                0x00000110: self._message_id,
+                0x00000700: 0x0000,
+                0x00000800: 0x0001,
+            }
+        )
+        self._send_message(context_id, command, identifier)
+        responses: list[tuple[int, bytes | None]] = []
+        while True:
+            _, elements, data = self._read_message()
+            if command_us(elements, 0x00000100) != 0x8020:
+                self.abort()
+                raise TransferFailed("unexpected DIMSE command during C-FIND")
+            status = command_us(elements, 0x00000900)
+            responses.append((status, data))
+            if status not in (0xFF00, 0xFF01):
+                return responses
+
     # -- ending ---------------------------------------------------------------------------------
     def release(self) -> None:
         """A-RELEASE-RQ, then wait for the A-RELEASE-RP no longer than the ARTIM timer

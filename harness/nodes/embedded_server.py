@@ -64,9 +64,12 @@ a backslash. PN values are Unicode, decoded with the instance's Specific Charact
     );
     -- indexes on patient_id, study_instance_uid, series_instance_uid
 
-Storing the same SOP Instance UID again replaces row and file (status 0x0000). Failed
-C-STOREs (undecodable data set 0xC000, missing Study/Series/SOP Instance UID 0xA900, disk or
-database error 0xA700) leave no row; they appear only in the log.
+Storing the same SOP Instance UID again replaces row and file (status 0x0000). Only what can
+be read back is stored: a data set that does not decode to its end (truncated, or mislabelled:
+not in the negotiated syntax) is refused with 0xC000, one whose uncompressed pixel data is
+shorter than its image attributes announce, or without Study/Series/SOP Instance UID, with
+0xA900; each refusal carries an Error Comment naming the reason (PS3.4 B.2.3). Disk or database
+errors give 0xA700. Refused C-STOREs leave no row; the log has one line each, no traceback.
 
 Adapter API (import from this module; all safe while the server runs):
 
@@ -79,17 +82,21 @@ Adapter API (import from this module; all safe while the server runs):
 
 Retrieval: C-GET and C-MOVE send the stored files. When the receiving association accepted the
 stored transfer syntax for the SOP class the data set goes out unchanged (compressed pixel data
-included). Otherwise pynetdicom converts between uncompressed syntaxes; a compressed instance is
-decompressed to Explicit VR Little Endian when the peer accepted an uncompressed syntax for the
-class and pydicom has a decoder for it (RLE always; JPEG family only with pylibjpeg/GDCM/Pillow).
-If no usable context remains (e.g. a C-GET requestor that did not offer the SOP class, or offered
-only another compressed syntax), that C-STORE sub-operation counts as failed and its SOP Instance
-UID goes into the Failed SOP Instance UID List: the final status is 0xB000 (warning) if some
-sub-operations succeeded, or 0xA702 if all failed. The server never crashes on it.
+included). An uncompressed instance is otherwise converted losslessly to an accepted uncompressed
+syntax (implicit/explicit VR little endian, deflated, explicit VR big endian; OW/OF/OL/OD/OV
+values byte-swapped across endianness). A compressed instance is decompressed (then converted
+likewise) only when the peer accepted no compressed syntax it could use and pydicom has a decoder
+(RLE always; JPEG family only with pylibjpeg/GDCM/Pillow); it is never recompressed into another
+compressed syntax. If no usable context remains (e.g. a C-GET requestor that did not offer the
+SOP class, or offered only another compressed syntax), that C-STORE sub-operation counts as
+failed and its SOP Instance UID goes into the Failed SOP Instance UID List: the final status is
+0xB000 (warning) if some sub-operations succeeded, or 0xA702 if all failed. The server never
+crashes on it.
 
 C-MOVE proposes one presentation context per (SOP class, transfer syntax) pair of the matched
-instances, then, room permitting (128 contexts at most), Explicit VR Little Endian for classes
-stored compressed. Instances whose pair did not fit are failed sub-operations.
+instances, then, room permitting (128 contexts at most), Explicit and Implicit VR Little Endian
+for each class, so a destination without the stored syntax gets a conversion. Instances whose
+pair did not fit are failed sub-operations.
 
 Retrieve keys are hierarchical unique keys: PatientID (PATIENT), StudyInstanceUID (STUDY),
 SeriesInstanceUID (SERIES), SOPInstanceUID (IMAGE), each a single value or a backslash list;
@@ -114,6 +121,7 @@ with the calling AE title and status). Patient names and IDs are never logged, o
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import datetime as dt
 import hashlib
@@ -130,14 +138,23 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pydicom.config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.multival import MultiValue
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -598,14 +615,41 @@ def _retrieve_rows(conn: sqlite3.Connection, identifier: Dataset, model: UID) ->
     ).fetchall()
 
 
+#: Uncompressed syntaxes, the one a converted instance goes out in first (PS3.5 A.1 to A.5).
+_UNCOMPRESSED_PREFERENCE: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+_WORD_TYPECODES = {"OW": "H", "OF": "I", "OL": "I", "OD": "Q", "OV": "Q"}
+
+
+def _swap_binary_words(ds: Dataset) -> None:
+    """Byte-swap every OW/OF/OL/OD/OV value (sequence items included) in place: the values
+    pydicom keeps as raw bytes, so changing endianness is left to the caller (PS3.5 7.3)."""
+    for elem in ds.iterall():
+        code = _WORD_TYPECODES.get(elem.VR)
+        if code is None or not isinstance(elem.value, bytes | bytearray):
+            continue
+        words = array.array(code)
+        if len(elem.value) % words.itemsize:
+            raise ValueError(f"{elem.tag} {elem.VR} value of odd length {len(elem.value)}")
+        words.frombytes(elem.value)
+        words.byteswap()
+        elem.value = words.tobytes()
+
+
 def move_contexts(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]:
-    """Contexts for a C-MOVE sub-association: stored syntaxes first so files go out unchanged."""
+    """Contexts for a C-MOVE sub-association: stored syntaxes first so files go out unchanged,
+    then explicit and implicit VR little endian for classes stored in another syntax (what
+    every Storage SCP accepts, PS3.5 10.1), so a conversion is possible."""
     unique = list(dict.fromkeys((str(c), str(t)) for c, t in pairs))
     wanted = list(unique)
     for sop_class, ts in unique:
-        if UID(ts).is_compressed:
-            fallback = (sop_class, str(ExplicitVRLittleEndian))
-            if fallback not in wanted:
+        for fallback_ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            fallback = (sop_class, str(fallback_ts))
+            if ts != fallback_ts and fallback not in wanted:
                 wanted.append(fallback)
     # Exact pairs take precedence over fallbacks when the 128 limit bites.
     return [build_context(c, t) for c, t in wanted[:MAX_CONTEXTS]]
@@ -677,6 +721,41 @@ def _calling(event: Any) -> str:
         return str(event.assoc.requestor.ae_title).strip()
     except Exception:
         return "?"
+
+
+def _refusal(status: int, reason: str) -> Dataset:
+    """A C-STORE response status with its Error Comment (LO: 64 characters at most)."""
+    answer = Dataset()
+    answer.Status = status
+    answer.ErrorComment = reason[:64]
+    return answer
+
+
+def _unreadable(ds: Dataset) -> str:
+    """Why a received data set cannot be read back in full ('' when it can)."""
+    try:
+        for elem in ds.iterall():  # decodes every element, sequence items included
+            _ = elem.value
+    except Exception as exc:
+        return f"data set does not parse: {type(exc).__name__}"
+    return ""
+
+
+def _mismatch(ds: Dataset) -> str:
+    """Why a data set does not hold what its attributes announce ('' when it does): here,
+    uncompressed pixel data shorter than its Image Pixel attributes require (PS3.5 8.1.1;
+    YBR_FULL_422 takes two samples a pixel, PS3.3 C.7.6.3.1.2), which is how a truncated
+    file shows once received."""
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    if "PixelData" not in ds or syntax.is_compressed:
+        return ""
+    try:
+        expected = get_expected_length(ds, unit="bytes")
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return "pixel data without Rows, Columns or Bits Allocated"
+    if len(ds.PixelData) < expected:
+        return f"pixel data {len(ds.PixelData)} bytes, expected {expected}"
+    return ""
 
 
 class EmbeddedPacs:
@@ -807,22 +886,39 @@ class EmbeddedPacs:
         """Verification always succeeds: the node is alive if it answers."""
         return 0x0000
 
-    def on_store(self, event: Any) -> int:
-        """Store the bytes exactly as received, then index them (see module docstring)."""
+    def on_store(self, event: Any) -> int | Dataset:
+        """Store the bytes exactly as received, then index them (see module docstring).
+
+        Only what can be read back is stored: a data set that does not parse to its end in
+        the negotiated syntax, or whose pixel data is shorter than its image attributes say,
+        is refused with 0xC000 or 0xA900 and an Error Comment naming the reason (PS3.4 B.2.3),
+        instead of failing later when it is retrieved.
+        """
         req = event.request
         try:
-            ds = event.dataset
+            data = event.encoded_dataset()
+            ds = dcmread(BytesIO(data))
+            problem = _unreadable(ds)
+        except Exception as exc:
+            problem = f"data set does not decode: {type(exc).__name__}"
+        if problem:
+            self._note(event, f"refused: {problem}")
+            return _refusal(0xC000, problem)
+        try:
             sop_instance = _text(ds, "SOPInstanceUID")
             sop_class = _text(ds, "SOPClassUID") or str(req.AffectedSOPClassUID)
             values = {col: _text(ds, kw) for col, kw in _DATASET_COLUMNS}
             charset = _text(ds, "SpecificCharacterSet")
+            problem = _mismatch(ds)
         except Exception as exc:
-            LOG.error("C-STORE data set cannot be decoded: %s", type(exc).__name__)
-            return 0xC000
+            problem = f"attribute values do not decode: {type(exc).__name__}"
+        if problem:
+            self._note(event, f"refused: {problem}")
+            return _refusal(0xA900, problem)
         study, series = values["study_instance_uid"], values["series_instance_uid"]
         if not (sop_instance and study and series):
-            self._note(event, "missing Study/Series/SOP Instance UID")
-            return 0xA900
+            self._note(event, "refused: missing Study/Series/SOP Instance UID")
+            return _refusal(0xA900, "missing Study, Series or SOP Instance UID")
         status = 0x0000
         if sop_instance != str(req.AffectedSOPInstanceUID) or sop_class != str(
             req.AffectedSOPClassUID
@@ -839,7 +935,6 @@ class EmbeddedPacs:
         final = self.storage / rel
         tmp_name: str | None = None
         try:
-            data = event.encoded_dataset()
             fd, tmp_name = tempfile.mkstemp(prefix="store-", suffix=".part", dir=self.tmp_dir)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -929,7 +1024,15 @@ class EmbeddedPacs:
     def _payload(
         self, row: sqlite3.Row, accepted: list[PresentationContext] | None
     ) -> Dataset | None:
-        """The stored instance to send; decompressed only if the peer cannot take it as is."""
+        """The stored instance to send, in a syntax the peer accepted for its class.
+
+        As stored when the peer accepted that syntax. An uncompressed instance is otherwise
+        converted losslessly to an accepted uncompressed syntax (binary OW/OF/OL/OD/OV values
+        byte-swapped when the endianness changes, PS3.5 7.3; pydicom re-encodes the rest).
+        A compressed one is decompressed when the peer accepted only uncompressed syntaxes
+        for the class and pydicom has a decoder, then converted the same way; otherwise it
+        goes as stored and, lacking a context, fails that sub-operation.
+        """
         try:
             ds = dcmread(self.storage / row["path"])
         except Exception as exc:
@@ -941,13 +1044,14 @@ class EmbeddedPacs:
             return ds
         ts = UID(ds.file_meta.TransferSyntaxUID)
         syntaxes = [
-            cx.transfer_syntax[0]
+            UID(cx.transfer_syntax[0])
             for cx in accepted
             if cx.abstract_syntax == row["sop_class_uid"] and cx.transfer_syntax
         ]
-        if not ts.is_compressed or ts in syntaxes:
+        uncompressed = [s for s in syntaxes if not s.is_compressed]
+        if ts in syntaxes or not uncompressed:
             return ds
-        if any(not UID(s).is_compressed for s in syntaxes):
+        if ts.is_compressed:
             try:
                 ds.decompress(generate_instance_uid=False)
                 LOG.debug("decompressed %s for a peer without %s", row["sop_instance_uid"], ts)
@@ -958,6 +1062,21 @@ class EmbeddedPacs:
                     ts.name,
                     type(exc).__name__,
                 )
+                return ds
+            ts = UID(ds.file_meta.TransferSyntaxUID)
+            if ts in syntaxes:
+                return ds
+        if any(s.is_little_endian == ts.is_little_endian for s in uncompressed):
+            return ds  # pynetdicom converts VR encoding and deflation itself
+        target = min(uncompressed, key=_UNCOMPRESSED_PREFERENCE.index)
+        try:
+            _swap_binary_words(ds)  # also decodes every element in the stored encoding
+            correct_ambiguous_vr(ds, target.is_little_endian)
+        except Exception as exc:
+            LOG.warning("cannot convert %s: %s", row["sop_instance_uid"], type(exc).__name__)
+            return ds
+        ds.set_original_encoding(target.is_implicit_VR, target.is_little_endian)
+        ds.file_meta.TransferSyntaxUID = target
         return ds
 
     def _retrieve(
@@ -1091,8 +1210,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _one_line(record: logging.LogRecord) -> bool:
+    """Log records without tracebacks: pynetdicom logs one when a sub-operation cannot be
+    sent (no context for the class); the message line says enough for a test node's log."""
+    if record.exc_info:
+        exc = record.exc_info[1]
+        record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    record.stack_info = None
+    return True
+
+
 def _configure_logging(level: str, ae_title: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_one_line)
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s %(levelname)s embedded-pacs[{ae_title}] %(message)s")
     )
