@@ -20,6 +20,7 @@ import pydicom
 import pydicom.data
 import pynetdicom
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import get_expected_length
 
 
 def corpus_dirs() -> list[Path]:
@@ -74,13 +75,10 @@ def _classify(path: Path) -> CorpusFile:
         if not (sop_instance and sop_class and study):
             return CorpusFile(path, False, "no SOP Class, SOP Instance or Study Instance UID")
         if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
-            try:
-                expected = (
-                    int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-                    * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8
-                )
-            except (AttributeError, TypeError, ValueError):
-                return CorpusFile(path, False, "pixel data without usable image attributes")
+            try:  # pydicom's own rule (PS3.5 8.1.1; 4:2:2 holds two samples a pixel)
+                expected = int(get_expected_length(ds))
+            except (AttributeError, TypeError, ValueError, KeyError) as exc:
+                return CorpusFile(path, False, f"pixel data without usable image attributes: {exc}")
             if len(ds.PixelData) < expected:
                 return CorpusFile(path, False, f"pixel data {len(ds.PixelData)} < {expected} bytes")
     return CorpusFile(path, True, "", sop_class, sop_instance, study, syntax)
