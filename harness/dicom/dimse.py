@@ -702,15 +702,18 @@ class DimseClient:
             quirks=list(part.quirks),
         )
         target = _choose_syntax(assoc, part.sop_class_uid, own, decompress)
+        named = "" if isinstance(item.payload, Dataset) else f"{item.source}: "
         if target is None:
             result.refused = True
-            result.error = self._context_refusal(assoc, part.sop_class_uid, own, decompress)
+            refusal = self._context_refusal(assoc, part.sop_class_uid, own, decompress)
+            result.error = named + refusal
             return result
         try:
             data = part.framed() if target == own else part.converted(target, decompress=True)
         except BadFile as exc:
             result.refused = True
-            result.error = f"{transfer_syntax_name(own)} -> {transfer_syntax_name(target)}: {exc}"
+            conversion = f"{transfer_syntax_name(own)} -> {transfer_syntax_name(target)}"
+            result.error = f"{named}{conversion}: {exc}"
             return result
         result.transfer_syntax_uid = target
         context_id = assoc.accepted[(part.sop_class_uid, target)]
@@ -720,11 +723,12 @@ class DimseClient:
             answer = assoc.read_store_response()
         except TransferFailed as exc:
             assoc.abort()
-            result.error = f"peer {self}: no C-STORE response ({exc})"
+            result.error = f"{named}peer {self}: no C-STORE response ({exc})"
             return result
         result.status = Status(answer.status)
         if not result.status.ok:
-            result.error = f"peer {self} answered {result.status} {answer.error_comment}".strip()
+            comment = f"{named}peer {self} answered {result.status} {answer.error_comment}"
+            result.error = comment.strip()
         return result
 
     def _context_refusal(
