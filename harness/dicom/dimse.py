@@ -670,7 +670,7 @@ class DimseClient:
                 ds, syntax = item.payload, item.transfer_syntax_uid
                 part = Part10(
                     item.source, encode_dataset(ds, syntax), syntax,
-                    item.sop_class_uid, item.sop_instance_uid, ds,
+                    item.sop_class_uid, item.sop_instance_uid, lambda: ds,
                 )
             else:
                 part = read_part10(item.payload)

@@ -19,8 +19,10 @@ reason instead of stalling the peer:
 from __future__ import annotations
 
 import copy
+import functools
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -118,7 +120,7 @@ def read_file_meta(head: bytes | memoryview) -> FileMeta | None:
 def even_length(data: bytes | memoryview, transfer_syntax: str) -> bytes | memoryview:
     """A deflated data set padded to even length with a trailing 0x00 (PS3.5 A.5);
     any other data set unchanged (encoders write even lengths, PS3.5 7.1)."""
-    if len(data) % 2 and UID(transfer_syntax).is_deflated:
+    if len(data) % 2 and _encoding(transfer_syntax)[3]:
         return bytes(data) + b"\0"
     return data
 
@@ -164,8 +166,16 @@ class Part10:
     transfer_syntax_uid: str
     sop_class_uid: str  # from the data set, which the command must carry
     sop_instance_uid: str
-    dataset: Dataset = field(repr=False)  # parsed, values converted on first use
+    read_dataset: Callable[[], Dataset] = field(repr=False)  # the full pydicom parse
     quirks: list[str] = field(default_factory=list)
+    _dataset: Dataset | None = field(default=None, repr=False)
+
+    @property
+    def dataset(self) -> Dataset:
+        """The whole data set, parsed on first use (only conversions need it)."""
+        if self._dataset is None:
+            self._dataset = self.read_dataset()
+        return self._dataset
 
     def framed(self) -> bytes | memoryview:
         """The file's own data set bytes as they go on the wire (even length)."""
@@ -177,6 +187,16 @@ class Part10:
         return convert(
             self.dataset, self.transfer_syntax_uid, transfer_syntax, decompress=decompress
         )
+
+
+@functools.cache
+def _encoding(syntax: str) -> tuple[bool, bool, bool, bool]:
+    """(known, implicit VR, little endian, deflated) of a transfer syntax (PS3.5 10);
+    an unknown one reads as explicit VR little endian."""
+    uid = UID(syntax)
+    if not uid.is_transfer_syntax:
+        return False, False, True, False
+    return True, uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated
 
 
 def _infer_encoding(data: bytes | memoryview) -> tuple[bool, bool] | None:
@@ -214,12 +234,20 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 
 
-def check_structure(stream: bytes | memoryview, implicit: bool, little: bool) -> None:
+def check_structure(
+    stream: bytes | memoryview, implicit: bool, little: bool, *, stop_after: int | None = None
+) -> dict[int, bytes]:
     """Walk every element header of a data set, into sequences and items (PS3.5 7.1, 7.5):
     each value must fit, each undefined length must end with its delimiter. BadFile names
-    the element where the stream ends early. Headers only, so it costs little."""
+    the element where the stream ends early. Headers only, so it costs little.
+
+    Returns the values of the top-level SOP Class and Instance UIDs; with `stop_after`, the
+    walk ends at the first top-level tag beyond it (to read a file's head)."""
+    found: dict[int, bytes] = {}
     order = "<" if little else ">"
-    tag_format, short_format, long_format = order + "HH", order + "H", order + "I"
+    explicit_header = struct.Struct(order + "HH2sH")  # tag, VR, 2-byte length
+    implicit_header = struct.Struct(order + "HHI")  # tag, 4-byte length (items too)
+    long_length = struct.Struct(order + "I")
     size = len(stream)
 
     def tag_name(tag: int) -> str:
@@ -227,13 +255,21 @@ def check_structure(stream: bytes | memoryview, implicit: bool, little: bool) ->
 
     def walk(offset: int, end: int, implicit: bool, until: int | None) -> int:
         """Elements from `offset` up to `end`, or to the delimiter `until`; new offset."""
+        top = until is None
         while offset < end:
             if offset + 8 > end:
                 raise BadFile(f"truncated: {end - offset} stray bytes at offset {offset}")
-            group, element = struct.unpack_from(tag_format, stream, offset)
+            vr = b""
+            if implicit:
+                group, element, length = implicit_header.unpack_from(stream, offset)
+            else:
+                group, element, vr, length = explicit_header.unpack_from(stream, offset)
             tag = group << 16 | element
+            if top and stop_after is not None and tag > stop_after:
+                return offset
             if group == 0xFFFE:  # items and delimiters: tag and 4-byte length, no VR
-                (length,) = struct.unpack_from(long_format, stream, offset + 4)
+                if not implicit:
+                    (length,) = long_length.unpack_from(stream, offset + 4)
                 offset += 8
                 if tag == until:
                     return offset
@@ -246,25 +282,17 @@ def check_structure(stream: bytes | memoryview, implicit: bool, little: bool) ->
                 else:
                     offset += length
                 continue
-            vr = b""
-            if implicit:
-                (length,) = struct.unpack_from(long_format, stream, offset + 4)
-                offset += 8
+            if vr in LONG_LENGTH_VRS:
+                if offset + 12 > end:
+                    raise BadFile(f"truncated in the header of {tag_name(tag)}")
+                (length,) = long_length.unpack_from(stream, offset + 8)
+                offset += 12
             else:
-                vr = bytes(stream[offset + 4 : offset + 6])
-                if vr in LONG_LENGTH_VRS:
-                    if offset + 12 > end:
-                        raise BadFile(f"truncated in the header of {tag_name(tag)}")
-                    (length,) = struct.unpack_from(long_format, stream, offset + 8)
-                    offset += 12
-                else:
-                    (length,) = struct.unpack_from(short_format, stream, offset + 6)
-                    offset += 8
+                offset += 8
             if length == _UNDEFINED:
                 # a sequence, or encapsulated pixel data; UN holds implicit VR LE (PS3.5 6.2.2)
-                nested_implicit = implicit or vr == b"UN"
                 try:
-                    offset = walk(offset, end, nested_implicit, _SEQUENCE_END)
+                    offset = walk(offset, end, implicit or vr == b"UN", _SEQUENCE_END)
                 except BadFile as exc:
                     raise BadFile(f"{exc} (inside {tag_name(tag)})") from None
             elif offset + length > end:
@@ -273,24 +301,34 @@ def check_structure(stream: bytes | memoryview, implicit: bool, little: bool) ->
                     "more than the file has"
                 )
             else:
+                if top and tag in _IDENTITY_TAGS:
+                    found[tag] = bytes(stream[offset : offset + length])
                 offset += length
-        if until is not None:
+        if not top:
             raise BadFile("truncated: a sequence or item has no end delimiter")
         return offset
 
     walk(0, size, implicit, None)
+    return found
 
 
-def _parse(stream: bytes | memoryview, implicit: bool, little: bool, source: str) -> Dataset:
-    """Every top-level element of a data set (values converted on first use); BadFile if
-    the structure does not hold (check_structure)."""
-    check_structure(stream, implicit, little)
-    fp = BytesIO(stream)
+_SOP_CLASS_UID = 0x00080016
+_IDENTITY_TAGS = (_SOP_CLASS_UID, _SOP_INSTANCE_UID)
+
+
+def _uid_value(raw: bytes | None) -> str:
+    return (raw or b"").rstrip(b"\0 ").decode("ascii", "replace")
+
+
+def _parse(stream: bytes | memoryview, implicit: bool, little: bool, *, head: bool) -> Dataset:
+    """The data set's top-level elements (values converted on first use) with pydicom;
+    with `head`, only those up to SOP Instance UID. BadFile if pydicom cannot."""
+    stop_when = (lambda tag, vr, length: tag > _SOP_INSTANCE_UID) if head else None
     try:
-        ds = read_dataset(fp, implicit, little)
+        ds = read_dataset(BytesIO(stream), implicit, little, stop_when=stop_when)
     except (EOFError, OSError, ValueError, TypeError, KeyError, IndexError, struct.error) as exc:
         raise BadFile(f"data set does not parse: {exc}") from None
-    if len(ds) == 0:
+    if len(ds) == 0 and not head:
         raise BadFile("empty data set")
     return ds
 
@@ -364,14 +402,11 @@ def parse_part10(raw: bytes, source: str) -> Part10:
             raise NotDicom("not DICOM: no 'DICM' prefix and no data set")
         syntax = _syntax_of(*inferred)
         quirks.append(f"no file meta; read as {transfer_syntax_name(syntax)}")
-    uid = UID(syntax)
-    if not uid.is_transfer_syntax:
+    known, implicit, little, deflated = _encoding(syntax)
+    if not known:
         # a private syntax: its data set is explicit VR little endian unless it says otherwise
         quirks.append(f"unknown transfer syntax {syntax}; read as explicit VR little endian")
-        implicit, little = False, True
-    else:
-        implicit, little = uid.is_implicit_VR, uid.is_little_endian
-    stream = _inflate(data) if uid.is_deflated else data
+    stream = _inflate(data) if deflated else data
     found_implicit = _looks_implicit(stream)
     mislabelled = found_implicit is not None and found_implicit != implicit
     if mislabelled:
@@ -382,12 +417,17 @@ def parse_part10(raw: bytes, source: str) -> Part10:
         )
         implicit = bool(found_implicit)
     try:
-        ds = _parse(stream, implicit, little, source)
+        identity = check_structure(stream, implicit, little)
     except BadFile:
         if meta is None:  # a bare data set that does not parse: not DICOM after all
             raise NotDicom("not DICOM: no 'DICM' prefix and no readable data set") from None
         raise
-    sop_class, sop_instance = _uid(ds, "SOPClassUID"), _uid(ds, "SOPInstanceUID")
+
+    def read_whole() -> Dataset:
+        return _parse(stream, implicit, little, head=False)
+
+    sop_class = _uid_value(identity.get(_SOP_CLASS_UID))
+    sop_instance = _uid_value(identity.get(_SOP_INSTANCE_UID))
     if not sop_class or not sop_instance:
         missing = "SOP Class UID" if not sop_class else "SOP Instance UID"
         raise BadFile(f"the data set has no {missing}")
@@ -405,11 +445,11 @@ def parse_part10(raw: bytes, source: str) -> Part10:
                 f"{sop_instance}: sent as the data set says"
             )
     if mislabelled:
-        data = _encode_or_refuse(ds, syntax)
-    elif len(data) % 2 and not uid.is_deflated:
+        data = _encode_or_refuse(read_whole(), syntax)
+    elif len(data) % 2 and not deflated:
         quirks.append("odd-length data set: re-encoded to even length")
-        data = _encode_or_refuse(ds, syntax)
-    return Part10(source, data, syntax, sop_class, sop_instance, ds, quirks)
+        data = _encode_or_refuse(read_whole(), syntax)
+    return Part10(source, data, syntax, sop_class, sop_instance, read_whole, quirks)
 
 
 # -- converting -----------------------------------------------------------------------------
@@ -499,24 +539,24 @@ def _header_from(head: bytes, source: str) -> Part10 | None:
     meta = read_file_meta(head) if has_prefix else None
     if meta is None or not meta.transfer_syntax_uid:
         return None  # the rare cases: read the whole file
-    syntax = UID(meta.transfer_syntax_uid)
-    if syntax.is_deflated or not syntax.is_transfer_syntax:
+    syntax = meta.transfer_syntax_uid
+    known, implicit, little, deflated = _encoding(syntax)
+    if deflated or not known:
         return None
-    fp = BytesIO(memoryview(head)[meta.dataset_offset :])
+    stream = memoryview(head)[meta.dataset_offset :]
+    found_implicit = _looks_implicit(stream)
+    if found_implicit is None or found_implicit != implicit:
+        return None  # mislabelled: the full read says so
     try:
-        ds = read_dataset(
-            fp,
-            syntax.is_implicit_VR,
-            syntax.is_little_endian,
-            stop_when=lambda tag, vr, length: tag > _SOP_INSTANCE_UID,
-        )
-    except Exception:  # noqa: BLE001 - the full read names the problem
-        return None
-    instance = ds.get_item(_SOP_INSTANCE_UID)
-    end = _element_end(instance) if instance is not None else None
-    if end is None or end > len(head) - meta.dataset_offset:
-        return None
-    sop_class, sop_instance = _uid(ds, "SOPClassUID"), _uid(ds, "SOPInstanceUID")
+        identity = check_structure(stream, implicit, little, stop_after=_SOP_INSTANCE_UID)
+    except BadFile:
+        return None  # e.g. the head ends inside an element: the full read decides
+    sop_class = _uid_value(identity.get(_SOP_CLASS_UID))
+    sop_instance = _uid_value(identity.get(_SOP_INSTANCE_UID))
     if not sop_class or not sop_instance:
         return None
-    return Part10(source, b"", str(syntax), sop_class, sop_instance, ds)
+
+    def read_whole() -> Dataset:
+        return read_part10(source).dataset
+
+    return Part10(source, b"", str(syntax), sop_class, sop_instance, read_whole)
