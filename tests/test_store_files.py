@@ -233,6 +233,18 @@ def test_uncompressed_files_are_converted_for_an_implicit_only_peer():
             assert numpy.array_equal(_pixels(arrived), _pixels(original)), item.name
 
 
+def test_convert_false_sends_only_the_original_syntax():
+    """For scenarios that measure what a node accepts: no fallback contexts, no conversion."""
+    item = next(i for i in realworld.valid_files() if i.path.name == "CT_small.dcm")
+    received: dict = {}
+    with implicit_only_scp(received) as port:
+        report = DimseClient("127.0.0.1", port, "IMPLICIT").store([item.path], convert=False)
+    (result,) = report.results
+    assert result.refused and not received
+    assert "did not accept SOP class CT Image Storage with Explicit VR Little Endian" in (
+        result.error)
+
+
 def test_compressed_files_need_decompress_for_an_implicit_only_peer():
     lossless = {"1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90",
                 "1.2.840.10008.1.2.4.70"}

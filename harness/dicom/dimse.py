@@ -539,6 +539,7 @@ class DimseClient:
         associations: int = 1,
         on_result: Callable[[StoreResult], None] | None = None,
         decompress: bool = False,
+        convert: bool = True,
     ) -> StoreReport:
         """Send datasets and files (folders are walked) over N parallel associations.
 
@@ -546,8 +547,9 @@ class DimseClient:
         truncated or unparsable one is refused with its reason, never sent. Each object is
         proposed in its own transfer syntax first, then in Explicit and Implicit VR Little
         Endian; when the peer refuses the original, an uncompressed data set is converted
-        (recorded in the result), a compressed one only with `decompress`. Files that are
-        not DICOM at all are skipped, each named in `skipped` with its reason.
+        (recorded in the result), a compressed one only with `decompress`; `convert=False`
+        sends each object in its own syntax only (to measure what a node accepts). Files
+        that are not DICOM at all are skipped, each named in `skipped` with its reason.
         """
         if associations < 1:
             raise ValueError("associations must be >= 1")
@@ -572,6 +574,9 @@ class DimseClient:
         for pairs in _proposals(items):
             classes = {sop_class for sop_class, _ in pairs}
             batch = [i for i in items if i.sop_class_uid in classes]
+            if not convert:
+                own = {(i.sop_class_uid, i.transfer_syntax_uid) for i in batch}
+                pairs = [pair for pair in pairs if pair in own]
             self._store_batch(batch, pairs, associations, report, on_result, decompress)
         report.elapsed_s = time.perf_counter() - start
         return report
