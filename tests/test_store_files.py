@@ -108,12 +108,17 @@ def nodes():
 
 
 def _storescu(node, path: Path) -> bool:
-    proc = subprocess.run(
-        [STORESCU, "-aet", HARNESS_AE_TITLE, "-aec", node.ae_title, node.host,
-         str(node.dicom_port), str(path)],
-        capture_output=True, text=True, timeout=120,
-    )
-    return proc.returncode == 0
+    """storescu as installed, then with -R (only the file's own presentation context),
+    which stores some files the default proposal does not: the reference is the better."""
+    for options in ([], ["-R"]):
+        proc = subprocess.run(
+            [STORESCU, *options, "-aet", HARNESS_AE_TITLE, "-aec", node.ae_title, node.host,
+             str(node.dicom_port), str(path)],
+            capture_output=True, text=True, timeout=120,
+        )
+        if proc.returncode == 0:
+            return True
+    return False
 
 
 @pytest.mark.skipif(not os.path.exists(STORESCU), reason="storescu not installed (dcmtk)")
@@ -226,6 +231,7 @@ def test_uncompressed_files_are_converted_for_an_implicit_only_peer():
         syntax, arrived, sop_class = received[item.sop_instance_uid]
         assert (syntax, sop_class) == (ImplicitVRLittleEndian, item.sop_class_uid)
         original = _read(item.path)
+        assert arrived.SOPInstanceUID == item.sop_instance_uid
         assert arrived.PatientName == original.PatientName
         if "PixelData" in original:  # big endian words swapped right: same decoded pixels
             arrived.file_meta = pydicom.dataset.FileMetaDataset()
@@ -265,6 +271,7 @@ def test_compressed_files_need_decompress_for_an_implicit_only_peer():
         result = next(r for r in decompressed.results if r.source == str(item.path))
         assert result.conversion == (item.transfer_syntax_uid, ImplicitVRLittleEndian)
         _, arrived, _ = received[item.sop_instance_uid]
+        assert arrived.SOPInstanceUID == item.sop_instance_uid  # the command's, kept
         arrived.file_meta = pydicom.dataset.FileMetaDataset()
         arrived.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
         assert numpy.array_equal(_pixels(arrived), _pixels(_read(item.path))), item.name
@@ -370,3 +377,26 @@ def test_cli_names_refused_files_and_conversions(tmp_path):
     assert f"{folder / 'no_meta.dcm'}" in output  # unreadable: named either way
     assert set(received) == {by_name["CT_small.dcm"].sop_instance_uid,
                              by_name["MR_small_bigendian.dcm"].sop_instance_uid}
+
+
+@pytest.mark.skipif(not os.path.exists(DCMQRSCP), reason="dcmqrscp not installed (dcmtk)")
+def test_decompress_into_dcmqrscp_keeps_the_pixels(tmp_path):
+    lossless = {"1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90",
+                "1.2.840.10008.1.2.4.70"}
+    items = [i for i in realworld.valid_files() if i.transfer_syntax_uid in lossless]
+    with implicit_only_dcmqrscp(tmp_path) as (port, storage):
+        client = DimseClient("127.0.0.1", port, "STRICT")
+        refused = client.store([i.path for i in items])
+        report = client.store([i.path for i in items], decompress=True)
+        held = {}
+        for path in storage.rglob("*"):
+            if path.is_file() and path.name != "index.dat":
+                ds = _read(path)
+                held[str(ds.SOPInstanceUID)] = ds
+    assert len(refused.refused) == len(items)
+    assert all("--decompress" in r.error for r in refused.refused)
+    assert report.ok, [r.error for r in report.failed]
+    for item in items:
+        stored = held[item.sop_instance_uid]
+        assert stored.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert numpy.array_equal(_pixels(stored), _pixels(_read(item.path))), item.name

@@ -503,7 +503,7 @@ def convert(ds: Dataset, source: str, target: str, *, decompress: bool = False) 
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = source
         try:
-            ds.decompress()
+            ds.decompress(generate_instance_uid=False)  # same instance, other encoding
         except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's reason
             raise BadFile(f"cannot decompress {transfer_syntax_name(source)}: {exc}") from None
         source = ExplicitVRLittleEndian
