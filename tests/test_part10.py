@@ -126,3 +126,28 @@ def test_names_come_from_the_registry() -> None:
     assert sop_class_name("1.2.840.10008.5.1.4.1.1.2") == "CT Image Storage"
     assert transfer_syntax_name("1.2.840.10008.1.2.2") == "Explicit VR Big Endian"
     assert sop_class_name("1.2.3.4.5") == "1.2.3.4.5"
+
+
+def test_odd_length_data_sets_go_out_even() -> None:
+    """PS3.5 7.1: values have even length. A file with an odd one, or a stray byte after
+    the last element, is re-encoded even; pydicom reads the result back the same."""
+    raw = _corpus("MR_small.dcm").read_bytes()
+    meta = read_file_meta(raw)
+    assert meta is not None
+    odd_element = b"\xe1\x7f\x10\x00LO\x03\x00ABC"  # (7FE1,0010) LO "ABC": 3 bytes
+    for extra, quirk in ((odd_element, "odd-length"), (b"\x00", "stray zero bytes")):
+        part = parse_part10(raw + extra, "odd.dcm")
+        assert any(quirk in q for q in part.quirks), part.quirks
+        framed = bytes(part.framed())
+        assert len(framed) % 2 == 0
+        original = pydicom.dcmread(BytesIO(raw))
+        sent = pydicom.dcmread(BytesIO(framed), force=True)
+        assert sent.SOPInstanceUID == original.SOPInstanceUID
+        assert sent.PixelData == original.PixelData
+        if extra == odd_element:
+            assert sent[0x7FE10010].value == "ABC"
+
+
+def test_a_dicomdir_is_skipped_not_refused() -> None:
+    with pytest.raises(NotDicom, match="DICOMDIR"):
+        read_part10(_corpus("DICOMDIR-empty.dcm"))

@@ -60,6 +60,7 @@ UNCOMPRESSED_SYNTAXES = (
 _WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _PIXEL_DATA = 0x7FE00010
 _SOP_INSTANCE_UID = 0x00080018
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 HEAD_BYTES = 16384  # enough for the meta and the data set's first elements in nearly any file
 
 
@@ -235,14 +236,21 @@ _UNDEFINED = 0xFFFFFFFF
 
 
 def check_structure(
-    stream: bytes | memoryview, implicit: bool, little: bool, *, stop_after: int | None = None
+    stream: bytes | memoryview,
+    implicit: bool,
+    little: bool,
+    *,
+    stop_after: int | None = None,
+    stray_allowed: bool = False,
 ) -> dict[int, bytes]:
     """Walk every element header of a data set, into sequences and items (PS3.5 7.1, 7.5):
     each value must fit, each undefined length must end with its delimiter. BadFile names
     the element where the stream ends early. Headers only, so it costs little.
 
     Returns the values of the top-level SOP Class and Instance UIDs; with `stop_after`, the
-    walk ends at the first top-level tag beyond it (to read a file's head)."""
+    walk ends at the first top-level tag beyond it (to read a file's head). With
+    `stray_allowed`, fewer than 8 bytes after the last element are tolerated (and flagged
+    under the key _STRAY)."""
     found: dict[int, bytes] = {}
     order = "<" if little else ">"
     explicit_header = struct.Struct(order + "HH2sH")  # tag, VR, 2-byte length
@@ -258,6 +266,9 @@ def check_structure(
         top = until is None
         while offset < end:
             if offset + 8 > end:
+                if top and stray_allowed and not any(stream[offset:end]):
+                    found[_STRAY] = b""  # zero padding after the last element
+                    return offset
                 raise BadFile(f"truncated: {end - offset} stray bytes at offset {offset}")
             vr = b""
             if implicit:
@@ -313,6 +324,7 @@ def check_structure(
 
 
 _SOP_CLASS_UID = 0x00080016
+_STRAY = -1
 _IDENTITY_TAGS = (_SOP_CLASS_UID, _SOP_INSTANCE_UID)
 
 
@@ -343,7 +355,11 @@ def _looks_implicit(stream: bytes | memoryview) -> bool | None:
 
 
 def _encode_or_refuse(ds: Dataset, syntax: str) -> bytes:
+    """`ds` written anew in `syntax`, every element converted first (pydicom writes raw
+    elements back as they were read, odd lengths included)."""
     try:
+        for _ in ds:  # converts each raw element in place; the writer then pads values
+            pass
         return encode_dataset(ds, syntax)
     except Exception as exc:  # noqa: BLE001 - pydicom's encoder names the element
         raise BadFile(f"cannot re-encode in {transfer_syntax_name(syntax)}: {exc}") from None
@@ -384,6 +400,8 @@ def parse_part10(raw: bytes, source: str) -> Part10:
     meta = read_file_meta(view) if has_prefix else None
     if has_prefix and meta is None:
         raise BadFile("file meta (group 0002) cut short or malformed")
+    if meta is not None and meta.sop_class_uid == MEDIA_STORAGE_DIRECTORY:
+        raise NotDicom("a DICOMDIR (media storage directory, PS3.10 8), not an instance")
     if meta is not None:
         data = view[meta.dataset_offset :]
         syntax = meta.transfer_syntax_uid
@@ -417,7 +435,10 @@ def parse_part10(raw: bytes, source: str) -> Part10:
         )
         implicit = bool(found_implicit)
     try:
-        identity = check_structure(stream, implicit, little)
+        # zero padding is told apart from a cut header by its first byte: little endian only
+        identity = check_structure(
+            stream, implicit, little, stray_allowed=little and not deflated
+        )
     except BadFile:
         if meta is None:  # a bare data set that does not parse: not DICOM after all
             raise NotDicom("not DICOM: no 'DICM' prefix and no readable data set") from None
@@ -444,7 +465,10 @@ def parse_part10(raw: bytes, source: str) -> Part10:
                 f"file meta says SOP instance {meta.sop_instance_uid}, data set "
                 f"{sop_instance}: sent as the data set says"
             )
-    if mislabelled:
+    if _STRAY in identity:
+        quirks.append("stray zero bytes after the last element: not sent")
+        data = _encode_or_refuse(read_whole(), syntax)
+    elif mislabelled:
         data = _encode_or_refuse(read_whole(), syntax)
     elif len(data) % 2 and not deflated:
         quirks.append("odd-length data set: re-encoded to even length")
