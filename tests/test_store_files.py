@@ -374,7 +374,7 @@ def test_cli_names_refused_files_and_conversions(tmp_path):
     assert (f"converted {folder / 'MR_small_bigendian.dcm'}: Explicit VR Big Endian -> "
             "Implicit VR Little Endian") in output
     assert f"skipped {folder / 'notes.txt'}: not DICOM" in output
-    assert f"{folder / 'no_meta.dcm'}" in output  # unreadable: named either way
+    assert f"refused {folder / 'no_meta.dcm'}: not DICOM" in output  # a .dcm that is not
     assert set(received) == {by_name["CT_small.dcm"].sop_instance_uid,
                              by_name["MR_small_bigendian.dcm"].sop_instance_uid}
 

@@ -61,8 +61,10 @@ from pynetdicom.sop_class import (
 
 from harness.dicom.names import sop_class_name, syntax_names, transfer_syntax_name
 from harness.dicom.part10 import (
+    DICOM_SUFFIXES,
     UNCOMPRESSED_SYNTAXES,
     BadFile,
+    NotAnInstance,
     NotDicom,
     Part10,
     decode_dataset,
@@ -564,8 +566,15 @@ class DimseClient:
                 try:
                     items.append(_store_item(one))
                 except NotDicom as exc:
-                    report.skipped.append(str(one))
-                    report.skip_reasons[str(one)] = str(exc)
+                    suffix = Path(str(one)).suffix.lower()
+                    if isinstance(exc, NotAnInstance) or suffix not in DICOM_SUFFIXES:
+                        report.skipped.append(str(one))
+                        report.skip_reasons[str(one)] = str(exc)
+                        continue
+                    refused = _refusal(str(one), f"{exc} (though named {suffix})")
+                    report.results.append(refused)
+                    if on_result:
+                        on_result(refused)
                 except (BadFile, OSError) as exc:
                     refused = _refusal(str(one), _reason(exc))
                     report.results.append(refused)

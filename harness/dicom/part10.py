@@ -68,6 +68,14 @@ class NotDicom(ValueError):
     """Neither a Part 10 file nor a bare data set: something else (a manifest, notes)."""
 
 
+class NotAnInstance(NotDicom):
+    """A DICOM file that holds no composite instance (a DICOMDIR): nothing to store."""
+
+
+#: Names that say "DICOM file": one that does not read as DICOM is refused, not skipped.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
+
+
 class BadFile(ValueError):
     """A DICOM file that must not be sent as it is: the message says why."""
 
@@ -401,7 +409,7 @@ def parse_part10(raw: bytes, source: str) -> Part10:
     if has_prefix and meta is None:
         raise BadFile("file meta (group 0002) cut short or malformed")
     if meta is not None and meta.sop_class_uid == MEDIA_STORAGE_DIRECTORY:
-        raise NotDicom("a DICOMDIR (media storage directory, PS3.10 8), not an instance")
+        raise NotAnInstance("a DICOMDIR (media storage directory, PS3.10 8), not an instance")
     if meta is not None:
         data = view[meta.dataset_offset :]
         syntax = meta.transfer_syntax_uid
