@@ -216,7 +216,7 @@ class StoreResult:
     def conversion(self) -> tuple[str, str] | None:
         """(from, to) transfer syntax when the data set was converted before sending."""
         original = self.original_transfer_syntax_uid
-        if self.ok and original and original != self.transfer_syntax_uid:
+        if not self.refused and original and original != self.transfer_syntax_uid:
             return original, self.transfer_syntax_uid
         return None
 
