@@ -165,10 +165,11 @@ def test_the_corpus_does_at_least_what_storescu_does(nodes, kind):
     assert harness_stored >= reference_stored
 
 
-def test_mislabelled_meta_goes_out_with_the_data_sets_uids(nodes):
+@pytest.mark.parametrize("kind", KINDS)
+def test_mislabelled_meta_goes_out_with_the_data_sets_uids(nodes, kind):
     """CTImageStorage_bad_meta.dcm: the meta lacks the SOP class; rtplan.dcm's meta names
-    another instance. Orthanc holds each under its data set's UID."""
-    node = nodes.node("horthanc") if "orthanc" in KINDS else nodes.node("hembedded")
+    another instance. The node holds each under its data set's UID."""
+    node = nodes.node(f"h{kind}")
     picks = [i for i in realworld.corpus()
              if i.path.name in ("CTImageStorage_bad_meta.dcm", "rtplan.dcm")]
     assert len(picks) == 2
