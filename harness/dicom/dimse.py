@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -62,6 +61,19 @@ from pynetdicom.sop_class import (
     XRayAngiographicImageStorage,
 )
 
+from harness.dicom.names import sop_class_name, syntax_names, transfer_syntax_name
+from harness.dicom.part10 import (
+    DICOM_SUFFIXES,
+    UNCOMPRESSED_SYNTAXES,
+    BadFile,
+    NotAnInstance,
+    NotDicom,
+    Part10,
+    decode_dataset,
+    encode_dataset,
+    read_header,
+    read_part10,
+)
 from harness.dicom.tcp import prompt_tcp
 from harness.dicom.wire import (
     AssociationFailed,
@@ -69,10 +81,6 @@ from harness.dicom.wire import (
     WireAssociation,
     command_uid,
     command_us,
-    dataset_bytes,
-    decode_dataset,
-    encode_dataset,
-    read_file_meta,
 )
 from harness.errors import EnvironmentProblem
 
@@ -210,16 +218,41 @@ class EchoResult:
 
 @dataclass
 class StoreResult:
+    """One file or data set: stored, refused before sending (why), or failed on the wire.
+
+    `transfer_syntax_uid` is what went on the wire; `original_transfer_syntax_uid` what
+    the file holds (they differ after a conversion). `quirks` are what the file gets wrong
+    that did not stop it (e.g. a file meta naming another SOP instance than its data set).
+    """
+
     sop_instance_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
     status: Status
     source: str = ""
     error: str | None = None
+    original_transfer_syntax_uid: str = ""
+    quirks: list[str] = field(default_factory=list)
+    refused: bool = False  # never sent: a bad file or no presentation context for it
 
     @property
     def ok(self) -> bool:
         return self.status.ok and self.error is None
+
+    @property
+    def conversion(self) -> tuple[str, str] | None:
+        """(from, to) transfer syntax when the data set was converted before sending."""
+        original = self.original_transfer_syntax_uid
+        if not self.refused and original and original != self.transfer_syntax_uid:
+            return original, self.transfer_syntax_uid
+        return None
+
+    def conversion_text(self) -> str:
+        """E.g. "Explicit VR Little Endian -> Implicit VR Little Endian"."""
+        if self.conversion is None:
+            return ""
+        original, sent = self.conversion
+        return f"{transfer_syntax_name(original)} -> {transfer_syntax_name(sent)}"
 
 
 @dataclass
@@ -227,7 +260,8 @@ class StoreReport:
     results: list[StoreResult] = field(default_factory=list)
     elapsed_s: float = 0.0
     associations: int = 1
-    skipped: list[str] = field(default_factory=list)  # files that are not DICOM
+    skipped: list[str] = field(default_factory=list)  # files that are not DICOM at all
+    skip_reasons: dict[str, str] = field(default_factory=dict)  # file -> why
 
     @property
     def succeeded(self) -> list[StoreResult]:
@@ -236,6 +270,15 @@ class StoreReport:
     @property
     def failed(self) -> list[StoreResult]:
         return [r for r in self.results if not r.ok]
+
+    @property
+    def refused(self) -> list[StoreResult]:
+        """Files refused before sending, each with its reason."""
+        return [r for r in self.results if r.refused]
+
+    @property
+    def converted(self) -> list[StoreResult]:
+        return [r for r in self.results if r.conversion]
 
     @property
     def ok(self) -> bool:
@@ -326,7 +369,7 @@ def iter_dicom_files(paths: Iterable[str | Path]) -> Iterator[Path]:
 @dataclass
 class _StoreItem:
     source: str
-    sop_class_uid: str
+    sop_class_uid: str  # the data set's own, which the C-STORE-RQ carries (PS3.7 9.3.1.1)
     sop_instance_uid: str
     transfer_syntax_uid: str
     payload: Dataset | Path
@@ -334,43 +377,85 @@ class _StoreItem:
 
 @dataclass
 class _Prepared:
-    """An item with its encoded dataset, ready for the wire (or the reason it is not)."""
+    """An item read and checked, ready for the wire (or the reason it is not)."""
 
     item: _StoreItem
-    data: bytes | memoryview | None
+    part: Part10 | None
     error: str | None = None
 
 
-def _store_item(obj: Dataset | str | Path) -> _StoreItem | None:
-    """Header of one thing to store; None for a file that is not DICOM (e.g. a manifest)."""
+def _store_item(obj: Dataset | str | Path) -> _StoreItem:
+    """Header of one thing to store (NotDicom, BadFile or OSError when it cannot be)."""
     if isinstance(obj, Dataset):
         meta = getattr(obj, "file_meta", None) or FileMetaDataset()
         ts = meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
         return _StoreItem("<dataset>", obj.SOPClassUID, obj.SOPInstanceUID, ts, obj)
     path = Path(obj)
-    try:
-        with path.open("rb") as file:
-            meta = read_file_meta(file.read(8192))
-    except OSError:
+    header = read_header(path)
+    return _StoreItem(
+        str(path), header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax_uid, path
+    )
+
+
+def _is_convertible(syntax: str) -> bool:
+    """An uncompressed syntax the harness re-encodes itself (PS3.5 A.1-A.5)."""
+    return syntax in UNCOMPRESSED_SYNTAXES
+
+
+def _proposals(items: list[_StoreItem]) -> list[list[tuple[str, str]]]:
+    """Presentation contexts, at most MAX_CONTEXTS per association: for each SOP class,
+    every transfer syntax its items have (proposed first), then the lossless fallbacks
+    Explicit and Implicit VR Little Endian."""
+    by_class: dict[str, list[str]] = {}
+    for item in items:
+        syntaxes = by_class.setdefault(item.sop_class_uid, [])
+        if item.transfer_syntax_uid not in syntaxes:
+            syntaxes.append(item.transfer_syntax_uid)
+    chunks: list[list[tuple[str, str]]] = [[]]
+    for sop_class, syntaxes in by_class.items():
+        pairs = [(sop_class, ts) for ts in dict.fromkeys([*syntaxes, *_FALLBACK_SYNTAXES])]
+        if chunks[-1] and len(chunks[-1]) + len(pairs) > MAX_CONTEXTS:
+            chunks.append([])
+        chunks[-1].extend(pairs[:MAX_CONTEXTS])
+    return [chunk for chunk in chunks if chunk]
+
+
+_FALLBACK_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return f"cannot read: {exc.strerror or exc}"
+    return str(exc)
+
+
+def _refusal(source: str, reason: str, item: _StoreItem | None = None) -> StoreResult:
+    """A file refused before sending, named with its reason."""
+    return StoreResult(
+        item.sop_instance_uid if item else "",
+        item.sop_class_uid if item else "",
+        item.transfer_syntax_uid if item else "",
+        NO_STATUS,
+        source=source,
+        error=f"{source}: {reason}",
+        original_transfer_syntax_uid=item.transfer_syntax_uid if item else "",
+        refused=True,
+    )
+
+
+def _choose_syntax(
+    assoc: WireAssociation, sop_class: str, own: str, decompress: bool
+) -> str | None:
+    """The transfer syntax to send in: the data set's own if accepted, else an accepted
+    uncompressed one it converts to losslessly (compressed data only with `decompress`)."""
+    if (sop_class, own) in assoc.accepted:
+        return own
+    if not _is_convertible(own) and not decompress:
         return None
-    if (
-        meta is not None
-        and meta.sop_class_uid
-        and meta.sop_instance_uid
-        and meta.transfer_syntax_uid
-    ):
-        # the usual case: the file meta says it all, no need to parse the dataset
-        return _StoreItem(
-            str(path), meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid, path
-        )
-    try:
-        header = dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError):
-        return None
-    if "SOPClassUID" not in header or "SOPInstanceUID" not in header:
-        return None
-    ts = header.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian)
-    return _StoreItem(str(path), header.SOPClassUID, header.SOPInstanceUID, ts, path)
+    for candidate in UNCOMPRESSED_SYNTAXES:
+        if (sop_class, candidate) in assoc.accepted:
+            return candidate
+    return None
 
 
 class DimseClient:
@@ -482,12 +567,18 @@ class DimseClient:
         *,
         associations: int = 1,
         on_result: Callable[[StoreResult], None] | None = None,
+        decompress: bool = False,
+        convert: bool = True,
     ) -> StoreReport:
         """Send datasets and files (folders are walked) over N parallel associations.
 
-        Each (SOP class, transfer syntax) pair gets its own presentation context, so objects
-        go out exactly as they are; a pair the peer does not accept fails that object with a
-        clear error instead of silently converting it. Files that are not DICOM are skipped.
+        Every file is read and checked before it is sent (harness/dicom/part10.py): a
+        truncated or unparsable one is refused with its reason, never sent. Each object is
+        proposed in its own transfer syntax first, then in Explicit and Implicit VR Little
+        Endian; when the peer refuses the original, an uncompressed data set is converted
+        (recorded in the result), a compressed one only with `decompress`; `convert=False`
+        sends each object in its own syntax only (to measure what a node accepts). Files
+        that are not DICOM at all are skipped, each named in `skipped` with its reason.
         """
         if associations < 1:
             raise ValueError("associations must be >= 1")
@@ -499,16 +590,30 @@ class DimseClient:
         for obj in objects:
             expanded = iter_dicom_files([obj]) if isinstance(obj, str | Path) else [obj]
             for one in expanded:
-                item = _store_item(one)
-                if item:
-                    items.append(item)
-                else:
-                    report.skipped.append(str(one))
-        pairs = list(dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in items))
-        for chunk_start in range(0, len(pairs), MAX_CONTEXTS):
-            chunk = set(pairs[chunk_start : chunk_start + MAX_CONTEXTS])
-            batch = [i for i in items if (i.sop_class_uid, i.transfer_syntax_uid) in chunk]
-            self._store_batch(batch, sorted(chunk), associations, report, on_result)
+                try:
+                    items.append(_store_item(one))
+                except NotDicom as exc:
+                    suffix = Path(str(one)).suffix.lower()
+                    if isinstance(exc, NotAnInstance) or suffix not in DICOM_SUFFIXES:
+                        report.skipped.append(str(one))
+                        report.skip_reasons[str(one)] = str(exc)
+                        continue
+                    refused = _refusal(str(one), f"{exc} (though named {suffix})")
+                    report.results.append(refused)
+                    if on_result:
+                        on_result(refused)
+                except (BadFile, OSError) as exc:
+                    refused = _refusal(str(one), _reason(exc))
+                    report.results.append(refused)
+                    if on_result:
+                        on_result(refused)
+        for pairs in _proposals(items):
+            classes = {sop_class for sop_class, _ in pairs}
+            batch = [i for i in items if i.sop_class_uid in classes]
+            if not convert:
+                own = {(i.sop_class_uid, i.transfer_syntax_uid) for i in batch}
+                pairs = [pair for pair in pairs if pair in own]
+            self._store_batch(batch, pairs, associations, report, on_result, decompress)
         report.elapsed_s = time.perf_counter() - start
         return report
 
@@ -519,6 +624,7 @@ class DimseClient:
         associations: int,
         report: StoreReport,
         on_result: Callable[[StoreResult], None] | None,
+        decompress: bool = False,
     ) -> None:
         work: queue.Queue[_StoreItem] = queue.Queue()
         for item in batch:
@@ -553,7 +659,7 @@ class DimseClient:
                     if assoc is None or not assoc.is_open:
                         assoc = self.wire_association(pairs)
                     upcoming.clear()
-                    record(self._store_one(assoc, current, read_ahead))
+                    record(self._store_one(assoc, current, read_ahead, decompress))
                     current = upcoming[0] if upcoming else take()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller thread
                 errors.append(exc)
@@ -598,46 +704,89 @@ class DimseClient:
 
     @staticmethod
     def _prepare(item: _StoreItem) -> _Prepared:
-        """The bytes to send for `item`, or why it cannot be sent."""
+        """`item` read whole and checked (or why it cannot be sent); runs while the peer
+        works on the previous instance."""
         try:
-            return _Prepared(item, dataset_bytes(item.payload, item.transfer_syntax_uid))
-        except (ValueError, TypeError, AttributeError, OSError, struct.error) as exc:
-            return _Prepared(item, None, f"{item.source}: cannot encode: {exc}")
+            if isinstance(item.payload, Dataset):
+                ds, syntax = item.payload, item.transfer_syntax_uid
+                part = Part10(
+                    item.source, encode_dataset(ds, syntax), syntax,
+                    item.sop_class_uid, item.sop_instance_uid, lambda: ds,
+                )
+            else:
+                part = read_part10(item.payload)
+        except (BadFile, NotDicom, OSError) as exc:
+            return _Prepared(item, None, _reason(exc))
+        except (ValueError, TypeError, AttributeError, struct.error) as exc:
+            return _Prepared(item, None, f"cannot encode: {exc}")
+        return _Prepared(item, part)
 
     def _store_one(
-        self, assoc: WireAssociation, prepared: _Prepared, meanwhile: Callable[[], None]
+        self,
+        assoc: WireAssociation,
+        prepared: _Prepared,
+        meanwhile: Callable[[], None],
+        decompress: bool = False,
     ) -> StoreResult:
         """Store one prepared instance; `meanwhile` runs while the peer processes it."""
-        item = prepared.item
+        item, part = prepared.item, prepared.part
+        if part is None:
+            return _refusal(item.source, prepared.error or "unreadable", item)
+        own = part.transfer_syntax_uid
         result = StoreResult(
-            item.sop_instance_uid,
-            item.sop_class_uid,
-            item.transfer_syntax_uid,
+            part.sop_instance_uid,
+            part.sop_class_uid,
+            own,
             NO_STATUS,
             source=item.source,
+            original_transfer_syntax_uid=own,
+            quirks=list(part.quirks),
         )
-        context_id = assoc.accepted.get((item.sop_class_uid, item.transfer_syntax_uid))
-        if context_id is None:
-            result.error = (
-                f"peer {self} did not accept SOP class {item.sop_class_uid} "
-                f"with transfer syntax {item.transfer_syntax_uid}"
-            )
-            return result
-        if prepared.data is None:
-            result.error = prepared.error
+        target = _choose_syntax(assoc, part.sop_class_uid, own, decompress)
+        named = "" if isinstance(item.payload, Dataset) else f"{item.source}: "
+        if target is None:
+            result.refused = True
+            refusal = self._context_refusal(assoc, part.sop_class_uid, own, decompress)
+            result.error = named + refusal
             return result
         try:
-            assoc.send_store(context_id, item.sop_class_uid, item.sop_instance_uid, prepared.data)
+            data = part.framed() if target == own else part.converted(target, decompress=True)
+        except BadFile as exc:
+            result.refused = True
+            conversion = f"{transfer_syntax_name(own)} -> {transfer_syntax_name(target)}"
+            result.error = f"{named}{conversion}: {exc}"
+            return result
+        result.transfer_syntax_uid = target
+        context_id = assoc.accepted[(part.sop_class_uid, target)]
+        try:
+            assoc.send_store(context_id, part.sop_class_uid, part.sop_instance_uid, data)
             meanwhile()
             answer = assoc.read_store_response()
         except TransferFailed as exc:
             assoc.abort()
-            result.error = f"peer {self}: no C-STORE response ({exc})"
+            result.error = f"{named}peer {self}: no C-STORE response ({exc})"
             return result
         result.status = Status(answer.status)
         if not result.status.ok:
-            result.error = f"peer {self} answered {result.status} {answer.error_comment}".strip()
+            comment = f"{named}peer {self} answered {result.status} {answer.error_comment}"
+            result.error = comment.strip()
         return result
+
+    def _context_refusal(
+        self, assoc: WireAssociation, sop_class: str, syntax: str, decompress: bool
+    ) -> str:
+        """Why an instance has no presentation context, by name (PS3.8 9.3.3.2)."""
+        accepted = [ts for (cls, ts) in assoc.accepted if cls == sop_class]
+        message = (
+            f"peer {self} did not accept SOP class {sop_class_name(sop_class)} "
+            f"with {transfer_syntax_name(syntax)}"
+        )
+        if not accepted:
+            return message + " (nor with any transfer syntax proposed)"
+        message += f"; it accepts {syntax_names(accepted)}"
+        if not _is_convertible(syntax) and not decompress:
+            message += " (store --decompress would send it decompressed)"
+        return message
 
     # -- C-FIND ----------------------------------------------------------------------
     def find(

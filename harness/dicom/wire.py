@@ -21,21 +21,21 @@ import socket
 import ssl
 import struct
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from io import BytesIO
-from pathlib import Path
 from typing import NoReturn
 
-from pydicom import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pynetdicom.dsutils import decode
-
 from harness.dicom import pdu
+
+# What gets sent (file meta, data-set framing) lives in part10; re-exported for callers.
+from harness.dicom.part10 import (  # noqa: F401
+    FileMeta,
+    dataset_bytes,
+    decode_dataset,
+    encode_dataset,
+    read_file_meta,
+)
 from harness.dicom.pdu import PDV, PduError
 from harness.dicom.tcp import QUICKACK
 
@@ -140,78 +140,6 @@ def parse_command(data: bytes) -> dict[int, bytes]:
     return elements
 
 
-# -- what gets sent ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileMeta:
-    """Where a Part 10 file's dataset starts, and the meta elements the sender needs."""
-
-    dataset_offset: int
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax_uid: str
-
-
-def read_file_meta(head: bytes) -> FileMeta | None:
-    """The file meta (group 0002) of a Part 10 file, from the file's first bytes.
-
-    Walks the explicit VR meta elements, so a missing or wrong group length does not matter.
-    A UID the meta lacks is "". None when `head` is not a Part 10 file or the meta runs past
-    `head` (the caller then reads the file with pydicom).
-    """
-    if len(head) < 132 or head[128:132] != b"DICM":
-        return None
-    offset = 132
-    values: dict[int, str] = {}
-    while offset + 8 <= len(head):
-        group, element = struct.unpack_from("<HH", head, offset)
-        if group != 0x0002:
-            return FileMeta(offset, values.get(2, ""), values.get(3, ""), values.get(0x10, ""))
-        vr = head[offset + 4 : offset + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            if offset + 12 > len(head):
-                return None
-            (length,) = struct.unpack_from("<I", head, offset + 8)
-            start = offset + 12
-        else:
-            (length,) = struct.unpack_from("<H", head, offset + 6)
-            start = offset + 8
-        if element in (2, 3, 0x10):
-            values[element] = head[start : start + length].rstrip(b"\0 ").decode("ascii", "replace")
-        offset = start + length
-    return None
-
-
-def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
-    """A dataset (without file meta) encoded in `transfer_syntax`, deflated if it says so."""
-    syntax = UID(transfer_syntax)
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = syntax.is_little_endian
-    buffer.is_implicit_VR = syntax.is_implicit_VR
-    write_dataset(buffer, ds)
-    data = buffer.getvalue()
-    if syntax == DeflatedExplicitVRLittleEndian:
-        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
-        data = compressor.compress(data) + compressor.flush()
-    return data
-
-
-def decode_dataset(data: bytes, transfer_syntax: str) -> Dataset:
-    """A dataset received in `transfer_syntax` (the counterpart of encode_dataset)."""
-    syntax = UID(transfer_syntax)
-    return decode(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
-
-
-def dataset_bytes(payload: Dataset | Path, transfer_syntax: str) -> bytes | memoryview:
-    """The bytes to send for one instance: a file's own dataset bytes, or a dataset encoded."""
-    if isinstance(payload, Dataset):
-        return encode_dataset(payload, transfer_syntax)
-    raw = payload.read_bytes()
-    meta = read_file_meta(raw)
-    if meta is None:
-        raise ValueError(f"{payload}: not a DICOM Part 10 file (no readable file meta)")
-    return memoryview(raw)[meta.dataset_offset :]
 
 
 # -- the association ---------------------------------------------------------------------------
