@@ -472,3 +472,17 @@ def test_target_listing_changed_between_reads_is_reported(unsteady, tmp_path):
     }
     assert result.outcomes[0].instances == 2 and result.outcomes[0].instances_sent == 2
     assert target.statistics().instances == 3
+
+
+def test_summary_names_unstable_listings(capsys):
+    """What `pacs-harness migrate` prints for a study whose listing changed between reads."""
+    from harness.migrate import MigrationResult, StudyOutcome
+    from harness.migrate_cli import _print_summary
+
+    result = MigrationResult("move", "legacy", "web", studies_total=1)
+    note = "source read 1: 2 listed, NumberOfStudyRelatedInstances 3"
+    result.add(StudyOutcome("1.2.3", "migrated", instances=3, unstable_listings=[note]))
+    _print_summary({"state": "s.sqlite", "result": result.as_dict()})
+    printed = capsys.readouterr().out
+    assert "1 studies with unstable listings" in printed
+    assert f"unstable listing study 1.2.3: {note}" in printed
