@@ -7,9 +7,11 @@ killed, even with SIGKILL, resumes with the same plan: studies confirmed on the 
 not sent again, partially sent ones are sent again whole (a PACS keeps one copy per SOP
 Instance UID, so re-sending creates no duplicate).
 
-A study is *confirmed* when the target's IMAGE-level C-FIND (per series of the source study)
-shows every SOP Instance UID the source's IMAGE-level C-FIND listed. Only then is it
-written as confirmed, one transaction per study.
+A study is *confirmed* when the target's IMAGE-level C-FIND (per series) shows every SOP
+Instance UID the source's IMAGE-level C-FIND listed. Only then is it written as confirmed,
+one transaction per study. Neither listing is taken on one read: each must agree with the
+node's NumberOfStudyRelatedInstances or with a second read (``stable_study_content``);
+reads that disagreed are reported per study (outcome, state file, migrate's output).
 
 Methods (how the instances travel):
 
@@ -41,6 +43,9 @@ State file schema (SQLite, WAL; ``PRAGMA user_version`` = ``STATE_SCHEMA_VERSION
           started_at, finished_at,              finished_at NULL: the process died meanwhile
           instances_sent, ok, error)            one row per attempt that sent something
     runs(run_id INTEGER PRIMARY KEY, pid, method, started_at, finished_at, result_json)
+    unstable_listings(id INTEGER PRIMARY KEY, run_id, study_instance_uid,
+                      detail,                   one read that disagreed, or the give-up
+                      settled INTEGER, at)      1: a later read agreed; 0: it never did
 
 Run it from the command line with ``pacs-harness migrate`` (harness/migrate_cli.py).
 """
@@ -64,9 +69,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import build_context
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyRootFind
-
 from harness.dicom.dicomweb import DicomwebClient, parse_multipart
 from harness.dicom.dimse import MAX_CONTEXTS, DimseClient, RetrievedInstance, Status
 from harness.dicom.wire import TransferFailed, WireAssociation
@@ -74,7 +76,7 @@ from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 from harness.nodes.base import Node
 
 METHODS = ("move", "get", "dicomweb", "orthanc")
-STATE_SCHEMA_VERSION = 1
+STATE_SCHEMA_VERSION = 2  # 2: table unstable_listings (a version 1 file gains it)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -109,6 +111,14 @@ CREATE TABLE IF NOT EXISTS sends (
     error              TEXT
 );
 CREATE INDEX IF NOT EXISTS sends_study ON sends (study_instance_uid);
+CREATE TABLE IF NOT EXISTS unstable_listings (
+    id                 INTEGER PRIMARY KEY,
+    run_id             INTEGER NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    detail             TEXT NOT NULL,
+    settled            INTEGER NOT NULL,
+    at                 TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS runs (
     run_id      INTEGER PRIMARY KEY,
     pid         INTEGER NOT NULL,
@@ -143,6 +153,7 @@ class StudyOutcome:
     attempts: int = 0
     elapsed_s: float = 0.0
     error: str | None = None
+    unstable_listings: list[str] = field(default_factory=list)  # reads that disagreed
 
 
 @dataclass
@@ -161,6 +172,8 @@ class MigrationResult:
     retries_used: int = 0
     elapsed_s: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)  # study UID -> last error
+    # study UID -> reads of its listing that disagreed (settled or not)
+    unstable_listings: dict[str, list[str]] = field(default_factory=dict)
     outcomes: list[StudyOutcome] = field(default_factory=list)
 
     @property
@@ -171,6 +184,8 @@ class MigrationResult:
         self.outcomes.append(outcome)
         self.instances_sent += outcome.instances_sent
         self.retries_used += max(0, outcome.attempts - 1)
+        if outcome.unstable_listings:
+            self.unstable_listings[outcome.study_instance_uid] = list(outcome.unstable_listings)
         if outcome.status == "migrated":
             self.migrated += 1
         elif outcome.status == "skipped_already_confirmed":
@@ -223,7 +238,7 @@ class MigrationState:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, STATE_SCHEMA_VERSION):
+        if version not in (0, 1, STATE_SCHEMA_VERSION):
             raise ConfigError(
                 f"{self.path}: state schema version {version} (this harness writes "
                 f"{STATE_SCHEMA_VERSION}); use a new --state file"
@@ -349,6 +364,15 @@ class MigrationState:
                 (run_id, _now(), study),
             )
 
+    def record_unstable(self, run_id: int, study: str, notes: list[str], settled: bool) -> None:
+        """Reads of a study's listing that disagreed (see stable_study_content)."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO unstable_listings (run_id, study_instance_uid, detail, settled, at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(run_id, study, note, int(settled), _now()) for note in notes],
+            )
+
     def fail(self, study: str, error: str) -> None:
         with self.transaction() as conn:
             conn.execute(
@@ -368,10 +392,26 @@ class StudyContent:
 
     series: dict[str, set[str]] = field(default_factory=dict)
     sop_classes: set[str] = field(default_factory=set)  # where the node returned them
+    # NumberOfStudyRelatedInstances as the node answered it (0: no such study; None: the
+    # node does not return the attribute)
+    reported_instances: int | None = None
 
     @property
     def instances(self) -> dict[str, str]:
         return {sop: series for series, sops in self.series.items() for sop in sops}
+
+
+# called once per listing read, between the IMAGE-level walk and the study-level count
+# (role "source" or "target", study UID, read number from 1); tests change a node there
+ListingHook = Callable[[str, str, int], None]
+
+
+class UnstableListing(MigrationError):
+    """A node's listing of a study did not settle within the tries or the deadline."""
+
+    def __init__(self, message: str, notes: list[str]) -> None:
+        super().__init__(message)
+        self.notes = notes
 
 
 def list_studies(client: DimseClient) -> list[str]:
@@ -383,56 +423,141 @@ def list_studies(client: DimseClient) -> list[str]:
     return list(dict.fromkeys(u for u in uids if u))
 
 
-def _find_on(assoc, client: DimseClient, level: str, keys: dict[str, str | None]) -> list:
-    """One Study Root C-FIND over an open association; anything but success raises."""
-    result = client.find_over(assoc, level, keys)
+def _find(client: DimseClient, level: str, keys: dict[str, str | None]) -> list:
+    """One Study Root C-FIND on its own association; anything but success raises.
+
+    Not several over one association: pynetdicom's association thread (3.0.4) can take the
+    response to a C-FIND sent right after another and drop it as an unexpected message.
+    Under load that lost a match in 32 of 3480 back-to-back queries (and left some without
+    their final response), none in 2250 queries on associations of their own.
+    """
+    result = client.find(level, keys)
     if not result.ok:
         raise MigrationError(f"peer {client}: {level} C-FIND answered {result.status}")
     return result.matches
 
 
+def _reported_instances(matches: list) -> int | None:
+    """NumberOfStudyRelatedInstances of a study-level answer (PS3.4 C.3.4): 0 when the
+    node has no such study, None when it does not return the (optional) attribute."""
+    if not matches:
+        return 0
+    value = matches[0].get("NumberOfStudyRelatedInstances")
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 def study_content(
-    client: DimseClient, study: str, series_uids: list[str] | None = None
+    client: DimseClient,
+    study: str,
+    series_uids: list[str] | None = None,
+    *,
+    between: Callable[[], None] | None = None,
 ) -> StudyContent:
-    """The study's instances via IMAGE-level C-FIND, one query per series.
+    """The study's instances via IMAGE-level C-FIND, one query per series, then the study's
+    own NumberOfStudyRelatedInstances (where the node returns it) to cross-check them.
 
     Walks SERIES then IMAGE (each level with its parent's unique key), which every Q/R SCP
-    supports, strict hierarchical ones like dcmqrscp included; all over one association,
-    since opening one costs more than the queries. `series_uids` skips the series query
-    (for the target: ask about the series the source has).
+    supports, strict hierarchical ones like dcmqrscp included. `series_uids` skips the
+    series query (the count is then not asked: it covers every series). `between` runs
+    after the walk, before the count.
     """
     content = StudyContent()
-    assoc = client.associate([build_context(StudyRootFind)])
-    try:
-        if series_uids is None:
-            found = _find_on(
-                assoc, client, "SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": None}
-            )
-            series_uids = list(
-                dict.fromkeys(
-                    str(ds.SeriesInstanceUID) for ds in found if ds.get("SeriesInstanceUID")
-                )
-            )
-        for series in series_uids:
-            images = _find_on(
-                assoc,
-                client,
-                "IMAGE",
-                {
-                    "StudyInstanceUID": study,
-                    "SeriesInstanceUID": series,
-                    "SOPInstanceUID": None,
-                    "SOPClassUID": None,
-                },
-            )
-            sops = {str(ds.SOPInstanceUID) for ds in images if ds.get("SOPInstanceUID")}
-            content.sop_classes |= {str(ds.SOPClassUID) for ds in images if ds.get("SOPClassUID")}
-            if sops:
-                content.series[series] = sops
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    whole_study = series_uids is None
+    if series_uids is None:
+        found = _find(client, "SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": None})
+        series_uids = list(
+            dict.fromkeys(str(ds.SeriesInstanceUID) for ds in found if ds.get("SeriesInstanceUID"))
+        )
+    for series in series_uids:
+        images = _find(
+            client,
+            "IMAGE",
+            {
+                "StudyInstanceUID": study,
+                "SeriesInstanceUID": series,
+                "SOPInstanceUID": None,
+                "SOPClassUID": None,
+            },
+        )
+        sops = {str(ds.SOPInstanceUID) for ds in images if ds.get("SOPInstanceUID")}
+        content.sop_classes |= {str(ds.SOPClassUID) for ds in images if ds.get("SOPClassUID")}
+        if sops:
+            content.series[series] = sops
+    if between is not None:
+        between()
+    if whole_study:
+        counted = _find(
+            client, "STUDY", {"StudyInstanceUID": study, "NumberOfStudyRelatedInstances": None}
+        )
+        content.reported_instances = _reported_instances(counted)
     return content
+
+
+def _describe_read(content: StudyContent) -> str:
+    listed = len(content.instances)
+    if content.reported_instances is None:
+        return f"{listed} listed"
+    return f"{listed} listed, NumberOfStudyRelatedInstances {content.reported_instances}"
+
+
+def stable_study_content(
+    client: DimseClient,
+    study: str,
+    *,
+    role: str = "node",
+    tries: int = 5,
+    deadline_s: float = 60.0,
+    pause_s: float = 0.2,
+    on_listing: ListingHook | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[StudyContent, list[str]]:
+    """A listing of the study that a second means agrees with, and what was unstable.
+
+    A PACS under load may answer one SERIES or IMAGE C-FIND with fewer matches (Orthanc
+    was seen answering 0), so one listing proves nothing. A read is accepted when the
+    node's NumberOfStudyRelatedInstances (PS3.4 C.3.4) equals the instances listed, or,
+    where the node does not return that count, when two consecutive reads list the same
+    SOP Instance UIDs. At most `tries` reads within `deadline_s`; else UnstableListing.
+    Returns the accepted content and one note per read that disagreed (empty: stable).
+    """
+    notes: list[str] = []
+    reads: list[str] = []
+    previous: StudyContent | None = None
+    deadline = time.monotonic() + deadline_s
+    for read in range(1, tries + 1):
+        hook = (lambda read=read: on_listing(role, study, read)) if on_listing else None
+        content = study_content(client, study, between=hook)
+        reads.append(_describe_read(content))
+        listed = set(content.instances)
+        counted = content.reported_instances
+        if counted is not None:
+            if counted == len(listed):
+                return content, notes
+            notes.append(f"{role} read {read}: {_describe_read(content)}")
+        elif previous is not None and listed == set(previous.instances):
+            return content, notes
+        elif previous is not None:
+            notes.append(
+                f"{role} read {read}: listing changed ({len(previous.instances)} -> "
+                f"{len(listed)} instances)"
+            )
+        previous = content
+        if time.monotonic() >= deadline or read == tries:
+            break
+        if stop is not None and stop.is_set():
+            break
+        if stop is None:
+            time.sleep(pause_s)
+        else:
+            stop.wait(pause_s)
+    raise UnstableListing(
+        f"{role} {client}: listing of study {study} did not settle in {len(reads)} reads "
+        f"({'; '.join(reads)})",
+        notes,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -531,6 +656,9 @@ class Migrator:
     rate_limit is in studies per second (the unit of work), over all workers together.
     Retries: each study gets 1 + `retries` attempts, waiting backoff_s, 2*backoff_s, ...
     between them. Workers are capped by the target's own limit (dcmqrscp: 1 association).
+    Each listing (source and target) takes at most `listing_tries` reads within
+    `listing_timeout_s` to settle; `on_listing` is called during each read (tests use it
+    to change a node between two reads).
     """
 
     def __init__(
@@ -545,6 +673,9 @@ class Migrator:
         retries: int = 3,
         backoff_s: float = 0.5,
         confirm_timeout_s: float = 10.0,
+        listing_tries: int = 5,
+        listing_timeout_s: float = 60.0,
+        on_listing: ListingHook | None = None,
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"method {method!r}: unknown (allowed: {', '.join(METHODS)})")
@@ -554,6 +685,8 @@ class Migrator:
             raise ConfigError(f"rate limit: must be > 0 studies/s, got {rate_limit}")
         if retries < 0 or backoff_s < 0:
             raise ConfigError("retries and backoff must be >= 0")
+        if listing_tries < 2:
+            raise ConfigError(f"listing tries: must be >= 2, got {listing_tries}")
         if source.name == target.name:
             raise ConfigError(f"source and target are the same node ({source.name})")
         self.source, self.target, self.method = source, target, method
@@ -563,6 +696,9 @@ class Migrator:
         self.retries = retries
         self.backoff_s = backoff_s
         self.confirm_timeout_s = confirm_timeout_s
+        self.listing_tries = listing_tries
+        self.listing_timeout_s = listing_timeout_s
+        self.on_listing = on_listing
         self.state_path = Path(state_path)
         self._check_method()
         self.state: MigrationState | None = None
@@ -729,17 +865,22 @@ class Migrator:
             send_id = None
             try:
                 if source_content is None:
-                    source_content = study_content(self.source.dimse(), uid)
+                    listed = self._listing(self.source, "source", uid, outcome)
+                    if not listed.instances:
+                        raise MigrationError(
+                            f"source {self.source.name} lists no instance of study {uid}"
+                        )
+                    source_content = listed
                     state.record_instances(uid, source_content.instances)
                     outcome.instances = len(source_content.instances)
-                missing = self._missing(uid, source_content)
+                missing = self._missing(uid, source_content, outcome)
                 if missing and send:
                     send_id = state.start_send(self.run_id, uid, attempt, self.method)
                     sent = self._send(uid, source_content)
                     outcome.instances_sent += sent
                     state.finish_send(send_id, sent, None)
                     send_id = None
-                    missing = self._wait_confirmed(uid, source_content)
+                    missing = self._wait_confirmed(uid, source_content, outcome)
                 if missing:
                     raise MigrationError(
                         f"{len(missing)} of {len(source_content.instances)} instances not on "
@@ -763,17 +904,45 @@ class Migrator:
         outcome.elapsed_s = time.monotonic() - start
         return outcome
 
-    def _missing(self, uid: str, source_content: StudyContent) -> set[str]:
+    def _listing(self, node: Node, role: str, uid: str, outcome: StudyOutcome) -> StudyContent:
+        """The study as `node` lists it once the listing settled; disagreeing reads are
+        noted in the outcome and the state file (also when it never settles)."""
+        state = self.open()
+        try:
+            content, notes = stable_study_content(
+                node.dimse(),
+                uid,
+                role=role,
+                tries=self.listing_tries,
+                deadline_s=self.listing_timeout_s,
+                on_listing=self.on_listing,
+                stop=self._stop,
+            )
+        except UnstableListing as exc:
+            gave_up = [*exc.notes, str(exc)]
+            outcome.unstable_listings += gave_up
+            state.record_unstable(self.run_id, uid, gave_up, settled=False)
+            raise
+        if notes:
+            outcome.unstable_listings += notes
+            state.record_unstable(self.run_id, uid, notes, settled=True)
+        return content
+
+    def _missing(
+        self, uid: str, source_content: StudyContent, outcome: StudyOutcome
+    ) -> set[str]:
         """SOP Instance UIDs of the source study that the target's C-FIND does not show."""
-        on_target = study_content(self.target.dimse(), uid, list(source_content.series))
+        on_target = self._listing(self.target, "target", uid, outcome)
         wanted = set(source_content.instances)
         return wanted - set(on_target.instances)
 
-    def _wait_confirmed(self, uid: str, source_content: StudyContent) -> set[str]:
+    def _wait_confirmed(
+        self, uid: str, source_content: StudyContent, outcome: StudyOutcome
+    ) -> set[str]:
         """Poll the target briefly: some PACS index what they received a moment later."""
         deadline = time.monotonic() + self.confirm_timeout_s
         while True:
-            missing = self._missing(uid, source_content)
+            missing = self._missing(uid, source_content, outcome)
             if not missing or time.monotonic() >= deadline or self._stop.is_set():
                 return missing
             time.sleep(0.5)

@@ -47,8 +47,6 @@ def _present_on(target: Node) -> Callable[[str], bool]:
     return check
 
 
-
-
 def _percent(share: float | None) -> str:
     return "-" if share is None else f"{share * 100:.1f}%"
 
@@ -83,6 +81,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
         out.print("availability: " + "; ".join(parts))
     for study, error in list(result["errors"].items())[:20]:
         out.print(f"[red]failed[/] study {study}: {error}")
+    unstable = result.get("unstable_listings") or {}
+    if unstable:
+        out.print(
+            f"[yellow]{len(unstable)} studies with unstable listings[/] (a read disagreed "
+            "with the study count or with the next read; see table unstable_listings)"
+        )
+    for study, notes in list(unstable.items())[:20]:
+        out.print(f"[yellow]unstable listing[/] study {study}: {'; '.join(notes)}")
 
 
 @click.command("migrate")
@@ -151,8 +157,10 @@ def migrate_command(
     """Migrate every study from one node to another, resumably, with zero-loss proof.
 
     A study counts as migrated once the target's C-FIND lists every SOP instance the
-    source has. Killed or interrupted? Run the same command again: confirmed studies are
-    not sent again. Exit 1 if any study is not on the target at the end.
+    source has, each listing agreeing with the node's study count or with a second read
+    (listings that changed between reads are reported). Killed or interrupted? Run the
+    same command again: confirmed studies are not sent again. Exit 1 if any study is not
+    on the target at the end.
     """
     from harness.cluster import Cluster, reachable_node, state_dir_for
     from harness.config import resolve_topology

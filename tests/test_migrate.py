@@ -338,3 +338,151 @@ def test_refusals_name_the_node(cluster, tmp_path):
         timeout=60,
     )
     assert done.returncode == 2
+
+
+# -- listings are not taken on one read ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unsteady():
+    """dcmqrscp (returns no NumberOfStudyRelatedInstances: two reads must agree) as source,
+    the embedded PACS (returns it: the count must agree) as target."""
+    for binary in ("dcmqrscp",):
+        if not find_binary(binary):
+            pytest.skip(f"{binary} not installed (install: apt-get install dcmtk)")
+    cluster = Cluster.launch(parse_topology(
+        "name: unsteady\nnodes:\n"
+        "  old: {kind: dcmqrscp, ae_title: OLDARCH}\n"
+        "  new: {kind: embedded, ae_title: NEWARCH}\n"
+    ))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _store_on_read(node: Node, role: str, study, reads: set[int]):
+    """A listing hook that C-STOREs the next instance of `study` into `node` during the
+    given reads of the `role` listing: the node really changes between two reads."""
+    pending = list(study)
+    uid = study[0].StudyInstanceUID
+
+    def hook(listing_role: str, listing_study: str, read: int) -> None:
+        if (listing_role, listing_study, read) in {(role, uid, r) for r in reads} and pending:
+            stored = node.dimse().store([pending.pop(0)])
+            assert stored.ok, stored.failed[0].error
+
+    return hook
+
+
+def _unstable_rows(state: Path) -> list[tuple[str, str, int]]:
+    with sqlite3.connect(state) as conn:
+        return conn.execute(
+            "SELECT study_instance_uid, detail, settled FROM unstable_listings ORDER BY id"
+        ).fetchall()
+
+
+def test_source_listing_checked_against_its_study_count(cluster, tmp_path):
+    """Orthanc returns NumberOfStudyRelatedInstances: an instance stored between the
+    IMAGE-level listing and the count makes the read disagree; the next read is used."""
+    source, target = cluster.node("central"), cluster.node("sink")
+    target.wipe()
+    study = sample_study(seed=4242, instances=3)
+    uid = study[0].StudyInstanceUID
+    assert source.dimse().store(study[:2]).ok
+    hook = _store_on_read(source, "source", study[2:], {1})
+    try:
+        with Migrator(source, target, state_path=tmp_path / "s.sqlite", on_listing=hook) as m:
+            result = m.run()
+    finally:
+        (orthanc_id,) = [r["ID"] for r in source.rest().lookup(uid) if r["Type"] == "Study"]
+        source.rest().delete(f"/studies/{orthanc_id}")
+    assert result.ok, result.errors
+    assert list(result.unstable_listings) == [uid]  # the other studies: one agreeing read
+    assert result.unstable_listings[uid] == [
+        "source read 1: 2 listed, NumberOfStudyRelatedInstances 3"
+    ]
+    (outcome,) = [o for o in result.outcomes if o.study_instance_uid == uid]
+    assert outcome.instances == 3 and outcome.status == "migrated"
+    # the target's own index holds the whole study, the instance stored late included
+    assert target.statistics().instances == CONTENT["central"][0] * 3 + 3
+    assert _unstable_rows(tmp_path / "s.sqlite") == [
+        (uid, "source read 1: 2 listed, NumberOfStudyRelatedInstances 3", 1)
+    ]
+    assert result.as_dict()["unstable_listings"] == {uid: result.unstable_listings[uid]}
+
+
+def test_source_listing_must_be_read_twice_alike(unsteady, tmp_path):
+    """dcmqrscp returns no count: a listing is taken when two consecutive reads agree."""
+    source, target = unsteady.node("old"), unsteady.node("new")
+    source.wipe()
+    target.wipe()
+    study = sample_study(seed=4343, instances=3)
+    uid = study[0].StudyInstanceUID
+    assert source.dimse().store(study[:2]).ok
+    hook = _store_on_read(source, "source", study[2:], {1})
+    with Migrator(source, target, state_path=tmp_path / "s.sqlite", on_listing=hook) as m:
+        result = m.run()
+    assert result.ok, result.errors
+    assert result.unstable_listings == {uid: ["source read 2: listing changed (2 -> 3 instances)"]}
+    assert result.outcomes[0].instances == 3
+    assert target.statistics().instances == 3  # embedded's SQLite index
+
+
+def test_listing_that_never_settles_is_not_confirmed(unsteady, tmp_path):
+    source, target = unsteady.node("old"), unsteady.node("new")
+    source.wipe()
+    target.wipe()
+    study = sample_study(seed=4444, instances=6)
+    uid = study[0].StudyInstanceUID
+    assert source.dimse().store(study[:1]).ok
+    hook = _store_on_read(source, "source", study[1:], {1, 2, 3, 4})  # a new one each read
+    state = tmp_path / "s.sqlite"
+    with Migrator(source, target, state_path=state, retries=0, listing_tries=4,
+                  on_listing=hook) as m:
+        result = m.run()
+    assert not result.ok and result.failed == 1
+    assert "did not settle in 4 reads (1 listed; 2 listed; 3 listed; 4 listed)" in (
+        result.errors[uid]
+    )
+    assert result.unstable_listings[uid][:3] == [
+        f"source read {n}: listing changed ({n - 1} -> {n} instances)" for n in (2, 3, 4)
+    ]
+    with sqlite3.connect(state) as conn:
+        assert conn.execute("SELECT state FROM studies").fetchall() == [("failed",)]
+        assert conn.execute("SELECT count(*) FROM sends").fetchone()[0] == 0
+    assert {settled for _uid, _detail, settled in _unstable_rows(state)} == {0}
+    assert target.statistics().instances == 0
+
+
+def test_target_listing_changed_between_reads_is_reported(unsteady, tmp_path):
+    """An instance appears on the target (embedded: returns the count) during a read."""
+    source, target = unsteady.node("old"), unsteady.node("new")
+    source.wipe()
+    target.wipe()
+    study = sample_study(seed=4545, instances=3)
+    uid = study[0].StudyInstanceUID
+    assert source.dimse().store(study[:2]).ok
+    hook = _store_on_read(target, "target", study[2:], {1})  # only the target gets it
+    with Migrator(source, target, state_path=tmp_path / "s.sqlite", on_listing=hook) as m:
+        result = m.run()
+    assert result.ok, result.errors
+    assert result.unstable_listings == {
+        uid: ["target read 1: 0 listed, NumberOfStudyRelatedInstances 1"]
+    }
+    assert result.outcomes[0].instances == 2 and result.outcomes[0].instances_sent == 2
+    assert target.statistics().instances == 3
+
+
+def test_summary_names_unstable_listings(capsys):
+    """What `pacs-harness migrate` prints for a study whose listing changed between reads."""
+    from harness.migrate import MigrationResult, StudyOutcome
+    from harness.migrate_cli import _print_summary
+
+    result = MigrationResult("move", "legacy", "web", studies_total=1)
+    note = "source read 1: 2 listed, NumberOfStudyRelatedInstances 3"
+    result.add(StudyOutcome("1.2.3", "migrated", instances=3, unstable_listings=[note]))
+    _print_summary({"state": "s.sqlite", "result": result.as_dict()})
+    printed = capsys.readouterr().out
+    assert "1 studies with unstable listings" in printed
+    assert f"unstable listing study 1.2.3: {note}" in printed
