@@ -984,8 +984,9 @@ class Migrator:
             result = self.source.dimse().get(
                 "STUDY",
                 {"StudyInstanceUID": uid},
-                # the study's own SOP classes (any, not only common ones), as contexts allow
-                sop_classes=sorted(content.sop_classes) if len(content.sop_classes) <= 16 else None,
+                # the study's own SOP classes, as listed (get() looks them up again only
+                # when they do not fit one association)
+                sop_classes=sorted(content.sop_classes) or None,
                 on_instance=relay,
                 keep=False,
             )
