@@ -249,7 +249,7 @@ def test_verify_crawls_both_nodes_and_writes_the_findings(cluster, tmp_path):
         "verdict": "pass",
         "counts": {"source": source.statistics().as_dict(),
                    "target": target.statistics().as_dict()},
-        "missing": 0, "extra": 0, "altered": 0,
+        "missing": 0, "extra": 0, "altered": 0, "unretrievable": 0,
     }
     assert seen == {"source", "target"}
     assert result.exit_code == 0 and result.findings.findings == []
