@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -213,11 +214,17 @@ class Archives:
         return proc.returncode, json.loads((out / "findings.json").read_text())
 
     def inventory(self, node: str, depth: str) -> tuple[int, dict]:
+        """`pacs-harness inventory --json`: exit code, summary (with the ledger's issues)."""
         self.runs += 1
-        proc = self.cli("inventory", "--node", node, "--depth", depth, "--ledger",
-                        str(self.workdir / f"inventory-{self.runs}.sqlite"), "--json")
+        ledger = self.workdir / f"inventory-{self.runs}.sqlite"
+        proc = self.cli("inventory", "--node", node, "--depth", depth, "--ledger", str(ledger),
+                        "--json")
         assert proc.returncode in (0, 1), proc.stderr
-        return proc.returncode, json.loads(proc.stdout)
+        summary = json.loads(proc.stdout)
+        with sqlite3.connect(ledger) as conn:
+            summary["issue_lines"] = [" ".join(r) for r in conn.execute(
+                "SELECT study_uid, sop_uid, problem FROM issues")]
+        return proc.returncode, summary
 
 
 def _external_topology(cluster: Cluster, path: Path) -> Path:
@@ -260,10 +267,15 @@ def honest(archives):
     return archives
 
 
+def _details(findings: dict) -> list[str]:
+    return [f["detail"] for f in findings["findings"]] + findings["warnings"]
+
+
 def _single_finding(before: dict, after: dict) -> dict:
-    assert before["findings"] == [], before["by_type"]
+    """The one finding `after` has; `before` (the honest copy) must have none."""
+    assert before["findings"] == [], _details(before)
     assert after["verdict"] == "fail"
-    assert len(after["findings"]) == 1, after["by_type"]
+    assert len(after["findings"]) == 1, _details(after)
     return after["findings"][0]
 
 
