@@ -21,6 +21,11 @@ Rollups, so that one defect is one finding:
   reported once for the highest entity they cover entirely (patient, study, series, else each
   instance), but not higher than the level the attributes belong to (StudyDate at most study,
   Modality at most series). `altered_pixels` rolls up the same way.
+- recompressed_lossy: pixels or LossyImageCompression that show a lossy recompression (see
+  `_lossy`) are that finding, not altered_pixels/altered_attributes. The transfer syntax
+  itself is never compared: content is (docs/verification.md).
+- unretrievable: a listed instance whose retrieval failed, one finding per instance on the
+  side where it failed; it is not compared, and not missing or extra either.
 
 Outputs: findings.json (machine-readable, every finding with its UIDs), findings.csv (one row
 per finding and attribute), summary.txt (counts, findings by type, verdict pass/fail).
