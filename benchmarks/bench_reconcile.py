@@ -61,7 +61,7 @@ def _instance(n: int, variant: str = "") -> tuple[tuple, tuple]:
              "PatientID": f"P{patient:07d}", "PatientName": f"Name^{patient}"}
     row = (sop, series_uid, study_uid, f"P{patient:07d}", "SITE.MRN", f"Name^{patient}",
            "19700101", "F", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "ISO_IR 100",
-           _h(f"k{n}"), _h(f"a{n}{variant}"), _h(f"p{n}"), "decoded", 1)
+           _h(f"k{n}"), _h(f"a{n}{variant}"), _h(f"p{n}"), "decoded", 1, None)
     return row, (sop, json.dumps(attrs, sort_keys=True))
 
 

@@ -6,9 +6,12 @@ study at a time:
 
 - depth `attributes`: the study's instances with their key attributes, from C-FIND at SERIES
   and IMAGE level over one association, or from one QIDO-RS request;
-- depth `full`: every instance retrieved (WADO-RS streamed per study where the node serves
-  DICOMweb, else C-GET streamed with `keep=False`), its attributes normalised and its pixels
-  decoded and hashed; nothing is written to disk but the ledger.
+- depth `full`: the study's instances listed as at depth `attributes`, then every instance
+  retrieved (WADO-RS streamed per study where the node serves DICOMweb, else C-GET streamed
+  with `keep=False`), its attributes normalised and its pixels decoded and hashed; nothing is
+  written to disk but the ledger. The listing is the truth of what exists: an instance that
+  is listed but not retrieved keeps its listing row with `retrieval_error` set (and an issue),
+  so counts at depth full equal those at depth attributes.
 
 `sample=N` (depth full only) retrieves N studies fully, chosen by a hash of their
 StudyInstanceUID so that a source and a target crawled with the same N retrieve the same
@@ -21,6 +24,7 @@ Killed half-way, a crawl resumes at the first study not yet committed (the listi
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -79,7 +83,8 @@ class CrawlSummary:
     studies_retrieved: int = 0  # fully retrieved (all at depth full, N with a sample)
     instances_retrieved: int = 0
     pixels_undecoded: int = 0  # hashed as raw bytes: no decoder here for their syntax
-    issues: int = 0
+    unretrievable: int = 0  # listed, but retrieving them failed (kept with the reason)
+    issues: int = 0  # what the crawl could not read or the node answered inconsistently
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -158,7 +163,7 @@ class _DimseSource:
                                  on_instance=on_instance, keep=False)
         problems = [(uid, f"C-GET failed for this instance ({result.status})")
                     for uid in result.failed_sop_instance_uids]
-        if not result.ok or (result.failed and not problems):
+        if not problems and (not result.ok or result.failed):  # failures without their UIDs
             problems.append(("", f"C-GET answered {result.status} "
                                  f"({result.failed} failed sub-operations)"))
         return problems
@@ -243,13 +248,16 @@ class _DicomwebSource:
             if rsp.status_code >= 400:
                 return [("", f"WADO-RS answered HTTP {rsp.status_code}")]
             problems = []
-            for payload in _multipart(rsp):
-                try:
-                    ds = dcmread(BytesIO(payload))
-                except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
-                    problems.append(("", f"WADO-RS part is not DICOM ({exc})"))
-                    continue
-                on_dataset(ds, str(ds.file_meta.get("TransferSyntaxUID", "")) or None)
+            try:
+                for payload in _multipart(rsp):
+                    try:
+                        ds = dcmread(BytesIO(payload))
+                    except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
+                        problems.append(("", f"WADO-RS part is not DICOM ({exc})"))
+                        continue
+                    on_dataset(ds, str(ds.file_meta.get("TransferSyntaxUID", "")) or None)
+            except requests.RequestException as exc:
+                problems.append(("", f"WADO-RS response broke off ({exc.__class__.__name__})"))
         return problems
 
 
@@ -393,6 +401,7 @@ def crawl(
                                         ).fetchone()[0]
         summary.pixels_undecoded = q("SELECT count(*) FROM instances WHERE pixel_mode = 'raw'"
                                      ).fetchone()[0]
+        summary.unretrievable = ledger.unretrievable()
         summary.issues = q("SELECT count(*) FROM issues").fetchone()[0]
         summary.elapsed_s = round(time.perf_counter() - started, 3)
         ledger.set_meta(summary=summary.as_dict())
@@ -450,9 +459,20 @@ def _series_row(attrs: dict[str, Any], study_uid: str) -> SeriesRow:
 
 
 def _crawl_full(ledger: Ledger, source: Any, study_uid: str, stored_syntax: bool) -> None:
-    series: dict[str, SeriesRow] = {}
-    rows: list[InstanceRow] = []
+    """List the study's instances, then retrieve them; an instance that is listed but not
+    retrieved keeps its listing-level row with the reason in `retrieval_error`, so a failed
+    retrieval is a fact in the ledger, never a missing row (the listing is what exists)."""
+    study_keys = ledger.study_keys(study_uid)
+    listed: dict[str, InstanceRow] = {}
     issues: list[tuple[str, str]] = []
+    for keys in source.instances(study_uid):
+        if not keys.get("SOPInstanceUID"):
+            issues.append(("", "an IMAGE-level match without SOPInstanceUID"))
+            continue
+        row = row_from_keys({**study_keys, **keys, "StudyInstanceUID": study_uid})
+        listed.setdefault(row.sop_uid, row)
+    retrieved: dict[str, InstanceRow] = {}
+    series: dict[str, SeriesRow] = {}
 
     def on_dataset(ds: Dataset, transfer_syntax: str | None) -> None:
         try:
@@ -461,20 +481,43 @@ def _crawl_full(ledger: Ledger, source: Any, study_uid: str, stored_syntax: bool
                 row.transfer_syntax = None
         except Exception as exc:  # noqa: BLE001 - one unreadable object must not stop a crawl
             uid = str(ds.get("SOPInstanceUID", ""))
-            issues.append((uid, f"could not read the retrieved instance: {exc}"))
+            failed[uid] = f"the retrieved instance could not be read: {exc}"
             return
         if row.study_uid != study_uid:
             issues.append((row.sop_uid, f"retrieved with study {study_uid} but belongs to "
                                         f"study {row.study_uid}"))
-        rows.append(row)
+        retrieved[row.sop_uid] = row
         if row.series_uid not in series:
             series[row.series_uid] = SeriesRow(
                 row.series_uid, row.study_uid, str(ds.get("Modality", "") or ""),
                 str(ds.get("SeriesNumber", "") or ""), str(ds.get("SeriesDescription", "") or ""))
 
-    issues.extend(source.retrieve(study_uid, on_dataset))
+    failed: dict[str, str] = {}
+    general = []
+    for uid, problem in source.retrieve(study_uid, on_dataset):
+        if uid:
+            failed.setdefault(uid, problem)
+        else:
+            general.append(problem)
+    issues.extend(("", problem) for problem in general)
+    not_received = f"not received ({'; '.join(general) or 'no error reported'})"
+    rows: list[InstanceRow] = []
+    for uid, row in listed.items():
+        if uid in retrieved:
+            rows.append(retrieved.pop(uid))
+            continue
+        row.retrieval_error = failed.get(uid, not_received)
+        issues.append((uid, f"listed but not retrieved: {row.retrieval_error}"))
+        rows.append(row)
+        attrs = json.loads(row.attrs_json)
+        if row.series_uid not in series:
+            series[row.series_uid] = _series_row(attrs, study_uid)
+    for uid, row in retrieved.items():  # answered by the retrieval, absent from the listing
+        issues.append((uid, "retrieved but not listed by the node's query"))
+        rows.append(row)
     reported = ledger.conn.execute("SELECT reported_instances FROM studies WHERE study_uid = ?",
                                    (study_uid,)).fetchone()[0]
-    if reported is not None and reported != len(rows):
-        issues.append(("", f"the node reports {reported} instances, {len(rows)} were retrieved"))
+    if reported is not None and reported != len(listed):
+        issues.append(("", f"the node reports {reported} instances, its listing has "
+                           f"{len(listed)}"))
     ledger.commit_study(study_uid, series.values(), rows, issues)

@@ -18,7 +18,15 @@ the encoding is normalised away before hashing:
   `UN` after a change to implicit VR equals its explicit-VR original;
 - `pixel_digest` hashes the *decoded* pixels (dtype, shape, values), so a lossless change of
   transfer syntax is equal; when a syntax cannot be decoded here the raw PixelData bytes are
-  hashed instead and `pixel_mode` says `raw`.
+  hashed instead and `pixel_mode` says `raw`;
+- colour pixels are decoded to RGB (pydicom converts YBR_FULL, YBR_FULL_422, ... when it
+  decodes), so PhotometricInterpretation of a colour image is recorded as `RGB` whichever
+  colour model it was stored in: a JPEG decoded on retrieval (YBR_FULL_422 -> RGB, PS3.5
+  8.2.1) has the same row as its original.
+
+An instance that was listed but could not be retrieved keeps its listing-level row
+(`retrieved` 0) with the reason in `retrieval_error`: it is never dropped, so counts at depth
+full equal those at depth attributes and reconciliation reports it as unretrievable.
 
 Patient identity (PatientID, IssuerOfPatientID, PatientName, PatientBirthDate, PatientSex),
 SOPInstanceUID and SpecificCharacterSet are columns of their own and are left out of
@@ -57,7 +65,7 @@ from pydicom.multival import MultiValue
 
 from harness.errors import ConfigError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: instances.retrieval_error
 
 #: Patient identity: a column each in `instances`, not part of attrs_digest.
 IDENTITY_COLUMNS: dict[str, str] = {
@@ -177,6 +185,10 @@ _DROPPED_TAGS = frozenset(
         0xFFFCFFFC,  # DataSetTrailingPadding
     }
 )
+#: Colour models whose pixels pydicom decodes to RGB (PS3.3 C.7.6.3.1.2): stored as "RGB".
+_COLOUR_MODELS = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420",
+                            "YBR_PARTIAL_422", "YBR_ICT", "YBR_RCT"})
+_PHOTOMETRIC = 0x00280004
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
                        "UI", "UR", "UT"})
 _INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV"})
@@ -327,6 +339,8 @@ def normalise(ds: Dataset, inherited: list[str] | None = None) -> dict[str, Any]
         except Exception:  # noqa: BLE001 - an unreadable value is still a value to compare
             raw = ds.get_item(tag)
             value = _bytes_repr(bytes(getattr(raw, "value", b"") or b""), encodings)
+        if tag == _PHOTOMETRIC and value in _COLOUR_MODELS:
+            value = "RGB"  # pixels are compared decoded to RGB (see pixel_digest)
         out[attr_name(int(tag))] = value
     return out
 
@@ -403,6 +417,8 @@ class InstanceRow:
     pixel_mode: str | None
     retrieved: int
     attrs_json: str
+    retrieval_error: str | None = None  # listed, but retrieving it failed: why
+
 
     def values(self) -> tuple:
         return tuple(getattr(self, c) for c in INSTANCE_COLUMNS)
@@ -411,7 +427,7 @@ class InstanceRow:
 INSTANCE_COLUMNS: tuple[str, ...] = (
     "sop_uid", "series_uid", "study_uid", "patient_id", "issuer", "patient_name",
     "birth_date", "sex", "sop_class", "transfer_syntax", "charset", "keys_digest",
-    "attrs_digest", "pixel_digest", "pixel_mode", "retrieved",
+    "attrs_digest", "pixel_digest", "pixel_mode", "retrieved", "retrieval_error",
 )
 
 
@@ -499,7 +515,8 @@ CREATE TABLE IF NOT EXISTS instances (
     birth_date TEXT NOT NULL, sex TEXT NOT NULL,
     sop_class TEXT NOT NULL, transfer_syntax TEXT, charset TEXT,
     keys_digest TEXT NOT NULL, attrs_digest TEXT, pixel_digest TEXT, pixel_mode TEXT,
-    retrieved INTEGER NOT NULL
+    retrieved INTEGER NOT NULL,
+    retrieval_error TEXT  -- listed but not retrievable (depth full): the reason
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS instance_attrs (sop_uid TEXT PRIMARY KEY, attrs_json TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS issues (
@@ -672,7 +689,8 @@ class Ledger:
         return json.loads(row[0]) if row else {}
 
     def counts(self) -> dict[str, int]:
-        """Patients and studies as listed, series and instances as crawled."""
+        """Patients and studies as listed, series and instances as listed (retrievable or
+        not: the listing is what the node holds)."""
         q = self.conn.execute
         return {
             "patients": q("SELECT count(*) FROM patients").fetchone()[0],
@@ -680,6 +698,11 @@ class Ledger:
             "series": q("SELECT count(*) FROM series").fetchone()[0],
             "instances": q("SELECT count(*) FROM instances").fetchone()[0],
         }
+
+    def unretrievable(self) -> int:
+        """Listed instances whose retrieval failed (depth full)."""
+        return self.conn.execute("SELECT count(*) FROM instances "
+                                 "WHERE retrieval_error IS NOT NULL").fetchone()[0]
 
     def issues(self) -> list[dict[str, str]]:
         return [{"study_uid": s, "sop_uid": i, "problem": p}

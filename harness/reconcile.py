@@ -21,6 +21,11 @@ Rollups, so that one defect is one finding:
   reported once for the highest entity they cover entirely (patient, study, series, else each
   instance), but not higher than the level the attributes belong to (StudyDate at most study,
   Modality at most series). `altered_pixels` rolls up the same way.
+- recompressed_lossy: pixels or LossyImageCompression that show a lossy recompression (see
+  `_lossy`) are that finding, not altered_pixels/altered_attributes. The transfer syntax
+  itself is never compared: content is (docs/verification.md).
+- unretrievable: a listed instance whose retrieval failed, one finding per instance on the
+  side where it failed; it is not compared, and not missing or extra either.
 
 Outputs: findings.json (machine-readable, every finding with its UIDs), findings.csv (one row
 per finding and attribute), summary.txt (counts, findings by type, verdict pass/fail).
@@ -49,15 +54,18 @@ from harness.ledger import (
     SERIES_ATTRS,
     STUDY_ATTRS,
 )
-from harness.rules import Rules, load_rules
+from harness.rules import LOSSLESS_SYNTAXES, Rules, load_rules
 
 LEVELS = ("patient", "study", "series", "instance")
 FINDING_TYPES = (
     "missing_patient", "missing_study", "missing_series", "missing_instance",
     "extra_patient", "extra_study", "extra_series", "extra_instance",
-    "altered_attributes", "altered_pixels", "duplicate_instance",
-    "patient_reassignment", "study_reassignment",
+    "unretrievable", "altered_attributes", "altered_pixels", "recompressed_lossy",
+    "duplicate_instance", "patient_reassignment", "study_reassignment",
 )
+#: Attributes a lossy compression sets (PS3.3 C.7.6.1.1.5); reported as recompressed_lossy.
+LOSSY_ATTRS = frozenset({"LossyImageCompression", "LossyImageCompressionRatio",
+                         "LossyImageCompressionMethod"})
 _COMPARED_WHEN_NOT_RETRIEVED = (*KEY_ATTRS, *IDENTITY_COLUMNS, "SOPClassUID")
 _CHUNK = 500  # UIDs per IN (...) list
 
@@ -95,6 +103,7 @@ class Findings:
     extra: int  # target instances absent from the source (duplicates included)
     altered: int  # instances present on both sides that differ beyond the rules
     rules: dict[str, Any]
+    unretrievable: int = 0  # listed instances that could not be retrieved (either side)
     sample: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -118,6 +127,7 @@ class Findings:
             "missing": self.missing,
             "extra": self.extra,
             "altered": self.altered,
+            "unretrievable": self.unretrievable,
             "by_type": self.by_type(),
             "source": self.source,
             "target": self.target,
@@ -140,7 +150,8 @@ class Findings:
             f"verdict: {self.verdict.upper()} ({len(self.findings)} findings)",
             f"source: {line(src)}  [{self.source}]",
             f"target: {line(tgt)}  [{self.target}]",
-            f"instances missing: {self.missing}, extra: {self.extra}, altered: {self.altered}",
+            f"instances missing: {self.missing}, extra: {self.extra}, altered: {self.altered}"
+            f", unretrievable: {self.unretrievable}",
         ]
         if self.findings:
             out.append("findings: " + ", ".join(f"{t} {n}" for t, n in self.by_type().items()))
@@ -243,6 +254,7 @@ def _same_sql(rules: Rules) -> str:
         "a.series_uid = b.series_uid",
         "a.study_uid = b.study_uid",
         "(a.sop_class = b.sop_class OR a.sop_class = '' OR b.sop_class = '')",
+        "a.retrieval_error IS NULL AND b.retrieval_error IS NULL",
         "(CASE WHEN a.retrieved = 1 AND b.retrieved = 1 "
         "THEN a.attrs_digest IS b.attrs_digest AND a.pixel_digest IS b.pixel_digest "
         "ELSE a.keys_digest = b.keys_digest END)",
@@ -261,9 +273,6 @@ def _same_sql(rules: Rules) -> str:
             conds.append(f"b.{column} = a.{column}")
     if not rules.charset_conversion and "SpecificCharacterSet" not in rules.ignore:
         conds.append("(a.charset IS NULL OR b.charset IS NULL OR a.charset = b.charset)")
-    if not rules.lossless_transfer_syntax_change:
-        conds.append("(a.transfer_syntax IS NULL OR b.transfer_syntax IS NULL "
-                     "OR a.transfer_syntax = b.transfer_syntax)")
     return "(" + " AND ".join(conds) + ")"
 
 
@@ -443,7 +452,12 @@ class _Reconciler:
 
     # -- altered ----------------------------------------------------------------------
     def _diff(self, a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, tuple], bool]:
-        """Attribute differences the rules do not allow, and whether pixels changed."""
+        """Attribute differences the rules do not allow, and whether pixels changed.
+
+        The transfer syntax is never compared by itself: it is an encoding (PS3.5 10), and
+        retrieval may change it (a PACS decompressing for an SCU that did not offer the stored
+        syntax). What a syntax change can lose shows in the decoded pixels, and a lossy
+        recompression is told apart by `_lossy` (recompressed_lossy)."""
         rules = self.rules
         ja, jb = json.loads(a["attrs_json"]), json.loads(b["attrs_json"])
         both = a["retrieved"] and b["retrieved"]
@@ -466,9 +480,6 @@ class _Reconciler:
         if "PatientID" not in rules.ignore and not rules.patient_id_allowed(
                 a["patient_id"], a["issuer"], b["patient_id"]):
             diff["PatientID"] = (a["patient_id"], b["patient_id"])  # e.g. a required prefix
-        if a["transfer_syntax"] and b["transfer_syntax"] and \
-                a["transfer_syntax"] != b["transfer_syntax"]:
-            diff["TransferSyntaxUID"] = (a["transfer_syntax"], b["transfer_syntax"])
         allowed = set()
         for name, (before, after) in diff.items():
             if name in rules.ignore:
@@ -480,11 +491,6 @@ class _Reconciler:
                 allowed.add(name)
             elif name == "SpecificCharacterSet" and rules.charset_conversion:
                 allowed.add(name)
-            elif name == "TransferSyntaxUID" and rules.transfer_syntax_allowed(
-                    before, after, (not pixels_changed) if both else None):
-                allowed.add(name)
-        if pixels_changed and "TransferSyntaxUID" in diff:
-            allowed.add("TransferSyntaxUID")  # reported with the pixels: one defect, one finding
         return {k: v for k, v in diff.items() if k not in allowed}, pixels_changed
 
     def _other_source_patient(self, pair: dict[str, Any]) -> tuple[str, str] | None:
@@ -514,11 +520,17 @@ class _Reconciler:
             a = dict(zip(INSTANCE_COLUMNS, values[:n], strict=True))
             b = dict(zip(INSTANCE_COLUMNS, values[n:2 * n], strict=True))
             a["attrs_json"], b["attrs_json"] = values[2 * n], values[2 * n + 1]
+            if a["retrieval_error"] is not None or b["retrieval_error"] is not None:
+                continue  # reported as unretrievable; nothing to compare it with
             diff, pixels = self._diff(a, b)
-            if diff or pixels:
+            lossy = _lossy(a, b, diff, pixels)
+            if lossy:
+                diff = {k: v for k, v in diff.items() if k not in LOSSY_ATTRS}
+            if diff or pixels or lossy:
                 a["patient"] = self.patient_of("s", a["study_uid"], (a["patient_id"], a["issuer"]))
                 del a["attrs_json"], b["attrs_json"]  # memory: keep what the findings need
-                pairs.append({"a": a, "b": b, "diff": diff, "pixels": pixels})
+                pairs.append({"a": a, "b": b, "diff": diff, "pixels": pixels and not lossy,
+                              "lossy": lossy})
         if not pairs:
             return 0
         self.altered_studies = {p["a"]["study_uid"] for p in pairs}
@@ -526,7 +538,7 @@ class _Reconciler:
         self._reassignments(pairs, compared)
         self._rollup_altered(pairs, compared)
         return len({p["a"]["sop_uid"] for p in pairs if p["diff"] or p["pixels"]
-                    or p.get("reassigned")})
+                    or p["lossy"] or p.get("reassigned")})
 
     def _compared_counts(self, patients: set[tuple[str, str]]) -> dict[str, Any]:
         """Instances present on both sides, per series, study and patient (for rollups)."""
@@ -598,6 +610,8 @@ class _Reconciler:
                 groups[("altered_attributes", signature)].append(pair)
             if pair["pixels"]:
                 groups[("altered_pixels", "")].append(pair)
+            if pair["lossy"]:
+                groups[("recompressed_lossy", "")].append(pair)
         for (kind, _), items in groups.items():
             cap = _cap_level(items[0]["diff"]) if kind == "altered_attributes" else 0
             self._rollup_group(kind, items, compared, cap)
@@ -636,6 +650,9 @@ class _Reconciler:
                  "instance": f"instance {first['sop_uid']}"}[level]
         if kind == "altered_pixels":
             detail = f"pixel data of {where} changed ({len(sops)} instance(s))"
+        elif kind == "recompressed_lossy":
+            detail = (f"{where} recompressed with loss ({len(sops)} instance(s)): "
+                      f"{members[0]['lossy']}")
         else:
             detail = f"{', '.join(sorted(diff))} changed on {where} ({len(sops)} instance(s))"
         self.findings.append(Finding(
@@ -645,8 +662,27 @@ class _Reconciler:
             sop_uid=first["sop_uid"] if level == "instance" else "",
             instances=len(sops), sop_uids=sops,
             attributes={k: {"before": v[0], "after": v[1]} for k, v in sorted(diff.items())},
-            related=_pixel_details(members) if kind == "altered_pixels" else {},
+            related=_pixel_details(members) if kind != "altered_attributes" else {},
             detail=detail))
+
+    # -- unretrievable ------------------------------------------------------------------
+    def unretrievable(self) -> int:
+        """One finding per listed instance that could not be retrieved, on its side: its
+        content is unknown, so it is neither missing nor compared (see inventory.py)."""
+        number = 0
+        for alias, side in (("s", "source"), ("t", "target")):
+            for sop, series, study, pid, issuer, error in self.conn.execute(
+                    f"SELECT sop_uid, series_uid, study_uid, patient_id, issuer, "
+                    f"retrieval_error FROM {alias}.instances "
+                    "WHERE retrieval_error IS NOT NULL ORDER BY sop_uid"):
+                number += 1
+                self.findings.append(Finding(
+                    "unretrievable", "instance", *self.patient_of(alias, study, (pid, issuer)),
+                    study_uid=study, series_uid=series, sop_uid=sop, sop_uids=[sop],
+                    related={"side": side, "error": error},
+                    detail=f"instance {sop} is listed by the {side} but could not be "
+                           f"retrieved: {error}"))
+        return number
 
     # -- sample and warnings ------------------------------------------------------------
     def sample(self, meta: dict[str, dict[str, str]]) -> dict[str, Any] | None:
@@ -683,8 +719,10 @@ class _Reconciler:
             if meta[alias].get("transfer_syntax") == "unknown" and \
                     meta[alias].get("depth") == "full":
                 self.warnings.append(
-                    f"transfer syntaxes not compared: the {name} node ({meta[alias].get('kind')})"
-                    " may convert instances on retrieval (pixels were compared decoded)")
+                    f"stored transfer syntaxes unknown: the {name} node "
+                    f"({meta[alias].get('kind')}) may convert instances on retrieval (pixels "
+                    "were compared decoded; a lossy recompression shows as altered pixels "
+                    "unless LossyImageCompression says so)")
         if meta["s"].get("depth") != meta["t"].get("depth"):
             self.warnings.append(
                 f"ledgers crawled at different depths (source {meta['s'].get('depth')}, target "
@@ -696,6 +734,20 @@ def _pixel_details(members: list[dict[str, Any]]) -> dict[str, Any]:
     syntaxes = Counter((m["a"]["transfer_syntax"], m["b"]["transfer_syntax"]) for m in members)
     return {"transfer_syntax": [{"before": a, "after": b, "instances": n}
                                 for (a, b), n in sorted(syntaxes.items(), key=str)]}
+
+
+def _lossy(a: dict[str, Any], b: dict[str, Any], diff: dict[str, tuple], pixels: bool) -> str:
+    """Why the target copy looks lossily recompressed ('' when it does not): the source
+    says its pixels were never lossily compressed and the target says they were
+    (LossyImageCompression "01", PS3.3 C.7.6.1.1.5), or the pixels differ and only the
+    target's known transfer syntax is a lossy one."""
+    before, after = diff.get("LossyImageCompression", (None, None))
+    if after == "01" and before != "01":
+        return f"LossyImageCompression {before!r} -> {after!r}"
+    ts_a, ts_b = a["transfer_syntax"], b["transfer_syntax"]
+    if pixels and ts_a and ts_b and ts_a in LOSSLESS_SYNTAXES and ts_b not in LOSSLESS_SYNTAXES:
+        return f"transfer syntax {ts_a} -> {ts_b} (lossy) and the pixels differ"
+    return ""
 
 
 def _cap_level(diff: dict[str, tuple]) -> int:
@@ -725,6 +777,7 @@ def reconcile(source_ledger: str | os.PathLike[str], target_ledger: str | os.Pat
         rec.differences()
         missing, extra = rec.missing_and_extra()
         altered = rec.altered()
+        unretrievable = rec.unretrievable()
         rec.crawl_warnings(meta)
         sample = rec.sample(meta)
     finally:
@@ -734,7 +787,8 @@ def reconcile(source_ledger: str | os.PathLike[str], target_ledger: str | os.Pat
                                                    f.series_uid, f.sop_uid))
     return Findings(
         source=str(source), target=str(target), counts=counts, findings=findings,
-        missing=missing, extra=extra, altered=altered, rules=rules.as_dict(), sample=sample,
+        missing=missing, extra=extra, altered=altered, unretrievable=unretrievable,
+        rules=rules.as_dict(), sample=sample,
         warnings=rec.warnings, elapsed_s=round(time.perf_counter() - started, 3),
     )
 
@@ -796,12 +850,17 @@ class VerifyResult:
         return self.findings.altered
 
     @property
+    def unretrievable(self) -> int:
+        return self.findings.unretrievable
+
+    @property
     def exit_code(self) -> int:
         return self.findings.exit_code
 
     def as_json(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "counts": self.counts, "missing": self.missing,
-                "extra": self.extra, "altered": self.altered}
+                "extra": self.extra, "altered": self.altered,
+                "unretrievable": self.unretrievable}
 
 
 def verify(

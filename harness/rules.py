@@ -11,8 +11,11 @@ A rules file is YAML; every field is optional and an empty file allows no change
       required: true               # false: an unchanged PatientID is accepted as well
     added: [IssuerOfPatientID]     # may be absent in the source and present in the target
     charset_conversion: true       # SpecificCharacterSet may change (the text must not)
-    lossless_transfer_syntax_change: true   # e.g. implicit -> explicit VR, or -> RLE
     ignore: [StationName, "(0009,1001)"]    # never compared
+
+A transfer syntax change is never a finding by itself (content is compared decoded, see
+docs/verification.md); a lossy recompression always is (`recompressed_lossy`). The old field
+`lossless_transfer_syntax_change` is still accepted and has no effect.
 
 Mistakes are one ConfigError line naming file, line and field, like topology files:
 ``rules.yaml:4: prefix.by_issuer.NGH01.MRN: must be a text prefix, got 12``.
@@ -40,7 +43,7 @@ FIELDS = {
 PREFIX_FIELDS = ("by_issuer", "default", "required")
 _TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
 
-#: Transfer syntaxes that keep every pixel value (anything else may be lossy).
+#: Transfer syntaxes that keep every pixel value (anything else may be lossy, PS3.5 8).
 LOSSLESS_SYNTAXES = frozenset(
     {
         "1.2.840.10008.1.2",  # Implicit VR Little Endian
@@ -89,18 +92,6 @@ class Rules:
             if prefix and target_id.startswith(prefix):
                 candidates.add(target_id[len(prefix):])
         return candidates
-
-    def transfer_syntax_allowed(self, before: str | None, after: str | None,
-                                pixels_equal: bool | None) -> bool:
-        """A syntax change is allowed by the rule when pixels are equal (or, when they were
-        not compared, when the new syntax is a lossless one)."""
-        if before == after or before is None or after is None:
-            return True
-        if not self.lossless_transfer_syntax_change:
-            return False
-        if pixels_equal is not None:
-            return pixels_equal
-        return after in LOSSLESS_SYNTAXES
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -1,7 +1,10 @@
 """`pacs-harness inventory` and `pacs-harness verify`: crawl nodes, prove what was lost.
 
 Exit codes: verify exits 0 when nothing was lost or altered outside the rules, 1 when
-something was (the findings say what), 2 for bad input, 3 when a node does not answer.
+something was (the findings say what); inventory exits 0 when it read everything the node
+listed, 1 when it could not (instances listed but not retrievable, or other issues: the
+ledger's issues table says which; counts still cover everything listed). Both: 2 for bad
+input, 3 when a node does not answer.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ def _nodes(topology_path: str | None, *names: str):
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def inventory_command(node_name: str, depth: str, sample: int | None, ledger: str | None,
                       topology_path: str | None, as_json: bool) -> None:
-    """Crawl every patient, study, series and instance of a node into a ledger."""
+    """Crawl every patient, study, series and instance of a node into a ledger.
+
+    Exit 1 when something listed could not be read (see `issues` and `unretrievable`).
+    """
     from harness.inventory import crawl
 
     (node,) = _nodes(topology_path, node_name)
@@ -54,7 +60,13 @@ def inventory_command(node_name: str, depth: str, sample: int | None, ledger: st
     if as_json:
         out.print_json(json.dumps(result, default=str))
     else:
-        out.print(" ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, dict)))
+        out.print(" ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, dict)),
+                  markup=False, highlight=False)
+    if summary.issues:
+        console.print(f"inventory incomplete: {summary.issues} issues, {summary.unretrievable} "
+                      f"instances listed but not retrievable (see the issues table of {path})",
+                      markup=False, highlight=False)
+        sys.exit(EXIT_FINDINGS)
 
 
 @click.command("verify")
@@ -70,7 +82,7 @@ def inventory_command(node_name: str, depth: str, sample: int | None, ledger: st
               help="where ledgers and findings go (default: verify-SOURCE-TARGET/)")
 @click.option("--topology", "-t", "topology_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--json", "as_json", is_flag=True,
-              help="print {verdict, counts, missing, extra, altered}")
+              help="print {verdict, counts, missing, extra, altered, unretrievable}")
 def verify_command(source_name: str, target_name: str, depth: str, rules: str | None,
                    sample: int | None, out_dir: str | None, topology_path: str | None,
                    as_json: bool) -> None:
@@ -94,7 +106,8 @@ def verify_command(source_name: str, target_name: str, depth: str, rules: str | 
     if as_json:
         out.print_json(json.dumps(result.as_json()))
     else:
-        out.print(result.findings.summary_text())
-        console.print(f"findings: {workdir}/ (findings.json, findings.csv)")
+        out.print(result.findings.summary_text(), markup=False, highlight=False)
+        console.print(f"findings: {workdir}/ (findings.json, findings.csv)", markup=False,
+                      highlight=False)
     if result.verdict != "pass":
         sys.exit(EXIT_FINDINGS)

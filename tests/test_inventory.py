@@ -17,6 +17,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
 )
@@ -249,10 +250,29 @@ def test_verify_crawls_both_nodes_and_writes_the_findings(cluster, tmp_path):
         "verdict": "pass",
         "counts": {"source": source.statistics().as_dict(),
                    "target": target.statistics().as_dict()},
-        "missing": 0, "extra": 0, "altered": 0,
+        "missing": 0, "extra": 0, "altered": 0, "unretrievable": 0,
     }
     assert seen == {"source", "target"}
     assert result.exit_code == 0 and result.findings.findings == []
     for name in ("findings.json", "findings.csv", "summary.txt", "source.ledger.sqlite",
                  "target.ledger.sqlite"):
         assert (tmp_path / "verify" / name).is_file()
+
+
+def test_a_jpeg_decoded_on_retrieval_has_the_row_of_its_original():
+    """What a PACS does for an SCU that did not offer JPEG: decode it (YBR_FULL_422 -> RGB,
+    explicit VR little endian). Same content, so the same digests (PS3.5 8.2.1)."""
+    from tests.realworld import valid_files
+
+    originals = [f for f in valid_files() if f.transfer_syntax_uid == JPEGBaseline8Bit
+                 and dcmread(f.path, stop_before_pixels=True).get(
+                     "PhotometricInterpretation", "").startswith("YBR")]
+    assert originals, "the corpus has no YBR JPEG baseline image"
+    for item in originals:
+        original = dcmread(item.path)
+        decoded = dcmread(item.path)
+        decoded.decompress()  # pydicom converts to RGB and sets PhotometricInterpretation
+        assert decoded.PhotometricInterpretation == "RGB"
+        a, b = row_from_dataset(original), row_from_dataset(_file_roundtrip(decoded))
+        assert (a.attrs_digest, a.pixel_digest) == (b.attrs_digest, b.pixel_digest), item.name
+        assert (a.pixel_mode, b.transfer_syntax) == ("decoded", ExplicitVRLittleEndian)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import sqlite3
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import JPEGBaseline8Bit, RLELossless, generate_uid
 
 from harness.errors import ConfigError
 from harness.ledger import (
@@ -306,7 +307,13 @@ def only_types(findings) -> set[str]:
     return {f.type for f in findings.findings}
 
 
-def test_transfer_syntax_rule_and_lossy_change(archive, tmp_path):
+def _set_rows(ledger: Path, sql: str, *params: object) -> None:
+    """Edit a finished ledger the way a crawl of another node would have written it."""
+    with sqlite3.connect(ledger) as conn:
+        assert conn.execute(sql, params).rowcount == 1
+
+
+def test_transfer_syntax_is_never_a_finding_but_lossy_recompression_is(archive, tmp_path):
     def recompressed(plus_one: bool) -> Callable[[list[Dataset]], list[Dataset]]:
         def change(items: list[Dataset]) -> list[Dataset]:
             for ds in items:
@@ -318,18 +325,56 @@ def test_transfer_syntax_rule_and_lossy_change(archive, tmp_path):
             return items
         return change
 
-    rules = "lossless_transfer_syntax_change: true\n"
     lossless = changed(archive, recompressed(False))
-    assert pair(tmp_path / "a", archive, lossless, rules).verdict == "pass"
-    strict = pair(tmp_path / "b", archive, lossless)
-    assert {n for f in strict.findings for n in f.attributes} == {"TransferSyntaxUID"}
-    change = strict.findings[0].attributes["TransferSyntaxUID"]
-    assert change == {"before": ExplicitVRLittleEndian, "after": RLELossless}
+    assert pair(tmp_path / "a", archive, lossless).verdict == "pass"
+    old_rule = "lossless_transfer_syntax_change: false\n"  # still accepted, no effect
+    assert pair(tmp_path / "b", archive, lossless, old_rule).verdict == "pass"
 
-    lossy = pair(tmp_path / "c", archive, changed(archive, recompressed(True)), rules)
-    finding = only(lossy)
+    plus_one = pair(tmp_path / "c", archive, changed(archive, recompressed(True)))
+    finding = only(plus_one)  # RLE is lossless: a changed value is an alteration
     assert (finding.type, finding.sop_uid) == ("altered_pixels", archive[0].SOPInstanceUID)
     assert finding.related["transfer_syntax"][0]["after"] == RLELossless
+
+    # lossy on the target only, pixels differ: recompressed_lossy, not altered_pixels
+    findings = pair(tmp_path / "d", archive, changed(archive, recompressed(True)))
+    _set_rows(Path(findings.target), "UPDATE instances SET transfer_syntax = ? WHERE sop_uid = ?",
+              JPEGBaseline8Bit, archive[0].SOPInstanceUID)
+    finding = only(reconcile(findings.source, findings.target))
+    assert (finding.type, finding.sop_uid, finding.attributes) == (
+        "recompressed_lossy", archive[0].SOPInstanceUID, {})
+
+    # lossy syntax but every decoded value kept: nothing was lost
+    findings = pair(tmp_path / "e", archive, lossless)
+    _set_rows(Path(findings.target), "UPDATE instances SET transfer_syntax = ? WHERE sop_uid = ?",
+              JPEGBaseline8Bit, archive[0].SOPInstanceUID)
+    assert reconcile(findings.source, findings.target).verdict == "pass"
+
+    # LossyImageCompression set on the target (PS3.3 C.7.6.1.1.5): one finding of its own type
+    def marked_lossy(items: list[Dataset]) -> list[Dataset]:
+        items[1].LossyImageCompression = "01"
+        items[1].LossyImageCompressionRatio = 10
+        pixels = items[1].pixel_array.copy()
+        pixels.flat[0] += 1
+        items[1].PixelData = pixels.tobytes()
+        return items
+
+    finding = only(pair(tmp_path / "f", archive, changed(archive, marked_lossy)))
+    assert (finding.type, finding.sop_uid, finding.attributes) == (
+        "recompressed_lossy", archive[1].SOPInstanceUID, {})
+    assert "LossyImageCompression" in finding.detail
+
+
+def test_an_unretrievable_instance_is_one_finding_on_its_side(archive, tmp_path):
+    findings = pair(tmp_path, archive, archive)
+    victim = archive[2].SOPInstanceUID
+    _set_rows(Path(findings.target), "UPDATE instances SET retrieved = 0, attrs_digest = NULL, "
+              "pixel_digest = NULL, retrieval_error = 'C-GET failed (0xA702)' WHERE sop_uid = ?",
+              victim)
+    result = reconcile(findings.source, findings.target)
+    finding = only(result)
+    assert (finding.type, finding.sop_uid, finding.related) == (
+        "unretrievable", victim, {"side": "target", "error": "C-GET failed (0xA702)"})
+    assert (result.missing, result.extra, result.altered, result.unretrievable) == (0, 0, 0, 1)
 
 
 def test_attributes_depth_compares_key_attributes_only(archive, tmp_path):
