@@ -64,9 +64,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import build_context
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyRootFind
-
 from harness.dicom.dicomweb import DicomwebClient, parse_multipart
 from harness.dicom.dimse import MAX_CONTEXTS, DimseClient, RetrievedInstance, Status
 from harness.dicom.wire import TransferFailed, WireAssociation
@@ -402,7 +399,7 @@ def study_content(
     (for the target: ask about the series the source has).
     """
     content = StudyContent()
-    assoc = client.associate([build_context(StudyRootFind)])
+    assoc = client.find_association()
     try:
         if series_uids is None:
             found = _find_on(
@@ -430,8 +427,7 @@ def study_content(
             if sops:
                 content.series[series] = sops
     finally:
-        if assoc.is_established:
-            assoc.release()
+        assoc.release()
     return content
 
 
