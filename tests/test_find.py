@@ -9,7 +9,9 @@ SQLite index, the files in dcmqrscp's storage area (pydicom).
 from __future__ import annotations
 
 import multiprocessing
+import socket
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,8 +30,10 @@ from pynetdicom.sop_class import (
 from harness.cluster import Cluster, free_port
 from harness.config import parse_topology
 from harness.dicom.dimse import NO_STATUS, DimseClient, DimseConnectionError
+from harness.dicom.wire import NO_DATASET, encode_command
 from harness.load import DatasetSpec, clone_study, template_instance
 from harness.tools import find_binary
+from tests.test_wire import accept_then, hand_pdu, raw_peer, read_c_store
 
 KINDS = [k for k, binary in (("embedded", None), ("dcmqrscp", "dcmqrscp"), ("orthanc", "Orthanc"))
          if binary is None or find_binary(binary)]
@@ -328,3 +332,26 @@ def test_a_peer_without_the_find_model_is_a_connection_error() -> None:
         client.find_association("study")
     assert "FINDSCP@127.0.0.1" in str(refused.value)
     assert "does not accept C-FIND (study root" in str(refused.value)
+
+
+def _find_rsp(message_id: int, status: int) -> bytes:
+    """A C-FIND-RSP command (PS3.7 9.3.2.2) on presentation context 1, in one P-DATA-TF."""
+    command = encode_command({0x00000002: StudyRootQueryRetrieveInformationModelFind,
+                              0x00000100: 0x8020, 0x00000120: message_id,
+                              0x00000800: NO_DATASET, 0x00000900: status})
+    return hand_pdu(0x04, struct.pack(">IBB", len(command) + 2, 1, 0x03) + command)
+
+
+def test_a_response_to_another_message_is_refused_naming_both() -> None:
+    def answer_for_another_message(conn: socket.socket, peer) -> None:
+        read_c_store(conn)  # the C-FIND-RQ, up to its last identifier fragment
+        conn.sendall(_find_rsp(99, 0x0000))
+
+    with raw_peer(accept_then(answer_for_another_message)) as peer:
+        client = DimseClient("127.0.0.1", peer.port, "PEER", timeout_s=30)
+        found = client.find("STUDY", {"StudyInstanceUID": None})
+        assert found.status == NO_STATUS
+        assert found.error == (f"peer PEER@127.0.0.1:{peer.port}: STUDY C-FIND broken off: "
+                               "C-FIND-RSP to message 99, the request was message 1")
+        assert peer.eof.wait(60)
+        assert peer.after_script == [hand_pdu(0x07, bytes(4))]  # A-ABORT, service-user

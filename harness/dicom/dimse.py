@@ -694,9 +694,14 @@ class DimseClient:
             return self.find(level, keys, model=model)
         start = time.perf_counter()
         identifier = _identifier(level, keys)
-        context = _find_context(assoc, model) if assoc.is_open else None
-        if context is None:
+        if not assoc.is_open:
             return FindResult(NO_STATUS, [], 0.0, f"peer {self}: no open C-FIND association")
+        context = _find_context(assoc, model)
+        if context is None:
+            return FindResult(
+                NO_STATUS, [], 0.0,
+                f"peer {self}: association without C-FIND ({model} root information model)",
+            )
         context_id, syntax = context
         try:
             answer = assoc.find(
