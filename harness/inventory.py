@@ -37,8 +37,6 @@ from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
-from pynetdicom import build_context
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from harness.dicom.dicomweb import DicomwebClient
 from harness.dicom.dimse import DimseClient, RetrievedInstance
@@ -123,21 +121,21 @@ class _DimseSource:
         result = self.client.find_over(assoc, identifier.QueryRetrieveLevel, identifier)
         if not result.ok:
             raise EnvironmentProblem(
-                f"peer {self.client}: {identifier.QueryRetrieveLevel}-level C-FIND "
+                result.error
+                or f"peer {self.client}: {identifier.QueryRetrieveLevel}-level C-FIND "
                 f"answered {result.status}"
             )
         yield from result.matches
 
     def _assoc(self) -> Any:
-        return self.client.associate([build_context(StudyRootQueryRetrieveInformationModelFind)])
+        return self.client.find_association()
 
     def studies(self) -> Iterator[Dataset]:
         assoc = self._assoc()
         try:
             yield from self._find(assoc, _query("STUDY", dict.fromkeys(STUDY_QUERY_KEYS)))
         finally:
-            if assoc.is_established:
-                assoc.release()
+            assoc.release()
 
     def instances(self, study_uid: str) -> Iterator[dict[str, Any]]:
         assoc = self._assoc()
@@ -151,8 +149,7 @@ class _DimseSource:
                 for image in self._find(assoc, _query("IMAGE", image_keys)):
                     yield {**series_attrs, **_keys(image, IMAGE_QUERY_KEYS)}
         finally:
-            if assoc.is_established:
-                assoc.release()
+            assoc.release()
 
     def retrieve(self, study_uid: str, on_dataset: Callable[[Dataset, str], None]
                  ) -> list[tuple[str, str]]:

@@ -423,15 +423,10 @@ def list_studies(client: DimseClient) -> list[str]:
     return list(dict.fromkeys(u for u in uids if u))
 
 
-def _find(client: DimseClient, level: str, keys: dict[str, str | None]) -> list:
-    """One Study Root C-FIND on its own association; anything but success raises.
-
-    Not several over one association: pynetdicom's association thread (3.0.4) can take the
-    response to a C-FIND sent right after another and drop it as an unexpected message.
-    Under load that lost a match in 32 of 3480 back-to-back queries (and left some without
-    their final response), none in 2250 queries on associations of their own.
-    """
-    result = client.find(level, keys)
+def _find(assoc: Any, client: DimseClient, level: str, keys: dict[str, str | None]) -> list:
+    """One Study Root C-FIND over the listing's association (the harness's own wire layer,
+    which reads every response itself: harness/dicom/dimse.py); anything but success raises."""
+    result = client.find_over(assoc, level, keys)
     if not result.ok:
         raise MigrationError(f"peer {client}: {level} C-FIND answered {result.status}")
     return result.matches
@@ -466,33 +461,45 @@ def study_content(
     """
     content = StudyContent()
     whole_study = series_uids is None
-    if series_uids is None:
-        found = _find(client, "SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": None})
-        series_uids = list(
-            dict.fromkeys(str(ds.SeriesInstanceUID) for ds in found if ds.get("SeriesInstanceUID"))
-        )
-    for series in series_uids:
-        images = _find(
-            client,
-            "IMAGE",
-            {
-                "StudyInstanceUID": study,
-                "SeriesInstanceUID": series,
-                "SOPInstanceUID": None,
-                "SOPClassUID": None,
-            },
-        )
-        sops = {str(ds.SOPInstanceUID) for ds in images if ds.get("SOPInstanceUID")}
-        content.sop_classes |= {str(ds.SOPClassUID) for ds in images if ds.get("SOPClassUID")}
-        if sops:
-            content.series[series] = sops
-    if between is not None:
-        between()
-    if whole_study:
-        counted = _find(
-            client, "STUDY", {"StudyInstanceUID": study, "NumberOfStudyRelatedInstances": None}
-        )
-        content.reported_instances = _reported_instances(counted)
+    assoc = client.find_association()
+    try:
+        if series_uids is None:
+            found = _find(
+                assoc, client, "SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": None}
+            )
+            series_uids = list(
+                dict.fromkeys(
+                    str(ds.SeriesInstanceUID) for ds in found if ds.get("SeriesInstanceUID")
+                )
+            )
+        for series in series_uids:
+            images = _find(
+                assoc,
+                client,
+                "IMAGE",
+                {
+                    "StudyInstanceUID": study,
+                    "SeriesInstanceUID": series,
+                    "SOPInstanceUID": None,
+                    "SOPClassUID": None,
+                },
+            )
+            sops = {str(ds.SOPInstanceUID) for ds in images if ds.get("SOPInstanceUID")}
+            content.sop_classes |= {str(ds.SOPClassUID) for ds in images if ds.get("SOPClassUID")}
+            if sops:
+                content.series[series] = sops
+        if between is not None:
+            between()
+        if whole_study:
+            counted = _find(
+                assoc,
+                client,
+                "STUDY",
+                {"StudyInstanceUID": study, "NumberOfStudyRelatedInstances": None},
+            )
+            content.reported_instances = _reported_instances(counted)
+    finally:
+        assoc.release()
     return content
 
 

@@ -76,6 +76,7 @@ from harness.dicom.part10 import (
 )
 from harness.dicom.tcp import prompt_tcp
 from harness.dicom.wire import (
+    DEFAULT_MAX_MATCHES,
     AssociationFailed,
     TransferFailed,
     WireAssociation,
@@ -290,6 +291,7 @@ class FindResult:
     status: Status
     matches: list[Dataset]
     elapsed_s: float
+    error: str | None = None  # why the answer is not a success, naming the peer
 
     @property
     def ok(self) -> bool:
@@ -472,6 +474,8 @@ class DimseClient:
         timeout_s: float = 30.0,
         max_pdu: int = 0,
         max_store_associations: int | None = None,
+        max_find_matches: int = DEFAULT_MAX_MATCHES,
+        find_deadline_s: float = 3600.0,
     ) -> None:
         self.host, self.port, self.called_ae = host, port, called_ae
         self.calling_ae = calling_ae
@@ -479,6 +483,8 @@ class DimseClient:
         self.timeout_s = timeout_s
         self.max_pdu = max_pdu
         self.max_store_associations = max_store_associations
+        self.max_find_matches = max_find_matches  # more is an error, not a memory exhaustion
+        self.find_deadline_s = find_deadline_s  # a whole C-FIND, however the peer trickles
 
     def __repr__(self) -> str:
         return f"{self.called_ae}@{self.host}:{self.port}"
@@ -794,38 +800,84 @@ class DimseClient:
     ) -> FindResult:
         """C-FIND at PATIENT, STUDY, SERIES or IMAGE level; keys with None are return keys."""
         start = time.perf_counter()
-        assoc = self.associate([build_context(_FIND_MODELS[model])])
+        assoc = self.find_association(model)
         try:
             result = self.find_over(assoc, level, keys, model=model)
         finally:
-            if assoc.is_established:
-                assoc.release()
+            assoc.release()
         result.elapsed_s = time.perf_counter() - start
         return result
 
+    def find_association(self, model: str = "study") -> WireAssociation:
+        """An association for C-FINDs of `model` (explicit and implicit VR little endian), for
+        find_over; the caller releases it. DimseConnectionError if the peer refuses the model."""
+        sop_class = _FIND_MODELS[model]
+        assoc = self.wire_association(
+            [(sop_class, ExplicitVRLittleEndian), (sop_class, ImplicitVRLittleEndian)]
+        )
+        if _find_context(assoc, model) is None:
+            assoc.release()
+            raise DimseConnectionError(
+                f"peer {self} does not accept C-FIND ({model} root information model)"
+            )
+        return assoc
+
     def find_over(
         self,
-        assoc,
+        assoc: WireAssociation | Any,
         level: str,
         keys: dict[str, Any] | Dataset | None = None,
         *,
         model: str = "study",
     ) -> FindResult:
-        """C-FIND over an association already open (with the model's context): walking a
-        study series by series costs one association instead of one per query."""
-        identifier = _identifier(level, keys)
-        sop_class = _FIND_MODELS[model]
+        """C-FIND over an association from find_association(model): walking a study series
+        by series costs one association instead of one per query.
+
+        The responses are read on the harness's wire layer (PS3.7 9.1.2), so none can go
+        astray between back-to-back queries. Anything the peer breaks (abort, timeout, more
+        than `max_find_matches`, past `find_deadline_s`) is NO_STATUS with `error` naming
+        the peer; the association is then closed. Any other association (a pynetdicom one)
+        is not used: the query gets a wire association of its own.
+        """
+        if not isinstance(assoc, WireAssociation):
+            return self.find(level, keys, model=model)
         start = time.perf_counter()
-        matches: list[Dataset] = []
-        status = NO_STATUS
-        for rsp_status, rsp_identifier in assoc.send_c_find(identifier, sop_class):
-            if rsp_status is None or "Status" not in rsp_status:
-                status = NO_STATUS  # aborted or timed out mid-answer
-                break
-            status = Status(rsp_status.Status)
-            if status.category == "pending" and rsp_identifier is not None:
-                matches.append(rsp_identifier)
-        return FindResult(status, matches, time.perf_counter() - start)
+        identifier = _identifier(level, keys)
+        if not assoc.is_open:
+            return FindResult(NO_STATUS, [], 0.0, f"peer {self}: no open C-FIND association")
+        context = _find_context(assoc, model)
+        if context is None:
+            return FindResult(
+                NO_STATUS, [], 0.0,
+                f"peer {self}: association without C-FIND ({model} root information model)",
+            )
+        context_id, syntax = context
+        try:
+            answer = assoc.find(
+                context_id,
+                encode_dataset(identifier, syntax),
+                max_matches=self.max_find_matches,
+                deadline_s=self.find_deadline_s,
+            )
+        except TransferFailed as exc:
+            assoc.abort()
+            return FindResult(
+                NO_STATUS, [], time.perf_counter() - start,
+                f"peer {self}: {level} C-FIND broken off: {exc}",
+            )
+        status = Status(answer.status)
+        error = None
+        if status.category != "success":
+            comment = f" ({answer.error_comment})" if answer.error_comment else ""
+            error = f"peer {self}: {level} C-FIND answered {status}{comment}"
+        try:
+            matches = [decode_dataset(data, syntax) for data in answer.matches]
+        except (ValueError, TypeError, EOFError, struct.error) as exc:
+            return FindResult(
+                NO_STATUS, [], time.perf_counter() - start,
+                f"peer {self}: {level} C-FIND match that cannot be decoded: {exc}",
+            )
+        return FindResult(status, matches, time.perf_counter() - start, error)
 
     # -- C-MOVE ----------------------------------------------------------------------
     def move(
@@ -1157,9 +1209,6 @@ class _Lookup:
         self.client = client
         self.model = model
         self.assoc = assoc
-        self.context: tuple[int, str] | None = None
-        if assoc is not None:
-            self._choose_context()
         self.walked: dict[str, list[dict[str, str]] | None] = {}
 
     def close(self) -> None:
@@ -1170,36 +1219,12 @@ class _Lookup:
     def find(self, level: str, keys: dict[str, Any]) -> list[Dataset] | None:
         """Matches of one C-FIND, or None when the node cannot answer it."""
         if self.assoc is None:
-            sop_class = _FIND_MODELS[self.model]
-            self.assoc = self.client.wire_association(
-                [(sop_class, ExplicitVRLittleEndian), (sop_class, ImplicitVRLittleEndian)]
-            )
-            self._choose_context()
-        if self.context is None or not self.assoc.is_open:
-            return None
-        context_id, syntax = self.context
-        try:
-            answers = self.assoc.find(context_id, encode_dataset(_identifier(level, keys), syntax))
-        except TransferFailed:
-            self.assoc.abort()
-            self.context = None
-            return None
-        if Status(answers[-1][0]).category != "success":
-            return None
-        try:
-            return [decode_dataset(data, syntax) for status, data in answers[:-1] if data]
-        except (ValueError, TypeError, EOFError, struct.error):
-            return None
-
-    def _choose_context(self) -> None:
-        assert self.assoc is not None
-        sop_class = _FIND_MODELS[self.model]
-        found = [
-            (self.assoc.accepted[(sop_class, ts)], ts)
-            for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-            if (sop_class, ts) in self.assoc.accepted
-        ]
-        self.context = found[0] if found else None
+            try:
+                self.assoc = self.client.find_association(self.model)
+            except DimseConnectionError:
+                return None
+        result = self.client.find_over(self.assoc, level, keys, model=self.model)
+        return result.matches if result.ok else None
 
     def classes(self, identifier: Dataset) -> list[str] | None:
         """The storage SOP classes the retrieve will meet, or None when the node cannot say."""
@@ -1261,6 +1286,16 @@ class _Lookup:
             for lvl in wanted
             if identifier.get(_UNIQUE_KEYS[lvl])
         }
+
+
+def _find_context(assoc: WireAssociation, model: str) -> tuple[int, str] | None:
+    """The accepted C-FIND context of `model` (context id, transfer syntax), explicit VR
+    little endian first."""
+    sop_class = _FIND_MODELS[model]
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        if (sop_class, syntax) in assoc.accepted:
+            return assoc.accepted[(sop_class, syntax)], syntax
+    return None
 
 
 def _model_levels(model: str) -> tuple[str, ...]:

@@ -1,13 +1,15 @@
-"""DIMSE on a plain socket for C-STORE and C-GET: encoded datasets go to the wire as they are.
+"""DIMSE on a plain socket for C-STORE, C-GET and C-FIND: datasets go to the wire as they are.
 
 Why not pynetdicom here: storing and retrieving are where the client's own cost decides the
 result (load tests, migrations, contract ingest and retrieval times). pynetdicom moves every
 dataset through several Python layers and threads (~5-8 ms per 0.5 MB instance here); this
 module frames bytes into P-DATA-TF PDUs with a few slices and one `sendall` per few MB, and
 reassembles what arrives the same way, so one association runs at the PACS's pace
-(docs/performance.md). Echo, find and move stay on pynetdicom.
+(docs/performance.md). C-FIND is here because pynetdicom 3.0.4's association thread can take
+a C-FIND response off its queue when C-FINDs follow each other on one association (lost
+matches under load: benchmarks/repro_find_loss.py). Echo and move stay on pynetdicom.
 
-Scope, all of PS3.8 that these two need: A-ASSOCIATE-RQ/AC/RJ with one presentation context
+Scope, all of PS3.8 that these need: A-ASSOCIATE-RQ/AC/RJ with one presentation context
 per (SOP class, transfer syntax) and SCP role selection for C-GET's sub-operations, maximum
 PDU length both ways, P-DATA-TF with command and dataset fragments, A-RELEASE, A-ABORT both
 ways, the ARTIM timer. One operation at a time (no asynchronous operations window), as PACSs
@@ -44,6 +46,8 @@ UNLIMITED_PDU_CHUNK = 1 << 20  # fragment size when the peer announces no limit
 SEND_BATCH = 4 << 20  # bytes of dataset framed per sendall
 LARGEST_PDU_READ = 16 << 20  # anything longer is a broken or hostile peer
 LARGEST_COMMAND = 1 << 20  # a command set is a few hundred bytes (PS3.7 9.3, 10.3)
+LARGEST_IDENTIFIER = 16 << 20  # a C-FIND response identifier holds a few attributes
+DEFAULT_MAX_MATCHES = 1_000_000  # C-FIND matches kept in memory for one query
 DEFAULT_ARTIM_S = 30.0  # PS3.8 9.1.5; pynetdicom's ACSE timeout has the same default
 
 
@@ -57,6 +61,16 @@ class TransferFailed(Exception):
 
 class CommandSetError(PduError):
     """A command set (PS3.7 6.3, implicit VR little endian) that cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class FindAnswer:
+    """What the peer answered to one C-FIND-RQ: the final status (and its comment) and the
+    identifiers of the pending responses, encoded in the context's transfer syntax."""
+
+    status: int
+    error_comment: str
+    matches: list[bytes]
 
 
 @dataclass(frozen=True)
@@ -365,8 +379,11 @@ class WireAssociation:
             )
         return pdv
 
-    def _read_message(self) -> tuple[int, dict[int, bytes], bytes | None]:
-        """The next DIMSE message: context id, command elements, dataset bytes (or None)."""
+    def _read_message(
+        self, largest_dataset: int | None = None
+    ) -> tuple[int, dict[int, bytes], bytes | None]:
+        """The next DIMSE message: context id, command elements, dataset bytes (or None);
+        a dataset longer than `largest_dataset` aborts the association."""
         command: list[bytes] = []
         size = context_id = 0
         while True:
@@ -389,6 +406,7 @@ class WireAssociation:
         if command_us(elements, 0x00000800, NO_DATASET) == NO_DATASET:
             return context_id, elements, None
         dataset: list[bytes] = []
+        size = 0
         while True:
             pdv = self._next_pdv()
             if pdv.is_command:
@@ -399,6 +417,9 @@ class WireAssociation:
                     f"{context_id}",
                 )
             dataset.append(pdv.fragment)
+            size += len(pdv.fragment)
+            if largest_dataset is not None and size > largest_dataset:
+                self._fail(f"dataset longer than {largest_dataset} bytes")
             if pdv.is_last:
                 return context_id, elements, b"".join(dataset)
 
@@ -473,10 +494,22 @@ class WireAssociation:
                 self._fail(f"unexpected DIMSE command 0x{field:04X} during C-GET")
 
     # -- C-FIND ---------------------------------------------------------------------------------
-    def find(self, context_id: int, identifier: bytes) -> list[tuple[int, bytes | None]]:
-        """C-FIND-RQ with an encoded identifier (PS3.7 9.1.2): (status, identifier bytes) of
-        every response, the final (non-pending) one last. Lets C-GET look up what a study
-        holds without a second, slower pynetdicom association."""
+    def find(
+        self,
+        context_id: int,
+        identifier: bytes,
+        *,
+        max_matches: int = DEFAULT_MAX_MATCHES,
+        deadline_s: float | None = None,
+    ) -> FindAnswer:
+        """C-FIND-RQ with an encoded identifier (PS3.7 9.1.2), read until the final response.
+
+        Every response is read on this thread, off this socket, in order: nothing else can
+        take one (pynetdicom's association thread could, under load). A peer that sends more
+        than `max_matches` pending responses, or is not done within `deadline_s` (each read
+        still waits at most timeout_s), is aborted with TransferFailed saying so; so is a
+        response to another message, or any other DIMSE command."""
+        deadline = None if deadline_s is None else time.monotonic() + deadline_s
         self._message_id = self._message_id % 0xFFFF + 1
         sop_class = self.contexts[context_id][0]
         command = encode_command(
@@ -489,16 +522,32 @@ class WireAssociation:
             }
         )
         self._send_message(context_id, command, identifier)
-        responses: list[tuple[int, bytes | None]] = []
+        matches: list[bytes] = []
         while True:
-            _, elements, data = self._read_message()
-            if command_us(elements, 0x00000100) != 0x8020:
-                self.abort()
-                raise TransferFailed("unexpected DIMSE command during C-FIND")
+            if deadline is not None and time.monotonic() > deadline:
+                self._fail(
+                    f"C-FIND not finished within {deadline_s:g} s "
+                    f"({len(matches)} matches so far)"
+                )
+            _, elements, data = self._read_message(LARGEST_IDENTIFIER)
+            field = command_us(elements, 0x00000100)
+            if field != 0x8020:
+                self._fail(f"unexpected DIMSE command 0x{field:04X} during C-FIND")
+            answered = command_us(elements, 0x00000120)
+            if answered != self._message_id:
+                self._fail(
+                    f"C-FIND-RSP to message {answered}, the request was message "
+                    f"{self._message_id}"
+                )
+            if 0x00000900 not in elements:
+                self._fail("C-FIND-RSP without a status")
             status = command_us(elements, 0x00000900)
-            responses.append((status, data))
-            if status not in (0xFF00, 0xFF01):
-                return responses
+            if status not in (0xFF00, 0xFF01):  # PS3.4 C.4.1.1.4: anything else is final
+                return FindAnswer(status, command_uid(elements, 0x00000902), matches)
+            if data is not None:
+                if len(matches) >= max_matches:
+                    self._fail(f"C-FIND answered more than {max_matches} matches")
+                matches.append(data)
 
     # -- ending ---------------------------------------------------------------------------------
     def release(self) -> None:
