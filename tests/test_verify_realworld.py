@@ -25,15 +25,12 @@ import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import (
-    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEGExtended12Bit,
 )
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.dicom.dimse import COMMON_STORAGE_CLASSES
 from harness.nodes.base import Node
 from harness.nodes.embedded_server import open_index
 from harness.tools import find_binary
@@ -62,20 +59,6 @@ _STORESCU_SYNTAX = {
     "1.2.840.10008.1.2.4.90": "-xv",
     "1.2.840.10008.1.2.4.91": "-xw",
 }
-
-
-def retrievable_today(files: Iterable[CorpusFile]) -> list[CorpusFile]:
-    """The corpus files the harness's C-GET retrieves from the embedded PACS today.
-
-    Its C-GET offers only COMMON_STORAGE_CLASSES (no SEG, RT, ECG, SR other than Basic Text
-    and Enhanced) and cannot receive big endian or 12-bit JPEG (the embedded PACS cannot
-    transcode those into what is offered). Widen this to `list(files)` once C-GET offers every
-    storage class and syntax; every test below then covers the whole corpus.
-    """
-    not_receivable = {ExplicitVRBigEndian, JPEGExtended12Bit}
-    return [f for f in files
-            if f.sop_class_uid in COMMON_STORAGE_CLASSES
-            and f.transfer_syntax_uid not in not_receivable]
 
 
 def storescu(node: Node, files: Iterable[CorpusFile]) -> list[str]:
@@ -248,7 +231,7 @@ def archives(tmp_path_factory):
     cluster = Cluster.launch(topology)
     try:
         source = cluster.node("src")
-        files = retrievable_today(valid_files())
+        files = list(valid_files())
         stored = set(storescu(source, files))
         files = [f for f in files if f.sop_instance_uid in stored]
         assert len(files) >= 20, "storescu stored too little of the corpus to mean anything"
