@@ -84,7 +84,7 @@ def independent_count(node) -> HeldCount | None:
         stats = rest.statistics()
         counts = NodeStatistics(int(stats["CountPatients"]), int(stats["CountStudies"]),
                                 int(stats["CountSeries"]), int(stats["CountInstances"]))
-        return HeldCount(counts, f"Orthanc REST {rest.base_url}/statistics")
+        return HeldCount(counts, "Orthanc REST API: GET /statistics")
     if node.kind == "embedded":
         from harness.nodes import embedded_server
 
