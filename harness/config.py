@@ -17,6 +17,7 @@ orthanc, dcmqrscp, embedded, external)``.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable
@@ -40,10 +41,13 @@ LINK_FIELDS = {
     "from": "a node name (leave out: the harness itself)",
     "to": "a node name",
     "preset": "a WAN preset, e.g. wan-30ms-100mbit",
-    "latency_ms": "a number >= 0",
-    "jitter_ms": "a number >= 0",
-    "bandwidth_mbit": "a number > 0",
+    "latency_ms": "a number >= 0 and <= 60000",
+    "jitter_ms": "a number >= 0 and <= 60000",
+    "bandwidth_mbit": "a number > 0 and <= 100000",
 }
+#: link latency and jitter above a minute would only make every DICOM timeout fire
+MAX_LINK_MS = 60_000
+MAX_LINK_MBIT = 100_000
 NODE_FIELDS = {
     "kind": "orthanc, dcmqrscp, embedded, dcm4chee or external",
     "launch": "process or docker (dcm4chee: docker only)",
@@ -62,6 +66,8 @@ NODE_FIELDS = {
 }
 CREDENTIAL_FIELDS = ("username_env", "password_env")
 AE_TITLE_RE = re.compile(r"^[A-Za-z0-9_\-. ]{1,16}$")
+#: the topology name names the state folder and temporary folders: no path separators
+TOPOLOGY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$")
 
 
@@ -145,26 +151,104 @@ class Topology:
 
 
 # ---------------------------------------------------------------------------------------
-# YAML with line numbers
+# YAML with line numbers, read with limits
+#
+# A configuration file may come from anyone; reading it must never hang nor exhaust memory.
+# Aliases are allowed (a few, for shared settings) but an alias that contains itself is
+# refused, and so is any file whose aliases expand to more than MAX_YAML_NODES values
+# ("billion laughs"). Mapping keys must be plain scalars.
+
+#: largest configuration file read, in bytes
+MAX_CONFIG_BYTES = 1024 * 1024
+#: aliases (*name) allowed in one file
+MAX_YAML_ALIASES = 100
+#: nesting depth of mappings and lists
+MAX_YAML_DEPTH = 50
+#: values after every alias is expanded
+MAX_YAML_NODES = 100_000
 
 
-def _construct(node: yaml.Node, lines: dict[tuple, int], path: tuple) -> Any:
+class _YamlLimit(Exception):
+    """A limit was hit at `line` (1-based)."""
+
+    def __init__(self, line: int, message: str) -> None:
+        self.line, self.message = line, message
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """SafeLoader that counts aliases, refuses recursive ones and bounds the nesting depth."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+        self._open_anchors: list[str] = []
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise _YamlLimit(line, f"more than {MAX_YAML_ALIASES} aliases (*name)")
+            if event.anchor in self._open_anchors:
+                raise _YamlLimit(line, f"recursive alias *{event.anchor} (it contains itself)")
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise _YamlLimit(line, f"nested deeper than {MAX_YAML_DEPTH} levels")
+        anchor = getattr(event, "anchor", None)
+        if anchor:
+            self._open_anchors.append(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            if anchor:
+                self._open_anchors.pop()
+
+
+#: mappings and lists carry only the standard tags (no !!python/..., !!set, !!omap)
+_PLAIN_TAGS = {
+    yaml.MappingNode: "tag:yaml.org,2002:map",
+    yaml.SequenceNode: "tag:yaml.org,2002:seq",
+}
+
+
+class _Builder:
     """Turn a composed YAML node into plain Python, remembering each path's line."""
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        result: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = yaml.safe_load(yaml.serialize(key_node)) if key_node.tag else key_node.value
-            key = str(key)
-            if key in result:
-                raise _DuplicateKey(key, key_node.start_mark.line + 1, path)
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            result[key] = _construct(value_node, lines, (*path, key))
-            lines[(*path, key)] = key_node.start_mark.line + 1
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, lines, (*path, i)) for i, item in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple, int] = {}
+        self.count = 0
+        self.scalars = yaml.SafeLoader("")  # only its scalar constructors are used
+
+    def build(self, node: yaml.Node, path: tuple) -> Any:
+        self.count += 1
+        if self.count > MAX_YAML_NODES:
+            raise _YamlLimit(
+                node.start_mark.line + 1,
+                f"more than {MAX_YAML_NODES} values once aliases are expanded",
+            )
+        self.lines[path] = node.start_mark.line + 1
+        if type(node) in _PLAIN_TAGS and node.tag != _PLAIN_TAGS[type(node)]:
+            raise _YamlLimit(node.start_mark.line + 1, f"unsupported tag {node.tag!r}")
+        if isinstance(node, yaml.MappingNode):
+            result: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key_line = key_node.start_mark.line + 1
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise _YamlLimit(key_line, "a key must be a plain value, not a list or mapping")
+                key = str(self.scalars.construct_object(key_node))
+                if key in result:
+                    raise _DuplicateKey(key, key_line, path)
+                self.lines[(*path, key)] = key_line
+                result[key] = self.build(value_node, (*path, key))
+                self.lines[(*path, key)] = key_line
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        return self.scalars.construct_object(node)
 
 
 class _DuplicateKey(Exception):
@@ -173,24 +257,38 @@ class _DuplicateKey(Exception):
 
 
 def load_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
-    lines: dict[tuple, int] = {}
+    """Parse a configuration file's text with limits; every problem is one ConfigError line
+    ``file:line: ...``. Returns the data and the line of each path (tuple of keys/indexes)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{source}:1: file too large ({len(text)} characters; a configuration file "
+            f"is at most {MAX_CONFIG_BYTES} bytes)"
+        )
+    builder = _Builder()
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise ConfigError(f"{where}: invalid YAML: {exc.problem or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
-    if node is None:
-        return None, lines
-    try:
-        return _construct(node, lines, ()), lines
+        loader = _LimitedLoader(text)
+        try:
+            node = loader.get_single_node()
+        finally:
+            loader.dispose()
+        if node is None:
+            return None, builder.lines
+        return builder.build(node, ()), builder.lines
+    except _YamlLimit as limit:
+        raise ConfigError(f"{source}:{limit.line}: invalid YAML: {limit.message}") from None
     except _DuplicateKey as dup:
         dotted = ".".join(str(p) for p in (*dup.path, dup.key))
         raise ConfigError(f"{source}:{dup.line}: {dotted}: duplicate key") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}" if mark else f"{source}:1"
+        problem = " ".join(str(exc.problem or exc).split())
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"{source}:1: invalid YAML: {message}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}:1: invalid YAML: nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -362,9 +460,16 @@ def parse_topology(text: str, source: str = "<string>") -> Topology:
     for key in data:
         if key not in TOP_LEVEL_FIELDS:
             raise check.fail((key,), f"unknown field (allowed: {', '.join(TOP_LEVEL_FIELDS)})")
-    name = data.get("name", Path(source).stem)
-    if not isinstance(name, str) or not name.strip():
-        raise check.fail(("name",), "must be a non-empty string")
+    if "name" in data:
+        name = data["name"]
+        if not isinstance(name, str) or not TOPOLOGY_NAME_RE.fullmatch(name):
+            raise check.fail(
+                ("name",),
+                f"invalid name {name!r} (allowed: a letter or digit, then letters, digits, "
+                ". _ or -, max 64; it names the state folder)",
+            )
+    else:
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", Path(source).stem).lstrip("._-")[:64] or "topology"
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, dict) or not raw_nodes:
         raise check.fail(("nodes",), "missing or empty: declare at least one node")
@@ -372,6 +477,8 @@ def parse_topology(text: str, source: str = "<string>") -> Topology:
     if not isinstance(settings, dict):
         raise check.fail(("settings",), "must be a mapping")
 
+    for node_name, raw in raw_nodes.items():
+        _refuse_ipv6(check, ("nodes", node_name, "host"), raw)
     nodes = {node_name: _node(check, node_name, raw) for node_name, raw in raw_nodes.items()}
 
     seen_ae: dict[str, str] = {}
@@ -397,15 +504,38 @@ def parse_topology(text: str, source: str = "<string>") -> Topology:
                 )
             seen_ports[(host_key, port)] = (spec.name, port_field)
     links = _links(check, data.get("links"), nodes)
+    if "faults" in settings:
+        from harness.faults import FaultSchedule
+
+        FaultSchedule.from_settings(settings["faults"], "settings.faults", check)
     return Topology(name=name, nodes=nodes, settings=settings, source=source, links=links)
 
 
-def _number(check: Checker, path: tuple, value: Any, minimum: float, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or (
-        value <= minimum if strict else value < minimum
-    ):
+def _refuse_ipv6(check: Checker, path: tuple, raw: Any) -> None:
+    """The harness listens, proxies and connects on IPv4 only (127.0.0.1 for what it
+    launches), so an IPv6 host such as ::1 is refused here rather than failing at `up`."""
+    host = raw.get("host") if isinstance(raw, dict) else None
+    if isinstance(host, str) and ":" in host:
+        raise check.fail(
+            path,
+            f"IPv6 address {host!r} not supported: the harness uses IPv4 only "
+            "(use 127.0.0.1 for loopback)",
+        )
+
+
+def _number(
+    check: Checker, path: tuple, value: Any, minimum: float, strict: bool, maximum: float
+) -> float:
+    """A finite number in range; NaN and infinity are refused (`.nan`, `.inf` in YAML)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok:
+        ok = math.isfinite(value) and (value > minimum if strict else value >= minimum)
+        ok = ok and value <= maximum
+    if not ok:
         relation = ">" if strict else ">="
-        raise check.fail(path, f"must be a number {relation} {minimum:g}, got {value!r}")
+        raise check.fail(
+            path, f"must be a number {relation} {minimum:g} and <= {maximum:g}, got {value!r}"
+        )
     return float(value)
 
 
@@ -429,7 +559,7 @@ def _links(check: Checker, raw: Any, nodes: dict[str, NodeSpec]) -> dict[str, Li
             value = item.get(end)
             if end == "to" and value is None:
                 raise check.fail((*path, "to"), "missing: the node the link leads to")
-            if value is not None and value not in nodes:
+            if value is not None and (not isinstance(value, str) or value not in nodes):
                 raise check.fail(
                     (*path, end), f"unknown node {value!r} (nodes: {', '.join(nodes)})"
                 )
@@ -437,7 +567,7 @@ def _links(check: Checker, raw: Any, nodes: dict[str, NodeSpec]) -> dict[str, Li
             raise check.fail(path, "a link joins two different nodes")
         settings = {"latency_s": 0.0, "jitter_s": 0.0, "bandwidth_bps": None}
         if "preset" in item:
-            if item["preset"] not in WAN_PRESETS:
+            if not isinstance(item["preset"], str) or item["preset"] not in WAN_PRESETS:
                 raise check.fail(
                     (*path, "preset"),
                     f"unknown preset {item['preset']!r} (allowed: {', '.join(WAN_PRESETS)})",
@@ -445,13 +575,14 @@ def _links(check: Checker, raw: Any, nodes: dict[str, NodeSpec]) -> dict[str, Li
             settings.update(WAN_PRESETS[item["preset"]])
         if "latency_ms" in item:
             settings["latency_s"] = _number(check, (*path, "latency_ms"), item["latency_ms"], 0,
-                                            False) / 1000
+                                            False, MAX_LINK_MS) / 1000
         if "jitter_ms" in item:
             settings["jitter_s"] = _number(check, (*path, "jitter_ms"), item["jitter_ms"], 0,
-                                           False) / 1000
+                                           False, MAX_LINK_MS) / 1000
         if "bandwidth_mbit" in item:
             settings["bandwidth_bps"] = _number(
-                check, (*path, "bandwidth_mbit"), item["bandwidth_mbit"], 0, True) * 1e6
+                check, (*path, "bandwidth_mbit"), item["bandwidth_mbit"], 0, True, MAX_LINK_MBIT
+            ) * 1e6
         name = f"{item.get('from') or 'harness'}->{item['to']}"
         if name in links:
             raise check.fail(path, f"duplicate link {name}")
@@ -464,7 +595,14 @@ def read_config_text(path: str | os.PathLike[str], what: str) -> str:
     ConfigError line naming the file."""
     p = Path(path)
     try:
-        return p.read_text(encoding="utf-8")
+        with p.open("rb") as stream:
+            data = stream.read(MAX_CONFIG_BYTES + 1)  # bounded: a device or a huge file
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{p}:1: {what} too large (a configuration file is at most "
+                f"{MAX_CONFIG_BYTES} bytes)"
+            )
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as exc:

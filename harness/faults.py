@@ -11,6 +11,7 @@ from the scenario settings in a background thread and records each on a timeline
 
 from __future__ import annotations
 
+import math
 import queue
 import random
 import signal
@@ -22,13 +23,16 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.dicom.tcp import QUICKACK
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.docker import ContainerHandle
 from harness.launch.process import ProcessHandle
 from harness.nodes.base import Node
+
+if TYPE_CHECKING:
+    from harness.config import Checker
 
 MAX_FAULT_DURATION_S = 600.0  # every fault is bounded in time
 MAX_SCHEDULE_AT_S = 3600.0
@@ -421,6 +425,14 @@ class FaultProxy:
         latency (params: latency_s, jitter_s), bandwidth (params: bps), or a WAN_PRESETS name.
         """
         _check_duration(duration_s, f"link {self.name}: {fault}")
+        for key, value in params.items():
+            low, high, low_open = FAULT_PARAMS.get(fault, {}).get(key, (0.0, 0.0, False))
+            if not _is_number(value, low, high, low_open=low_open):
+                raise ConfigError(
+                    f"link {self.name}: {fault}: {key} must be a number in range "
+                    f"(allowed: {', '.join(FAULT_PARAMS.get(fault, {})) or 'none'}), "
+                    f"got {value!r}"
+                )
         saved = self.snapshot()
         if fault == "cut":
             self.cut()
@@ -451,8 +463,25 @@ class FaultProxy:
         return timer
 
 
+#: parameters of the link faults: (low, high, low excluded)
+FAULT_PARAMS: dict[str, dict[str, tuple[float, float, bool]]] = {
+    "drop": {"rate": (0.0, 1.0, False)},
+    "latency": {"latency_s": (0.0, 60.0, False), "jitter_s": (0.0, 60.0, False)},
+    "bandwidth": {"bps": (0.0, 1e11, True)},
+}
+
+
+def _is_number(value: Any, low: float, high: float, *, low_open: bool = False) -> bool:
+    """A finite int or float (not a bool) in [low, high] (or (low, high])."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if not math.isfinite(value):
+        return False
+    return (value > low if low_open else value >= low) and value <= high
+
+
 def _check_duration(duration_s: Any, what: str) -> None:
-    if not isinstance(duration_s, int | float) or not 0 < duration_s <= MAX_FAULT_DURATION_S:
+    if not _is_number(duration_s, 0, MAX_FAULT_DURATION_S, low_open=True):
         raise ConfigError(
             f"{what}: duration_s must be a number > 0 and <= {MAX_FAULT_DURATION_S:.0f} "
             f"(every fault is bounded in time), got {duration_s!r}"
@@ -635,42 +664,72 @@ class FaultSchedule:
         self._undo: list[threading.Thread] = []
 
     @classmethod
-    def from_settings(cls, raw: Any, where: str = "settings.faults") -> FaultSchedule:
-        """Parse and check a list of {at_s, fault, target, duration_s}; ConfigError names
-        the field."""
+    def from_settings(
+        cls, raw: Any, where: str = "settings.faults", check: Checker | None = None
+    ) -> FaultSchedule:
+        """Parse and check a list of {at_s, fault, target, duration_s, params}; ConfigError
+        names the field (and, given the topology's `check`, the file and line). Every number
+        is finite and in range here, before any fault runs."""
+
+        def fail(index: int | None, key: str | None, message: str) -> ConfigError:
+            if check is not None:
+                path = tuple(where.split(".")) + tuple(p for p in (index, key) if p is not None)
+                return check.fail(path, message)
+            field = where if index is None else f"{where}[{index}]"
+            return ConfigError(f"{field}.{key}: {message}" if key else f"{field}: {message}")
+
         if raw is None:
             return cls([])
         if not isinstance(raw, list):
-            raise ConfigError(f"{where}: must be a list of {{at_s, fault, target, duration_s}}")
+            raise fail(None, None, "must be a list of {at_s, fault, target, duration_s}")
         faults = []
         allowed = (*NODE_FAULTS, *LINK_FAULTS, *WAN_PRESETS)
         for index, item in enumerate(raw):
-            path = f"{where}[{index}]"
             if not isinstance(item, dict):
-                raise ConfigError(f"{path}: must be a mapping with at_s, fault, target")
+                raise fail(index, None, "must be a mapping with at_s, fault, target")
             for key in ("at_s", "fault", "target"):
                 if key not in item:
-                    raise ConfigError(f"{path}.{key}: missing")
+                    raise fail(index, key, "missing")
             at_s = item["at_s"]
-            if not isinstance(at_s, int | float) or not 0 <= at_s <= MAX_SCHEDULE_AT_S:
-                raise ConfigError(
-                    f"{path}.at_s: must be a number of seconds 0-{MAX_SCHEDULE_AT_S:.0f}, "
-                    f"got {at_s!r}"
+            if not _is_number(at_s, 0, MAX_SCHEDULE_AT_S):
+                raise fail(
+                    index, "at_s",
+                    f"must be a number of seconds 0-{MAX_SCHEDULE_AT_S:.0f}, got {at_s!r}",
                 )
             fault = item["fault"]
-            if fault not in allowed:
-                raise ConfigError(
-                    f"{path}.fault: unknown fault {fault!r} (allowed: {', '.join(allowed)})"
+            if not isinstance(fault, str) or fault not in allowed:
+                raise fail(
+                    index, "fault", f"unknown fault {fault!r} (allowed: {', '.join(allowed)})"
                 )
             target = item["target"]
             if not isinstance(target, str) or not target:
-                raise ConfigError(f"{path}.target: must name a node or a link")
+                raise fail(index, "target", "must name a node or a link")
             duration = item.get("duration_s")
             if fault == "restart" and duration is not None:
-                raise ConfigError(f"{path}.duration_s: restart takes no duration")
+                raise fail(index, "duration_s", "restart takes no duration")
             # node kill/stop/pause without a duration last until the scenario ends
-            if fault not in NODE_FAULTS or duration is not None:
-                _check_duration(duration, f"{path}.duration_s")
+            if (fault not in NODE_FAULTS or duration is not None) and not _is_number(
+                duration, 0, MAX_FAULT_DURATION_S, low_open=True
+            ):
+                raise fail(
+                    index, "duration_s",
+                    f"must be a number > 0 and <= {MAX_FAULT_DURATION_S:.0f} "
+                    f"(every fault is bounded in time), got {duration!r}",
+                )
+            allowed_params = FAULT_PARAMS.get(fault, {})
+            for key, value in item.items():
+                if key in cls.FIELDS:
+                    continue
+                if key not in allowed_params:
+                    names = ", ".join((*cls.FIELDS, *allowed_params))
+                    raise fail(index, key, f"unknown field for {fault} (allowed: {names})")
+                low, high, low_open = allowed_params[key]
+                if not _is_number(value, low, high, low_open=low_open):
+                    relation = ">" if low_open else ">="
+                    raise fail(
+                        index, key, f"must be a number {relation} {low:g} and <= {high:g}, "
+                        f"got {value!r}",
+                    )
             params = tuple(sorted((k, v) for k, v in item.items() if k not in cls.FIELDS))
             faults.append(ScheduledFault(float(at_s), fault, target, duration, params))
         return cls(faults)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.config import Checker, load_yaml, read_config_text
+from harness.config import TOPOLOGY_NAME_RE, Checker, load_yaml, read_config_text
 from harness.errors import ConfigError, HarnessError
 from harness.load import Workload, load_workload, run_workload, workload_from_data
 
@@ -46,6 +47,8 @@ METRICS = {
 CLAUSE_FIELDS = ("id", "description", "metric", "operation", "percentile", "threshold",
                  "workload", "phase")
 PHASES = ("staged-rollout", "full")
+#: thresholds beyond this are typing mistakes (and a 400-digit number reads as infinity)
+MAX_THRESHOLD = 1e9
 THRESHOLD_RE = re.compile(r"^\s*(<=|>=|<|>)\s*([0-9]+(?:\.[0-9]+)?)\s*(\S+)\s*$")
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
     "<=": lambda a, b: a <= b,
@@ -129,7 +132,7 @@ def _clause(check: Checker, index: int, raw: Any, workloads: dict[str, Workload]
         raise check.fail((*path, "id"), f"duplicate clause id {clause_id!r}")
     seen.add(clause_id)
     metric = raw["metric"]
-    if metric not in METRICS:
+    if not isinstance(metric, str) or metric not in METRICS:
         raise check.fail((*path, "metric"),
                          f"unknown metric {metric!r} (allowed: {', '.join(METRICS)})")
     match = THRESHOLD_RE.match(str(raw["threshold"]))
@@ -137,6 +140,9 @@ def _clause(check: Checker, index: int, raw: Any, workloads: dict[str, Workload]
         raise check.fail((*path, "threshold"),
                          f"cannot read {raw['threshold']!r} (e.g. '<= 5 s', '>= 50 instances/s')")
     comparison, value, unit = match.group(1), float(match.group(2)), match.group(3).lower()
+    if not math.isfinite(value) or value > MAX_THRESHOLD:
+        raise check.fail((*path, "threshold"),
+                         f"threshold out of range (allowed: 0 to {MAX_THRESHOLD:g})")
     if unit not in METRICS[metric]:
         raise check.fail((*path, "threshold"),
                          f"unit {match.group(3)!r} does not fit metric {metric} "
@@ -151,7 +157,7 @@ def _clause(check: Checker, index: int, raw: Any, workloads: dict[str, Workload]
     elif percentile is not None:
         raise check.fail((*path, "percentile"), "only latency clauses have a percentile")
     workload_name = raw["workload"]
-    if workload_name not in workloads:
+    if not isinstance(workload_name, str) or workload_name not in workloads:
         raise check.fail((*path, "workload"),
                          f"unknown workload {workload_name!r} (workloads: {', '.join(workloads)})")
     workload = workloads[workload_name]
@@ -166,7 +172,7 @@ def _clause(check: Checker, index: int, raw: Any, workloads: dict[str, Workload]
                                  f"(groups: {', '.join(names)}, or 'all')")
             operation = by_operation[0]
     phase = raw.get("phase", "staged-rollout")
-    if phase not in PHASES:
+    if not isinstance(phase, str) or phase not in PHASES:
         raise check.fail((*path, "phase"),
                          f"unknown phase {phase!r} (allowed: {', '.join(PHASES)})")
     return Clause(
@@ -209,7 +215,19 @@ def parse_contract(text: str, source: str = "<string>") -> Contract:
         raise check.fail(("clauses",), "must be a non-empty list of clauses")
     seen: set[str] = set()
     clauses = tuple(_clause(check, i, raw, workloads, seen) for i, raw in enumerate(raw_clauses))
-    return Contract(str(data.get("name", Path(source).stem)), clauses, workloads, source)
+    return Contract(_contract_name(check, data, source), clauses, workloads, source)
+
+
+def _contract_name(check: Checker, data: dict[str, Any], source: str) -> str:
+    """The name is part of the default evidence file name: no path separators or newlines."""
+    if "name" not in data:
+        stem = re.sub(r"[^A-Za-z0-9._-]", "-", Path(source).stem).lstrip("._-")[:64]
+        return stem or "contract"
+    name = data["name"]
+    if not isinstance(name, str) or not TOPOLOGY_NAME_RE.fullmatch(name):
+        raise check.fail(("name",), f"invalid name {name!r} (allowed: a letter or digit, then "
+                         "letters, digits, . _ or -, max 64; it names the evidence file)")
+    return name
 
 
 def load_contract(path: str | os.PathLike[str]) -> Contract:

@@ -92,14 +92,16 @@ def verify_command(source_name: str, target_name: str, depth: str, rules: str | 
     altered outside the rules.
     """
     from harness.reconcile import verify
+    from harness.rules import load_rules
 
+    checked_rules = load_rules(rules)  # a bad rules file is the first thing reported
     source, target = _nodes(topology_path, source_name, target_name)
     workdir = Path(out_dir or f"verify-{source_name}-{target_name}")
     with progress_bar(as_json) as progress:
         tasks = {side: progress.add_task(f"crawling {side}", total=None)
                  for side in ("source", "target")}
         result = verify(
-            source, target, workdir, depth=depth, rules=rules, sample=sample,
+            source, target, workdir, depth=depth, rules=checked_rules, sample=sample,
             progress=lambda side, done, total: progress.update(
                 tasks[side], completed=done, total=total),
         )
