@@ -47,7 +47,7 @@ from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
 
-from harness.config import Checker, load_yaml, read_config_text
+from harness.config import AE_TITLE_RE, Checker, load_yaml, read_config_text
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseConnectionError
 from harness.dicom.tcp import on_connection_open
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
@@ -183,7 +183,7 @@ def _group(check: Checker, index: int, raw: Any, seen: set[str]) -> Group:
                          f"unknown level {level!r} (allowed: {', '.join(FIND_LEVELS)})")
     destination = raw.get("destination")
     if destination is not None and (
-        not isinstance(destination, str) or not 0 < len(destination) <= 16
+        not isinstance(destination, str) or not AE_TITLE_RE.fullmatch(destination)
     ):
         raise check.fail((*path, "destination"), "must be an AE title (1-16 characters)")
     return Group(
@@ -224,16 +224,22 @@ def workload_from_data(data: Any, lines: dict[tuple, int], source: str) -> Workl
             raise check.fail(("dataset", key),
                              f"unknown field (allowed: {', '.join(DATASET_FIELDS)})")
     scale = ds_raw.get("scale", "small")
-    if scale not in SCALES:
+    if not isinstance(scale, str) or scale not in SCALES:
         raise check.fail(("dataset", "scale"),
                          f"unknown scale {scale!r} (allowed: {', '.join(SCALES)})")
+    from synthetic_data.modalities import MODALITIES
+
+    modality = ds_raw.get("modality", "CT")
+    if not isinstance(modality, str) or modality not in MODALITIES:
+        raise check.fail(("dataset", "modality"),
+                         f"unknown modality {modality!r} (allowed: {', '.join(MODALITIES)})")
     dataset = DatasetSpec(
         studies=int(_number(check, ("dataset", "studies"), ds_raw.get("studies", 2), 1, 1000,
                             whole=True)),
         instances_per_study=int(_number(check, ("dataset", "instances_per_study"),
                                         ds_raw.get("instances_per_study", 5), 1, 5000, whole=True)),
         scale=scale,
-        modality=str(ds_raw.get("modality", "CT")),
+        modality=modality,
     )
     name = data.get("name", Path(source).stem)
     return Workload(

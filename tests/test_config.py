@@ -202,3 +202,48 @@ def test_bad_links(links, expected):
 def test_orthanc_config_only_for_orthanc():
     with pytest.raises(ConfigError, match="orthanc_config is for orthanc nodes only"):
         parse_topology("name: x\nnodes:\n  a: {kind: embedded, orthanc_config: {A: 1}}\n", "t")
+
+
+def test_a_few_aliases_still_work():
+    """Anchors and aliases for shared settings are allowed; only abuse is refused."""
+    text = (
+        "name: x\nnodes:\n  a: {kind: embedded}\n"
+        "settings:\n  common: &common {studies: 3, retries: 2}\n"
+        "  first: *common\n  second: *common\n"
+    )
+    topology = parse_topology(text, "t.yaml")
+    assert topology.settings["first"] == topology.settings["second"] == {
+        "studies": 3, "retries": 2,
+    }
+
+
+def test_limits_refuse_with_the_line_of_the_alias():
+    text = "name: x\nnodes:\n  a: {kind: embedded}\nsettings:\n  loop: &loop\n    - *loop\n"
+    with pytest.raises(ConfigError, match=r"^t\.yaml:6: invalid YAML: recursive alias \*loop"):
+        parse_topology(text, "t.yaml")
+
+
+def test_name_from_the_file_name_is_made_safe(tmp_path: Path):
+    path = tmp_path / "my pilot (v2).yaml"
+    path.write_text("nodes:\n  a: {kind: embedded}\n")
+    assert load_topology(path).name == "my-pilot--v2-"
+
+
+def test_fault_schedule_is_checked_with_the_topology():
+    good = (
+        "name: x\nnodes:\n  a: {kind: embedded}\nlinks: [{to: a}]\nsettings:\n  faults:\n"
+        "    - {at_s: 1, fault: latency, target: harness->a, duration_s: 2, latency_s: 0.05}\n"
+        "    - {at_s: 2, fault: kill, target: a}\n"
+    )
+    assert len(parse_topology(good, "t.yaml").settings["faults"]) == 2
+    bad = good.replace("latency_s: 0.05", "latency_s: -1")
+    with pytest.raises(ConfigError, match=r"^t\.yaml:7: settings\.faults\.0\.latency_s: must be"):
+        parse_topology(bad, "t.yaml")
+
+
+@pytest.mark.parametrize("latency", [".nan", ".inf", "-.inf", "-1", "1.0e+9", "true", "'5'"])
+def test_link_latency_is_a_finite_number_in_range(latency: str):
+    text = "name: x\nnodes:\n  a: {kind: embedded}\nlinks:\n"
+    text += f"  - {{to: a, latency_ms: {latency}}}\n"
+    with pytest.raises(ConfigError, match=r"^t\.yaml:5: links\.0\.latency_ms: must be a number"):
+        parse_topology(text, "t.yaml")

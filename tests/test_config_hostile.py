@@ -151,6 +151,10 @@ WORKLOADS = [
     ("duration-negative", WORKLOAD + "duration_s: -5\n", ":3: duration_s: must be"),
     ("warmup-inf", WORKLOAD + "warmup_s: .inf\n", ":3: warmup_s: must be"),
     ("operation-list", "groups:\n  - {operation: [c-echo], users: 1}\n", "groups.0.operation"),
+    ("modality-unknown", WORKLOAD + "dataset: {modality: XYZ}\n", "dataset.modality"),
+    ("scale-list", WORKLOAD + "dataset: {scale: [tiny]}\n", "dataset.scale"),
+    ("destination-newline", "groups:\n  - {operation: c-move, users: 1, destination: \"A\\n\"}\n",
+     "groups.0.destination"),
 ]
 
 
