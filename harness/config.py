@@ -65,10 +65,10 @@ NODE_FIELDS = {
     "description": "free text",
 }
 CREDENTIAL_FIELDS = ("username_env", "password_env")
-AE_TITLE_RE = re.compile(r"^[A-Za-z0-9_\-. ]{1,16}$")
+AE_TITLE_RE = re.compile(r"^[A-Za-z0-9_\-. ]{1,16}\Z")
 #: the topology name names the state folder and temporary folders: no path separators
-TOPOLOGY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$")
+TOPOLOGY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}\Z")
 
 
 @dataclass(frozen=True)
@@ -307,8 +307,17 @@ class Checker:
         return self.lines.get(path, 1)
 
     def fail(self, path: tuple, message: str) -> ConfigError:
+        """One line, whatever the file holds: control characters in keys are escaped so a
+        key cannot forge a second error line."""
         dotted = ".".join(str(p) for p in path) or "(top level)"
-        return ConfigError(f"{self.source}:{self.line(path)}: {dotted}: {message}")
+        return ConfigError(_one_line(f"{self.source}:{self.line(path)}: {dotted}: {message}"))
+
+
+def _one_line(text: str) -> str:
+    """`text` with every non-printable character escaped (\\n, \\x1b...)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _port(check: Checker, path: tuple, value: Any) -> int | None:
