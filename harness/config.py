@@ -12,6 +12,13 @@ A topology is YAML::
 Every mistake is reported as one `ConfigError` line naming the file, the line, the field and
 what is allowed, e.g. ``topo.yaml:3: nodes.legacy.kind: unknown kind 'orthank' (allowed:
 orthanc, dcmqrscp, embedded, external)``.
+
+Every configuration file of the harness (topology, rules, workload, contract) is read by
+`read_config_text` and `load_yaml`, with limits so that a hostile file ends in one such line,
+never a hang or a traceback: at most 1 MiB, 100 aliases, 50 levels of nesting and 100,000
+values once aliases are expanded; no recursive alias, no complex key, no non-standard tag.
+Numbers must be finite and in range; the topology name (it names the state folder) is
+``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``. Hosts are IPv4 only: ``::1`` is refused at check time.
 """
 
 from __future__ import annotations
