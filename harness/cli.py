@@ -272,6 +272,7 @@ def store(
             raise ConfigError(f"{path}: no such file or folder")
     topology = _resolve(topology_path, quiet=True)
     node = reachable_node(topology, _running_cluster(topology), node_name)
+    node.require_writable("store files into it")
     files = list(iter_dicom_files(paths))
     if not files:
         raise ConfigError(f"no files found under {', '.join(paths)}")
@@ -360,6 +361,22 @@ def scenario_names(suite_dir: Path) -> list[str]:
     return sorted(names)
 
 
+def _check_scenario_permissions(topology, scenarios: tuple[str, ...]) -> None:
+    """Nodes the settings name for a scenario that writes must have write permission;
+    checked before any scenario starts, so a refused run has stored nothing (exit 2)."""
+    from harness.nodes import make_node
+
+    if scenarios and "migration" not in scenarios:
+        return
+    migration = (topology.settings or {}).get("migration") or {}
+    actions = {"source": "load synthetic patients into it", "target": "migrate studies into it"}
+    for role, action in actions.items():
+        name = migration.get(role)
+        if isinstance(name, str) and name in topology.nodes:
+            node = make_node(topology.nodes[name], None)
+            node.require_writable(f"{action} (settings.migration.{role})")
+
+
 @cli.command()
 @topology_option
 @click.option(
@@ -397,7 +414,7 @@ def run(
     """
     import scenarios as scenarios_package
 
-    _resolve(topology_path)  # validate (exit 2) and say what the default chose
+    topology = _resolve(topology_path)  # validate (exit 2) and say what the default chose
     suite_dir = Path(scenarios_package.__file__).parent
     known = scenario_names(suite_dir)
     for name in scenarios:
@@ -405,6 +422,7 @@ def run(
             raise ConfigError(
                 f"--scenario {name!r}: unknown scenario (allowed: {', '.join(known)})"
             )
+    _check_scenario_permissions(topology, scenarios)
     target = Path(report_dir or f"reports/run-{time.strftime('%Y%m%d-%H%M%S')}")
     target.mkdir(parents=True, exist_ok=True)
     report_json = target / "report.json"

@@ -65,6 +65,7 @@ NODE_FIELDS = {
     "dicom_port": "an integer 1-65535",
     "http_port": "an integer 1-65535",
     "disposable": "true or false",
+    "writable": "true or false: the harness may store synthetic data (not wipe)",
     "credentials": "{username_env: VAR, password_env: VAR}",
     "dicomweb_root": "URL path of the DICOMweb service, e.g. /dicom-web",
     "orthanc_rest": "true when an external node is an Orthanc with its REST API",
@@ -107,6 +108,7 @@ class NodeSpec:
     dicom_port: int | None = None
     http_port: int | None = None
     disposable: bool = True
+    writable: bool = False  # may store synthetic data without being disposable
     credentials: Credentials = field(default_factory=Credentials)
     dicomweb_root: str | None = None
     orthanc_rest: bool = False
@@ -120,6 +122,11 @@ class NodeSpec:
     @property
     def launched(self) -> bool:
         return self.kind in LAUNCHED_KINDS
+
+    @property
+    def may_write(self) -> bool:
+        """Write permission: store synthetic data (docs/safety.md, Permissions)."""
+        return self.disposable or self.writable
 
 
 @dataclass(frozen=True)
@@ -443,7 +450,7 @@ def _node(check: Checker, name: Any, raw: Any) -> NodeSpec:
                 (*path, "credentials", key),
                 "must name an environment variable, e.g. SITEB_PASSWORD",
             )
-    for flag in ("orthanc_rest",):
+    for flag in ("orthanc_rest", "writable"):
         if flag in raw and not isinstance(raw[flag], bool):
             raise check.fail((*path, flag), "invalid value (allowed: true or false)")
 
@@ -455,6 +462,7 @@ def _node(check: Checker, name: Any, raw: Any) -> NodeSpec:
         dicom_port=_port(check, (*path, "dicom_port"), raw.get("dicom_port")),
         http_port=_port(check, (*path, "http_port"), raw.get("http_port")),
         disposable=disposable,
+        writable=bool(raw.get("writable", False)),
         credentials=Credentials(**creds_raw),
         dicomweb_root=raw.get("dicomweb_root") or ("/dicom-web" if kind == "orthanc" else None),
         orthanc_rest=bool(raw.get("orthanc_rest", kind == "orthanc")),

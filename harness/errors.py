@@ -38,3 +38,8 @@ class EnvironmentProblem(HarnessError):
 
 class NotDisposableError(ConfigError):
     """A destructive action was asked of a node not declared `disposable: true`."""
+
+
+class NotWritableError(ConfigError):
+    """Synthetic data would be stored into a node declared neither `writable: true` nor
+    `disposable: true` (a site's own PACS is read-only to the harness)."""

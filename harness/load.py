@@ -54,6 +54,9 @@ from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 
 OPERATIONS = ("c-echo", "c-store", "c-find", "c-move", "c-get", "wado-rs", "qido-rs", "stow-rs")
 WEB_OPERATIONS = ("wado-rs", "qido-rs", "stow-rs")
+STORING_OPERATIONS = ("c-store", "stow-rs")  # write synthetic studies into the node
+RETRIEVING_OPERATIONS = ("c-get", "c-move", "wado-rs")  # need the stored dataset's UIDs
+QUERY_OPERATIONS = ("c-find", "qido-rs")  # read the dataset when stored, else match nothing
 FIND_LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 SCALES = ("tiny", "small", "realistic")
 TOP_FIELDS = {
@@ -120,6 +123,31 @@ class Workload:
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
     description: str = ""
     source: str = "<string>"
+
+    def groups_doing(self, operations: tuple[str, ...]) -> list[str]:
+        return [g.name for g in self.groups if g.operation in operations]
+
+    def stores_dataset(self, writable: bool) -> bool:
+        """Whether the untimed dataset is stored first: always for retrieving groups, for
+        querying groups only where the node may be written; never for echo or store alone."""
+        if self.groups_doing(RETRIEVING_OPERATIONS):
+            return True
+        return writable and bool(self.groups_doing(QUERY_OPERATIONS))
+
+    def require_permissions(self, node: Any) -> None:
+        """Refuse (exit 2), before anything is sent, a workload that would store synthetic
+        data into a node without write permission (docs/safety.md, Permissions)."""
+        storing = self.groups_doing(STORING_OPERATIONS)
+        if storing:
+            node.require_writable(
+                f"run workload {self.name}: groups {', '.join(storing)} store synthetic studies"
+            )
+        retrieving = self.groups_doing(RETRIEVING_OPERATIONS)
+        if retrieving:
+            node.require_writable(
+                f"run workload {self.name}: groups {', '.join(retrieving)} retrieve the "
+                "synthetic dataset it stores first"
+            )
 
     def describe(self) -> dict[str, Any]:
         """The workload as written into results and SLA evidence."""
@@ -508,6 +536,7 @@ class LoadRun:
         self.stats = {g.name: OperationStats(g) for g in workload.groups}
         self.timeline = Timeline()
         self.studies: list[Study] = []
+        self.dataset_stored = False
         self.template: Dataset | None = None
         self.template_bytes = 0
         self.stop_event = threading.Event()
@@ -530,9 +559,16 @@ class LoadRun:
                 f"{self.workload.source}: group {moves[0].name}: c-move needs a destination "
                 "(the harness's receiver port is unknown for this node; set destination:)"
             )
+        self.workload.require_permissions(self.node)
         spec = self.workload.dataset
         self.template = template_instance(spec)
         self.template_bytes = len(_encode(self.template))
+        if not self.workload.stores_dataset(self.node.writable):
+            # queries of a read-only node ask for a harness patient ID it does not hold
+            self.studies = [Study(study_uid=generate_uid(), patient_id="LOAD00000",
+                                  series_uid=generate_uid(), sop_uids=[], bytes_total=0)]
+            return
+        self.dataset_stored = True
         client = self.node.dimse()
         for number in range(spec.studies):
             datasets = clone_study(self.template, spec.instances_per_study,
@@ -581,7 +617,8 @@ class LoadRun:
                 else:
                     keys.update(SeriesInstanceUID=study.series_uid, SOPInstanceUID=None)
                 result = self.node.dimse().find(group.level, keys)
-            return Outcome(result.ok and bool(result.matches), str(result.status))
+            return Outcome(result.ok and (bool(result.matches) or not self.dataset_stored),
+                           str(result.status))
         if op == "c-get":
             received = [0]
 
@@ -601,7 +638,7 @@ class LoadRun:
         web = self.node.dicomweb()
         if op == "qido-rs":
             found = web.search_studies(PatientID=study.patient_id)
-            return Outcome(bool(found), "HTTP 200")
+            return Outcome(bool(found) or not self.dataset_stored, "HTTP 200")
         if op == "wado-rs":
             parts = web.retrieve_study(study.study_uid)
             ok = len(parts) == len(study.sop_uids)
@@ -793,6 +830,7 @@ class LoadRun:
                         "saturated": saturated, "cpu_count": os.cpu_count()},
             "pacs": {"cpu_cores": pacs_cores},
             "move_received": sink.received if sink else None,
+            "dataset_stored": self.dataset_stored,
             "warnings": warnings,
         }
 

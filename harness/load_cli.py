@@ -92,6 +92,7 @@ def locust_target(runner: Any) -> dict[str, Any]:
                  "ae_title": node.ae_title, "dicomweb_url": web.root_url if web else None},
         "workload": described,
         "studies": [s.__dict__ for s in runner.studies],
+        "dataset_stored": runner.dataset_stored,
     }
 
 

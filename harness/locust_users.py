@@ -54,6 +54,7 @@ def runner_from_target(target: dict[str, Any]) -> LoadRun:
     workload = workload_from_data(target["workload"], {}, TARGET_ENV)
     runner = LoadRun(workload, RemoteNode(target["node"]), seed=os.getpid())
     runner.studies = [Study(**s) for s in target["studies"]]
+    runner.dataset_stored = bool(target.get("dataset_stored", True))
     from harness.load import _encode, template_instance
 
     runner.template = template_instance(workload.dataset)

@@ -696,6 +696,7 @@ class Migrator:
             raise ConfigError(f"listing tries: must be >= 2, got {listing_tries}")
         if source.name == target.name:
             raise ConfigError(f"source and target are the same node ({source.name})")
+        target.require_writable("migrate studies into it")
         self.source, self.target, self.method = source, target, method
         cap = target.max_store_associations
         self.workers = min(workers, cap) if cap else workers

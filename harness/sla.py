@@ -317,6 +317,10 @@ def evaluate(contract: Contract, node: Any, *, move_port: int | None = None,
              on_progress: Callable[[dict[str, Any]], None] | None = None,
              on_clause: Callable[[ClauseResult], None] | None = None) -> list[ClauseResult]:
     """Run the contract's workloads against `node` and judge every clause."""
+    # every workload a clause runs is checked before the first one starts: a contract
+    # refused for one storing workload has sent nothing at all (docs/safety.md)
+    for name in dict.fromkeys(clause.workload for clause in contract.clauses):
+        contract.workloads[name].require_permissions(node)
     cache = WorkloadCache(node, move_port=move_port, on_progress=on_progress)
     verdicts = []
     for clause in contract.clauses:

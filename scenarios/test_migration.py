@@ -54,6 +54,11 @@ def _pair(topology, pacs_node):
         target = target or (others.pop(0) if others else None)
     if not source or not target:
         pytest.skip("migration needs two disposable nodes in the topology")
+    for role, name in (("source", source), ("target", target)):
+        if not topology.node(name).may_write:
+            # `run` refuses this before starting (exit 2); a direct pytest run skips
+            pytest.skip(f"settings.migration.{role}: node {name} has no write permission "
+                        "(the scenario stores synthetic patients; declare writable: true)")
     return pacs_node(source), pacs_node(target)
 
 

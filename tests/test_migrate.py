@@ -114,7 +114,7 @@ def _topology_file(cluster: Cluster, path: Path, names: list[str]) -> Path:
         )
         lines.append(
             f"  {name}: {{kind: external, ae_title: {node.ae_title}, host: {node.host}, "
-            f"dicom_port: {node.dicom_port}{extra}}}"
+            f"dicom_port: {node.dicom_port}{extra}, writable: true}}"
         )
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -364,7 +364,7 @@ def test_cli_names_refused_files_and_conversions(tmp_path):
         topology = tmp_path / "t.yaml"
         topology.write_text(
             "name: cli-store\nnodes:\n  strict: {kind: external, ae_title: IMPLICIT, "
-            f"host: 127.0.0.1, dicom_port: {port}}}\n")
+            f"host: 127.0.0.1, dicom_port: {port}, writable: true}}\n")
         proc = run_cli("store", "--topology", str(topology), "--to", "strict", str(folder))
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output

@@ -17,7 +17,7 @@ from harness.config import NodeSpec
 from harness.dicom.dicomweb import DicomwebClient
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient, DimseConnectionError
 from harness.dicom.orthanc_rest import OrthancRest
-from harness.errors import EnvironmentProblem, NotDisposableError
+from harness.errors import EnvironmentProblem, NotDisposableError, NotWritableError
 from harness.launch.docker import ContainerHandle
 from harness.launch.process import ProcessHandle, log_tail, spawn
 
@@ -75,6 +75,12 @@ class Node:
         return self.spec.disposable
 
     @property
+    def writable(self) -> bool:
+        """Write permission: the harness may store synthetic data here (disposable or
+        declared `writable: true`)."""
+        return self.spec.may_write
+
+    @property
     def log_path(self) -> Path | None:
         return self.workdir / "node.log" if self.workdir else None
 
@@ -88,6 +94,7 @@ class Node:
             "dicom_port": self.dicom_port,
             "http_port": self.http_port,
             "disposable": self.disposable,
+            "writable": self.writable,
         }
 
     # -- protocol clients ----------------------------------------------------------------
@@ -273,11 +280,23 @@ class Node:
         return "unknown"
 
     # -- chores ------------------------------------------------------------------------
+    # Permissions (docs/safety.md): read (echo, query, retrieve) always; write (store
+    # synthetic data) when disposable or writable; destroy (wipe, delete, kill, DR) when
+    # disposable. Callers check before acting, so a refused command has changed nothing.
     def require_disposable(self, action: str) -> None:
+        """Destroy permission: raise NotDisposableError (exit 2) unless disposable."""
         if not self.disposable:
             raise NotDisposableError(
-                f"node {self.name}: refusing to {action}: it is not declared "
-                "'disposable: true' in the topology"
+                f"node {self.name}: refusing to {action} (needs destroy permission): it is "
+                "not declared 'disposable: true' in the topology"
+            )
+
+    def require_writable(self, action: str) -> None:
+        """Write permission: raise NotWritableError (exit 2) unless disposable or writable."""
+        if not self.writable:
+            raise NotWritableError(
+                f"node {self.name}: refusing to {action} (needs write permission): it is "
+                "not declared 'writable: true' or 'disposable: true' in the topology"
             )
 
     def data_directories(self) -> tuple[str, ...]:
