@@ -8,6 +8,7 @@ import socket
 import statistics
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -273,28 +274,46 @@ def test_schedule_errors_name_the_field(raw, message):
 
 
 def test_schedule_runs_and_records(proxy):
+    """Each scheduled fault is on the link when its event is recorded, and the link is as it
+    was once the schedule is done. Checked from the schedule's own event callback (right
+    after the fault is applied, well inside its duration), never by sleeping."""
     schedule = FaultSchedule.from_settings(
         [
-            {"at_s": 0.2, "fault": "cut", "target": "l", "duration_s": 0.4},
-            {"at_s": 0.9, "fault": "latency", "target": "l", "duration_s": 0.5, "latency_s": 0.05},
+            {"at_s": 0.1, "fault": "cut", "target": "l", "duration_s": 3},
+            {"at_s": 3.5, "fault": "latency", "target": "l", "duration_s": 3, "latency_s": 0.05},
         ]
     )
     with pytest.raises(ConfigError, match="needs a link"):
         schedule.check_targets({}, {})
-    schedule.start({}, {"l": proxy})
-    time.sleep(0.35)
-    with pytest.raises(ConnectionRefusedError):
-        _connect(proxy.port)
-    time.sleep(0.7)
-    assert min(_round_trips(proxy.port, 2)) >= 0.09
-    schedule.join(5)
-    time.sleep(0.6)
-    assert max(_round_trips(proxy.port, 2)) < 0.03
+    before = proxy.snapshot()
+    seen: dict[str, Any] = {}
+
+    def on_event(event: dict[str, Any]) -> None:
+        seen[event["what"]] = proxy.snapshot()
+        if event["what"] == "cut":
+            try:
+                _connect(proxy.port).close()
+                seen["cut-connect"] = "connected"
+            except ConnectionRefusedError:
+                seen["cut-connect"] = "refused"
+        elif event["what"] == "latency":
+            seen["latency-round-trips"] = _round_trips(proxy.port, 2)
+
+    schedule.start({}, {"l": proxy}, on_event=on_event)
+    schedule.join(30)
+    assert seen["cut"]["is_cut"] and seen["cut-connect"] == "refused"
+    assert seen["latency"]["latency_s"] == 0.05
+    assert min(seen["latency-round-trips"]) >= 0.09  # 50 ms each way
     assert [(e["what"], e["target"], e["duration_s"]) for e in schedule.events] == [
-        ("cut", "l", 0.4),
-        ("latency", "l", 0.5),
+        ("cut", "l", 3),
+        ("latency", "l", 3),
     ]
-    assert 0.15 <= schedule.events[0]["t"] <= 0.4
+    assert schedule.events[0]["t"] >= 0.1
+    deadline = time.monotonic() + 30  # the latency's own undo timer: wait for it, bounded
+    while proxy.snapshot() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.snapshot() == before  # every fault undone
+    assert len(_round_trips(proxy.port, 2)) == 2  # and the link relays again
 
 
 # -- nodes --------------------------------------------------------------------------------
