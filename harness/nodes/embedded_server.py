@@ -441,10 +441,43 @@ def _has_wildcard(q: str) -> bool:
     return "*" in q or "?" in q
 
 
-def _wildcard(q: str, value: str, ignore_case: bool) -> bool:
-    pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in q)
-    flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
-    return re.fullmatch(pattern, value, flags) is not None
+def wildcard_match(pattern: str, value: str, ignore_case: bool = False) -> bool:
+    """PS3.4 C.2.2.2.4 wildcard matching: ``*`` any run of characters, ``?`` exactly one.
+
+    Without backtracking, so a hostile pattern such as ``*A*A*A*A*B`` costs at most
+    len(pattern) x len(value) character comparisons: the pattern is split at ``*``; the first
+    piece must start the value, the last must end it, and each middle piece is placed at its
+    earliest position after the previous one (an earliest placement never loses a match).
+    """
+    if ignore_case:
+        pattern_chars = [c.lower() for c in pattern]
+        value_chars = [c.lower() for c in value]
+    else:
+        pattern_chars, value_chars = list(pattern), list(value)
+    pieces: list[list[str]] = [[]]
+    for char in pattern_chars:
+        if char == "*":
+            pieces.append([])
+        else:
+            pieces[-1].append(char)
+
+    def fits(piece: list[str], at: int) -> bool:
+        return all(p == "?" or p == value_chars[at + i] for i, p in enumerate(piece))
+
+    if len(pieces) == 1:
+        return len(value_chars) == len(pieces[0]) and fits(pieces[0], 0)
+    first, *middle, last = pieces
+    end = len(value_chars) - len(last)
+    if len(first) > end or not fits(first, 0) or not fits(last, end):
+        return False
+    position = len(first)
+    for piece in middle:
+        while position + len(piece) <= end and not fits(piece, position):
+            position += 1
+        if position + len(piece) > end:
+            return False
+        position += len(piece)
+    return True
 
 
 def _range(q: str, value: str, strip: str) -> bool:
@@ -466,16 +499,16 @@ def _match_one(kind: str, q: str, value: str) -> bool:
         if "-" in q:
             return _range(q, value, strip)
         if _has_wildcard(q):
-            return _wildcard(q, value, False)
+            return wildcard_match(q, value)
         q, value = q.replace(strip, ""), value.replace(strip, "")
         return q == value if kind == "date" else bool(value) and value.startswith(q)
     if kind == "pn":
         candidates = {value, value.split("=")[0]}
         if _has_wildcard(q):
-            return any(_wildcard(q, v, True) for v in candidates)
+            return any(wildcard_match(q, v, ignore_case=True) for v in candidates)
         return any(q.casefold() == v.casefold() for v in candidates)
     if _has_wildcard(q):
-        return _wildcard(q, value, False)
+        return wildcard_match(q, value)
     if kind == "int":
         try:
             return int(q) == int(value)
