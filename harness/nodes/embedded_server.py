@@ -129,6 +129,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -136,6 +137,7 @@ import sqlite3
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -749,6 +751,105 @@ def _prompt_tcp(event: Any) -> None:
     transport.recv = recv
 
 
+# Largest PDU read from a peer, any type (PS3.8 9.3.1): P-DATA-TF is bounded by the maximum
+# length we announce (MAX_PDU_RECEIVE) and an A-ASSOCIATE-RQ with 128 contexts fits easily, so
+# a larger announcement is hostile or broken: the connection is dropped before reading the body.
+MAX_PDU_RECEIVE = 65536
+MAX_PDU_BYTES = 1 << 20
+DEFAULT_TIMEOUT_S = 30.0
+SHUTDOWN_GRACE_S = 3.0
+VALID_PDU_TYPES = frozenset(range(0x01, 0x08))
+_STOPPING = threading.Event()  # set at shutdown: pending reads give up at once
+
+
+class _GuardedReader:
+    """Replaces pynetdicom's blocking ``AssociationSocket.recv`` for one connection.
+
+    pynetdicom reads a PDU header, then blocks until the announced number of bytes arrived, with
+    no cap and no deadline. Here each PDU must arrive whole within ``timeout_s`` of its first
+    byte, the A-ASSOCIATE-RQ within ``timeout_s`` of the connection (ARTIM, PS3.8 9.1.5), an
+    unknown PDU type or a length above MAX_PDU_BYTES drops the connection at once. A dropped or
+    late read returns short, which pynetdicom treats as a closed transport (Evt17).
+    """
+
+    def __init__(self, assoc: Any, sock: socket.socket, timeout_s: float) -> None:
+        self.assoc = assoc
+        self.sock = sock
+        self.timeout_s = timeout_s
+        self.opened = time.monotonic()
+        self.deadline = self.opened + timeout_s
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        self.quickack = getattr(socket, "TCP_QUICKACK", None)
+        self._body_pending = False
+
+    def _peer(self) -> str:
+        try:
+            host, port = self.sock.getpeername()[:2]
+        except OSError:
+            return "?"
+        return f"{host}:{port}"
+
+    def _drop(self, why: str) -> bytearray:
+        LOG.warning("connection from %s dropped: %s", self._peer(), why)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        return bytearray()
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        header = nr_bytes == 6 and not self._body_pending
+        if header:
+            self.deadline = time.monotonic() + self.timeout_s
+            if not self.assoc.is_established:
+                self.deadline = min(self.deadline, self.opened + self.timeout_s)
+        data = bytearray()
+        while len(data) < nr_bytes:
+            remaining = self.deadline - time.monotonic()
+            if _STOPPING.is_set():
+                return self._drop("server shutting down")
+            if remaining <= 0:
+                what = "PDU" if self.assoc.is_established else "A-ASSOCIATE-RQ"
+                return self._drop(f"{what} incomplete after {self.timeout_s:g} s")
+            if not self.poller.poll(min(remaining, 0.5) * 1000):
+                continue
+            try:
+                chunk = self.sock.recv(min(nr_bytes - len(data), 65536))
+            except OSError:
+                return bytearray()
+            if not chunk:
+                return data
+            data += chunk
+        if self.quickack is not None:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.IPPROTO_TCP, self.quickack, 1)
+        if header:
+            pdu_type, length = data[0], int.from_bytes(data[2:6], "big")
+            if pdu_type not in VALID_PDU_TYPES:
+                return self._drop(f"not DICOM (first byte 0x{pdu_type:02X})")
+            if not self.assoc.is_established and pdu_type != 0x01:
+                return self._drop(f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ")
+            if length > MAX_PDU_BYTES:
+                return self._drop(f"PDU of {length} bytes announced (limit {MAX_PDU_BYTES})")
+            self._body_pending = length > 0
+        else:
+            self._body_pending = False
+        return data
+
+
+def _guard_connection(timeout_s: float) -> Any:
+    """EVT_CONN_OPEN handler of the server: prompt TCP plus the guarded reader."""
+
+    def on_open(event: Any) -> None:
+        _prompt_tcp(event)
+        transport = getattr(getattr(event.assoc, "dul", None), "socket", None)
+        sock = getattr(transport, "socket", None)
+        if sock is None:
+            return
+        transport.recv = _GuardedReader(event.assoc, sock, timeout_s).recv
+
+    return on_open
+
+
 def _calling(event: Any) -> str:
     try:
         return str(event.assoc.requestor.ae_title).strip()
@@ -791,11 +892,37 @@ def _mismatch(ds: Dataset) -> str:
     return ""
 
 
+class _PacsAE(AE):
+    """An AE whose accepted calling AE titles are the peers file's, re-read per association so
+    the harness may edit the topology live; no peers file: any calling AE title is accepted."""
+
+    peers_file: Path | None = None
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        if self.peers_file is None:
+            return []
+        try:
+            return list(load_peers(self.peers_file))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            LOG.error(
+                "peers file %s unusable, only %s may call: %s", self.peers_file, self.ae_title, exc
+            )
+            return [self.ae_title]
+
+
 class EmbeddedPacs:
     """State shared by the handlers: storage paths, peers file, a write lock and request notes."""
 
-    def __init__(self, ae_title: str, storage_dir: Path, peers_file: Path | None) -> None:
+    def __init__(
+        self,
+        ae_title: str,
+        storage_dir: Path,
+        peers_file: Path | None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.ae_title = ae_title
+        self.timeout_s = timeout_s
         self.storage = storage_dir
         self.files_dir = storage_dir / FILES_DIRNAME
         self.tmp_dir = storage_dir / TMP_DIRNAME
@@ -818,12 +945,21 @@ class EmbeddedPacs:
         open_index(self.db_file).close()
 
     def build_ae(self) -> AE:
-        """An AE offering exactly the services the harness expects of a legacy PACS."""
-        ae = AE(ae_title=self.ae_title)
-        ae.maximum_associations = 32
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        ae.network_timeout = 60
+        """An AE offering exactly the services the harness expects of a legacy PACS.
+
+        Called AE title must be ours and calling AE title one of the peers (PS3.8 7.1.1.6,
+        rejected with reasons 7 and 3). Slow or stalled peers are dropped by the deadlines of
+        ``_GuardedReader`` and the idle timeout, so the association limit is high enough for
+        honest peers to get in while hostile ones wait to be reaped.
+        """
+        ae = _PacsAE(ae_title=self.ae_title)
+        ae.peers_file = self.peers_file
+        ae.require_called_aet = True
+        ae.maximum_associations = 128
+        ae.maximum_pdu_size = MAX_PDU_RECEIVE
+        ae.acse_timeout = self.timeout_s
+        ae.dimse_timeout = 2 * self.timeout_s
+        ae.network_timeout = 2 * self.timeout_s
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(
@@ -844,7 +980,7 @@ class EmbeddedPacs:
     def handlers(self) -> list[tuple[Any, Any]]:
         """Event bindings for ``AE.start_server``."""
         return [
-            (evt.EVT_CONN_OPEN, _prompt_tcp),
+            (evt.EVT_CONN_OPEN, _guard_connection(self.timeout_s)),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
@@ -1181,10 +1317,14 @@ class EmbeddedPacs:
         contexts = move_contexts((r["sop_class_uid"], r["transfer_syntax_uid"]) for r in rows)
         assert self.ae is not None
         before = list(self.ae.active_associations)
-        yield host, port, {
-            "contexts": contexts or [build_context(Verification)],
-            "evt_handlers": [(evt.EVT_CONN_OPEN, _prompt_tcp)],
-        }
+        yield (
+            host,
+            port,
+            {
+                "contexts": contexts or [build_context(Verification)],
+                "evt_handlers": [(evt.EVT_CONN_OPEN, _prompt_tcp)],
+            },
+        )
         yield len(rows)
         accepted = self._store_assoc_contexts(before, dest, port)
         yield from self._retrieve(event, rows, accepted)
@@ -1231,12 +1371,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds a peer has for its A-ASSOCIATE-RQ and for each PDU once started "
+        f"(idle and DIMSE timeouts are twice this; default {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     args = parser.parse_args(argv)
     title = args.ae_title.strip()
     if not title or len(title) > 16 or "\\" in title or not title.isprintable():
         parser.error(f"--ae-title {args.ae_title!r}: 1-16 printable characters, no backslash")
+    if not args.timeout > 0:
+        parser.error(f"--timeout {args.timeout}: must be positive")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: out of range")
     args.ae_title = title
@@ -1282,9 +1431,10 @@ def serve(
     peers_file: Path | None,
     host: str = "127.0.0.1",
     stop: threading.Event | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> int:
     """Run the node until ``stop`` is set (or SIGTERM/SIGINT in the main thread); exit code."""
-    pacs = EmbeddedPacs(ae_title, storage_dir.resolve(), peers_file)
+    pacs = EmbeddedPacs(ae_title, storage_dir.resolve(), peers_file, timeout_s)
     try:
         pacs.prepare_storage()
     except (OSError, sqlite3.Error) as exc:
@@ -1308,7 +1458,12 @@ def serve(
             pass
     finally:
         LOG.info("shutting down")
-        ae.shutdown()
+        _STOPPING.set()  # guarded reads give up, so no thread waits on a peer
+        closer = threading.Thread(target=ae.shutdown, name="shutdown", daemon=True)
+        closer.start()
+        closer.join(SHUTDOWN_GRACE_S)
+        if closer.is_alive():
+            LOG.warning("associations still busy after %g s; exiting anyway", SHUTDOWN_GRACE_S)
     return EXIT_OK
 
 
@@ -1316,8 +1471,15 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
     args = _parse_args(argv)
     _configure_logging(args.log_level, args.ae_title)
-    return serve(args.ae_title, args.port, args.storage, args.peers, host=args.host)
+    return serve(
+        args.ae_title, args.port, args.storage, args.peers, host=args.host, timeout_s=args.timeout
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # pynetdicom's reactor threads are not daemons and a handler may still be busy (a long
+    # C-FIND): exit now rather than wait for them; stores are atomic and SQLite is journalled.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
