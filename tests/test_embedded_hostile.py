@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind, Verification
 
@@ -26,7 +27,6 @@ from tests.test_embedded_server import (
     HOST,
     Node,
     client,
-    find,
     make_image,
     start_node,
     store,
@@ -299,23 +299,31 @@ def test_sigterm_ends_the_process_during_a_pathological_find(guarded: Node) -> N
         ts=ExplicitVRLittleEndian,
     )
     assert store(guarded, [image]) == [0]
+    associated = threading.Event()
     finished = threading.Event()
+    model = PatientRootQueryRetrieveInformationModelFind
+    query = Dataset()
+    query.QueryRetrieveLevel = "PATIENT"
+    query.PatientName = "*A" * 30 + "*B"
+    query.PatientID = ""
 
     def pathological_find() -> None:
+        assoc = client("FINDSCU", (model, [ExplicitVRLittleEndian])).associate(
+            HOST, guarded.port, ae_title=guarded.ae_title
+        )
+        associated.set()
         try:
-            find(
-                guarded,
-                PatientRootQueryRetrieveInformationModelFind,
-                QueryRetrieveLevel="PATIENT",
-                PatientName="*A" * 30 + "*B",
-                PatientID="",
-            )
+            if assoc.is_established:
+                for _ in assoc.send_c_find(query, model):
+                    pass
         except Exception:  # the server goes away mid-query: that is the point
             pass
         finally:
+            assoc.abort()
             finished.set()
 
     threading.Thread(target=pathological_find, daemon=True).start()
+    assert associated.wait(60)
     guarded.proc.send_signal(signal.SIGTERM)
     assert guarded.proc.wait(timeout=60) == 0
     assert finished.wait(60)
