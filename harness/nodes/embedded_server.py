@@ -5,7 +5,7 @@ from and wipe without Docker or a vendor install. This module is that default no
 started as a subprocess by the harness::
 
     python -m harness.nodes.embedded_server --ae-title LEGACY --port 11112 --storage DIR \\
-        --peers PEERS.json [--host 127.0.0.1] [--log-level info]
+        --peers PEERS.json [--host 127.0.0.1] [--log-level info] [--timeout 30]
 
 ``--port 0`` binds an ephemeral port; the startup line on stderr always names the real one::
 
@@ -18,6 +18,16 @@ Query/Retrieve FIND, MOVE and GET. SIGTERM or SIGINT shut the server down and ex
 ``PEERS.json`` maps C-MOVE destinations, ``{"AETITLE": {"host": "127.0.0.1", "port": 11113}}``.
 It is re-read on every C-MOVE request, so the harness may rewrite it while the server runs
 (write it to a temporary name and ``os.replace`` it, so a request never sees half a file).
+
+Safe to expose to a hostile network (PS3.8 7.1.1, 9.1.5): the called AE title must be this
+node's (else A-ASSOCIATE-RJ reason 7); with ``--peers``, the calling AE title must be one of
+the peers (reason 3; the file is re-read per association). A PDU announcing more than
+``MAX_PDU_BYTES`` or starting with an unknown PDU type drops the connection before its body is
+read; the A-ASSOCIATE-RQ must arrive within ``--timeout`` seconds (default 30) of connecting
+and every later PDU within ``--timeout`` of its first byte, idle associations are aborted
+after twice that; so stalled or dripping peers are reaped and cannot hold the 128 association
+slots. Wildcard matching never backtracks. SIGTERM exits within a few seconds even while a
+request is being served.
 
 Storage layout (stable: the harness adapter reads it directly)::
 
@@ -772,8 +782,7 @@ class _GuardedReader:
     late read returns short, which pynetdicom treats as a closed transport (Evt17).
     """
 
-    def __init__(self, assoc: Any, sock: socket.socket, timeout_s: float) -> None:
-        self.assoc = assoc
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
         self.sock = sock
         self.timeout_s = timeout_s
         self.opened = time.monotonic()
@@ -782,6 +791,7 @@ class _GuardedReader:
         self.poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         self.quickack = getattr(socket, "TCP_QUICKACK", None)
         self._body_pending = False
+        self._request_read = False  # the first PDU (the A-ASSOCIATE-RQ) has been read
 
     def _peer(self) -> str:
         try:
@@ -800,7 +810,7 @@ class _GuardedReader:
         header = nr_bytes == 6 and not self._body_pending
         if header:
             self.deadline = time.monotonic() + self.timeout_s
-            if not self.assoc.is_established:
+            if not self._request_read:
                 self.deadline = min(self.deadline, self.opened + self.timeout_s)
         data = bytearray()
         while len(data) < nr_bytes:
@@ -808,7 +818,7 @@ class _GuardedReader:
             if _STOPPING.is_set():
                 return self._drop("server shutting down")
             if remaining <= 0:
-                what = "PDU" if self.assoc.is_established else "A-ASSOCIATE-RQ"
+                what = "PDU" if self._request_read else "A-ASSOCIATE-RQ"
                 return self._drop(f"{what} incomplete after {self.timeout_s:g} s")
             if not self.poller.poll(min(remaining, 0.5) * 1000):
                 continue
@@ -826,11 +836,12 @@ class _GuardedReader:
             pdu_type, length = data[0], int.from_bytes(data[2:6], "big")
             if pdu_type not in VALID_PDU_TYPES:
                 return self._drop(f"not DICOM (first byte 0x{pdu_type:02X})")
-            if not self.assoc.is_established and pdu_type != 0x01:
+            if not self._request_read and pdu_type != 0x01:
                 return self._drop(f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ")
             if length > MAX_PDU_BYTES:
                 return self._drop(f"PDU of {length} bytes announced (limit {MAX_PDU_BYTES})")
             self._body_pending = length > 0
+            self._request_read = True
         else:
             self._body_pending = False
         return data
@@ -845,7 +856,7 @@ def _guard_connection(timeout_s: float) -> Any:
         sock = getattr(transport, "socket", None)
         if sock is None:
             return
-        transport.recv = _GuardedReader(event.assoc, sock, timeout_s).recv
+        transport.recv = _GuardedReader(sock, timeout_s).recv
 
     return on_open
 
