@@ -269,6 +269,22 @@ def test_junk_connections_are_dropped_at_once(guarded: Node, sockets: list[socke
     assert "dropped: not DICOM (first byte 0x47)" in "".join(guarded.log)
 
 
+@pytest.mark.timeout(300)
+def test_silent_connections_do_not_count_against_the_association_limit(
+    tmp_path: Path, request: pytest.FixtureRequest, sockets: list[socket.socket]
+) -> None:
+    """More silent connections than the association limit (128), held within ARTIM (30 s
+    here): an honest peer still associates, stores and echoes."""
+    peers = tmp_path / "peers.json"
+    write_peers(peers, {})
+    node = start_node("PATIENT", tmp_path / "patient", request.addfinalizer, peers=peers)
+    for _ in range(150):
+        sockets.append(connect(node))
+    assert echo_ok(node)
+    assert store_ok(node, 1)
+    assert rss_kb(node) < RSS_LIMIT_KB
+
+
 def rejection(node: Node, calling: str, called: str) -> tuple[int, int, int]:
     """(result, source, reason) of the A-ASSOCIATE-RJ the node answers (PS3.8 9.3.4)."""
     with connect(node) as sock:

@@ -148,6 +148,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -770,6 +771,9 @@ DEFAULT_TIMEOUT_S = 30.0
 SHUTDOWN_GRACE_S = 3.0
 VALID_PDU_TYPES = frozenset(range(0x01, 0x08))
 _STOPPING = threading.Event()  # set at shutdown: pending reads give up at once
+MAX_ASSOCIATIONS = 128  # associations whose A-ASSOCIATE-RQ arrived (PS3.8 local limit)
+MAX_AWAITING_REQUEST = 512  # connections still owing their A-ASSOCIATE-RQ (ARTIM running)
+_READERS: weakref.WeakKeyDictionary[Any, _GuardedReader] = weakref.WeakKeyDictionary()
 
 
 class _GuardedReader:
@@ -791,7 +795,7 @@ class _GuardedReader:
         self.poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         self.quickack = getattr(socket, "TCP_QUICKACK", None)
         self._body_pending = False
-        self._request_read = False  # the first PDU (the A-ASSOCIATE-RQ) has been read
+        self.request_read = False  # the first PDU (the A-ASSOCIATE-RQ) has been read
 
     def _peer(self) -> str:
         try:
@@ -810,7 +814,7 @@ class _GuardedReader:
         header = nr_bytes == 6 and not self._body_pending
         if header:
             self.deadline = time.monotonic() + self.timeout_s
-            if not self._request_read:
+            if not self.request_read:
                 self.deadline = min(self.deadline, self.opened + self.timeout_s)
         data = bytearray()
         while len(data) < nr_bytes:
@@ -818,7 +822,7 @@ class _GuardedReader:
             if _STOPPING.is_set():
                 return self._drop("server shutting down")
             if remaining <= 0:
-                what = "PDU" if self._request_read else "A-ASSOCIATE-RQ"
+                what = "PDU" if self.request_read else "A-ASSOCIATE-RQ"
                 return self._drop(f"{what} incomplete after {self.timeout_s:g} s")
             if not self.poller.poll(min(remaining, 0.5) * 1000):
                 continue
@@ -836,19 +840,30 @@ class _GuardedReader:
             pdu_type, length = data[0], int.from_bytes(data[2:6], "big")
             if pdu_type not in VALID_PDU_TYPES:
                 return self._drop(f"not DICOM (first byte 0x{pdu_type:02X})")
-            if not self._request_read and pdu_type != 0x01:
+            if not self.request_read and pdu_type != 0x01:
                 return self._drop(f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ")
             if length > MAX_PDU_BYTES:
                 return self._drop(f"PDU of {length} bytes announced (limit {MAX_PDU_BYTES})")
             self._body_pending = length > 0
-            self._request_read = True
+            self.request_read = True
         else:
             self._body_pending = False
         return data
 
 
+def _awaiting_request(associations: Iterable[Any]) -> int:
+    """How many of these connections have not yet delivered their A-ASSOCIATE-RQ."""
+    count = 0
+    for assoc in associations:
+        reader = _READERS.get(assoc)
+        count += reader is not None and not reader.request_read
+    return count
+
+
 def _guard_connection(timeout_s: float) -> Any:
-    """EVT_CONN_OPEN handler of the server: prompt TCP plus the guarded reader."""
+    """EVT_CONN_OPEN handler of the server: prompt TCP plus the guarded reader; beyond
+    MAX_AWAITING_REQUEST silent connections a new one is closed at once (bounds the threads
+    a connection flood costs while ARTIM reaps the silent ones)."""
 
     def on_open(event: Any) -> None:
         _prompt_tcp(event)
@@ -856,7 +871,11 @@ def _guard_connection(timeout_s: float) -> Any:
         sock = getattr(transport, "socket", None)
         if sock is None:
             return
-        transport.recv = _GuardedReader(sock, timeout_s).recv
+        reader = _GuardedReader(sock, timeout_s)
+        if _awaiting_request(event.assoc.ae.active_associations) >= MAX_AWAITING_REQUEST:
+            reader._drop(f"{MAX_AWAITING_REQUEST} connections already owe an A-ASSOCIATE-RQ")
+        _READERS[event.assoc] = reader
+        transport.recv = reader.recv
 
     return on_open
 
@@ -908,6 +927,16 @@ class _PacsAE(AE):
     the harness may edit the topology live; no peers file: any calling AE title is accepted."""
 
     peers_file: Path | None = None
+
+    @property  # type: ignore[override]
+    def maximum_associations(self) -> int:
+        """The local limit (PS3.8 9.3.4 reason 2) counts only associations whose request
+        arrived: silent connections, reaped by ARTIM, cannot lock honest peers out."""
+        return self._maximum_associations + _awaiting_request(self.active_associations)
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        self._maximum_associations = max(1, int(value))
 
     @property  # type: ignore[override]
     def require_calling_aet(self) -> list[str]:
@@ -966,7 +995,7 @@ class EmbeddedPacs:
         ae = _PacsAE(ae_title=self.ae_title)
         ae.peers_file = self.peers_file
         ae.require_called_aet = True
-        ae.maximum_associations = 128
+        ae.maximum_associations = MAX_ASSOCIATIONS
         ae.maximum_pdu_size = MAX_PDU_RECEIVE
         ae.acse_timeout = self.timeout_s
         ae.dimse_timeout = 2 * self.timeout_s
