@@ -31,7 +31,7 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -102,6 +102,7 @@ def start_node(
     finalizer: Callable[[Callable[[], object]], None],
     peers: Path | None = None,
     port: int = 0,
+    extra_args: tuple[str, ...] = (),
 ) -> Node:
     """Start ``python -m harness.nodes.embedded_server`` and wait for its listening line."""
     cmd = [
@@ -121,6 +122,7 @@ def start_node(
     ]
     if peers is not None:
         cmd += ["--peers", str(peers)]
+    cmd += extra_args
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         cmd,
@@ -156,12 +158,17 @@ def start_node(
     return node
 
 
+# Calling AE titles of this module's clients: a node with a peers file accepts only its peers.
+CLIENT_TITLES = ("ECHOSCU", "STORESCU", "FINDSCU", "GETSCU", "MOVESCU", "DCMTKECHO", "DCMTKFIND")
+
+
 def write_peers(path: Path, peers: dict[str, int]) -> None:
-    """Replace the peers file atomically, as the harness does while the server runs."""
+    """Replace the peers file atomically, as the harness does while the server runs; the
+    clients' titles are listed too (port 9, discard: never a C-MOVE destination here)."""
+    table = {title: {"host": HOST, "port": 9} for title in CLIENT_TITLES}
+    table.update({title: {"host": HOST, "port": port} for title, port in peers.items()})
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps({title: {"host": HOST, "port": port} for title, port in peers.items()})
-    )
+    tmp.write_text(json.dumps(table))
     os.replace(tmp, path)
 
 
@@ -706,8 +713,23 @@ def test_move_unknown_destination(corpus: Corpus) -> None:
 
 
 def test_move_rereads_peers_file(corpus: Corpus) -> None:
-    write_peers(corpus.peers, {"DEST": corpus.dest.port, "LATECOMER": corpus.dest.port})
+    """A destination added to the peers file while the server runs is used at once (it
+    answers to its own AE title: the embedded nodes check the called AE title)."""
+    ct3 = corpus.images["ct3"]
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    scp = AE(ae_title="LATECOMER")
+    scp.add_supported_context(ct3.SOPClassUID, ALL_TRANSFER_SYNTAXES)
+    server = scp.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None
     try:
+        write_peers(
+            corpus.peers, {"DEST": corpus.dest.port, "LATECOMER": server.server_address[1]}
+        )
         final = move(
             corpus.legacy,
             "LATECOMER",
@@ -716,8 +738,9 @@ def test_move_rereads_peers_file(corpus: Corpus) -> None:
         )
     finally:
         write_peers(corpus.peers, {"DEST": corpus.dest.port})
+        server.shutdown()
     assert final.Status == 0x0000
-    assert corpus.dest.file_of(corpus.images["ct3"]).is_file()
+    assert ct3.SOPInstanceUID in received
 
 
 def test_move_decompresses_for_a_peer_without_the_stored_syntax(corpus: Corpus) -> None:

@@ -23,6 +23,8 @@ class EmbeddedNode(Node):
         return ("storage",)  # files and the SQLite index (relative paths)
 
     def prepare(self, peers: list[Peer]) -> None:
+        """The peers file is both the C-MOVE destination table and the list of calling AE
+        titles the node accepts (every node of the topology and the harness itself)."""
         super().prepare(peers)
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         table = {p.ae_title: {"host": p.host, "port": p.port} for p in self.peers}

@@ -5,7 +5,7 @@ from and wipe without Docker or a vendor install. This module is that default no
 started as a subprocess by the harness::
 
     python -m harness.nodes.embedded_server --ae-title LEGACY --port 11112 --storage DIR \\
-        --peers PEERS.json [--host 127.0.0.1] [--log-level info]
+        --peers PEERS.json [--host 127.0.0.1] [--log-level info] [--timeout 30]
 
 ``--port 0`` binds an ephemeral port; the startup line on stderr always names the real one::
 
@@ -18,6 +18,16 @@ Query/Retrieve FIND, MOVE and GET. SIGTERM or SIGINT shut the server down and ex
 ``PEERS.json`` maps C-MOVE destinations, ``{"AETITLE": {"host": "127.0.0.1", "port": 11113}}``.
 It is re-read on every C-MOVE request, so the harness may rewrite it while the server runs
 (write it to a temporary name and ``os.replace`` it, so a request never sees half a file).
+
+Safe to expose to a hostile network (PS3.8 7.1.1, 9.1.5): the called AE title must be this
+node's (else A-ASSOCIATE-RJ reason 7); with ``--peers``, the calling AE title must be one of
+the peers (reason 3; the file is re-read per association). A PDU announcing more than
+``MAX_PDU_BYTES`` or starting with an unknown PDU type drops the connection before its body is
+read; the A-ASSOCIATE-RQ must arrive within ``--timeout`` seconds (default 30) of connecting
+and every later PDU within ``--timeout`` of its first byte, idle associations are aborted
+after twice that; so stalled or dripping peers are reaped and cannot hold the 128 association
+slots. Wildcard matching never backtracks. SIGTERM exits within a few seconds even while a
+request is being served.
 
 Storage layout (stable: the harness adapter reads it directly)::
 
@@ -129,6 +139,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -136,6 +147,8 @@ import sqlite3
 import sys
 import tempfile
 import threading
+import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -441,10 +454,43 @@ def _has_wildcard(q: str) -> bool:
     return "*" in q or "?" in q
 
 
-def _wildcard(q: str, value: str, ignore_case: bool) -> bool:
-    pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in q)
-    flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
-    return re.fullmatch(pattern, value, flags) is not None
+def wildcard_match(pattern: str, value: str, ignore_case: bool = False) -> bool:
+    """PS3.4 C.2.2.2.4 wildcard matching: ``*`` any run of characters, ``?`` exactly one.
+
+    Without backtracking, so a hostile pattern such as ``*A*A*A*A*B`` costs at most
+    len(pattern) x len(value) character comparisons: the pattern is split at ``*``; the first
+    piece must start the value, the last must end it, and each middle piece is placed at its
+    earliest position after the previous one (an earliest placement never loses a match).
+    """
+    if ignore_case:
+        pattern_chars = [c.lower() for c in pattern]
+        value_chars = [c.lower() for c in value]
+    else:
+        pattern_chars, value_chars = list(pattern), list(value)
+    pieces: list[list[str]] = [[]]
+    for char in pattern_chars:
+        if char == "*":
+            pieces.append([])
+        else:
+            pieces[-1].append(char)
+
+    def fits(piece: list[str], at: int) -> bool:
+        return all(p == "?" or p == value_chars[at + i] for i, p in enumerate(piece))
+
+    if len(pieces) == 1:
+        return len(value_chars) == len(pieces[0]) and fits(pieces[0], 0)
+    first, *middle, last = pieces
+    end = len(value_chars) - len(last)
+    if len(first) > end or not fits(first, 0) or not fits(last, end):
+        return False
+    position = len(first)
+    for piece in middle:
+        while position + len(piece) <= end and not fits(piece, position):
+            position += 1
+        if position + len(piece) > end:
+            return False
+        position += len(piece)
+    return True
 
 
 def _range(q: str, value: str, strip: str) -> bool:
@@ -466,16 +512,16 @@ def _match_one(kind: str, q: str, value: str) -> bool:
         if "-" in q:
             return _range(q, value, strip)
         if _has_wildcard(q):
-            return _wildcard(q, value, False)
+            return wildcard_match(q, value)
         q, value = q.replace(strip, ""), value.replace(strip, "")
         return q == value if kind == "date" else bool(value) and value.startswith(q)
     if kind == "pn":
         candidates = {value, value.split("=")[0]}
         if _has_wildcard(q):
-            return any(_wildcard(q, v, True) for v in candidates)
+            return any(wildcard_match(q, v, ignore_case=True) for v in candidates)
         return any(q.casefold() == v.casefold() for v in candidates)
     if _has_wildcard(q):
-        return _wildcard(q, value, False)
+        return wildcard_match(q, value)
     if kind == "int":
         try:
             return int(q) == int(value)
@@ -716,6 +762,124 @@ def _prompt_tcp(event: Any) -> None:
     transport.recv = recv
 
 
+# Largest PDU read from a peer, any type (PS3.8 9.3.1): P-DATA-TF is bounded by the maximum
+# length we announce (MAX_PDU_RECEIVE) and an A-ASSOCIATE-RQ with 128 contexts fits easily, so
+# a larger announcement is hostile or broken: the connection is dropped before reading the body.
+MAX_PDU_RECEIVE = 65536
+MAX_PDU_BYTES = 1 << 20
+DEFAULT_TIMEOUT_S = 30.0
+SHUTDOWN_GRACE_S = 3.0
+VALID_PDU_TYPES = frozenset(range(0x01, 0x08))
+_STOPPING = threading.Event()  # set at shutdown: pending reads give up at once
+MAX_ASSOCIATIONS = 128  # associations whose A-ASSOCIATE-RQ arrived (PS3.8 local limit)
+MAX_AWAITING_REQUEST = 512  # connections still owing their A-ASSOCIATE-RQ (ARTIM running)
+_READERS: weakref.WeakKeyDictionary[Any, _GuardedReader] = weakref.WeakKeyDictionary()
+
+
+class _GuardedReader:
+    """Replaces pynetdicom's blocking ``AssociationSocket.recv`` for one connection.
+
+    pynetdicom reads a PDU header, then blocks until the announced number of bytes arrived, with
+    no cap and no deadline. Here each PDU must arrive whole within ``timeout_s`` of its first
+    byte, the A-ASSOCIATE-RQ within ``timeout_s`` of the connection (ARTIM, PS3.8 9.1.5), an
+    unknown PDU type or a length above MAX_PDU_BYTES drops the connection at once. A dropped or
+    late read returns short, which pynetdicom treats as a closed transport (Evt17).
+    """
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        self.sock = sock
+        self.timeout_s = timeout_s
+        self.opened = time.monotonic()
+        self.deadline = self.opened + timeout_s
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        self.quickack = getattr(socket, "TCP_QUICKACK", None)
+        self._body_pending = False
+        self.request_read = False  # the first PDU (the A-ASSOCIATE-RQ) has been read
+
+    def _peer(self) -> str:
+        try:
+            host, port = self.sock.getpeername()[:2]
+        except OSError:
+            return "?"
+        return f"{host}:{port}"
+
+    def _drop(self, why: str) -> bytearray:
+        LOG.warning("connection from %s dropped: %s", self._peer(), why)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        return bytearray()
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        header = nr_bytes == 6 and not self._body_pending
+        if header:
+            self.deadline = time.monotonic() + self.timeout_s
+            if not self.request_read:
+                self.deadline = min(self.deadline, self.opened + self.timeout_s)
+        data = bytearray()
+        while len(data) < nr_bytes:
+            remaining = self.deadline - time.monotonic()
+            if _STOPPING.is_set():
+                return self._drop("server shutting down")
+            if remaining <= 0:
+                what = "PDU" if self.request_read else "A-ASSOCIATE-RQ"
+                return self._drop(f"{what} incomplete after {self.timeout_s:g} s")
+            if not self.poller.poll(min(remaining, 0.5) * 1000):
+                continue
+            try:
+                chunk = self.sock.recv(min(nr_bytes - len(data), 65536))
+            except OSError:
+                return bytearray()
+            if not chunk:
+                return data
+            data += chunk
+        if self.quickack is not None:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.IPPROTO_TCP, self.quickack, 1)
+        if header:
+            pdu_type, length = data[0], int.from_bytes(data[2:6], "big")
+            if pdu_type not in VALID_PDU_TYPES:
+                return self._drop(f"not DICOM (first byte 0x{pdu_type:02X})")
+            if not self.request_read and pdu_type != 0x01:
+                return self._drop(f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ")
+            if length > MAX_PDU_BYTES:
+                return self._drop(f"PDU of {length} bytes announced (limit {MAX_PDU_BYTES})")
+            self._body_pending = length > 0
+            self.request_read = True
+        else:
+            self._body_pending = False
+        return data
+
+
+def _awaiting_request(associations: Iterable[Any]) -> int:
+    """How many of these connections have not yet delivered their A-ASSOCIATE-RQ."""
+    count = 0
+    for assoc in associations:
+        reader = _READERS.get(assoc)
+        count += reader is not None and not reader.request_read
+    return count
+
+
+def _guard_connection(timeout_s: float) -> Any:
+    """EVT_CONN_OPEN handler of the server: prompt TCP plus the guarded reader; beyond
+    MAX_AWAITING_REQUEST silent connections a new one is closed at once (bounds the threads
+    a connection flood costs while ARTIM reaps the silent ones)."""
+
+    def on_open(event: Any) -> None:
+        _prompt_tcp(event)
+        transport = getattr(getattr(event.assoc, "dul", None), "socket", None)
+        sock = getattr(transport, "socket", None)
+        if sock is None:
+            return
+        reader = _GuardedReader(sock, timeout_s)
+        if _awaiting_request(event.assoc.ae.active_associations) >= MAX_AWAITING_REQUEST:
+            reader._drop(f"{MAX_AWAITING_REQUEST} connections already owe an A-ASSOCIATE-RQ")
+        _READERS[event.assoc] = reader
+        transport.recv = reader.recv
+
+    return on_open
+
+
 def _calling(event: Any) -> str:
     try:
         return str(event.assoc.requestor.ae_title).strip()
@@ -758,11 +922,47 @@ def _mismatch(ds: Dataset) -> str:
     return ""
 
 
+class _PacsAE(AE):
+    """An AE whose accepted calling AE titles are the peers file's, re-read per association so
+    the harness may edit the topology live; no peers file: any calling AE title is accepted."""
+
+    peers_file: Path | None = None
+
+    @property  # type: ignore[override]
+    def maximum_associations(self) -> int:
+        """The local limit (PS3.8 9.3.4 reason 2) counts only associations whose request
+        arrived: silent connections, reaped by ARTIM, cannot lock honest peers out."""
+        return self._maximum_associations + _awaiting_request(self.active_associations)
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        self._maximum_associations = max(1, int(value))
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        if self.peers_file is None:
+            return []
+        try:
+            return list(load_peers(self.peers_file))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            LOG.error(
+                "peers file %s unusable, only %s may call: %s", self.peers_file, self.ae_title, exc
+            )
+            return [self.ae_title]
+
+
 class EmbeddedPacs:
     """State shared by the handlers: storage paths, peers file, a write lock and request notes."""
 
-    def __init__(self, ae_title: str, storage_dir: Path, peers_file: Path | None) -> None:
+    def __init__(
+        self,
+        ae_title: str,
+        storage_dir: Path,
+        peers_file: Path | None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.ae_title = ae_title
+        self.timeout_s = timeout_s
         self.storage = storage_dir
         self.files_dir = storage_dir / FILES_DIRNAME
         self.tmp_dir = storage_dir / TMP_DIRNAME
@@ -785,12 +985,21 @@ class EmbeddedPacs:
         open_index(self.db_file).close()
 
     def build_ae(self) -> AE:
-        """An AE offering exactly the services the harness expects of a legacy PACS."""
-        ae = AE(ae_title=self.ae_title)
-        ae.maximum_associations = 32
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        ae.network_timeout = 60
+        """An AE offering exactly the services the harness expects of a legacy PACS.
+
+        Called AE title must be ours and calling AE title one of the peers (PS3.8 7.1.1.6,
+        rejected with reasons 7 and 3). Slow or stalled peers are dropped by the deadlines of
+        ``_GuardedReader`` and the idle timeout, so the association limit is high enough for
+        honest peers to get in while hostile ones wait to be reaped.
+        """
+        ae = _PacsAE(ae_title=self.ae_title)
+        ae.peers_file = self.peers_file
+        ae.require_called_aet = True
+        ae.maximum_associations = MAX_ASSOCIATIONS
+        ae.maximum_pdu_size = MAX_PDU_RECEIVE
+        ae.acse_timeout = self.timeout_s
+        ae.dimse_timeout = 2 * self.timeout_s
+        ae.network_timeout = 2 * self.timeout_s
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(
@@ -811,7 +1020,7 @@ class EmbeddedPacs:
     def handlers(self) -> list[tuple[Any, Any]]:
         """Event bindings for ``AE.start_server``."""
         return [
-            (evt.EVT_CONN_OPEN, _prompt_tcp),
+            (evt.EVT_CONN_OPEN, _guard_connection(self.timeout_s)),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
@@ -1148,10 +1357,14 @@ class EmbeddedPacs:
         contexts = move_contexts((r["sop_class_uid"], r["transfer_syntax_uid"]) for r in rows)
         assert self.ae is not None
         before = list(self.ae.active_associations)
-        yield host, port, {
-            "contexts": contexts or [build_context(Verification)],
-            "evt_handlers": [(evt.EVT_CONN_OPEN, _prompt_tcp)],
-        }
+        yield (
+            host,
+            port,
+            {
+                "contexts": contexts or [build_context(Verification)],
+                "evt_handlers": [(evt.EVT_CONN_OPEN, _prompt_tcp)],
+            },
+        )
         yield len(rows)
         accepted = self._store_assoc_contexts(before, dest, port)
         yield from self._retrieve(event, rows, accepted)
@@ -1198,12 +1411,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds a peer has for its A-ASSOCIATE-RQ and for each PDU once started "
+        f"(idle and DIMSE timeouts are twice this; default {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     args = parser.parse_args(argv)
     title = args.ae_title.strip()
     if not title or len(title) > 16 or "\\" in title or not title.isprintable():
         parser.error(f"--ae-title {args.ae_title!r}: 1-16 printable characters, no backslash")
+    if not args.timeout > 0:
+        parser.error(f"--timeout {args.timeout}: must be positive")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: out of range")
     args.ae_title = title
@@ -1249,9 +1471,10 @@ def serve(
     peers_file: Path | None,
     host: str = "127.0.0.1",
     stop: threading.Event | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> int:
     """Run the node until ``stop`` is set (or SIGTERM/SIGINT in the main thread); exit code."""
-    pacs = EmbeddedPacs(ae_title, storage_dir.resolve(), peers_file)
+    pacs = EmbeddedPacs(ae_title, storage_dir.resolve(), peers_file, timeout_s)
     try:
         pacs.prepare_storage()
     except (OSError, sqlite3.Error) as exc:
@@ -1275,7 +1498,12 @@ def serve(
             pass
     finally:
         LOG.info("shutting down")
-        ae.shutdown()
+        _STOPPING.set()  # guarded reads give up, so no thread waits on a peer
+        closer = threading.Thread(target=ae.shutdown, name="shutdown", daemon=True)
+        closer.start()
+        closer.join(SHUTDOWN_GRACE_S)
+        if closer.is_alive():
+            LOG.warning("associations still busy after %g s; exiting anyway", SHUTDOWN_GRACE_S)
     return EXIT_OK
 
 
@@ -1283,8 +1511,15 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
     args = _parse_args(argv)
     _configure_logging(args.log_level, args.ae_title)
-    return serve(args.ae_title, args.port, args.storage, args.peers, host=args.host)
+    return serve(
+        args.ae_title, args.port, args.storage, args.peers, host=args.host, timeout_s=args.timeout
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # pynetdicom's reactor threads are not daemons and a handler may still be busy (a long
+    # C-FIND): exit now rather than wait for them; stores are atomic and SQLite is journalled.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
