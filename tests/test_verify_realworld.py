@@ -184,6 +184,11 @@ class Archives:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(self.workdir / "state")}
+        for name, node in self.cluster.nodes.items():
+            if node.generated_credentials:
+                env[f"RW_{name.upper()}_USER"], env[f"RW_{name.upper()}_PASSWORD"] = (
+                    node.generated_credentials
+                )
         return subprocess.run([sys.executable, "-m", "harness", *args, "-t", str(self.topology)],
                               capture_output=True, text=True, timeout=900, env=env)
 
@@ -215,7 +220,10 @@ def _external_topology(cluster: Cluster, path: Path) -> Path:
     lines = ["name: realworld", "nodes:"]
     for name in ("src", "dst"):
         node = cluster.node(name)
-        web = (f", http_port: {node.http_port}, orthanc_rest: true, dicomweb_root: /dicom-web"
+        # the login generated at launch, handed over by environment variable names
+        web = (f", http_port: {node.http_port}, orthanc_rest: true, dicomweb_root: /dicom-web, "
+               f"credentials: {{username_env: RW_{name.upper()}_USER, "
+               f"password_env: RW_{name.upper()}_PASSWORD}}"
                if node.kind == "orthanc" else "")
         lines.append(f"  {name}: {{kind: external, ae_title: {node.ae_title}, "
                      f"host: {node.host}, dicom_port: {node.dicom_port}{web}}}")
