@@ -31,6 +31,7 @@ from pydicom.uid import (
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
+from harness.dicom.dimse import HARNESS_AE_TITLE
 from harness.nodes.base import Node
 from harness.nodes.embedded_server import open_index
 from harness.tools import find_binary
@@ -67,7 +68,9 @@ def storescu(node: Node, files: Iterable[CorpusFile]) -> list[str]:
     stored = []
     for item in files:
         flag = _STORESCU_SYNTAX.get(item.transfer_syntax_uid, "-xe")
-        proc = subprocess.run([STORESCU, "-R", flag, "-aec", node.ae_title, node.host,
+        # as the harness's AE title: launched nodes refuse callers outside the topology
+        proc = subprocess.run([STORESCU, "-R", flag, "-aet", HARNESS_AE_TITLE,
+                               "-aec", node.ae_title, node.host,
                                str(node.dicom_port), str(item.path)],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode:
