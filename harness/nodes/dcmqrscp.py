@@ -13,11 +13,11 @@ harness stores into dcmqrscp over one association (`max_store_associations = 1`)
 
 Exposure: the AETable lets only the topology's peers (every node and the harness, by AE
 title and host, as the HostTable lists them) associate; any other calling AE title or host
-is refused (A-ASSOCIATE-RJ, "calling AE title not recognized", PS3.8 9.3.4). dcmqrscp
-compares the caller's address as text with the peer's host, and `--disable-host-lookup`
-makes that address the dotted IP, so peers are written with their IP address. DCMTK 3.6.7's
-dcmqrscp has no option for the listening address (`dcmqrscp --help`): it listens on
-0.0.0.0, and the peer check is what keeps other hosts out.
+is refused with an A-ASSOCIATE-RJ (PS3.8 9.3.4). dcmqrscp compares the caller's address as
+text with the peer's host, and `--disable-host-lookup` makes that address the dotted IP, so
+peers are written with their IP address. DCMTK 3.6.7's dcmqrscp has no option for the
+listening address (`dcmqrscp --help`): it listens on 0.0.0.0, and the peer check is what
+keeps other hosts out.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ Exposure (a harness pointed at a hospital network must not open a door into it):
 - HTTP: `RemoteAccessAllowed: false` (non-loopback clients get 403) and HTTP Basic
   authentication with a login generated per launch, kept on the node (and in a detached
   cluster's state file), never printed.
-- Binding: Debian's Orthanc 1.10.1 has no option for the listening address (neither DICOM
-  nor HTTP; `DicomListenAddress` arrived in a later release), so both ports listen on
-  0.0.0.0. The two checks above are what keeps other hosts out.
+- Binding: Debian's Orthanc 1.10.1 has no option for the listening address, neither DICOM
+  nor HTTP (none in the configuration `Orthanc --config=FILE` writes), so both ports listen
+  on 0.0.0.0. The two checks above are what keeps other hosts out.
 """
 
 from __future__ import annotations
