@@ -237,12 +237,20 @@ class Cluster:
                     "workdir": str(node.workdir) if node.workdir else None,
                     "handle": handle_state(node.handle),
                     "sidecars": {k: handle_state(h) for k, h in node.sidecars.items()},
+                    # the login generated at launch, so `status`, `store`, ... can use it
+                    "http_credentials": list(node.generated_credentials)
+                    if node.generated_credentials
+                    else None,
                 }
                 for name, node in self.nodes.items()
             },
         }
         tmp = self.state_dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
+        # owner-only: it holds the generated HTTP passwords
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(state, indent=2))
+        os.chmod(tmp, 0o600)
         os.replace(tmp, self.state_dir / STATE_FILE)
 
     @classmethod
@@ -270,6 +278,9 @@ class Cluster:
             )
             node = make_node(spec, Path(saved["workdir"]) if saved["workdir"] else None)
             node.handle = handle_from_state(saved.get("handle"))
+            if saved.get("http_credentials"):
+                user, password = saved["http_credentials"]
+                node.generated_credentials = (user, password)
             node.sidecars = {
                 key: handle_from_state(value) for key, value in saved.get("sidecars", {}).items()
             }

@@ -9,7 +9,9 @@ expects an A-ASSOCIATE-AC, so a frozen node (whose kernel still accepts TCP) is 
 
 HAProxy forwards raw TCP, so both Orthancs must accept the virtual AE title: the generated
 orthanc.json gets "DicomCheckCalledAet": false (and the primary its Lua script), then each
-Orthanc is restarted on the same ports. Everything stops at `stop()` / leaving the `with`.
+Orthanc is restarted on the same ports. Orthanc accepts only known calling AE titles, so the
+health check's AE title joins both modality tables. Everything stops at `stop()` / leaving
+the `with`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient
 from harness.errors import EnvironmentProblem
 from harness.launch.process import ProcessHandle, log_tail, spawn
 from harness.nodes.base import Node
+from harness.nodes.orthanc import write_private
 
 VIRTUAL_AE_TITLE = "HAPACS"
 
@@ -52,7 +55,10 @@ settings: {}
 """
 
 
-def associate_rq(called_ae: str, calling_ae: str = "HAPROXY_CHECK") -> bytes:
+HEALTH_CHECK_AE_TITLE = "HAPROXY_CHECK"
+
+
+def associate_rq(called_ae: str, calling_ae: str = HEALTH_CHECK_AE_TITLE) -> bytes:
     """The A-ASSOCIATE-RQ of HAProxy's DICOM health check: Verification, implicit VR little
     endian, built by the harness's one builder (harness/dicom/pdu.py)."""
     return pdu.associate_rq(
@@ -195,11 +201,11 @@ class ReferenceHA:
             self.cluster = Cluster.launch(
                 parse_topology(HA_TOPOLOGY, "<reference-ha>"), root=self.root / "nodes"
             )
+            self.port = free_port()
             self._configure(self.primary, lua=FORWARD_LUA.format(standby=self.standby.name))
             self._configure(self.standby, lua=None)
             for node in (self.standby, self.primary):
                 faults.restart(node, ready_timeout_s)
-            self.port = free_port()
             self.haproxy = HAProxy(
                 self.root / "haproxy",
                 haproxy_config(
@@ -220,16 +226,21 @@ class ReferenceHA:
         return self
 
     def _configure(self, node: Node, lua: str | None) -> None:
-        """Accept any called AE title (HAProxy forwards raw TCP); the primary gets Lua."""
+        """Accept any called AE title (HAProxy forwards raw TCP) and HAProxy's health check as
+        a calling AE title; the primary gets Lua."""
         assert node.workdir is not None
         path = node.workdir / "orthanc.json"
         config = json.loads(path.read_text())
         config["DicomCheckCalledAet"] = False
+        # Orthanc wants a port for every modality; HAProxy's own is never called back
+        config["DicomModalities"]["haproxy-check"] = {
+            "AET": HEALTH_CHECK_AE_TITLE, "Host": "127.0.0.1", "Port": self.port
+        }
         if lua is not None:
             script = node.workdir / "forward.lua"
             script.write_text(lua)
             config["LuaScripts"] = [str(script)]
-        path.write_text(json.dumps(config, indent=2))
+        write_private(path, json.dumps(config, indent=2))
 
     def wait_virtual_ready(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s

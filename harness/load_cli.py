@@ -137,6 +137,11 @@ def run_locust(workload: Any, node: Any, *, processes: int = 2, duration_s: floa
     workdir.mkdir(parents=True, exist_ok=True)
     port = master_port or free_port()
     env = {**os.environ, "PACS_HARNESS_LOCUST_TARGET": json.dumps(locust_target(runner))}
+    web = runner.node.dicomweb()
+    if web is not None and web.session.auth:  # the node's HTTP login: in the environment only
+        env["PACS_HARNESS_LOCUST_HTTP_USER"], env["PACS_HARNESS_LOCUST_HTTP_PASSWORD"] = (
+            web.session.auth
+        )
     expected = expect_workers or processes
     base = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE)]
     master_cmd = [

@@ -46,7 +46,11 @@ class RemoteNode:
                            timeout_s=timeout_s)
 
     def dicomweb(self) -> DicomwebClient | None:
-        return DicomwebClient(self.dicomweb_url) if self.dicomweb_url else None
+        if not self.dicomweb_url:
+            return None
+        user = os.environ.get("PACS_HARNESS_LOCUST_HTTP_USER")
+        password = os.environ.get("PACS_HARNESS_LOCUST_HTTP_PASSWORD")
+        return DicomwebClient(self.dicomweb_url, (user, password) if user and password else None)
 
 
 def runner_from_target(target: dict[str, Any]) -> LoadRun:

@@ -107,8 +107,11 @@ def _topology_file(cluster: Cluster, path: Path, names: list[str]) -> Path:
     lines = ["name: ext", "nodes:"]
     for name in names:
         node = cluster.node(name)
+        # the login generated at launch, handed over by environment variable names
+        variable = f"HARNESS_TEST_{name.upper()}"
         extra = (
-            f", http_port: {node.http_port}, orthanc_rest: true, dicomweb_root: /dicom-web"
+            f", http_port: {node.http_port}, orthanc_rest: true, dicomweb_root: /dicom-web, "
+            f"credentials: {{username_env: {variable}_USER, password_env: {variable}_PASSWORD}}"
             if node.kind == "orthanc"
             else ""
         )
@@ -124,8 +127,14 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "harness.migrate_cli", *args]
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "harness-state")}
+def _env(tmp_path: Path, cluster: Cluster | None = None) -> dict[str, str]:
+    env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "harness-state")}
+    for name, node in (cluster.nodes if cluster else {}).items():
+        if node.generated_credentials:
+            user, password = node.generated_credentials
+            env[f"HARNESS_TEST_{name.upper()}_USER"] = user
+            env[f"HARNESS_TEST_{name.upper()}_PASSWORD"] = password
+    return env
 
 
 def _confirmed(state: Path) -> int:
@@ -148,7 +157,7 @@ def test_sigkill_mid_run_then_restart_ends_with_zero_loss_and_no_resend(cluster,
     # run 1: rate-limited so there is time to kill it after a few confirmed studies
     proc = subprocess.Popen(
         _cli(*args, "--rate", "3", "--workers", "1", "--json"),
-        env=_env(tmp_path),
+        env=_env(tmp_path, cluster),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -169,7 +178,7 @@ def test_sigkill_mid_run_then_restart_ends_with_zero_loss_and_no_resend(cluster,
     # run 2: resumes with the saved plan
     done = subprocess.run(
         _cli(*args, "--json", "--no-monitor"),
-        env=_env(tmp_path),
+        env=_env(tmp_path, cluster),
         capture_output=True,
         text=True,
         timeout=120,
@@ -262,7 +271,7 @@ def test_external_command_runs_and_harness_verifies(cluster, tmp_path):
     base = ["--topology", str(topo), "--from", "legacy", "--to", "web", "--json"]
     done = subprocess.run(
         _cli(*base, "--state", str(tmp_path / "x.sqlite"), "--external-command", command),
-        env=_env(tmp_path),
+        env=_env(tmp_path, cluster),
         capture_output=True,
         text=True,
         timeout=120,
@@ -285,7 +294,7 @@ def test_external_command_runs_and_harness_verifies(cluster, tmp_path):
             "--external-command",
             "sh -c 'exit 3'",
         ),
-        env=_env(tmp_path),
+        env=_env(tmp_path, cluster),
         capture_output=True,
         text=True,
         timeout=60,
@@ -332,7 +341,7 @@ def test_refusals_name_the_node(cluster, tmp_path):
     # CLI: bad input is exit 2 with one line
     done = subprocess.run(
         _cli("--from", "legacy", "--to", "web", "--method", "ftp"),
-        env=_env(tmp_path),
+        env=_env(tmp_path, cluster),
         capture_output=True,
         text=True,
         timeout=60,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.cluster import Cluster
-from harness.config import parse_topology
+from harness.cluster import Cluster, state_dir_for
+from harness.config import load_topology, parse_topology
 from harness.errors import NotDisposableError
 from harness.tools import find_binary
 from scenarios.helpers import sample_study
@@ -100,12 +100,16 @@ def separately_started(tmp_path):
     proc = run_cli("up", "--topology", str(topo))
     assert proc.returncode == 0, proc.stderr
     (row,) = status_json("--topology", str(topo))
+    # the HTTP login `up` generated, as its state file keeps it
+    topology = load_topology(topo)
+    saved = Cluster.from_state(topology, state_dir_for(topology))
+    row["credentials"] = saved.node("site").generated_credentials
     yield row
     proc = run_cli("down", "--topology", str(topo))
     assert proc.returncode == 0, proc.stderr
 
 
-def test_external_node_is_reached_not_started(separately_started, tmp_path):
+def test_external_node_is_reached_not_started(separately_started, tmp_path, monkeypatch):
     row = separately_started
     topology = parse_topology(
         "name: ext\nnodes:\n"
@@ -126,11 +130,15 @@ def test_external_node_is_reached_not_started(separately_started, tmp_path):
     assert remote.alive(), "stopping a cluster must never stop an external node"
 
     if row["kind"] == "orthanc":
+        user, password = row["credentials"]
+        monkeypatch.setenv("SITE_USER", user)
+        monkeypatch.setenv("SITE_PASSWORD", password)
         declared = parse_topology(
             "name: ext2\nnodes:\n"
             f"  remote: {{kind: external, ae_title: SITEPACS, host: 127.0.0.1, "
             f"dicom_port: {row['dicom_port']}, http_port: {row['http_port']}, "
-            "orthanc_rest: true, disposable: true}\n"
+            "orthanc_rest: true, disposable: true, "
+            "credentials: {username_env: SITE_USER, password_env: SITE_PASSWORD}}\n"
         )
         node = Cluster.launch(declared).node("remote")
         node.wipe()

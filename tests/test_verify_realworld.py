@@ -31,6 +31,7 @@ from pydicom.uid import (
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
+from harness.dicom.dimse import HARNESS_AE_TITLE
 from harness.nodes.base import Node
 from harness.nodes.embedded_server import open_index
 from harness.tools import find_binary
@@ -67,7 +68,9 @@ def storescu(node: Node, files: Iterable[CorpusFile]) -> list[str]:
     stored = []
     for item in files:
         flag = _STORESCU_SYNTAX.get(item.transfer_syntax_uid, "-xe")
-        proc = subprocess.run([STORESCU, "-R", flag, "-aec", node.ae_title, node.host,
+        # as the harness's AE title: launched nodes refuse callers outside the topology
+        proc = subprocess.run([STORESCU, "-R", flag, "-aet", HARNESS_AE_TITLE,
+                               "-aec", node.ae_title, node.host,
                                str(node.dicom_port), str(item.path)],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode:
@@ -184,6 +187,11 @@ class Archives:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(self.workdir / "state")}
+        for name, node in self.cluster.nodes.items():
+            if node.generated_credentials:
+                env[f"RW_{name.upper()}_USER"], env[f"RW_{name.upper()}_PASSWORD"] = (
+                    node.generated_credentials
+                )
         return subprocess.run([sys.executable, "-m", "harness", *args, "-t", str(self.topology)],
                               capture_output=True, text=True, timeout=900, env=env)
 
@@ -215,7 +223,10 @@ def _external_topology(cluster: Cluster, path: Path) -> Path:
     lines = ["name: realworld", "nodes:"]
     for name in ("src", "dst"):
         node = cluster.node(name)
-        web = (f", http_port: {node.http_port}, orthanc_rest: true, dicomweb_root: /dicom-web"
+        # the login generated at launch, handed over by environment variable names
+        web = (f", http_port: {node.http_port}, orthanc_rest: true, dicomweb_root: /dicom-web, "
+               f"credentials: {{username_env: RW_{name.upper()}_USER, "
+               f"password_env: RW_{name.upper()}_PASSWORD}}"
                if node.kind == "orthanc" else "")
         lines.append(f"  {name}: {{kind: external, ae_title: {node.ae_title}, "
                      f"host: {node.host}, dicom_port: {node.dicom_port}{web}}}")

@@ -64,6 +64,8 @@ class Node:
         self.peers: list[Peer] = []
         self.handle: ProcessHandle | ContainerHandle | None = None
         self.sidecars: dict[str, ProcessHandle] = {}  # e.g. PostgreSQL under an Orthanc
+        # a login the harness generated for a node it launched (never printed nor logged)
+        self.generated_credentials: tuple[str, str] | None = None
         self._popen = None
 
     def __repr__(self) -> str:
@@ -126,7 +128,8 @@ class Node:
         return OrthancRest(self.http_url, self._http_auth())
 
     def _http_auth(self) -> tuple[str, str] | None:
-        return self.spec.credentials.resolve()
+        """The generated login of a launched node, else the topology's (from the environment)."""
+        return self.generated_credentials or self.spec.credentials.resolve()
 
     # -- lifecycle -----------------------------------------------------------------------
     def prepare(self, peers: list[Peer]) -> None:

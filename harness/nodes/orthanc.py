@@ -3,12 +3,27 @@
 The configuration is generated per node into its work directory: AE title, ports, storage,
 the DICOMweb plugin, and the DICOM modalities table filled with every other node of the
 topology (and the harness itself), so C-MOVE between any two nodes works without hand edits.
+
+Exposure (a harness pointed at a hospital network must not open a door into it):
+- DICOM: only the modalities table may associate (every `DicomAlwaysAllow*` off), from the
+  host it is declared on (`DicomCheckModalityHost`), to this node's AE title
+  (`DicomCheckCalledAet`); anything else gets an A-ASSOCIATE-RJ (PS3.8 9.3.4).
+- HTTP: `RemoteAccessAllowed: false` (non-loopback clients get 403) and HTTP Basic
+  authentication with a login generated per launch, kept on the node (and in a detached
+  cluster's state file), never printed.
+- Binding: Debian's Orthanc 1.10.1 has no option for the listening address, neither DICOM
+  nor HTTP (none in the configuration `Orthanc --config=FILE` writes), so both ports listen
+  on 0.0.0.0. The two checks above are what keeps other hosts out.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import secrets
+import socket
+from pathlib import Path
 
 import requests
 
@@ -22,9 +37,34 @@ DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
 POSTGRESQL_INDEX_PLUGIN = "libOrthancPostgreSQLIndex.so"
 
 
+#: the login name of the generated HTTP account (the password is random per launch)
+HARNESS_HTTP_USER = "pacs-harness"
+
+
+def generate_credentials() -> tuple[str, str]:
+    """A fresh login for one launched Orthanc (256 bits of randomness)."""
+    return HARNESS_HTTP_USER, secrets.token_urlsafe(32)
+
+
+def peer_ip(host: str) -> str:
+    """The IP address Orthanc compares a caller's address with (`DicomCheckModalityHost`
+    matches the text of `Host` against the peer's IP, so a name would never match)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
 def orthanc_configuration(node: Node, peers: list[Peer], plugins: list[str]) -> dict:
     """The JSON configuration Orthanc reads, as a process or in a container."""
     assert node.workdir is not None
+    if node.generated_credentials is None:
+        node.generated_credentials = generate_credentials()
+    user, password = node.generated_credentials
     return {
         "Name": node.name,
         "StorageDirectory": str(node.workdir / "storage"),
@@ -33,18 +73,21 @@ def orthanc_configuration(node: Node, peers: list[Peer], plugins: list[str]) -> 
         "DicomPort": node.dicom_port,
         "HttpPort": node.http_port,
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {user: password},
         "DicomServerEnabled": True,
         "HttpServerEnabled": True,
         "DicomCheckCalledAet": True,
-        "DicomAlwaysAllowEcho": True,
-        "DicomAlwaysAllowStore": True,
-        "DicomAlwaysAllowFind": True,
-        "DicomAlwaysAllowGet": True,
-        "DicomAlwaysAllowMove": True,
+        "DicomCheckModalityHost": True,
+        "DicomAlwaysAllowEcho": False,
+        "DicomAlwaysAllowStore": False,
+        "DicomAlwaysAllowFind": False,
+        "DicomAlwaysAllowFindWorklist": False,
+        "DicomAlwaysAllowGet": False,
+        "DicomAlwaysAllowMove": False,
         "UnknownSopClassAccepted": True,
         "DicomModalities": {
-            peer.name: {"AET": peer.ae_title, "Host": peer.host, "Port": peer.port}
+            peer.name: {"AET": peer.ae_title, "Host": peer_ip(peer.host), "Port": peer.port}
             for peer in peers
         },
         "DicomModalitiesInDatabase": False,
@@ -62,6 +105,14 @@ def orthanc_configuration(node: Node, peers: list[Peer], plugins: list[str]) -> 
         "Plugins": plugins,
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
     }
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (orthanc.json holds the generated password)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
 
 
 class OrthancNode(Node):
@@ -106,7 +157,7 @@ class OrthancNode(Node):
                 "Lock": False,
             }
         config.update(self.spec.orthanc_config)  # the topology's own settings win
-        (self.workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
+        write_private(self.workdir / "orthanc.json", json.dumps(config, indent=2))
 
     def data_directories(self) -> tuple[str, ...]:
         # with index: postgresql the index lives in PostgreSQL (the DR drill pg_dumps it)
@@ -140,7 +191,7 @@ class OrthancNode(Node):
 
     def ready(self) -> bool:
         try:
-            rsp = requests.get(f"{self.http_url}/system", timeout=5)
+            rsp = requests.get(f"{self.http_url}/system", auth=self._http_auth(), timeout=5)
         except requests.RequestException as exc:
             raise EnvironmentProblem(f"HTTP {self.http_url}: {exc.__class__.__name__}") from None
         return rsp.status_code == 200 and super().ready()
