@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.request
 from pathlib import Path
 
 import pytest
+import requests
 from pydicom import dcmwrite
 
 from harness.cluster import Cluster
@@ -83,10 +83,13 @@ def cluster():
 
 
 def _external(node, extra: str = "") -> str:
+    """The node as a site would describe it, its login named by environment variables."""
+    variable = f"PERM_TEST_{node.name.upper()}"
     return (
         f"  {node.name}: {{kind: external, ae_title: {node.ae_title}, host: {node.host}, "
         f"dicom_port: {node.dicom_port}, http_port: {node.http_port}, orthanc_rest: true, "
-        f"dicomweb_root: /dicom-web{extra}}}\n"
+        f"dicomweb_root: /dicom-web, credentials: {{username_env: {variable}_USER, "
+        f"password_env: {variable}_PASSWORD}}{extra}}}\n"
     )
 
 
@@ -105,15 +108,21 @@ def _topology(cluster, tmp_path: Path, site_extra: str = "", settings: str = "")
 
 def _held(node) -> dict:
     """Orthanc's own count (REST GET /statistics), independent of the harness's clients."""
-    with urllib.request.urlopen(f"http://{node.host}:{node.http_port}/statistics",
-                                timeout=10) as answer:
-        stats = json.loads(answer.read())
+    answer = requests.get(f"http://{node.host}:{node.http_port}/statistics",
+                          auth=node.generated_credentials, timeout=10)
+    answer.raise_for_status()
+    stats = answer.json()
     return {k: stats[k] for k in ("CountPatients", "CountStudies", "CountSeries",
                                   "CountInstances")}
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "state")}
+def _env(tmp_path: Path, cluster: Cluster) -> dict[str, str]:
+    env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "state")}
+    for name, node in cluster.nodes.items():  # the logins generated at launch
+        user, password = node.generated_credentials
+        env[f"PERM_TEST_{name.upper()}_USER"] = user
+        env[f"PERM_TEST_{name.upper()}_PASSWORD"] = password
+    return env
 
 
 def _write(tmp_path: Path, name: str, text: str) -> str:
@@ -147,7 +156,7 @@ def test_every_writing_command_refuses_a_read_only_node(cluster, tmp_path, comma
     topo = _topology(cluster, tmp_path, settings=settings)
     site, scratch = cluster.node("site"), cluster.node("scratch")
     before = _held(site), _held(scratch)
-    proc = run_cli(*_commands(tmp_path, topo)[command], env=_env(tmp_path))
+    proc = run_cli(*_commands(tmp_path, topo)[command], env=_env(tmp_path, cluster))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -165,13 +174,13 @@ def test_echo_only_sla_and_qido_only_load_store_nothing(cluster, tmp_path):
     before = _held(site)
     sla = run_cli("sla", "--topology", str(topo), "--node", "site",
                   "--contract", _write(tmp_path, "c.yaml", ECHO_CONTRACT),
-                  "--evidence", str(tmp_path / "ev.json"), env=_env(tmp_path))
+                  "--evidence", str(tmp_path / "ev.json"), env=_env(tmp_path, cluster))
     assert sla.returncode == 0, sla.stdout + sla.stderr
     evidence = json.loads((tmp_path / "ev.json").read_text())
     assert evidence["verdict"] == "pass"
     load = run_cli("load", "--topology", str(topo), "--node", "site", "--json",
                    "--workload", _write(tmp_path, "w.yaml", QIDO_WORKLOAD),
-                   env=_env(tmp_path))
+                   env=_env(tmp_path, cluster))
     assert load.returncode == 0, load.stdout + load.stderr
     results = json.loads(load.stdout)
     assert results["dataset_stored"] is False
@@ -189,7 +198,7 @@ def test_writable_allows_store_but_not_wipe(cluster, tmp_path):
     (instance,) = sample_study(seed=1234, instances=1)
     dcmwrite(study / "one.dcm", instance, enforce_file_format=True)
     stored = run_cli("store", "--topology", str(topo), "--to", "site", str(study),
-                     env=_env(tmp_path))
+                     env=_env(tmp_path, cluster))
     assert stored.returncode == 0, stored.stdout + stored.stderr
     after_store = _held(site)
     assert after_store["CountInstances"] == before["CountInstances"] + 1
