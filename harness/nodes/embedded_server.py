@@ -116,8 +116,11 @@ report a C-GET/C-MOVE handler status after one announced sub-operation, so such 
 response carries NumberOfFailedSuboperations 1, and a C-MOVE first associates with the
 (known) destination. Unknown C-MOVE destination or unreachable destination: 0xA801.
 
-Files are renamed into place atomically but not fsync'ed: a crashed process never leaves a half
-file, a power loss on a non-journalled file system might (acceptable for a test node).
+Durability: a C-STORE is acknowledged only after its file was renamed into place and its index
+row committed. Neither is fsync'ed (the index runs WAL with synchronous=NORMAL): a crash of the
+server process loses nothing acknowledged and never leaves a half file; a power loss may drop
+the last acknowledged instances (acceptable for a test node; an fsync per instance cost more
+than the insert).
 
 Matching (PS3.4 C.2.2.2) is lenient/relational: any supported key at or above the query level
 is a matching key; keys below the level are returned empty. Single value, universal (empty),
@@ -248,6 +251,12 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS idx_instances_patient ON instances (patient_id);\n"
     "CREATE INDEX IF NOT EXISTS idx_instances_study ON instances (study_instance_uid);\n"
     "CREATE INDEX IF NOT EXISTS idx_instances_series ON instances (series_instance_uid);\n"
+)
+
+
+_INSERT_INSTANCE = (
+    f"INSERT OR REPLACE INTO instances ({','.join(COLUMNS)}) "
+    f"VALUES ({','.join('?' * len(COLUMNS))})"
 )
 
 
@@ -970,6 +979,7 @@ class EmbeddedPacs:
         self.peers_file = peers_file
         self.ae: AE | None = None
         self._write_lock = threading.Lock()
+        self._store_conn: sqlite3.Connection | None = None  # held by stores, under _write_lock
         self._notes: dict[tuple[int, int], str] = {}
         self._notes_lock = threading.Lock()
 
@@ -1160,7 +1170,7 @@ class EmbeddedPacs:
                 "store_status": status,
             }
             with self._write_lock:
-                conn = _connect(self.db_file)
+                conn = self._index_for_stores()
                 try:
                     with _write_transaction(conn):
                         old = conn.execute(
@@ -1170,13 +1180,10 @@ class EmbeddedPacs:
                         final.parent.mkdir(parents=True, exist_ok=True)
                         os.replace(tmp_name, final)
                         tmp_name = None
-                        conn.execute(
-                            f"INSERT OR REPLACE INTO instances ({','.join(COLUMNS)}) "
-                            f"VALUES ({','.join('?' * len(COLUMNS))})",
-                            [row[c] for c in COLUMNS],
-                        )
-                finally:
-                    conn.close()
+                        conn.execute(_INSERT_INSTANCE, [row[c] for c in COLUMNS])
+                except sqlite3.Error:
+                    self._close_store_index()  # the next store starts from a fresh connection
+                    raise
             if old is not None and old["path"] != rel:
                 with contextlib.suppress(OSError):
                     (self.storage / old["path"]).unlink()
@@ -1190,6 +1197,21 @@ class EmbeddedPacs:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
         return status
+
+    def _index_for_stores(self) -> sqlite3.Connection:
+        """The connection stores share (caller holds ``_write_lock``): opening one per instance
+        cost more than the insert, and closing the last connection checkpoints the WAL.
+        synchronous=NORMAL: a commit reaches the OS, not the platter (module docstring)."""
+        if self._store_conn is None:
+            self._store_conn = _connect(self.db_file)
+            self._store_conn.execute("PRAGMA synchronous = NORMAL")
+        return self._store_conn
+
+    def _close_store_index(self) -> None:
+        if self._store_conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._store_conn.close()
+            self._store_conn = None
 
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         """C-FIND over the index; see the module docstring for the matching rules."""
@@ -1504,6 +1526,9 @@ def serve(
         closer.join(SHUTDOWN_GRACE_S)
         if closer.is_alive():
             LOG.warning("associations still busy after %g s; exiting anyway", SHUTDOWN_GRACE_S)
+        else:
+            with pacs._write_lock:
+                pacs._close_store_index()
     return EXIT_OK
 
 
