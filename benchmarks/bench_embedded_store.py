@@ -13,6 +13,7 @@ then 4 associations, to
   * pynetdicom's own storescp (`python -m pynetdicom storescp`, writing files into a temp
     directory): files only, no index, no checks.
 
+Then the first 30 files one association each (per-file rows: p50 of a whole store call).
 Per instance: the p50 of the time between consecutive C-STORE results on one association
 (send + the peer's work + the response; the client reads the next file meanwhile).
 Target (issue 13): embedded/storescp instances/s >= 0.5. --json for a dict.
@@ -41,6 +42,7 @@ from harness.config import parse_topology  # noqa: E402
 from harness.dicom.dimse import DimseClient, StoreResult  # noqa: E402
 
 ASSOCIATIONS = (1, 4)
+PER_FILE = 30  # files stored one association each
 
 
 def timed_store(files: list[Path], host: str, port: int, ae: str, assocs: int) -> dict:
@@ -73,6 +75,23 @@ def timed_store(files: list[Path], host: str, port: int, ae: str, assocs: int) -
     }
 
 
+def per_association(files: list[Path], host: str, port: int, ae: str) -> dict:
+    """One association per file (as a modality sending one image at a time, or the load
+    engine's store operations): what association setup costs the server."""
+    client = DimseClient(host, port, ae, timeout_s=120)
+    times: list[float] = []
+    for path in files:
+        start = time.perf_counter()
+        report = client.store([path])
+        times.append(time.perf_counter() - start)
+        if not report.ok:
+            raise SystemExit(f"store of {path.name} to {ae} failed: {report.failed[0].status}")
+    times.sort()
+    return {"seconds": round(sum(times), 2), "instances_per_s": round(len(files) / sum(times), 1),
+            "p50_ms": round(statistics.median(times) * 1000, 1),
+            "p90_ms": round(times[int(0.9 * (len(times) - 1))] * 1000, 1)}
+
+
 def bench_embedded(files: list[Path], record) -> None:
     cluster = Cluster.launch(parse_topology(
         "name: bench-embedded\nnodes:\n  pacs: {kind: embedded, ae_title: EMBEDDED}\n"))
@@ -88,6 +107,12 @@ def bench_embedded(files: list[Path], record) -> None:
             row["server_cpu_ms_per_instance"] = round(
                 (process_cpu_s(node.handle.pid) - cpu) * 1000 / len(files), 2)
             record("embedded", assocs, row)
+        node.wipe()
+        cpu = process_cpu_s(node.handle.pid)
+        row = per_association(files[:PER_FILE], node.host, node.dicom_port, node.ae_title)
+        row["server_cpu_ms_per_instance"] = round(
+            (process_cpu_s(node.handle.pid) - cpu) * 1000 / PER_FILE, 2)
+        record("embedded", "per-file", row)
     finally:
         cluster.stop()
 
@@ -113,6 +138,11 @@ def bench_storescp(files: list[Path], record) -> None:
             row["server_cpu_ms_per_instance"] = round(
                 (process_cpu_s(proc.pid) - cpu) * 1000 / len(files), 2)
             record("storescp", assocs, row)
+        cpu = process_cpu_s(proc.pid)
+        row = per_association(files[:PER_FILE], "127.0.0.1", port, "STORESCP")
+        row["server_cpu_ms_per_instance"] = round(
+            (process_cpu_s(proc.pid) - cpu) * 1000 / PER_FILE, 2)
+        record("storescp", "per-file", row)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -132,9 +162,9 @@ def main() -> None:
         megabytes = write_instances(folder, args.instances, args.scale)
         files = sorted(folder.glob("*.dcm"))
 
-        def record(target: str, assocs: int, row: dict) -> None:
+        def record(target: str, assocs: int | str, row: dict) -> None:
             rows.append({"target": target, "associations": assocs, **row})
-            print(f"{target:9} assoc={assocs}  {row['seconds']:6.2f} s  "
+            print(f"{target:9} assoc={assocs:<8}  {row['seconds']:6.2f} s  "
                   f"{row['instances_per_s']:6.1f} inst/s  p50 {row['p50_ms']} ms  "
                   f"p90 {row['p90_ms']} ms  server CPU "
                   f"{row['server_cpu_ms_per_instance']} ms/inst", flush=True)
@@ -146,7 +176,7 @@ def main() -> None:
 
     rate = {(r["target"], r["associations"]): r["instances_per_s"] for r in rows}
     ratios = {f"embedded_vs_storescp_{a}": round(rate[("embedded", a)] / rate[("storescp", a)], 2)
-              for a in ASSOCIATIONS}
+              for a in (*ASSOCIATIONS, "per-file")}
     print(f"\n{len(files)} instances ({args.scale}), {megabytes:.1f} MB, {os.cpu_count()} CPUs")
     for key, value in ratios.items():
         print(f"ratio {key}: {value} (target >= 0.5)")
