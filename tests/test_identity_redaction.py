@@ -157,3 +157,36 @@ def test_assessment_report_shows_identities_when_asked(site, tmp_path):
     found = _found(tmp_path / "report")
     assert {"MRN-ALPHA-7731", "Quaxwell", "Vexbridge"} <= set(found)
     assert "report.json" in found["Quaxwell"]
+
+
+def test_external_node_declared_synthetic_is_reported_in_clear(site, tmp_path):
+    topology, env, _ = site
+    declared = tmp_path / "synthetic.yaml"
+    declared.write_text(topology.read_text().replace("{kind: external,",
+                                                     "{kind: external, synthetic: true,"))
+    proc = _cli((declared, env, None), "verify", "--source", "site", "--target", "copy",
+                "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1, proc.stderr
+    assert {"findings.json", "findings.csv"} <= set(_found(tmp_path / "out")["Quaxwell"])
+
+
+def test_one_synthetic_node_is_not_enough(site, tmp_path):
+    """verify reads both sides: the site's patients stay redacted when only the target is
+    declared synthetic."""
+    topology, env, _ = site
+    declared = tmp_path / "half.yaml"
+    declared.write_text(topology.read_text().replace("{kind: external, ae_title: COPY,",
+                                                     "{kind: external, synthetic: true, "
+                                                     "ae_title: COPY,"))
+    proc = _cli((declared, env, None), "verify", "--source", "site", "--target", "copy",
+                "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1, proc.stderr
+    assert _found(tmp_path / "out") == {}
+
+
+def test_synthetic_flag_must_be_a_boolean():
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"nodes\.site\.synthetic.*true or false"):
+        parse_topology("name: t\nnodes:\n  site: {kind: external, host: 127.0.0.1, "
+                       "dicom_port: 104, synthetic: 'yes'}\n")
