@@ -168,8 +168,10 @@ class Findings:
 
     def redacted(self, redactor: Any) -> Findings:
         """A copy with patient identities tokenised (harness/report/identities.py)."""
-        findings = [Finding(**redactor.redact(f.as_dict())) for f in self.findings]
-        return replace(self, findings=findings, warnings=redactor.redact(self.warnings))
+        # one call: every value is learned before any free text is cleaned
+        findings, warnings = redactor.redact([[f.as_dict() for f in self.findings],
+                                              self.warnings])
+        return replace(self, findings=[Finding(**f) for f in findings], warnings=warnings)
 
     def write(self, out_dir: str | os.PathLike[str], redactor: Any = None) -> dict[str, Path]:
         """Write findings.json, findings.csv and summary.txt into `out_dir` (identities
