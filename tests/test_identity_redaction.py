@@ -190,3 +190,42 @@ def test_synthetic_flag_must_be_a_boolean():
     with pytest.raises(ConfigError, match=r"nodes\.site\.synthetic.*true or false"):
         parse_topology("name: t\nnodes:\n  site: {kind: external, host: 127.0.0.1, "
                        "dicom_port: 104, synthetic: 'yes'}\n")
+
+
+def test_migration_into_a_site_archive_reports_tokens(tmp_path):
+    """The migration scenario between two writable site archives (one holding the people
+    above): its identity report, merged patients and findings attachment hold no identity."""
+    if not find_binary("Orthanc"):
+        pytest.skip("Orthanc not installed (install: apt-get install orthanc)")
+    cluster = Cluster.launch(parse_topology(
+        "name: redactmig\nnodes:\n"
+        "  site: {kind: orthanc, ae_title: SITE}\n"
+        "  next: {kind: orthanc, ae_title: NEXT}\n"))
+    try:
+        assert cluster.node("site").dimse().store([ds for s in _studies() for ds in s]).ok
+        env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "state")}
+        lines = ["name: redactmig", "nodes:"]
+        for name in ("site", "next"):
+            node = cluster.node(name)
+            env[f"MIG_{name.upper()}_USER"], env[f"MIG_{name.upper()}_PASSWORD"] = (
+                node.generated_credentials or ("", ""))
+            lines.append(
+                f"  {name}: {{kind: external, writable: true, ae_title: {node.ae_title}, "
+                f"host: 127.0.0.1, dicom_port: {node.dicom_port}, "
+                f"http_port: {node.http_port}, orthanc_rest: true, "
+                "dicomweb_root: /dicom-web, credentials: "
+                f"{{username_env: MIG_{name.upper()}_USER, "
+                f"password_env: MIG_{name.upper()}_PASSWORD}}}}")
+        lines += ["settings:", "  migration: {source: site, target: next, pilot_patients: 2}"]
+        topology = tmp_path / "topology.yaml"
+        topology.write_text("\n".join(lines) + "\n")
+        report = tmp_path / "report"
+        proc = _cli((topology, env, None), "run", "--scenario", "migration", "--phase",
+                    "pilot", "--report-dir", str(report), "-q")
+        assert (report / "report.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+        (scenario,) = json.loads((report / "report.json").read_text())["scenarios"]
+        identity = next(m["identity"] for m in scenario["metrics"].values())
+        assert "pt-" in json.dumps(identity["collisions"])  # our collision, as tokens
+        assert _found(report) == {}
+    finally:
+        cluster.stop()
