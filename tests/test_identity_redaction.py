@@ -148,6 +148,7 @@ def test_assessment_report_holds_tokens_and_still_shows_the_collision(site, tmp_
     assert sorted(r["issuer"] for r in records) == ["SITEA", "SITEB"]
     names = {r["name"] for r in records}
     assert len(names) == 2 and all(n.startswith("nm-") for n in names)
+    assert {r["sex"] for r in records} == {"sex-redacted"}
 
 
 def test_assessment_report_shows_identities_when_asked(site, tmp_path):

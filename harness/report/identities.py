@@ -7,7 +7,8 @@ replaced by a token: kind prefix + first 12 hex of HMAC-SHA256(value) under a ra
 made per process (one `run` or `verify` writes one report). A plain SHA-256 of an ID would
 be reversed by hashing every plausible MRN; the secret key, never written, prevents that,
 while the same value keeps the same token within the report, so a collision (one `pt-`
-token, distinct `nm-` tokens) stays visible. `--show-identities` opts out.
+token, distinct `nm-` tokens) stays visible. Sex, with three values, is blanked instead.
+`--show-identities` opts out.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Redactor:
         self._seen: dict[str, str] = {}  # clear value -> token, for free-text replacement
 
     def token(self, kind: str, value: str) -> str:
+        if kind == "sex":  # three values: a token would only group patients by it
+            return "sex-redacted"
         digest = hmac.new(self._key, f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
         return f"{kind}-{digest[:12]}"
 
