@@ -7,6 +7,7 @@ Exit codes (every command): 0 pass, 1 findings or failure, 2 usage or configurat
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -400,6 +401,9 @@ def _check_scenario_permissions(topology, scenarios: tuple[str, ...]) -> None:
 )
 @click.option("--keep", is_flag=True, help="leave launched nodes running afterwards")
 @click.option("--quiet", "-q", is_flag=True, help="less pytest output")
+@click.option("--show-identities", is_flag=True,
+              help="report patient IDs, names, birth dates of external nodes not declared "
+                   "synthetic in clear (default: tokenised, see docs/safety.md)")
 def run(
     topology_path: str | None,
     phase: str | None,
@@ -407,6 +411,7 @@ def run(
     report_dir: str | None,
     keep: bool,
     quiet: bool,
+    show_identities: bool,
 ) -> None:
     """Run the scenario suites against the topology and write the report.
 
@@ -452,7 +457,10 @@ def run(
     if keep:
         argv.append("--pacs-keep")
     # the pytest child dies with this command, even when this command is killed
-    code = subprocess.call(argv, preexec_fn=die_with_parent)
+    from harness.report.identities import SHOW_IDENTITIES_ENV
+
+    env = {**os.environ, SHOW_IDENTITIES_ENV: "1" if show_identities else ""}
+    code = subprocess.call(argv, preexec_fn=die_with_parent, env=env)
     report = json.loads(report_json.read_text()) if report_json.exists() else None
     if report is not None:
         from harness.report.html import write_html_report

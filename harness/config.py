@@ -66,6 +66,8 @@ NODE_FIELDS = {
     "http_port": "an integer 1-65535",
     "disposable": "true or false",
     "writable": "true or false: the harness may store synthetic data (not wipe)",
+    "synthetic": "true when an external node holds only synthetic patients (reports then "
+                 "show identities; default false: redacted, see docs/safety.md)",
     "credentials": "{username_env: VAR, password_env: VAR}",
     "dicomweb_root": "URL path of the DICOMweb service, e.g. /dicom-web",
     "orthanc_rest": "true when an external node is an Orthanc with its REST API",
@@ -109,6 +111,7 @@ class NodeSpec:
     http_port: int | None = None
     disposable: bool = True
     writable: bool = False  # may store synthetic data without being disposable
+    synthetic: bool = False  # an external node declared to hold only synthetic patients
     credentials: Credentials = field(default_factory=Credentials)
     dicomweb_root: str | None = None
     orthanc_rest: bool = False
@@ -127,6 +130,12 @@ class NodeSpec:
     def may_write(self) -> bool:
         """Write permission: store synthetic data (docs/safety.md, Permissions)."""
         return self.disposable or self.writable
+
+    @property
+    def holds_synthetic_only(self) -> bool:
+        """Launched nodes hold what the harness loads; external ones real patients unless
+        declared `synthetic: true` (their identities are redacted in reports otherwise)."""
+        return self.launched or self.synthetic
 
 
 @dataclass(frozen=True)
@@ -450,7 +459,7 @@ def _node(check: Checker, name: Any, raw: Any) -> NodeSpec:
                 (*path, "credentials", key),
                 "must name an environment variable, e.g. SITEB_PASSWORD",
             )
-    for flag in ("orthanc_rest", "writable"):
+    for flag in ("orthanc_rest", "writable", "synthetic"):
         if flag in raw and not isinstance(raw[flag], bool):
             raise check.fail((*path, flag), "invalid value (allowed: true or false)")
 
@@ -463,6 +472,7 @@ def _node(check: Checker, name: Any, raw: Any) -> NodeSpec:
         http_port=_port(check, (*path, "http_port"), raw.get("http_port")),
         disposable=disposable,
         writable=bool(raw.get("writable", False)),
+        synthetic=bool(raw.get("synthetic", False)),
         credentials=Credentials(**creds_raw),
         dicomweb_root=raw.get("dicomweb_root") or ("/dicom-web" if kind == "orthanc" else None),
         orthanc_rest=bool(raw.get("orthanc_rest", kind == "orthanc")),

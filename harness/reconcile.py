@@ -41,7 +41,7 @@ import sqlite3
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +166,18 @@ class Findings:
             out.append(f"warning: {warning}")
         return "\n".join(out) + "\n"
 
-    def write(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-        """Write findings.json, findings.csv and summary.txt into `out_dir`."""
+    def redacted(self, redactor: Any) -> Findings:
+        """A copy with patient identities tokenised (harness/report/identities.py)."""
+        # one call: every value is learned before any free text is cleaned
+        findings, warnings = redactor.redact([[f.as_dict() for f in self.findings],
+                                              self.warnings])
+        return replace(self, findings=[Finding(**f) for f in findings], warnings=warnings)
+
+    def write(self, out_dir: str | os.PathLike[str], redactor: Any = None) -> dict[str, Path]:
+        """Write findings.json, findings.csv and summary.txt into `out_dir` (identities
+        tokenised by `redactor` when given)."""
+        if redactor is not None:
+            return self.redacted(redactor).write(out_dir)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "findings.json", "csv": out / "findings.csv",
@@ -873,6 +883,7 @@ def verify(
     *,
     sample: int | None = None,
     resume: bool = False,
+    redactor: Any = None,
 ) -> VerifyResult:
     """Crawl `source` and `target` (Nodes) into `workdir`, reconcile, write the findings.
 
@@ -891,7 +902,7 @@ def verify(
         summaries[side] = crawl(node, out / f"{side}.ledger.sqlite", depth=depth, sample=sample,
                                 progress=report, resume=resume)
     findings = reconcile(out / "source.ledger.sqlite", out / "target.ledger.sqlite", rules)
-    paths = {k: str(v) for k, v in findings.write(out).items()}
+    paths = {k: str(v) for k, v in findings.write(out, redactor).items()}
     paths["source_ledger"] = str(out / "source.ledger.sqlite")
     paths["target_ledger"] = str(out / "target.ledger.sqlite")
     return VerifyResult(findings, summaries["source"], summaries["target"], paths)

@@ -17,6 +17,7 @@ import click
 
 from harness.console import console, out, progress_bar
 from harness.errors import EXIT_FINDINGS
+from harness.report.identities import redactor_for
 
 
 def _nodes(topology_path: str | None, *names: str):
@@ -83,9 +84,12 @@ def inventory_command(node_name: str, depth: str, sample: int | None, ledger: st
 @click.option("--topology", "-t", "topology_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--json", "as_json", is_flag=True,
               help="print {verdict, counts, missing, extra, altered, unretrievable}")
+@click.option("--show-identities", is_flag=True,
+              help="write patient IDs, names, birth dates in clear even when a node is not "
+                   "declared synthetic (default: tokenised, see docs/safety.md)")
 def verify_command(source_name: str, target_name: str, depth: str, rules: str | None,
                    sample: int | None, out_dir: str | None, topology_path: str | None,
-                   as_json: bool) -> None:
+                   as_json: bool, show_identities: bool) -> None:
     """Prove, instance by instance, what a migration lost, altered or added.
 
     Writes findings.json, findings.csv and summary.txt; exit 1 when anything is lost or
@@ -96,19 +100,22 @@ def verify_command(source_name: str, target_name: str, depth: str, rules: str | 
 
     checked_rules = load_rules(rules)  # a bad rules file is the first thing reported
     source, target = _nodes(topology_path, source_name, target_name)
+    redactor = redactor_for(source, target, show=show_identities)
     workdir = Path(out_dir or f"verify-{source_name}-{target_name}")
     with progress_bar(as_json) as progress:
         tasks = {side: progress.add_task(f"crawling {side}", total=None)
                  for side in ("source", "target")}
         result = verify(
             source, target, workdir, depth=depth, rules=checked_rules, sample=sample,
+            redactor=redactor,
             progress=lambda side, done, total: progress.update(
                 tasks[side], completed=done, total=total),
         )
     if as_json:
         out.print_json(json.dumps(result.as_json()))
     else:
-        out.print(result.findings.summary_text(), markup=False, highlight=False)
+        findings = result.findings if redactor is None else result.findings.redacted(redactor)
+        out.print(findings.summary_text(), markup=False, highlight=False)
         console.print(f"findings: {workdir}/ (findings.json, findings.csv)", markup=False,
                       highlight=False)
     if result.verdict != "pass":

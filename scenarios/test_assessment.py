@@ -18,6 +18,7 @@ import pytest
 
 from harness.identity import identity_report
 from harness.inventory import crawl
+from harness.report.identities import for_report
 from harness.rules import load_rules
 from scenarios.helpers import count_findings, independent_count
 from synthetic_data import GeneratorOptions, generate
@@ -51,7 +52,7 @@ def test_inventory_matches_what_the_node_holds(pacs_node, pacs_node_name, pacs_t
         "answered": answered,
         "findings": findings,
         "first_reading_disagreed": first_reading,
-        "identity": identities.as_dict(),
+        "identity": for_report(identities.as_dict(), node),  # a site's patients: tokens
     }
     if held is None:
         pytest.skip(f"{pacs_node_name} ({node.kind}) offers no count independent of its query "

@@ -31,6 +31,7 @@ from harness.inventory import crawl
 from harness.migrate import METHODS, Migrator
 from harness.monitor import AvailabilityMonitor
 from harness.reconcile import verify
+from harness.report.identities import for_report, redactor_for
 from harness.rules import load_rules
 from synthetic_data import GeneratorOptions, generate
 
@@ -106,7 +107,9 @@ def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: i
     availability = monitor.summary()
 
     with allure.step("reconcile target against source at full depth"):
-        verified = verify(source, target, workdir / "verify", depth="full", rules=rules)
+        redactor = redactor_for(source, target)  # a site's patients: tokens in the report
+        verified = verify(source, target, workdir / "verify", depth="full", rules=rules,
+                          redactor=redactor)
         merged = merged_patients(
             verified.paths["source_ledger"], verified.paths["target_ledger"]
         )
@@ -126,12 +129,15 @@ def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: i
         "counts": verified.counts,
         "findings_by_type": verified.findings.by_type(),
         "availability": availability,
-        "identity": identities.as_dict(),
-        "merged_patients": merged,
+        "identity": for_report(identities.as_dict(), source, target),
+        "merged_patients": for_report(merged, source, target),
     }
     assert result.ok, f"migration failed for {len(result.errors)} studies: {result.errors}"
-    assert verified.verdict == "pass", verified.findings.summary_text()
-    assert merged == [], f"patients of different facilities merged: {merged}"
+    assert verified.verdict == "pass", (
+        verified.findings if redactor is None else verified.findings.redacted(redactor)
+    ).summary_text()
+    assert merged == [], ("patients of different facilities merged: "
+                          f"{for_report(merged, source, target)}")
     threshold = float(settings.get("max_inaccessible_share", 0.05))
     share = availability["inaccessible_share"]["source"] or 0.0
     assert share <= threshold, f"{share:.1%} of source probes failed (threshold {threshold:.1%})"

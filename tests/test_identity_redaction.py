@@ -1,0 +1,232 @@
+"""A site's archive (an external node not declared synthetic) keeps its patients out of every
+report: `verify` and the assessment scenario against a real Orthanc described as external,
+each output file read back byte by byte for the stored IDs, names and birth dates."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cluster import Cluster
+from harness.config import parse_topology
+from harness.tools import find_binary
+from scenarios.helpers import sample_study
+
+# recognisable made-up people: two share one MRN under two issuers (a collision)
+PATIENTS = [
+    {"PatientID": "MRN-ALPHA-7731", "IssuerOfPatientID": "SITEA",
+     "PatientName": "Quaxwell^Zebulon", "PatientBirthDate": "19480317", "PatientSex": "M"},
+    {"PatientID": "MRN-ALPHA-7731", "IssuerOfPatientID": "SITEB",
+     "PatientName": "Vexbridge^Ottoline", "PatientBirthDate": "19520611", "PatientSex": "F"},
+    {"PatientID": "MRN-GAMMA-5524", "IssuerOfPatientID": "SITEA",
+     "PatientName": "Snodgrass^Perpetua", "PatientBirthDate": "19610923", "PatientSex": "F"},
+]
+LEDGERS = ".sqlite"  # the crawl's working data (resume, reconciliation), not a report
+
+
+def _clear_values() -> list[str]:
+    values = set()
+    for p in PATIENTS:
+        family, given = p["PatientName"].split("^")
+        date = p["PatientBirthDate"]
+        values |= {p["PatientID"], family, given, date, f"{date[:4]}-{date[4:6]}-{date[6:]}"}
+    return sorted(values)
+
+
+def _studies() -> list[list]:
+    studies = []
+    for number, who in enumerate(PATIENTS):
+        study = sample_study(seed=880 + number, instances=2)
+        for ds in study:
+            for keyword, value in who.items():
+                setattr(ds, keyword, value)
+        studies.append(study)
+    return studies
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A launched Orthanc (the site) and an embedded PACS (its migration target), described
+    to the CLI as external nodes; the target lacks one patient and misspells another."""
+    if not find_binary("Orthanc"):
+        pytest.skip("Orthanc not installed (install: apt-get install orthanc)")
+    cluster = Cluster.launch(parse_topology(
+        "name: redact\nnodes:\n"
+        "  site: {kind: orthanc, ae_title: SITE}\n"
+        "  copy: {kind: embedded, ae_title: COPY}\n"))
+    try:
+        studies = _studies()
+        assert cluster.node("site").dimse().store([ds for s in studies for ds in s]).ok
+        renamed = [ds.copy() for ds in studies[0]]
+        for ds in renamed:
+            ds.PatientName = "Quaxwell^Zebulonn"
+        assert cluster.node("copy").dimse().store([*renamed, *studies[2]]).ok
+        workdir = tmp_path_factory.mktemp("redact")
+        site, copy = cluster.node("site"), cluster.node("copy")
+        user, password = site.generated_credentials or ("", "")
+        env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(workdir / "state"),
+               "REDACT_USER": user, "REDACT_PASSWORD": password}
+        topology = workdir / "topology.yaml"
+        topology.write_text(
+            "name: redact\nnodes:\n"
+            f"  site: {{kind: external, ae_title: SITE, host: 127.0.0.1, "
+            f"dicom_port: {site.dicom_port}, http_port: {site.http_port}, orthanc_rest: true, "
+            "credentials: {username_env: REDACT_USER, password_env: REDACT_PASSWORD}}\n"
+            f"  copy: {{kind: external, ae_title: COPY, host: 127.0.0.1, "
+            f"dicom_port: {copy.dicom_port}}}\n")
+        yield topology, env, workdir
+    finally:
+        cluster.stop()
+
+
+def _cli(site, *args: str) -> subprocess.CompletedProcess:
+    topology, env, _ = site
+    return subprocess.run([sys.executable, "-m", "harness", *args, "-t", str(topology)],
+                          capture_output=True, text=True, timeout=1500, env=env)
+
+
+def _found(folder: Path) -> dict[str, list[str]]:
+    """Each clear value -> the files under `folder` (recursively) that contain it."""
+    found: dict[str, list[str]] = {}
+    files = [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(LEDGERS)]
+    assert files
+    for path in files:
+        content = path.read_bytes().decode("utf-8", "replace").casefold()
+        for value in _clear_values():
+            if value.casefold() in content:
+                found.setdefault(value, []).append(str(path.relative_to(folder)))
+    return found
+
+
+def _verify(site, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = _cli(site, "verify", "--source", "site", "--target", "copy", "--out", str(out),
+                *extra)
+    assert proc.returncode == 1, proc.stderr  # a patient missing, a name altered
+    return proc
+
+
+def test_verify_writes_no_identity_of_a_site_archive(site, tmp_path):
+    proc = _verify(site, tmp_path / "out")
+    assert _found(tmp_path / "out") == {}
+    assert not [v for v in _clear_values() if v.casefold() in proc.stdout.casefold()]
+    findings = json.loads((tmp_path / "out" / "findings.json").read_text())
+    by_type = {f["type"]: f for f in findings["findings"]}
+    assert by_type["missing_patient"]["patient_id"].startswith("pt-")
+    change = next(f for f in findings["findings"] if "PatientName" in f["attributes"])
+    before, after = (change["attributes"]["PatientName"][k] for k in ("before", "after"))
+    assert before.startswith("nm-") and after.startswith("nm-") and before != after
+
+
+def test_verify_shows_identities_when_asked(site, tmp_path):
+    _verify(site, tmp_path / "out", "--show-identities")
+    found = _found(tmp_path / "out")
+    assert {"findings.json", "findings.csv", "summary.txt"} <= set(found["MRN-ALPHA-7731"])
+    assert {"findings.json", "findings.csv"} <= set(found["Quaxwell"])  # the altered name
+
+
+def _assessment(site, report: Path, *extra: str) -> dict:
+    proc = _cli(site, "run", "--scenario", "assessment", "--report-dir", str(report), "-q",
+                *extra)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (scenario,) = json.loads((report / "report.json").read_text())["scenarios"]
+    return scenario["metrics"]["inventory.site"]["identity"]
+
+
+def test_assessment_report_holds_tokens_and_still_shows_the_collision(site, tmp_path):
+    identity = _assessment(site, tmp_path / "report")
+    assert (tmp_path / "report" / "index.html").exists()
+    assert _found(tmp_path / "report") == {}
+    (collision,) = identity["collisions"]
+    assert collision["patient_id"].startswith("pt-")
+    records = collision["records"]
+    assert {r["patient_id"] for r in records} == {collision["patient_id"]}
+    assert sorted(r["issuer"] for r in records) == ["SITEA", "SITEB"]
+    names = {r["name"] for r in records}
+    assert len(names) == 2 and all(n.startswith("nm-") for n in names)
+    assert {r["sex"] for r in records} == {"sex-redacted"}
+
+
+def test_assessment_report_shows_identities_when_asked(site, tmp_path):
+    identity = _assessment(site, tmp_path / "report", "--show-identities")
+    (collision,) = identity["collisions"]
+    assert collision["patient_id"] == "MRN-ALPHA-7731"
+    found = _found(tmp_path / "report")
+    assert {"MRN-ALPHA-7731", "Quaxwell", "Vexbridge"} <= set(found)
+    assert "report.json" in found["Quaxwell"]
+
+
+def test_external_node_declared_synthetic_is_reported_in_clear(site, tmp_path):
+    topology, env, _ = site
+    declared = tmp_path / "synthetic.yaml"
+    declared.write_text(topology.read_text().replace("{kind: external,",
+                                                     "{kind: external, synthetic: true,"))
+    proc = _cli((declared, env, None), "verify", "--source", "site", "--target", "copy",
+                "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1, proc.stderr
+    assert {"findings.json", "findings.csv"} <= set(_found(tmp_path / "out")["Quaxwell"])
+
+
+def test_one_synthetic_node_is_not_enough(site, tmp_path):
+    """verify reads both sides: the site's patients stay redacted when only the target is
+    declared synthetic."""
+    topology, env, _ = site
+    declared = tmp_path / "half.yaml"
+    declared.write_text(topology.read_text().replace("{kind: external, ae_title: COPY,",
+                                                     "{kind: external, synthetic: true, "
+                                                     "ae_title: COPY,"))
+    proc = _cli((declared, env, None), "verify", "--source", "site", "--target", "copy",
+                "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1, proc.stderr
+    assert _found(tmp_path / "out") == {}
+
+
+def test_synthetic_flag_must_be_a_boolean():
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"nodes\.site\.synthetic.*true or false"):
+        parse_topology("name: t\nnodes:\n  site: {kind: external, host: 127.0.0.1, "
+                       "dicom_port: 104, synthetic: 'yes'}\n")
+
+
+def test_migration_into_a_site_archive_reports_tokens(tmp_path):
+    """The migration scenario between two writable site archives (one holding the people
+    above): its identity report, merged patients and findings attachment hold no identity."""
+    if not find_binary("Orthanc"):
+        pytest.skip("Orthanc not installed (install: apt-get install orthanc)")
+    cluster = Cluster.launch(parse_topology(
+        "name: redactmig\nnodes:\n"
+        "  site: {kind: orthanc, ae_title: SITE}\n"
+        "  next: {kind: orthanc, ae_title: NEXT}\n"))
+    try:
+        assert cluster.node("site").dimse().store([ds for s in _studies() for ds in s]).ok
+        env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "state")}
+        lines = ["name: redactmig", "nodes:"]
+        for name in ("site", "next"):
+            node = cluster.node(name)
+            env[f"MIG_{name.upper()}_USER"], env[f"MIG_{name.upper()}_PASSWORD"] = (
+                node.generated_credentials or ("", ""))
+            lines.append(
+                f"  {name}: {{kind: external, writable: true, ae_title: {node.ae_title}, "
+                f"host: 127.0.0.1, dicom_port: {node.dicom_port}, "
+                f"http_port: {node.http_port}, orthanc_rest: true, "
+                "dicomweb_root: /dicom-web, credentials: "
+                f"{{username_env: MIG_{name.upper()}_USER, "
+                f"password_env: MIG_{name.upper()}_PASSWORD}}}}")
+        lines += ["settings:", "  migration: {source: site, target: next, pilot_patients: 2}"]
+        topology = tmp_path / "topology.yaml"
+        topology.write_text("\n".join(lines) + "\n")
+        report = tmp_path / "report"
+        proc = _cli((topology, env, None), "run", "--scenario", "migration", "--phase",
+                    "pilot", "--report-dir", str(report), "-q")
+        assert (report / "report.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+        (scenario,) = json.loads((report / "report.json").read_text())["scenarios"]
+        identity = next(m["identity"] for m in scenario["metrics"].values())
+        assert "pt-" in json.dumps(identity["collisions"])  # our collision, as tokens
+        assert _found(report) == {}
+    finally:
+        cluster.stop()
