@@ -31,6 +31,13 @@ dataset: {studies: 1, instances_per_study: 1, scale: tiny}
 groups:
   - {name: qido, operation: qido-rs, users: 1}
 """
+QIDO_CONTRACT = """name: qido-contract
+workloads:
+  search:
+""" + "".join(f"    {line}\n" for line in QIDO_WORKLOAD.splitlines()[1:]) + """clauses:
+  - {id: qido-p95, metric: latency, percentile: 95, operation: qido, threshold: "<= 30 s",
+     workload: search}
+"""
 WRONG_PASSWORD = "wrong-" + secrets.token_hex(8)
 
 
@@ -87,6 +94,8 @@ def _commands(tmp_path: Path, topo: Path) -> dict[str, tuple[str, list[str]]]:
     """Each command, with the node whose login it uses first."""
     workload = tmp_path / "qido.yaml"
     workload.write_text(QIDO_WORKLOAD)
+    contract = tmp_path / "contract.yaml"
+    contract.write_text(QIDO_CONTRACT)
     return {
         "inventory": ("site", ["inventory", "--topology", str(topo), "--node", "site",
                                "--ledger", str(tmp_path / "inv.sqlite")]),
@@ -100,11 +109,13 @@ def _commands(tmp_path: Path, topo: Path) -> dict[str, tuple[str, list[str]]]:
                                      "--state", str(tmp_path / "m2.sqlite")]),
         "load": ("newpacs", ["load", "--topology", str(topo), "--node", "newpacs",
                              "--workload", str(workload)]),
+        "sla": ("newpacs", ["sla", "--topology", str(topo), "--node", "newpacs",
+                            "--contract", str(contract), "--evidence", str(tmp_path / "ev.json")]),
     }
 
 
 @pytest.mark.parametrize(
-    "command", ["inventory", "verify", "migrate-dicomweb", "migrate-orthanc", "load"]
+    "command", ["inventory", "verify", "migrate-dicomweb", "migrate-orthanc", "load", "sla"]
 )
 def test_a_wrong_password_is_exit_3_naming_the_node(cluster, wrong_login, tmp_path, command):
     topo, env = wrong_login
@@ -117,3 +128,14 @@ def test_a_wrong_password_is_exit_3_naming_the_node(cluster, wrong_login, tmp_pa
     lines = [line for line in proc.stderr.splitlines() if "authentication failed" in line]
     assert len(lines) == 1, proc.stderr
     assert f"node {node_name}" in lines[0] and "authentication failed (HTTP 401)" in lines[0]
+
+
+def test_run_with_a_wrong_password_is_exit_3(cluster, wrong_login, tmp_path):
+    """A scenario refused by a node's login makes the whole run an environment error."""
+    topo, env = wrong_login
+    proc = run_cli("run", "--topology", str(topo), "--scenario", "connectivity",
+                   "--report-dir", str(tmp_path / "report"), env=env, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 3, output[-3000:]
+    assert "authentication failed (HTTP 401)" in output
+    assert WRONG_PASSWORD not in output
