@@ -589,6 +589,19 @@ class LoadRun:
                 bytes_total=self.template_bytes * len(datasets),
             ))
 
+    def check_http_login(self) -> None:
+        """One untimed QIDO-RS before a Locust load: a refused login (HTTP 401/403) stops
+        here (its workers would only count it as failed requests); the harness's own engine
+        stops at the first refusal during the load."""
+        if not any(g.operation in WEB_OPERATIONS for g in self.workload.groups):
+            return
+        try:
+            self.node.dicomweb().search_studies(limit=1)
+        except AuthenticationFailed:
+            raise
+        except HarnessError:
+            pass  # any other answer is measured by the load itself
+
     # -- operations -------------------------------------------------------------------
     def operation(self, group: Group) -> Outcome:
         """One operation of the group (raises on association failure); not recorded."""

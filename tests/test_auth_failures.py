@@ -109,13 +109,16 @@ def _commands(tmp_path: Path, topo: Path) -> dict[str, tuple[str, list[str]]]:
                                      "--state", str(tmp_path / "m2.sqlite")]),
         "load": ("newpacs", ["load", "--topology", str(topo), "--node", "newpacs",
                              "--workload", str(workload)]),
+        "load-locust": ("newpacs", ["load", "--topology", str(topo), "--node", "newpacs",
+                                    "--workload", str(workload), "--locust"]),
         "sla": ("newpacs", ["sla", "--topology", str(topo), "--node", "newpacs",
                             "--contract", str(contract), "--evidence", str(tmp_path / "ev.json")]),
     }
 
 
 @pytest.mark.parametrize(
-    "command", ["inventory", "verify", "migrate-dicomweb", "migrate-orthanc", "load", "sla"]
+    "command", ["inventory", "verify", "migrate-dicomweb", "migrate-orthanc", "load", "load-locust",
+                "sla"]
 )
 def test_a_wrong_password_is_exit_3_naming_the_node(cluster, wrong_login, tmp_path, command):
     topo, env = wrong_login
