@@ -158,15 +158,15 @@ def down(topology_path: str | None, all_runs: bool) -> None:
 
 
 def _remove_leftover_containers() -> int:
-    """Containers with the harness label that no saved state accounts for (crashed runs)."""
+    """Harness containers no saved state accounts for: a dead owner's or this state root's."""
     import shutil
 
-    from harness.launch.docker import harness_containers, remove_containers
+    from harness.launch.docker import leftover_containers, remove_containers
 
     if not shutil.which("docker") and not Path("/var/run/docker.sock").exists():
         return 0
     try:
-        containers = harness_containers()
+        containers = leftover_containers()
     except EnvironmentProblem:
         return 0  # no engine: no containers to remove
     if containers:

@@ -48,6 +48,7 @@ from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
 
 from harness.config import AE_TITLE_RE, Checker, load_yaml, read_config_text
+from harness.dicom.dicomweb import AuthenticationFailed
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseConnectionError
 from harness.dicom.tcp import on_connection_open
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
@@ -543,6 +544,7 @@ class LoadRun:
         self.started_ops = 0
         self.count_lock = threading.Lock()
         self.t0 = 0.0  # monotonic start of the measured phase
+        self.auth_failure: AuthenticationFailed | None = None  # the first HTTP 401/403
 
     # -- preparation ------------------------------------------------------------------
     def prepare(self) -> None:
@@ -586,6 +588,19 @@ class LoadRun:
                 sop_uids=[str(d.SOPInstanceUID) for d in datasets],
                 bytes_total=self.template_bytes * len(datasets),
             ))
+
+    def check_http_login(self) -> None:
+        """One untimed QIDO-RS before a Locust load: a refused login (HTTP 401/403) stops
+        here (its workers would only count it as failed requests); the harness's own engine
+        stops at the first refusal during the load."""
+        if not any(g.operation in WEB_OPERATIONS for g in self.workload.groups):
+            return
+        try:
+            self.node.dicomweb().search_studies(limit=1)
+        except AuthenticationFailed:
+            raise
+        except HarnessError:
+            pass  # any other answer is measured by the load itself
 
     # -- operations -------------------------------------------------------------------
     def operation(self, group: Group) -> Outcome:
@@ -658,6 +673,11 @@ class LoadRun:
             outcome = self.operation(group)
         except DimseConnectionError as exc:
             outcome = Outcome(False, f"association failed: {str(exc)[:80]}")
+        except AuthenticationFailed as exc:  # every later request is refused too: stop
+            with self.count_lock:
+                self.auth_failure = self.auth_failure or exc
+            self.stop_event.set()
+            return
         except HarnessError as exc:
             outcome = Outcome(False, str(exc).rsplit(" answered ", 1)[-1][:80])
         except Exception as exc:  # noqa: BLE001 - one failed operation must not stop the load
@@ -761,6 +781,8 @@ class LoadRun:
             self.stop_event.set()
             if sink is not None:
                 sink.stop()
+        if self.auth_failure is not None:
+            raise self.auth_failure
         end = time.monotonic()
         measured_s = max(1e-6, min(end, deadline) - self.t0) if end > self.t0 else 1e-6
         wall_measured = max(1e-6, end - self.t0)

@@ -128,6 +128,7 @@ def run_locust(workload: Any, node: Any, *, processes: int = 2, duration_s: floa
     say = on_event or (lambda _msg: None)
     runner = LoadRun(workload, node)
     runner.prepare()
+    runner.check_http_login()
     duration = int(max(1, round(duration_s or workload.duration_s)))
     users = sum(
         g.users if g.model == "closed" else min(g.max_in_flight, max(1, int(g.rate * 2)))

@@ -69,7 +69,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.dicom.dicomweb import DicomwebClient, parse_multipart
+from harness.dicom.dicomweb import (
+    AUTH_STATUSES,
+    AuthenticationFailed,
+    DicomwebClient,
+    authentication_failed,
+    parse_multipart,
+)
 from harness.dicom.dimse import MAX_CONTEXTS, DimseClient, RetrievedInstance, Status
 from harness.dicom.wire import TransferFailed, WireAssociation
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
@@ -625,6 +631,8 @@ def _wado_study(client: DicomwebClient, study: str) -> list[bytes]:
         rsp = client.session.get(url, headers={"Accept": accept}, timeout=client.timeout_s)
     except Exception as exc:  # requests' errors: connection refused, timeout
         raise MigrationError(f"WADO-RS {url}: {exc.__class__.__name__}") from None
+    if rsp.status_code in AUTH_STATUSES:
+        raise authentication_failed(client.node_label, rsp.status_code)
     if rsp.status_code >= 400:
         raise MigrationError(f"WADO-RS {url}: HTTP {rsp.status_code}")
     return parse_multipart(rsp.content, rsp.headers.get("Content-Type", ""))
@@ -797,6 +805,7 @@ class Migrator:
         studies = self.plan()
         state = self.open()
         self._stop.clear()
+        auth_failures: list[AuthenticationFailed] = []
         self.run_id = state.start_run(self.method if send else "verify")
         result = MigrationResult(
             self.method if send else "verify",
@@ -837,6 +846,10 @@ class Migrator:
                     return
                 try:
                     outcome = self._study(uid, send)
+                except AuthenticationFailed as exc:  # no retry logs in: stop every worker
+                    auth_failures.append(exc)
+                    self._stop.set()
+                    return
                 except Exception as exc:  # e.g. the state file's disk is full: report, go on
                     outcome = StudyOutcome(uid, "failed", error=f"internal: {_describe(exc)}")
                 finish(outcome)
@@ -856,6 +869,8 @@ class Migrator:
             raise
         result.elapsed_s = time.monotonic() - start
         state.finish_run(self.run_id, result)
+        if auth_failures:
+            raise auth_failures[0]
         return result
 
     def _study(self, uid: str, send: bool) -> StudyOutcome:
@@ -894,6 +909,10 @@ class Migrator:
                         f"{len(missing)} of {len(source_content.instances)} instances not on "
                         f"target {self.target.name}" + (" after sending" if send else "")
                     )
+            except AuthenticationFailed as exc:  # not transient: a retry is refused again
+                if send_id is not None:
+                    state.finish_send(send_id, 0, _describe(exc))
+                raise
             except Exception as exc:  # any failure of this attempt is retried, then recorded
                 outcome.error = _describe(exc)
                 if send_id is not None:
@@ -1032,6 +1051,8 @@ class Migrator:
                 f"/modalities/{self.target.name}/store",
                 {"Resources": ids, "Synchronous": True},
             )
+        except AuthenticationFailed:
+            raise
         except EnvironmentProblem as exc:
             raise MigrationError(
                 f"{exc} (is {self.target.name} in the DicomModalities of {self.source.name}?)"

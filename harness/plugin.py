@@ -292,6 +292,8 @@ def pacs_metrics(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    from harness.dicom.dicomweb import AuthenticationFailed
+
     outcome = yield
     report = outcome.get_result()
     results = item.config.stash[_results_key]
@@ -306,6 +308,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         },
     )
     entry["duration_s"] += report.duration
+    if call.excinfo is not None and isinstance(call.excinfo.value, AuthenticationFailed):
+        # a refused login fails every scenario alike: the run is an environment error (exit 3)
+        item.config.stash.setdefault(_environment_error_key, str(call.excinfo.value))
     if report.when == "call":
         _attach_metrics(item.config.stash[_metrics_key].get(item.nodeid))
     if report.failed:

@@ -173,15 +173,55 @@ def test_interrupted_container_session_leaves_nothing(images, tmp_path, sig):
 def test_up_and_down_with_containers(images, tmp_path):
     topo = tmp_path / "mixed.yaml"
     topo.write_text(MIXED)
+    before = {c.id for c in harness_containers()}
     proc = run_cli("up", "--topology", str(topo), timeout=300)
     assert proc.returncode == 0, proc.stderr
+    started = {c.id for c in harness_containers()} - before
     try:
         rows = status_json("--topology", str(topo))
         assert all(r["alive"] for r in rows), rows
     finally:
         assert run_cli("down", "--topology", str(topo)).returncode == 0
-    assert harness_containers() == []
+    # the containers `up` started are gone (parallel sessions on the machine have theirs)
+    assert started and not started & {c.id for c in harness_containers()}
     assert not any(r["alive"] for r in status_json("--topology", str(topo)))
+
+
+def test_down_all_leaves_another_state_directorys_live_containers(images, docker_engine, tmp_path):
+    """`down --all` of one state directory must not remove another live run's containers."""
+    runs = {}
+    for run in ("first", "second"):
+        topo = tmp_path / f"{run}.yaml"
+        topo.write_text(f"name: {run}\nnodes:\n  boxed: {{kind: embedded, launch: docker}}\n")
+        env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / f"state-{run}")}
+        runs[run] = (topo, env)
+
+    def running_container_names() -> set[str]:
+        # independent of the harness: the Docker SDK's own listing of running containers
+        return {c.name for c in docker_engine.containers.list(
+            filters={"label": "pacs-harness.run", "status": "running"})}
+
+    before = running_container_names()
+    try:
+        for topo, env in runs.values():
+            proc = run_cli("up", "--topology", str(topo), env=env, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+        started = running_container_names() - before
+        assert len(started) == 2, started
+        first_topo, first_env = runs["first"]
+        first_names = {c.name for c in docker_engine.containers.list(
+            filters={"label": f"pacs-harness.state-dir={tmp_path / 'state-first'}"})}
+        assert len(first_names) == 1, first_names
+
+        proc = run_cli("down", "--all", env=first_env)
+        assert proc.returncode == 0, proc.stderr
+        assert running_container_names() - before == started - first_names
+        assert docker_engine.containers.list(
+            all=True, filters={"name": next(iter(first_names))}) == []
+    finally:
+        for _topo, env in runs.values():
+            run_cli("down", "--all", env=env)
+    assert running_container_names() - before == set()
 
 
 def test_no_docker_engine_is_exit_3_with_how_to_start_it(tmp_path):

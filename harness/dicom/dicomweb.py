@@ -42,6 +42,22 @@ def parse_multipart(body: bytes, content_type: str) -> list[bytes]:
     return parts
 
 
+class AuthenticationFailed(EnvironmentProblem):
+    """A node refused the harness's login (HTTP 401/403, RFC 9110 15.5.2/15.5.4): exit 3.
+
+    Retrying cannot help, so migrate, load and sla stop at the first one."""
+
+
+AUTH_STATUSES = (401, 403)
+
+
+def authentication_failed(node_label: str, status_code: int) -> AuthenticationFailed:
+    """One line naming the node, never the secret that was sent."""
+    return AuthenticationFailed(
+        f"node {node_label}: authentication failed (HTTP {status_code}): check its credentials"
+    )
+
+
 class DicomwebClient:
     """QIDO-RS, WADO-RS and STOW-RS against one service root (e.g. .../dicom-web)."""
 
@@ -52,8 +68,10 @@ class DicomwebClient:
         *,
         verify: bool | str = True,
         timeout_s: float = 60.0,
+        node_name: str | None = None,
     ) -> None:
         self.root_url = root_url.rstrip("/")
+        self.node_label = node_name or self.root_url
         self.session = requests.Session()
         self.session.auth = auth
         self.session.verify = verify
@@ -71,6 +89,8 @@ class DicomwebClient:
             raise EnvironmentProblem(
                 f"DICOMweb at {self.root_url}: {exc.__class__.__name__}"
             ) from None
+        if rsp.status_code in AUTH_STATUSES:
+            raise authentication_failed(self.node_label, rsp.status_code)
         if rsp.status_code >= 400:
             raise EnvironmentProblem(
                 f"DICOMweb at {self.root_url}: {method} {path} answered HTTP {rsp.status_code}"

@@ -10,6 +10,7 @@ from typing import Any
 
 import requests
 
+from harness.dicom.dicomweb import AUTH_STATUSES, authentication_failed
 from harness.errors import EnvironmentProblem
 
 
@@ -23,8 +24,10 @@ class OrthancRest:
         *,
         verify: bool | str = True,
         timeout_s: float = 30.0,
+        node_name: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.node_label = node_name or self.base_url
         self.session = requests.Session()
         self.session.auth = auth
         self.session.verify = verify
@@ -42,6 +45,8 @@ class OrthancRest:
             raise EnvironmentProblem(
                 f"Orthanc at {self.base_url}: {exc.__class__.__name__}"
             ) from None
+        if rsp.status_code in AUTH_STATUSES:
+            raise authentication_failed(self.node_label, rsp.status_code)
         if rsp.status_code >= 400:
             raise EnvironmentProblem(
                 f"Orthanc at {self.base_url}: {method} {path} answered HTTP {rsp.status_code}"

@@ -18,6 +18,7 @@ from harness.launch.process import process_start_time
 LABEL_RUN = "pacs-harness.run"
 LABEL_NODE = "pacs-harness.node"
 LABEL_OWNER = "pacs-harness.owner"  # "<pid>:<start time>" of an attached owner, or "detached"
+LABEL_STATE = "pacs-harness.state-dir"  # the state root (PACS_HARNESS_STATE_DIR) of the run
 
 START_HINT = (
     "start it with `dockerd --bridge=none --iptables=false --ip-masq=false &` "
@@ -57,6 +58,13 @@ def image_present(client, image: str) -> bool:
         return True
     except docker.errors.ImageNotFound:
         return False
+
+
+def current_state_root() -> str:
+    """This process's state root, absolute, as it is written in the state-dir label."""
+    from harness.cluster import state_root
+
+    return str(state_root().resolve())
 
 
 def owner_label(detached: bool) -> str:
@@ -135,7 +143,12 @@ def run_container(
             name=name,
             detach=True,
             network_mode="host",
-            labels={LABEL_RUN: run_id, LABEL_NODE: node_name, LABEL_OWNER: owner_label(detached)},
+            labels={
+                LABEL_RUN: run_id,
+                LABEL_NODE: node_name,
+                LABEL_OWNER: owner_label(detached),
+                LABEL_STATE: current_state_root(),
+            },
             volumes={str(host): {"bind": inside, "mode": "rw"} for host, inside in mounts.items()},
             environment=environment or {},
         )
@@ -159,14 +172,31 @@ def remove_containers(containers: list) -> int:
     return len(containers)
 
 
+def owner_is_dead(container) -> bool:
+    """True when the container was started by an attached process that no longer runs."""
+    owner = container.labels.get(LABEL_OWNER, "detached")
+    if owner == "detached":
+        return False
+    pid, _, start = owner.partition(":")
+    if not pid.isdigit():
+        return False
+    return str(process_start_time(int(pid))) != start
+
+
 def sweep_orphans() -> int:
     """Remove containers whose attached owner process has died (a killed pytest, say)."""
-    orphans = []
-    for container in harness_containers():
-        owner = container.labels.get(LABEL_OWNER, "detached")
-        if owner == "detached":
-            continue
-        pid, _, start = owner.partition(":")
-        if str(process_start_time(int(pid))) != start:
-            orphans.append(container)
-    return remove_containers(orphans)
+    return remove_containers([c for c in harness_containers() if owner_is_dead(c)])
+
+
+def leftover_containers() -> list:
+    """Containers `down --all` may remove: a dead owner's, or those of this state root.
+
+    A live run with another state directory (another user's `up`, a parallel test
+    session) keeps its containers.
+    """
+    this_root = current_state_root()
+    return [
+        container
+        for container in harness_containers()
+        if owner_is_dead(container) or container.labels.get(LABEL_STATE) == this_root
+    ]

@@ -119,13 +119,15 @@ class Node:
         """A DICOMweb client when the node serves DICOMweb, else None."""
         if not self.http_url or not self.spec.dicomweb_root:
             return None
-        return DicomwebClient(self.http_url + self.spec.dicomweb_root, self._http_auth())
+        return DicomwebClient(
+            self.http_url + self.spec.dicomweb_root, self._http_auth(), node_name=self.name
+        )
 
     def rest(self) -> OrthancRest | None:
         """Orthanc REST client when the node is an Orthanc, else None."""
         if not self.http_url or not self.spec.orthanc_rest:
             return None
-        return OrthancRest(self.http_url, self._http_auth())
+        return OrthancRest(self.http_url, self._http_auth(), node_name=self.name)
 
     def _http_auth(self) -> tuple[str, str] | None:
         """The generated login of a launched node, else the topology's (from the environment)."""
