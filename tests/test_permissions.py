@@ -168,6 +168,25 @@ def test_every_writing_command_refuses_a_read_only_node(cluster, tmp_path, comma
         assert not (tmp_path / "ev.json").exists()
 
 
+def test_every_scenario_leaves_read_only_nodes_unchanged(cluster, tmp_path):
+    """`run` with every scenario on a topology of two read-only site archives: the scenarios
+    that write skip them (or refuse), the assessment only reads, and neither archive holds
+    anything new or loses anything afterwards."""
+    path = tmp_path / "sites.yaml"
+    path.write_text("name: sites\nnodes:\n" + _external(cluster.node("site"))
+                    + _external(cluster.node("scratch")))
+    site, scratch = cluster.node("site"), cluster.node("scratch")
+    before = _held(site), _held(scratch)
+    proc = run_cli("run", "--topology", str(path), "--report-dir", str(tmp_path / "report"),
+                   env=_env(tmp_path, cluster), timeout=900)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    ran = {s["name"]: s["outcome"] for s in report["scenarios"]}
+    assert ran.get("assessment") == "passed", ran  # reading a site's archive is allowed
+    assert (_held(site), _held(scratch)) == before
+
+
 def test_echo_only_sla_and_qido_only_load_store_nothing(cluster, tmp_path):
     topo = _topology(cluster, tmp_path)
     site = cluster.node("site")
