@@ -228,8 +228,9 @@ def _external_topology(cluster: Cluster, path: Path) -> Path:
                f"credentials: {{username_env: RW_{name.upper()}_USER, "
                f"password_env: RW_{name.upper()}_PASSWORD}}"
                if node.kind == "orthanc" else "")
+        # synthetic: public test files, no patient's identity (findings keep the names)
         lines.append(f"  {name}: {{kind: external, ae_title: {node.ae_title}, "
-                     f"host: {node.host}, dicom_port: {node.dicom_port}{web}}}")
+                     f"host: {node.host}, dicom_port: {node.dicom_port}, synthetic: true{web}}}")
     path.write_text("\n".join(lines) + "\n")
     return path
 
