@@ -121,6 +121,20 @@ def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
     )
 
 
+def query_rq(command_field: int, message_id: int, sop_class: str) -> bytes:
+    """The command set of a request with an identifier: C-FIND-RQ (0x0020) or C-GET-RQ
+    (0x0010), PS3.7 9.3.2.1 / 9.3.3.1."""
+    return encode_command(
+        {
+            0x00000002: sop_class,
+            0x00000100: command_field,
+            0x00000110: message_id & 0xFFFF,
+            0x00000700: 0x0000,  # medium priority
+            0x00000800: 0x0001,  # the identifier follows
+        }
+    )
+
+
 def command_us(elements: dict[int, bytes], tag: int, default: int = 0) -> int:
     """An unsigned short of a parsed command set."""
     raw = elements.get(tag, b"")
@@ -460,16 +474,7 @@ class WireAssociation:
         status we answer. Returns the final C-GET-RSP (command elements, dataset bytes).
         Sub-operations come only for classes in `scp_roles_granted` (PS3.7 D.3.3.4)."""
         self._message_id = self._message_id % 0xFFFF + 1
-        sop_class = self.contexts[context_id][0]
-        command = encode_command(
-            {
-                0x00000002: sop_class,
-                0x00000100: 0x0010,
-                0x00000110: self._message_id,
-                0x00000700: 0x0000,
-                0x00000800: 0x0001,
-            }
-        )
+        command = query_rq(0x0010, self._message_id, self.contexts[context_id][0])
         self._send_message(context_id, command, identifier)
         while True:
             store_context, elements, data = self._read_message()
@@ -511,16 +516,7 @@ class WireAssociation:
         response to another message, or any other DIMSE command."""
         deadline = None if deadline_s is None else time.monotonic() + deadline_s
         self._message_id = self._message_id % 0xFFFF + 1
-        sop_class = self.contexts[context_id][0]
-        command = encode_command(
-            {
-                0x00000002: sop_class,
-                0x00000100: 0x0020,
-                0x00000110: self._message_id,
-                0x00000700: 0x0000,
-                0x00000800: 0x0001,
-            }
-        )
+        command = query_rq(0x0020, self._message_id, self.contexts[context_id][0])
         self._send_message(context_id, command, identifier)
         matches: list[bytes] = []
         while True:
