@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_store import process_cpu_s, wait_for_echo, write_instances  # noqa: E402
 
-from harness.cluster import Cluster, free_port  # noqa: E402
+from harness.cluster import Cluster  # noqa: E402
 from harness.config import parse_topology  # noqa: E402
 from harness.dicom.dimse import DimseClient, StoreResult  # noqa: E402
+from harness.launch.ports import free_port  # noqa: E402
 
 ASSOCIATIONS = (1, 4)
 PER_FILE = 30  # files stored one association each

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.ledger import INSTANCE_COLUMNS, Ledger  # noqa: E402
+from harness.migration.ledger import INSTANCE_COLUMNS, Ledger  # noqa: E402
 
 INSTANCES_PER_SERIES = 10
 SERIES_PER_STUDY = 5
@@ -152,7 +152,7 @@ def reconcile_in_child(source: Path, target: Path) -> dict:
 
 
 def child(source: str, target: str) -> None:
-    from harness.reconcile import reconcile
+    from harness.migration.reconcile import reconcile
 
     start = time.perf_counter()
     findings = reconcile(source, target)
@@ -197,8 +197,8 @@ def bench_reconcile(sizes: list[int], workdir: Path) -> None:
 def bench_getscu(instances: int, workdir: Path) -> None:
     from harness.cluster import Cluster
     from harness.config import parse_topology
-    from harness.inventory import crawl
-    from harness.tools import find_binary
+    from harness.launch.tools import find_binary
+    from harness.migration.inventory import crawl
     from synthetic_data import GeneratorOptions, generate
 
     getscu = "/usr/bin/getscu"

@@ -36,10 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.cluster import Cluster, free_port  # noqa: E402
+from harness.cluster import Cluster  # noqa: E402
 from harness.config import parse_topology  # noqa: E402
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient  # noqa: E402
-from harness.load import DatasetSpec, clone_study, template_instance  # noqa: E402
+from harness.launch.ports import free_port  # noqa: E402
+from harness.performance.load import DatasetSpec, clone_study, template_instance  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
 SINK = textwrap.dedent(

@@ -31,7 +31,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # n
 from harness.cluster import Cluster  # noqa: E402
 from harness.config import parse_topology  # noqa: E402
 from harness.dicom.dimse import DimseClient, _identifier  # noqa: E402
-from harness.load import DatasetSpec, clone_study, template_instance  # noqa: E402
+from harness.performance.load import DatasetSpec, clone_study, template_instance  # noqa: E402
 
 SERIES, INSTANCES = 6, 12
 BURN_S = 600.0  # hard bound of each CPU burner, whatever happens to this process

@@ -66,7 +66,8 @@ def _resolve(topology_path: str | None, quiet: bool = False):
 
 def _running_cluster(topology):
     """The cluster `up` started for this topology, or None."""
-    from harness.cluster import Cluster, state_dir_for
+    from harness.cluster import Cluster
+    from harness.launch.state import state_dir_for
 
     return Cluster.from_state(topology, state_dir_for(topology))
 
@@ -96,7 +97,8 @@ def cli() -> None:
 )
 def up(topology_path: str | None, as_json: bool, timeout_s: float) -> None:
     """Start the topology's nodes and return, leaving them running until `down`."""
-    from harness.cluster import Cluster, state_dir_for, state_lock
+    from harness.cluster import Cluster
+    from harness.launch.state import state_dir_for, state_lock
 
     topology = _resolve(topology_path, quiet=as_json)
     state_dir = state_dir_for(topology)
@@ -129,7 +131,8 @@ def up(topology_path: str | None, as_json: bool, timeout_s: float) -> None:
 )
 def down(topology_path: str | None, all_runs: bool) -> None:
     """Stop the nodes `up` started and remove their temporary directories."""
-    from harness.cluster import STATE_FILE, Cluster, state_lock, state_root
+    from harness.cluster import Cluster
+    from harness.launch.state import STATE_FILE, state_lock, state_root
 
     if all_runs:
         stopped = 0
@@ -145,7 +148,7 @@ def down(topology_path: str | None, all_runs: bool) -> None:
             console.print("nothing was running")
         return
     topology = _resolve(topology_path, quiet=True)
-    from harness.cluster import state_dir_for
+    from harness.launch.state import state_dir_for
 
     state_dir = state_dir_for(topology)
     with state_lock(state_dir):

@@ -9,17 +9,14 @@ derived from the topology file, where `status`, `store`, `down` and pytest find 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,58 +25,10 @@ from harness.config import NodeSpec, Topology
 from harness.dicom.dimse import HARNESS_AE_TITLE
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.docker import ContainerHandle
+from harness.launch.ports import free_port, port_in_use
 from harness.launch.process import ProcessHandle
+from harness.launch.state import STATE_FILE
 from harness.nodes import Node, Peer, make_node
-
-STATE_FILE = "state.json"
-
-
-def free_port(host: str = "127.0.0.1", taken: set[int] | None = None) -> int:
-    """A TCP port nobody listens on right now (and not in `taken`)."""
-    taken = taken if taken is not None else set()
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
-        if port not in taken:
-            taken.add(port)
-            return port
-    raise EnvironmentProblem(f"no free TCP port found on {host}")
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def state_root() -> Path:
-    """Where detached clusters keep their state (PACS_HARNESS_STATE_DIR overrides)."""
-    env = os.environ.get("PACS_HARNESS_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "pacs-harness"
-
-
-def state_dir_for(topology: Topology) -> Path:
-    """One state directory per topology file (by absolute path), `default` for the default."""
-    if topology.is_default:
-        return state_root() / "default"
-    digest = hashlib.sha256(os.path.abspath(topology.source).encode()).hexdigest()[:12]
-    return state_root() / f"{topology.name}-{digest}"
-
-
-@contextlib.contextmanager
-def state_lock(state_dir: Path) -> Iterator[None]:
-    """Serialise up/down of one topology between concurrent commands."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def handle_state(handle: ProcessHandle | ContainerHandle | None) -> dict | None:
@@ -121,7 +70,7 @@ class Cluster:
         self.harness_port = harness_port
         self.owned = owned  # True when this object must stop the nodes
         self.state_dir = state_dir
-        self.links: dict = {}  # link name -> harness.faults.FaultProxy
+        self.links: dict = {}  # link name -> harness.resilience.proxy.FaultProxy
 
     def __getitem__(self, name: str) -> Node:
         return self.node(name)
@@ -321,7 +270,7 @@ class Cluster:
     # -- links (fault proxies) ----------------------------------------------------------
     def start_links(self) -> None:
         """One fault proxy per declared link, with its preset settings."""
-        from harness.faults import FaultProxy
+        from harness.resilience.proxy import FaultProxy
 
         for link in self.topology.links.values():
             to = self.nodes[link.to]

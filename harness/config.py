@@ -53,6 +53,14 @@ LINK_FIELDS = {
     "bandwidth_mbit": "a number > 0 and <= 100000",
 }
 #: link latency and jitter above a minute would only make every DICOM timeout fire
+#: settings of a link between facilities: one-way latency, jitter, bandwidth (bits/s)
+WAN_PRESETS: dict[str, dict[str, float]] = {
+    "lan": {"latency_s": 0.0005, "jitter_s": 0.0, "bandwidth_bps": 1e9},
+    "wan-10ms-1gbit": {"latency_s": 0.010, "jitter_s": 0.001, "bandwidth_bps": 1e9},
+    "wan-30ms-100mbit": {"latency_s": 0.030, "jitter_s": 0.003, "bandwidth_bps": 100e6},
+    "wan-80ms-20mbit": {"latency_s": 0.080, "jitter_s": 0.010, "bandwidth_bps": 20e6},
+    "satellite-600ms-5mbit": {"latency_s": 0.600, "jitter_s": 0.050, "bandwidth_bps": 5e6},
+}
 MAX_LINK_MS = 60_000
 MAX_LINK_MBIT = 100_000
 NODE_FIELDS = {
@@ -539,7 +547,7 @@ def parse_topology(text: str, source: str = "<string>") -> Topology:
             seen_ports[(host_key, port)] = (spec.name, port_field)
     links = _links(check, data.get("links"), nodes)
     if "faults" in settings:
-        from harness.faults import FaultSchedule
+        from harness.resilience.schedule import FaultSchedule
 
         FaultSchedule.from_settings(settings["faults"], "settings.faults", check)
     return Topology(name=name, nodes=nodes, settings=settings, source=source, links=links)
@@ -575,8 +583,6 @@ def _number(
 
 def _links(check: Checker, raw: Any, nodes: dict[str, NodeSpec]) -> dict[str, LinkSpec]:
     """`links:` is a list of {from?, to, preset? | latency_ms?, jitter_ms?, bandwidth_mbit?}."""
-    from harness.faults import WAN_PRESETS
-
     if raw is None:
         return {}
     if not isinstance(raw, list):
@@ -669,7 +675,7 @@ def default_topology(
     legacy is DCMTK's dcmqrscp when installed (an old-style archive), target is Orthanc
     when installed (the new central archive); each falls back to the embedded PACS.
     """
-    from harness.tools import find_binary
+    from harness.launch.tools import find_binary
 
     which = which or find_binary
     choices = []

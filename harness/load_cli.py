@@ -31,8 +31,9 @@ LOCUSTFILE = Path(__file__).with_name("locust_users.py")
 
 
 def _node_and_move_port(topology_path: str | None, name: str) -> tuple[Any, int | None]:
-    from harness.cluster import Cluster, reachable_node, state_dir_for
+    from harness.cluster import Cluster, reachable_node
     from harness.config import resolve_topology
+    from harness.launch.state import state_dir_for
 
     topology, _ = resolve_topology(topology_path)
     cluster = Cluster.from_state(topology, state_dir_for(topology))
@@ -122,8 +123,8 @@ def run_locust(workload: Any, node: Any, *, processes: int = 2, duration_s: floa
     `expect_workers` > `processes` waits for workers joining from elsewhere (the printed
     command). Every process started here is stopped before returning, also on failure.
     """
-    from harness.cluster import free_port
-    from harness.load import LoadRun
+    from harness.launch.ports import free_port
+    from harness.performance.load import LoadRun
 
     say = on_event or (lambda _msg: None)
     runner = LoadRun(workload, node)
@@ -233,7 +234,7 @@ def load_command(node_name: str, workload_path: str, duration: float | None, loc
                  processes: int, expect_workers: int | None, topology_path: str | None,
                  as_json: bool) -> None:
     """Run a workload against a node: latency per operation, throughput, errors by status."""
-    from harness.load import load_workload, run_workload
+    from harness.performance.load import load_workload, run_workload
 
     workload = load_workload(workload_path)
     node, move_port = _node_and_move_port(topology_path, node_name)
@@ -271,7 +272,7 @@ def sla_command(contract_path: str, node_name: str | None, evidence_path: str | 
                 topology_path: str | None, as_json: bool) -> None:
     """Judge every clause of a contract by running its workloads; exit 1 if one fails."""
     from harness.config import resolve_topology
-    from harness.sla import evaluate, load_contract, write_evidence
+    from harness.performance.sla import evaluate, load_contract, write_evidence
 
     contract = load_contract(contract_path)
     if node_name is None:

@@ -20,8 +20,8 @@ import click
 
 from harness.console import out, progress_bar
 from harness.errors import EXIT_FINDINGS
-from harness.migrate import METHODS, ExternalMigration, Migrator, StudyOutcome
-from harness.monitor import AvailabilityMonitor
+from harness.migration.migrator import METHODS, ExternalMigration, Migrator, StudyOutcome
+from harness.migration.monitor import AvailabilityMonitor
 from harness.nodes.base import Node
 
 
@@ -162,8 +162,9 @@ def migrate_command(
     same command again: confirmed studies are not sent again. Exit 1 if any study is not
     on the target at the end.
     """
-    from harness.cluster import Cluster, reachable_node, state_dir_for
+    from harness.cluster import Cluster, reachable_node
     from harness.config import resolve_topology
+    from harness.launch.state import state_dir_for
 
     topology, _choices = resolve_topology(topology_path)
     cluster = Cluster.from_state(topology, state_dir_for(topology))

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from harness.phases import PHASES
+
 if TYPE_CHECKING:
     from harness.nodes import Node
 
-PHASES = ("planning", "infrastructure", "pilot", "staged-rollout", "full")
 
 _cluster_key = pytest.StashKey["Cluster | None"]()
 _environment_error_key = pytest.StashKey[str]()
@@ -190,8 +191,9 @@ def pacs_topology(pytestconfig: pytest.Config):
 @pytest.fixture(scope="session")
 def pacs_cluster(pytestconfig: pytest.Config, pacs_topology, tmp_path_factory):
     """The running nodes: attached when `pacs-harness up` runs them, else launched here."""
-    from harness.cluster import Cluster, state_dir_for, state_lock
+    from harness.cluster import Cluster
     from harness.errors import HarnessError
+    from harness.launch.state import state_dir_for, state_lock
 
     keep = bool(_setting(pytestconfig, "pacs_keep"))
     state_dir = state_dir_for(pacs_topology)
@@ -268,7 +270,7 @@ def pacs_link(pacs_cluster):
 def pacs_fault_schedule(pacs_cluster, pacs_topology, pacs_metrics):
     """Run the topology's `settings.faults` schedule during the test; its events go to the
     test's metrics as `fault_events` (the report draws them on the timelines)."""
-    from harness.faults import FaultSchedule
+    from harness.resilience.schedule import FaultSchedule
 
     schedule = FaultSchedule.from_settings(pacs_topology.settings.get("faults"))
     schedule.start(pacs_cluster.nodes, pacs_cluster.links)

@@ -21,8 +21,9 @@ from harness.report.identities import redactor_for
 
 
 def _nodes(topology_path: str | None, *names: str):
-    from harness.cluster import Cluster, reachable_node, state_dir_for
+    from harness.cluster import Cluster, reachable_node
     from harness.config import resolve_topology
+    from harness.launch.state import state_dir_for
 
     topology, _ = resolve_topology(topology_path)
     cluster = Cluster.from_state(topology, state_dir_for(topology))
@@ -47,7 +48,7 @@ def inventory_command(node_name: str, depth: str, sample: int | None, ledger: st
 
     Exit 1 when something listed could not be read (see `issues` and `unretrievable`).
     """
-    from harness.inventory import crawl
+    from harness.migration.inventory import crawl
 
     (node,) = _nodes(topology_path, node_name)
     path = Path(ledger or f"inventory-{node_name}.sqlite")
@@ -95,8 +96,8 @@ def verify_command(source_name: str, target_name: str, depth: str, rules: str | 
     Writes findings.json, findings.csv and summary.txt; exit 1 when anything is lost or
     altered outside the rules.
     """
-    from harness.reconcile import verify
-    from harness.rules import load_rules
+    from harness.migration.reconcile import verify
+    from harness.migration.rules import load_rules
 
     checked_rules = load_rules(rules)  # a bad rules file is the first thing reported
     source, target = _nodes(topology_path, source_name, target_name)

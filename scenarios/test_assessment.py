@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness.identity import identity_report
-from harness.inventory import crawl
+from harness.migration.identity import identity_report
+from harness.migration.inventory import crawl
+from harness.migration.rules import load_rules
 from harness.report.identities import for_report
-from harness.rules import load_rules
 from scenarios.helpers import count_findings, independent_count
 from synthetic_data import GeneratorOptions, generate
 

@@ -20,8 +20,8 @@ import pytest
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.dr import dr_drill, pixel_sha256
-from harness.tools import find_binary
+from harness.launch.tools import find_binary
+from harness.resilience.dr import dr_drill, pixel_sha256
 from scenarios.helpers import sample_study
 
 pytestmark = [pytest.mark.phase("staged-rollout"), pytest.mark.scenario("disaster-recovery")]

@@ -5,7 +5,8 @@ A paced modality workload stores through the virtual address; the primary is kil
 the virtual address), RPO (acknowledged before the fault, absent on the standby) and
 acknowledged loss after failback (absent from every node: must be zero) go to report.json.
 
-The reference setup (harness/ha.py: two Orthancs with Lua forwarding behind HAProxy) is used
+The reference setup (harness/resilience/ha.py: two Orthancs with Lua forwarding behind
+HAProxy) is used
 unless the topology's settings name the site's own::
 
     settings:
@@ -32,8 +33,8 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import ConfigError
-from harness.failover import FailoverPlan, measure_failover
-from harness.tools import find_binary
+from harness.launch.tools import find_binary
+from harness.resilience.failover import FailoverPlan, measure_failover
 from scenarios.helpers import sample_study
 
 pytestmark = [pytest.mark.phase("staged-rollout"), pytest.mark.scenario("failover")]
@@ -80,7 +81,7 @@ def test_primary_killed_mid_stream(pacs_topology, pacs_node, pacs_metrics, tmp_p
     else:
         if not find_binary("Orthanc"):
             pytest.skip("the reference HA setup needs Orthanc (apt-get install orthanc)")
-        from harness.ha import ReferenceHA
+        from harness.resilience.ha import ReferenceHA
 
         with ReferenceHA(root=tmp_path / "ha") as ha:
             result = measure_failover(ha.virtual, ha.primary, ha.standby, workload, probe, plan)

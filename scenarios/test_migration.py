@@ -13,7 +13,7 @@ Topology settings (all optional)::
       migration:
         source: legacy            # default: the node named legacy, else the first disposable
         target: target            # default: the node named target, else the next one
-        rules: rules.yaml         # allowed changes (harness/rules.py); default: none
+        rules: rules.yaml         # allowed changes (harness/migration/rules.py); default: none
         max_inaccessible_share: 0.05
         pilot_patients: 4
         staged_patients: 48
@@ -26,13 +26,13 @@ from pathlib import Path
 import allure
 import pytest
 
-from harness.identity import identity_report, merged_patients
-from harness.inventory import crawl
-from harness.migrate import METHODS, Migrator
-from harness.monitor import AvailabilityMonitor
-from harness.reconcile import verify
+from harness.migration.identity import identity_report, merged_patients
+from harness.migration.inventory import crawl
+from harness.migration.migrator import METHODS, Migrator
+from harness.migration.monitor import AvailabilityMonitor
+from harness.migration.reconcile import verify
+from harness.migration.rules import load_rules
 from harness.report.identities import for_report, redactor_for
-from harness.rules import load_rules
 from synthetic_data import GeneratorOptions, generate
 
 pytestmark = pytest.mark.scenario("migration")

@@ -1,6 +1,7 @@
 """Migration under faults (phase staged-rollout): zero loss, no duplicates, retries counted.
 
-The reference migrator (harness.migrate.Migrator, method `get`) copies a source to an Orthanc
+The reference migrator (harness.migration.migrator.Migrator, method `get`) copies a source
+to an Orthanc
 target reached through a FaultProxy (the link harness->target), while a fault schedule kills
 the target several times and cuts and slows the link. Runs resume from the state file until
 every study is confirmed (at most `max_runs`). The scenario launches its own nodes. The
@@ -17,9 +18,10 @@ import pytest
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.faults import FaultProxy, FaultSchedule
-from harness.migrate import Migrator
-from harness.tools import find_binary
+from harness.launch.tools import find_binary
+from harness.migration.migrator import Migrator
+from harness.resilience.proxy import FaultProxy
+from harness.resilience.schedule import FaultSchedule
 from scenarios.helpers import sample_study
 
 pytestmark = [

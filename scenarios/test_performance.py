@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.sla import Contract, WorkloadCache, judge, load_contract, write_evidence
+from harness.performance.sla import Contract, WorkloadCache, judge, load_contract, write_evidence
 
 pytestmark = [pytest.mark.scenario("performance")]
 

@@ -8,9 +8,9 @@ import pytest
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.inventory import crawl
+from harness.launch.tools import find_binary
+from harness.migration.inventory import crawl
 from harness.nodes import make_node
-from harness.tools import find_binary
 from scenarios.helpers import count_findings, independent_count, sample_study
 
 STUDIES, PER_STUDY = 3, 2

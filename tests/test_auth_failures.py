@@ -19,7 +19,7 @@ import requests
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.tools import find_binary
+from harness.launch.tools import find_binary
 from scenarios.helpers import sample_study
 from tests.helpers import run_cli
 

@@ -18,7 +18,7 @@ from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.errors import EnvironmentProblem
 from harness.launch.docker import harness_containers
-from harness.tools import find_binary
+from harness.launch.tools import find_binary
 from scenarios.helpers import sample_study
 from tests.helpers import processes_mentioning, run_cli, status_json
 

@@ -24,10 +24,11 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from harness.cluster import Cluster, state_dir_for
+from harness.cluster import Cluster
 from harness.config import load_topology, parse_topology
 from harness.dicom.dimse import HARNESS_AE_TITLE
-from harness.tools import find_binary
+from harness.launch.state import state_dir_for
+from harness.launch.tools import find_binary
 from scenarios.helpers import sample_study
 from tests.helpers import run_cli
 

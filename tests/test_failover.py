@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from harness import faults
-from harness.failover import FailoverPlan, measure_failover, uids_on
-from harness.ha import ReferenceHA, associate_rq
-from harness.tools import find_binary
+from harness.launch.tools import find_binary
+from harness.resilience import node_faults
+from harness.resilience.failover import FailoverPlan, measure_failover, uids_on
+from harness.resilience.ha import ReferenceHA, associate_rq
 from scenarios.helpers import sample_study
 from tests.helpers import processes_mentioning
 
@@ -55,21 +55,21 @@ def test_forwarding_failover_and_cleanup(tmp_path):
         assert _wait(lambda: uids_on(ha.standby, series) == wanted, 10) is not None
 
         # a frozen primary still accepts TCP; the DICOM health check must see it down
-        faults.pause(ha.primary)
+        node_faults.pause(ha.primary)
         try:
             took = _wait(lambda: _echo(ha), 15)
             assert took is not None, "virtual address did not fail over from a frozen primary"
         finally:
-            faults.resume(ha.primary)
+            node_faults.resume(ha.primary)
         assert _wait(lambda: _echo(ha), 10) is not None
 
         # killed primary: the standby answers through the virtual address within seconds
-        faults.kill(ha.primary)
+        node_faults.kill(ha.primary)
         took = _wait(lambda: _echo(ha), 15)
         assert took is not None and took < 5, took
         extra = sample_study(seed=42, instances=1)
         assert ha.client().store(extra).ok
-        faults.start_again(ha.primary)
+        node_faults.start_again(ha.primary)
         assert _echo(ha)
         pids = [ha.haproxy.handle.pid, ha.primary.handle.pid, ha.standby.handle.pid]
     assert not processes_mentioning(str(root)), "a process of the HA setup outlived it"

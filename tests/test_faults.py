@@ -12,14 +12,15 @@ from typing import Any
 
 import pytest
 
-from harness import faults
 from harness.cluster import Cluster
-from harness.config import parse_topology
+from harness.config import WAN_PRESETS, parse_topology
 from harness.dicom.dimse import DimseConnectionError
 from harness.errors import ConfigError, EnvironmentProblem, NotDisposableError
-from harness.faults import WAN_PRESETS, FaultProxy, FaultSchedule
+from harness.launch.tools import find_binary
 from harness.nodes import make_node
-from harness.tools import find_binary
+from harness.resilience import node_faults
+from harness.resilience.proxy import FaultProxy
+from harness.resilience.schedule import FaultSchedule
 from tests.helpers import processes_mentioning
 
 
@@ -335,26 +336,26 @@ def _exercise_node_faults(node) -> None:
     port = node.dicom_port
     assert _echo_ok(node)
 
-    faults.pause(node)
+    node_faults.pause(node)
     start = time.monotonic()
     assert not _echo_ok(node, timeout_s=2), "a paused node still answered"
     assert time.monotonic() - start >= 1.5  # it hung (connection accepted, no answer)
-    faults.resume(node)
+    node_faults.resume(node)
     node.wait_ready(20)
 
-    faults.kill(node)
+    node_faults.kill(node)
     assert not node.handle.alive()
     assert not _echo_ok(node)
-    faults.start_again(node)
+    node_faults.start_again(node)
     assert node.dicom_port == port and _echo_ok(node)
 
-    faults.stop(node)
+    node_faults.stop(node)
     assert not node.handle.alive() and not _echo_ok(node)
-    faults.start_again(node)
+    node_faults.start_again(node)
     assert _echo_ok(node)
 
     before = node.handle
-    faults.restart(node)
+    node_faults.restart(node)
     assert node.handle != before and node.dicom_port == port and _echo_ok(node)
 
 
@@ -399,7 +400,9 @@ def test_node_faults_refuse_a_non_disposable_node():
         "name: ext\nnodes:\n  site: {kind: external, host: 127.0.0.1, dicom_port: 9}\n"
     )
     node = make_node(topology.nodes["site"], None)
-    for action in (faults.kill, faults.stop, faults.pause, faults.resume, faults.restart):
+    actions = (node_faults.kill, node_faults.stop, node_faults.pause, node_faults.resume,
+               node_faults.restart)
+    for action in actions:
         with pytest.raises(NotDisposableError, match="not declared 'disposable: true'"):
             action(node)
     schedule = FaultSchedule.from_settings([{"at_s": 0, "fault": "kill", "target": "site"}])

@@ -27,12 +27,13 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from harness.cluster import Cluster, free_port
+from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.dicom.dimse import NO_STATUS, DimseClient, DimseConnectionError
 from harness.dicom.wire import NO_DATASET, encode_command
-from harness.load import DatasetSpec, clone_study, template_instance
-from harness.tools import find_binary
+from harness.launch.ports import free_port
+from harness.launch.tools import find_binary
+from harness.performance.load import DatasetSpec, clone_study, template_instance
 from tests.test_wire import accept_then, hand_pdu, raw_peer, read_c_store
 
 KINDS = [k for k, binary in (("embedded", None), ("dcmqrscp", "dcmqrscp"), ("orthanc", "Orthanc"))

@@ -8,9 +8,9 @@ import pytest
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.identity import identity_report, merged_patients
-from harness.inventory import crawl
-from harness.rules import parse_rules
+from harness.migration.identity import identity_report, merged_patients
+from harness.migration.inventory import crawl
+from harness.migration.rules import parse_rules
 from scenarios.test_migration import expected_collisions
 from synthetic_data import GeneratorOptions, generate
 

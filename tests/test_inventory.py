@@ -25,10 +25,10 @@ from pydicom.uid import (
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.errors import ConfigError
-from harness.inventory import crawl, sample_rank
-from harness.ledger import Ledger, row_from_dataset
-from harness.reconcile import reconcile, verify
-from harness.tools import find_binary
+from harness.launch.tools import find_binary
+from harness.migration.inventory import crawl, sample_rank
+from harness.migration.ledger import Ledger, row_from_dataset
+from harness.migration.reconcile import reconcile, verify
 from synthetic_data import GeneratorOptions, generate
 
 ARCHIVE = GeneratorOptions(
@@ -149,7 +149,7 @@ def test_crawl_resumes_after_being_killed(cluster, tmp_path):
         import sys, time
         from harness.cluster import Cluster
         from harness.config import parse_topology
-        from harness.inventory import crawl
+        from harness.migration.inventory import crawl
         topology = parse_topology('''name: ext
         nodes:
           n: {{kind: external, ae_title: {node.ae_title}, host: 127.0.0.1,

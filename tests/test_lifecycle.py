@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.tools import find_binary
+from harness.launch.tools import find_binary
 from scenarios.helpers import sample_study
 from tests.helpers import handle_alive, processes_mentioning, run_cli, status_json
 
@@ -92,8 +92,8 @@ def test_interrupted_session_leaves_no_process(tmp_path, every_kind_topology, si
 
 def _saved_root(topology_path: Path) -> Path:
     """The temporary root `up` recorded for this topology."""
-    from harness.cluster import state_dir_for
     from harness.config import load_topology
+    from harness.launch.state import state_dir_for
 
     state = json.loads((state_dir_for(load_topology(topology_path)) / "state.json").read_text())
     return Path(state["root"])
@@ -144,7 +144,7 @@ def test_up_status_store_down_with_every_launched_kind(every_kind_topology, tmp_
     rows = status_json("--topology", topo)
     assert not any(r["alive"] for r in rows)
     # really gone, not only forgotten: the ports are closed and no process is left
-    from harness.cluster import port_in_use
+    from harness.launch.ports import port_in_use
 
     for row in before:
         assert not port_in_use("127.0.0.1", row["dicom_port"]), row["name"]
@@ -170,6 +170,6 @@ def test_down_all_stops_what_any_run_left(tmp_path):
     assert proc.returncode == 0 and "stopped left-" in proc.stderr
     (after,) = status_json("--topology", str(topo))
     assert not after["alive"]
-    from harness.cluster import port_in_use
+    from harness.launch.ports import port_in_use
 
     assert not port_in_use("127.0.0.1", row["dicom_port"])

@@ -9,8 +9,8 @@ import pytest
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.errors import ConfigError
-from harness.load import parse_workload, run_workload
-from harness.tools import find_binary
+from harness.launch.tools import find_binary
+from harness.performance.load import parse_workload, run_workload
 
 
 @pytest.mark.parametrize(

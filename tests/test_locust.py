@@ -6,9 +6,9 @@ import pytest
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.load import parse_workload
+from harness.launch.tools import find_binary
 from harness.load_cli import run_locust
-from harness.tools import find_binary
+from harness.performance.load import parse_workload
 
 WORKLOAD = """
 name: locust-small

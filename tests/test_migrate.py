@@ -22,9 +22,9 @@ import pytest
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.errors import ConfigError, EnvironmentProblem
-from harness.migrate import ExternalMigration, Migrator, list_studies
+from harness.launch.tools import find_binary
+from harness.migration.migrator import ExternalMigration, Migrator, list_studies
 from harness.nodes.base import Node
-from harness.tools import find_binary
 from scenarios.helpers import sample_study
 
 TOPOLOGY = """name: migrate
@@ -485,8 +485,8 @@ def test_target_listing_changed_between_reads_is_reported(unsteady, tmp_path):
 
 def test_summary_names_unstable_listings(capsys):
     """What `pacs-harness migrate` prints for a study whose listing changed between reads."""
-    from harness.migrate import MigrationResult, StudyOutcome
     from harness.migrate_cli import _print_summary
+    from harness.migration.migrator import MigrationResult, StudyOutcome
 
     result = MigrationResult("move", "legacy", "web", studies_total=1)
     note = "source read 1: 2 listed, NumberOfStudyRelatedInstances 3"

@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from harness.cluster import Cluster, free_port
+from harness.cluster import Cluster
 from harness.config import NodeSpec, parse_topology
-from harness.migrate import Migrator
-from harness.monitor import AvailabilityMonitor
+from harness.launch.ports import free_port
+from harness.migration.migrator import Migrator
+from harness.migration.monitor import AvailabilityMonitor
 from harness.nodes import make_node
 from scenarios.helpers import sample_study
 

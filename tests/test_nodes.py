@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from harness.cluster import Cluster, state_dir_for
+from harness.cluster import Cluster
 from harness.config import load_topology, parse_topology
 from harness.errors import NotDisposableError
-from harness.tools import find_binary
+from harness.launch.state import state_dir_for
+from harness.launch.tools import find_binary
 from scenarios.helpers import sample_study
 from tests.helpers import processes_mentioning, run_cli, status_json
 
@@ -146,8 +147,8 @@ def test_external_node_is_reached_not_started(separately_started, tmp_path, monk
 
 
 def test_external_node_that_does_not_answer_is_an_environment_error():
-    from harness.cluster import free_port
     from harness.errors import EnvironmentProblem
+    from harness.launch.ports import free_port
 
     topology = parse_topology(
         "name: ext\nnodes:\n"

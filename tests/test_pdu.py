@@ -46,7 +46,7 @@ from harness.dicom.pdu import (
     associate_rq,
     decode_pdu,
 )
-from harness.ha import associate_rq as health_check_rq
+from harness.resilience.ha import associate_rq as health_check_rq
 
 ROUND_TRIP = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 FUZZ = settings(max_examples=400, deadline=2000, suppress_health_check=[HealthCheck.too_slow])

@@ -19,8 +19,8 @@ from pydicom import dcmwrite
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.errors import ConfigError, NotDisposableError
+from harness.launch.tools import find_binary
 from harness.nodes import make_node
-from harness.tools import find_binary
 from scenarios.helpers import sample_study
 from tests.helpers import run_cli
 

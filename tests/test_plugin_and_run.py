@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.cluster import free_port
+from harness.launch.ports import free_port
 from tests.helpers import run_cli
 
 pytest_plugins = ["pytester"]

@@ -24,10 +24,11 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from harness.cluster import Cluster, state_dir_for
+from harness.cluster import Cluster
 from harness.config import load_topology
+from harness.launch.state import state_dir_for
+from harness.launch.tools import find_binary
 from harness.nodes.base import Node
-from harness.tools import find_binary
 from tests.helpers import run_cli
 from tests.realworld import CorpusFile, valid_files
 

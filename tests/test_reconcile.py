@@ -16,7 +16,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import JPEGBaseline8Bit, RLELossless, generate_uid
 
 from harness.errors import ConfigError
-from harness.ledger import (
+from harness.migration.ledger import (
     IDENTITY_COLUMNS,
     KEY_ATTRS,
     Ledger,
@@ -26,8 +26,8 @@ from harness.ledger import (
     row_from_dataset,
     row_from_keys,
 )
-from harness.reconcile import reconcile, sample_bound
-from harness.rules import load_rules, parse_rules
+from harness.migration.reconcile import reconcile, sample_bound
+from harness.migration.rules import load_rules, parse_rules
 from synthetic_data import GeneratorOptions, generate
 
 OPTIONS = GeneratorOptions(patients=2, studies_per_patient=2, modalities=["CT", "MR"], seed=11,

@@ -24,9 +24,9 @@ from pydicom.uid import UID
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.load import _MoveSink
+from harness.launch.tools import find_binary
 from harness.nodes.embedded_server import open_index
-from harness.tools import find_binary
+from harness.performance.load import _MoveSink
 from tests.realworld import CorpusFile, valid_files
 
 STORESCU, FINDSCU = "/usr/bin/storescu", "/usr/bin/findscu"

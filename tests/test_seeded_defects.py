@@ -19,11 +19,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossl
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.inventory import crawl
+from harness.launch.tools import find_binary
+from harness.migration.inventory import crawl
+from harness.migration.reconcile import Findings, reconcile
+from harness.migration.rules import parse_rules
 from harness.nodes.base import Node
-from harness.reconcile import Findings, reconcile
-from harness.rules import parse_rules
-from harness.tools import find_binary
 from synthetic_data import GeneratorOptions, generate
 
 pytestmark = pytest.mark.skipif(

@@ -10,8 +10,8 @@ import pytest
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.errors import ConfigError
-from harness.sla import evaluate, parse_contract, verify_evidence, write_evidence
-from harness.tools import find_binary
+from harness.launch.tools import find_binary
+from harness.performance.sla import evaluate, parse_contract, verify_evidence, write_evidence
 from tests.helpers import run_cli
 
 CONTRACT = """

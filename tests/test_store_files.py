@@ -30,10 +30,11 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from harness.cluster import Cluster, free_port
+from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient, StoreReport
-from harness.tools import find_binary
+from harness.launch.ports import free_port
+from harness.launch.tools import find_binary
 from tests import realworld
 from tests.helpers import run_cli
 

@@ -13,9 +13,9 @@ import time
 from pynetdicom import build_context
 from pynetdicom.sop_class import Verification
 
-from harness.cluster import free_port
 from harness.dicom.dimse import DimseClient
-from harness.load import DatasetSpec, _MoveSink, clone_study, template_instance
+from harness.launch.ports import free_port
+from harness.performance.load import DatasetSpec, _MoveSink, clone_study, template_instance
 
 
 def _nodelay(transport) -> int:

@@ -35,10 +35,10 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
-from harness.cluster import free_port
 from harness.dicom.dimse import DimseClient, DimseConnectionError
 from harness.dicom.wire import AssociationFailed, TransferFailed, WireAssociation, read_file_meta
-from harness.load import DatasetSpec, clone_study, template_instance
+from harness.launch.ports import free_port
+from harness.performance.load import DatasetSpec, clone_study, template_instance
 
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
 

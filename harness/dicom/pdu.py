@@ -2,7 +2,8 @@
 encoded and decoded with every length checked.
 
 Why our own: harness/dicom/wire.py runs C-STORE and C-GET on a plain socket (see there), and
-HAProxy's DICOM health check (harness/ha.py) needs an A-ASSOCIATE-RQ as bytes; both build it
+HAProxy's DICOM health check (harness/resilience/ha.py) needs an A-ASSOCIATE-RQ as bytes;
+both build it
 here (`associate_rq`), so there is one A-ASSOCIATE-RQ in the harness. Decoding never trusts a
 length it reads: anything malformed raises PduError naming the PDU, the item and the offset,
 never IndexError or struct.error. Names follow PS3.8 (A-ASSOCIATE-RQ -> AAssociateRQ).

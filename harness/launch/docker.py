@@ -62,7 +62,7 @@ def image_present(client, image: str) -> bool:
 
 def current_state_root() -> str:
     """This process's state root, absolute, as it is written in the state-dir label."""
-    from harness.cluster import state_root
+    from harness.launch.state import state_root
 
     return str(state_root().resolve())
 

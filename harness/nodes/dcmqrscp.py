@@ -26,9 +26,9 @@ import re
 import shutil
 import subprocess
 
+from harness.launch.tools import find_binary, require_binary
 from harness.nodes.base import Node, Peer
 from harness.nodes.orthanc import peer_ip
-from harness.tools import find_binary, require_binary
 
 # dcmqrscp deletes the oldest studies when an AE's quota is exceeded: make it unreachable.
 MAX_STUDIES = 500  # the most DCMTK allows per storage area

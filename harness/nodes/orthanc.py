@@ -29,8 +29,8 @@ import requests
 
 from harness.errors import EnvironmentProblem
 from harness.launch.postgres import PostgresServer
+from harness.launch.tools import require_binary
 from harness.nodes.base import Node, NodeStatistics, Peer
-from harness.tools import require_binary
 
 DEBIAN_PLUGIN_DIR = "/usr/share/orthanc/plugins"
 DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
@@ -134,7 +134,7 @@ class OrthancNode(Node):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         plugins = [DICOMWEB_PLUGIN]
         if self.spec.index == "postgresql":
-            from harness.cluster import free_port
+            from harness.launch.ports import free_port
 
             self.postgres_port = free_port()
             plugins.append(POSTGRESQL_INDEX_PLUGIN)

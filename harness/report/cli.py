@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from harness.errors import EXIT_FINDINGS, EXIT_PASS, ConfigError, EnvironmentProblem
-from harness.plugin import PHASES
+from harness.phases import PHASES
 from harness.report.gate import evaluate_gate
 from harness.report.html import load_report, write_html_report
 

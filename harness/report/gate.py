@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.errors import ConfigError
-from harness.plugin import PHASES
+from harness.phases import PHASES
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError
-from harness.plugin import PHASES
+from harness.phases import PHASES
 from harness.report.gate import GateResult, evaluate_gate
 
 REDACTED = "[redacted]"

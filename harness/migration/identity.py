@@ -5,7 +5,7 @@ issuer or demographics) and likely duplicates (same person under different IDs),
 what the rule set does to it. After migrating: no two source patients merged into one
 target patient. (A study that changed patient is a reconciliation finding already.)
 
-Works on inventory ledgers (harness/ledger.py), so it applies to any node kind.
+Works on inventory ledgers (harness/migration/ledger.py), so it applies to any node kind.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.rules import Rules
+from harness.migration.rules import Rules
 
 PatientKey = tuple[str, str]  # (PatientID, IssuerOfPatientID)
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import EXIT_FINDINGS, EXIT_PASS, ConfigError
-from harness.ledger import (
+from harness.migration.ledger import (
     IDENTITY_COLUMNS,
     INSTANCE_COLUMNS,
     KEY_ATTRS,
@@ -54,7 +54,7 @@ from harness.ledger import (
     SERIES_ATTRS,
     STUDY_ATTRS,
 )
-from harness.rules import LOSSLESS_SYNTAXES, Rules, load_rules
+from harness.migration.rules import LOSSLESS_SYNTAXES, Rules, load_rules
 
 LEVELS = ("patient", "study", "series", "instance")
 FINDING_TYPES = (
@@ -890,7 +890,7 @@ def verify(
     `progress(side, done, total)` with side `source` or `target`, in studies. Ledgers from
     an earlier run in `workdir` are replaced unless `resume=True`.
     """
-    from harness.inventory import crawl
+    from harness.migration.inventory import crawl
 
     if not isinstance(rules, Rules):
         rules = load_rules(rules)  # fail on a bad rules file before crawling for an hour

@@ -31,7 +31,7 @@ from typing import Any
 from pydicom.datadict import tag_for_keyword
 
 from harness.config import Checker, load_yaml, read_config_text
-from harness.ledger import attr_name
+from harness.migration.ledger import attr_name
 
 FIELDS = {
     "prefix": "{by_issuer: {ISSUER: PREFIX}, default: PREFIX, required: true|false}",

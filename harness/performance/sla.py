@@ -37,7 +37,7 @@ from typing import Any
 
 from harness.config import TOPOLOGY_NAME_RE, Checker, load_yaml, read_config_text
 from harness.errors import ConfigError, HarnessError
-from harness.load import Workload, load_workload, run_workload, workload_from_data
+from harness.performance.load import Workload, load_workload, run_workload, workload_from_data
 
 METRICS = {
     "latency": ("ms", "s"),

@@ -27,10 +27,10 @@ from typing import Any
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from harness import faults
 from harness.dicom.dimse import DimseClient, Status
 from harness.dicom.wire import WireAssociation, dataset_bytes
 from harness.nodes.base import Node
+from harness.resilience import node_faults
 
 
 @dataclass
@@ -126,8 +126,8 @@ def measure_failover(
     probe_template: Dataset,
     plan: FailoverPlan | None = None,
     *,
-    fault: Callable[[Node], None] = faults.kill,
-    failback: Callable[[Node], None] | None = faults.start_again,
+    fault: Callable[[Node], None] = node_faults.kill,
+    failback: Callable[[Node], None] | None = node_faults.start_again,
     settle_s: float = 1.0,
 ) -> dict[str, Any]:
     """Run the workload through `virtual`, fault the primary after `kill_after` acks, measure.

@@ -1,4 +1,4 @@
-"""Inventory: crawl a PACS node into a ledger (harness/ledger.py), resumably.
+"""Inventory: crawl a PACS node into a ledger (harness/migration/ledger.py), resumably.
 
 The crawl lists every study first (C-FIND at STUDY level, or QIDO-RS where the node serves
 DICOMweb: one HTTP request per page instead of one association per query), then commits one
@@ -41,7 +41,7 @@ from pydicom.errors import InvalidDicomError
 from harness.dicom.dicomweb import DicomwebClient
 from harness.dicom.dimse import DimseClient, RetrievedInstance
 from harness.errors import ConfigError, EnvironmentProblem
-from harness.ledger import (
+from harness.migration.ledger import (
     IDENTITY_COLUMNS,
     IMAGE_QUERY_KEYS,
     SERIES_QUERY_KEYS,

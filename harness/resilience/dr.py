@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import faults
 from harness.cluster import Cluster
 from harness.config import Topology
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.postgres import DATABASE, PostgresServer, postgres_bin_dir
 from harness.nodes.base import Node
+from harness.resilience import node_faults
 
 
 def pixel_sha256(ds: Any) -> str:
@@ -55,7 +55,7 @@ def backup(node: Node, dest: Path) -> dict[str, Any]:
         )
         if dump.returncode != 0:
             raise EnvironmentProblem(f"pg_dump failed: {dump.stderr.strip()[-400:]}")
-    faults.stop(node)  # no writes while the files are copied
+    node_faults.stop(node)  # no writes while the files are copied
     for sub in node.data_directories():
         shutil.copytree(node.workdir / sub, dest / sub)
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
@@ -72,7 +72,7 @@ def restore(topology: Topology, name: str, source: Path, root: Path) -> tuple[Cl
     cluster = Cluster.launch(topology, root=root)
     try:
         node = cluster[name]
-        faults.stop(node)
+        node_faults.stop(node)
         for sub in node.data_directories():
             shutil.rmtree(node.workdir / sub, ignore_errors=True)
             shutil.copytree(source / sub, node.workdir / sub)
@@ -90,7 +90,7 @@ def restore(topology: Topology, name: str, source: Path, root: Path) -> tuple[Cl
                 pg.stop()
             if load.returncode != 0:
                 raise EnvironmentProblem(f"pg_restore failed: {load.stderr.strip()[-400:]}")
-        faults.start_again(node)
+        node_faults.start_again(node)
     except BaseException:
         cluster.stop()
         raise

@@ -27,15 +27,16 @@ from types import TracebackType
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom.sop_class import Verification
 
-from harness import faults
-from harness.cluster import Cluster, free_port
+from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.dicom import pdu
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient
 from harness.errors import EnvironmentProblem
+from harness.launch.ports import free_port
 from harness.launch.process import ProcessHandle, log_tail, spawn
 from harness.nodes.base import Node
 from harness.nodes.orthanc import write_private
+from harness.resilience import node_faults
 
 VIRTUAL_AE_TITLE = "HAPACS"
 
@@ -205,7 +206,7 @@ class ReferenceHA:
             self._configure(self.primary, lua=FORWARD_LUA.format(standby=self.standby.name))
             self._configure(self.standby, lua=None)
             for node in (self.standby, self.primary):
-                faults.restart(node, ready_timeout_s)
+                node_faults.restart(node, ready_timeout_s)
             self.haproxy = HAProxy(
                 self.root / "haproxy",
                 haproxy_config(
