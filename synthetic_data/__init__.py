@@ -8,8 +8,22 @@
 See synthetic_data/README.md for options, the manifest and the identity traps.
 """
 
-from synthetic_data.generator import generate
-from synthetic_data.options import GeneratorOptions
-from synthetic_data.writer import write_archive
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["GeneratorOptions", "generate", "write_archive"]
+
+# imported on first use (PEP 562), so light submodules (names, cli) load without pydicom
+_HOMES = {
+    "GeneratorOptions": "synthetic_data.options",
+    "generate": "synthetic_data.generator",
+    "write_archive": "synthetic_data.writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'synthetic_data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

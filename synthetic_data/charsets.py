@@ -15,14 +15,7 @@ from pydicom.charset import convert_encodings
 from pydicom.valuerep import PersonName
 
 from harness.errors import ConfigError
-
-DEFAULT = "default"
-LATIN1 = "ISO_IR 100"
-UTF8 = "ISO_IR 192"
-JAPANESE = "ISO 2022 IR 87"
-KOREAN = "ISO 2022 IR 149"
-
-CHARSET_NAMES = (DEFAULT, LATIN1, UTF8, JAPANESE, KOREAN)
+from synthetic_data.names import CHARSET_NAMES, DEFAULT, JAPANESE, KOREAN, LATIN1, UTF8
 
 _ALIASES = {
     "default": DEFAULT, "ascii": DEFAULT, "iso_ir 6": DEFAULT, "iso_ir_6": DEFAULT,

@@ -10,9 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from harness.errors import ConfigError
-from synthetic_data.charsets import CHARSET_NAMES
-from synthetic_data.encodings import SYNTAXES
-from synthetic_data.options import MODALITIES, SCALES, GeneratorOptions
+from synthetic_data.names import CHARSET_NAMES, MODALITIES, SCALES, SYNTAX_NAMES
 
 
 @click.command("generate")
@@ -36,7 +34,7 @@ from synthetic_data.options import MODALITIES, SCALES, GeneratorOptions
               help=f"Comma-separated: {', '.join(CHARSET_NAMES)} (aliases: latin1, utf8, "
                    "japanese, korean); default: plain ASCII.")
 @click.option("--transfer-syntaxes", default=None,
-              help=f"Comma-separated short names ({', '.join(SYNTAXES)}) or UIDs; "
+              help=f"Comma-separated short names ({', '.join(SYNTAX_NAMES)}) or UIDs; "
                    "default: explicit.")
 @click.option("--uid-root", default=None,
               help="UID root for every UID (default 2.25., UUID-derived).")
@@ -52,6 +50,7 @@ def generate_command(out: str, patients: int, studies_per_patient: int, modaliti
     record per instance) and OUT/manifest.json (options, seed, counts). Exit code 2 on bad
     input; nothing is left behind on failure.
     """
+    from synthetic_data.options import GeneratorOptions
     from synthetic_data.writer import write_archive
 
     console = Console(stderr=True)

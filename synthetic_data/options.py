@@ -8,10 +8,9 @@ from dataclasses import asdict, dataclass, field
 from harness.errors import ConfigError
 from synthetic_data.charsets import DEFAULT, resolve_charset
 from synthetic_data.encodings import DEFAULT_SYNTAX, resolve_syntax
+from synthetic_data.names import MODALITIES, SCALES
 from synthetic_data.uids import normalise_root
 
-SCALES = ("tiny", "small", "realistic")
-MODALITIES = ("CT", "MR", "CR", "DX", "US", "NM", "PT", "MG", "XA", "SC", "SR", "DOC")
 _MODALITY_ALIASES = {"OT": "SC"}
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from harness.cli.load import run_locust
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.launch.tools import find_binary
-from harness.load_cli import run_locust
 from harness.performance.load import parse_workload
 
 WORKLOAD = """

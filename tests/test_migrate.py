@@ -124,7 +124,7 @@ def _topology_file(cluster: Cluster, path: Path, names: list[str]) -> Path:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "harness.migrate_cli", *args]
+    return [sys.executable, "-m", "harness.cli.migrate", *args]
 
 
 def _env(tmp_path: Path, cluster: Cluster | None = None) -> dict[str, str]:
@@ -485,7 +485,7 @@ def test_target_listing_changed_between_reads_is_reported(unsteady, tmp_path):
 
 def test_summary_names_unstable_listings(capsys):
     """What `pacs-harness migrate` prints for a study whose listing changed between reads."""
-    from harness.migrate_cli import _print_summary
+    from harness.cli.migrate import _print_summary
     from harness.migration.migrator import MigrationResult, StudyOutcome
 
     result = MigrationResult("move", "legacy", "web", studies_total=1)

@@ -81,7 +81,7 @@ def test_passing_and_impossible_clause_with_evidence(cluster, tmp_path):
 def test_sla_cli_exits_1_on_a_failed_clause(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from harness.load_cli import sla_command
+    from harness.cli.load import sla_command
 
     if not find_binary("Orthanc"):
         pytest.skip("Orthanc not installed")

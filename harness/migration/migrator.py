@@ -47,7 +47,7 @@ State file schema (SQLite, WAL; ``PRAGMA user_version`` = ``STATE_SCHEMA_VERSION
                       detail,                   one read that disagreed, or the give-up
                       settled INTEGER, at)      1: a later read agreed; 0: it never did
 
-Run it from the command line with ``pacs-harness migrate`` (harness/migrate_cli.py).
+Run it from the command line with ``pacs-harness migrate`` (harness/cli/migrate.py).
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ from harness.dicom.dicomweb import (
 from harness.dicom.dimse import MAX_CONTEXTS, DimseClient, RetrievedInstance, Status
 from harness.dicom.wire import TransferFailed, WireAssociation
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
+from harness.migration.methods import METHODS
 from harness.nodes.base import Node
 
-METHODS = ("move", "get", "dicomweb", "orthanc")
 STATE_SCHEMA_VERSION = 2  # 2: table unstable_listings (a version 1 file gains it)
 
 _SCHEMA = """

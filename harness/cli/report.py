@@ -18,8 +18,6 @@ import click
 
 from harness.errors import EXIT_FINDINGS, EXIT_PASS, ConfigError, EnvironmentProblem
 from harness.phases import PHASES
-from harness.report.gate import evaluate_gate
-from harness.report.html import load_report, write_html_report
 
 ALLURE_INSTALL = (
     "install it with `npm install -g allure-commandline` (needs Java: apt-get install "
@@ -49,6 +47,9 @@ def gate_command(report_path: str, phase: str, as_json: bool) -> None:
     Ready when every scenario of PHASE and of the phases before it passed and at least one
     of them ran.
     """
+    from harness.report.gate import evaluate_gate
+    from harness.report.html import load_report
+
     report = load_report(_report_dir(report_path))
     result = evaluate_gate(report, phase)
     if as_json:
@@ -67,6 +68,8 @@ def gate_command(report_path: str, phase: str, as_json: bool) -> None:
               help="also build the Allure HTML report (needs the `allure` command and Java)")
 def report_command(report_path: str, allure: bool) -> None:
     """Re-render a run's index.html from its report.json and logs; optionally the Allure report."""
+    from harness.report.html import load_report, write_html_report
+
     report_dir = _report_dir(report_path)
     load_report(report_dir)  # one clear line if it is not a run directory
     if allure:

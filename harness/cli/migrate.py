@@ -4,7 +4,7 @@ Nodes are resolved like `store`: from the cluster `up` started for the topology,
 external nodes of the topology. While the migration runs, the availability monitor probes
 both nodes; its figures are part of the summary (and of `--json`).
 
-Also runnable on its own: ``python -m harness.migrate_cli --from A --to B ...``.
+Also runnable on its own: ``python -m harness.cli.migrate --from A --to B ...``.
 """
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from harness.console import out, progress_bar
 from harness.errors import EXIT_FINDINGS
-from harness.migration.migrator import METHODS, ExternalMigration, Migrator, StudyOutcome
-from harness.migration.monitor import AvailabilityMonitor
-from harness.nodes.base import Node
+from harness.migration.methods import METHODS
+
+if TYPE_CHECKING:
+    from harness.migration.migrator import StudyOutcome
+    from harness.nodes.base import Node
 
 
 def _present_on(target: Node) -> Callable[[str], bool]:
@@ -165,6 +167,8 @@ def migrate_command(
     from harness.cluster import Cluster, reachable_node
     from harness.config import resolve_topology
     from harness.launch.state import state_dir_for
+    from harness.migration.migrator import ExternalMigration, Migrator
+    from harness.migration.monitor import AvailabilityMonitor
 
     topology, _choices = resolve_topology(topology_path)
     cluster = Cluster.from_state(topology, state_dir_for(topology))
@@ -232,8 +236,8 @@ def migrate_command(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m harness.migrate_cli`: the command with pacs-harness's exit codes."""
-    from harness.cli import run_command
+    """`python -m harness.cli.migrate`: the command with pacs-harness's exit codes."""
+    from harness.cli.app import run_command
 
     run_command(
         migrate_command, argv, "migrate", "interrupted (run the same command again to resume)"

@@ -1,0 +1,171 @@
+"""`run`: the scenario suites against a topology, in a pytest child; the report and its verdict."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from harness.cli.options import (
+    chosen_topology,
+    topology_option,
+)
+from harness.console import console
+from harness.errors import (
+    EXIT_ENVIRONMENT,
+    EXIT_FINDINGS,
+    EXIT_PASS,
+    EXIT_USAGE,
+    ConfigError,
+    HarnessError,
+)
+from harness.launch.process import die_with_parent
+
+
+def scenario_names(suite_dir: Path) -> list[str]:
+    """Names a suite answers to: its `scenario(...)` markers, else its module name."""
+    names = set()
+    for module in suite_dir.glob("test_*.py"):
+        marked = re.findall(r"mark\.scenario\(\s*[\"']([^\"']+)[\"']", module.read_text())
+        names.update(marked or [module.stem.removeprefix("test_")])
+    return sorted(names)
+
+
+def _check_scenario_permissions(topology, scenarios: tuple[str, ...]) -> None:
+    """Nodes the settings name for a scenario that writes must have write permission;
+    checked before any scenario starts, so a refused run has stored nothing (exit 2)."""
+    from harness.nodes import make_node
+
+    if scenarios and "migration" not in scenarios:
+        return
+    migration = (topology.settings or {}).get("migration") or {}
+    actions = {"source": "load synthetic patients into it", "target": "migrate studies into it"}
+    for role, action in actions.items():
+        name = migration.get(role)
+        if isinstance(name, str) and name in topology.nodes:
+            node = make_node(topology.nodes[name], None)
+            node.require_writable(f"{action} (settings.migration.{role})")
+
+
+@click.command()
+@topology_option
+@click.option(
+    "--phase",
+    default=None,
+    type=click.Choice(["planning", "infrastructure", "pilot", "staged-rollout", "full"]),
+    help="run what gates this phase and the phases before it",
+)
+@click.option(
+    "--scenario",
+    "scenarios",
+    multiple=True,
+    help="run only this scenario (repeatable), e.g. connectivity",
+)
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="where to write junit.xml, allure-results/ and report.json "
+    "(default: reports/run-<timestamp>)",
+)
+@click.option("--keep", is_flag=True, help="leave launched nodes running afterwards")
+@click.option("--quiet", "-q", is_flag=True, help="less pytest output")
+@click.option("--show-identities", is_flag=True,
+              help="report patient IDs, names, birth dates of external nodes not declared "
+                   "synthetic in clear (default: tokenised, see docs/safety.md)")
+def run(
+    topology_path: str | None,
+    phase: str | None,
+    scenarios: tuple[str, ...],
+    report_dir: str | None,
+    keep: bool,
+    quiet: bool,
+    show_identities: bool,
+) -> None:
+    """Run the scenario suites against the topology and write the report.
+
+    With no arguments this is the main job: the default topology, every scenario.
+    """
+    import scenarios as scenarios_package
+
+    topology = chosen_topology(topology_path)  # validate (exit 2) and say what the default chose
+    suite_dir = Path(scenarios_package.__file__).parent
+    known = scenario_names(suite_dir)
+    for name in scenarios:
+        if name not in known:
+            raise ConfigError(
+                f"--scenario {name!r}: unknown scenario (allowed: {', '.join(known)})"
+            )
+    _check_scenario_permissions(topology, scenarios)
+    target = Path(report_dir or f"reports/run-{time.strftime('%Y%m%d-%H%M%S')}")
+    target.mkdir(parents=True, exist_ok=True)
+    report_json = target / "report.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(suite_dir),
+        "-c",
+        str(suite_dir / "pytest.ini"),
+        "--rootdir",
+        str(suite_dir.parent),
+        "--junitxml",
+        str(target / "junit.xml"),
+        "--alluredir",
+        str(target / "allure-results"),
+        "--pacs-report-json",
+        str(report_json),
+        "-q" if quiet else "-v",
+    ]
+    if topology_path:
+        argv += ["--pacs-topology", str(Path(topology_path).resolve())]
+    if phase:
+        argv += ["--phase", phase]
+    for name in scenarios:
+        argv += ["--pacs-scenario", name]
+    if keep:
+        argv.append("--pacs-keep")
+    # the pytest child dies with this command, even when this command is killed
+    from harness.report.identities import SHOW_IDENTITIES_ENV
+
+    env = {**os.environ, SHOW_IDENTITIES_ENV: "1" if show_identities else ""}
+    code = subprocess.call(argv, preexec_fn=die_with_parent, env=env)
+    report = json.loads(report_json.read_text()) if report_json.exists() else None
+    if report is not None:
+        from harness.report.html import write_html_report
+
+        report["command"] = shlex.join(["pacs-harness", *sys.argv[1:]])
+        report_json.write_text(json.dumps(report, indent=2, default=str))
+        try:
+            write_html_report(target)
+        except HarnessError as exc:
+            console.print(f"[yellow]no index.html:[/] {exc}")
+    console.print(f"report: {target}/index.html (and report.json, junit.xml, allure-results/)")
+    if report and report.get("environment_error"):
+        console.print(f"[red]environment error:[/] {report['environment_error']}")
+        sys.exit(EXIT_ENVIRONMENT)
+    if code == 5 or (report and report.get("reason") == "no scenario ran"):
+        console.print("[red]no scenario ran[/] (check --phase and --scenario)")
+        sys.exit(EXIT_USAGE)
+    if code == 4:
+        sys.exit(EXIT_USAGE)
+    if code == 3 or report is None:
+        sys.exit(EXIT_ENVIRONMENT)
+    verdict = report["verdict"]
+    console.print(f"verdict: [bold {'green' if verdict == 'pass' else 'red'}]{verdict}[/]")
+    if phase:
+        from harness.report.gate import evaluate_gate
+
+        gate = evaluate_gate(report, phase)
+        console.print(f"phase {phase}: {'ready' if gate.ready else 'NOT READY'}")
+        for reason in gate.reasons:
+            console.print(f"  - {reason}")
+        sys.exit(EXIT_PASS if code == 0 and gate.ready else EXIT_FINDINGS)
+    sys.exit(EXIT_PASS if code == 0 and verdict == "pass" else EXIT_FINDINGS)
