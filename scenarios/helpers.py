@@ -2,37 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import Dataset, dcmread
-from pydicom.uid import generate_uid
+from pydicom import dcmread
 
 from harness.nodes.base import NodeStatistics
-from synthetic_data import GeneratorOptions, generate
-
-
-def sample_study(seed: int = 0, instances: int = 1, modality: str = "CT") -> list[Dataset]:
-    """`instances` objects of one series of one synthetic study, deterministic per seed.
-
-    The generator's first object is the template; further instances are copies of it with
-    their own SOP Instance UID and InstanceNumber (derived from the seed, so reproducible).
-    """
-    options = GeneratorOptions(
-        patients=1, studies_per_patient=1, modalities=[modality], facilities=1,
-        seed=seed, scale="tiny",
-    )
-    template = next(iter(generate(options)))
-    study = [template]
-    for number in range(1, instances):
-        ds = copy.deepcopy(template)
-        uid = generate_uid(entropy_srcs=[str(seed), template.SOPInstanceUID, str(number)])
-        ds.SOPInstanceUID = uid
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        ds.InstanceNumber = number + 1
-        study.append(ds)
-    return study
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import UID
 
 from harness.dicom.dimse import COMMON_STORAGE_CLASSES, RECEIVABLE_TRANSFER_SYNTAXES
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 
 pytestmark = [pytest.mark.phase("infrastructure"), pytest.mark.scenario("connectivity")]
 

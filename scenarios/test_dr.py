@@ -22,7 +22,7 @@ from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.launch.tools import find_binary
 from harness.resilience.dr import dr_drill, pixel_sha256
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 
 pytestmark = [pytest.mark.phase("staged-rollout"), pytest.mark.scenario("disaster-recovery")]
 

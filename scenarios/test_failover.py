@@ -35,7 +35,7 @@ import pytest
 from harness.errors import ConfigError
 from harness.launch.tools import find_binary
 from harness.resilience.failover import FailoverPlan, measure_failover
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 
 pytestmark = [pytest.mark.phase("staged-rollout"), pytest.mark.scenario("failover")]
 

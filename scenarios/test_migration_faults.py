@@ -22,7 +22,7 @@ from harness.launch.tools import find_binary
 from harness.migration.migrator import Migrator
 from harness.resilience.proxy import FaultProxy
 from harness.resilience.schedule import FaultSchedule
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 
 pytestmark = [
     pytest.mark.phase("staged-rollout"),

@@ -11,7 +11,8 @@ from harness.config import parse_topology
 from harness.launch.tools import find_binary
 from harness.migration.inventory import crawl
 from harness.nodes import make_node
-from scenarios.helpers import count_findings, independent_count, sample_study
+from scenarios.helpers import count_findings, independent_count
+from synthetic_data.samples import sample_study
 
 STUDIES, PER_STUDY = 3, 2
 

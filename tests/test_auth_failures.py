@@ -20,7 +20,7 @@ import requests
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.launch.tools import find_binary
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 from tests.helpers import run_cli
 
 QIDO_WORKLOAD = """name: qido-only

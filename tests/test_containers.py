@@ -19,7 +19,7 @@ from harness.config import parse_topology
 from harness.errors import EnvironmentProblem
 from harness.launch.docker import harness_containers
 from harness.launch.tools import find_binary
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 from tests.helpers import processes_mentioning, run_cli, status_json
 
 

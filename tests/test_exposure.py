@@ -29,7 +29,7 @@ from harness.config import load_topology, parse_topology
 from harness.dicom.dimse import HARNESS_AE_TITLE
 from harness.launch.state import state_dir_for
 from harness.launch.tools import find_binary
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 from tests.helpers import run_cli
 
 ECHOSCU = "/usr/bin/echoscu"

@@ -12,7 +12,7 @@ from harness.launch.tools import find_binary
 from harness.resilience import node_faults
 from harness.resilience.failover import FailoverPlan, measure_failover, uids_on
 from harness.resilience.ha import ReferenceHA, associate_rq
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 from tests.helpers import processes_mentioning
 
 pytestmark = pytest.mark.skipif(

@@ -15,7 +15,7 @@ import pytest
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.launch.tools import find_binary
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 
 # recognisable made-up people: two share one MRN under two issuers (a collision)
 PATIENTS = [

@@ -6,8 +6,8 @@ import copy
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from scenarios.helpers import sample_study
-from scenarios.test_ingest import _as_received, classify, differences
+from harness.interop.ingest import as_received, classify, differences
+from synthetic_data.samples import sample_study
 
 
 def _original():
@@ -16,21 +16,21 @@ def _original():
 
 def test_identical_object_is_kept():
     ds = _original()
-    assert classify(ds, _as_received(ds), ds.file_meta.TransferSyntaxUID) == "kept"
+    assert classify(ds, as_received(ds), ds.file_meta.TransferSyntaxUID) == "kept"
 
 
 def test_lossless_transfer_syntax_change_is_coerced():
     ds = _original()
     returned = copy.deepcopy(ds)
     returned.compress(RLELossless, generate_instance_uid=False)
-    assert classify(ds, _as_received(returned), RLELossless) == "coerced"
+    assert classify(ds, as_received(returned), RLELossless) == "coerced"
 
 
 def test_changed_name_is_altered():
     ds = _original()
     returned = copy.deepcopy(ds)
     returned.PatientName = "Someone^Else"
-    assert classify(ds, _as_received(returned), ExplicitVRLittleEndian) == "altered"
+    assert classify(ds, as_received(returned), ExplicitVRLittleEndian) == "altered"
 
 
 def test_changed_pixel_is_altered():
@@ -39,7 +39,7 @@ def test_changed_pixel_is_altered():
     pixels = bytearray(returned.PixelData)
     pixels[0] ^= 1
     returned.PixelData = bytes(pixels)
-    assert classify(ds, _as_received(returned), ds.file_meta.TransferSyntaxUID) == "altered"
+    assert classify(ds, as_received(returned), ds.file_meta.TransferSyntaxUID) == "altered"
 
 
 def test_missing_object_is_lost():
@@ -59,7 +59,7 @@ def _pdf():
 
 def test_unchanged_report_and_document_are_kept():
     for ds in (_report(), _pdf()):
-        assert classify(ds, _as_received(ds), ds.file_meta.TransferSyntaxUID) == "kept"
+        assert classify(ds, as_received(ds), ds.file_meta.TransferSyntaxUID) == "kept"
 
 
 def test_changed_sr_content_item_is_altered():
@@ -68,8 +68,8 @@ def test_changed_sr_content_item_is_altered():
     finding = returned.ContentSequence[0].ContentSequence[0]  # CONTAINER > TEXT
     assert finding.ValueType == "TEXT"
     finding.TextValue = finding.TextValue.replace("o", "0", 1)
-    assert classify(ds, _as_received(returned), ds.file_meta.TransferSyntaxUID) == "altered"
-    assert differences(_as_received(ds), _as_received(returned)) == ["ContentSequence"]
+    assert classify(ds, as_received(returned), ds.file_meta.TransferSyntaxUID) == "altered"
+    assert differences(as_received(ds), as_received(returned)) == ["ContentSequence"]
 
 
 def test_changed_code_deep_in_sr_tree_is_altered():
@@ -77,7 +77,7 @@ def test_changed_code_deep_in_sr_tree_is_altered():
     returned = copy.deepcopy(ds)
     concept = returned.ContentSequence[1].ContentSequence[0].ConceptNameCodeSequence[0]
     concept.CodeMeaning = "Conclusion"
-    assert classify(ds, _as_received(returned), ds.file_meta.TransferSyntaxUID) == "altered"
+    assert classify(ds, as_received(returned), ds.file_meta.TransferSyntaxUID) == "altered"
 
 
 def test_changed_encapsulated_document_byte_is_altered():
@@ -86,8 +86,8 @@ def test_changed_encapsulated_document_byte_is_altered():
     document = bytearray(returned.EncapsulatedDocument)
     document[len(document) // 2] ^= 0x01
     returned.EncapsulatedDocument = bytes(document)
-    assert classify(ds, _as_received(returned), ds.file_meta.TransferSyntaxUID) == "altered"
-    assert differences(_as_received(ds), _as_received(returned)) == ["EncapsulatedDocument"]
+    assert classify(ds, as_received(returned), ds.file_meta.TransferSyntaxUID) == "altered"
+    assert differences(as_received(ds), as_received(returned)) == ["EncapsulatedDocument"]
 
 
 def test_private_sequence_read_as_un_after_implicit_vr_is_coerced_not_altered():
@@ -96,10 +96,10 @@ def test_private_sequence_read_as_un_after_implicit_vr_is_coerced_not_altered():
     ds = _report()
     returned = copy.deepcopy(ds)
     returned.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    returned = _as_received(returned)
+    returned = as_received(returned)
     assert returned[0x00091010].VR == "UN"
     assert classify(ds, returned, ImplicitVRLittleEndian) == "coerced"
     changed = copy.deepcopy(ds)
     changed[0x00091010].value[0].CodeMeaning = "Vendor protocol 8"
     changed.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    assert classify(ds, _as_received(changed), ImplicitVRLittleEndian) == "altered"
+    assert classify(ds, as_received(changed), ImplicitVRLittleEndian) == "altered"

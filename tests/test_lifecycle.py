@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness.launch.tools import find_binary
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 from tests.helpers import handle_alive, processes_mentioning, run_cli, status_json
 
 ALL_KINDS = """\

@@ -8,7 +8,7 @@ import pytest
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 
 pytest_plugins = ["pytester"]
 

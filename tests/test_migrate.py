@@ -25,7 +25,7 @@ from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.tools import find_binary
 from harness.migration.migrator import ExternalMigration, Migrator, list_studies
 from harness.nodes.base import Node
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 
 TOPOLOGY = """name: migrate
 nodes:

@@ -14,7 +14,7 @@ from harness.launch.ports import free_port
 from harness.migration.migrator import Migrator
 from harness.migration.monitor import AvailabilityMonitor
 from harness.nodes import make_node
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 
 STUDIES = 8
 

@@ -10,7 +10,7 @@ from harness.config import load_topology, parse_topology
 from harness.errors import NotDisposableError
 from harness.launch.state import state_dir_for
 from harness.launch.tools import find_binary
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 from tests.helpers import processes_mentioning, run_cli, status_json
 
 BINARIES = {"orthanc": "Orthanc", "dcmqrscp": "dcmqrscp", "embedded": None}

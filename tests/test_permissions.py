@@ -21,7 +21,7 @@ from harness.config import parse_topology
 from harness.errors import ConfigError, NotDisposableError
 from harness.launch.tools import find_binary
 from harness.nodes import make_node
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 from tests.helpers import run_cli
 
 STORING_WORKLOAD = """name: storing

@@ -67,7 +67,7 @@ def test_janitor_wipes_disposable_nodes_between_tests(pytester, tmp_path):
     topo.write_text("name: jan\nnodes:\n  box: {kind: embedded, ae_title: BOX}\n")
     pytester.makepyfile(
         test_jan="""
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 
 def test_fill(pacs_node, pacs_janitor):
     assert pacs_node("box").dimse().store(sample_study(seed=5, instances=2)).ok
