@@ -34,6 +34,7 @@ from harness.migration.reconcile import verify
 from harness.migration.rules import load_rules
 from harness.report.identities import for_report, redactor_for
 from synthetic_data import GeneratorOptions, generate
+from synthetic_data.manifest import colliding_patient_ids
 
 pytestmark = pytest.mark.scenario("migration")
 
@@ -70,16 +71,6 @@ def _applicable(method: str, source, target) -> str | None:
     if method == "orthanc" and source.rest() is None:
         return "orthanc needs an Orthanc source"
     return None
-
-
-def expected_collisions(archive) -> set[str]:
-    """PatientIDs that the generator gave to different people (the ground truth)."""
-    people: dict[str, set[tuple[str, str]]] = {}
-    for ds in archive:
-        people.setdefault(ds.PatientID, set()).add(
-            (str(ds.get("IssuerOfPatientID", "")), str(ds.PatientName))
-        )
-    return {patient_id for patient_id, who in people.items() if len(who) > 1}
 
 
 def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: int, seed: int,
@@ -142,7 +133,7 @@ def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: i
     share = availability["inaccessible_share"]["source"] or 0.0
     assert share <= threshold, f"{share:.1%} of source probes failed (threshold {threshold:.1%})"
     reported = {c["patient_id"] for c in identities.collisions}
-    assert expected_collisions(archive) <= reported, "MRN collisions went unreported"
+    assert colliding_patient_ids(archive) <= reported, "MRN collisions went unreported"
 
 
 @pytest.mark.phase("pilot")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 MANIFEST_LINES = "manifest.jsonl"
 MANIFEST_SUMMARY = "manifest.json"
@@ -92,3 +93,14 @@ def read_manifest(folder: str | Path) -> list[dict]:
     path = Path(folder) / MANIFEST_LINES
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def colliding_patient_ids(datasets: Iterable[Any]) -> set[str]:
+    """PatientIDs the generator gave to different people (issuer + name): the identity
+    traps a migration must report, as ground truth to hold a report against."""
+    people: dict[str, set[tuple[str, str]]] = {}
+    for ds in datasets:
+        people.setdefault(ds.PatientID, set()).add(
+            (str(ds.get("IssuerOfPatientID", "")), str(ds.PatientName))
+        )
+    return {patient_id for patient_id, who in people.items() if len(who) > 1}

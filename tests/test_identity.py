@@ -11,8 +11,8 @@ from harness.config import parse_topology
 from harness.migration.identity import identity_report, merged_patients
 from harness.migration.inventory import crawl
 from harness.migration.rules import parse_rules
-from scenarios.test_migration import expected_collisions
 from synthetic_data import GeneratorOptions, generate
+from synthetic_data.manifest import colliding_patient_ids
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_collisions_and_duplicates_are_reported(two_nodes, trapped_archive, tmp_
     assert source.dimse().store(trapped_archive).ok
     crawl(source, tmp_path / "src.sqlite")
     report = identity_report(tmp_path / "src.sqlite")
-    expected = expected_collisions(trapped_archive)
+    expected = colliding_patient_ids(trapped_archive)
     assert expected, "seed 5 with trap_rate 0.6 must contain an MRN collision"
     assert {c["patient_id"] for c in report.collisions} == expected
     assert all(not c["resolved_by_rules"] for c in report.collisions)
