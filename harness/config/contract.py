@@ -26,7 +26,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field, StrictStr, model_validator
 
-from harness.config.errors import Checker, ConfigModel, fail, validate
+from harness.config.errors import Checker, ConfigModel, Text, choice, fail, validate
 from harness.config.numbers import Number, NumberError, quantity
 from harness.config.topology import TOPOLOGY_NAME_RE
 from harness.config.workload import Group
@@ -42,21 +42,6 @@ PHASES = ("staged-rollout", "full")
 #: thresholds beyond this are typing mistakes (and a 400-digit number reads as infinity)
 MAX_THRESHOLD = 1e9
 COMPARISON_RE = re.compile(r"^\s*(<=|>=|<|>)(.*)$", re.DOTALL)
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, dict | list):
-        raise fail(f"must be text, got {value!r}")
-    return "" if value is None else str(value)
-
-
-def _choice(what: str, choices: tuple[str, ...]) -> Any:
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or value not in choices:
-            raise fail(f"unknown {what} {value!r} (allowed: {', '.join(choices)})")
-        return value
-
-    return check
 
 
 def _name(value: Any) -> str:
@@ -82,8 +67,9 @@ def _clauses(value: Any) -> Any:
     return value
 
 
-Text = Annotated[str, BeforeValidator(_text)]
 Percentile = Number(0, 100, low_open=True)
+Metric = choice("metric", tuple(METRICS))
+Phase = choice("phase", PHASES)
 
 
 def parse_threshold(text: str, metric: str) -> tuple[str, float, str]:
@@ -102,14 +88,14 @@ class ClauseModel(ConfigModel):
 
     id: Text = Field(description="a unique name")
     description: Text = ""
-    metric: Annotated[str, BeforeValidator(_choice("metric", tuple(METRICS)))] = Field(
+    metric: Metric = Field(
         description=", ".join(METRICS)
     )
     operation: Text = Field(description="a group of the workload, its operation or 'all'")
     percentile: Percentile | None = None
     threshold: Text = Field(description="e.g. '<= 5 s', '>= 50 instances/s'")
     workload: StrictStr = Field(description="a workload of the contract")
-    phase: Annotated[str, BeforeValidator(_choice("phase", PHASES))] = "staged-rollout"
+    phase: Phase = "staged-rollout"
 
     @model_validator(mode="after")
     def _fits_metric(self) -> ClauseModel:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import types
 import typing
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
 
 from harness.config.yaml import Lines, one_line
@@ -38,6 +38,28 @@ class ConfigModel(BaseModel):
     unknown_note: ClassVar[str] = ""
     #: what the mapping must look like, for "must be ..." when something else is given
     shape: ClassVar[str] = "a mapping"
+
+
+def _text(value: Any) -> str:
+    """Free text: numbers and booleans written in YAML are kept as written."""
+    if isinstance(value, dict | list):
+        raise fail(f"must be text, got {value!r}")
+    return "" if value is None else str(value)
+
+
+#: a free-text field (description, ids)
+Text = Annotated[str, BeforeValidator(_text)]
+
+
+def choice(what: str, choices: tuple[str, ...]) -> Any:
+    """A field type for one of `choices`: ``unknown kind 'x' (allowed: a, b)`` otherwise."""
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise fail(f"unknown {what} {value!r} (allowed: {', '.join(choices)})")
+        return value
+
+    return Annotated[str, BeforeValidator(check)]
 
 
 class Checker:

@@ -33,7 +33,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field, StrictBool, StrictStr, model_validator
 
-from harness.config.errors import Checker, ConfigModel, fail, validate
+from harness.config.errors import Checker, ConfigModel, Text, choice, fail, validate
 from harness.config.faults import FaultSpec, parse_faults
 from harness.config.numbers import Number, NumberError, finite_number
 from harness.config.wan import MAX_LINK_MBIT, MAX_LINK_MS, WAN_PRESETS
@@ -47,35 +47,7 @@ LAUNCHES = ("process", "docker")
 PROCESS_KINDS = ("orthanc", "dcmqrscp", "embedded")
 INDEXES = ("sqlite", "postgresql")
 
-TOP_LEVEL_FIELDS = ("name", "nodes", "links", "settings")
-LINK_FIELDS = {
-    "from": "a node name (leave out: the harness itself)",
-    "to": "a node name",
-    "preset": "a WAN preset, e.g. wan-30ms-100mbit",
-    "latency_ms": "a number >= 0 and <= 60000",
-    "jitter_ms": "a number >= 0 and <= 60000",
-    "bandwidth_mbit": "a number > 0 and <= 100000",
-}
-NODE_FIELDS = {
-    "kind": "orthanc, dcmqrscp, embedded, dcm4chee or external",
-    "launch": "process or docker (dcm4chee: docker only)",
-    "image": "the container image for launch: docker",
-    "index": "sqlite or postgresql (orthanc only)",
-    "ae_title": "1-16 characters: letters, digits, space, _ - .",
-    "host": "a host name or IP address (launched nodes: 127.0.0.0/8 only)",
-    "dicom_port": "an integer 1-65535",
-    "http_port": "an integer 1-65535",
-    "disposable": "true or false",
-    "writable": "true or false: the harness may store synthetic data (not wipe)",
-    "synthetic": "true when an external node holds only synthetic patients (reports then "
-                 "show identities; default false: redacted, see docs/safety.md)",
-    "credentials": "{username_env: VAR, password_env: VAR}",
-    "dicomweb_root": "URL path of the DICOMweb service, e.g. /dicom-web",
-    "orthanc_rest": "true when an external node is an Orthanc with its REST API",
-    "orthanc_config": "a mapping merged into the generated orthanc.json (orthanc only)",
-    "description": "free text",
-}
-CREDENTIAL_FIELDS = ("username_env", "password_env")
+AE_TITLE_TEXT = "1-16 characters: letters, digits, space, _ - ."
 AE_TITLE_RE = re.compile(r"^[A-Za-z0-9_\-. ]{1,16}\Z")
 #: the topology name names the state folder and temporary folders: no path separators
 TOPOLOGY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -181,24 +153,6 @@ class Topology:
 # the NodeSpec is built, and checks across nodes (AE titles, ports, links) come after.
 
 
-def _text(value: Any) -> str:
-    """Free text: numbers and booleans written in YAML are kept as written."""
-    if value is None:
-        return ""
-    if isinstance(value, dict | list):
-        raise fail(f"must be text, got {value!r}")
-    return str(value)
-
-
-def _choice(what: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or value not in choices:
-            raise fail(f"unknown {what} {value!r} (allowed: {', '.join(choices)})")
-        return value
-
-    return check
-
-
 def _port(value: Any) -> int:
     try:
         return int(finite_number(value, 1, 65535, whole=True))
@@ -209,7 +163,7 @@ def _port(value: Any) -> int:
 def _ae_title(value: Any) -> str:
     if not isinstance(value, str) or not AE_TITLE_RE.match(value) or value.strip() != value:
         raise fail(
-            f"invalid AE title {value!r} (allowed: {NODE_FIELDS['ae_title']}, "
+            f"invalid AE title {value!r} (allowed: {AE_TITLE_TEXT}, "
             "no leading or trailing space)"
         )
     return value
@@ -248,15 +202,20 @@ def _image(value: Any) -> str:
     return value
 
 
-Text = Annotated[str, BeforeValidator(_text)]
 Port = Annotated[int, BeforeValidator(_port)]
 EnvName = Annotated[str, BeforeValidator(_env_name)]
+Kind = choice("kind", KINDS)
+Launch = choice("launch", LAUNCHES)
+Index = choice("index", INDEXES)
+Preset = choice("preset", tuple(WAN_PRESETS))
 LinkMilliseconds = Number(0, MAX_LINK_MS)
 LinkMegabits = Number(0, MAX_LINK_MBIT, low_open=True)
 
 
 class CredentialsModel(ConfigModel):
-    shape: ClassVar[str] = NODE_FIELDS["credentials"]
+    """Names of environment variables holding a login; the values are never in the file."""
+
+    shape: ClassVar[str] = "{username_env: VAR, password_env: VAR}"
     unknown_note: ClassVar[str] = (
         ": names of environment variables; never put the secret itself in the file"
     )
@@ -270,23 +229,46 @@ class NodeModel(ConfigModel):
 
     shape: ClassVar[str] = "a mapping with at least 'kind'"
 
-    kind: Annotated[str, BeforeValidator(_choice("kind", KINDS))] = Field(
+    kind: Kind = Field(
         description=", ".join(KINDS)
     )
-    launch: Annotated[str, BeforeValidator(_choice("launch", LAUNCHES))] | None = None
-    image: Annotated[str, BeforeValidator(_image)] | None = None
-    index: Annotated[str, BeforeValidator(_choice("index", INDEXES))] | None = None
-    ae_title: Annotated[str, BeforeValidator(_ae_title)] | None = None
-    host: Annotated[str, BeforeValidator(_host)] | None = None
+    launch: Launch | None = Field(
+        None, description="process or docker (dcm4chee: docker only)"
+    )
+    image: Annotated[str, BeforeValidator(_image)] | None = Field(
+        None, description="the container image for launch: docker"
+    )
+    index: Index | None = Field(
+        None, description="sqlite or postgresql (orthanc only)"
+    )
+    ae_title: Annotated[str, BeforeValidator(_ae_title)] | None = Field(
+        None, description=AE_TITLE_TEXT
+    )
+    host: Annotated[str, BeforeValidator(_host)] | None = Field(
+        None, description="a host name or IPv4 address (launched nodes: 127.0.0.0/8 only)"
+    )
     dicom_port: Port | None = None
     http_port: Port | None = None
-    disposable: StrictBool | None = None
-    writable: StrictBool = False
-    synthetic: StrictBool = False
+    disposable: StrictBool | None = Field(
+        None, description="the harness may wipe it (default: true for launched nodes)"
+    )
+    writable: StrictBool = Field(
+        False, description="the harness may store synthetic data (not wipe)"
+    )
+    synthetic: StrictBool = Field(
+        False, description="an external node holds only synthetic patients (reports then show "
+        "identities; default false: redacted, see docs/safety.md)"
+    )
     credentials: CredentialsModel | None = None
-    dicomweb_root: StrictStr | None = None
-    orthanc_rest: StrictBool | None = None
-    orthanc_config: Annotated[dict[str, Any], BeforeValidator(_orthanc_config)] = {}
+    dicomweb_root: StrictStr | None = Field(
+        None, description="URL path of the DICOMweb service, e.g. /dicom-web"
+    )
+    orthanc_rest: StrictBool | None = Field(
+        None, description="an external node is an Orthanc with its REST API"
+    )
+    orthanc_config: Annotated[dict[str, Any], BeforeValidator(_orthanc_config)] = Field(
+        {}, description="a mapping merged into the generated orthanc.json (orthanc only)"
+    )
     description: Text = ""
 
     @model_validator(mode="after")
@@ -351,9 +333,11 @@ class LinkModel(ConfigModel):
 
     shape: ClassVar[str] = "a mapping with at least 'to'"
 
-    source: StrictStr | None = Field(None, alias="from", description=LINK_FIELDS["from"])
-    to: StrictStr = Field(description=LINK_FIELDS["to"])
-    preset: Annotated[str, BeforeValidator(_choice("preset", tuple(WAN_PRESETS)))] | None = None
+    source: StrictStr | None = Field(
+        None, alias="from", description="a node name (leave out: the harness itself)"
+    )
+    to: StrictStr = Field(description="a node name")
+    preset: Preset | None = Field(None, description="a WAN preset: " + ", ".join(WAN_PRESETS))
     latency_ms: LinkMilliseconds | None = None
     jitter_ms: LinkMilliseconds | None = None
     bandwidth_mbit: LinkMegabits | None = None

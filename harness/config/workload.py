@@ -21,7 +21,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from harness.config.errors import Checker, ConfigModel, fail, validate
+from harness.config.errors import Checker, ConfigModel, Text, choice, fail, validate
 from harness.config.numbers import Number
 from harness.config.topology import AE_TITLE_RE
 
@@ -77,24 +77,12 @@ def _destination(value: Any) -> str:
     return value
 
 
-def _scale(value: Any) -> str:
-    if not isinstance(value, str) or value not in SCALES:
-        raise fail(f"unknown scale {value!r} (allowed: {', '.join(SCALES)})")
-    return value
-
-
 def _modality(value: Any) -> str:
     from synthetic_data.modalities import MODALITIES
 
     if not isinstance(value, str) or value not in MODALITIES:
         raise fail(f"unknown modality {value!r} (allowed: {', '.join(MODALITIES)})")
     return value
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, dict | list):
-        raise fail(f"must be text, got {value!r}")
-    return "" if value is None else str(value)
 
 
 def _groups(value: Any) -> Any:
@@ -107,6 +95,7 @@ def _dataset(value: Any) -> Any:
     return {} if value is None else value
 
 
+Scale = choice("scale", SCALES)
 Users = Number(1, 256, whole=True)
 Rate = Number(0, 10_000, low_open=True)
 InFlight = Number(1, 1024, whole=True)
@@ -118,7 +107,6 @@ InstancesPerStudy = Number(1, 5000, whole=True)
 DurationSeconds = Number(0, 3600, low_open=True)
 WarmupSeconds = Number(0, 600)
 MaxOperations = Number(1, 1_000_000, whole=True)
-Text = Annotated[str, BeforeValidator(_text)]
 
 
 class Group(ConfigModel):
@@ -164,7 +152,7 @@ class DatasetSpec(ConfigModel):
 
     studies: Studies = 2
     instances_per_study: InstancesPerStudy = 5
-    scale: Annotated[str, BeforeValidator(_scale)] = "small"
+    scale: Scale = "small"
     modality: Annotated[str, BeforeValidator(_modality)] = "CT"
 
 
