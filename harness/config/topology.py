@@ -7,17 +7,15 @@ A topology is YAML::
       legacy:  {kind: dcmqrscp, ae_title: LEGACY}
       central: {kind: orthanc,  ae_title: CENTRAL}
       site_b:  {kind: external, ae_title: SITEB, host: 127.0.0.1, dicom_port: 11112}
-    settings: {}          # free-form scenario settings (thresholds, volumes)
+    links:                # network paths through a fault proxy (from a node or the harness)
+      - {to: central, preset: wan-30ms-100mbit}
+    settings: {}          # free-form scenario settings; settings.faults: harness/config/faults.py
 
-Every mistake is reported as one `ConfigError` line naming the file, the line, the field and
-what is allowed, e.g. ``topo.yaml:3: nodes.legacy.kind: unknown kind 'orthank' (allowed:
-orthanc, dcmqrscp, embedded, external)``.
-
-Every configuration file of the harness (topology, rules, workload, contract) is read by
-`read_config_text` and `load_yaml`, with limits so that a hostile file ends in one such line,
-never a hang or a traceback: at most 1 MiB, 100 aliases, 50 levels of nesting and 100,000
-values once aliases are expanded; no recursive alias, no complex key, no non-standard tag.
-Numbers must be finite and in range; the topology name (it names the state folder) is
+The file is read with limits (harness/config/yaml.py) and checked by the schema below: every
+mistake is one `ConfigError` line naming the file, the line, the field and what is allowed,
+e.g. ``topo.yaml:3: nodes.legacy.kind: unknown kind 'orthank' (allowed: orthanc, dcmqrscp,
+embedded, dcm4chee, external)``; an unknown field is refused. Numbers must be finite and in
+range (harness/config/numbers.py); the topology name (it names the state folder) is
 ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``. Hosts are IPv4 only: ``::1`` is refused at check time.
 """
 
