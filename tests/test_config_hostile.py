@@ -108,6 +108,8 @@ TOPOLOGIES = [
     ("nodes-list", "name: t\nnodes: [a, b]\n", ":2: nodes: missing or empty"),
     ("port-text", "name: t\nnodes:\n  a: {kind: embedded, dicom_port: '104'}\n",
      "nodes.a.dicom_port: invalid port"),
+    ("fault-unknown-field", _faults("{at_s: 1, fault: kill, target: a, when: 2}"),
+     ":8: settings.faults.0.when: unknown field"),
 ]
 
 
@@ -159,6 +161,8 @@ WORKLOADS = [
     ("scale-list", WORKLOAD + "dataset: {scale: [tiny]}\n", "dataset.scale"),
     ("destination-newline", "groups:\n  - {operation: c-move, users: 1, destination: \"A\\n\"}\n",
      "groups.0.destination"),
+    ("group-unknown-field", "groups:\n  - {operation: c-echo, users: 1, colour: red}\n",
+     ":2: groups.0.colour: unknown field"),
 ]
 
 
@@ -189,6 +193,8 @@ CONTRACTS = [
      ":1: name: invalid name"),
     ("inline-workload-rate-inf", "workloads:\n  w:\n    groups: [{operation: c-echo, "
      "rate: .inf}]\n" + f"clauses: [{CLAUSE}]\n", "groups.0.rate"),
+    ("clause-unknown-field", CONTRACT_HEAD + "clauses:\n  - " + CLAUSE.replace(
+        "workload: w}", "workload: w, owner: x}"), ":5: clauses.0.owner: unknown field"),
 ]
 
 
@@ -207,6 +213,8 @@ RULES = [
     ("recursive-alias", "added: &a [*a]\n", "recursive alias *a"),
     ("deep-nesting", "added: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than"),
     ("prefix-list", "prefix: {default: [X]}\n", "prefix.default"),
+    ("prefix-unknown-field", "prefix: {default: X-, strip: true}\n",
+     ":1: prefix.strip: unknown field"),
 ]
 
 

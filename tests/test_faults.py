@@ -269,12 +269,13 @@ def test_apply_refuses_unbounded_or_unknown(proxy):
     ("raw", "message"),
     [
         ({"at_s": 1}, r"settings.faults: must be a list"),
-        ([{"fault": "kill", "target": "a"}], r"faults\[0\].at_s: missing"),
-        ([{"at_s": -1, "fault": "kill", "target": "a"}], r"faults\[0\].at_s: must be"),
-        ([{"at_s": 1, "fault": "nuke", "target": "a"}], r"faults\[0\].fault: unknown fault"),
-        ([{"at_s": 1, "fault": "cut", "target": "a"}], r"faults\[0\].duration_s"),
+        ([{"fault": "kill", "target": "a"}], r"settings\.faults\.0\.at_s: missing"),
+        ([{"at_s": -1, "fault": "kill", "target": "a"}], r"settings\.faults\.0\.at_s: must be"),
+        ([{"at_s": 1, "fault": "nuke", "target": "a"}],
+         r"settings\.faults\.0\.fault: unknown fault"),
+        ([{"at_s": 1, "fault": "cut", "target": "a"}], r"settings\.faults\.0\.duration_s"),
         ([{"at_s": 1, "fault": "restart", "target": "a", "duration_s": 2}], "no duration"),
-        ([{"at_s": 1, "fault": "kill", "target": ""}], r"faults\[0\].target"),
+        ([{"at_s": 1, "fault": "kill", "target": ""}], r"settings\.faults\.0\.target"),
     ],
 )
 def test_schedule_errors_name_the_field(raw, message):

@@ -36,11 +36,10 @@ def test_harness_link_adds_its_latency(linked):
     start = time.perf_counter()
     assert a.dimse().echo().status.ok
     through_link = time.perf_counter() - start
-    start = time.perf_counter()
-    assert b.dimse().echo().status.ok  # no link: direct
-    direct = time.perf_counter() - start
-    # an association is at least two round trips: 4 x 100 ms one way
-    assert through_link >= 0.4 > direct
+    assert b.access_port is None and b.dimse().echo().status.ok  # no link: direct
+    # an association is at least two round trips: 4 x 100 ms one way (no upper bound on
+    # the direct echo: the machine may be loaded)
+    assert through_link >= 0.4
 
 
 def test_node_to_node_link_carries_c_move_and_cut_stops_it(linked):

@@ -39,7 +39,7 @@ clauses:
         (CONTRACT.replace("percentile: 99, ", ""), "c.yaml:12: clauses.0.percentile: latency"),
         (CONTRACT.replace("operation: find,", "operation: fnd,"), "c.yaml:12: clauses.0.operation"),
         (CONTRACT.replace("workload: read}", "workload: raed}"), "c.yaml:13: clauses.0.workload"),
-        (CONTRACT.replace("users: 1}", "users: x}", 1), "c.yaml:9: groups.0.users"),
+        (CONTRACT.replace("users: 1}", "users: x}", 1), "c.yaml:9: workloads.read.groups.0.users"),
     ],
 )
 def test_contract_errors_name_file_line_field(text, message):

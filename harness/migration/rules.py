@@ -24,24 +24,12 @@ Mistakes are one ConfigError line naming file, line and field, like topology fil
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.datadict import tag_for_keyword
-
-from harness.config import Checker, load_yaml, read_config_text
-from harness.migration.ledger import attr_name
-
-FIELDS = {
-    "prefix": "{by_issuer: {ISSUER: PREFIX}, default: PREFIX, required: true|false}",
-    "added": "a list of attribute keywords or (gggg,eeee) tags",
-    "charset_conversion": "true or false",
-    "lossless_transfer_syntax_change": "true or false",
-    "ignore": "a list of attribute keywords or (gggg,eeee) tags",
-}
-PREFIX_FIELDS = ("by_issuer", "default", "required")
-_TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
+from harness.config.errors import Checker
+from harness.config.rules import parse_rules_data
+from harness.config.yaml import load_yaml, read_config_text
 
 #: Transfer syntaxes that keep every pixel value (anything else may be lossy, PS3.5 8).
 LOSSLESS_SYNTAXES = frozenset(
@@ -105,85 +93,20 @@ class Rules:
         }
 
 
-def _attribute(check: Checker, path: tuple, value: Any) -> str:
-    if isinstance(value, str):
-        text = value.strip()
-        match = _TAG_RE.match(text)
-        if match:
-            return attr_name(int(match.group(1) + match.group(2), 16))
-        if tag_for_keyword(text) is not None:
-            return text
-    raise check.fail(path, f"unknown attribute {value!r} (allowed: a DICOM keyword such as "
-                           "IssuerOfPatientID, or a tag such as (0009,1001))")
-
-
-def _attributes(check: Checker, path: tuple, value: Any) -> frozenset[str]:
-    if value is None:
-        return frozenset()
-    if not isinstance(value, list):
-        raise check.fail(path, f"must be {FIELDS[path[-1]]}")
-    return frozenset(_attribute(check, (*path, i), v) for i, v in enumerate(value))
-
-
-def _flag(check: Checker, path: tuple, value: Any) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise check.fail(path, f"invalid value {value!r} (allowed: true or false)")
-    return value
-
-
-def _prefix_text(check: Checker, path: tuple, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise check.fail(path, f"must be a non-empty text prefix, got {value!r}")
-    return value
-
-
 def parse_rules(text: str, source: str = "<string>") -> Rules:
-    """Validate rules YAML text; raise ConfigError naming file, line and field."""
+    """Validate rules YAML text (schema: harness/config/rules.py); raise ConfigError naming
+    file, line and field."""
     data, lines = load_yaml(text, source)
-    check = Checker(source, lines)
-    if data is None:
-        return Rules(source=source)
-    if not isinstance(data, dict):
-        raise check.fail((), f"a rules file must be a mapping (fields: {', '.join(FIELDS)})")
-    for key in data:
-        if key not in FIELDS:
-            raise check.fail((key,), f"unknown rule (allowed: {', '.join(FIELDS)})")
-
-    by_issuer: dict[str, str] = {}
-    default = None
-    required = False
-    prefix = data.get("prefix")
-    if prefix is not None:
-        if not isinstance(prefix, dict) or not prefix:
-            raise check.fail(("prefix",), f"must be {FIELDS['prefix']}")
-        for key in prefix:
-            if key not in PREFIX_FIELDS:
-                raise check.fail(("prefix", key),
-                                 f"unknown field (allowed: {', '.join(PREFIX_FIELDS)})")
-        raw_map = prefix.get("by_issuer") or {}
-        if not isinstance(raw_map, dict):
-            raise check.fail(("prefix", "by_issuer"), "must map IssuerOfPatientID to a prefix")
-        for issuer, value in raw_map.items():
-            by_issuer[str(issuer)] = _prefix_text(check, ("prefix", "by_issuer", issuer), value)
-        if prefix.get("default") is not None:
-            default = _prefix_text(check, ("prefix", "default"), prefix["default"])
-        if not by_issuer and default is None:
-            raise check.fail(("prefix",), "needs by_issuer or default (or leave prefix out)")
-        required = _flag(check, ("prefix", "required"), prefix.get("required"))
-
+    model = parse_rules_data(data, Checker(source, lines))
+    prefix = model.prefix
     return Rules(
-        prefix_by_issuer=by_issuer,
-        prefix_default=default,
-        prefix_required=required,
-        added=_attributes(check, ("added",), data.get("added")),
-        ignore=_attributes(check, ("ignore",), data.get("ignore")),
-        charset_conversion=_flag(check, ("charset_conversion",), data.get("charset_conversion")),
-        lossless_transfer_syntax_change=_flag(
-            check, ("lossless_transfer_syntax_change",),
-            data.get("lossless_transfer_syntax_change"),
-        ),
+        prefix_by_issuer=dict(prefix.by_issuer) if prefix else {},
+        prefix_default=prefix.default if prefix else None,
+        prefix_required=prefix.required if prefix else False,
+        added=model.added,
+        ignore=model.ignore,
+        charset_conversion=model.charset_conversion,
+        lossless_transfer_syntax_change=model.lossless_transfer_syntax_change,
         source=source,
     )
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import re
@@ -35,21 +34,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.config import TOPOLOGY_NAME_RE, Checker, load_yaml, read_config_text
+from harness.config.contract import ContractModel, parse_contract_data, resolve_operations
+from harness.config.errors import Checker
+from harness.config.yaml import load_yaml, read_config_text
 from harness.errors import ConfigError, HarnessError
 from harness.performance.load import Workload, load_workload, run_workload, workload_from_data
 
-METRICS = {
-    "latency": ("ms", "s"),
-    "throughput": ("instances/s", "mb/s", "ops/s"),
-    "availability": ("%",),
-}
-CLAUSE_FIELDS = ("id", "description", "metric", "operation", "percentile", "threshold",
-                 "workload", "phase")
-PHASES = ("staged-rollout", "full")
-#: thresholds beyond this are typing mistakes (and a 400-digit number reads as infinity)
-MAX_THRESHOLD = 1e9
-THRESHOLD_RE = re.compile(r"^\s*(<=|>=|<|>)\s*([0-9]+(?:\.[0-9]+)?)\s*(\S+)\s*$")
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
     "<=": lambda a, b: a <= b,
     ">=": lambda a, b: a >= b,
@@ -113,121 +103,45 @@ class ClauseResult:
 
 
 # ---------------------------------------------------------------------------------------
-# Parsing
-
-
-def _clause(check: Checker, index: int, raw: Any, workloads: dict[str, Workload],
-            seen: set[str]) -> Clause:
-    path = ("clauses", index)
-    if not isinstance(raw, dict):
-        raise check.fail(path, "must be a mapping {id, metric, operation, threshold, workload}")
-    for key in raw:
-        if key not in CLAUSE_FIELDS:
-            raise check.fail((*path, key), f"unknown field (allowed: {', '.join(CLAUSE_FIELDS)})")
-    for key in ("id", "metric", "operation", "threshold", "workload"):
-        if key not in raw:
-            raise check.fail((*path, key), "missing")
-    clause_id = str(raw["id"])
-    if clause_id in seen:
-        raise check.fail((*path, "id"), f"duplicate clause id {clause_id!r}")
-    seen.add(clause_id)
-    metric = raw["metric"]
-    if not isinstance(metric, str) or metric not in METRICS:
-        raise check.fail((*path, "metric"),
-                         f"unknown metric {metric!r} (allowed: {', '.join(METRICS)})")
-    match = THRESHOLD_RE.match(str(raw["threshold"]))
-    if not match:
-        raise check.fail((*path, "threshold"),
-                         f"cannot read {raw['threshold']!r} (e.g. '<= 5 s', '>= 50 instances/s')")
-    comparison, value, unit = match.group(1), float(match.group(2)), match.group(3).lower()
-    if not math.isfinite(value) or value > MAX_THRESHOLD:
-        raise check.fail((*path, "threshold"),
-                         f"threshold out of range (allowed: 0 to {MAX_THRESHOLD:g})")
-    if unit not in METRICS[metric]:
-        raise check.fail((*path, "threshold"),
-                         f"unit {match.group(3)!r} does not fit metric {metric} "
-                         f"(allowed: {', '.join(METRICS[metric])})")
-    percentile = raw.get("percentile")
-    if metric == "latency":
-        if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not (
-            0 < percentile <= 100
-        ):
-            raise check.fail((*path, "percentile"),
-                             f"latency needs a percentile from 0 to 100, got {percentile!r}")
-    elif percentile is not None:
-        raise check.fail((*path, "percentile"), "only latency clauses have a percentile")
-    workload_name = raw["workload"]
-    if not isinstance(workload_name, str) or workload_name not in workloads:
-        raise check.fail((*path, "workload"),
-                         f"unknown workload {workload_name!r} (workloads: {', '.join(workloads)})")
-    workload = workloads[workload_name]
-    operation = str(raw["operation"])
-    if operation != "all":
-        names = [g.name for g in workload.groups]
-        by_operation = [g.name for g in workload.groups if g.operation == operation]
-        if operation not in names:
-            if len(by_operation) != 1:
-                raise check.fail((*path, "operation"),
-                                 f"workload {workload_name} has no single group {operation!r} "
-                                 f"(groups: {', '.join(names)}, or 'all')")
-            operation = by_operation[0]
-    phase = raw.get("phase", "staged-rollout")
-    if not isinstance(phase, str) or phase not in PHASES:
-        raise check.fail((*path, "phase"),
-                         f"unknown phase {phase!r} (allowed: {', '.join(PHASES)})")
-    return Clause(
-        id=clause_id, metric=metric, operation=operation, comparison=comparison,
-        threshold=value, unit=unit, workload=workload_name,
-        percentile=float(percentile) if percentile is not None else None,
-        description=str(raw.get("description", "")), phase=phase,
-        line=check.line(path),
-    )
+# Parsing: the schema is harness/config/contract.py
 
 
 def parse_contract(text: str, source: str = "<string>") -> Contract:
+    """Validate contract YAML text and its workloads; ConfigError names file:line: field."""
     data, lines = load_yaml(text, source)
     check = Checker(source, lines)
-    if not isinstance(data, dict):
-        raise check.fail((), "a contract must be a mapping with 'workloads' and 'clauses'")
-    for key in data:
-        if key not in ("name", "description", "workloads", "clauses"):
-            raise check.fail((key,), "unknown field (allowed: name, description, workloads, "
-                             "clauses)")
-    raw_workloads = data.get("workloads")
-    if not isinstance(raw_workloads, dict) or not raw_workloads:
-        raise check.fail(("workloads",), "must be a mapping of named workloads")
+    model = parse_contract_data(data, check)
     workloads: dict[str, Workload] = {}
     base = Path(source).parent if source != "<string>" else Path.cwd()
-    for name, raw in raw_workloads.items():
+    for name, raw in model.workloads.items():
         if isinstance(raw, str):
             path = Path(raw) if os.path.isabs(raw) else base / raw
             if not path.exists():
                 raise check.fail(("workloads", name), f"workload file {path} not found")
             workloads[name] = load_workload(path)
         else:
-            sub_lines = {k[2:]: v for k, v in lines.items()
-                         if k[:2] == ("workloads", name)}
-            if isinstance(raw, dict):
-                raw = {"name": name, **raw}
-            workloads[name] = workload_from_data(raw, sub_lines, source)
-    raw_clauses = data.get("clauses")
-    if not isinstance(raw_clauses, list) or not raw_clauses:
-        raise check.fail(("clauses",), "must be a non-empty list of clauses")
-    seen: set[str] = set()
-    clauses = tuple(_clause(check, i, raw, workloads, seen) for i, raw in enumerate(raw_clauses))
-    return Contract(_contract_name(check, data, source), clauses, workloads, source)
+            workloads[name] = workload_from_data({"name": name, **raw}, lines, source,
+                                                 ("workloads", name))
+    groups = {name: workload.groups for name, workload in workloads.items()}
+    operations = resolve_operations(model, groups, check)
+    clauses = []
+    for index, (raw_clause, operation) in enumerate(zip(model.clauses, operations, strict=True)):
+        comparison, value, unit = raw_clause.comparison_value_unit
+        clauses.append(Clause(
+            id=raw_clause.id, metric=raw_clause.metric, operation=operation,
+            comparison=comparison, threshold=value, unit=unit, workload=raw_clause.workload,
+            percentile=raw_clause.percentile, description=raw_clause.description,
+            phase=raw_clause.phase, line=check.line(("clauses", index)),
+        ))
+    return Contract(_contract_name(model, source), tuple(clauses), workloads, source)
 
 
-def _contract_name(check: Checker, data: dict[str, Any], source: str) -> str:
-    """The name is part of the default evidence file name: no path separators or newlines."""
-    if "name" not in data:
-        stem = re.sub(r"[^A-Za-z0-9._-]", "-", Path(source).stem).lstrip("._-")[:64]
-        return stem or "contract"
-    name = data["name"]
-    if not isinstance(name, str) or not TOPOLOGY_NAME_RE.fullmatch(name):
-        raise check.fail(("name",), f"invalid name {name!r} (allowed: a letter or digit, then "
-                         "letters, digits, . _ or -, max 64; it names the evidence file)")
-    return name
+def _contract_name(model: ContractModel, source: str) -> str:
+    """The name is part of the default evidence file name: from the file name if not given."""
+    if model.name is not None:
+        return model.name
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", Path(source).stem).lstrip("._-")[:64]
+    return stem or "contract"
 
 
 def load_contract(path: str | os.PathLike[str]) -> Contract:

@@ -14,13 +14,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from harness.config.faults import NODE_FAULTS  # noqa: F401 - the schema's vocabulary
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.docker import ContainerHandle
 from harness.launch.process import ProcessHandle
 from harness.nodes.base import Node
-
-NODE_FAULTS = ("kill", "stop", "pause", "restart")
-
 
 # ---------------------------------------------------------------------------------------
 # node faults

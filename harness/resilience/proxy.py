@@ -17,14 +17,12 @@ import time
 from collections import deque
 from typing import Any
 
-from harness.config import WAN_PRESETS
+from harness.config.faults import FAULT_PARAMS, LINK_FAULTS, MAX_FAULT_DURATION_S
+from harness.config.wan import WAN_PRESETS
 from harness.dicom.tcp import QUICKACK
 from harness.errors import ConfigError, EnvironmentProblem
 
-MAX_FAULT_DURATION_S = 600.0  # every fault is bounded in time
 _CHUNK = 64 * 1024
-
-LINK_FAULTS = ("cut", "blackhole", "half_open", "reset", "drop", "latency", "bandwidth")
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,13 +439,6 @@ class FaultProxy:
 
 
 #: parameters of the link faults: (low, high, low excluded)
-FAULT_PARAMS: dict[str, dict[str, tuple[float, float, bool]]] = {
-    "drop": {"rate": (0.0, 1.0, False)},
-    "latency": {"latency_s": (0.0, 60.0, False), "jitter_s": (0.0, 60.0, False)},
-    "bandwidth": {"bps": (0.0, 1e11, True)},
-}
-
-
 def _is_number(value: Any, low: float, high: float, *, low_open: bool = False) -> bool:
     """A finite int or float (not a bool) in [low, high] (or (low, high])."""
     if isinstance(value, bool) or not isinstance(value, int | float):

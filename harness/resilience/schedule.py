@@ -9,65 +9,32 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from harness.config import WAN_PRESETS
+from harness.config.errors import Checker
+from harness.config.faults import NODE_FAULTS, FaultSpec, parse_faults
 from harness.errors import ConfigError
 from harness.nodes.base import Node
-from harness.resilience.node_faults import (
-    NODE_FAULTS,
-    kill,
-    pause,
-    restart,
-    resume,
-    start_again,
-    stop,
-)
-from harness.resilience.proxy import (
-    FAULT_PARAMS,
-    LINK_FAULTS,
-    MAX_FAULT_DURATION_S,
-    FaultProxy,
-    _is_number,
-)
+from harness.resilience.node_faults import kill, pause, restart, resume, start_again, stop
+from harness.resilience.proxy import FaultProxy
 
-if TYPE_CHECKING:
-    from harness.config import Checker
-
-MAX_SCHEDULE_AT_S = 3600.0
+#: one fault of a schedule, as checked by the schema (harness/config/faults.py)
+ScheduledFault = FaultSpec
 
 
 # ---------------------------------------------------------------------------------------
 # schedule
 
 
-@dataclass(frozen=True)
-class ScheduledFault:
-    at_s: float
-    fault: str
-    target: str
-    duration_s: float | None = None
-    params: tuple[tuple[str, Any], ...] = ()
-
-
 class FaultSchedule:
     """Faults at given times after `start()`, each bounded, recorded on a timeline.
 
-    Settings shape (a list)::
-
-        faults:
-          - {at_s: 2, fault: kill, target: target, duration_s: 3}   # killed, started 3 s later
-          - {at_s: 4, fault: cut, target: harness->target, duration_s: 2}
-          - {at_s: 7, fault: latency, target: harness->target, duration_s: 5, latency_s: 0.05}
-
-    Node faults with a duration are undone at its end (kill/stop: started again; pause:
-    resumed); `restart` takes no duration. Link faults need a duration.
+    The faults come from a topology's `settings.faults` (schema and examples:
+    harness/config/faults.py). Node faults with a duration are undone at its end
+    (kill/stop: started again; pause: resumed).
     """
 
-    FIELDS = ("at_s", "fault", "target", "duration_s")
-
-    def __init__(self, faults: list[ScheduledFault]) -> None:
+    def __init__(self, faults: list[FaultSpec]) -> None:
         self.faults = sorted(faults, key=lambda f: f.at_s)
         self.events: list[dict[str, Any]] = []
         self.errors: list[str] = []
@@ -81,72 +48,11 @@ class FaultSchedule:
     def from_settings(
         cls, raw: Any, where: str = "settings.faults", check: Checker | None = None
     ) -> FaultSchedule:
-        """Parse and check a list of {at_s, fault, target, duration_s, params}; ConfigError
-        names the field (and, given the topology's `check`, the file and line). Every number
-        is finite and in range here, before any fault runs."""
-
-        def fail(index: int | None, key: str | None, message: str) -> ConfigError:
-            if check is not None:
-                path = tuple(where.split(".")) + tuple(p for p in (index, key) if p is not None)
-                return check.fail(path, message)
-            field = where if index is None else f"{where}[{index}]"
-            return ConfigError(f"{field}.{key}: {message}" if key else f"{field}: {message}")
-
-        if raw is None:
-            return cls([])
-        if not isinstance(raw, list):
-            raise fail(None, None, "must be a list of {at_s, fault, target, duration_s}")
-        faults = []
-        allowed = (*NODE_FAULTS, *LINK_FAULTS, *WAN_PRESETS)
-        for index, item in enumerate(raw):
-            if not isinstance(item, dict):
-                raise fail(index, None, "must be a mapping with at_s, fault, target")
-            for key in ("at_s", "fault", "target"):
-                if key not in item:
-                    raise fail(index, key, "missing")
-            at_s = item["at_s"]
-            if not _is_number(at_s, 0, MAX_SCHEDULE_AT_S):
-                raise fail(
-                    index, "at_s",
-                    f"must be a number of seconds 0-{MAX_SCHEDULE_AT_S:.0f}, got {at_s!r}",
-                )
-            fault = item["fault"]
-            if not isinstance(fault, str) or fault not in allowed:
-                raise fail(
-                    index, "fault", f"unknown fault {fault!r} (allowed: {', '.join(allowed)})"
-                )
-            target = item["target"]
-            if not isinstance(target, str) or not target:
-                raise fail(index, "target", "must name a node or a link")
-            duration = item.get("duration_s")
-            if fault == "restart" and duration is not None:
-                raise fail(index, "duration_s", "restart takes no duration")
-            # node kill/stop/pause without a duration last until the scenario ends
-            if (fault not in NODE_FAULTS or duration is not None) and not _is_number(
-                duration, 0, MAX_FAULT_DURATION_S, low_open=True
-            ):
-                raise fail(
-                    index, "duration_s",
-                    f"must be a number > 0 and <= {MAX_FAULT_DURATION_S:.0f} "
-                    f"(every fault is bounded in time), got {duration!r}",
-                )
-            allowed_params = FAULT_PARAMS.get(fault, {})
-            for key, value in item.items():
-                if key in cls.FIELDS:
-                    continue
-                if key not in allowed_params:
-                    names = ", ".join((*cls.FIELDS, *allowed_params))
-                    raise fail(index, key, f"unknown field for {fault} (allowed: {names})")
-                low, high, low_open = allowed_params[key]
-                if not _is_number(value, low, high, low_open=low_open):
-                    relation = ">" if low_open else ">="
-                    raise fail(
-                        index, key, f"must be a number {relation} {low:g} and <= {high:g}, "
-                        f"got {value!r}",
-                    )
-            params = tuple(sorted((k, v) for k, v in item.items() if k not in cls.FIELDS))
-            faults.append(ScheduledFault(float(at_s), fault, target, duration, params))
-        return cls(faults)
+        """The schedule of a list of {at_s, fault, target, duration_s, params}, checked by
+        the fault schema: ConfigError names the field (and, given the topology's `check`,
+        the file and line). Every number is finite and in range, before any fault runs."""
+        check = check or Checker(None, {})
+        return cls(list(parse_faults(raw, check, tuple(where.split(".")))))
 
     def check_targets(self, nodes: dict[str, Node], links: dict[str, FaultProxy]) -> None:
         for index, item in enumerate(self.faults):
