@@ -27,7 +27,7 @@ from harness.errors import EXIT_FINDINGS, ConfigError, EnvironmentProblem
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
-LOCUSTFILE = Path(__file__).with_name("locust_users.py")
+LOCUSTFILE = Path(__file__).parents[1] / "performance" / "locust_users.py"
 
 
 def _node_and_move_port(topology_path: str | None, name: str) -> tuple[Any, int | None]:
