@@ -185,7 +185,7 @@ def test_failing_run_shows_why(rich_dir):
     assert "line 50" not in page  # only the tail
     assert "threshold 30" in page  # threshold next to the key figure
     assert "download CSV" in page and "data:text/csv" in page
-    assert "findings by modality" in page and "findings by facility" in page
+    assert "Findings by modality" in page and "Findings by facility" in page
     assert "kill target" in page  # fault events marked
     assert 'class="fault"' in page
     assert "latency percentiles per operation" in page
@@ -200,7 +200,7 @@ def test_failing_run_shows_why(rich_dir):
 def test_everything_is_escaped(rich_dir):
     page = write_html_report(rich_dir).read_text()
     assert "<script>alert" not in page and "<img src=x" not in page
-    assert "&lt;script&gt;alert(&#x27;metric&#x27;)&lt;/script&gt;" in page
+    assert "&lt;script&gt;alert(&#39;metric&#39;)&lt;/script&gt;" in page
     assert "merger-&lt;pilot&gt;" in page
     assert page.count("<script>") == 1  # only the page's own
 
