@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import struct
 import subprocess
 import zlib
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from markupsafe import escape
 
 from harness.cli.report import report_command
 from harness.errors import ConfigError, EnvironmentProblem
@@ -185,7 +188,7 @@ def test_failing_run_shows_why(rich_dir):
     assert "line 50" not in page  # only the tail
     assert "threshold 30" in page  # threshold next to the key figure
     assert "download CSV" in page and "data:text/csv" in page
-    assert "findings by modality" in page and "findings by facility" in page
+    assert "Findings by modality" in page and "Findings by facility" in page
     assert "kill target" in page  # fault events marked
     assert 'class="fault"' in page
     assert "latency percentiles per operation" in page
@@ -200,7 +203,7 @@ def test_failing_run_shows_why(rich_dir):
 def test_everything_is_escaped(rich_dir):
     page = write_html_report(rich_dir).read_text()
     assert "<script>alert" not in page and "<img src=x" not in page
-    assert "&lt;script&gt;alert(&#x27;metric&#x27;)&lt;/script&gt;" in page
+    assert "&lt;script&gt;alert(&#39;metric&#39;)&lt;/script&gt;" in page
     assert "merger-&lt;pilot&gt;" in page
     assert page.count("<script>") == 1  # only the page's own
 
@@ -307,6 +310,274 @@ def test_failing_scenario_fails_gate_and_report_shows_why(real_run, tmp_path):
     assert result.exit_code == 1 and "0xA700" in result.output
     page = write_html_report(tmp_path).read_text()
     assert "NOT READY" in page and "0xA700" in page and "log tail of node legacy" in page
+
+
+# ---------------------------------------------------------------------------------------
+# One section per scenario, from a report shaped like a real run's
+
+
+HOSTILE = ("<script>alert(1)</script>", '"><img src=x onerror=alert(2)>')
+
+
+def _every_scenario_report(hostile: str) -> dict:
+    """Every scenario's metrics as scenarios/*.py record them (shapes of a real run), with
+    `hostile` in a patient name, a study description, node names and a metric key."""
+    name, description = f"Doe^Jane{hostile}", f"CT head {hostile}"
+    people = [{"patient_id": "MRN1", "issuer": "NGH01.MRN", "name": name,
+               "birth_date": "19420516", "sex": "F"},
+              {"patient_id": "MRN1", "issuer": "SAMC02.MRN", "name": "Roe^Ann",
+               "birth_date": "19700101", "sex": "F"}]
+    identity = {"collisions": [{"patient_id": "MRN1", "records": people,
+                                "ids_after_rules": ["MRN1"], "resolved_by_rules": False}],
+                "likely_duplicates": [{"family_name": "Doe", "birth_year": "1942",
+                                       "records": people, "note": "review"}],
+                "unresolved_collisions": 1}
+    availability = {
+        "samples": 40, "nodes": {"source": f"legacy{hostile}", "target": "target"},
+        "probe": "study-level C-FIND + C-GET of one instance", "interval_s": 0.2,
+        "duration_s": 4.0, "studies_probed": 6,
+        "inaccessible_share": {"source": 0.0, "target": 0.15},
+        "probes": {"source": {"total": 20, "failed": 0}, "target": {"total": 20, "failed": 3}},
+        "latency_s": {"source": {"p50": 0.03, "p95": 0.05, "max": 0.06},
+                      "target": {"p50": 0.02, "p95": 0.04, "max": 0.05}},
+        "errors": {"source": {}, "target": {f"no answer for {description}": 3}},
+        "timeline": [[round(i * 0.2, 3), role, not (role == "target" and 4 <= i < 7),
+                      0.02 + 0.001 * i] for i in range(20) for role in ("source", "target")],
+    }
+
+    def migration_run(method: str, target_instances: int, by_type: dict) -> dict:
+        counts = {"patients": 6, "studies": 6, "series": 9, "instances": 17}
+        return {
+            "method": method, "source": f"legacy{hostile} (dcmqrscp)",
+            "target": "target (orthanc)", "studies": 6, "instances": 17,
+            "migration": {"method": method, "studies_total": 6, "migrated": 5 if by_type else 6,
+                          "already_on_target": 0, "failed": 1 if by_type else 0,
+                          "instances_sent": target_instances, "retries_used": 2,
+                          "elapsed_s": 0.8, "ok": not by_type,
+                          "errors": {"1.2.3.4": f"C-MOVE failed: {description}"}
+                          if by_type else {}},
+            "verdict": "fail" if by_type else "pass",
+            "counts": {"source": counts, "target": {**counts, "instances": target_instances}},
+            "findings_by_type": by_type, "availability": availability,
+            "identity": identity, "merged_patients": [],
+        }
+
+    attempts = [{"t": round(i * 0.1, 3), "op": op, "ok": not 2.0 <= i * 0.1 < 4.3,
+                 "latency_s": 0.008 if op == "store" else 0.02}
+                for i in range(90) for op in (("store",) if i % 3 else ("store", "probe-get"))]
+    load = {"count": 40, "errors": 1, "instances_per_s": 0.0, "mb_per_s": 0.0,
+            "latency_ms": {"p50": 900.0, "p90": 1500.0, "p95": 1900.0, "p99": 2500.0,
+                           "p99.9": 2600.0, "mean": 950.0, "max": 2600.0},
+            "errors_by_status": {"0xA700": 1}}
+    perf_tests = [
+        {"nodeid": "scenarios/test_performance.py::test_sla_clause[find-study-p99]",
+         "outcome": "failed", "duration_s": 9.0, "message": "E   find-study-p99: 2.5 s > 2 s",
+         "metrics": {"sla.find-study-p99": {}, "load.mix.find-study": {},
+                     "load.mix.totals": {}, "load.mix.harness": {}}},
+    ]
+    scenarios = {
+        "assessment": ("planning", {"inventory.legacy": {
+            "held": {"patients": 8, "studies": 9, "series": 12, "instances": 33,
+                     "means": "files of dcmqrscp's storage area", "unreadable": []},
+            "answered": {"patients": 9, "studies": 9, "series": 12, "instances": 33},
+            "findings": [], "first_reading_disagreed": None, "identity": identity}}),
+        "connectivity": ("infrastructure", {
+            "echo_ms.legacy": 21.6, "echo_ms.target": 8.6,
+            "accepted.legacy": {"CT Image Storage": ["Explicit VR Little Endian"],
+                                "Encapsulated PDF Storage": []},
+            "accepted.target": {"CT Image Storage": ["Explicit VR Little Endian",
+                                                     "JPEG Baseline (Process 1)"],
+                                "Encapsulated PDF Storage": ["Explicit VR Little Endian"]},
+            "store_find_get_ms.legacy": 17.5, "move_ms.legacy->target": 33.2}),
+        "ingest": ("pilot", {f"ingest.legacy{hostile}": {
+            "objects": 4, "outcomes": {"kept": 1, "coerced": 1, "rejected": 1, "altered": 1},
+            "by_transfer_syntax": {"Explicit VR Little Endian": {"kept": 1, "altered": 1},
+                                   "Implicit VR Little Endian": {"coerced": 1},
+                                   "RLE Lossless": {"rejected": 1}},
+            "objects_not_kept": [
+                {"sop_instance_uid": "2.25.1", "modality": "CT", "charset": "ISO_IR 192",
+                 "transfer_syntax": "Explicit VR Little Endian", "outcome": "altered",
+                 "reason": f"changed: StudyDescription {description}"},
+                {"sop_instance_uid": "2.25.2", "modality": "MR", "charset": "default",
+                 "transfer_syntax": "RLE Lossless", "outcome": "rejected",
+                 "reason": "not accepted"}]}}),
+        "migration": ("staged-rollout", {
+            "pilot-move": migration_run("move", 17, {}),
+            "staged-move": migration_run("move", 15, {"missing_series": 1,
+                                                      "altered_attributes": 2})}),
+        "migration-under-faults": ("staged-rollout", {
+            "runs": 2, "retries": 15, "studies": 12, "instances": 96, "lost": 0,
+            "duplicates": 0, "target_instances": 96,
+            "fault_events": [{"t": 1.0, "what": "kill", "target": "target", "duration_s": 1.5},
+                             {"t": 4.0, "what": "cut", "target": "harness->target",
+                              "duration_s": 1.5}],
+            "fault_errors": [],
+            "results": [{"migrated": 11, "already_on_target": 1, "failed": 1, "ok": False,
+                         "instances_sent": 88, "retries_used": 15, "elapsed_s": 44.4}]}),
+        "failover": ("staged-rollout", {
+            "setup": "reference (2 x Orthanc + Lua forwarding + HAProxy)", "rto_s": 42.5,
+            "rpo_instances": 0, "acknowledged_lost": 0, "error_rate": 0.026,
+            "error_rate_during_outage": 0.45, "acked": 151, "acked_before_fault": 50,
+            "failback_s": 0.22, "thresholds": {"rto_s": 30.0, "rpo_instances": 50},
+            "timeline": attempts,
+            "fault_events": [{"t": 1.969, "what": "kill", "target": "primary",
+                              "duration_s": None},
+                             {"t": 44.469, "what": "recovered", "target": "virtual",
+                              "duration_s": 42.5},
+                             {"t": 50.0, "what": "failback", "target": "primary",
+                              "duration_s": 0.22}]}),
+        "disaster-recovery": ("staged-rollout", {
+            **{f"{k}{suffix}": v for suffix in ("", ".postgresql") for k, v in (
+                ("restore_time_s", 3.9), ("backup_s", 2.7), ("lost", 0), ("altered", 0),
+                ("expected", 45), ("restored", 45))}}),
+        "performance": ("full", {
+            "sla.find-study-p99": {"verdict": "fail", "measured": 2.5, "unit": "s",
+                                   "threshold": "<= 2 s", "workload": "mix", "node": "target",
+                                   "evidence": "/r/sla-evidence.json"},
+            "load.mix.find-study": load,
+            "load.mix.totals": {"operations": 40, "errors": 1, "instances": 0,
+                                "instances_per_s": 0.0, "mb_per_s": 0.0,
+                                "bounded_by": "duration"},
+            "load.mix.harness": {"cpu_cores": 0.7, "cpu_s_total": 9.2, "saturated": False,
+                                 "cpu_count": 2}}),
+        "custom": (None, {"missing_on_target": 3, f"remark{hostile}": description}),
+    }
+    failing = {"migration", "failover", "performance"}
+    report = _rich_report()
+    report["phase"] = None
+    report["scenarios"] = [{
+        "name": scenario, "phase": phase, "duration_s": 1.0, "metrics": metrics,
+        "outcome": "failed" if scenario in failing else "passed",
+        "tests": perf_tests if scenario == "performance" else [{
+            "nodeid": f"scenarios/test_{scenario}.py::test_it", "outcome":
+            "failed" if scenario in failing else "passed", "duration_s": 1.0,
+            "metrics": {}, **({"message": f"E   AssertionError: {description}"}
+                              if scenario in failing else {})}],
+    } for scenario, (phase, metrics) in scenarios.items()]
+    return report
+
+
+class _Page(HTMLParser):
+    """Tags, ids and the text a reader sees (outside <details> folds), and nesting errors."""
+
+    VOID = {"meta", "br", "img", "input", "link", "hr", "col", "area", "base", "source", "wbr"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.tags: list[tuple[str, dict]] = []
+        self.ids: list[str] = []
+        self.visible: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        self.tags.append((tag, attributes))
+        if "id" in attributes:
+            self.ids.append(attributes["id"])
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        if not {"details", "script", "style", "title"} & set(self.stack):
+            self.visible.append(data)
+
+
+def _parsed(page: str) -> _Page:
+    parser = _Page()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+@pytest.fixture
+def every_scenario_page(tmp_path):
+    def render(hostile: str = "") -> str:
+        (tmp_path / "report.json").write_text(json.dumps(_every_scenario_report(hostile)))
+        return write_html_report(tmp_path).read_text()
+    return render
+
+
+def test_every_scenario_has_its_purpose_built_section(every_scenario_page):
+    page = every_scenario_page()
+    parsed = _parsed(page)
+    visible = " ".join(" ".join(parsed.visible).split())
+    for scenario in ("assessment", "connectivity", "ingest", "migration", "failover",
+                     "migration-under-faults", "disaster-recovery", "performance"):
+        assert f"scenario-{scenario}" in parsed.ids, scenario
+        assert f"scenario-{scenario}-figures" in parsed.ids, scenario  # not only the fallback
+    assert "scenario-custom" in parsed.ids and "scenario-custom-figures" not in parsed.ids
+    assert {"migration-pilot-move", "migration-staged-move"} <= set(parsed.ids)
+    # migration: counts, findings by type, availability timeline
+    for text in ("Instances on source", "5 of 6 Studies migrated", "Series missing on target",
+                 "Attributes altered", "Missing on target (findings)",
+                 "Availability while migrating: accessible over time",
+                 "15.00 % Probes failed on target (target)", "Patient IDs shared by different"):
+        assert text in visible, text
+    # failover: RTO over its threshold, marked; the outage drawn on the timeline
+    assert "42.5 s Recovery time, RTO threshold ≤ 30 s" in visible
+    assert '<div class="card bad"><div class="cval">42.5 s</div>' in page
+    assert "primary killed: outage" in page and 'class="fault"' in page
+    # performance: the clause, and its threshold as a line on the percentile chart
+    assert "find-study-p99 failed 2.5 s <= 2 s find-study mix" in visible
+    assert 'class="limit"' in page and "find-study-p99: &lt;= 2 s" in page
+    # ingest: the matrix cell of an altered object
+    assert ('<td class="o-altered" title="legacy: Explicit VR Little Endian">1 kept, 1 altered'
+            in page)
+    # connectivity, disaster recovery, assessment, migration under faults
+    assert "Node compatibility matrix" in visible and "C-MOVE of a study between" in visible
+    assert "Orthanc, PostgreSQL index 45 45 0 0 2.7 3.9" in visible
+    assert "Instances 33 33" in visible and "Held (independent count)" in visible
+    assert "Faults injected" in visible and "harness->target" in visible
+    # the raw metrics stay available, folded away
+    assert page.count("raw metrics (JSON, as in report.json)") == 9
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_patient_name_and_study_description_are_escaped_everywhere(every_scenario_page,
+                                                                   hostile):
+    page = every_scenario_page(hostile)
+    assert hostile not in page
+    assert "<img" not in page and "<script>alert" not in page
+    parsed = _parsed(page)
+    assert [t for t, _ in parsed.tags if t in ("script", "img")] == ["script"]  # the page's own
+    assert not [a for _, attrs in parsed.tags for a in attrs if a.startswith("on")]
+    shown = "".join(parsed.visible)
+    # shown as text where a person reads it: the name, the description, a node, a key
+    assert f"Doe^Jane{hostile}" in shown and f"CT head {hostile}" in shown
+    assert f"legacy{hostile}" in shown and f"Remark{hostile}" in shown
+    svg_text = re.findall(r"<svg.*?</svg>", page, flags=re.S)
+    assert any(escape(f"legacy{hostile}") in svg for svg in svg_text)  # escaped in charts too
+
+
+def test_labels_are_human_not_metric_keys(every_scenario_page):
+    visible = " ".join(_parsed(every_scenario_page()).visible)
+    for label in ("Instances missing on target", "Recovery time, RTO", "Recovery point, RPO",
+                  "Acknowledged instances lost", "Restore time (s)", "C-ECHO round trip (ms)",
+                  "Instances on the target"):
+        assert label in visible, label
+    for key in ("missing_on_target", "rto_s", "rpo_instances", "acknowledged_lost",
+                "restore_time_s", "echo_ms", "store_find_get_ms", "target_instances",
+                "findings_by_type", "missing_series", "inaccessible_share"):
+        assert not re.search(rf"\b{key}\b", visible), key
+
+
+def test_page_is_well_formed(every_scenario_page, rich_dir):
+    for page in (every_scenario_page(HOSTILE[1]), write_html_report(rich_dir).read_text()):
+        parsed = _parsed(page)
+        assert parsed.errors == [] and parsed.stack == []
+        assert len(parsed.ids) == len(set(parsed.ids))  # ids unique: links land once
+        for anchor in re.findall(r'href="#([^"]+)"', page):
+            assert anchor in parsed.ids, anchor
 
 
 # ---------------------------------------------------------------------------------------
