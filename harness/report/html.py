@@ -24,16 +24,11 @@ from typing import Any
 import jinja2
 
 from harness.errors import ConfigError
-<<<<<<< HEAD
-from harness.phases import PHASES
-from harness.report.gate import GateResult, evaluate_gate
-=======
 from harness.phases import PHASES
 from harness.report.blocks import Cell, badge, raw_json, table
 from harness.report.charts import fmt
 from harness.report.gate import evaluate_gate
 from harness.report.sections import PURPOSES, scenario_blocks
->>>>>>> report
 
 REDACTED = "[redacted]"
 LOG_TAIL_LINES = 40
