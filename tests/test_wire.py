@@ -533,10 +533,11 @@ def never_answer(conn: socket.socket, peer: RawPeer) -> None:
 
 
 def trickle(conn: socket.socket, peer: RawPeer) -> None:
-    """Read the request, then a byte of an A-ASSOCIATE-AC header every 0.2 s, forever: each
-    read returns something, so only a deadline for the whole answer ends the wait."""
+    """Read the request, then an A-ASSOCIATE-AC header announcing 1000 bytes and a byte of
+    them every 0.2 s, forever: each read returns something, so only a deadline for the whole
+    answer ends the wait."""
     recv_pdu(conn)
-    conn.sendall(b"\x02")
+    conn.sendall(b"\x02\x00" + struct.pack(">I", 1000))
     while not peer.stop.wait(0.2):
         conn.sendall(b"\x00")
 

@@ -76,8 +76,12 @@ from harness.dicom.part10 import (
 )
 from harness.dicom.tcp import prompt_tcp
 from harness.dicom.wire import (
+    DEFAULT_LARGEST_DATASET,
     DEFAULT_MAX_MATCHES,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MIN_RATE,
     AssociationFailed,
+    PeerFault,
     TransferFailed,
     WireAssociation,
     command_uid,
@@ -476,6 +480,8 @@ class DimseClient:
         max_store_associations: int | None = None,
         max_find_matches: int = DEFAULT_MAX_MATCHES,
         find_deadline_s: float = 3600.0,
+        min_rate: float = DEFAULT_MIN_RATE,
+        max_dataset_bytes: int = DEFAULT_LARGEST_DATASET,
     ) -> None:
         self.host, self.port, self.called_ae = host, port, called_ae
         self.calling_ae = calling_ae
@@ -485,6 +491,10 @@ class DimseClient:
         self.max_store_associations = max_store_associations
         self.max_find_matches = max_find_matches  # more is an error, not a memory exhaustion
         self.find_deadline_s = find_deadline_s  # a whole C-FIND, however the peer trickles
+        # every operation's deadline: timeout_s + the bytes it moves at min_rate (bytes/s),
+        # see harness/dicom/wire.py OperationDeadline and docs/safety.md
+        self.min_rate = min_rate
+        self.max_dataset_bytes = max_dataset_bytes  # one C-GET sub-operation, in memory
 
     def __repr__(self) -> str:
         return f"{self.called_ae}@{self.host}:{self.port}"
@@ -702,6 +712,8 @@ class DimseClient:
                 timeout_s=self.timeout_s,
                 tls=self.tls.tls_args() if self.tls else None,
                 scp_roles=scp_roles,
+                min_rate=self.min_rate,
+                max_dataset_bytes=self.max_dataset_bytes,
             )
         except AssociationFailed as exc:
             raise DimseConnectionError(
@@ -768,6 +780,11 @@ class DimseClient:
             assoc.send_store(context_id, part.sop_class_uid, part.sop_instance_uid, data)
             meanwhile()
             answer = assoc.read_store_response()
+        except PeerFault as exc:  # the peer, not this instance: stop sending to it (exit 3)
+            assoc.abort()
+            raise DimseConnectionError(
+                f"peer {self}: C-STORE of {item.source} broken off: {exc}"
+            ) from None
         except TransferFailed as exc:
             assoc.abort()
             result.error = f"{named}peer {self}: no C-STORE response ({exc})"
@@ -895,6 +912,9 @@ class DimseClient:
         assoc = self.associate([build_context(sop_class)])
         last: Dataset | None = None
         last_identifier: Dataset | None = None
+        done = -1
+        pending_in_a_row = 0
+        watchdog = _Watchdog(assoc, self.timeout_s)
         try:
             for rsp_status, rsp_identifier in assoc.send_c_move(
                 identifier, destination_ae, sop_class
@@ -902,10 +922,23 @@ class DimseClient:
                 if rsp_status is None or "Status" not in rsp_status:
                     break
                 last, last_identifier = rsp_status, rsp_identifier
+                counts = sum(int(rsp_status.get(keyword, 0) or 0) for keyword in _SUB_COUNTS)
+                if counts > done:  # a sub-operation ended: a fresh budget
+                    done, pending_in_a_row = counts, 0
+                    watchdog.progress()
+                elif Status(rsp_status.Status).category == "pending":
+                    pending_in_a_row += 1
+                    if pending_in_a_row > DEFAULT_MAX_PENDING:
+                        watchdog.expire()
+                        break
         finally:
+            watchdog.stop()
             if assoc.is_established:
                 assoc.release()
-        return _retrieve_result(last, last_identifier, time.perf_counter() - start)
+        result = _retrieve_result(last, last_identifier, time.perf_counter() - start)
+        if watchdog.expired:
+            result.status = NO_STATUS
+        return result
 
     # -- C-GET -----------------------------------------------------------------------
     def get(
@@ -1083,6 +1116,9 @@ class DimseClient:
                 encode_dataset(identifier, query[1]),
                 lambda context_id, command, data: receive(assoc, context_id, command, data),
             )
+        except PeerFault as exc:  # a peer that breaks the protocol or a bound: exit 3
+            assoc.abort()
+            raise DimseConnectionError(f"peer {self}: C-GET broken off: {exc}") from None
         except TransferFailed:
             assoc.abort()
             completed = receive.delivered - delivered_before
@@ -1096,6 +1132,50 @@ class DimseClient:
             elapsed_s=time.perf_counter() - start,
             failed_sop_instance_uids=_failed_uids(decode_dataset(data, query[1]) if data else None),
         )
+
+
+_SUB_COUNTS = (
+    "NumberOfCompletedSuboperations",
+    "NumberOfFailedSuboperations",
+    "NumberOfWarningSuboperations",
+)
+
+
+class _Watchdog:
+    """Aborts a pynetdicom association whose operation outlives its budget (`budget_s` from
+    the start or the last `progress()`).
+
+    pynetdicom's dimse_timeout bounds the wait for each whole message, so a single-answer
+    operation (C-ECHO) is bounded already; a C-MOVE is not: a peer sending a pending
+    response every dimse_timeout - 1 s, none showing a sub-operation done, holds it forever.
+    """
+
+    def __init__(self, assoc: Any, budget_s: float) -> None:
+        self.assoc = assoc
+        self.budget_s = budget_s
+        self.expired = False
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self.progress()
+
+    def progress(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.budget_s, self.expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def expire(self) -> None:
+        """Abort now; the operation waiting for a message wakes at once."""
+        self.expired = True
+        self.assoc.abort()
+        self.assoc.dimse.msg_queue.put((None, None))  # as pynetdicom does on an abort
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
 
 
 #: The SOP classes met most recently in retrieves from each peer (host, port, AE title,
