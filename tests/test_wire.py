@@ -622,8 +622,14 @@ def test_a_peer_that_never_answers_the_release_is_aborted_when_artim_expires(scr
             "malformed PDU from the peer: unknown PDU type 0x09",
             hand_pdu(0x07, bytes([0, 0, 2, 1])),
         ),
+        (
+            hand_pdu(0x04, struct.pack(">IBB", 2, 1, 0) * 65537),  # empty PDVs: memory
+            "malformed PDU from the peer: P-DATA-TF: more than 65536 PDVs at offset 393222",
+            PROVIDER_ABORT_INVALID,
+        ),
     ],
-    ids=["pdv-beyond-pdu", "command-element-beyond", "unknown-context", "huge-pdu", "type-9"],
+    ids=["pdv-beyond-pdu", "command-element-beyond", "unknown-context", "huge-pdu", "type-9",
+         "too-many-pdvs"],
 )
 def test_a_malformed_response_ends_the_store_with_a_clear_error(
     answer: bytes, expected: str, abort: bytes
