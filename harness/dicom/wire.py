@@ -319,6 +319,7 @@ class WireAssociation:
         except OSError as exc:
             raise AssociationFailed(f"cannot connect: {exc.strerror or exc}") from None
         sock.settimeout(timeout_s)
+        self._sock_timeout = timeout_s
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is not None:
             context, hostname = tls
@@ -360,9 +361,11 @@ class WireAssociation:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise TimeoutError
-                    self.sock.settimeout(remaining)
+                    self._set_timeout(remaining)
                 elif operation is not None:
-                    self.sock.settimeout(operation.read_wait())
+                    self._set_timeout(operation.read_wait())
+                else:
+                    self._set_timeout(self.timeout_s)
                 chunk = self.sock.recv(max(65536, count - len(self._buffer)))
                 if not chunk:
                     raise TransferFailed("connection closed by the peer")
@@ -385,16 +388,13 @@ class WireAssociation:
             raise PeerFault(f"no answer within {self.timeout_s:g} s") from None
         except OSError as exc:
             raise TransferFailed(f"connection lost: {exc.strerror or exc}") from None
-        finally:
-            if self.sock is not None and (deadline is not None or operation is not None):
-                self.sock.settimeout(self.timeout_s)
         data = bytes(self._buffer[:count])
         del self._buffer[:count]
         return data
 
     def _read_pdu(self, deadline: float | None = None, waiting_for: str = "") -> pdu.Pdu:
         """The next PDU, decoded. A malformed one aborts the association (source: service
-        provider, PS3.8 9.3.8) and raises TransferFailed naming what was wrong."""
+        provider, PS3.8 9.3.8) and raises PeerFault naming what was wrong."""
         header = self._recv_exact(pdu.PDU_HEADER_LENGTH, deadline, waiting_for)
         try:
             pdu_type, length = pdu.decode_pdu_header(header)
@@ -413,7 +413,7 @@ class WireAssociation:
             self._fail(f"malformed PDU from the peer: {exc}", reason=6)
 
     def _fail(self, message: str, reason: int | None = None) -> NoReturn:
-        """Abort, then TransferFailed(message). With a `reason` the PDU itself was wrong: the
+        """Abort, then PeerFault(message). With a `reason` the PDU itself was wrong: the
         abort's source is the service provider (PS3.8 9.3.8); without one the DIMSE message
         was, and the source is the service user (us)."""
         self.operation = None
@@ -434,7 +434,9 @@ class WireAssociation:
                 remaining = operation.remaining()
                 if remaining <= 0:
                     raise TimeoutError
-                self.sock.settimeout(remaining)
+                self._set_timeout(remaining)
+            else:
+                self._set_timeout(self.timeout_s)
             self.sock.sendall(data)
         except TimeoutError:
             if operation is not None:
@@ -443,9 +445,14 @@ class WireAssociation:
             raise PeerFault(f"peer did not read within {self.timeout_s:g} s") from None
         except OSError as exc:
             raise TransferFailed(f"connection lost: {exc.strerror or exc}") from None
-        finally:
-            if operation is not None and self.sock is not None:
-                self.sock.settimeout(self.timeout_s)
+
+    def _set_timeout(self, seconds: float) -> None:
+        """The socket's timeout for the next call; unchanged values cost no system call
+        (while data flows, every read waits the same DIMSE timeout)."""
+        assert self.sock is not None
+        if seconds != self._sock_timeout:
+            self.sock.settimeout(seconds)
+            self._sock_timeout = seconds
 
     def _begin(self, waiting_for: str, hard_s: float | None = None) -> OperationDeadline:
         """Start the deadline of the next operation (one at a time, PS3.7 D.3.3.3)."""
@@ -752,7 +759,7 @@ class WireAssociation:
         if self.sock is None:
             return
         try:
-            self.sock.settimeout(min(self.timeout_s, 2.0))
+            self._set_timeout(min(self.timeout_s, 2.0))
             self.sock.sendall(pdu.AAbort(source, reason).encode())
         except OSError:
             pass
