@@ -870,6 +870,33 @@ def test_a_c_move_answered_with_pending_forever_is_aborted() -> None:
     assert result.status == NO_STATUS and not result.ok
 
 
+def test_pynetdicom_operations_end_however_a_peer_drips() -> None:
+    """pynetdicom reads a PDU to its announced end before it looks at any timer: a dripped
+    A-ASSOCIATE-AC or C-ECHO-RSP would hold C-ECHO for as long as the drip lasts."""
+    echo_rsp = dimse_pdu({0x00000002: "1.2.840.10008.1.1", 0x00000100: 0x8030,
+                          0x00000120: 1, 0x00000800: NO_DATASET, 0x00000900: 0x0000})
+
+    def drip_the_ac(conn: socket.socket, peer: RawPeer) -> None:
+        drip(conn, pynetdicom_ac(recv_pdu(conn) or b""), 0.3)  # ~45 s
+
+    def drip_the_echo_rsp(conn: socket.socket, peer: RawPeer) -> None:
+        recv_pdu(conn)  # the C-ECHO-RQ: a command alone, one PDU
+        drip(conn, echo_rsp, 0.3)  # ~25 s
+
+    with raw_peer(drip_the_ac) as peer:
+        with pytest.raises(DimseConnectionError) as caught:
+            DimseClient("127.0.0.1", peer.port, "PEER", timeout_s=2).echo()
+        assert peer.eof.wait(60)
+    assert "association not established within 2 s" in str(caught.value)
+    assert f"PEER@127.0.0.1:{peer.port}" in str(caught.value)
+
+    with raw_peer(accept_then(drip_the_echo_rsp)) as peer:
+        echoed = DimseClient("127.0.0.1", peer.port, "PEER", timeout_s=2).echo()
+        assert peer.eof.wait(60)
+        assert peer.after_script == [ABORT]
+    assert echoed.status == NO_STATUS
+
+
 def test_store_to_a_dripping_peer_is_one_line_and_exit_3(tmp_path: Path) -> None:
     """`pacs-harness store` with its default timeout (30 s): a peer dripping its answer a
     byte a second would hold it ~2 minutes without the operation deadline."""

@@ -10,6 +10,7 @@ TLS: pass `tls=TLSConfig(...)` to `DimseClient`; it becomes pynetdicom's `tls_ar
 from __future__ import annotations
 
 import queue
+import socket
 import ssl
 import struct
 import threading
@@ -33,7 +34,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, build_context
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
@@ -525,14 +526,24 @@ class DimseClient:
         }
         if ext_neg:
             kwargs["ext_neg"] = ext_neg
-        if evt_handlers:
-            kwargs["evt_handlers"] = evt_handlers
+        opened: list[Any] = []  # the association, from its connection's opening
+        kwargs["evt_handlers"] = [
+            *(evt_handlers or []),
+            (evt.EVT_CONN_OPEN, lambda event: opened.append(event.assoc)),
+        ]
         if self.tls:
             kwargs["tls_args"] = self.tls.tls_args()
-        assoc = ae.associate(self.host, self.port, **kwargs)
+        # the A-ASSOCIATE-AC within timeout_s, however a peer drips it (see _Watchdog)
+        watchdog = _Watchdog(lambda: opened[0] if opened else None, self.timeout_s)
+        try:
+            assoc = ae.associate(self.host, self.port, **kwargs)
+        finally:
+            watchdog.stop()
         if not assoc.is_established:
             reason = (
-                "rejected"
+                f"not established within {self.timeout_s:g} s"
+                if watchdog.expired
+                else "rejected"
                 if assoc.is_rejected
                 else "aborted"
                 if assoc.is_aborted
@@ -555,11 +566,16 @@ class DimseClient:
     def echo(self) -> EchoResult:
         start = time.perf_counter()
         assoc = self.associate([build_context(Verification)])
+        watchdog = _Watchdog(lambda: assoc, self.timeout_s)  # the answer, dripped or not
         try:
             rsp = assoc.send_c_echo()
             status = Status(rsp.Status) if rsp and "Status" in rsp else NO_STATUS
         finally:
-            assoc.release()
+            watchdog.stop()
+            if assoc.is_established:
+                assoc.release()
+        if watchdog.expired:
+            status = NO_STATUS
         return EchoResult(status, time.perf_counter() - start)
 
     def negotiate(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bool]:
@@ -914,7 +930,7 @@ class DimseClient:
         last_identifier: Dataset | None = None
         done = -1
         pending_in_a_row = 0
-        watchdog = _Watchdog(assoc, self.timeout_s)
+        watchdog = _Watchdog(lambda: assoc, self.timeout_s)
         try:
             for rsp_status, rsp_identifier in assoc.send_c_move(
                 identifier, destination_ae, sop_class
@@ -1142,16 +1158,18 @@ _SUB_COUNTS = (
 
 
 class _Watchdog:
-    """Aborts a pynetdicom association whose operation outlives its budget (`budget_s` from
-    the start or the last `progress()`).
+    """Ends a pynetdicom association whose step outlives its budget (`budget_s` from the
+    start or the last `progress()`): sends an A-ABORT and shuts the socket down.
 
-    pynetdicom's dimse_timeout bounds the wait for each whole message, so a single-answer
-    operation (C-ECHO) is bounded already; a C-MOVE is not: a peer sending a pending
-    response every dimse_timeout - 1 s, none showing a sub-operation done, holds it forever.
+    pynetdicom's timeouts do not bound a dripping or chatty peer: its reactor thread reads a
+    PDU to its announced end, a read at a time (each within the socket timeout), and checks
+    the ARTIM timer and dimse_timeout only between PDUs; and a C-MOVE answered by pending
+    responses forever is one message within dimse_timeout after another. Shutting the socket
+    down ends the reactor's read at once (PS3.8 9.2, AA-2: the transport is closed).
     """
 
-    def __init__(self, assoc: Any, budget_s: float) -> None:
-        self.assoc = assoc
+    def __init__(self, assoc: Callable[[], Any], budget_s: float) -> None:
+        self.assoc = assoc  # the association once there is one (None before it is opened)
         self.budget_s = budget_s
         self.expired = False
         self._lock = threading.Lock()
@@ -1167,10 +1185,23 @@ class _Watchdog:
             self._timer.start()
 
     def expire(self) -> None:
-        """Abort now; the operation waiting for a message wakes at once."""
+        """End the association now; whatever waits for it wakes at once."""
         self.expired = True
-        self.assoc.abort()
-        self.assoc.dimse.msg_queue.put((None, None))  # as pynetdicom does on an abort
+        assoc = self.assoc()
+        if assoc is None:
+            return
+        transport = getattr(getattr(assoc, "dul", None), "socket", None)
+        raw = getattr(transport, "socket", None)
+        if raw is not None:
+            try:  # A-ABORT, source service-user (PS3.8 9.3.8), if the peer takes it at once
+                raw.send(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00", socket.MSG_DONTWAIT)
+            except (OSError, ValueError):  # ValueError: TLS sockets take no flags
+                pass
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        assoc.dimse.msg_queue.put((None, None))  # as pynetdicom does when a peer aborts
 
     def stop(self) -> None:
         with self._lock:
