@@ -785,20 +785,27 @@ def test_a_command_set_that_never_ends_is_refused_at_the_cap(fragment_size: int)
     assert message == "command set longer than 1048576 bytes"
 
 
-def test_a_c_get_sub_operation_that_never_ends_is_refused_at_the_cap() -> None:
-    def endless_dataset(conn: socket.socket, peer: RawPeer) -> None:
+def endless_sub_operation(context_id: int) -> Callable:
+    """A peer script: a C-GET answered by a C-STORE-RQ whose data set never ends (2 MiB of
+    non-last fragments on presentation context `context_id`, then silence)."""
+
+    def run(conn: socket.socket, peer: RawPeer) -> None:
         read_c_store(conn)  # the C-GET-RQ and its identifier
         conn.sendall(dimse_pdu({0x00000002: CTImageStorage, 0x00000100: 0x0001,
                                 0x00000110: 7, 0x00000700: 0, 0x00000800: 0x0001,
-                                0x00001000: "1.2.3.4"}, context_id=3))
-        fragment = hand_pdu(0x04, struct.pack(">IBB", 16002, 3, 0x00) + bytes(16000))
-        for _ in range(128):  # 2 MiB, never the last fragment; then silence
+                                0x00001000: "1.2.3.4"}, context_id=context_id))
+        fragment = hand_pdu(0x04, struct.pack(">IBB", 16002, context_id, 0x00) + bytes(16000))
+        for _ in range(128):
             if harness_spoke(conn, 0):
                 return
             conn.sendall(fragment)
 
+    return accept_then(run)
+
+
+def test_a_c_get_sub_operation_that_never_ends_is_refused_at_the_cap() -> None:
     get_pair = (StudyRootQueryRetrieveInformationModelGet, ExplicitVRLittleEndian)
-    with raw_peer(accept_then(endless_dataset)) as peer:
+    with raw_peer(endless_sub_operation(3)) as peer:
         assoc = WireAssociation("127.0.0.1", peer.port, "PEER", "HARNESS", [get_pair, CT_PAIR],
                                 timeout_s=30, scp_roles=[CTImageStorage],
                                 max_dataset_bytes=1 << 20)
@@ -808,6 +815,15 @@ def test_a_c_get_sub_operation_that_never_ends_is_refused_at_the_cap() -> None:
         assert peer.eof.wait(60)
     assert str(caught.value) == "dataset longer than 1048576 bytes, unfinished"
     assert stored == []
+
+    # through the client: a connection error naming the peer (exit 3 in the CLI)
+    with raw_peer(endless_sub_operation(5)) as peer:  # 1, 3: C-GET; 5: CT, explicit VR LE
+        client = DimseClient("127.0.0.1", peer.port, "PEER", max_dataset_bytes=1 << 20)
+        with pytest.raises(DimseConnectionError) as caught:
+            client.get("STUDY", {"StudyInstanceUID": "1.2.3"}, sop_classes=[CTImageStorage])
+        assert peer.eof.wait(60)
+    assert str(caught.value) == (f"peer PEER@127.0.0.1:{peer.port}: C-GET broken off: "
+                                 "dataset longer than 1048576 bytes, unfinished")
 
 
 def test_a_slow_but_honest_link_is_not_cut_off(tmp_path: Path) -> None:
