@@ -256,7 +256,7 @@ class OperationDeadline:
             return f"no answer within {self.idle_s:g} s"
         if self.hard_at is not None and self.hard_at <= self.at:
             return self.hard_message
-        since = f" since {self.progress_count} received" if self.progress_count else ""
+        since = f" since the last of {self.progress_count} received" if self.progress_count else ""
         return (
             f"{self.waiting_for} not complete within the operation deadline of "
             f"{self.at - self.started:.1f} s{since} ({self.idle_s:g} s + {self.moved} bytes "
