@@ -8,6 +8,8 @@ embedded PACS store and retrieve through the same code in every other test.
 
 from __future__ import annotations
 
+import re
+import select
 import socket
 import struct
 import threading
@@ -33,12 +35,24 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
 )
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
-from harness.dicom.dimse import DimseClient, DimseConnectionError
-from harness.dicom.wire import AssociationFailed, TransferFailed, WireAssociation, read_file_meta
+from harness.dicom.dimse import NO_STATUS, DimseClient, DimseConnectionError
+from harness.dicom.wire import (
+    NO_DATASET,
+    AssociationFailed,
+    TransferFailed,
+    WireAssociation,
+    encode_command,
+    read_file_meta,
+)
 from harness.launch.ports import free_port
 from harness.performance.load import DatasetSpec, clone_study, template_instance
+from harness.resilience.proxy import FaultProxy
+from tests.helpers import run_cli
 
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
 
@@ -533,10 +547,11 @@ def never_answer(conn: socket.socket, peer: RawPeer) -> None:
 
 
 def trickle(conn: socket.socket, peer: RawPeer) -> None:
-    """Read the request, then a byte of an A-ASSOCIATE-AC header every 0.2 s, forever: each
-    read returns something, so only a deadline for the whole answer ends the wait."""
+    """Read the request, then an A-ASSOCIATE-AC header announcing 1000 bytes and a byte of
+    them every 0.2 s, forever: each read returns something, so only a deadline for the whole
+    answer ends the wait."""
     recv_pdu(conn)
-    conn.sendall(b"\x02")
+    conn.sendall(b"\x02\x00" + struct.pack(">I", 1000))
     while not peer.stop.wait(0.2):
         conn.sendall(b"\x00")
 
@@ -607,8 +622,14 @@ def test_a_peer_that_never_answers_the_release_is_aborted_when_artim_expires(scr
             "malformed PDU from the peer: unknown PDU type 0x09",
             hand_pdu(0x07, bytes([0, 0, 2, 1])),
         ),
+        (
+            hand_pdu(0x04, struct.pack(">IBB", 2, 1, 0) * 65537),  # empty PDVs: memory
+            "malformed PDU from the peer: P-DATA-TF: more than 65536 PDVs at offset 393222",
+            PROVIDER_ABORT_INVALID,
+        ),
     ],
-    ids=["pdv-beyond-pdu", "command-element-beyond", "unknown-context", "huge-pdu", "type-9"],
+    ids=["pdv-beyond-pdu", "command-element-beyond", "unknown-context", "huge-pdu", "type-9",
+         "too-many-pdvs"],
 )
 def test_a_malformed_response_ends_the_store_with_a_clear_error(
     answer: bytes, expected: str, abort: bytes
@@ -665,3 +686,256 @@ def test_scp_roles_the_peer_does_not_grant_are_visible(ct_roles, expected_grante
         server.shutdown()
     assert assoc.scp_roles_granted == expected_granted
     assert assoc.scp_roles_refused == {CTImageStorage, MRImageStorage} - expected_granted
+
+
+# -- operation deadlines and caps (docs/safety.md): each script below ends by itself after a
+# while with a proper answer, so a client without the bound fails the test instead of hanging
+
+
+def dimse_pdu(fields: dict[int, int | str], context_id: int = 1) -> bytes:
+    """One DIMSE command set, whole, in one P-DATA-TF (PS3.8 9.3.5, PS3.7 6.3)."""
+    command = encode_command(fields)
+    return hand_pdu(0x04, struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command)
+
+
+def store_rsp(status: int) -> bytes:
+    """The C-STORE-RSP (PS3.7 9.3.1.2) to the harness's first C-STORE-RQ."""
+    return dimse_pdu({0x00000002: CTImageStorage, 0x00000100: 0x8001, 0x00000120: 1,
+                      0x00000800: NO_DATASET, 0x00000900: status, 0x00001000: "1.2.3"})
+
+
+def harness_spoke(conn: socket.socket, wait_s: float) -> bool:
+    """Whether the harness sent something (its A-ABORT) or closed within `wait_s`."""
+    return bool(select.select([conn], [], [], wait_s)[0])
+
+
+def drip(conn: socket.socket, data: bytes, interval_s: float) -> None:
+    """`data` a byte every `interval_s`, until the harness speaks or closes."""
+    for byte in data:
+        if harness_spoke(conn, interval_s):
+            return
+        conn.sendall(bytes([byte]))
+
+
+def store_over(peer: RawPeer, timeout_s: float) -> str:
+    """One C-STORE to `peer`; the TransferFailed message it ends with."""
+    assoc = associate(peer.port, timeout_s=timeout_s)
+    with pytest.raises(TransferFailed) as caught:
+        assoc.store(assoc.accepted[CT_PAIR], CTImageStorage, "1.2.3", b"\0" * 100)
+    assert not assoc.is_open
+    return str(caught.value)
+
+
+DEADLINE = re.compile(
+    r"C-STORE-RSP not complete within the operation deadline of 2\.0 s "
+    r"\(2 s \+ \d+ bytes at 64 KiB/s\)"
+)
+ABORT = hand_pdu(0x07, bytes(4))  # A-ABORT, source service-user
+
+
+def test_a_peer_dripping_its_answer_is_cut_off_at_the_operation_deadline() -> None:
+    def drip_the_answer(conn: socket.socket, peer: RawPeer) -> None:
+        read_c_store(conn)
+        drip(conn, store_rsp(0x0000), 0.2)  # ~100 bytes: 20 s, each read well within 2 s
+
+    with raw_peer(accept_then(drip_the_answer)) as peer:
+        message = store_over(peer, timeout_s=2)
+        assert peer.eof.wait(60)
+        assert peer.after_script == [ABORT]
+    assert DEADLINE.fullmatch(message), message
+
+
+@pytest.mark.parametrize(
+    ("interval_s", "expected"),
+    [(0.2, DEADLINE), (0.0, re.compile(r"more than 1000 pending C-STORE-RSPs in a row"))],
+    ids=["trickled", "flood"],
+)
+def test_a_peer_answering_pending_forever_is_cut_off(interval_s: float, expected) -> None:
+    def pending_then_success(conn: socket.socket, peer: RawPeer) -> None:
+        read_c_store(conn)
+        for _ in range(1200 if interval_s == 0 else 200):  # 40 s when trickled
+            if interval_s and harness_spoke(conn, interval_s):
+                return
+            conn.sendall(store_rsp(0xFF00))
+        conn.sendall(store_rsp(0x0000))
+
+    with raw_peer(accept_then(pending_then_success)) as peer:
+        message = store_over(peer, timeout_s=2)
+        assert peer.eof.wait(60)
+    assert expected.fullmatch(message), message
+
+
+@pytest.mark.parametrize("fragment_size", [0, 1000], ids=["empty", "1000-bytes"])
+def test_a_command_set_that_never_ends_is_refused_at_the_cap(fragment_size: int) -> None:
+    """Non-last command fragments (PS3.8 E.2) without end: refused at 1 MiB, counting each
+    PDV's 6 header bytes, so empty fragments do not go on for ever either."""
+
+    def endless_command(conn: socket.socket, peer: RawPeer) -> None:
+        read_c_store(conn)
+        pdv = struct.pack(">IBB", fragment_size + 2, 1, 0x01) + b"\0" * fragment_size
+        pdu = hand_pdu(0x04, pdv * (6000 // len(pdv)))
+        for _ in range(2 * (1 << 20) // len(pdu)):  # 2 MiB of PDVs, then silence
+            if harness_spoke(conn, 0):
+                return
+            conn.sendall(pdu)
+
+    with raw_peer(accept_then(endless_command)) as peer:
+        message = store_over(peer, timeout_s=30)
+        assert peer.eof.wait(60)
+    assert message == "command set longer than 1048576 bytes"
+
+
+def endless_sub_operation(context_id: int) -> Callable:
+    """A peer script: a C-GET answered by a C-STORE-RQ whose data set never ends (2 MiB of
+    non-last fragments on presentation context `context_id`, then silence)."""
+
+    def run(conn: socket.socket, peer: RawPeer) -> None:
+        read_c_store(conn)  # the C-GET-RQ and its identifier
+        conn.sendall(dimse_pdu({0x00000002: CTImageStorage, 0x00000100: 0x0001,
+                                0x00000110: 7, 0x00000700: 0, 0x00000800: 0x0001,
+                                0x00001000: "1.2.3.4"}, context_id=context_id))
+        fragment = hand_pdu(0x04, struct.pack(">IBB", 16002, context_id, 0x00) + bytes(16000))
+        for _ in range(128):
+            if harness_spoke(conn, 0):
+                return
+            conn.sendall(fragment)
+
+    return accept_then(run)
+
+
+def test_a_c_get_sub_operation_that_never_ends_is_refused_at_the_cap() -> None:
+    get_pair = (StudyRootQueryRetrieveInformationModelGet, ExplicitVRLittleEndian)
+    with raw_peer(endless_sub_operation(3)) as peer:
+        assoc = WireAssociation("127.0.0.1", peer.port, "PEER", "HARNESS", [get_pair, CT_PAIR],
+                                timeout_s=30, scp_roles=[CTImageStorage],
+                                max_dataset_bytes=1 << 20)
+        stored = []
+        with pytest.raises(TransferFailed) as caught:
+            assoc.get(assoc.accepted[get_pair], b"", lambda *sub: stored.append(sub) or 0)
+        assert peer.eof.wait(60)
+    assert str(caught.value) == "dataset longer than 1048576 bytes, unfinished"
+    assert stored == []
+
+    # through the client: a connection error naming the peer (exit 3 in the CLI)
+    with raw_peer(endless_sub_operation(5)) as peer:  # 1, 3: C-GET; 5: CT, explicit VR LE
+        client = DimseClient("127.0.0.1", peer.port, "PEER", max_dataset_bytes=1 << 20)
+        with pytest.raises(DimseConnectionError) as caught:
+            client.get("STUDY", {"StudyInstanceUID": "1.2.3"}, sop_classes=[CTImageStorage])
+        assert peer.eof.wait(60)
+    assert str(caught.value) == (f"peer PEER@127.0.0.1:{peer.port}: C-GET broken off: "
+                                 "dataset longer than 1048576 bytes, unfinished")
+
+
+def test_a_slow_but_honest_link_is_not_cut_off(tmp_path: Path) -> None:
+    """Through a link of 2 Mbit/s each instance (~0.5 MB) takes ~2 s, twice timeout_s: the
+    deadline grows with the bytes moved, so C-STORE and C-GET both succeed."""
+    received: dict[str, bytes] = {}
+
+    def on_store(event) -> int:
+        received[event.request.AffectedSOPInstanceUID] = event.request.DataSet.getvalue()
+        return 0x0000
+
+    files = ct_files(tmp_path, 3, scale="realistic")
+    with storage_scp(on_store) as port, FaultProxy(target_port=port, name="slow") as link:
+        link.bandwidth_bps = 2e6
+        report = DimseClient("127.0.0.1", link.port, "SCP", timeout_s=1).store(files)
+    assert report.ok, [r.error for r in report.failed]
+    for path in files:
+        raw = path.read_bytes()
+        meta = read_file_meta(raw)
+        assert meta is not None
+        assert received[meta.sop_instance_uid] == raw[meta.dataset_offset :]
+    assert report.elapsed_s > 3 * 1  # longer than timeout_s for each instance
+
+    study = list(clone_study(template_instance(DatasetSpec(scale="realistic", modality="CT")), 3))
+    with get_scp(study) as port, FaultProxy(target_port=port, name="slow") as link:
+        link.bandwidth_bps = 2e6
+        client = DimseClient("127.0.0.1", link.port, "QR", timeout_s=1)
+        got = client.get("STUDY", {"StudyInstanceUID": study[0].StudyInstanceUID},
+                         sop_classes=[CTImageStorage])
+    assert got.ok and got.completed == 3
+    assert sorted(i.dataset.PixelData for i in got.instances) == sorted(
+        ds.PixelData for ds in study)
+    assert got.elapsed_s > 3 * 1
+
+
+def test_a_c_move_answered_with_pending_forever_is_aborted() -> None:
+    """pynetdicom's dimse_timeout bounds each message, not the C-MOVE: the harness's
+    watchdog aborts when no sub-operation completes within timeout_s."""
+    pending = dimse_pdu({0x00000002: StudyRootQueryRetrieveInformationModelMove,
+                         0x00000100: 0x8021, 0x00000120: 1, 0x00000800: NO_DATASET,
+                         0x00000900: 0xFF00, 0x00001020: 5, 0x00001021: 0,
+                         0x00001022: 0, 0x00001023: 0})
+    final = dimse_pdu({0x00000002: StudyRootQueryRetrieveInformationModelMove,
+                       0x00000100: 0x8021, 0x00000120: 1, 0x00000800: NO_DATASET,
+                       0x00000900: 0x0000, 0x00001021: 5, 0x00001022: 0, 0x00001023: 0})
+
+    def pending_then_success(conn: socket.socket, peer: RawPeer) -> None:
+        read_c_store(conn)  # the C-MOVE-RQ and its identifier
+        for _ in range(200):  # 60 s of pending, each within the DIMSE timeout
+            if harness_spoke(conn, 0.3):
+                return
+            conn.sendall(pending)
+        conn.sendall(final)
+
+    with raw_peer(accept_then(pending_then_success)) as peer:
+        result = DimseClient("127.0.0.1", peer.port, "PEER", timeout_s=2).move(
+            "ELSEWHERE", "STUDY", {"StudyInstanceUID": "1.2.3"})
+        assert peer.eof.wait(60)
+        assert peer.after_script == [ABORT]
+    assert result.status == NO_STATUS and not result.ok
+
+
+def test_pynetdicom_operations_end_however_a_peer_drips() -> None:
+    """pynetdicom reads a PDU to its announced end before it looks at any timer: a dripped
+    A-ASSOCIATE-AC or C-ECHO-RSP would hold C-ECHO for as long as the drip lasts."""
+    echo_rsp = dimse_pdu({0x00000002: "1.2.840.10008.1.1", 0x00000100: 0x8030,
+                          0x00000120: 1, 0x00000800: NO_DATASET, 0x00000900: 0x0000})
+
+    def drip_the_ac(conn: socket.socket, peer: RawPeer) -> None:
+        drip(conn, pynetdicom_ac(recv_pdu(conn) or b""), 0.3)  # ~45 s
+
+    def drip_the_echo_rsp(conn: socket.socket, peer: RawPeer) -> None:
+        recv_pdu(conn)  # the C-ECHO-RQ: a command alone, one PDU
+        drip(conn, echo_rsp, 0.3)  # ~25 s
+
+    with raw_peer(drip_the_ac) as peer:
+        with pytest.raises(DimseConnectionError) as caught:
+            DimseClient("127.0.0.1", peer.port, "PEER", timeout_s=2).echo()
+        assert peer.eof.wait(60)
+    assert "association not established within 2 s" in str(caught.value)
+    assert f"PEER@127.0.0.1:{peer.port}" in str(caught.value)
+
+    with raw_peer(accept_then(drip_the_echo_rsp)) as peer:
+        echoed = DimseClient("127.0.0.1", peer.port, "PEER", timeout_s=2).echo()
+        assert peer.eof.wait(60)
+        assert peer.after_script == [ABORT]
+    assert echoed.status == NO_STATUS
+
+
+def test_store_to_a_dripping_peer_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    """`pacs-harness store` with its default timeout (30 s): a peer dripping its answer a
+    byte a second would hold it ~2 minutes without the operation deadline."""
+
+    def drip_the_answer(conn: socket.socket, peer: RawPeer) -> None:
+        read_c_store(conn)
+        drip(conn, store_rsp(0x0000), 1.0)
+
+    (path,) = ct_files(tmp_path, 1)
+    with raw_peer(accept_then(drip_the_answer)) as peer:
+        topology = tmp_path / "t.yaml"
+        topology.write_text(
+            "name: drip\nnodes:\n  dripper: {kind: external, ae_title: PEER, "
+            f"host: 127.0.0.1, dicom_port: {peer.port}, writable: true}}\n")
+        proc = run_cli("store", "--topology", str(topology), "--to", "dripper", str(path))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 3, output
+    assert "Traceback" not in output
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    assert re.fullmatch(
+        rf"error: peer PEER@127\.0\.0\.1:{peer.port}: C-STORE of {re.escape(str(path))} "
+        r"broken off: C-STORE-RSP not complete within the operation deadline of 30\.\d s "
+        r"\(30 s \+ \d+ bytes at 64 KiB/s\)",
+        errors[0],
+    ), errors[0]

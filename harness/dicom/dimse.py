@@ -10,6 +10,7 @@ TLS: pass `tls=TLSConfig(...)` to `DimseClient`; it becomes pynetdicom's `tls_ar
 from __future__ import annotations
 
 import queue
+import socket
 import ssl
 import struct
 import threading
@@ -33,7 +34,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, build_context
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
@@ -76,8 +77,12 @@ from harness.dicom.part10 import (
 )
 from harness.dicom.tcp import prompt_tcp
 from harness.dicom.wire import (
+    DEFAULT_LARGEST_DATASET,
     DEFAULT_MAX_MATCHES,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_MIN_RATE,
     AssociationFailed,
+    PeerFault,
     TransferFailed,
     WireAssociation,
     command_uid,
@@ -476,6 +481,8 @@ class DimseClient:
         max_store_associations: int | None = None,
         max_find_matches: int = DEFAULT_MAX_MATCHES,
         find_deadline_s: float = 3600.0,
+        min_rate: float = DEFAULT_MIN_RATE,
+        max_dataset_bytes: int = DEFAULT_LARGEST_DATASET,
     ) -> None:
         self.host, self.port, self.called_ae = host, port, called_ae
         self.calling_ae = calling_ae
@@ -485,6 +492,10 @@ class DimseClient:
         self.max_store_associations = max_store_associations
         self.max_find_matches = max_find_matches  # more is an error, not a memory exhaustion
         self.find_deadline_s = find_deadline_s  # a whole C-FIND, however the peer trickles
+        # every operation's deadline: timeout_s + the bytes it moves at min_rate (bytes/s),
+        # see harness/dicom/wire.py OperationDeadline and docs/safety.md
+        self.min_rate = min_rate
+        self.max_dataset_bytes = max_dataset_bytes  # one C-GET sub-operation, in memory
 
     def __repr__(self) -> str:
         return f"{self.called_ae}@{self.host}:{self.port}"
@@ -515,14 +526,24 @@ class DimseClient:
         }
         if ext_neg:
             kwargs["ext_neg"] = ext_neg
-        if evt_handlers:
-            kwargs["evt_handlers"] = evt_handlers
+        opened: list[Any] = []  # the association, from its connection's opening
+        kwargs["evt_handlers"] = [
+            *(evt_handlers or []),
+            (evt.EVT_CONN_OPEN, lambda event: opened.append(event.assoc)),
+        ]
         if self.tls:
             kwargs["tls_args"] = self.tls.tls_args()
-        assoc = ae.associate(self.host, self.port, **kwargs)
+        # the A-ASSOCIATE-AC within timeout_s, however a peer drips it (see _Watchdog)
+        watchdog = _Watchdog(lambda: opened[0] if opened else None, self.timeout_s)
+        try:
+            assoc = ae.associate(self.host, self.port, **kwargs)
+        finally:
+            watchdog.stop()
         if not assoc.is_established:
             reason = (
-                "rejected"
+                f"not established within {self.timeout_s:g} s"
+                if watchdog.expired
+                else "rejected"
                 if assoc.is_rejected
                 else "aborted"
                 if assoc.is_aborted
@@ -545,11 +566,16 @@ class DimseClient:
     def echo(self) -> EchoResult:
         start = time.perf_counter()
         assoc = self.associate([build_context(Verification)])
+        watchdog = _Watchdog(lambda: assoc, self.timeout_s)  # the answer, dripped or not
         try:
             rsp = assoc.send_c_echo()
             status = Status(rsp.Status) if rsp and "Status" in rsp else NO_STATUS
         finally:
-            assoc.release()
+            watchdog.stop()
+            if assoc.is_established:
+                assoc.release()
+        if watchdog.expired:
+            status = NO_STATUS
         return EchoResult(status, time.perf_counter() - start)
 
     def negotiate(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bool]:
@@ -702,6 +728,8 @@ class DimseClient:
                 timeout_s=self.timeout_s,
                 tls=self.tls.tls_args() if self.tls else None,
                 scp_roles=scp_roles,
+                min_rate=self.min_rate,
+                max_dataset_bytes=self.max_dataset_bytes,
             )
         except AssociationFailed as exc:
             raise DimseConnectionError(
@@ -768,6 +796,11 @@ class DimseClient:
             assoc.send_store(context_id, part.sop_class_uid, part.sop_instance_uid, data)
             meanwhile()
             answer = assoc.read_store_response()
+        except PeerFault as exc:  # the peer, not this instance: stop sending to it (exit 3)
+            assoc.abort()
+            raise DimseConnectionError(
+                f"peer {self}: C-STORE of {item.source} broken off: {exc}"
+            ) from None
         except TransferFailed as exc:
             assoc.abort()
             result.error = f"{named}peer {self}: no C-STORE response ({exc})"
@@ -895,6 +928,9 @@ class DimseClient:
         assoc = self.associate([build_context(sop_class)])
         last: Dataset | None = None
         last_identifier: Dataset | None = None
+        done = -1
+        pending_in_a_row = 0
+        watchdog = _Watchdog(lambda: assoc, self.timeout_s)
         try:
             for rsp_status, rsp_identifier in assoc.send_c_move(
                 identifier, destination_ae, sop_class
@@ -902,10 +938,23 @@ class DimseClient:
                 if rsp_status is None or "Status" not in rsp_status:
                     break
                 last, last_identifier = rsp_status, rsp_identifier
+                counts = sum(int(rsp_status.get(keyword, 0) or 0) for keyword in _SUB_COUNTS)
+                if counts > done:  # a sub-operation ended: a fresh budget
+                    done, pending_in_a_row = counts, 0
+                    watchdog.progress()
+                elif Status(rsp_status.Status).category == "pending":
+                    pending_in_a_row += 1
+                    if pending_in_a_row > DEFAULT_MAX_PENDING:
+                        watchdog.expire()
+                        break
         finally:
+            watchdog.stop()
             if assoc.is_established:
                 assoc.release()
-        return _retrieve_result(last, last_identifier, time.perf_counter() - start)
+        result = _retrieve_result(last, last_identifier, time.perf_counter() - start)
+        if watchdog.expired:
+            result.status = NO_STATUS
+        return result
 
     # -- C-GET -----------------------------------------------------------------------
     def get(
@@ -1083,6 +1132,9 @@ class DimseClient:
                 encode_dataset(identifier, query[1]),
                 lambda context_id, command, data: receive(assoc, context_id, command, data),
             )
+        except PeerFault as exc:  # a peer that breaks the protocol or a bound: exit 3
+            assoc.abort()
+            raise DimseConnectionError(f"peer {self}: C-GET broken off: {exc}") from None
         except TransferFailed:
             assoc.abort()
             completed = receive.delivered - delivered_before
@@ -1096,6 +1148,65 @@ class DimseClient:
             elapsed_s=time.perf_counter() - start,
             failed_sop_instance_uids=_failed_uids(decode_dataset(data, query[1]) if data else None),
         )
+
+
+_SUB_COUNTS = (
+    "NumberOfCompletedSuboperations",
+    "NumberOfFailedSuboperations",
+    "NumberOfWarningSuboperations",
+)
+
+
+class _Watchdog:
+    """Ends a pynetdicom association whose step outlives its budget (`budget_s` from the
+    start or the last `progress()`): sends an A-ABORT and shuts the socket down.
+
+    pynetdicom's timeouts do not bound a dripping or chatty peer: its reactor thread reads a
+    PDU to its announced end, a read at a time (each within the socket timeout), and checks
+    the ARTIM timer and dimse_timeout only between PDUs; and a C-MOVE answered by pending
+    responses forever is one message within dimse_timeout after another. Shutting the socket
+    down ends the reactor's read at once (PS3.8 9.2, AA-2: the transport is closed).
+    """
+
+    def __init__(self, assoc: Callable[[], Any], budget_s: float) -> None:
+        self.assoc = assoc  # the association once there is one (None before it is opened)
+        self.budget_s = budget_s
+        self.expired = False
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self.progress()
+
+    def progress(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.budget_s, self.expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def expire(self) -> None:
+        """End the association now; whatever waits for it wakes at once."""
+        self.expired = True
+        assoc = self.assoc()
+        if assoc is None:
+            return
+        transport = getattr(getattr(assoc, "dul", None), "socket", None)
+        raw = getattr(transport, "socket", None)
+        if raw is not None:
+            try:  # A-ABORT, source service-user (PS3.8 9.3.8), if the peer takes it at once
+                raw.send(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00", socket.MSG_DONTWAIT)
+            except (OSError, ValueError):  # ValueError: TLS sockets take no flags
+                pass
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        assoc.dimse.msg_queue.put((None, None))  # as pynetdicom does when a peer aborts
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
 
 
 #: The SOP classes met most recently in retrieves from each peer (host, port, AE title,

@@ -41,6 +41,9 @@ PDU_HEADER_LENGTH = 6  # type, reserved, 4-byte length
 # Message control header of a PDV, PS3.8 E.2
 COMMAND = 0x01
 LAST_FRAGMENT = 0x02
+# PDVs decoded from one P-DATA-TF: a peer gains nothing from more, and each costs memory
+# (a 16 MiB PDU of empty PDVs would otherwise be 2.8 million objects)
+LARGEST_PDV_COUNT = 65536
 
 # A-ASSOCIATE-RJ result/source/reason, PS3.8 9.3.4 (Table 9-21)
 _REJECT_REASONS = {
@@ -192,7 +195,7 @@ class AAssociateRJ:
         return f"{kind}: {why}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PDV:
     """Presentation Data Value item (PS3.8 9.3.5.1) with its message control header (E.2)."""
 
@@ -528,9 +531,12 @@ def _decode_pdvs(body: bytes) -> Iterator[PDV]:
     """The PDVs of a P-DATA-TF body, PS3.8 9.3.5.1 (4-byte length, context ID, data)."""
     if not body:
         raise PduError("P-DATA-TF without a PDV (PS3.8 9.3.5: one or more)")
-    offset = 0
+    offset = count = 0
     while offset < len(body):
         at = PDU_HEADER_LENGTH + offset
+        count += 1
+        if count > LARGEST_PDV_COUNT:
+            raise PduError(f"P-DATA-TF: more than {LARGEST_PDV_COUNT} PDVs at offset {at}")
         if offset + 6 > len(body):
             raise PduError(
                 f"P-DATA-TF: {len(body) - offset} stray bytes at offset {at}, too short for a PDV"

@@ -15,6 +15,12 @@ PDU length both ways, P-DATA-TF with command and dataset fragments, A-RELEASE, A
 ways, the ARTIM timer. One operation at a time (no asynchronous operations window), as PACSs
 expect. The PDUs themselves are encoded and decoded, bounds-checked, in harness/dicom/pdu.py:
 whatever a peer sends, we end with TransferFailed / AssociationFailed saying what was wrong.
+
+Every operation has a deadline a peer cannot push back (docs/safety.md): `timeout_s` plus the
+bytes it moves at `min_rate` (default 64 KiB/s), counted from its start, or for C-GET and
+C-FIND from the last sub-operation or match received. A peer trickling below that rate, or
+answering with pending responses forever, is cut off however often each read returns; one
+that sends fast but never ends a message meets the size caps first.
 """
 
 from __future__ import annotations
@@ -47,8 +53,12 @@ SEND_BATCH = 4 << 20  # bytes of dataset framed per sendall
 LARGEST_PDU_READ = 16 << 20  # anything longer is a broken or hostile peer
 LARGEST_COMMAND = 1 << 20  # a command set is a few hundred bytes (PS3.7 9.3, 10.3)
 LARGEST_IDENTIFIER = 16 << 20  # a C-FIND response identifier holds a few attributes
+DEFAULT_LARGEST_DATASET = 2 << 30  # a C-GET sub-operation's data set, reassembled in memory
+PDV_OVERHEAD = 6  # PDV item length and message control header: what an empty PDV costs
 DEFAULT_MAX_MATCHES = 1_000_000  # C-FIND matches kept in memory for one query
+DEFAULT_MAX_PENDING = 1000  # pending responses in a row without a sub-operation or match
 DEFAULT_ARTIM_S = 30.0  # PS3.8 9.1.5; pynetdicom's ACSE timeout has the same default
+DEFAULT_MIN_RATE = 64 << 10  # bytes/s: the slowest link an operation is given time for
 
 
 class AssociationFailed(Exception):
@@ -56,7 +66,14 @@ class AssociationFailed(Exception):
 
 
 class TransferFailed(Exception):
-    """The association broke during an operation: abort, closed socket or timeout."""
+    """The association broke during an operation: abort, closed socket or timeout. The
+    message says what happened; callers name the peer (they know it as the user does)."""
+
+
+class PeerFault(TransferFailed):
+    """The peer, not the instance at hand, is at fault: it broke the protocol (a malformed
+    PDU or DIMSE message) or a bound (operation deadline, DIMSE timeout, pending responses,
+    message size). Callers stop using the peer instead of trying the next instance."""
 
 
 class CommandSetError(PduError):
@@ -170,15 +187,95 @@ def parse_command(data: bytes) -> dict[int, bytes]:
 
 
 
+# -- the operation deadline ----------------------------------------------------------------
+
+
+class OperationDeadline:
+    """When the operation under way must be over (docs/safety.md, "hostile peers").
+
+    The budget is `timeout_s` plus every byte moved (sent or received) at `min_rate`, from
+    the start or the last `progress()` (a C-GET sub-operation, a C-FIND match): a byte
+    buys 1/min_rate s, so a peer trickling slower than `min_rate` loses ground with each
+    read while an honest slow link keeps up. Each read also waits at most `idle_s` (the
+    DIMSE timeout), except for the first answer after we sent: what we sent may still be
+    on its way to the peer. `hard_s` (C-FIND's `deadline_s`) caps the whole operation.
+    """
+
+    def __init__(
+        self, waiting_for: str, idle_s: float, min_rate: float, hard_s: float | None = None
+    ) -> None:
+        self.waiting_for = waiting_for
+        self.idle_s = idle_s
+        self.min_rate = min_rate
+        now = time.monotonic()
+        self.hard_at = None if hard_s is None else now + hard_s
+        self.hard_message = f"{waiting_for} not finished within {hard_s} s"  # callers say more
+        self.progress_count = 0
+        self.pending_in_a_row = 0
+        self._restart(now)
+        self.awaiting_peer = False  # we sent last: the peer may still be reading it
+        self.idle_wait = False  # the last wait was bounded by idle_s, not the deadline
+
+    def _restart(self, now: float) -> None:
+        self.started = now
+        self.moved = 0
+        self.at = now + self.idle_s
+
+    def progress(self) -> None:
+        """A sub-operation or match arrived: a fresh budget."""
+        self.progress_count += 1
+        self.pending_in_a_row = 0
+        self._restart(time.monotonic())
+
+    def sent(self, count: int) -> None:
+        self.moved += count
+        self.at += count / self.min_rate
+        self.awaiting_peer = True
+
+    def received(self, count: int) -> None:
+        self.moved += count
+        self.at += count / self.min_rate
+        self.awaiting_peer = False
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (the hard cap included)."""
+        at = self.at if self.hard_at is None else min(self.at, self.hard_at)
+        return at - time.monotonic()
+
+    def read_wait(self) -> float:
+        """How long the next read may wait; TimeoutError when the time is up."""
+        remaining = self.remaining()
+        if remaining <= 0:
+            raise TimeoutError
+        self.idle_wait = not self.awaiting_peer and self.idle_s < remaining
+        return self.idle_s if self.idle_wait else remaining
+
+    def expired(self) -> str:
+        """One line: what we waited for and which bound ran out."""
+        if self.idle_wait:
+            return f"no answer within {self.idle_s:g} s"
+        if self.hard_at is not None and self.hard_at <= self.at:
+            return self.hard_message
+        since = f" since the last of {self.progress_count} received" if self.progress_count else ""
+        return (
+            f"{self.waiting_for} not complete within the operation deadline of "
+            f"{self.at - self.started:.1f} s{since} ({self.idle_s:g} s + {self.moved} bytes "
+            f"at {self.min_rate / 1024:g} KiB/s)"
+        )
+
+
 # -- the association ---------------------------------------------------------------------------
 
 
 class WireAssociation:
     """One association: open, then C-STORE or C-GET one operation at a time, release.
 
-    `timeout_s` bounds each wait for the peer during an operation (the DIMSE timeout);
-    `artim_s` bounds the whole wait for the A-ASSOCIATE-AC/RJ and for the A-RELEASE-RP (the
-    ARTIM timer, PS3.8 9.1.5), default the smaller of `timeout_s` and 30 s.
+    `timeout_s` bounds each wait for the peer during an operation (the DIMSE timeout), and
+    with `min_rate` (bytes/s) the whole operation (OperationDeadline); `artim_s` bounds the
+    whole wait for the A-ASSOCIATE-AC/RJ and for the A-RELEASE-RP (the ARTIM timer, PS3.8
+    9.1.5), default the smaller of `timeout_s` and 30 s. A data set received by C-GET
+    longer than `max_dataset_bytes`, or more than `max_pending` pending responses in a row,
+    end the operation.
     """
 
     def __init__(
@@ -193,9 +290,18 @@ class WireAssociation:
         tls: tuple[ssl.SSLContext, str | None] | None = None,
         scp_roles: Sequence[str] = (),
         artim_s: float | None = None,
+        min_rate: float = DEFAULT_MIN_RATE,
+        max_dataset_bytes: int = DEFAULT_LARGEST_DATASET,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
+        if min_rate <= 0:
+            raise ValueError(f"min_rate must be > 0 bytes/s, not {min_rate}")
         self.timeout_s = timeout_s
         self.artim_s = min(timeout_s, DEFAULT_ARTIM_S) if artim_s is None else artim_s
+        self.min_rate = min_rate
+        self.max_dataset_bytes = max_dataset_bytes
+        self.max_pending = max_pending
+        self.operation: OperationDeadline | None = None  # of the operation under way
         self._pending_pdvs: deque[PDV] = deque()
         self._buffer = bytearray()
         self._message_id = 0
@@ -213,6 +319,7 @@ class WireAssociation:
         except OSError as exc:
             raise AssociationFailed(f"cannot connect: {exc.strerror or exc}") from None
         sock.settimeout(timeout_s)
+        self._sock_timeout = timeout_s
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is not None:
             context, hostname = tls
@@ -243,16 +350,22 @@ class WireAssociation:
 
     # -- PDU transport --------------------------------------------------------------------
     def _recv_exact(self, count: int, deadline: float | None, waiting_for: str) -> bytes:
-        """`count` bytes; each read waits at most timeout_s, or, given a `deadline` (the
-        ARTIM timer's), all of them together end by that monotonic time."""
+        """`count` bytes, by a `deadline` (the ARTIM timer's, a monotonic time) if given,
+        else within the operation's deadline (OperationDeadline), else each read waiting at
+        most timeout_s."""
         assert self.sock is not None
+        operation = self.operation if deadline is None else None
         try:
             while len(self._buffer) < count:
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise TimeoutError
-                    self.sock.settimeout(remaining)
+                    self._set_timeout(remaining)
+                elif operation is not None:
+                    self._set_timeout(operation.read_wait())
+                else:
+                    self._set_timeout(self.timeout_s)
                 chunk = self.sock.recv(max(65536, count - len(self._buffer)))
                 if not chunk:
                     raise TransferFailed("connection closed by the peer")
@@ -261,6 +374,8 @@ class WireAssociation:
                         self.sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
                     except OSError:
                         pass
+                if operation is not None:
+                    operation.received(len(chunk))
                 self._buffer += chunk
         except TimeoutError:
             if deadline is not None:
@@ -268,19 +383,18 @@ class WireAssociation:
                     f"no answer within {self.artim_s:g} s to the {waiting_for} "
                     "(ARTIM timer, PS3.8 9.1.5)"
                 ) from None
-            raise TransferFailed(f"no answer within {self.timeout_s:g} s") from None
+            if operation is not None:
+                self._fail(operation.expired())
+            raise PeerFault(f"no answer within {self.timeout_s:g} s") from None
         except OSError as exc:
             raise TransferFailed(f"connection lost: {exc.strerror or exc}") from None
-        finally:
-            if deadline is not None and self.sock is not None:
-                self.sock.settimeout(self.timeout_s)
         data = bytes(self._buffer[:count])
         del self._buffer[:count]
         return data
 
     def _read_pdu(self, deadline: float | None = None, waiting_for: str = "") -> pdu.Pdu:
         """The next PDU, decoded. A malformed one aborts the association (source: service
-        provider, PS3.8 9.3.8) and raises TransferFailed naming what was wrong."""
+        provider, PS3.8 9.3.8) and raises PeerFault naming what was wrong."""
         header = self._recv_exact(pdu.PDU_HEADER_LENGTH, deadline, waiting_for)
         try:
             pdu_type, length = pdu.decode_pdu_header(header)
@@ -299,23 +413,57 @@ class WireAssociation:
             self._fail(f"malformed PDU from the peer: {exc}", reason=6)
 
     def _fail(self, message: str, reason: int | None = None) -> NoReturn:
-        """Abort, then TransferFailed(message). With a `reason` the PDU itself was wrong: the
+        """Abort, then PeerFault(message). With a `reason` the PDU itself was wrong: the
         abort's source is the service provider (PS3.8 9.3.8); without one the DIMSE message
         was, and the source is the service user (us)."""
+        self.operation = None
         if reason is None:
             self.abort()
         else:
             self.abort(source=2, reason=reason)
-        raise TransferFailed(message)
+        raise PeerFault(message)
 
     def _send(self, data: bytes | bytearray) -> None:
+        """sendall, within the operation's deadline (which `data` extends) if one runs:
+        a whole sendall, however many MB, has one timeout (Python 3.5+)."""
         assert self.sock is not None
+        operation = self.operation
         try:
+            if operation is not None:
+                operation.sent(len(data))
+                remaining = operation.remaining()
+                if remaining <= 0:
+                    raise TimeoutError
+                self._set_timeout(remaining)
+            else:
+                self._set_timeout(self.timeout_s)
             self.sock.sendall(data)
         except TimeoutError:
-            raise TransferFailed(f"peer did not read within {self.timeout_s:g} s") from None
+            if operation is not None:
+                operation.idle_wait = False
+                self._fail(operation.expired())
+            raise PeerFault(f"peer did not read within {self.timeout_s:g} s") from None
         except OSError as exc:
             raise TransferFailed(f"connection lost: {exc.strerror or exc}") from None
+
+    def _set_timeout(self, seconds: float) -> None:
+        """The socket's timeout for the next call; unchanged values cost no system call
+        (while data flows, every read waits the same DIMSE timeout)."""
+        assert self.sock is not None
+        if seconds != self._sock_timeout:
+            self.sock.settimeout(seconds)
+            self._sock_timeout = seconds
+
+    def _begin(self, waiting_for: str, hard_s: float | None = None) -> OperationDeadline:
+        """Start the deadline of the next operation (one at a time, PS3.7 D.3.3.3)."""
+        self.operation = OperationDeadline(waiting_for, self.timeout_s, self.min_rate, hard_s)
+        return self.operation
+
+    def _pending(self, operation: OperationDeadline, what: str) -> None:
+        """One more pending response without progress; too many in a row end it."""
+        operation.pending_in_a_row += 1
+        if operation.pending_in_a_row > self.max_pending:
+            self._fail(f"more than {self.max_pending} pending {what} in a row")
 
     # -- association establishment ---------------------------------------------------------
     def _negotiate(
@@ -362,17 +510,35 @@ class WireAssociation:
     def send_store(
         self, context_id: int, sop_class: str, sop_instance: str, data: bytes | memoryview
     ) -> None:
-        """Send one C-STORE-RQ with its dataset; read_store_response() collects the answer."""
+        """Send one C-STORE-RQ with its dataset; read_store_response() collects the answer.
+        The operation's deadline starts here: timeout_s + what is sent at min_rate."""
         self._message_id = self._message_id % 0xFFFF + 1
         command = c_store_rq(self._message_id, sop_class, sop_instance)
+        self._begin("C-STORE-RSP")
         self._send_message(context_id, command, data)
 
     def read_store_response(self) -> StoreAnswer:
-        """Wait for the C-STORE-RSP to the request just sent."""
-        _, elements, _ = self._read_message()
-        if 0x00000900 not in elements:
-            self._fail("C-STORE-RSP without a status")
-        return StoreAnswer(command_us(elements, 0x00000900), command_uid(elements, 0x00000902))
+        """Wait for the C-STORE-RSP to the request just sent (PS3.7 9.3.1.2). C-STORE has no
+        pending status (PS3.4 B.2.3); pending ones are passed over, up to max_pending."""
+        operation = self.operation or self._begin("C-STORE-RSP")
+        while True:
+            _, elements, _ = self._read_message(LARGEST_IDENTIFIER)
+            field = command_us(elements, 0x00000100)
+            if field != 0x8001:
+                self._fail(f"unexpected DIMSE command 0x{field:04X} instead of a C-STORE-RSP")
+            answered = command_us(elements, 0x00000120)
+            if answered != self._message_id:
+                self._fail(
+                    f"C-STORE-RSP to message {answered}, the request was message "
+                    f"{self._message_id}"
+                )
+            if 0x00000900 not in elements:
+                self._fail("C-STORE-RSP without a status")
+            status = command_us(elements, 0x00000900)
+            if status not in (0xFF00, 0xFF01):
+                self.operation = None
+                return StoreAnswer(status, command_uid(elements, 0x00000902))
+            self._pending(operation, "C-STORE-RSPs")
 
     def _next_pdv(self) -> PDV:
         """The next PDV received, on a presentation context the peer accepted."""
@@ -394,10 +560,11 @@ class WireAssociation:
         return pdv
 
     def _read_message(
-        self, largest_dataset: int | None = None
+        self, largest_dataset: int
     ) -> tuple[int, dict[int, bytes], bytes | None]:
-        """The next DIMSE message: context id, command elements, dataset bytes (or None);
-        a dataset longer than `largest_dataset` aborts the association."""
+        """The next DIMSE message: context id, command elements, dataset bytes (or None).
+        A command or dataset longer than its cap (LARGEST_COMMAND, `largest_dataset`),
+        counting each PDV's header too (so empty fragments add up), aborts the association."""
         command: list[bytes] = []
         size = context_id = 0
         while True:
@@ -408,7 +575,7 @@ class WireAssociation:
                 self._fail("command fragments on two presentation contexts")
             context_id = pdv.context_id
             command.append(pdv.fragment)
-            size += len(pdv.fragment)
+            size += len(pdv.fragment) + PDV_OVERHEAD
             if size > LARGEST_COMMAND:
                 self._fail(f"command set longer than {LARGEST_COMMAND} bytes")
             if pdv.is_last:
@@ -431,9 +598,9 @@ class WireAssociation:
                     f"{context_id}",
                 )
             dataset.append(pdv.fragment)
-            size += len(pdv.fragment)
-            if largest_dataset is not None and size > largest_dataset:
-                self._fail(f"dataset longer than {largest_dataset} bytes")
+            size += len(pdv.fragment) + PDV_OVERHEAD
+            if size > largest_dataset:
+                self._fail(f"dataset longer than {largest_dataset} bytes, unfinished")
             if pdv.is_last:
                 return context_id, elements, b"".join(dataset)
 
@@ -472,14 +639,21 @@ class WireAssociation:
         """C-GET-RQ with an encoded identifier; every C-STORE sub-operation the peer sends
         goes to `on_store(context id, command, dataset bytes)`, whose return value is the
         status we answer. Returns the final C-GET-RSP (command elements, dataset bytes).
-        Sub-operations come only for classes in `scp_roles_granted` (PS3.7 D.3.3.4)."""
+        Sub-operations come only for classes in `scp_roles_granted` (PS3.7 D.3.3.4).
+
+        The deadline (OperationDeadline) starts afresh with each sub-operation received: a
+        long retrieve goes on as long as instances keep coming at min_rate or faster; bytes
+        of a message that never ends, or pending responses without a sub-operation (at most
+        max_pending in a row), do not keep it alive."""
         self._message_id = self._message_id % 0xFFFF + 1
         command = query_rq(0x0010, self._message_id, self.contexts[context_id][0])
+        operation = self._begin("C-GET sub-operation or final C-GET-RSP")
         self._send_message(context_id, command, identifier)
         while True:
-            store_context, elements, data = self._read_message()
+            store_context, elements, data = self._read_message(self.max_dataset_bytes)
             field = command_us(elements, 0x00000100)
             if field == 0x0001 and data is not None:  # C-STORE-RQ of a sub-operation
+                operation.progress()
                 status = on_store(store_context, elements, data)
                 response = encode_command(
                     {
@@ -491,10 +665,13 @@ class WireAssociation:
                         0x00001000: command_uid(elements, 0x00001000),
                     }
                 )
+                operation.progress()  # the time on_store took is ours, not the peer's
                 self._send_message(store_context, response, None)
             elif field == 0x8010:  # C-GET-RSP
                 if command_us(elements, 0x00000900) not in (0xFF00, 0xFF01):
+                    self.operation = None
                     return elements, data
+                self._pending(operation, "C-GET-RSPs without a sub-operation")
             else:
                 self._fail(f"unexpected DIMSE command 0x{field:04X} during C-GET")
 
@@ -511,20 +688,25 @@ class WireAssociation:
 
         Every response is read on this thread, off this socket, in order: nothing else can
         take one (pynetdicom's association thread could, under load). A peer that sends more
-        than `max_matches` pending responses, or is not done within `deadline_s` (each read
-        still waits at most timeout_s), is aborted with TransferFailed saying so; so is a
+        than `max_matches` matches (or max_pending pending responses without one in a row),
+        or is not done within `deadline_s`, or not within the operation deadline from the
+        last match (OperationDeadline), is aborted with PeerFault saying so; so is a
         response to another message, or any other DIMSE command."""
-        deadline = None if deadline_s is None else time.monotonic() + deadline_s
         self._message_id = self._message_id % 0xFFFF + 1
         command = query_rq(0x0020, self._message_id, self.contexts[context_id][0])
-        self._send_message(context_id, command, identifier)
+        operation = self._begin("C-FIND-RSP", deadline_s)
         matches: list[bytes] = []
+
+        def not_finished() -> str:
+            return (
+                f"C-FIND not finished within {deadline_s:g} s ({len(matches)} matches so far)"
+            )
+
+        self._send_message(context_id, command, identifier)
         while True:
-            if deadline is not None and time.monotonic() > deadline:
-                self._fail(
-                    f"C-FIND not finished within {deadline_s:g} s "
-                    f"({len(matches)} matches so far)"
-                )
+            operation.hard_message = not_finished()
+            if operation.hard_at is not None and time.monotonic() > operation.hard_at:
+                self._fail(not_finished())
             _, elements, data = self._read_message(LARGEST_IDENTIFIER)
             field = command_us(elements, 0x00000100)
             if field != 0x8020:
@@ -539,11 +721,15 @@ class WireAssociation:
                 self._fail("C-FIND-RSP without a status")
             status = command_us(elements, 0x00000900)
             if status not in (0xFF00, 0xFF01):  # PS3.4 C.4.1.1.4: anything else is final
+                self.operation = None
                 return FindAnswer(status, command_uid(elements, 0x00000902), matches)
-            if data is not None:
-                if len(matches) >= max_matches:
-                    self._fail(f"C-FIND answered more than {max_matches} matches")
-                matches.append(data)
+            if data is None:
+                self._pending(operation, "C-FIND-RSPs without a match")
+                continue
+            if len(matches) >= max_matches:
+                self._fail(f"C-FIND answered more than {max_matches} matches")
+            matches.append(data)
+            operation.progress()
 
     # -- ending ---------------------------------------------------------------------------------
     def release(self) -> None:
@@ -551,6 +737,7 @@ class WireAssociation:
         (PS3.8 9.1.5); a peer that does not answer in time is aborted. Never raises."""
         if self.sock is None:
             return
+        self.operation = None
         deadline = time.monotonic() + self.artim_s
         try:
             self._send(pdu.AReleaseRQ().encode())
@@ -572,7 +759,7 @@ class WireAssociation:
         if self.sock is None:
             return
         try:
-            self.sock.settimeout(min(self.timeout_s, 2.0))
+            self._set_timeout(min(self.timeout_s, 2.0))
             self.sock.sendall(pdu.AAbort(source, reason).encode())
         except OSError:
             pass
