@@ -27,7 +27,7 @@ from harness.errors import EXIT_FINDINGS, ConfigError, EnvironmentProblem
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
-LOCUSTFILE = Path(__file__).with_name("locust_users.py")
+LOCUSTFILE = Path(__file__).parent / "performance" / "locust_users.py"
 
 
 def _node_and_move_port(topology_path: str | None, name: str) -> tuple[Any, int | None]:
@@ -124,7 +124,7 @@ def run_locust(workload: Any, node: Any, *, processes: int = 2, duration_s: floa
     command). Every process started here is stopped before returning, also on failure.
     """
     from harness.launch.ports import free_port
-    from harness.performance.load import LoadRun
+    from harness.performance.runner import LoadRun
 
     say = on_event or (lambda _msg: None)
     runner = LoadRun(workload, node)
@@ -234,7 +234,8 @@ def load_command(node_name: str, workload_path: str, duration: float | None, loc
                  processes: int, expect_workers: int | None, topology_path: str | None,
                  as_json: bool) -> None:
     """Run a workload against a node: latency per operation, throughput, errors by status."""
-    from harness.performance.load import load_workload, run_workload
+    from harness.performance.load import load_workload
+    from harness.performance.runner import run_workload
 
     workload = load_workload(workload_path)
     node, move_port = _node_and_move_port(topology_path, node_name)

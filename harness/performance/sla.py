@@ -37,7 +37,8 @@ from typing import Any
 
 from harness.config import TOPOLOGY_NAME_RE, Checker, load_yaml, read_config_text
 from harness.errors import ConfigError, HarnessError
-from harness.performance.load import Workload, load_workload, run_workload, workload_from_data
+from harness.performance.load import Workload, load_workload, workload_from_data
+from harness.performance.runner import run_workload
 
 METRICS = {
     "latency": ("ms", "s"),
