@@ -198,6 +198,9 @@ class WireAssociation:
         self.artim_s = min(timeout_s, DEFAULT_ARTIM_S) if artim_s is None else artim_s
         self._pending_pdvs: deque[PDV] = deque()
         self._buffer = bytearray()
+        # the whole operation's end (a C-FIND's deadline_s): a peer dripping one byte per
+        # read would otherwise reset the per-read timeout forever
+        self._operation_deadline: float | None = None
         self._message_id = 0
         self.accepted: dict[tuple[str, str], int] = {}
         self.contexts: dict[int, tuple[str, str]] = {}  # accepted id -> (SOP class, syntax)
@@ -246,13 +249,14 @@ class WireAssociation:
         """`count` bytes; each read waits at most timeout_s, or, given a `deadline` (the
         ARTIM timer's), all of them together end by that monotonic time."""
         assert self.sock is not None
+        ends = deadline if deadline is not None else self._operation_deadline
         try:
             while len(self._buffer) < count:
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
+                if ends is not None:
+                    remaining = ends - time.monotonic()
                     if remaining <= 0:
                         raise TimeoutError
-                    self.sock.settimeout(remaining)
+                    self.sock.settimeout(min(remaining, self.timeout_s))
                 chunk = self.sock.recv(max(65536, count - len(self._buffer)))
                 if not chunk:
                     raise TransferFailed("connection closed by the peer")
@@ -268,11 +272,14 @@ class WireAssociation:
                     f"no answer within {self.artim_s:g} s to the {waiting_for} "
                     "(ARTIM timer, PS3.8 9.1.5)"
                 ) from None
+            if ends is not None and time.monotonic() >= ends:
+                raise TransferFailed("not finished within the operation's deadline (the peer "
+                                     "sent too little, too slowly)") from None
             raise TransferFailed(f"no answer within {self.timeout_s:g} s") from None
         except OSError as exc:
             raise TransferFailed(f"connection lost: {exc.strerror or exc}") from None
         finally:
-            if deadline is not None and self.sock is not None:
+            if ends is not None and self.sock is not None:
                 self.sock.settimeout(self.timeout_s)
         data = bytes(self._buffer[:count])
         del self._buffer[:count]
@@ -515,6 +522,14 @@ class WireAssociation:
         still waits at most timeout_s), is aborted with TransferFailed saying so; so is a
         response to another message, or any other DIMSE command."""
         deadline = None if deadline_s is None else time.monotonic() + deadline_s
+        self._operation_deadline = deadline
+        try:
+            return self._find(context_id, identifier, max_matches, deadline, deadline_s)
+        finally:
+            self._operation_deadline = None
+
+    def _find(self, context_id: int, identifier: bytes, max_matches: int,
+              deadline: float | None, deadline_s: float | None) -> FindAnswer:
         self._message_id = self._message_id % 0xFFFF + 1
         command = query_rq(0x0020, self._message_id, self.contexts[context_id][0])
         self._send_message(context_id, command, identifier)

@@ -13,12 +13,13 @@ was the limit (Python runs ~1 core of bytecode at a time).
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,11 @@ from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 from harness.performance.load import WEB_OPERATIONS, Group, Workload
 from harness.performance.stats import OperationStats, Timeline, own_cpu_s, process_cpu_s
 from synthetic_data.templates import clone_study, encode_part10, template_instance
+
+#: Seconds one network step of an operation may take (association, each read, a C-FIND).
+DEFAULT_OPERATION_TIMEOUT_S = 30.0
+#: Open model: seconds queued arrivals may still start after the end (else dropped).
+BACKLOG_MAX_S = 30.0
 
 
 @dataclass
@@ -110,6 +116,7 @@ class LoadRun:
         move_port: int | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         seed: int = 0,
+        operation_timeout_s: float = DEFAULT_OPERATION_TIMEOUT_S,
     ) -> None:
         self.workload = workload
         self.node = node
@@ -128,6 +135,13 @@ class LoadRun:
         self.count_lock = threading.Lock()
         self.t0 = 0.0  # monotonic start of the measured phase
         self.auth_failure: AuthenticationFailed | None = None  # the first HTTP 401/403
+        self.operation_timeout_s = float(operation_timeout_s)
+        # how long past the end the run waits for operations still running (each is bounded
+        # by its timeouts: association, each read, a whole C-FIND); those still running then
+        # are errors, so a peer that stalls or drips costs errors, never the end of the run
+        self.grace_s = max(BACKLOG_MAX_S, 3 * self.operation_timeout_s + 5)
+        self.in_flight: dict[int, tuple[Group, float]] = {}
+        self.tokens = itertools.count()
 
     # -- preparation ------------------------------------------------------------------
     def prepare(self) -> None:
@@ -154,7 +168,7 @@ class LoadRun:
                                   series_uid=generate_uid(), sop_uids=[], bytes_total=0)]
             return
         self.dataset_stored = True
-        client = self.node.dimse()
+        client = self._dimse()
         for number in range(spec.studies):
             datasets = clone_study(self.template, spec.instances_per_study,
                                    patient_id=f"LOAD{number:05d}")
@@ -186,16 +200,24 @@ class LoadRun:
             pass  # any other answer is measured by the load itself
 
     # -- operations -------------------------------------------------------------------
+    def _dimse(self) -> Any:
+        """A DIMSE client whose every read, association and whole C-FIND is bounded by the
+        operation timeout (a peer dripping bytes resets per-read timers, not the C-FIND's)."""
+        client = self.node.dimse(timeout_s=self.operation_timeout_s)
+        client.find_deadline_s = self.operation_timeout_s
+        return client
+
     def operation(self, group: Group) -> Outcome:
         """One operation of the group (raises on association failure); not recorded."""
         study = self.random.choice(self.studies)
         op = group.operation
         if op == "c-echo":
-            result = self.node.dimse().echo()
-            return Outcome(result.status.ok, str(result.status))
+            result = self._dimse().echo()
+            return Outcome(result.status.ok, str(result.status) if result.status.ok
+                           else f"C-ECHO answered {result.status}")
         if op == "c-store":
             datasets = clone_study(self.template, group.instances)
-            report = self.node.dimse().store(datasets, associations=group.associations)
+            report = self._dimse().store(datasets, associations=group.associations)
             failed = report.failed
             status = str(failed[0].status) if failed else "0x0000 (success)"
             return Outcome(not failed, status, len(report.succeeded),
@@ -204,7 +226,7 @@ class LoadRun:
             keys: dict[str, Any] = {"StudyInstanceUID": study.study_uid}
             if group.level == "PATIENT":
                 keys = {"PatientID": study.patient_id, "PatientName": None}
-                result = self.node.dimse().find("PATIENT", keys, model="patient")
+                result = self._dimse().find("PATIENT", keys, model="patient")
             else:
                 if group.level == "STUDY":
                     keys = {"PatientID": study.patient_id, "StudyInstanceUID": None,
@@ -214,21 +236,22 @@ class LoadRun:
                     keys["Modality"] = None
                 else:
                     keys.update(SeriesInstanceUID=study.series_uid, SOPInstanceUID=None)
-                result = self.node.dimse().find(group.level, keys)
+                result = self._dimse().find(group.level, keys)
             return Outcome(result.ok and (bool(result.matches) or not self.dataset_stored),
-                           str(result.status))
+                           str(result.status) if result.ok else _short(result.error)
+                           or str(result.status))
         if op == "c-get":
             received = [0]
 
             def count(_instance: Any) -> None:
                 received[0] += 1
 
-            result = self.node.dimse().get("STUDY", {"StudyInstanceUID": study.study_uid},
+            result = self._dimse().get("STUDY", {"StudyInstanceUID": study.study_uid},
                                            keep=False, on_instance=count)
             ok = result.ok and received[0] == len(study.sop_uids)
             return Outcome(ok, str(result.status), received[0], received[0] * self.template_bytes)
         if op == "c-move":
-            result = self.node.dimse().move(group.destination or HARNESS_AE_TITLE, "STUDY",
+            result = self._dimse().move(group.destination or HARNESS_AE_TITLE, "STUDY",
                                             {"StudyInstanceUID": study.study_uid})
             ok = result.ok and result.completed == len(study.sop_uids)
             return Outcome(ok, str(result.status), result.completed,
@@ -252,6 +275,9 @@ class LoadRun:
 
     def _execute(self, group: Group, scheduled: float) -> None:
         """Run one operation and record it (latency from `scheduled`) unless in warm-up."""
+        token = next(self.tokens)
+        with self.count_lock:
+            self.in_flight[token] = (group, scheduled)
         try:
             outcome = self.operation(group)
         except DimseConnectionError as exc:
@@ -265,12 +291,27 @@ class LoadRun:
             outcome = Outcome(False, str(exc).rsplit(" answered ", 1)[-1][:80])
         except Exception as exc:  # noqa: BLE001 - one failed operation must not stop the load
             outcome = Outcome(False, f"{type(exc).__name__}: {str(exc)[:60]}")
-        end = time.monotonic()
+        finally:
+            with self.count_lock:
+                abandoned = self.in_flight.pop(token, None) is None
+        if not abandoned:  # else already counted as unfinished at the end of the run
+            self._record(group, scheduled, outcome, time.monotonic())
+
+    def _record(self, group: Group, scheduled: float, outcome: Outcome, end: float) -> None:
         if scheduled < self.t0:  # started during the warm-up
             return
         self.stats[group.name].record(end - scheduled, outcome.ok, outcome.status,
                                       outcome.instances, outcome.nbytes)
         self.timeline.add(int(end - self.t0), outcome.ok, outcome.instances, outcome.nbytes)
+
+    def _count_unfinished(self) -> None:
+        """Operations still running after the grace period are errors, with that reason."""
+        with self.count_lock:
+            left, self.in_flight = list(self.in_flight.values()), {}
+        end = time.monotonic()
+        reason = f"no answer {self.grace_s:g} s after the end of the run"
+        for group, scheduled in left:
+            self._record(group, scheduled, Outcome(False, reason), end)
 
     def _take_slot(self) -> bool:
         """Count one more operation; False once the count bound is reached."""
@@ -291,10 +332,15 @@ class LoadRun:
                 self.stop_event.wait(group.think_s)
 
     def _open_arrivals(self, group: Group, start: float, deadline: float) -> None:
+        """Arrivals every 1/rate s, run by at most max_in_flight daemon workers; a worker
+        the peer keeps busy never holds up the end of the run (see grace_s)."""
         interval = 1.0 / float(group.rate)
-        pool = ThreadPoolExecutor(max_workers=group.max_in_flight,
-                                  thread_name_prefix=f"load-{group.name}")
-        futures: list[Future] = []
+        arrivals: queue.Queue[float | None] = queue.Queue()
+        workers = [threading.Thread(target=self._open_worker, args=(group, arrivals),
+                                    name=f"load-{group.name}-{n}", daemon=True)
+                   for n in range(group.max_in_flight)]
+        for worker in workers:
+            worker.start()
         n = 0
         try:
             while not self.stop_event.is_set():
@@ -306,15 +352,34 @@ class LoadRun:
                     break
                 if scheduled >= self.t0 and not self._take_slot():
                     break
-                futures.append(pool.submit(self._execute, group, scheduled))
+                arrivals.put(scheduled)
                 n += 1
         finally:
             # arrivals queued at the end get a grace period to run (their latency shows the
             # backlog); those that still have not started are counted as dropped, not run
-            wait(futures, timeout=min(30.0, max(5.0, self.duration_s)))
-            dropped = sum(1 for f in futures if f.cancel())
+            backlog_until = time.monotonic() + min(BACKLOG_MAX_S, max(5.0, self.duration_s))
+            while arrivals.unfinished_tasks and time.monotonic() < backlog_until:
+                time.sleep(0.05)
+            dropped = 0
+            while True:
+                try:
+                    arrivals.get_nowait()
+                except queue.Empty:
+                    break
+                arrivals.task_done()
+                dropped += 1
             self.stats[group.name].dropped += dropped
-            pool.shutdown(wait=True)
+            for _ in workers:
+                arrivals.put(None)
+            for worker in workers:  # running operations: bounded by their timeouts, and here
+                worker.join(max(0.0, deadline + self.grace_s - time.monotonic()))
+
+    def _open_worker(self, group: Group, arrivals: queue.Queue[float | None]) -> None:
+        while (scheduled := arrivals.get()) is not None:
+            try:
+                self._execute(group, scheduled)
+            finally:
+                arrivals.task_done()
 
     # -- run --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -350,7 +415,7 @@ class LoadRun:
                     warm = True
                     cpu_measured0 = own_cpu_s()
                     pacs0 = process_cpu_s(pacs_pid) if pacs_pid else None
-                if now > deadline + 120:  # operations hang past any timeout: stop waiting
+                if now > deadline + self.grace_s:  # operations outlive their timeouts
                     self.stop_event.set()
                     break
                 if self.on_progress and warm:
@@ -358,10 +423,9 @@ class LoadRun:
                 time.sleep(0.5 if self.on_progress else 0.1)
                 if now >= deadline:
                     self.stop_event.set()
-            for thread in threads:
-                thread.join(timeout=30)
         finally:
             self.stop_event.set()
+            self._count_unfinished()
             if sink is not None:
                 sink.stop()
         if self.auth_failure is not None:
@@ -440,6 +504,11 @@ class LoadRun:
         }
 
 
+def _short(error: str | None) -> str | None:
+    """An error without the peer's address (the node is named once in the results)."""
+    return None if error is None else error.split(": ", 1)[-1][:80]
+
+
 def _version(node: Any) -> str | None:
     try:
         return node.version()
@@ -454,7 +523,8 @@ def run_workload(
     duration_s: float | None = None,
     move_port: int | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    operation_timeout_s: float = DEFAULT_OPERATION_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Run `workload` against `node` (bounded in time and count) and return the results."""
     return LoadRun(workload, node, duration_s=duration_s, move_port=move_port,
-                   on_progress=on_progress).run()
+                   on_progress=on_progress, operation_timeout_s=operation_timeout_s).run()
