@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness.cluster import Cluster  # noqa: E402
 from harness.config import parse_topology  # noqa: E402
 from harness.dicom.dimse import HARNESS_AE_TITLE  # noqa: E402
-from harness.performance.load import DatasetSpec, clone_study, template_instance  # noqa: E402
+from synthetic_data.templates import clone_study, template_instance  # noqa: E402
 
 FINDSCU, GETSCU = "/usr/bin/findscu", "/usr/bin/getscu"
 STUDIES, INSTANCES, QUERIES, RETRIEVES = 5, 50, 30, 3
@@ -40,7 +40,7 @@ def main() -> None:
     try:
         node = cluster.node("orthanc")
         client = node.dimse(timeout_s=120)
-        template = template_instance(DatasetSpec(scale="realistic", modality="CT"))
+        template = template_instance("realistic", "CT")
         studies = []
         for n in range(STUDIES):
             datasets = clone_study(template, INSTANCES, patient_id=f"QR{n:03d}")

@@ -40,7 +40,7 @@ from harness.cluster import Cluster  # noqa: E402
 from harness.config import parse_topology  # noqa: E402
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient  # noqa: E402
 from harness.launch.ports import free_port  # noqa: E402
-from harness.performance.load import DatasetSpec, clone_study, template_instance  # noqa: E402
+from synthetic_data.templates import clone_study, template_instance  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
 SINK = textwrap.dedent(
@@ -62,7 +62,7 @@ SINK = textwrap.dedent(
 
 def write_instances(folder: Path, count: int, scale: str) -> float:
     """`count` CT files of one study; returns their total size in MB."""
-    template = template_instance(DatasetSpec(scale=scale, modality="CT"))
+    template = template_instance(scale, "CT")
     total = 0
     for number, ds in enumerate(clone_study(template, count)):
         path = folder / f"ct{number:04d}.dcm"

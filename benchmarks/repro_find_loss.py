@@ -31,7 +31,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # n
 from harness.cluster import Cluster  # noqa: E402
 from harness.config import parse_topology  # noqa: E402
 from harness.dicom.dimse import DimseClient, _identifier  # noqa: E402
-from harness.performance.load import DatasetSpec, clone_study, template_instance  # noqa: E402
+from synthetic_data.templates import clone_study, template_instance  # noqa: E402
 
 SERIES, INSTANCES = 6, 12
 BURN_S = 600.0  # hard bound of each CPU burner, whatever happens to this process
@@ -109,7 +109,7 @@ def main() -> None:
                for _ in range(2)]
     stop = threading.Event()
     try:
-        template = template_instance(DatasetSpec(scale="tiny", modality="CT"))
+        template = template_instance("tiny", "CT")
         known = clone_study(template, SERIES * INSTANCES, patient_id="FINDLOSS")
         series_uids = [generate_uid() for _ in range(SERIES)]
         for number, ds in enumerate(known):  # SERIES series of INSTANCES images

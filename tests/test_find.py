@@ -33,7 +33,7 @@ from harness.dicom.dimse import NO_STATUS, DimseClient, DimseConnectionError
 from harness.dicom.wire import NO_DATASET, encode_command
 from harness.launch.ports import free_port
 from harness.launch.tools import find_binary
-from harness.performance.load import DatasetSpec, clone_study, template_instance
+from synthetic_data.templates import clone_study, template_instance
 from tests.test_wire import accept_then, hand_pdu, raw_peer, read_c_store
 
 KINDS = [k for k, binary in (("embedded", None), ("dcmqrscp", "dcmqrscp"), ("orthanc", "Orthanc"))
@@ -47,7 +47,7 @@ Row = tuple[str, str, str, str]  # PatientID, StudyInstanceUID, SeriesInstanceUI
 
 def _archive() -> list[Dataset]:
     """Known content: PATIENTS x STUDIES x SERIES x IMAGES tiny CT instances."""
-    template = template_instance(DatasetSpec(scale="tiny", modality="CT"))
+    template = template_instance("tiny", "CT")
     datasets = []
     for patient in range(PATIENTS):
         for _ in range(STUDIES_PER_PATIENT):
@@ -184,7 +184,7 @@ def _busy_machine(client: DimseClient) -> Iterator[list[int]]:
                                        daemon=True) for _ in range(2)]
     stop_storing = threading.Event()
     stored = [0]
-    template = template_instance(DatasetSpec(scale="tiny", modality="MR"))
+    template = template_instance("tiny", "MR")
 
     def store_stream() -> None:
         while not stop_storing.is_set():

@@ -1,6 +1,7 @@
 """A site's archive (an external node not declared synthetic) keeps its patients out of every
-report: `verify` and the assessment scenario against a real Orthanc described as external,
-each output file read back byte by byte for the stored IDs, names and birth dates."""
+report and ledger: `verify`, `inventory` and the assessment scenario against a real Orthanc
+described as external, each output file read back byte by byte for the stored IDs, names and
+birth dates, and every table of every SQLite ledger dumped by the sqlite3 tool."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ PATIENTS = [
     {"PatientID": "MRN-GAMMA-5524", "IssuerOfPatientID": "SITEA",
      "PatientName": "Snodgrass^Perpetua", "PatientBirthDate": "19610923", "PatientSex": "F"},
 ]
-LEDGERS = ".sqlite"  # the crawl's working data (resume, reconciliation), not a report
+SQLITE = "/usr/bin/sqlite3"  # an independent reader of the ledgers (the SQLite shell)
 
 
 def _clear_values() -> list[str]:
@@ -90,13 +91,24 @@ def _cli(site, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=1500, env=env)
 
 
+def _content(path: Path) -> str:
+    """The file's bytes as text; for a SQLite file, every table as the sqlite3 shell dumps
+    it (rows inside the file's pages may be compressed or split across pages)."""
+    if path.read_bytes()[:16] == b"SQLite format 3\x00":
+        dumped = subprocess.run([SQLITE, "-readonly", str(path), ".dump"], capture_output=True,
+                                text=True, timeout=120, errors="replace")
+        assert dumped.returncode == 0 and "CREATE TABLE" in dumped.stdout, dumped.stderr
+        return dumped.stdout + path.read_bytes().decode("utf-8", "replace")
+    return path.read_bytes().decode("utf-8", "replace")
+
+
 def _found(folder: Path) -> dict[str, list[str]]:
     """Each clear value -> the files under `folder` (recursively) that contain it."""
     found: dict[str, list[str]] = {}
-    files = [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(LEDGERS)]
+    files = [p for p in folder.rglob("*") if p.is_file()]
     assert files
     for path in files:
-        content = path.read_bytes().decode("utf-8", "replace").casefold()
+        content = _content(path).casefold()
         for value in _clear_values():
             if value.casefold() in content:
                 found.setdefault(value, []).append(str(path.relative_to(folder)))
@@ -110,8 +122,16 @@ def _verify(site, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def _dump_has_tables(folder: Path) -> None:
+    ledgers = sorted(folder.glob("*.sqlite"))
+    assert ledgers, "no ledger written"
+    for ledger in ledgers:
+        assert "INSERT INTO instances" in _content(ledger)  # the dump did read rows
+
+
 def test_verify_writes_no_identity_of_a_site_archive(site, tmp_path):
     proc = _verify(site, tmp_path / "out")
+    _dump_has_tables(tmp_path / "out")
     assert _found(tmp_path / "out") == {}
     assert not [v for v in _clear_values() if v.casefold() in proc.stdout.casefold()]
     findings = json.loads((tmp_path / "out" / "findings.json").read_text())
@@ -125,8 +145,42 @@ def test_verify_writes_no_identity_of_a_site_archive(site, tmp_path):
 def test_verify_shows_identities_when_asked(site, tmp_path):
     _verify(site, tmp_path / "out", "--show-identities")
     found = _found(tmp_path / "out")
-    assert {"findings.json", "findings.csv", "summary.txt"} <= set(found["MRN-ALPHA-7731"])
-    assert {"findings.json", "findings.csv"} <= set(found["Quaxwell"])  # the altered name
+    assert {"findings.json", "findings.csv", "summary.txt", "source.ledger.sqlite"} <= set(
+        found["MRN-ALPHA-7731"])
+    assert {"findings.json", "findings.csv", "target.ledger.sqlite"} <= set(
+        found["Quaxwell"])  # the altered name
+
+
+def test_a_second_verify_uses_the_same_tokens(site, tmp_path):
+    """The key stays in the state directory (0600): a second run, like a resumed crawl,
+    gives each patient the same token, and the key is in none of the outputs."""
+    _, env, _ = site
+    runs = []
+    for name in ("one", "two"):
+        _verify(site, tmp_path / name)
+        runs.append(json.loads((tmp_path / name / "findings.json").read_text()))
+    first, second = runs
+    assert [f["patient_id"] for f in first["findings"]] == [
+        f["patient_id"] for f in second["findings"]]
+    key = Path(env["PACS_HARNESS_STATE_DIR"]) / "identity-token.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    secret = key.read_bytes()
+    for path in [*(tmp_path / "one").iterdir(), *(tmp_path / "two").iterdir()]:
+        assert secret not in path.read_bytes() and secret.hex() not in _content(path)
+
+
+def test_inventory_ledger_holds_no_identity_of_a_site_archive(site, tmp_path):
+    ledger = tmp_path / "inv" / "site.sqlite"
+    ledger.parent.mkdir()
+    proc = _cli(site, "inventory", "--node", "site", "--depth", "full", "--ledger", str(ledger))
+    assert proc.returncode == 0, proc.stderr
+    assert _found(tmp_path / "inv") == {}
+    rows = subprocess.run([SQLITE, "-readonly", str(ledger),
+                           "SELECT DISTINCT patient_id, issuer, sex FROM instances"],
+                          capture_output=True, text=True, timeout=60).stdout.split()
+    # three people, two sharing an MRN: still two distinct ID tokens, three issuer/sex pairs
+    assert len(rows) == 3 and len({r.split("|")[0] for r in rows}) == 2, rows
+    assert all(r.split("|")[0].startswith("pt-") for r in rows), rows
 
 
 def _assessment(site, report: Path, *extra: str) -> dict:
@@ -145,7 +199,8 @@ def test_assessment_report_holds_tokens_and_still_shows_the_collision(site, tmp_
     assert collision["patient_id"].startswith("pt-")
     records = collision["records"]
     assert {r["patient_id"] for r in records} == {collision["patient_id"]}
-    assert sorted(r["issuer"] for r in records) == ["SITEA", "SITEB"]
+    issuers = {r["issuer"] for r in records}  # tokens from the ledger, one per issuer
+    assert len(issuers) == 2 and all(i.startswith("iss-") for i in issuers)
     names = {r["name"] for r in records}
     assert len(names) == 2 and all(n.startswith("nm-") for n in names)
     assert {r["sex"] for r in records} == {"sex-redacted"}

@@ -153,7 +153,7 @@ def test_crawl_resumes_after_being_killed(cluster, tmp_path):
         topology = parse_topology('''name: ext
         nodes:
           n: {{kind: external, ae_title: {node.ae_title}, host: 127.0.0.1,
-              dicom_port: {node.dicom_port}}}
+              dicom_port: {node.dicom_port}, synthetic: true}}
         ''')
         node = Cluster.launch(topology).node("n")
         def progress(done, total):

@@ -10,7 +10,8 @@ from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.errors import ConfigError
 from harness.launch.tools import find_binary
-from harness.performance.load import parse_workload, run_workload
+from harness.performance.load import parse_workload
+from harness.performance.runner import run_workload
 
 
 @pytest.mark.parametrize(

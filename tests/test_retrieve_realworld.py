@@ -26,7 +26,7 @@ from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.launch.tools import find_binary
 from harness.nodes.embedded_server import open_index
-from harness.performance.load import _MoveSink
+from harness.performance.runner import _MoveSink
 from tests.realworld import CorpusFile, valid_files
 
 STORESCU, FINDSCU = "/usr/bin/storescu", "/usr/bin/findscu"

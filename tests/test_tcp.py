@@ -15,7 +15,8 @@ from pynetdicom.sop_class import Verification
 
 from harness.dicom.dimse import DimseClient
 from harness.launch.ports import free_port
-from harness.performance.load import DatasetSpec, _MoveSink, clone_study, template_instance
+from harness.performance.runner import _MoveSink
+from synthetic_data.templates import clone_study, template_instance
 
 
 def _nodelay(transport) -> int:
@@ -40,7 +41,7 @@ def test_both_ends_of_an_association_disable_nagle_and_ack_promptly() -> None:
         finally:
             assoc.release()
         # and a real store still arrives whole through the wrapped reads
-        template = template_instance(DatasetSpec(scale="small", modality="CT"))
+        template = template_instance("small", "CT")
         report = client.store(list(clone_study(template, 3)))
         assert report.ok and len(report.succeeded) == 3
         assert sink.received == 3

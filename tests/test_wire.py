@@ -50,8 +50,9 @@ from harness.dicom.wire import (
     read_file_meta,
 )
 from harness.launch.ports import free_port
-from harness.performance.load import DatasetSpec, clone_study, template_instance
+from harness.performance.load import DatasetSpec
 from harness.resilience.proxy import FaultProxy
+from synthetic_data.templates import clone_study, template_instance
 from tests.helpers import run_cli
 
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
@@ -79,7 +80,7 @@ def storage_scp(
 
 
 def ct_files(folder: Path, count: int, scale: str = "small") -> list[Path]:
-    template = template_instance(DatasetSpec(scale=scale, modality="CT"))
+    template = template_instance(scale, "CT")
     paths = []
     for number, ds in enumerate(clone_study(template, count)):
         path = folder / f"ct{number}.dcm"
@@ -114,7 +115,7 @@ def test_datasets_are_encoded_in_their_transfer_syntax(syntax: str) -> None:
         got.append((str(event.context.transfer_syntax), event.dataset))
         return 0x0000
 
-    ds = next(iter(clone_study(template_instance(DatasetSpec(scale="small", modality="CT")), 1)))
+    ds = next(iter(clone_study(template_instance("small", "CT"), 1)))
     ds.file_meta.TransferSyntaxUID = syntax
     with storage_scp(on_store) as port:
         report = DimseClient("127.0.0.1", port, "SCP").store([ds])
@@ -127,7 +128,7 @@ def test_datasets_are_encoded_in_their_transfer_syntax(syntax: str) -> None:
 
 
 def test_a_class_the_peer_refuses_fails_alone_with_the_reason(tmp_path: Path) -> None:
-    mr = next(iter(clone_study(template_instance(DatasetSpec(scale="small", modality="MR")), 1)))
+    mr = next(iter(clone_study(template_instance("small", "MR"), 1)))
     mr.save_as(tmp_path / "mr.dcm", enforce_file_format=True)
     ct_files(tmp_path, 2)  # two CT beside the MR
     (tmp_path / "notes.txt").write_text("not DICOM")
@@ -248,7 +249,7 @@ def get_scp(datasets: list, *, abort_after: int | None = None) -> Iterator[int]:
 
 
 def _study(count: int) -> list:
-    template = template_instance(DatasetSpec(scale="small", modality="CT"))
+    template = template_instance("small", "CT")
     return list(clone_study(template, count))
 
 

@@ -1,7 +1,9 @@
 """`pacs-harness load` and `pacs-harness sla`: run a workload, judge a contract.
 
-Exit codes: load exits 0 when the run finished (errors are in the figures); sla exits 0 when
-every clause passed and 1 when one failed; 2 for bad input; 3 when a node does not answer.
+Exit codes: load exits 0 when the run finished (errors are in the figures) and 3 when not one
+operation succeeded (the node does not answer as a PACS: the figures are still printed, the
+reason is one line on stderr); sla exits 0 when every clause passed and 1 when one failed;
+2 for bad input; 3 when a node does not answer.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def run_locust(workload: Any, node: Any, *, processes: int = 2, duration_s: floa
     command). Every process started here is stopped before returning, also on failure.
     """
     from harness.launch.ports import free_port
-    from harness.performance.load import LoadRun
+    from harness.performance.runner import LoadRun
 
     say = on_event or (lambda _msg: None)
     runner = LoadRun(workload, node)
@@ -230,11 +232,16 @@ def run_locust(workload: Any, node: Any, *, processes: int = 2, duration_s: floa
               help="--locust: wait for this many workers (more than --processes: remote ones)")
 @click.option("--topology", "-t", "topology_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 600), default=30.0,
+              show_default=True,
+              help="seconds each network step of an operation may take (association, each "
+                   "read, a whole C-FIND); slower is an error")
 def load_command(node_name: str, workload_path: str, duration: float | None, locust: bool,
                  processes: int, expect_workers: int | None, topology_path: str | None,
-                 as_json: bool) -> None:
+                 as_json: bool, timeout_s: float) -> None:
     """Run a workload against a node: latency per operation, throughput, errors by status."""
-    from harness.performance.load import load_workload, run_workload
+    from harness.performance.load import load_workload
+    from harness.performance.runner import run_workload
 
     workload = load_workload(workload_path)
     node, move_port = _node_and_move_port(topology_path, node_name)
@@ -251,12 +258,30 @@ def load_command(node_name: str, workload_path: str, duration: float | None, loc
         return
     with _live(not as_json) as show:
         results = run_workload(
-            workload, node, duration_s=duration, move_port=move_port, on_progress=show
+            workload, node, duration_s=duration, move_port=move_port, on_progress=show,
+            operation_timeout_s=timeout_s,
         )
     if as_json:
         out.print_json(json.dumps(results, default=str))
     else:
         out.print(_summary(results))
+    _require_one_success(results, node)
+
+
+def _require_one_success(results: dict[str, Any], node: Any) -> None:
+    """Not one operation succeeded: the node did not answer as a PACS (exit 3, one line)."""
+    totals = results["totals"]
+    if not totals["operations"] or totals["errors"] < totals["operations"]:
+        return
+    reasons: dict[str, int] = {}
+    for op in results["operations"].values():
+        for reason, count in op["errors_by_status"].items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    commonest = max(reasons, key=lambda r: reasons[r]) if reasons else "unknown"
+    raise EnvironmentProblem(
+        f"load: node {node.name} ({node.host}:{node.dicom_port}): none of "
+        f"{totals['operations']} operations succeeded; commonest reason: {commonest}"
+    )
 
 
 @click.command("sla")

@@ -10,6 +10,7 @@ input, 3 when a node does not answer.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import click
 
 from harness.console import console, out, progress_bar
 from harness.errors import EXIT_FINDINGS
-from harness.report.identities import redactor_for
+from harness.report.identities import SHOW_IDENTITIES_ENV, redactor_for
 
 
 def _nodes(topology_path: str | None, *names: str):
@@ -32,6 +33,12 @@ def _nodes(topology_path: str | None, *names: str):
 
 
 
+def _show_identities(show: bool) -> None:
+    """--show-identities for this process: ledgers and findings then keep clear values."""
+    if show:
+        os.environ[SHOW_IDENTITIES_ENV] = "1"
+
+
 @click.command("inventory")
 @click.option("--node", "node_name", required=True, help="the node to crawl")
 @click.option("--depth", type=click.Choice(["attributes", "full"]), default="attributes",
@@ -42,8 +49,11 @@ def _nodes(topology_path: str | None, *names: str):
               help="SQLite ledger to write (default: inventory-NODE.sqlite); resumes if present")
 @click.option("--topology", "-t", "topology_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--show-identities", is_flag=True,
+              help="write patient IDs, names, birth dates, sex into the ledger in clear even "
+                   "when the node is not declared synthetic (default: keyed tokens)")
 def inventory_command(node_name: str, depth: str, sample: int | None, ledger: str | None,
-                      topology_path: str | None, as_json: bool) -> None:
+                      topology_path: str | None, as_json: bool, show_identities: bool) -> None:
     """Crawl every patient, study, series and instance of a node into a ledger.
 
     Exit 1 when something listed could not be read (see `issues` and `unretrievable`).
@@ -51,6 +61,7 @@ def inventory_command(node_name: str, depth: str, sample: int | None, ledger: st
     from harness.migration.inventory import crawl
 
     (node,) = _nodes(topology_path, node_name)
+    _show_identities(show_identities)
     path = Path(ledger or f"inventory-{node_name}.sqlite")
     with progress_bar(as_json) as progress:
         task = progress.add_task(f"crawling {node_name}", total=None)
@@ -101,6 +112,7 @@ def verify_command(source_name: str, target_name: str, depth: str, rules: str | 
 
     checked_rules = load_rules(rules)  # a bad rules file is the first thing reported
     source, target = _nodes(topology_path, source_name, target_name)
+    _show_identities(show_identities)
     redactor = redactor_for(source, target, show=show_identities)
     workdir = Path(out_dir or f"verify-{source_name}-{target_name}")
     with progress_bar(as_json) as progress:

@@ -9,6 +9,7 @@ TLS: pass `tls=TLSConfig(...)` to `DimseClient`; it becomes pynetdicom's `tls_ar
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import socket
 import ssl
@@ -430,6 +431,14 @@ def _proposals(items: list[_StoreItem]) -> list[list[tuple[str, str]]]:
 _FALLBACK_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
+def _shut_down(assoc: Any) -> None:
+    """Shut a failed pynetdicom association's socket down (its reader thread then ends)."""
+    raw = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if raw is not None:
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_RDWR)
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"cannot read: {exc.strerror or exc}"
@@ -530,6 +539,7 @@ class DimseClient:
         kwargs["evt_handlers"] = [
             *(evt_handlers or []),
             (evt.EVT_CONN_OPEN, lambda event: opened.append(event.assoc)),
+            (evt.EVT_ACSE_SENT, self._closing),
         ]
         if self.tls:
             kwargs["tls_args"] = self.tls.tls_args()
@@ -540,6 +550,9 @@ class DimseClient:
         finally:
             watchdog.stop()
         if not assoc.is_established:
+            # pynetdicom's reader thread may still block in recv() on a peer that announced a
+            # long junk PDU and went quiet; shutting the socket down lets that thread end
+            _shut_down(assoc)
             reason = (
                 f"not established within {self.timeout_s:g} s"
                 if watchdog.expired
@@ -561,6 +574,17 @@ class DimseClient:
             transport.socket.settimeout(self.timeout_s)
             prompt_tcp(transport)  # no 40 ms Nagle/delayed-ACK stall per message
         return assoc
+
+    def _closing(self, event: Any) -> None:
+        """EVT_ACSE_SENT: once we release or abort, the association must end within
+        2 x timeout_s. A peer dripping bytes keeps pynetdicom's reader thread in recv() (each
+        byte restarts the socket timeout) and release()/abort() waiting for it forever; past
+        that bound the socket is shut down, which ends both."""
+        if type(getattr(event, "primitive", None)).__name__ in ("A_RELEASE", "A_ABORT",
+                                                               "A_P_ABORT"):
+            watchdog = threading.Timer(2 * self.timeout_s, _shut_down, [event.assoc])
+            watchdog.daemon = True
+            watchdog.start()
 
     # -- C-ECHO ----------------------------------------------------------------------
     def echo(self) -> EchoResult:

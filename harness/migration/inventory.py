@@ -320,14 +320,21 @@ def _check_depth(depth: str, sample: int | None) -> None:
                               "retrieve fully; the others are listed at depth attributes)")
 
 
-_RESUME_KEYS = ("ae_title", "depth", "sample", "via")  # what must match to resume a crawl
+# what must match to resume a crawl
+_RESUME_KEYS = ("ae_title", "depth", "sample", "via", "identities", "identity_prefixes")
 
 
 def _open_ledger(node: Node, path: Path, depth: str, sample: int | None, via: str,
-                 resume: bool) -> tuple[Ledger, bool]:
+                 resume: bool, prefixes: tuple[str, ...] = (),
+                 identities: str | None = None) -> tuple[Ledger, bool]:
     """The ledger to write into, and whether it continues an earlier crawl."""
+    from harness.report.identities import redactor_for
+
     wanted = {"node": node.name, "kind": node.kind, "ae_title": node.ae_title,
-              "depth": depth, "sample": "" if sample is None else str(sample), "via": via}
+              "depth": depth, "sample": "" if sample is None else str(sample), "via": via,
+              # a site's patients are tokens in the file (docs/safety.md, Patient identities)
+              "identities": identities or ("clear" if redactor_for(node) is None else "tokens"),
+              "identity_prefixes": json.dumps(sorted(set(prefixes)))}
     if resume and path.exists():
         ledger = Ledger.open(path)
         meta = ledger.meta()
@@ -353,17 +360,22 @@ def crawl(
     *,
     resume: bool = True,
     via: str = "auto",
+    identity_prefixes: tuple[str, ...] = (),
+    identities: str | None = None,
 ) -> CrawlSummary:
     """Crawl every patient, study, series and instance of `node` into `ledger_path`.
 
     `progress(done, total)` is called with study counts. `via`: `auto` (DICOMweb where the
-    node serves it, else DIMSE), `dimse` or `dicomweb`.
+    node serves it, else DIMSE), `dimse` or `dicomweb`. `identity_prefixes`: the PatientID
+    prefixes a migration adds, kept in clear before the token in a tokenised ledger;
+    `identities` `tokens` or `clear` (default: tokens unless the node holds synthetic data only).
     """
     _check_depth(depth, sample)
     started = time.perf_counter()
     source = _source(node, via)
     path = Path(ledger_path)
-    ledger, resumed = _open_ledger(node, path, depth, sample, via, resume)
+    ledger, resumed = _open_ledger(node, path, depth, sample, via, resume,
+                                   tuple(identity_prefixes), identities)
     summary = CrawlSummary(node.name, node.kind, str(path), depth, sample, source.name, {})
     stored_syntax = _reports_stored_syntax(node, source)
     if not stored_syntax:

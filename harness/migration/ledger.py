@@ -34,6 +34,12 @@ SOPInstanceUID and SpecificCharacterSet are columns of their own and are left ou
 checked in SQL, and an instance stored again under a new SOP Instance UID has the same
 (`attrs_digest`, `pixel_digest`) as the original: that is how duplicates are found.
 
+A ledger of a node that may hold real patients (external, not declared `synthetic: true`)
+holds no identity: meta `identities` = `tokens` and every identity column, the study keys and
+the identifying attributes in `instance_attrs` are keyed tokens (harness/report/identities.py,
+LedgerTokens; the key stays in the state directory). Digests are computed before, over the
+clear values, so equal data still has equal digests.
+
 `keys_digest` covers KEY_ATTRS only: the attributes every kind of node answers in C-FIND
 (and QIDO). It is what two ledgers are compared on where an instance was not retrieved on
 both sides (depth `attributes`, or outside the sample).
@@ -546,6 +552,42 @@ class Ledger:
     def __init__(self, path: str | os.PathLike[str], conn: sqlite3.Connection) -> None:
         self.path = Path(path)
         self.conn = conn
+        self._tokens: Any = False  # LedgerTokens | None once read from meta
+
+    @property
+    def tokens(self) -> Any:
+        """LedgerTokens when this ledger holds identities as tokens (meta `identities`)."""
+        if self._tokens is False:
+            meta = self.meta()
+            self._tokens = None
+            if meta.get("identities") == "tokens":
+                from harness.report.identities import LedgerTokens, ledger_key
+
+                prefixes = json.loads(meta.get("identity_prefixes") or "[]")
+                self._tokens = LedgerTokens(ledger_key(), tuple(prefixes))
+        return self._tokens
+
+    def _study_row(self, row: StudyRow) -> StudyRow:
+        tokens = self.tokens
+        if tokens is None:
+            return row
+        return StudyRow(
+            study_uid=row.study_uid,
+            **{col: tokens.column(kw, getattr(row, col)) for kw, col in IDENTITY_COLUMNS.items()},
+            keys=tokens.attrs(row.keys), reported_series=row.reported_series,
+            reported_instances=row.reported_instances, retrieve=row.retrieve,
+        )
+
+    def _instance_row(self, row: InstanceRow) -> InstanceRow:
+        tokens = self.tokens
+        if tokens is None:
+            return row
+        values = asdict(row)
+        for kw, col in IDENTITY_COLUMNS.items():
+            values[col] = tokens.column(kw, values[col])
+        values["attrs_json"] = json.dumps(tokens.attrs(json.loads(row.attrs_json)),
+                                          sort_keys=True, ensure_ascii=False)
+        return InstanceRow(**values)
 
     def __repr__(self) -> str:
         return f"Ledger({self.path})"
@@ -611,6 +653,7 @@ class Ledger:
     def add_studies(self, rows: Iterable[StudyRow]) -> int:
         """Record listed studies (and their patients); returns how many are new."""
         before = self.conn.total_changes
+        rows = [self._study_row(row) for row in rows]
         self.conn.execute("BEGIN")
         for row in rows:
             self.conn.execute(
@@ -639,7 +682,7 @@ class Ledger:
                      instances: Iterable[InstanceRow], issues: Iterable[tuple[str, str]] = ()
                      ) -> int:
         """Write one study's series, instances and issues and mark it done, atomically."""
-        instances = list(instances)
+        instances = [self._instance_row(row) for row in instances]
         self.conn.execute("BEGIN")
         try:
             self.conn.executemany(

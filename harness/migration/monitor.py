@@ -11,6 +11,12 @@ series, found once per study with SERIES and IMAGE C-FINDs and cached (the same 
 both nodes). A probe is *ok* when the C-FIND found the study and the C-GET delivered the
 instance; its latency is the wall time of the whole probe.
 
+Every probe is bounded in time: each network read by `timeout_s`, a whole C-FIND by
+`timeout_s` too (a peer that drips bytes resets per-read timers), and the whole probe by
+`probe_deadline_s` (3 x `timeout_s` by default), after which it is recorded as failed and left
+behind in its daemon thread. A stalled or hostile node therefore costs failed samples at a
+steady pace, never the sampling loop, and `stop()` returns without waiting for a probe.
+
 Summary figures: `inaccessible_share` per node is failed probes / probes of that node;
 latency percentiles are over the successful probes only (a refused connection is fast and
 would flatter the figures).
@@ -82,6 +88,7 @@ class AvailabilityMonitor:
         max_samples: int = 100_000,
         timeline_points: int = 200,
         timeout_s: float = 10.0,
+        probe_deadline_s: float | None = None,
     ) -> None:
         self.nodes: dict[str, Node | None] = {"source": source, "target": target}
         self.studies = list(studies)
@@ -92,6 +99,7 @@ class AvailabilityMonitor:
         self.max_samples = max_samples
         self.timeline_points = timeline_points
         self.timeout_s = timeout_s
+        self.probe_deadline_s = probe_deadline_s if probe_deadline_s is not None else 3 * timeout_s
         self._samples: list[Sample] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -112,7 +120,7 @@ class AvailabilityMonitor:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(self.timeout_s)  # a daemon: a hung probe never blocks exit
+            self._thread.join(self.timeout_s)  # the loop leaves a running probe at once
         if self._stopped is None:
             self._stopped = time.monotonic()
 
@@ -139,9 +147,9 @@ class AvailabilityMonitor:
                 if time.monotonic() - self._started >= self.max_duration_s:
                     break
                 study = self.random.choice(self.studies)
-                self._record(self._probe("source", study))
+                self._record(self._bounded_probe("source", study))
                 if self.nodes["target"] is not None and self._migrated(study):
-                    self._record(self._probe("target", study))
+                    self._record(self._bounded_probe("target", study))
                 if len(self._samples) >= self.max_samples:
                     break
                 self._stop.wait(self.interval_s)
@@ -156,10 +164,31 @@ class AvailabilityMonitor:
         except Exception:  # noqa: BLE001 - a broken callback means: do not probe the target
             return False
 
-    def _record(self, sample: Sample) -> None:
+    def _record(self, sample: Sample | None) -> None:
+        if sample is None:  # stopped while probing
+            return
         with self._lock:
             if len(self._samples) < self.max_samples:
                 self._samples.append(sample)
+
+    def _bounded_probe(self, role: str, study: str) -> Sample | None:
+        """`_probe` in a daemon thread, waited for at most `probe_deadline_s` (or until
+        stop()): a probe the peer keeps busy is a failed sample, and the loop goes on."""
+        outcome: list[Sample] = []
+        t = time.monotonic() - self._started
+        start = time.perf_counter()
+        prober = threading.Thread(target=lambda: outcome.append(self._probe(role, study)),
+                                  name=f"availability-{role}", daemon=True)
+        prober.start()
+        deadline = time.monotonic() + self.probe_deadline_s
+        while prober.is_alive() and time.monotonic() < deadline and not self._stop.is_set():
+            prober.join(0.1)
+        if outcome:
+            return outcome[0]
+        if self._stop.is_set():
+            return None
+        return Sample(t, role, study, False, False, time.perf_counter() - start,
+                      f"probe unfinished after {self.probe_deadline_s:g} s (peer kept it busy)")
 
     def _probe(self, role: str, study: str) -> Sample:
         node = self.nodes[role]
@@ -170,6 +199,7 @@ class AvailabilityMonitor:
         error = None
         try:
             client = node.dimse(timeout_s=self.timeout_s)
+            client.find_deadline_s = self.timeout_s  # a whole C-FIND, however the peer drips
             matches = client.find("STUDY", {"StudyInstanceUID": study})
             found = matches.ok and len(matches.matches) > 0
             if not found:

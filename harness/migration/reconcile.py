@@ -783,7 +783,7 @@ def reconcile(source_ledger: str | os.PathLike[str], target_ledger: str | os.Pat
         meta = {alias: dict(conn.execute(f"SELECT key, value FROM {alias}.meta"))
                 for alias in ("s", "t")}
         counts = {"source": _counts(conn, "s"), "target": _counts(conn, "t")}
-        rec = _Reconciler(conn, rules)
+        rec = _Reconciler(conn, _rules_for_tokens(rules, meta, source, target))
         rec.differences()
         missing, extra = rec.missing_and_extra()
         altered = rec.altered()
@@ -801,6 +801,27 @@ def reconcile(source_ledger: str | os.PathLike[str], target_ledger: str | os.Pat
         rules=rules.as_dict(), sample=sample,
         warnings=rec.warnings, elapsed_s=round(time.perf_counter() - started, 3),
     )
+
+
+def _rules_for_tokens(rules: Rules, meta: dict[str, dict[str, str]], source: Path,
+                      target: Path) -> Rules:
+    """The rules as they apply to the ledgers: with tokenised identities (ledger.py), the
+    issuers of the prefix map are tokens too. Two ledgers written differently (one in clear,
+    one tokenised) cannot be compared."""
+    modes = {alias: meta[alias].get("identities", "clear") for alias in ("s", "t")}
+    if modes["s"] != modes["t"]:
+        raise ConfigError(
+            f"{source} holds patient identities {modes['s']!r}, {target} {modes['t']!r}: "
+            "crawl both the same way (verify does; --show-identities for both in clear)"
+        )
+    if modes["s"] != "tokens" or not rules.prefix_by_issuer:
+        return rules
+    from harness.report.identities import LedgerTokens, ledger_key
+
+    tokens = LedgerTokens(ledger_key())
+    return replace(rules, prefix_by_issuer={
+        tokens.column("IssuerOfPatientID", issuer): prefix
+        for issuer, prefix in rules.prefix_by_issuer.items()})
 
 
 def _attach_ro(source: Path, target: Path) -> sqlite3.Connection:
@@ -891,16 +912,22 @@ def verify(
     an earlier run in `workdir` are replaced unless `resume=True`.
     """
     from harness.migration.inventory import crawl
+    from harness.report.identities import redactor_for
 
     if not isinstance(rules, Rules):
         rules = load_rules(rules)  # fail on a bad rules file before crawling for an hour
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
     summaries = {}
+    # both ledgers alike: tokens unless both nodes hold synthetic data only (or identities
+    # were asked for), with the rules' prefixes kept in clear so prefix rules still hold
+    identities = "clear" if redactor_for(source, target) is None else "tokens"
+    prefixes = tuple({*rules.prefix_by_issuer.values(), rules.prefix_default or ""} - {""})
     for side, node in (("source", source), ("target", target)):
         report = (lambda d, t, s=side: progress(s, d, t)) if progress else None
         summaries[side] = crawl(node, out / f"{side}.ledger.sqlite", depth=depth, sample=sample,
-                                progress=report, resume=resume)
+                                progress=report, resume=resume, identities=identities,
+                                identity_prefixes=prefixes)
     findings = reconcile(out / "source.ledger.sqlite", out / "target.ledger.sqlite", rules)
     paths = {k: str(v) for k, v in findings.write(out, redactor).items()}
     paths["source_ledger"] = str(out / "source.ledger.sqlite")

@@ -2,7 +2,7 @@
 
 This file is a locustfile: `pacs-harness load --locust` runs it in a Locust master and its
 workers. Each group of the workload becomes one User class (`fixed_count` = the group's
-users) whose task is one operation of `harness.performance.load` (the same code as the
+users) whose task is one operation of `harness.performance.runner` (the same code as the
 threaded engine),
 reported to Locust through its `request` event, so Locust's statistics, CSV and web UI show
 DIMSE and DICOMweb operations like HTTP requests.
@@ -27,7 +27,8 @@ from locust import User, constant, constant_throughput, task
 
 from harness.dicom.dicomweb import DicomwebClient
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient
-from harness.performance.load import Group, LoadRun, Study, workload_from_data
+from harness.performance.load import Group, workload_from_data
+from harness.performance.runner import LoadRun, Study
 
 TARGET_ENV = "PACS_HARNESS_LOCUST_TARGET"
 
@@ -60,10 +61,10 @@ def runner_from_target(target: dict[str, Any]) -> LoadRun:
     runner = LoadRun(workload, RemoteNode(target["node"]), seed=os.getpid())
     runner.studies = [Study(**s) for s in target["studies"]]
     runner.dataset_stored = bool(target.get("dataset_stored", True))
-    from harness.performance.load import _encode, template_instance
+    from synthetic_data.templates import encode_part10, template_instance
 
-    runner.template = template_instance(workload.dataset)
-    runner.template_bytes = len(_encode(runner.template))
+    runner.template = template_instance(workload.dataset.scale, workload.dataset.modality)
+    runner.template_bytes = len(encode_part10(runner.template))
     return runner
 
 

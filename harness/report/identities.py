@@ -9,6 +9,14 @@ be reversed by hashing every plausible MRN; the secret key, never written, preve
 while the same value keeps the same token within the report, so a collision (one `pt-`
 token, distinct `nm-` tokens) stays visible. Sex, with three values, is blanked instead.
 `--show-identities` opts out.
+
+Ledgers (the SQLite files of `inventory` and `verify`) are artifacts too, kept on disk and
+resumed across runs, so they hold `LedgerTokens` instead: the same HMAC with a key that
+outlives one process, kept outside every artifact in the harness state directory
+(`identity-token.key`, mode 0600, made once). Equal values give equal tokens and different
+values different ones, so a resumed crawl, the source/target comparison and the collision
+report still work on tokens; a PatientID with a migration prefix keeps the prefix in clear
+before the token so prefix rules still hold.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import hmac
 import os
 import re
 import secrets
+from pathlib import Path
 from typing import Any
 
 #: set by `pacs-harness run --show-identities` for the pytest child
@@ -32,7 +41,14 @@ _KINDS: dict[str, str] = {
     "sex": "sex", "PatientSex": "sex", "PatientAddress": "addr",
     "PatientTelephoneNumbers": "tel",
 }
+#: ledgers also tokenise the issuer (PS3.15 Annex E removes it too); reports keep it
+_LEDGER_KINDS: dict[str, str] = {**_KINDS, "IssuerOfPatientID": "iss", "issuer": "iss"}
 _UID = re.compile(r"^[0-9.]+$")
+_LEDGER_HEX = 16  # 64 bits: no accidental collision among millions of patients
+#: a ledger token, possibly after a migration prefix (see LedgerTokens)
+LEDGER_TOKEN = re.compile(rf"^.*(pt|iss|nm|dob|sex|addr|tel)-[0-9a-f]{{{_LEDGER_HEX}}}$")
+KEY_FILE = "identity-token.key"
+_KEY_BYTES = 32
 _MIN_FREE_TEXT = 3  # shorter values are not replaced inside free text (they would hit counts)
 
 
@@ -46,6 +62,8 @@ class Redactor:
     def token(self, kind: str, value: str) -> str:
         if kind == "sex":  # three values: a token would only group patients by it
             return "sex-redacted"
+        if LEDGER_TOKEN.match(value):  # read from a tokenised ledger: already no identity
+            return value
         digest = hmac.new(self._key, f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
         return f"{kind}-{digest[:12]}"
 
@@ -115,3 +133,95 @@ def for_report(data: Any, *nodes: Any) -> Any:
     """`data` as a report read from `nodes` may hold it (see `redactor_for`)."""
     redactor = redactor_for(*nodes)
     return data if redactor is None else redactor.redact(data)
+
+
+# ---------------------------------------------------------------------------------------
+# Ledgers
+
+
+def _read_key(path: Path) -> bytes:
+    from harness.errors import EnvironmentProblem
+
+    key = path.read_bytes()
+    if len(key) != _KEY_BYTES:
+        raise EnvironmentProblem(f"{path}: identity token key of {len(key)} bytes, expected "
+                                 f"{_KEY_BYTES} (remove it to make a new one: earlier ledgers "
+                                 "then no longer compare with new ones)")
+    return key
+
+
+def ledger_key() -> bytes:
+    """The key of ledger tokens: in the state directory, never in an artifact; made once
+    (written aside, then linked into place, so concurrent crawls agree on one key)."""
+    from harness.launch.state import state_root
+
+    path = state_root() / KEY_FILE
+    if path.exists():
+        return _read_key(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(f"{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(_KEY_BYTES))
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+    finally:
+        aside.unlink(missing_ok=True)
+    return _read_key(path)
+
+
+class LedgerTokens:
+    """Identifying values as keyed tokens for ledgers: equal tokens iff equal values.
+
+    Unlike the report's Redactor, sex is tokenised too (a changed sex must stay a finding)
+    and free text is left alone (a ledger row must not depend on what was seen before).
+    A PatientID starting with one of `prefixes` (the migration's) keeps that prefix in clear:
+    the longest one, so the mapping stays one to one.
+    """
+
+    def __init__(self, key: bytes, prefixes: tuple[str, ...] = ()) -> None:
+        self._key = key
+        self.prefixes = tuple(sorted({p for p in prefixes if p}, key=len, reverse=True))
+
+    def value(self, kind: str, clear: str) -> str:
+        if not clear or LEDGER_TOKEN.match(clear):
+            return clear
+        if kind == "pt":
+            for prefix in self.prefixes:
+                if clear.startswith(prefix) and len(clear) > len(prefix):
+                    return prefix + self._hmac(kind, clear[len(prefix):])
+        return self._hmac(kind, clear)
+
+    def _hmac(self, kind: str, clear: str) -> str:
+        digest = hmac.new(self._key, f"{kind}\0{clear}".encode(), hashlib.sha256).hexdigest()
+        return f"{kind}-{digest[:_LEDGER_HEX]}"
+
+    def column(self, keyword: str, clear: str) -> str:
+        """An identity column (PatientID, PatientName, ...) by its DICOM keyword."""
+        kind = _LEDGER_KINDS.get(keyword)
+        return self.value(kind, clear) if kind else clear
+
+    def attrs(self, data: Any, kind: str | None = None) -> Any:
+        """Normalised attributes (JSON-like) with every identifying value tokenised, also in
+        sequence items (e.g. OtherPatientIDsSequence)."""
+        if isinstance(data, dict):
+            return {key: self.attrs(value, _LEDGER_KINDS.get(str(key), kind))
+                    for key, value in data.items()}
+        if isinstance(data, list):
+            return [self.attrs(value, kind) for value in data]
+        if kind and isinstance(data, str):
+            return self.value(kind, data)
+        if kind and isinstance(data, int | float) and not isinstance(data, bool):
+            return self.value(kind, str(data))
+        return data
+
+
+def ledger_tokens(*nodes: Any, prefixes: tuple[str, ...] = ()) -> LedgerTokens | None:
+    """Tokens for a ledger of `nodes`, None when they are written in clear (see
+    `redactor_for`: every node synthetic, or identities asked for)."""
+    if redactor_for(*nodes) is None:
+        return None
+    return LedgerTokens(ledger_key(), prefixes)
