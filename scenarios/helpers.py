@@ -86,7 +86,7 @@ def independent_count(node) -> HeldCount | None:
                                 int(stats["CountSeries"]), int(stats["CountInstances"]))
         return HeldCount(counts, "Orthanc REST API: GET /statistics")
     if node.kind == "embedded":
-        from harness.nodes import embedded_server
+        from harness.embedded_pacs import server as embedded_server
 
         counts = NodeStatistics(**embedded_server.statistics(node.storage_dir))
         return HeldCount(counts, f"the embedded PACS's SQLite index in {node.storage_dir}")

@@ -40,7 +40,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from harness.nodes.embedded_server import COLUMNS, open_index, statistics, wipe_storage
+from harness.embedded_pacs.server import COLUMNS, open_index, statistics, wipe_storage
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -104,11 +104,11 @@ def start_node(
     port: int = 0,
     extra_args: tuple[str, ...] = (),
 ) -> Node:
-    """Start ``python -m harness.nodes.embedded_server`` and wait for its listening line."""
+    """Start ``python -m harness.embedded_pacs`` and wait for its listening line."""
     cmd = [
         sys.executable,
         "-m",
-        "harness.nodes.embedded_server",
+        "harness.embedded_pacs",
         "--ae-title",
         ae_title,
         "--port",

@@ -57,7 +57,7 @@ def recipe_digest(recipe: Recipe) -> str:
         module = __import__(name)
         digest.update(f"{name}=={getattr(module, '__version__', '?')}".encode())
     if recipe.name == "embedded":
-        digest.update((Path(__file__).parents[1] / "nodes" / "embedded_server.py").read_bytes())
+        digest.update((Path(__file__).parents[1] / "embedded_pacs" / "server.py").read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -153,7 +153,7 @@ def build_image(
                 # the metadata too: pydicom reads its own version through importlib.metadata
                 for dist_info in source.parent.glob(f"{package}-*.dist-info"):
                     shutil.copytree(dist_info, target / dist_info.name)
-            server = Path(__file__).parents[1] / "nodes" / "embedded_server.py"
+            server = Path(__file__).parents[1] / "embedded_pacs" / "server.py"
             shutil.copyfile(server, target / "embedded_server.py")
         say(f"docker import {tag}")
         archive = Path(tmp) / "root.tar"

@@ -33,7 +33,7 @@ class EmbeddedNode(Node):
     image_program = ("python3", "/opt/pacs-harness/embedded_server.py")
 
     def program(self) -> list[str]:
-        return [sys.executable, "-m", "harness.nodes.embedded_server"]
+        return [sys.executable, "-m", "harness.embedded_pacs"]
 
     def arguments(self) -> list[str]:
         return [
@@ -56,11 +56,11 @@ class EmbeddedNode(Node):
         return f"embedded PACS (pynetdicom {pynetdicom.__version__}, pydicom {pydicom.__version__})"
 
     def _wipe(self) -> None:
-        from harness.nodes import embedded_server
+        from harness.embedded_pacs import server as embedded_server
 
         embedded_server.wipe_storage(self.storage_dir)
 
     def statistics(self) -> NodeStatistics:
-        from harness.nodes import embedded_server
+        from harness.embedded_pacs import server as embedded_server
 
         return NodeStatistics(**embedded_server.statistics(self.storage_dir))

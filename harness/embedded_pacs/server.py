@@ -4,7 +4,7 @@ Why it exists: every harness run needs at least one PACS it can start, fill, que
 from and wipe without Docker or a vendor install. This module is that default node. It is
 started as a subprocess by the harness::
 
-    python -m harness.nodes.embedded_server --ae-title LEGACY --port 11112 --storage DIR \\
+    python -m harness.embedded_pacs --ae-title LEGACY --port 11112 --storage DIR \\
         --peers PEERS.json [--host 127.0.0.1] [--log-level info] [--timeout 30]
 
 ``--port 0`` binds an ephemeral port; the startup line on stderr always names the real one::
@@ -1435,7 +1435,7 @@ class _ContextTemplates(list):
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m harness.nodes.embedded_server",
+        prog="python -m harness.embedded_pacs",
         description="Embedded PACS: Verification, Storage and Query/Retrieve SCP.",
     )
     parser.add_argument("--ae-title", required=True, help="AE title of this node (max 16)")
