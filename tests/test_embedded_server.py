@@ -40,7 +40,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from harness.embedded_pacs.server import COLUMNS, open_index, statistics, wipe_storage
+from harness.embedded_pacs import COLUMNS, open_index, statistics, wipe_storage
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"

@@ -24,7 +24,7 @@ from pydicom.uid import UID
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.embedded_pacs.server import open_index
+from harness.embedded_pacs import open_index
 from harness.launch.tools import find_binary
 from harness.performance.load import _MoveSink
 from tests.realworld import CorpusFile, valid_files

@@ -32,7 +32,7 @@ from pydicom.uid import (
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.dicom.dimse import HARNESS_AE_TITLE
-from harness.embedded_pacs.server import open_index
+from harness.embedded_pacs import open_index
 from harness.launch.tools import find_binary
 from harness.nodes.base import Node
 from tests.realworld import CorpusFile, valid_files
