@@ -54,13 +54,12 @@ def connect(
     """
     conn = sqlite3.connect(
         Path(path),
-        timeout=busy_timeout_s,
+        timeout=busy_timeout_s,  # sqlite3_busy_timeout: wait for another writer's lock
         isolation_level=None,
         check_same_thread=check_same_thread,
     )
     try:
         conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         if journal_mode is not None:
             conn.execute(f"PRAGMA journal_mode = {journal_mode}")
         if synchronous is not None:

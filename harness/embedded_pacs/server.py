@@ -20,7 +20,7 @@ import signal
 import sqlite3
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +165,7 @@ class EmbeddedPacs:
 
     # -- logging -------------------------------------------------------------------------------
 
-    def _noter(self, event: Any) -> Any:
+    def _noter(self, event: Any) -> Callable[[str], None]:
         """A function attaching detail to this request; logged with its final response."""
         key = (id(event.assoc), int(event.request.MessageID))
 
