@@ -7,7 +7,7 @@
 The same files (synthetic CT of one study) go, with the harness's DimseClient.store over 1 and
 then 4 associations, to
 
-  * the embedded PACS (harness/nodes/embedded_server.py), launched as the harness launches it
+  * the embedded PACS (harness/embedded_pacs), launched as the harness launches it
     (Cluster.launch, wiped between runs): it checks each data set, writes the file and
     indexes it in SQLite before it answers;
   * pynetdicom's own storescp (`python -m pynetdicom storescp`, writing files into a temp

@@ -61,9 +61,9 @@ def independent_count(node) -> HeldCount | None:
                                 int(stats["CountSeries"]), int(stats["CountInstances"]))
         return HeldCount(counts, "Orthanc REST API: GET /statistics")
     if node.kind == "embedded":
-        from harness.nodes import embedded_server
+        from harness import embedded_pacs
 
-        counts = NodeStatistics(**embedded_server.statistics(node.storage_dir))
+        counts = NodeStatistics(**embedded_pacs.statistics(node.storage_dir))
         return HeldCount(counts, f"the embedded PACS's SQLite index in {node.storage_dir}")
     if node.kind == "dcmqrscp":
         return _dcmqrscp_storage(node)

@@ -22,7 +22,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind, Verification
 
 from harness.dicom.pdu import associate_rq, pdata_header
-from harness.nodes.embedded_server import wildcard_match
+from harness.embedded_pacs.matching import wildcard_match
 from tests.test_embedded_server import (
     HOST,
     Node,

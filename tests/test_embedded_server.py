@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
+import pynetdicom
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -40,7 +43,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from harness.nodes.embedded_server import COLUMNS, open_index, statistics, wipe_storage
+from harness.embedded_pacs import COLUMNS, open_index, statistics, wipe_storage
+from harness.launch.images import embedded_pacs_files
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -103,12 +107,24 @@ def start_node(
     peers: Path | None = None,
     port: int = 0,
     extra_args: tuple[str, ...] = (),
+    code_root: Path = REPO,
 ) -> Node:
-    """Start ``python -m harness.nodes.embedded_server`` and wait for its listening line."""
+    """Start ``python -m harness.embedded_pacs`` and wait for its listening line.
+
+    With another ``code_root`` the node runs as in the container image: only that directory
+    and pydicom's and pynetdicom's on the path, ``-S`` keeping site-packages (and the
+    editable install of the whole harness) out.
+    """
+    path = [str(code_root), os.environ.get("PYTHONPATH", "")]
+    flags: list[str] = []
+    if code_root != REPO:
+        flags = ["-S"]
+        path = [str(code_root), *{str(Path(m.__file__).parents[1]) for m in (pydicom, pynetdicom)}]
     cmd = [
         sys.executable,
+        *flags,
         "-m",
-        "harness.nodes.embedded_server",
+        "harness.embedded_pacs",
         "--ae-title",
         ae_title,
         "--port",
@@ -123,10 +139,10 @@ def start_node(
     if peers is not None:
         cmd += ["--peers", str(peers)]
     cmd += extra_args
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     proc = subprocess.Popen(
         cmd,
-        cwd=REPO,
+        cwd=code_root,
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -927,6 +943,68 @@ def test_statistics_replace_and_wipe_while_running(scratch: Node) -> None:
 def test_sigterm_exits_zero(scratch: Node) -> None:
     assert scratch.stop(signal.SIGTERM) == 0
     assert any("shutting down" in line for line in scratch.log)
+
+
+def test_runs_from_the_container_images_files_alone(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The files the embedded image carries of the harness (harness/launch/images.py) are a
+    working node on their own: any import of another harness module would fail here."""
+    code = tmp_path / "opt-pacs-harness"
+    for relative, content in embedded_pacs_files().items():
+        (code / relative).parent.mkdir(parents=True, exist_ok=True)
+        (code / relative).write_bytes(content)
+    assert (code / "harness/__init__.py").read_bytes() == b""
+    node = start_node("BOXED", tmp_path / "storage", request.addfinalizer, code_root=code)
+    study, series = generate_uid(), generate_uid()
+    image = make_image(
+        sop_class=CTImageStorage,
+        patient=("Boxed^B", "P-BOX"),
+        study=study,
+        series=series,
+        modality="CT",
+        study_date="20240102",
+        number=1,
+        ts=ExplicitVRLittleEndian,
+    )
+    assert store(node, [image]) == [0]
+    found, status = find(
+        node,
+        StudyRootQueryRetrieveInformationModelFind,
+        QueryRetrieveLevel="STUDY",
+        StudyInstanceUID="",
+    )
+    assert (uids(found, "StudyInstanceUID"), status) == ({study}, 0x0000)
+    assert dcmread(node.file_of(image)).SOPInstanceUID == image.SOPInstanceUID
+    assert node.stop() == 0
+    assert not any("Traceback" in line for line in node.log)
+
+
+def test_an_index_of_a_newer_schema_version_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A storage directory a newer harness wrote: exit 2, one line naming the index, the file
+    left as it was (checked with the sqlite3 module directly)."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    with sqlite3.connect(storage / "index.sqlite") as conn:
+        conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.embedded_pacs", "--ae-title", "LATER", "--port", "0"]
+        + ["--storage", str(storage), "--host", HOST],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"embedded PACS LATER: embedded PACS index {storage / 'index.sqlite'}: schema version 7 "
+        "is newer than this harness's 1 (written by a newer pacs-harness)"
+    ]
+    with sqlite3.connect(storage / "index.sqlite") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 7
+        assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    conn.close()
 
 
 # ---------------------------------------------------------------------------------------------

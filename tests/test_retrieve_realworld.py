@@ -24,8 +24,8 @@ from pydicom.uid import UID
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
+from harness.embedded_pacs import open_index
 from harness.launch.tools import find_binary
-from harness.nodes.embedded_server import open_index
 from harness.performance.runner import _MoveSink
 from tests.realworld import CorpusFile, valid_files
 

@@ -32,9 +32,9 @@ from pydicom.uid import (
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.dicom.dimse import HARNESS_AE_TITLE
+from harness.embedded_pacs import open_index
 from harness.launch.tools import find_binary
 from harness.nodes.base import Node
-from harness.nodes.embedded_server import open_index
 from tests.realworld import CorpusFile, valid_files
 
 STORESCU = "/usr/bin/storescu"

@@ -8,7 +8,8 @@ message. Each C-STORE on one association then idles ~40 ms in each direction. TC
 removes the wait on our sends; TCP_QUICKACK, set again after every read because Linux clears
 it, removes the peer's wait on our acknowledgement. Measured effect in docs/performance.md.
 
-`harness/nodes/embedded_server.py` carries its own copy (it runs without the package).
+`harness/embedded_pacs/connection.py` carries its own copy (it runs without the rest of the
+harness).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ debootstrapping a minimal Debian, installing the server's packages with the chro
 cached: its tag carries a digest of the recipe, so nothing is rebuilt unless it changed.
 
 The embedded PACS image carries Debian's python3 plus the pure-Python pydicom and pynetdicom
-copied from this installation, so it needs no package index either.
+copied from this installation, so it needs no package index either, and the harness's
+embedded_pacs package (``embedded_pacs_files``), run as ``python3 -m harness.embedded_pacs``.
 """
 
 from __future__ import annotations
@@ -57,8 +58,22 @@ def recipe_digest(recipe: Recipe) -> str:
         module = __import__(name)
         digest.update(f"{name}=={getattr(module, '__version__', '?')}".encode())
     if recipe.name == "embedded":
-        digest.update((Path(__file__).parents[1] / "nodes" / "embedded_server.py").read_bytes())
+        for relative, content in embedded_pacs_files().items():
+            digest.update(f"{relative}\0{len(content)}\0".encode())
+            digest.update(content)
     return digest.hexdigest()[:12]
+
+
+def embedded_pacs_files() -> dict[str, bytes]:
+    """What the embedded image carries of the harness, by path under /opt/pacs-harness: the
+    package harness/embedded_pacs whole, the SQLite helper it imports, and an empty
+    harness/__init__.py (the rest of the harness stays out: the package imports none of it)."""
+    harness_dir = Path(__file__).parents[1]
+    files = {"harness/__init__.py": b""}
+    files["harness/sqlite_db.py"] = (harness_dir / "sqlite_db.py").read_bytes()
+    for source in sorted((harness_dir / "embedded_pacs").glob("*.py")):
+        files[f"harness/embedded_pacs/{source.name}"] = source.read_bytes()
+    return files
 
 
 def default_tag(name: str) -> str:
@@ -153,8 +168,11 @@ def build_image(
                 # the metadata too: pydicom reads its own version through importlib.metadata
                 for dist_info in source.parent.glob(f"{package}-*.dist-info"):
                     shutil.copytree(dist_info, target / dist_info.name)
-            server = Path(__file__).parents[1] / "nodes" / "embedded_server.py"
-            shutil.copyfile(server, target / "embedded_server.py")
+        if recipe.name == "embedded":
+            for relative, content in embedded_pacs_files().items():
+                destination = root / "opt/pacs-harness" / relative
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                destination.write_bytes(content)
         say(f"docker import {tag}")
         archive = Path(tmp) / "root.tar"
         with tarfile.open(archive, "w") as tar:

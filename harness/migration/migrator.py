@@ -69,6 +69,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import sqlite_db
 from harness.dicom.dicomweb import (
     AUTH_STATUSES,
     AuthenticationFailed,
@@ -237,20 +238,26 @@ class MigrationState:
                 f"{self.path}: state file in use by another migrator (one run at a time)"
             ) from None
         self._lock = threading.Lock()
-        self.conn = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 1, STATE_SCHEMA_VERSION):
-            raise ConfigError(
-                f"{self.path}: state schema version {version} (this harness writes "
-                f"{STATE_SCHEMA_VERSION}); use a new --state file"
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite_db.connect(self.path)
+            sqlite_db.check_schema_version(
+                conn,
+                STATE_SCHEMA_VERSION,
+                readable=(1,),  # gains table unstable_listings below
+                what=f"{self.path}: state file",
+                hint="use a new --state file",
             )
-        self.conn.executescript(_SCHEMA)
-        self.conn.execute(f"PRAGMA user_version={STATE_SCHEMA_VERSION}")
+            conn.executescript(_SCHEMA)
+            sqlite_db.set_schema_version(conn, STATE_SCHEMA_VERSION)
+        except (sqlite_db.SchemaVersionError, sqlite3.Error) as exc:
+            if conn is not None:
+                conn.close()
+            self._lock_file.close()
+            if isinstance(exc, sqlite_db.SchemaVersionError):
+                raise ConfigError(str(exc)) from None
+            raise ConfigError(f"{self.path}: not a usable state file ({exc})") from None
+        self.conn = conn
 
     def close(self) -> None:
         with self._lock:
@@ -259,14 +266,8 @@ class MigrationState:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+        with self._lock, sqlite_db.transaction(self.conn) as conn:
+            yield conn
 
     def query(self, sql: str, params: tuple | list = ()) -> list[sqlite3.Row]:
         with self._lock:

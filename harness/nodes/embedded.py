@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 
 import pydicom
 import pynetdicom
 
+from harness.errors import ConfigError
 from harness.nodes.base import Node, NodeStatistics, Peer
+from harness.sqlite_db import SchemaVersionError
 
 
 class EmbeddedNode(Node):
@@ -30,10 +34,11 @@ class EmbeddedNode(Node):
         table = {p.ae_title: {"host": p.host, "port": p.port} for p in self.peers}
         (self.workdir / "peers.json").write_text(json.dumps(table, indent=2))
 
-    image_program = ("python3", "/opt/pacs-harness/embedded_server.py")
+    # the image carries the package under /opt/pacs-harness/harness (harness/launch/images.py)
+    image_program = ("python3", "-m", "harness.embedded_pacs")
 
     def program(self) -> list[str]:
-        return [sys.executable, "-m", "harness.nodes.embedded_server"]
+        return [sys.executable, "-m", "harness.embedded_pacs"]
 
     def arguments(self) -> list[str]:
         return [
@@ -56,11 +61,22 @@ class EmbeddedNode(Node):
         return f"embedded PACS (pynetdicom {pynetdicom.__version__}, pydicom {pydicom.__version__})"
 
     def _wipe(self) -> None:
-        from harness.nodes import embedded_server
+        from harness import embedded_pacs
 
-        embedded_server.wipe_storage(self.storage_dir)
+        with _index_version_is_config_error():
+            embedded_pacs.wipe_storage(self.storage_dir)
 
     def statistics(self) -> NodeStatistics:
-        from harness.nodes import embedded_server
+        from harness import embedded_pacs
 
-        return NodeStatistics(**embedded_server.statistics(self.storage_dir))
+        with _index_version_is_config_error():
+            return NodeStatistics(**embedded_pacs.statistics(self.storage_dir))
+
+
+@contextlib.contextmanager
+def _index_version_is_config_error() -> Iterator[None]:
+    """A storage directory whose index a newer harness wrote: exit 2 with its one-line message."""
+    try:
+        yield
+    except SchemaVersionError as exc:
+        raise ConfigError(str(exc)) from None
