@@ -22,13 +22,13 @@ from harness.report.blocks import (
     fold,
     heading,
     label,
-    metric_blocks,
     percent,
     table,
     text,
 )
 from harness.report.charts import bar_chart, fmt, line_chart, num, status_strip
 from harness.report.compat import connectivity, ingest
+from harness.report.generic import metric_blocks
 
 Built = tuple[list[Any], set[str]]
 
