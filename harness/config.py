@@ -30,18 +30,29 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from harness.errors import ConfigError
 
-LAUNCHED_KINDS = ("orthanc", "dcmqrscp", "embedded", "dcm4chee")
-KINDS = (*LAUNCHED_KINDS, "external")
+if TYPE_CHECKING:
+    from harness.nodes.capabilities import Capabilities
+
 LAUNCHES = ("process", "docker")
-#: kinds that run as a local process; dcm4chee exists only as containers
-PROCESS_KINDS = ("orthanc", "dcmqrscp", "embedded")
-INDEXES = ("sqlite", "postgresql")
+
+
+def kind_capabilities(kind: str) -> Capabilities:
+    """What a kind can do, declared on its class (harness/nodes/catalog.py finds them)."""
+    from harness.nodes import catalog
+
+    return catalog.capabilities(kind)
+
+
+def kinds_with(predicate: Callable[[Capabilities], bool]) -> tuple[str, ...]:
+    from harness.nodes import catalog
+
+    return catalog.kinds_with(predicate)
 
 TOP_LEVEL_FIELDS = ("name", "nodes", "links", "settings")
 LINK_FIELDS = {
@@ -64,10 +75,10 @@ WAN_PRESETS: dict[str, dict[str, float]] = {
 MAX_LINK_MS = 60_000
 MAX_LINK_MBIT = 100_000
 NODE_FIELDS = {
-    "kind": "orthanc, dcmqrscp, embedded, dcm4chee or external",
-    "launch": "process or docker (dcm4chee: docker only)",
+    "kind": "a module of harness/nodes: orthanc, dcmqrscp, embedded, dcm4chee, external...",
+    "launch": "process or docker, as the kind allows",
     "image": "the container image for launch: docker",
-    "index": "sqlite or postgresql (orthanc only)",
+    "index": "sqlite or postgresql, as the kind allows",
     "ae_title": "1-16 characters: letters, digits, space, _ - .",
     "host": "a host name or IP address (launched nodes: 127.0.0.0/8 only)",
     "dicom_port": "an integer 1-65535",
@@ -132,7 +143,7 @@ class NodeSpec:
 
     @property
     def launched(self) -> bool:
-        return self.kind in LAUNCHED_KINDS
+        return kind_capabilities(self.kind).launched
 
     @property
     def may_write(self) -> bool:
@@ -380,10 +391,12 @@ def _node(check: Checker, name: Any, raw: Any) -> NodeSpec:
         if key not in NODE_FIELDS:
             raise check.fail((*path, key), f"unknown field (allowed: {', '.join(NODE_FIELDS)})")
     kind = raw.get("kind")
+    kinds = kinds_with(lambda _caps: True)
     if kind is None:
-        raise check.fail((*path, "kind"), f"missing (allowed: {', '.join(KINDS)})")
-    if kind not in KINDS:
-        raise check.fail((*path, "kind"), f"unknown kind {kind!r} (allowed: {', '.join(KINDS)})")
+        raise check.fail((*path, "kind"), f"missing (allowed: {', '.join(kinds)})")
+    if kind not in kinds:
+        raise check.fail((*path, "kind"), f"unknown kind {kind!r} (allowed: {', '.join(kinds)})")
+    caps = kind_capabilities(kind)
 
     ae_title = raw.get("ae_title", name.upper().replace("-", "_")[:16])
     if (
@@ -398,55 +411,62 @@ def _node(check: Checker, name: Any, raw: Any) -> NodeSpec:
         )
 
     host = raw.get("host")
-    if kind == "external":
+    if not caps.launched:
         if not host:
             raise check.fail(
-                (*path, "host"), "missing: an external node needs the host where it runs"
+                (*path, "host"), f"missing: an {kind} node needs the host where it runs"
             )
         if raw.get("dicom_port") is None:
             raise check.fail(
-                (*path, "dicom_port"), "missing: an external node needs its DICOM port"
+                (*path, "dicom_port"), f"missing: an {kind} node needs its DICOM port"
             )
     else:
         host = host or "127.0.0.1"
     if not isinstance(host, str):
         raise check.fail((*path, "host"), f"invalid host {host!r} (allowed: a host name or IP)")
-    if kind != "external" and not _is_loopback(host):
+    if caps.launched and not _is_loopback(host):
         raise check.fail(
             (*path, "host"),
             f"launched nodes listen on loopback only, not {host!r} "
             "(allowed: 127.0.0.0/8 or localhost)",
         )
 
-    launch = raw.get("launch", "docker" if kind == "dcm4chee" else "process")
+    launch = raw.get("launch", caps.default_launch)
     if launch not in LAUNCHES:
         raise check.fail(
             (*path, "launch"), f"unknown launch {launch!r} (allowed: {', '.join(LAUNCHES)})"
         )
-    if kind == "external" and "launch" in raw:
-        raise check.fail((*path, "launch"), "an external node is not launched by the harness")
-    if launch == "process" and kind not in PROCESS_KINDS and kind != "external":
-        raise check.fail((*path, "launch"), f"{kind} runs only with launch: docker")
+    if not caps.launched and "launch" in raw:
+        raise check.fail((*path, "launch"), f"an {kind} node is not launched by the harness")
+    if caps.launched and launch not in caps.launches:
+        raise check.fail(
+            (*path, "launch"), f"{kind} runs only with launch: {' or '.join(caps.launches)}"
+        )
     image = raw.get("image")
     if image is not None and (launch != "docker" or not isinstance(image, str) or not image):
         raise check.fail(
             (*path, "image"), "only for launch: docker, as a non-empty image name"
         )
     index = raw.get("index", "sqlite")
-    if index not in INDEXES:
+    indexes = tuple(dict.fromkeys(i for k in kinds for i in kind_capabilities(k).index_backends))
+    if index not in indexes:
         raise check.fail(
-            (*path, "index"), f"unknown index {index!r} (allowed: {', '.join(INDEXES)})"
+            (*path, "index"), f"unknown index {index!r} (allowed: {', '.join(indexes)})"
         )
-    if index != "sqlite" and kind != "orthanc":
-        raise check.fail((*path, "index"), "index: postgresql is for orthanc nodes only")
+    if index != "sqlite" and index not in caps.index_backends:
+        having = kinds_with(lambda c: index in c.index_backends)
+        raise check.fail((*path, "index"), f"index: {index} is for {', '.join(having)} nodes only")
 
     orthanc_config = raw.get("orthanc_config", {})
     if not isinstance(orthanc_config, dict):
         raise check.fail((*path, "orthanc_config"), "must be a mapping of Orthanc settings")
-    if orthanc_config and kind != "orthanc":
-        raise check.fail((*path, "orthanc_config"), "orthanc_config is for orthanc nodes only")
+    if orthanc_config and "orthanc_config" not in caps.own_fields:
+        having = kinds_with(lambda c: "orthanc_config" in c.own_fields)
+        raise check.fail(
+            (*path, "orthanc_config"), f"orthanc_config is for {', '.join(having)} nodes only"
+        )
 
-    disposable = raw.get("disposable", kind != "external")
+    disposable = raw.get("disposable", caps.launched)
     if not isinstance(disposable, bool):
         raise check.fail(
             (*path, "disposable"), f"invalid value {disposable!r} (allowed: true or false)"
@@ -482,8 +502,8 @@ def _node(check: Checker, name: Any, raw: Any) -> NodeSpec:
         writable=bool(raw.get("writable", False)),
         synthetic=bool(raw.get("synthetic", False)),
         credentials=Credentials(**creds_raw),
-        dicomweb_root=raw.get("dicomweb_root") or ("/dicom-web" if kind == "orthanc" else None),
-        orthanc_rest=bool(raw.get("orthanc_rest", kind == "orthanc")),
+        dicomweb_root=raw.get("dicomweb_root") or caps.dicomweb_root,
+        orthanc_rest=bool(raw.get("orthanc_rest", caps.orthanc_rest)),
         description=str(raw.get("description", "")),
         launch=launch,
         image=image,
@@ -694,8 +714,8 @@ def default_topology(
             name=c.node,
             kind=c.kind,
             ae_title=c.node.upper(),
-            dicomweb_root="/dicom-web" if c.kind == "orthanc" else None,
-            orthanc_rest=c.kind == "orthanc",
+            dicomweb_root=kind_capabilities(c.kind).dicomweb_root,
+            orthanc_rest=kind_capabilities(c.kind).orthanc_rest,
         )
         for c in choices
     }

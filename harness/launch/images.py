@@ -5,8 +5,9 @@ debootstrapping a minimal Debian, installing the server's packages with the chro
 (from the same mirror this machine's apt uses), and `docker import`ing the tree. A build is
 cached: its tag carries a digest of the recipe, so nothing is rebuilt unless it changed.
 
-The embedded PACS image carries Debian's python3 plus the pure-Python pydicom and pynetdicom
-copied from this installation, so it needs no package index either.
+Each kind that has an image declares its recipe (`Capabilities.image_recipe`). The embedded
+PACS image carries Debian's python3 plus the pure-Python pydicom and pynetdicom copied from
+this installation, so it needs no package index either.
 """
 
 from __future__ import annotations
@@ -19,29 +20,28 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.docker import docker_client, image_present
+from harness.nodes import catalog
+from harness.nodes.capabilities import ImageRecipe
 
 BUILDER_VERSION = "3"
 SUITE = "bookworm"
 REPOSITORY = "pacs-harness"
 
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    packages: tuple[str, ...]
-    python_packages: tuple[str, ...] = ()  # copied from this installation into /opt/pacs-harness
+HARNESS_DIR = Path(__file__).parents[1]
 
 
-RECIPES = {
-    "orthanc": Recipe("orthanc", ("orthanc", "orthanc-dicomweb", "orthanc-postgresql")),
-    "dcmqrscp": Recipe("dcmqrscp", ("dcmtk",)),
-    "embedded": Recipe("embedded", ("python3",), ("pydicom", "pynetdicom")),
-}
+def recipes() -> dict[str, ImageRecipe]:
+    """The kinds the harness builds images of, with their recipes."""
+    return {
+        kind: cls.capabilities.image_recipe
+        for kind, cls in catalog.kinds().items()
+        if cls.capabilities.image_recipe is not None
+    }
 
 
 def _python_package_dir(name: str) -> Path:
@@ -49,20 +49,27 @@ def _python_package_dir(name: str) -> Path:
     return Path(module.__file__).parent
 
 
-def recipe_digest(recipe: Recipe) -> str:
+def recipe_digest(recipe: ImageRecipe) -> str:
     """What decides the image content: builder, suite, packages, copied Python code."""
     digest = hashlib.sha256()
     digest.update(f"{BUILDER_VERSION}|{SUITE}|{','.join(recipe.packages)}".encode())
     for name in recipe.python_packages:
         module = __import__(name)
         digest.update(f"{name}=={getattr(module, '__version__', '?')}".encode())
-    if recipe.name == "embedded":
-        digest.update((Path(__file__).parents[1] / "nodes" / "embedded_server.py").read_bytes())
+    for relative in recipe.harness_files:
+        digest.update((HARNESS_DIR / relative).read_bytes())
     return digest.hexdigest()[:12]
 
 
+def _recipe(name: str) -> ImageRecipe:
+    known = recipes()
+    if name not in known:
+        raise ConfigError(f"images build {name!r}: unknown image (allowed: {', '.join(known)})")
+    return known[name]
+
+
 def default_tag(name: str) -> str:
-    return f"{REPOSITORY}/{name}:{recipe_digest(RECIPES[name])}"
+    return f"{REPOSITORY}/{name}:{recipe_digest(_recipe(name))}"
 
 
 def debian_mirror() -> str:
@@ -99,9 +106,7 @@ def build_image(
     say: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[str, bool]:
     """Build (or reuse) the image for `name`; returns (image tag, built now?)."""
-    if name not in RECIPES:
-        raise ConfigError(f"images build {name!r}: unknown image (allowed: {', '.join(RECIPES)})")
-    recipe = RECIPES[name]
+    recipe = _recipe(name)
     tag = tag or default_tag(name)
     client = docker_client()
     if not force and image_present(client, tag):
@@ -153,8 +158,10 @@ def build_image(
                 # the metadata too: pydicom reads its own version through importlib.metadata
                 for dist_info in source.parent.glob(f"{package}-*.dist-info"):
                     shutil.copytree(dist_info, target / dist_info.name)
-            server = Path(__file__).parents[1] / "nodes" / "embedded_server.py"
-            shutil.copyfile(server, target / "embedded_server.py")
+        for relative in recipe.harness_files:
+            target = root / "opt/pacs-harness"
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(HARNESS_DIR / relative, target / Path(relative).name)
         say(f"docker import {tag}")
         archive = Path(tmp) / "root.tar"
         with tarfile.open(archive, "w") as tar:

@@ -8,12 +8,24 @@ import sys
 import pydicom
 import pynetdicom
 
-from harness.nodes.base import Node, NodeStatistics, Peer
+from harness.nodes.base import HeldStatistics, Node, NodeStatistics, Peer
+from harness.nodes.capabilities import Capabilities, ImageRecipe
 
 
 class EmbeddedNode(Node):
     kind = "embedded"
     has_process = True
+    capabilities = Capabilities(
+        query_levels=("PATIENT", "STUDY", "SERIES", "IMAGE"),
+        retrieve_methods=("C-MOVE", "C-GET"),
+        keeps_stored_syntax=True,
+        reports_sop_classes_in_study=True,
+        max_associations=128,  # embedded_server.MAX_ASSOCIATIONS
+        index_backends=("sqlite",),
+        image_recipe=ImageRecipe(
+            ("python3",), ("pydicom", "pynetdicom"), ("nodes/embedded_server.py",)
+        ),
+    )
 
     @property
     def storage_dir(self):
@@ -64,3 +76,8 @@ class EmbeddedNode(Node):
         from harness.nodes import embedded_server
 
         return NodeStatistics(**embedded_server.statistics(self.storage_dir))
+
+    def held_statistics(self) -> HeldStatistics:
+        return HeldStatistics(
+            self.statistics(), f"the embedded PACS's SQLite index in {self.storage_dir}", []
+        )
