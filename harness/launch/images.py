@@ -57,8 +57,16 @@ def recipe_digest(recipe: ImageRecipe) -> str:
         module = __import__(name)
         digest.update(f"{name}=={getattr(module, '__version__', '?')}".encode())
     for relative in recipe.harness_files:
-        digest.update((HARNESS_DIR / relative).read_bytes())
+        for path in _files_of(HARNESS_DIR / relative):
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def _files_of(path: Path) -> list[Path]:
+    """A file, or the Python files of a package folder (in a stable order)."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts)
+    return [path]
 
 
 def _recipe(name: str) -> ImageRecipe:
@@ -161,7 +169,12 @@ def build_image(
         for relative in recipe.harness_files:
             target = root / "opt/pacs-harness"
             target.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(HARNESS_DIR / relative, target / Path(relative).name)
+            source = HARNESS_DIR / relative
+            if source.is_dir():
+                shutil.copytree(source, target / source.name,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copyfile(source, target / source.name)
         say(f"docker import {tag}")
         archive = Path(tmp) / "root.tar"
         with tarfile.open(archive, "w") as tar:
