@@ -13,7 +13,9 @@ import dataclasses
 import socket
 import ssl
 import subprocess
+import time
 from io import BytesIO
+from pathlib import Path
 
 import pytest
 import requests
@@ -237,6 +239,7 @@ def test_max_associations(node):
     limit = node.capabilities.max_associations
     if limit is None:
         pytest.skip(f"{node.kind} declares no association limit")
+    _wait_for_no_child_processes(node)  # dcmqrscp counts its children, reaped ones only
     held = []
     try:
         for number in range(1, limit + 1):
@@ -250,8 +253,17 @@ def test_max_associations(node):
     finally:
         for sock in held:
             sock.close()
-    node.wait_ready(timeout_s=60)  # the closed ones free their places
-    assert node.dimse().echo().status.ok
+    node.wait_ready(timeout_s=120)  # raises unless an association is accepted again
+
+
+def _wait_for_no_child_processes(node, timeout_s: float = 60) -> None:
+    """Until earlier associations' forked children (dcmqrscp forks one per association)
+    have exited and been reaped, as /proc lists them."""
+    children = Path(f"/proc/{node.handle.pid}/task/{node.handle.pid}/children")
+    deadline = time.monotonic() + timeout_s
+    while children.read_text().split():
+        assert time.monotonic() < deadline, f"{node.kind} still has children: {children}"
+        time.sleep(0.2)
 
 
 def test_store_associations_keep_every_instance(node):
