@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.config import NodeSpec, Topology
+from harness.config import NodeSpec, Topology, kind_capabilities
 from harness.dicom.dimse import HARNESS_AE_TITLE
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.docker import ContainerHandle
@@ -116,7 +116,11 @@ class Cluster:
                     spec,
                     dicom_port=spec.dicom_port or free_port(spec.host, taken),
                     http_port=spec.http_port
-                    or (free_port(spec.host, taken) if spec.kind == "orthanc" else None),
+                    or (
+                        free_port(spec.host, taken)
+                        if kind_capabilities(spec.kind).serves_http
+                        else None
+                    ),
                 )
             specs[name] = spec
         if root is None:
@@ -213,6 +217,7 @@ class Cluster:
         for name, saved in state["nodes"].items():
             declared = topology.nodes.get(name)
             base = declared or NodeSpec(name=name, kind=saved["kind"], ae_title=saved["ae_title"])
+            caps = kind_capabilities(saved["kind"])
             spec = replace(
                 base,
                 kind=saved["kind"],
@@ -221,9 +226,8 @@ class Cluster:
                 host=saved["host"],
                 dicom_port=saved["dicom_port"],
                 http_port=saved["http_port"],
-                dicomweb_root=base.dicomweb_root
-                or ("/dicom-web" if saved["kind"] == "orthanc" else None),
-                orthanc_rest=base.orthanc_rest or saved["kind"] == "orthanc",
+                dicomweb_root=base.dicomweb_root or caps.dicomweb_root,
+                orthanc_rest=base.orthanc_rest or caps.orthanc_rest,
             )
             node = make_node(spec, Path(saved["workdir"]) if saved["workdir"] else None)
             node.handle = handle_from_state(saved.get("handle"))

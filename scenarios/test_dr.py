@@ -17,10 +17,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.launch.tools import find_binary
+from harness.nodes import catalog
 from harness.resilience.dr import dr_drill, pixel_sha256
 from synthetic_data.samples import sample_study
 
@@ -37,12 +39,13 @@ VARIANTS = {
 
 
 def _skip_reason(suffix: str) -> str | None:
-    if suffix in ("", ".postgresql") and not find_binary("Orthanc"):
-        return "the DR drill of Orthanc needs Orthanc (apt-get install orthanc)"
+    variant = yaml.safe_load(VARIANTS[suffix])
+    if variant.get("launch", "process") == "process":
+        for program, hint in catalog.capabilities(variant["kind"]).binaries:
+            if not find_binary(program):
+                return f"the DR drill of {variant['kind']} needs {program} (install: {hint})"
     if suffix == ".postgresql" and not glob.glob("/usr/lib/postgresql/*/bin/pg_dump"):
         return "PostgreSQL not installed (apt-get install postgresql)"
-    if suffix == ".dcmqrscp" and not find_binary("dcmqrscp"):
-        return "dcmqrscp not installed (apt-get install dcmtk)"
     if suffix == ".docker":
         from harness.launch.docker import docker_client, image_present
         from harness.launch.images import default_tag

@@ -66,6 +66,9 @@ def _pair(topology, pacs_node):
 
 def _applicable(method: str, source, target) -> str | None:
     """Why a method cannot run between these nodes, or None."""
+    service = {"move": "C-MOVE", "get": "C-GET"}.get(method)
+    if service and service not in source.capabilities.retrieve_methods:
+        return f"{method} needs {service} on the source"
     if method == "dicomweb" and (source.dicomweb() is None or target.dicomweb() is None):
         return "dicomweb needs DICOMweb on both nodes"
     if method == "orthanc" and source.rest() is None:

@@ -44,7 +44,7 @@ from pynetdicom.sop_class import (
 )
 
 from harness.embedded_pacs import COLUMNS, open_index, statistics, wipe_storage
-from harness.launch.images import embedded_pacs_files
+from harness.launch.images import harness_files_of, recipes
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -951,7 +951,7 @@ def test_runs_from_the_container_images_files_alone(
     """The files the embedded image carries of the harness (harness/launch/images.py) are a
     working node on their own: any import of another harness module would fail here."""
     code = tmp_path / "opt-pacs-harness"
-    for relative, content in embedded_pacs_files().items():
+    for relative, content in harness_files_of(recipes()["embedded"]).items():
         (code / relative).parent.mkdir(parents=True, exist_ok=True)
         (code / relative).write_bytes(content)
     assert (code / "harness/__init__.py").read_bytes() == b""

@@ -10,19 +10,21 @@ from harness.config import load_topology, parse_topology
 from harness.errors import NotDisposableError
 from harness.launch.state import state_dir_for
 from harness.launch.tools import find_binary
+from harness.nodes import catalog
 from synthetic_data.samples import sample_study
 from tests.helpers import processes_mentioning, run_cli, status_json
 
-BINARIES = {"orthanc": "Orthanc", "dcmqrscp": "dcmqrscp", "embedded": None}
+#: every kind the harness runs as a local process (a new kind's module joins by itself)
+PROCESS_KINDS = [k for k, cls in catalog.kinds().items() if "process" in cls.capabilities.launches]
 
 
 def _require(kind: str) -> None:
-    binary = BINARIES[kind]
-    if binary and not find_binary(binary):
-        pytest.skip(f"{binary} not installed (install: apt-get install orthanc dcmtk)")
+    for program, hint in catalog.capabilities(kind).binaries:
+        if not find_binary(program):
+            pytest.skip(f"{program} not installed (install: {hint})")
 
 
-@pytest.fixture(params=list(BINARIES))
+@pytest.fixture(params=PROCESS_KINDS)
 def single_node(request):
     kind = request.param
     _require(kind)

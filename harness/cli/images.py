@@ -25,12 +25,12 @@ def images_build(names: tuple[str, ...], tag: str | None, force: bool) -> None:
     The mirror is the one this machine's apt uses; a build whose recipe did not change is
     reused. Prints the image name it made.
     """
-    from harness.launch.images import RECIPES, build_image
+    from harness.launch.images import build_image, recipes
 
     for name in names:
-        if name not in RECIPES:
+        if name not in recipes():
             raise ConfigError(
-                f"images build {name!r}: unknown image (allowed: {', '.join(RECIPES)})"
+                f"images build {name!r}: unknown image (allowed: {', '.join(recipes())})"
             )
     if tag and len(names) > 1:
         raise ConfigError("--tag names one image: build one image at a time with --tag")

@@ -11,12 +11,8 @@ What other modules import from `harness.config` is the topology part, re-exporte
 from harness.config.errors import Checker
 from harness.config.topology import (
     AE_TITLE_RE,
-    INDEXES,
-    KINDS,
-    LAUNCHED_KINDS,
     LAUNCHES,
     NODE_NAME_RE,
-    PROCESS_KINDS,
     TOPOLOGY_NAME_RE,
     Credentials,
     DefaultChoice,
@@ -40,9 +36,6 @@ from harness.config.yaml import (
 
 __all__ = [
     "AE_TITLE_RE",
-    "INDEXES",
-    "KINDS",
-    "LAUNCHED_KINDS",
     "LAUNCHES",
     "MAX_CONFIG_BYTES",
     "MAX_LINK_MBIT",
@@ -51,7 +44,6 @@ __all__ = [
     "MAX_YAML_DEPTH",
     "MAX_YAML_NODES",
     "NODE_NAME_RE",
-    "PROCESS_KINDS",
     "TOPOLOGY_NAME_RE",
     "WAN_PRESETS",
     "Checker",

@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field, StrictBool, StrictStr, model_validator
 
@@ -38,12 +38,24 @@ from harness.config.wan import MAX_LINK_MBIT, MAX_LINK_MS, WAN_PRESETS
 from harness.config.yaml import load_yaml, read_config_text
 from harness.errors import ConfigError
 
-LAUNCHED_KINDS = ("orthanc", "dcmqrscp", "embedded", "dcm4chee")
-KINDS = (*LAUNCHED_KINDS, "external")
+if TYPE_CHECKING:
+    from harness.nodes.capabilities import Capabilities
+
 LAUNCHES = ("process", "docker")
-#: kinds that run as a local process; dcm4chee exists only as containers
-PROCESS_KINDS = ("orthanc", "dcmqrscp", "embedded")
-INDEXES = ("sqlite", "postgresql")
+
+
+def kind_capabilities(kind: str) -> Capabilities:
+    """What a kind can do, declared on its class (harness/nodes/catalog.py finds them)."""
+    from harness.nodes import catalog
+
+    return catalog.capabilities(kind)
+
+
+def kinds_with(predicate: Callable[[Capabilities], bool]) -> tuple[str, ...]:
+    from harness.nodes import catalog
+
+    return catalog.kinds_with(predicate)
+
 
 AE_TITLE_TEXT = "1-16 characters: letters, digits, space, _ - ."
 AE_TITLE_RE = re.compile(r"^[A-Za-z0-9_\-. ]{1,16}\Z")
@@ -95,7 +107,7 @@ class NodeSpec:
 
     @property
     def launched(self) -> bool:
-        return self.kind in LAUNCHED_KINDS
+        return kind_capabilities(self.kind).launched
 
     @property
     def may_write(self) -> bool:
@@ -202,9 +214,28 @@ def _image(value: Any) -> str:
 
 Port = Annotated[int, BeforeValidator(_port)]
 EnvName = Annotated[str, BeforeValidator(_env_name)]
-Kind = choice("kind", KINDS)
+def _kind(value: Any) -> str:
+    """One of the kinds harness/nodes declares (asked at check time: a kind added as a
+    module is known without touching this file)."""
+    kinds = kinds_with(lambda _caps: True)
+    if not isinstance(value, str) or value not in kinds:
+        raise fail(f"unknown kind {value!r} (allowed: {', '.join(kinds)})")
+    return value
+
+
+def _index(value: Any) -> str:
+    kinds = kinds_with(lambda _caps: True)
+    indexes = tuple(dict.fromkeys(
+        ["sqlite", *(i for k in kinds for i in kind_capabilities(k).index_backends)]
+    ))
+    if not isinstance(value, str) or value not in indexes:
+        raise fail(f"unknown index {value!r} (allowed: {', '.join(indexes)})")
+    return value
+
+
+Kind = Annotated[str, BeforeValidator(_kind)]
 Launch = choice("launch", LAUNCHES)
-Index = choice("index", INDEXES)
+Index = Annotated[str, BeforeValidator(_index)]
 Preset = choice("preset", tuple(WAN_PRESETS))
 LinkMilliseconds = Number(0, MAX_LINK_MS)
 LinkMegabits = Number(0, MAX_LINK_MBIT, low_open=True)
@@ -228,16 +259,16 @@ class NodeModel(ConfigModel):
     shape: ClassVar[str] = "a mapping with at least 'kind'"
 
     kind: Kind = Field(
-        description=", ".join(KINDS)
+        description="a module of harness/nodes: orthanc, dcmqrscp, embedded, dcm4chee, external..."
     )
     launch: Launch | None = Field(
-        None, description="process or docker (dcm4chee: docker only)"
+        None, description="process or docker, as the kind allows"
     )
     image: Annotated[str, BeforeValidator(_image)] | None = Field(
         None, description="the container image for launch: docker"
     )
     index: Index | None = Field(
-        None, description="sqlite or postgresql (orthanc only)"
+        None, description="sqlite or postgresql, as the kind allows"
     )
     ae_title: Annotated[str, BeforeValidator(_ae_title)] | None = Field(
         None, description=AE_TITLE_TEXT
@@ -271,38 +302,40 @@ class NodeModel(ConfigModel):
 
     @model_validator(mode="after")
     def _fits_kind(self) -> NodeModel:
-        kind = self.kind
-        if kind == "external":
+        kind, caps = self.kind, kind_capabilities(self.kind)
+        if not caps.launched:
             if not self.host:
-                raise fail("missing: an external node needs the host where it runs", "host")
+                raise fail(f"missing: an {kind} node needs the host where it runs", "host")
             if self.dicom_port is None:
-                raise fail("missing: an external node needs its DICOM port", "dicom_port")
+                raise fail(f"missing: an {kind} node needs its DICOM port", "dicom_port")
         elif self.host is not None and not _is_loopback(self.host):
             raise fail(
                 f"launched nodes listen on loopback only, not {self.host!r} "
                 "(allowed: 127.0.0.0/8 or localhost)",
                 "host",
             )
-        if kind == "external" and self.launch is not None:
-            raise fail("an external node is not launched by the harness", "launch")
+        if not caps.launched and self.launch is not None:
+            raise fail(f"an {kind} node is not launched by the harness", "launch")
         launch = self.resolved_launch
-        if launch == "process" and kind not in PROCESS_KINDS and kind != "external":
-            raise fail(f"{kind} runs only with launch: docker", "launch")
+        if caps.launched and launch not in caps.launches:
+            raise fail(f"{kind} runs only with launch: {' or '.join(caps.launches)}", "launch")
         if self.image is not None and launch != "docker":
             raise fail("only for launch: docker, as a non-empty image name", "image")
-        if self.index not in (None, "sqlite") and kind != "orthanc":
-            raise fail("index: postgresql is for orthanc nodes only", "index")
-        if self.orthanc_config and kind != "orthanc":
-            raise fail("orthanc_config is for orthanc nodes only", "orthanc_config")
+        if self.index not in (None, "sqlite") and self.index not in caps.index_backends:
+            having = kinds_with(lambda c: self.index in c.index_backends)
+            raise fail(f"index: {self.index} is for {', '.join(having)} nodes only", "index")
+        if self.orthanc_config and "orthanc_config" not in caps.own_fields:
+            having = kinds_with(lambda c: "orthanc_config" in c.own_fields)
+            raise fail(f"orthanc_config is for {', '.join(having)} nodes only", "orthanc_config")
         return self
 
     @property
     def resolved_launch(self) -> str:
-        return self.launch or ("docker" if self.kind == "dcm4chee" else "process")
+        return self.launch or kind_capabilities(self.kind).default_launch
 
     def spec(self, name: str, line: int) -> NodeSpec:
         """The node with every default of its kind filled in."""
-        kind = self.kind
+        kind, caps = self.kind, kind_capabilities(self.kind)
         credentials = self.credentials or CredentialsModel()
         return NodeSpec(
             name=name,
@@ -311,12 +344,12 @@ class NodeModel(ConfigModel):
             host=self.host or "127.0.0.1",
             dicom_port=self.dicom_port,
             http_port=self.http_port,
-            disposable=kind != "external" if self.disposable is None else self.disposable,
+            disposable=caps.launched if self.disposable is None else self.disposable,
             writable=self.writable,
             synthetic=self.synthetic,
             credentials=Credentials(credentials.username_env, credentials.password_env),
-            dicomweb_root=self.dicomweb_root or ("/dicom-web" if kind == "orthanc" else None),
-            orthanc_rest=kind == "orthanc" if self.orthanc_rest is None else self.orthanc_rest,
+            dicomweb_root=self.dicomweb_root or caps.dicomweb_root,
+            orthanc_rest=caps.orthanc_rest if self.orthanc_rest is None else self.orthanc_rest,
             description=self.description,
             launch=self.resolved_launch,
             image=self.image,
@@ -523,8 +556,8 @@ def default_topology(
             name=c.node,
             kind=c.kind,
             ae_title=c.node.upper(),
-            dicomweb_root="/dicom-web" if c.kind == "orthanc" else None,
-            orthanc_rest=c.kind == "orthanc",
+            dicomweb_root=kind_capabilities(c.kind).dicomweb_root,
+            orthanc_rest=kind_capabilities(c.kind).orthanc_rest,
         )
         for c in choices
     }

@@ -5,9 +5,11 @@ debootstrapping a minimal Debian, installing the server's packages with the chro
 (from the same mirror this machine's apt uses), and `docker import`ing the tree. A build is
 cached: its tag carries a digest of the recipe, so nothing is rebuilt unless it changed.
 
-The embedded PACS image carries Debian's python3 plus the pure-Python pydicom and pynetdicom
-copied from this installation, so it needs no package index either, and the harness's
-embedded_pacs package (``embedded_pacs_files``), run as ``python3 -m harness.embedded_pacs``.
+Each kind that has an image declares its recipe (`Capabilities.image_recipe`). The embedded
+PACS image carries Debian's python3 plus the pure-Python pydicom and pynetdicom copied from
+this installation, so it needs no package index either, and the harness files its recipe
+names (the embedded_pacs package and the SQLite helper, ``harness_files_of``), run as
+``python3 -m harness.embedded_pacs``.
 """
 
 from __future__ import annotations
@@ -20,29 +22,28 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.docker import docker_client, image_present
+from harness.nodes import catalog
+from harness.nodes.capabilities import ImageRecipe
 
 BUILDER_VERSION = "3"
 SUITE = "bookworm"
 REPOSITORY = "pacs-harness"
 
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    packages: tuple[str, ...]
-    python_packages: tuple[str, ...] = ()  # copied from this installation into /opt/pacs-harness
+HARNESS_DIR = Path(__file__).parents[1]
 
 
-RECIPES = {
-    "orthanc": Recipe("orthanc", ("orthanc", "orthanc-dicomweb", "orthanc-postgresql")),
-    "dcmqrscp": Recipe("dcmqrscp", ("dcmtk",)),
-    "embedded": Recipe("embedded", ("python3",), ("pydicom", "pynetdicom")),
-}
+def recipes() -> dict[str, ImageRecipe]:
+    """The kinds the harness builds images of, with their recipes."""
+    return {
+        kind: cls.capabilities.image_recipe
+        for kind, cls in catalog.kinds().items()
+        if cls.capabilities.image_recipe is not None
+    }
 
 
 def _python_package_dir(name: str) -> Path:
@@ -50,34 +51,45 @@ def _python_package_dir(name: str) -> Path:
     return Path(module.__file__).parent
 
 
-def recipe_digest(recipe: Recipe) -> str:
+def recipe_digest(recipe: ImageRecipe) -> str:
     """What decides the image content: builder, suite, packages, copied Python code."""
     digest = hashlib.sha256()
     digest.update(f"{BUILDER_VERSION}|{SUITE}|{','.join(recipe.packages)}".encode())
     for name in recipe.python_packages:
         module = __import__(name)
         digest.update(f"{name}=={getattr(module, '__version__', '?')}".encode())
-    if recipe.name == "embedded":
-        for relative, content in embedded_pacs_files().items():
-            digest.update(f"{relative}\0{len(content)}\0".encode())
-            digest.update(content)
+    for relative, content in harness_files_of(recipe).items():
+        digest.update(f"{relative}\0{len(content)}\0".encode())
+        digest.update(content)
     return digest.hexdigest()[:12]
 
 
-def embedded_pacs_files() -> dict[str, bytes]:
-    """What the embedded image carries of the harness, by path under /opt/pacs-harness: the
-    package harness/embedded_pacs whole, the SQLite helper it imports, and an empty
-    harness/__init__.py (the rest of the harness stays out: the package imports none of it)."""
-    harness_dir = Path(__file__).parents[1]
+def harness_files_of(recipe: ImageRecipe) -> dict[str, bytes]:
+    """What an image carries of the harness, by path under /opt/pacs-harness: the files and
+    packages (their .py files) its recipe names under harness/, and an empty
+    harness/__init__.py, so `python3 -m harness.<package>` runs with nothing else of the
+    harness present (such a package imports none of it)."""
+    if not recipe.harness_files:
+        return {}
     files = {"harness/__init__.py": b""}
-    files["harness/sqlite_db.py"] = (harness_dir / "sqlite_db.py").read_bytes()
-    for source in sorted((harness_dir / "embedded_pacs").glob("*.py")):
-        files[f"harness/embedded_pacs/{source.name}"] = source.read_bytes()
+    for relative in recipe.harness_files:
+        source = HARNESS_DIR / relative
+        paths = (sorted(p for p in source.rglob("*.py") if "__pycache__" not in p.parts)
+                 if source.is_dir() else [source])
+        for path in paths:
+            files[f"harness/{path.relative_to(HARNESS_DIR)}"] = path.read_bytes()
     return files
 
 
+def _recipe(name: str) -> ImageRecipe:
+    known = recipes()
+    if name not in known:
+        raise ConfigError(f"images build {name!r}: unknown image (allowed: {', '.join(known)})")
+    return known[name]
+
+
 def default_tag(name: str) -> str:
-    return f"{REPOSITORY}/{name}:{recipe_digest(RECIPES[name])}"
+    return f"{REPOSITORY}/{name}:{recipe_digest(_recipe(name))}"
 
 
 def debian_mirror() -> str:
@@ -114,9 +126,7 @@ def build_image(
     say: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[str, bool]:
     """Build (or reuse) the image for `name`; returns (image tag, built now?)."""
-    if name not in RECIPES:
-        raise ConfigError(f"images build {name!r}: unknown image (allowed: {', '.join(RECIPES)})")
-    recipe = RECIPES[name]
+    recipe = _recipe(name)
     tag = tag or default_tag(name)
     client = docker_client()
     if not force and image_present(client, tag):
@@ -168,11 +178,10 @@ def build_image(
                 # the metadata too: pydicom reads its own version through importlib.metadata
                 for dist_info in source.parent.glob(f"{package}-*.dist-info"):
                     shutil.copytree(dist_info, target / dist_info.name)
-        if recipe.name == "embedded":
-            for relative, content in embedded_pacs_files().items():
-                destination = root / "opt/pacs-harness" / relative
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                destination.write_bytes(content)
+        for relative, content in harness_files_of(recipe).items():
+            destination = root / "opt/pacs-harness" / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            destination.write_bytes(content)
         say(f"docker import {tag}")
         archive = Path(tmp) / "root.tar"
         with tarfile.open(archive, "w") as tar:

@@ -12,9 +12,9 @@ import shutil
 from harness.errors import EnvironmentProblem
 
 SYSTEM_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
+#: the DCMTK client tools the harness and its tests call; a server's own hint is declared
+#: with its kind (harness/nodes/capabilities.py, `binaries`)
 INSTALL_HINTS = {
-    "Orthanc": "apt-get install orthanc orthanc-dicomweb",
-    "dcmqrscp": "apt-get install dcmtk",
     "storescu": "apt-get install dcmtk",
     "findscu": "apt-get install dcmtk",
     "getscu": "apt-get install dcmtk",
@@ -44,10 +44,10 @@ def find_binary(name: str) -> str | None:
     return None
 
 
-def require_binary(name: str) -> str:
+def require_binary(name: str, hint: str | None = None) -> str:
     """Like find_binary, but an EnvironmentProblem (exit 3) that says how to install it."""
     path = find_binary(name)
     if path is None:
-        hint = INSTALL_HINTS.get(name, "install it")
+        hint = hint or INSTALL_HINTS.get(name, "install it")
         raise EnvironmentProblem(f"{name} not found on this machine (install: {hint})")
     return path

@@ -258,13 +258,11 @@ class _DicomwebSource:
         return problems
 
 
-#: Kinds whose C-GET sends each instance in its stored syntax when offered (dcmqrscp converts
-#: to the first context it accepted, so its ledgers cannot tell a stored syntax).
-KEEPS_STORED_SYNTAX = ("orthanc", "embedded")
-
-
 def _reports_stored_syntax(node: Node, source: Any) -> bool:
-    return source.name == "dicomweb" or node.kind in KEEPS_STORED_SYNTAX
+    """WADO-RS, or a C-GET from a kind that sends each instance in its stored syntax when
+    offered (dcmqrscp converts to the first context it accepted, so its ledgers cannot tell
+    a stored syntax)."""
+    return source.name == "dicomweb" or node.capabilities.keeps_stored_syntax
 
 
 def _source(node: Node, via: str) -> _DimseSource | _DicomwebSource:

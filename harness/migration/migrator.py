@@ -707,7 +707,7 @@ class Migrator:
             raise ConfigError(f"source and target are the same node ({source.name})")
         target.require_writable("migrate studies into it")
         self.source, self.target, self.method = source, target, method
-        cap = target.max_store_associations
+        cap = target.capabilities.store_associations
         self.workers = min(workers, cap) if cap else workers
         self.rate_limit = rate_limit
         self.retries = retries
@@ -730,6 +730,13 @@ class Migrator:
 
     def _check_method(self) -> None:
         """Refuse, before anything is sent, a method one of the nodes cannot do."""
+        service = {"move": "C-MOVE", "get": "C-GET"}.get(self.method)
+        offered = self.source.capabilities.retrieve_methods
+        if service and service not in offered:
+            raise ConfigError(
+                f"method {self.method}: source node {self.source.name} ({self.source.kind}) "
+                f"offers no {service} (it offers {', '.join(offered)})"
+            )
         if self.method == "dicomweb":
             for role, node in (("source", self.source), ("target", self.target)):
                 if node.dicomweb() is None:

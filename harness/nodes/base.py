@@ -11,15 +11,20 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harness.config import NodeSpec
 from harness.dicom.dicomweb import DicomwebClient
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient, DimseConnectionError
 from harness.dicom.orthanc_rest import OrthancRest
 from harness.errors import EnvironmentProblem, NotDisposableError, NotWritableError
 from harness.launch.docker import ContainerHandle
 from harness.launch.process import ProcessHandle, log_tail, spawn
+from harness.launch.tools import require_binary
+from harness.nodes import catalog
+from harness.nodes.capabilities import Capabilities
+
+if TYPE_CHECKING:
+    from harness.config import NodeSpec
 
 
 @dataclass(frozen=True)
@@ -43,12 +48,33 @@ class NodeStatistics:
         return asdict(self)
 
 
+@dataclass
+class HeldStatistics:
+    """What a node holds, counted without its query service (to hold C-FIND against)."""
+
+    statistics: NodeStatistics
+    means: str  # how it was counted, for the report
+    unreadable: list[str]  # stored files that did not parse
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.statistics.as_dict(), "means": self.means, "unreadable": self.unreadable}
+
+
 class Node:
-    """Base class: an addressable PACS with protocol clients and lifecycle chores."""
+    """Base class: an addressable PACS with protocol clients and lifecycle chores.
+
+    A subclass that sets `kind` is a node kind: it declares `capabilities` and is found by
+    harness.nodes.catalog (docs/architecture.md, Adding a PACS kind).
+    """
 
     kind = "abstract"
     has_process = False
-    max_store_associations: int | None = None  # a cap the server itself needs
+    capabilities = Capabilities()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            catalog.register(cls)
 
     def __init__(self, spec: NodeSpec, workdir: Path | None = None) -> None:
         self.spec = spec
@@ -108,7 +134,7 @@ class Node:
             self.ae_title,
             calling_ae,
             timeout_s=timeout_s,
-            max_store_associations=self.max_store_associations,
+            max_store_associations=self.capabilities.store_associations,
         )
 
     @property
@@ -141,6 +167,10 @@ class Node:
     def program(self) -> list[str]:
         """How to invoke the server on this machine (checked to be installed)."""
         raise NotImplementedError
+
+    def require_binary(self, program: str) -> str:
+        """The installed program's path, or an EnvironmentProblem with the kind's hint."""
+        return require_binary(program, self.capabilities.install_hint(program))
 
     def arguments(self) -> list[str]:
         """The server's arguments, the same for a process and a container."""
@@ -320,6 +350,26 @@ class Node:
     def statistics(self) -> NodeStatistics:
         """Counts by walking the hierarchy with C-FIND; adapters override with faster ways."""
         return dimse_statistics(self.dimse())
+
+    def held_statistics(self) -> HeldStatistics | None:
+        """Counts by a means other than C-FIND (the kind's own index or files), or None
+        where the kind has none: counting with C-FIND would check the query service
+        against itself."""
+        rest = self.rest()
+        if rest is None:
+            return None
+        return HeldStatistics(rest_statistics(rest), "Orthanc REST API: GET /statistics", [])
+
+
+def rest_statistics(rest: OrthancRest) -> NodeStatistics:
+    """Orthanc's own counts (GET /statistics)."""
+    stats = rest.statistics()
+    return NodeStatistics(
+        patients=int(stats["CountPatients"]),
+        studies=int(stats["CountStudies"]),
+        series=int(stats["CountSeries"]),
+        instances=int(stats["CountInstances"]),
+    )
 
 
 def dimse_statistics(client: DimseClient) -> NodeStatistics:

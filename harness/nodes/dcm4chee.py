@@ -15,6 +15,7 @@ import requests
 from harness.errors import EnvironmentProblem
 from harness.launch.docker import ContainerHandle, docker_client, image_present, run_container
 from harness.nodes.base import Node, Peer
+from harness.nodes.capabilities import Capabilities
 
 LDAP_IMAGE = "dcm4che/slapd-dcm4chee:2.6.7-33.0"
 DB_IMAGE = "dcm4che/postgres-dcm4chee:16.4-33"
@@ -27,6 +28,14 @@ DB_ENV = {"POSTGRES_DB": "pacsdb", "POSTGRES_USER": "pacs", "POSTGRES_PASSWORD":
 class Dcm4cheeNode(Node):
     kind = "dcm4chee"
     has_process = True
+    capabilities = Capabilities(
+        query_levels=("PATIENT", "STUDY", "SERIES", "IMAGE"),
+        retrieve_methods=("C-MOVE", "C-GET", "WADO-RS"),
+        dicomweb=("QIDO-RS", "WADO-RS", "STOW-RS"),  # under /dcm4chee-arc/aets/<AE>/rs
+        keeps_stored_syntax=True,
+        reports_sop_classes_in_study=True,
+        launches=("docker",),  # only as its documented containers
+    )
 
     def __init__(self, spec, workdir=None) -> None:
         super().__init__(spec, workdir)

@@ -11,13 +11,25 @@ import pydicom
 import pynetdicom
 
 from harness.errors import ConfigError
-from harness.nodes.base import Node, NodeStatistics, Peer
+from harness.nodes.base import HeldStatistics, Node, NodeStatistics, Peer
+from harness.nodes.capabilities import Capabilities, ImageRecipe
 from harness.sqlite_db import SchemaVersionError
 
 
 class EmbeddedNode(Node):
     kind = "embedded"
     has_process = True
+    capabilities = Capabilities(
+        query_levels=("PATIENT", "STUDY", "SERIES", "IMAGE"),
+        retrieve_methods=("C-MOVE", "C-GET"),
+        keeps_stored_syntax=True,
+        reports_sop_classes_in_study=True,
+        max_associations=128,  # embedded_pacs.connection.MAX_ASSOCIATIONS
+        index_backends=("sqlite",),
+        image_recipe=ImageRecipe(
+            ("python3",), ("pydicom", "pynetdicom"), ("embedded_pacs", "sqlite_db.py")
+        ),
+    )
 
     @property
     def storage_dir(self):
@@ -71,6 +83,11 @@ class EmbeddedNode(Node):
 
         with _index_version_is_config_error():
             return NodeStatistics(**embedded_pacs.statistics(self.storage_dir))
+
+    def held_statistics(self) -> HeldStatistics:
+        return HeldStatistics(
+            self.statistics(), f"the embedded PACS's SQLite index in {self.storage_dir}", []
+        )
 
 
 @contextlib.contextmanager

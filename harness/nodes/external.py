@@ -7,12 +7,16 @@ lacks: only an external Orthanc (`orthanc_rest: true`) declared disposable can b
 from __future__ import annotations
 
 from harness.errors import EnvironmentProblem, NotDisposableError
-from harness.nodes.base import Node, NodeStatistics
+from harness.nodes.base import Node, NodeStatistics, rest_statistics
+from harness.nodes.capabilities import Capabilities
 
 
 class ExternalNode(Node):
     kind = "external"
     has_process = False
+    #: a site's PACS is unknown: the harness tries C-MOVE and C-GET (a refusal is reported);
+    #: `orthanc_rest` and `dicomweb_root` in the topology declare its HTTP services per node
+    capabilities = Capabilities(retrieve_methods=("C-MOVE", "C-GET"), launches=())
 
     def version(self) -> str:
         rest = self.rest()
@@ -35,11 +39,5 @@ class ExternalNode(Node):
     def statistics(self) -> NodeStatistics:
         rest = self.rest()
         if rest is not None:
-            stats = rest.statistics()
-            return NodeStatistics(
-                int(stats["CountPatients"]),
-                int(stats["CountStudies"]),
-                int(stats["CountSeries"]),
-                int(stats["CountInstances"]),
-            )
+            return rest_statistics(rest)
         return super().statistics()

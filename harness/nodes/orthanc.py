@@ -29,8 +29,8 @@ import requests
 
 from harness.errors import EnvironmentProblem
 from harness.launch.postgres import PostgresServer
-from harness.launch.tools import require_binary
-from harness.nodes.base import Node, NodeStatistics, Peer
+from harness.nodes.base import Node, NodeStatistics, Peer, rest_statistics
+from harness.nodes.capabilities import Capabilities, ImageRecipe
 
 DEBIAN_PLUGIN_DIR = "/usr/share/orthanc/plugins"
 DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
@@ -120,6 +120,19 @@ class OrthancNode(Node):
 
     kind = "orthanc"
     has_process = True
+    capabilities = Capabilities(
+        query_levels=("PATIENT", "STUDY", "SERIES", "IMAGE"),
+        retrieve_methods=("C-MOVE", "C-GET", "WADO-RS"),
+        orthanc_rest=True,
+        dicomweb=("QIDO-RS", "WADO-RS", "STOW-RS"),
+        dicomweb_root="/dicom-web",  # the DicomWeb.Root the generated configuration sets
+        keeps_stored_syntax=True,
+        reports_sop_classes_in_study=True,
+        index_backends=("sqlite", "postgresql"),
+        own_fields=("orthanc_config",),
+        binaries=(("Orthanc", "apt-get install orthanc orthanc-dicomweb"),),
+        image_recipe=ImageRecipe(("orthanc", "orthanc-dicomweb", "orthanc-postgresql")),
+    )
     image_program = ("/usr/sbin/Orthanc",)
     dcmtk_network = True
 
@@ -164,7 +177,7 @@ class OrthancNode(Node):
         return ("storage",) if self.spec.index == "postgresql" else ("storage", "index")
 
     def program(self) -> list[str]:
-        return [require_binary("Orthanc")]
+        return [self.require_binary("Orthanc")]
 
     def arguments(self) -> list[str]:
         return [str(self.workdir / "orthanc.json")]
@@ -206,10 +219,4 @@ class OrthancNode(Node):
         self.rest().delete_all()
 
     def statistics(self) -> NodeStatistics:
-        stats = self.rest().statistics()
-        return NodeStatistics(
-            patients=int(stats["CountPatients"]),
-            studies=int(stats["CountStudies"]),
-            series=int(stats["CountSeries"]),
-            instances=int(stats["CountInstances"]),
-        )
+        return rest_statistics(self.rest())
