@@ -3,7 +3,9 @@
 #
 #   ./setup.sh                  Python packages only: the embedded PACS is the default node
 #   ./setup.sh --with-servers   also Orthanc (+ DICOMweb, PostgreSQL plugins), DCMTK,
-#                               PostgreSQL and HAProxy from apt (root)
+#                               PostgreSQL and HAProxy from apt, and the Allure command line
+#                               (Java from apt, allure-commandline from npm) for
+#                               `pacs-harness report --allure` (root)
 #   ./setup.sh --with-docker    also Docker (docker.io) and debootstrap, to run nodes as
 #                               containers built without a registry (root)
 #   ./setup.sh --dev            also the test and lint tools (and, as root, Debian's
@@ -19,7 +21,7 @@ for arg in "$@"; do
     --with-servers) with_servers=1 ;;
     --with-docker) with_docker=1 ;;
     --dev) dev=1 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $arg (allowed: --with-servers, --with-docker, --dev)" >&2
        exit 2 ;;
   esac
@@ -60,6 +62,25 @@ if [ "$with_servers" = 1 ]; then
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing ${missing[*]}"
     apt_install "${missing[@]}"
+  fi
+fi
+
+if [ "$with_servers" = 1 ]; then
+  # the Allure report (`pacs-harness report --allure`) runs Allure 2, a Java program
+  # published on npm as allure-commandline
+  command -v java >/dev/null || { echo "installing default-jre-headless"; apt_install default-jre-headless; }
+  if ! command -v allure >/dev/null; then
+    command -v npm >/dev/null || { echo "installing npm"; apt_install npm; }
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "setup.sh: need root to npm install -g allure-commandline (run with sudo)" >&2
+      exit 3
+    fi
+    echo "installing allure-commandline (npm)"
+    npm install -g --no-fund --no-audit allure-commandline >/dev/null
+    command -v allure >/dev/null || {
+      echo "setup.sh: allure not on PATH after npm install -g (npm prefix: $(npm prefix -g))" >&2
+      exit 3
+    }
   fi
 fi
 

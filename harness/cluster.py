@@ -13,10 +13,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -294,22 +297,52 @@ class Cluster:
         return seen
 
     def stop(self) -> None:
-        """Stop every process we started and remove the temporary directories and state."""
-        for proxy in self.links.values():
-            proxy.close()
-        errors = []
-        for node in self.nodes.values():
-            try:
-                node.stop()
-            except Exception as exc:  # noqa: BLE001 - keep stopping the others
-                errors.append(f"{node.name}: {exc}")
-        if self.root and self.root.exists():
-            shutil.rmtree(self.root, ignore_errors=True)
-        if self.state_dir is not None:
-            with contextlib.suppress(FileNotFoundError):
-                (self.state_dir / STATE_FILE).unlink()
+        """Stop every process we started and remove the temporary directories and state.
+
+        The nodes stop side by side, so the teardown takes the slowest node's grace period,
+        not their sum; a further Ctrl-C or SIGTERM meanwhile waits until it is done (each
+        stop has a deadline) instead of cutting it short and leaving nodes running.
+        """
+        with interrupts_deferred():
+            for proxy in self.links.values():
+                proxy.close()
+            errors = []
+            with ThreadPoolExecutor(max_workers=max(1, len(self.nodes))) as pool:
+                stops = {pool.submit(node.stop): node for node in self.nodes.values()}
+                for future, node in stops.items():
+                    exc = future.exception()
+                    if exc is not None:
+                        errors.append(f"{node.name}: {exc}")
+            if self.root and self.root.exists():
+                shutil.rmtree(self.root, ignore_errors=True)
+            if self.state_dir is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.state_dir / STATE_FILE).unlink()
         if errors:
             raise EnvironmentProblem("could not stop: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one as it would
+    have been (KeyboardInterrupt, or the default action). Only the main thread can."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler in (signal.SIG_IGN, None):  # ignored, or set outside Python: leave it
+            continue
+        previous[signum] = signal.signal(signum, lambda got, _frame: received.append(got))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        signal.raise_signal(received[0])
 
 
 def reachable_node(topology: Topology, cluster: Cluster | None, name: str) -> Node:

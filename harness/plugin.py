@@ -102,12 +102,27 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_metrics_key] = {}
     config.stash[_cluster_key] = None
     config.stash[_started_key] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    # SIGTERM (CI cancelling a job) should tear down like Ctrl-C does, not leave nodes.
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        try:
-            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-        except ValueError:  # not in the main thread
-            pass
+    _tear_down_on_signals()
+
+
+def _tear_down_on_signals() -> None:
+    """SIGINT and SIGTERM end the session through pytest's teardown, so nodes are stopped.
+
+    SIGTERM (CI cancelling a job) would otherwise kill the process and leave nodes. SIGINT
+    arrives ignored in a job a non-interactive shell started with `&` (POSIX: background
+    jobs ignore SIGINT, and exec keeps an ignored signal ignored): Python then installs no
+    KeyboardInterrupt and a `kill -INT` is lost, leaving the session and its nodes up.
+    """
+    wanted = {
+        signal.SIGINT: (signal.SIG_IGN, signal.default_int_handler),
+        signal.SIGTERM: (signal.SIG_DFL, _raise_keyboard_interrupt),
+    }
+    for signum, (inherited, handler) in wanted.items():
+        if signal.getsignal(signum) is inherited:
+            try:
+                signal.signal(signum, handler)
+            except ValueError:  # not in the main thread
+                pass
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:

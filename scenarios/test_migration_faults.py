@@ -99,7 +99,7 @@ def test_migration_survives_faults(pacs_topology, pacs_metrics, tmp_path):
         finally:
             schedule.join(120)
             schedule.stop()
-        target.wait_ready(30)
+        target.wait_ready(120)
         source_uids = _image_uids(source, series)
         target_uids = _image_uids(target, series)  # directly, not through the proxy
         duplicates = sorted(u for u, n in Counter(target_uids).items() if n > 1)

@@ -10,6 +10,12 @@ from pathlib import Path
 
 from harness.launch.process import ProcessHandle
 
+#: a pytest session started by a test, as a harness user runs one: without Hypothesis's
+#: plugin, which imports and assertion-rewrites all of Hypothesis for its closing summary
+#: (no bytecode cache under PYTHONDONTWRITEBYTECODE): tens of seconds on a loaded machine
+CHILD_PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                "-p", "no:hypothesispytest"]
+
 
 def run_cli(*args: str, timeout: float = 180, **kwargs) -> subprocess.CompletedProcess:
     """Run `pacs-harness ARGS` as a user would, in a subprocess."""

@@ -39,7 +39,7 @@ from harness.launch.tools import find_binary
 from harness.nodes import catalog, make_node
 from harness.nodes.capabilities import LAUNCHES, QUERY_LEVELS, Capabilities
 from harness.nodes.embedded import EmbeddedNode
-from scenarios.helpers import sample_study
+from synthetic_data.samples import sample_study
 
 LAUNCHED = [name for name, cls in catalog.kinds().items() if cls.capabilities.launched]
 

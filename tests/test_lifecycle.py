@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -16,7 +15,13 @@ import pytest
 
 from harness.launch.tools import find_binary
 from synthetic_data.samples import sample_study
-from tests.helpers import handle_alive, processes_mentioning, run_cli, status_json
+from tests.helpers import (
+    CHILD_PYTEST,
+    handle_alive,
+    processes_mentioning,
+    run_cli,
+    status_json,
+)
 
 ALL_KINDS = """\
 name: every-kind
@@ -34,7 +39,7 @@ def test_hold_nodes(pacs_cluster):
     with open(out + ".tmp", "w") as f:
         json.dump({"nodes": nodes, "root": str(pacs_cluster.root)}, f)
     os.replace(out + ".tmp", out)
-    time.sleep(120)
+    time.sleep(3600)  # far past SESSION_END_DEADLINE_S: only the signal ends it
 '''
 
 
@@ -51,19 +56,40 @@ def every_kind_topology(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_interrupted_session_leaves_no_process(tmp_path, every_kind_topology, sig):
+#: how the session is interrupted: (signal, how many times, started as a shell's `cmd &`)
+INTERRUPTIONS = {
+    "SIGINT": (signal.SIGINT, 1, False),
+    # Ctrl-C again while the nodes stop: the teardown still finishes
+    "SIGINT-twice": (signal.SIGINT, 2, False),
+    # a non-interactive shell's background job starts with SIGINT ignored (POSIX)
+    "SIGINT-background-job": (signal.SIGINT, 1, True),
+    "SIGTERM": (signal.SIGTERM, 1, False),
+    "SIGKILL": (signal.SIGKILL, 1, False),
+}
+
+#: generous: the session ends within seconds; this only bounds a hung one
+SESSION_END_DEADLINE_S = 300
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("how", list(INTERRUPTIONS))
+def test_interrupted_session_leaves_no_process(tmp_path, every_kind_topology, how):
+    sig, times, background_job = INTERRUPTIONS[how]
     test_file = tmp_path / "test_hold.py"
     test_file.write_text(textwrap.dedent(SLEEPING_TEST))
     info = tmp_path / "hold.json"
     env = {**os.environ, "HOLD_INFO": str(info)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider",
+        [*CHILD_PYTEST, str(test_file),
          "--pacs-topology", str(every_kind_topology), "--rootdir", str(tmp_path)],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=_ignore_sigint if background_job else None,
     )
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300
         while not info.exists():
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.monotonic() < deadline, "nodes did not come up"
@@ -71,18 +97,29 @@ def test_interrupted_session_leaves_no_process(tmp_path, every_kind_topology, si
         held = json.loads(info.read_text())
         assert all(handle_alive(*pid_start) for pid_start in held["nodes"].values())
         proc.send_signal(sig)
-        proc.wait(timeout=60)
+        if times == 2:
+            # again once the teardown is under way (a node is gone), if still running
+            while proc.poll() is None and all(
+                handle_alive(*p) for p in held["nodes"].values()
+            ):
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.send_signal(sig)
+        try:
+            proc.wait(timeout=SESSION_END_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the session did not end within {SESSION_END_DEADLINE_S} s of {how}")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and any(
         handle_alive(*p) for p in held["nodes"].values()
     ):
         time.sleep(0.2)
     assert [n for n, p in held["nodes"].items() if handle_alive(*p)] == []
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and processes_mentioning(held["root"]):
         time.sleep(0.2)
     assert processes_mentioning(held["root"]) == []

@@ -62,15 +62,19 @@ def test_node_to_node_link_carries_c_move_and_cut_stops_it(linked):
 def test_fault_schedule_from_settings_runs_and_is_recorded(pytester, tmp_path):
     topo = tmp_path / "t.yaml"
     topo.write_text(LINKED + "settings:\n  faults:\n"
-                    "    - {at_s: 0.2, fault: cut, target: 'harness->a', duration_s: 1.0}\n")
+                    "    - {at_s: 0.2, fault: cut, target: 'harness->a', duration_s: 5.0}\n")
     report = tmp_path / "report.json"
+    # each state awaited (bounded generously), never assumed after a fixed sleep
     pytester.makepyfile(test_sched="""
 import time
+def wait_for(condition):
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 def test_cut_then_healed(pacs_node, pacs_fault_schedule):
-    time.sleep(0.6)
-    assert not pacs_node("a").alive()       # inside the cut
-    time.sleep(1.2)
-    assert pacs_node("a").alive()           # healed by itself
+    wait_for(lambda: not pacs_node("a").alive())   # the cut came
+    wait_for(lambda: pacs_node("a").alive())       # and healed by itself
 """)
     result = pytester.runpytest_subprocess("--pacs-topology", str(topo), "-p",
                                            "no:cacheprovider", "--pacs-report-json", str(report))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from harness.cluster import Cluster
@@ -66,10 +64,9 @@ groups:
   - {name: stow, operation: stow-rs, users: 1, instances: 2}
 """)
     snapshots = []
-    start = time.monotonic()
+    # bounded by its duration or count: it returns by itself (a hang is pytest-timeout's)
     results = run_workload(workload, orthanc.node("t"), move_port=orthanc.harness_port,
                            on_progress=snapshots.append)
-    assert time.monotonic() - start < 60  # bounded: warm-up + duration + stop
     ops = results["operations"]
     for name, op in ops.items():
         assert op["count"] > 0, name
@@ -86,11 +83,11 @@ groups:
 
 def test_count_bound_stops_the_run(orthanc):
     workload = parse_workload(
-        "duration_s: 60\nwarmup_s: 0\nmax_operations: 10\ndataset: {studies: 1, "
+        "duration_s: 600\nwarmup_s: 0\nmax_operations: 10\ndataset: {studies: 1, "
         "instances_per_study: 1, scale: tiny}\ngroups:\n  - {operation: c-echo, users: 2}\n")
-    start = time.monotonic()
     results = run_workload(workload, orthanc.node("t"))
-    assert time.monotonic() - start < 30
+    # ended by the count, long before the duration (a logical bound, not the machine's speed)
+    assert results["measured_s"] < 600
     assert results["totals"]["operations"] == 10
     assert results["totals"]["bounded_by"] == "max_operations"
 

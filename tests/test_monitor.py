@@ -35,7 +35,7 @@ def pair():
         cluster.stop()
 
 
-def _wait(condition, timeout_s: float = 20.0) -> None:
+def _wait(condition, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -103,7 +103,7 @@ def test_monitor_bounds_itself_and_never_raises(pair):
     with AvailabilityMonitor(
         target, target, ["1.2.3.4"], interval_s=0.01, max_samples=4, is_migrated=broken
     ) as monitor:
-        _wait(lambda: not monitor.running, 30)
+        _wait(lambda: not monitor.running, 120)
         assert len(monitor.samples) == 4  # stopped by itself at max_samples
     summary = monitor.summary()
     assert summary["inaccessible_share"] == {"source": 1.0, "target": None}  # no such study
@@ -114,7 +114,7 @@ def test_monitor_bounds_itself_and_never_raises(pair):
         NodeSpec(name="ghost", kind="external", ae_title="GHOST", dicom_port=free_port()), None
     )
     with AvailabilityMonitor(ghost, None, ["1.2.3"], interval_s=0.05, max_duration_s=0.5) as dead:
-        _wait(lambda: not dead.running, 15)  # stopped by itself at max_duration_s
+        _wait(lambda: not dead.running, 120)  # stopped by itself at max_duration_s
     summary = dead.summary()
     assert summary["samples"] >= 1
     assert summary["inaccessible_share"]["source"] == 1.0

@@ -143,6 +143,10 @@ def run_container(
             name=name,
             detach=True,
             network_mode="host",
+            # docker-init (tini) as PID 1: it forwards SIGTERM (a server as PID 1 that sets
+            # no handler, dcmqrscp, ignores it and `docker stop` waits out its whole grace)
+            # and reaps the children dcmqrscp forks per association
+            init=True,
             labels={
                 LABEL_RUN: run_id,
                 LABEL_NODE: node_name,
