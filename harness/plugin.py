@@ -40,6 +40,7 @@ _topology_key = pytest.StashKey[dict]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Every option is `--pacs-*` (the short old name stays an alias) and settable in ini."""
     group = parser.getgroup("pacs-harness", "PACS validation harness")
     group.addoption(
         "--pacs-topology",
@@ -49,6 +50,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="topology YAML naming the PACS nodes (default: a legacy and a target node)",
     )
     group.addoption(
+        "--pacs-phase",
         "--phase",
         dest="pacs_phase",
         default=None,
@@ -79,10 +81,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("pacs_topology", "topology YAML file for the PACS nodes", default=None)
     parser.addini("pacs_phase", "rollout phase to gate", default=None)
+    parser.addini("pacs_scenario", "scenarios to run (one per line)", type="linelist",
+                  default=[])
     parser.addini("pacs_keep", "leave nodes running after the session", type="bool", default=False)
+    parser.addini("pacs_report_json", "file to write the run's report.json to", default=None)
 
 
 def _setting(config: pytest.Config, name: str) -> Any:
+    """The option `name` from the command line, else from ini, else None."""
     value = config.getoption(name)
     if value is None:
         value = config.getini(name)
@@ -97,7 +103,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "scenario(name): the scenario this test belongs to")
     phase = _setting(config, "pacs_phase")
     if phase and phase not in PHASES:
-        raise pytest.UsageError(f"--phase {phase!r}: unknown phase (allowed: {', '.join(PHASES)})")
+        where = "--pacs-phase" if config.getoption("pacs_phase") else "ini pacs_phase ="
+        raise pytest.UsageError(
+            f"{where} {phase!r}: unknown phase (allowed: {', '.join(PHASES)})"
+        )
     config.stash[_results_key] = {}
     config.stash[_metrics_key] = {}
     config.stash[_cluster_key] = None
@@ -129,7 +138,7 @@ def item_scenario(item: pytest.Item) -> str:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     phase = _setting(config, "pacs_phase")
-    scenarios = config.getoption("pacs_scenario")
+    scenarios = _setting(config, "pacs_scenario")
     selected, deselected = [], []
     for item in items:
         item_ph = item_phase(item)
@@ -220,7 +229,7 @@ def pacs_cluster(pytestconfig: pytest.Config, pacs_topology, tmp_path_factory):
         "nodes": [{**n.describe(), "version": n.version()} for n in cluster.nodes.values()],
     }
     yield cluster
-    report_json = pytestconfig.getoption("pacs_report_json")
+    report_json = _setting(pytestconfig, "pacs_report_json")
     if report_json:
         cluster.collect_logs(Path(report_json).parent / "logs")
     if cluster.owned:
@@ -431,7 +440,7 @@ def build_report(config: pytest.Config, exitstatus: int) -> dict[str, Any]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    path = session.config.getoption("pacs_report_json")
+    path = _setting(session.config, "pacs_report_json")
     if not path:
         return
     report = build_report(session.config, int(exitstatus))

@@ -44,7 +44,43 @@ def test_unknown_phase_is_a_usage_error(pytester):
     pytester.makepyfile(test_phased=PHASED)
     result = pytester.runpytest_subprocess("--phase", "go-live")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--phase 'go-live': unknown phase (allowed: planning,*"])
+    result.stderr.fnmatch_lines(["*--pacs-phase 'go-live': unknown phase (allowed: planning,*"])
+
+
+def test_old_option_name_is_an_alias_of_the_pacs_one(pytester):
+    pytester.makepyfile(test_phased=PHASED)
+    result = pytester.runpytest_subprocess("--help")
+    result.stdout.fnmatch_lines(["*--pacs-phase=NAME, --phase=NAME*"])
+    for option in ("--pacs-phase", "--phase"):
+        result = pytester.runpytest_subprocess(option, "infrastructure", "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=3, deselected=2)
+
+
+def test_ini_settings_apply_and_the_command_line_wins(pytester):
+    pytester.makepyfile(test_phased=PHASED)
+    pytester.makeini(
+        "[pytest]\n"
+        "pacs_phase = infrastructure\n"
+        "pacs_scenario =\n    wiring\n    phased\n"
+        "pacs_report_json = from-ini/report.json\n"
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, deselected=2)  # planning, infrastructure, unphased
+    data = json.loads((pytester.path / "from-ini" / "report.json").read_text())
+    assert {s["name"] for s in data["scenarios"]} == {"wiring", "phased"}
+
+    report = pytester.path / "from-cli" / "report.json"
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--pacs-phase", "pilot", "--pacs-scenario", "phased",
+        "--pacs-report-json", str(report),
+    )
+    result.assert_outcomes(passed=3, deselected=2)  # planning, pilot, unphased
+    assert {s["name"] for s in json.loads(report.read_text())["scenarios"]} == {"phased"}
+
+    pytester.makeini("[pytest]\npacs_phase = go-live\n")
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ini pacs_phase = 'go-live': unknown phase*"])
 
 
 def test_report_json_groups_tests_by_scenario_with_metrics(pytester):
