@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,8 @@ import pytest
 from harness.phases import PHASES
 
 if TYPE_CHECKING:
+    from harness.cluster import Cluster
+    from harness.config import Topology
     from harness.nodes import Node
 
 
@@ -37,6 +39,7 @@ _results_key = pytest.StashKey[dict]()
 _metrics_key = pytest.StashKey[dict]()
 _started_key = pytest.StashKey[str]()
 _topology_key = pytest.StashKey[dict]()
+_launched_key = pytest.StashKey[dict]()  # run id -> Cluster launched by a ClusterJanitor
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -110,6 +113,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_results_key] = {}
     config.stash[_metrics_key] = {}
     config.stash[_cluster_key] = None
+    config.stash[_launched_key] = {}
     config.stash[_started_key] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     # SIGTERM (CI cancelling a job) should tear down like Ctrl-C does, not leave nodes.
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -295,6 +299,116 @@ def pacs_metrics(request: pytest.FixtureRequest) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     request.config.stash[_metrics_key][request.node.nodeid] = metrics
     return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Clusters of a test's own (fixture factory and launcher), stopped by the janitor
+
+
+class ClusterJanitor:
+    """Launches clusters and stops each one by its run id at teardown, whatever the test
+    did; what a teardown never reached (an interrupted session) pytest_unconfigure stops."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.running: dict[str, Cluster] = {}
+
+    def launch(self, topology: Topology | str | dict | Path, **options: Any) -> Cluster:
+        from harness.cluster import Cluster
+        from harness.errors import HarnessError
+
+        try:
+            cluster = Cluster.launch(_as_topology(topology), **options)
+        except HarnessError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        self.running[cluster.run_id] = cluster
+        self.config.stash[_launched_key][cluster.run_id] = cluster
+        return cluster
+
+    def stop(self, run_id: str) -> None:
+        cluster = self.running.pop(run_id, None)
+        self.config.stash[_launched_key].pop(run_id, None)
+        if cluster is not None:
+            cluster.stop()
+
+    def stop_all(self) -> None:
+        errors = []
+        for run_id in list(self.running):
+            try:
+                self.stop(run_id)
+            except Exception as exc:  # noqa: BLE001 - stop the other clusters too
+                errors.append(f"{run_id}: {exc}")
+        if errors:
+            raise RuntimeError("could not stop: " + "; ".join(errors))
+
+
+def _as_topology(topology: Topology | str | dict | Path) -> Topology:
+    """A Topology from itself, YAML text, the same as a dict, or a YAML file."""
+    import yaml
+
+    from harness.config import Topology, load_topology, parse_topology
+
+    if isinstance(topology, Topology):
+        return topology
+    if isinstance(topology, Path):
+        return load_topology(topology)
+    if isinstance(topology, dict):
+        return parse_topology(yaml.safe_dump(topology, sort_keys=False), "<fixture>")
+    return parse_topology(topology, "<fixture>")
+
+
+def _skip_unless_installed(binaries: tuple[str, ...]) -> None:
+    from harness.launch.tools import find_binary
+
+    missing = [b for b in binaries if not find_binary(b)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (install: apt-get install orthanc dcmtk)")
+
+
+def pacs_cluster_factory(
+    topology: Topology | str | dict | Path,
+    scope: str = "function",
+    *,
+    requires: tuple[str, ...] = (),
+    **launch_options: Any,
+):
+    """A fixture launching `topology` (a Topology, YAML text, a dict or a file) for each
+    `scope`, stopped at its teardown even when a test failed or the run was interrupted;
+    skipped when a binary of `requires` is missing. In a test module or conftest::
+
+        cluster = pacs_cluster_factory("name: t\\nnodes:\\n  a: {kind: orthanc}\\n",
+                                       scope="module", requires=("Orthanc",))
+    """
+
+    @pytest.fixture(scope=scope)
+    def launched_cluster(request: pytest.FixtureRequest):
+        _skip_unless_installed(requires)
+        janitor = ClusterJanitor(request.config)
+        try:
+            yield janitor.launch(topology, **launch_options)
+        finally:
+            janitor.stop_all()
+
+    return launched_cluster
+
+
+@pytest.fixture
+def pacs_launch(request: pytest.FixtureRequest) -> Iterator[Callable[..., Cluster]]:
+    """A function launching a cluster in the test, `pacs_launch(topology, **options)`;
+    every cluster it launched is stopped after the test, passed, failed or interrupted."""
+    janitor = ClusterJanitor(request.config)
+    yield janitor.launch
+    janitor.stop_all()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop the clusters whose fixture teardown never ran."""
+    for cluster in list(config.stash.get(_launched_key, {}).values()):
+        try:
+            cluster.stop()
+        except Exception:  # noqa: BLE001 - the others must still be stopped
+            pass
+    config.stash[_launched_key] = {}
 
 
 # ---------------------------------------------------------------------------------------

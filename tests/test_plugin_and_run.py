@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.launch.ports import free_port
+from harness.launch.ports import free_port, port_in_use
 from tests.helpers import run_cli
 
 pytest_plugins = ["pytester"]
@@ -115,6 +115,77 @@ def test_starts_empty(pacs_node, pacs_janitor):
     )
     result = pytester.runpytest_subprocess("--pacs-topology", str(topo), "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+LAUNCHING = """
+import json, os
+import pytest
+from harness.plugin import pacs_cluster_factory
+
+box = pacs_cluster_factory({"name": "fac", "nodes": {"box": {"kind": "embedded"}}},
+                           scope="module")
+
+def _note(cluster):
+    with open(os.environ["LAUNCHED"], "a") as out:
+        for node in cluster.nodes.values():
+            out.write(json.dumps([node.handle.pid, node.handle.start_time, node.dicom_port])
+                      + "\\n")
+
+def test_factory_cluster_answers(box):
+    _note(box)
+    assert box.node("box").dimse().echo().status.ok
+
+def test_launched_then_failed(pacs_launch):
+    _note(pacs_launch("name: one\\nnodes:\\n  a: {kind: embedded}\\n"))
+    _note(pacs_launch("name: two\\nnodes:\\n  b: {kind: embedded}\\n"))
+    assert False, "the test fails with two clusters running"
+
+def test_launched_then_interrupted(pacs_launch):
+    _note(pacs_launch("name: three\\nnodes:\\n  c: {kind: embedded}\\n"))
+    raise KeyboardInterrupt
+"""
+
+
+AT_SESSION_FINISH = """
+import json, os
+import pytest
+from harness.launch.ports import PortReservation
+from harness.launch.process import ProcessHandle
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session):
+    # after every fixture teardown, before the process ends (its death would stop the nodes)
+    seen = []
+    with open(os.environ["LAUNCHED"]) as launched:
+        for line in launched:
+            pid, start_time, port = json.loads(line)
+            claim = PortReservation.try_claim(port)
+            seen.append({"alive": ProcessHandle(pid, start_time).alive(),
+                         "port_reserved": claim is None})
+            if claim is not None:
+                claim.release()
+    with open(os.environ["LAUNCHED"] + ".finish", "w") as out:
+        json.dump(seen, out)
+"""
+
+
+def test_clusters_of_the_factory_and_launcher_stop_after_failure_and_interrupt(
+    pytester, tmp_path, monkeypatch
+):
+    pytester.makepyfile(test_launching=LAUNCHING)
+    pytester.makeconftest(AT_SESSION_FINISH)
+    launched = tmp_path / "launched.jsonl"
+    monkeypatch.setenv("LAUNCHED", str(launched))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v")
+    result.stdout.fnmatch_lines(["*test_factory_cluster_answers PASSED*",
+                                 "*test_launched_then_failed FAILED*", "*KeyboardInterrupt*"])
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    nodes = [json.loads(line) for line in launched.read_text().splitlines()]
+    assert len(nodes) == 4
+    at_finish = json.loads((tmp_path / "launched.jsonl.finish").read_text())
+    assert at_finish == [{"alive": False, "port_reserved": False}] * 4
+    for _pid, _start_time, port in nodes:
+        assert not port_in_use("127.0.0.1", port)
 
 
 @pytest.mark.timeout(1800)
