@@ -314,13 +314,10 @@ class ClusterJanitor:
         self.running: dict[str, Cluster] = {}
 
     def launch(self, topology: Topology | str | dict | Path, **options: Any) -> Cluster:
+        """Cluster.launch(topology, **options), registered to be stopped."""
         from harness.cluster import Cluster
-        from harness.errors import HarnessError
 
-        try:
-            cluster = Cluster.launch(_as_topology(topology), **options)
-        except HarnessError as exc:
-            pytest.fail(str(exc), pytrace=False)
+        cluster = Cluster.launch(_as_topology(topology), **options)
         self.running[cluster.run_id] = cluster
         self.config.stash[_launched_key][cluster.run_id] = cluster
         return cluster
@@ -371,7 +368,7 @@ def pacs_cluster_factory(
     *,
     requires: tuple[str, ...] = (),
     **launch_options: Any,
-):
+) -> Callable[..., Any]:
     """A fixture launching `topology` (a Topology, YAML text, a dict or a file) for each
     `scope`, stopped at its teardown even when a test failed or the run was interrupted;
     skipped when a binary of `requires` is missing. In a test module or conftest::
@@ -382,10 +379,16 @@ def pacs_cluster_factory(
 
     @pytest.fixture(scope=scope)
     def launched_cluster(request: pytest.FixtureRequest):
+        from harness.errors import HarnessError
+
         _skip_unless_installed(requires)
         janitor = ClusterJanitor(request.config)
         try:
-            yield janitor.launch(topology, **launch_options)
+            try:
+                cluster = janitor.launch(topology, **launch_options)
+            except HarnessError as exc:  # a clear line, not a traceback into the harness
+                pytest.fail(str(exc), pytrace=False)
+            yield cluster
         finally:
             janitor.stop_all()
 
