@@ -11,7 +11,9 @@ write PACS tests::
 
 Settings resolve command line > ini > default, as in pytest-postgresql. Nodes start once per
 session on first use (or are attached to when `pacs-harness up` already runs them) and are
-stopped at the end unless `--pacs-keep`.
+stopped at the end unless `--pacs-keep`. A test needing nodes of its own takes `pacs_launch`
+(`pacs_launch(topology)`), or a module declares `name = pacs_cluster_factory(topology,
+scope="module")`, like pytest-postgresql's `factories`; either stops what it launched.
 """
 
 from __future__ import annotations
