@@ -28,7 +28,7 @@ from harness.config import NodeSpec, Topology, kind_capabilities
 from harness.dicom.dimse import HARNESS_AE_TITLE
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.docker import ContainerHandle
-from harness.launch.ports import free_port, port_in_use
+from harness.launch.ports import free_port, port_in_use, release_port
 from harness.launch.process import ProcessHandle
 from harness.launch.state import STATE_FILE
 from harness.nodes import Node, Peer, make_node
@@ -74,6 +74,7 @@ class Cluster:
         self.owned = owned  # True when this object must stop the nodes
         self.state_dir = state_dir
         self.links: dict = {}  # link name -> harness.resilience.proxy.FaultProxy
+        self.reserved_ports: list[int] = []  # picked by launch, released by stop
 
     def __getitem__(self, name: str) -> Node:
         return self.node(name)
@@ -105,7 +106,8 @@ class Cluster:
     ) -> Cluster:
         """Start every launched node and check every external one answers."""
         say = on_event or (lambda _msg: None)
-        taken = {p for s in topology.nodes.values() for p in (s.dicom_port, s.http_port) if p}
+        declared = {p for s in topology.nodes.values() for p in (s.dicom_port, s.http_port) if p}
+        taken = set(declared)  # grows with every port picked (and reserved) below
         specs: dict[str, NodeSpec] = {}
         for name, spec in topology.nodes.items():
             if spec.launched:
@@ -143,6 +145,8 @@ class Cluster:
             owned=True,
             state_dir=state_dir,
         )
+        # reserved across processes until stop(): a restarted node finds its port again
+        cluster.reserved_ports = sorted(taken - declared)
         if topology.links and detached:
             raise ConfigError(
                 f"{topology.source}: links run inside the harness process: use them with "
@@ -313,6 +317,8 @@ class Cluster:
                     exc = future.exception()
                     if exc is not None:
                         errors.append(f"{node.name}: {exc}")
+            for port in self.reserved_ports:
+                release_port(port)
             if self.root and self.root.exists():
                 shutil.rmtree(self.root, ignore_errors=True)
             if self.state_dir is not None:

@@ -11,7 +11,9 @@ write PACS tests::
 
 Settings resolve command line > ini > default, as in pytest-postgresql. Nodes start once per
 session on first use (or are attached to when `pacs-harness up` already runs them) and are
-stopped at the end unless `--pacs-keep`.
+stopped at the end unless `--pacs-keep`. A test needing nodes of its own takes `pacs_launch`
+(`pacs_launch(topology)`), or a module declares `name = pacs_cluster_factory(topology,
+scope="module")`, like pytest-postgresql's `factories`; either stops what it launched.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,8 @@ import pytest
 from harness.phases import PHASES
 
 if TYPE_CHECKING:
+    from harness.cluster import Cluster
+    from harness.config import Topology
     from harness.nodes import Node
 
 
@@ -37,9 +41,11 @@ _results_key = pytest.StashKey[dict]()
 _metrics_key = pytest.StashKey[dict]()
 _started_key = pytest.StashKey[str]()
 _topology_key = pytest.StashKey[dict]()
+_launched_key = pytest.StashKey[dict]()  # run id -> Cluster launched by a ClusterJanitor
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Every option is `--pacs-*` (the short old name stays an alias) and settable in ini."""
     group = parser.getgroup("pacs-harness", "PACS validation harness")
     group.addoption(
         "--pacs-topology",
@@ -49,6 +55,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="topology YAML naming the PACS nodes (default: a legacy and a target node)",
     )
     group.addoption(
+        "--pacs-phase",
         "--phase",
         dest="pacs_phase",
         default=None,
@@ -79,10 +86,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("pacs_topology", "topology YAML file for the PACS nodes", default=None)
     parser.addini("pacs_phase", "rollout phase to gate", default=None)
+    parser.addini("pacs_scenario", "scenarios to run (one per line)", type="linelist",
+                  default=[])
     parser.addini("pacs_keep", "leave nodes running after the session", type="bool", default=False)
+    parser.addini("pacs_report_json", "file to write the run's report.json to", default=None)
 
 
 def _setting(config: pytest.Config, name: str) -> Any:
+    """The option `name` from the command line, else from ini, else None."""
     value = config.getoption(name)
     if value is None:
         value = config.getini(name)
@@ -97,10 +108,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "scenario(name): the scenario this test belongs to")
     phase = _setting(config, "pacs_phase")
     if phase and phase not in PHASES:
-        raise pytest.UsageError(f"--phase {phase!r}: unknown phase (allowed: {', '.join(PHASES)})")
+        where = "--pacs-phase" if config.getoption("pacs_phase") else "ini pacs_phase ="
+        raise pytest.UsageError(
+            f"{where} {phase!r}: unknown phase (allowed: {', '.join(PHASES)})"
+        )
     config.stash[_results_key] = {}
     config.stash[_metrics_key] = {}
     config.stash[_cluster_key] = None
+    config.stash[_launched_key] = {}
     config.stash[_started_key] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _tear_down_on_signals()
 
@@ -144,7 +159,7 @@ def item_scenario(item: pytest.Item) -> str:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     phase = _setting(config, "pacs_phase")
-    scenarios = config.getoption("pacs_scenario")
+    scenarios = _setting(config, "pacs_scenario")
     selected, deselected = [], []
     for item in items:
         item_ph = item_phase(item)
@@ -235,7 +250,7 @@ def pacs_cluster(pytestconfig: pytest.Config, pacs_topology, tmp_path_factory):
         "nodes": [{**n.describe(), "version": n.version()} for n in cluster.nodes.values()],
     }
     yield cluster
-    report_json = pytestconfig.getoption("pacs_report_json")
+    report_json = _setting(pytestconfig, "pacs_report_json")
     if report_json:
         cluster.collect_logs(Path(report_json).parent / "logs")
     if cluster.owned:
@@ -301,6 +316,119 @@ def pacs_metrics(request: pytest.FixtureRequest) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     request.config.stash[_metrics_key][request.node.nodeid] = metrics
     return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Clusters of a test's own (fixture factory and launcher), stopped by the janitor
+
+
+class ClusterJanitor:
+    """Launches clusters and stops each one by its run id at teardown, whatever the test
+    did; what a teardown never reached (an interrupted session) pytest_unconfigure stops."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.running: dict[str, Cluster] = {}
+
+    def launch(self, topology: Topology | str | dict | Path, **options: Any) -> Cluster:
+        """Cluster.launch(topology, **options), registered to be stopped."""
+        from harness.cluster import Cluster
+
+        cluster = Cluster.launch(_as_topology(topology), **options)
+        self.running[cluster.run_id] = cluster
+        self.config.stash[_launched_key][cluster.run_id] = cluster
+        return cluster
+
+    def stop(self, run_id: str) -> None:
+        cluster = self.running.pop(run_id, None)
+        self.config.stash[_launched_key].pop(run_id, None)
+        if cluster is not None:
+            cluster.stop()
+
+    def stop_all(self) -> None:
+        errors = []
+        for run_id in list(self.running):
+            try:
+                self.stop(run_id)
+            except Exception as exc:  # noqa: BLE001 - stop the other clusters too
+                errors.append(f"{run_id}: {exc}")
+        if errors:
+            raise RuntimeError("could not stop: " + "; ".join(errors))
+
+
+def _as_topology(topology: Topology | str | dict | Path) -> Topology:
+    """A Topology from itself, YAML text, the same as a dict, or a YAML file."""
+    import yaml
+
+    from harness.config import Topology, load_topology, parse_topology
+
+    if isinstance(topology, Topology):
+        return topology
+    if isinstance(topology, Path):
+        return load_topology(topology)
+    if isinstance(topology, dict):
+        return parse_topology(yaml.safe_dump(topology, sort_keys=False), "<fixture>")
+    return parse_topology(topology, "<fixture>")
+
+
+def _skip_unless_installed(binaries: tuple[str, ...]) -> None:
+    from harness.launch.tools import find_binary
+
+    missing = [b for b in binaries if not find_binary(b)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (install: apt-get install orthanc dcmtk)")
+
+
+def pacs_cluster_factory(
+    topology: Topology | str | dict | Path,
+    scope: str = "function",
+    *,
+    requires: tuple[str, ...] = (),
+    **launch_options: Any,
+) -> Callable[..., Any]:
+    """A fixture launching `topology` (a Topology, YAML text, a dict or a file) for each
+    `scope`, stopped at its teardown even when a test failed or the run was interrupted;
+    skipped when a binary of `requires` is missing. In a test module or conftest::
+
+        cluster = pacs_cluster_factory("name: t\\nnodes:\\n  a: {kind: orthanc}\\n",
+                                       scope="module", requires=("Orthanc",))
+    """
+
+    @pytest.fixture(scope=scope)
+    def launched_cluster(request: pytest.FixtureRequest):
+        from harness.errors import HarnessError
+
+        _skip_unless_installed(requires)
+        janitor = ClusterJanitor(request.config)
+        try:
+            try:
+                cluster = janitor.launch(topology, **launch_options)
+            except HarnessError as exc:  # a clear line, not a traceback into the harness
+                pytest.fail(str(exc), pytrace=False)
+            yield cluster
+        finally:
+            janitor.stop_all()
+
+    return launched_cluster
+
+
+@pytest.fixture
+def pacs_launch(request: pytest.FixtureRequest) -> Iterator[Callable[..., Cluster]]:
+    """A function launching a cluster in the test, `pacs_launch(topology, **options)`;
+    every cluster it launched is stopped after the test, passed, failed or interrupted."""
+    janitor = ClusterJanitor(request.config)
+    yield janitor.launch
+    janitor.stop_all()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop the clusters whose fixture teardown never ran."""
+    for cluster in list(config.stash.get(_launched_key, {}).values()):
+        try:
+            cluster.stop()
+        except Exception:  # noqa: BLE001 - the others must still be stopped
+            pass
+    config.stash[_launched_key] = {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,7 +574,7 @@ def build_report(config: pytest.Config, exitstatus: int) -> dict[str, Any]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    path = session.config.getoption("pacs_report_json")
+    path = _setting(session.config, "pacs_report_json")
     if not path:
         return
     report = build_report(session.config, int(exitstatus))

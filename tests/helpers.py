@@ -1,4 +1,5 @@
-"""Helpers for the harness's own tests: running the CLI, finding leftover processes."""
+"""Helpers for the harness's own tests: running the CLI, finding leftover processes, and
+launched nodes described as a site's external nodes."""
 
 from __future__ import annotations
 
@@ -6,9 +7,23 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.launch.process import ProcessHandle
+from harness.launch.tools import find_binary
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+    from harness.cluster import Cluster
+    from harness.nodes import Node
+
+# the node kinds this machine can launch: the embedded PACS always, the others when installed
+LAUNCHABLE_KINDS = [kind for kind, binary in (("embedded", None), ("dcmqrscp", "dcmqrscp"),
+                                              ("orthanc", "Orthanc"))
+                    if binary is None or find_binary(binary)]
 
 #: a pytest session started by a test, as a harness user runs one: without Hypothesis's
 #: plugin, which imports and assertion-rewrites all of Hypothesis for its closing summary
@@ -49,3 +64,66 @@ def status_json(*args: str) -> list[dict]:
 
 def handle_alive(pid: int, start_time: int) -> bool:
     return ProcessHandle(pid, start_time).alive()
+
+
+def external_node(
+    node: Node, login_prefix: str, extra: str = "", *, dicomweb_root: str | None = "/dicom-web"
+) -> str:
+    """The topology line `  NAME: {kind: external, ...}` declaring a launched node the way a
+    site declares its own PACS: its address and, for an Orthanc, its REST API and the login
+    generated at launch, named by the variables LOGIN_PREFIX_NAME_USER / _PASSWORD (see
+    `login_env`). `extra` is more YAML flow fields, e.g. ", writable: true"."""
+    fields = (f"kind: external, ae_title: {node.ae_title}, host: {node.host}, "
+              f"dicom_port: {node.dicom_port}")
+    if node.kind == "orthanc":
+        variable = f"{login_prefix}_{node.name.upper()}"
+        fields += f", http_port: {node.http_port}, orthanc_rest: true"
+        if dicomweb_root:
+            fields += f", dicomweb_root: {dicomweb_root}"
+        fields += (f", credentials: {{username_env: {variable}_USER, "
+                   f"password_env: {variable}_PASSWORD}}")
+    return f"  {node.name}: {{{fields}{extra}}}\n"
+
+
+def external_topology(
+    path: Path, name: str, nodes: Iterable[Node], login_prefix: str,
+    extra: dict[str, str] | None = None, tail: str = "",
+) -> Path:
+    """Write a topology of `nodes` as external nodes (`extra` per node name, `tail` after the
+    nodes, e.g. a settings block) to `path`, for the CLI in a subprocess."""
+    extra = extra or {}
+    path.write_text(f"name: {name}\nnodes:\n"
+                    + "".join(external_node(n, login_prefix, extra.get(n.name, ""))
+                              for n in nodes)
+                    + tail)
+    return path
+
+
+def login_env(
+    cluster: Cluster, login_prefix: str, state_dir: Path, *, password: str | None = None
+) -> dict[str, str]:
+    """The CLI's environment: its own state directory and, under the variable names
+    `external_node` gives, each node's login generated at launch (or that user with
+    `password` instead, to try a wrong one)."""
+    env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(state_dir)}
+    for name, node in cluster.nodes.items():
+        if node.generated_credentials:
+            user, generated = node.generated_credentials
+            env[f"{login_prefix}_{name.upper()}_USER"] = user
+            env[f"{login_prefix}_{name.upper()}_PASSWORD"] = password or generated
+    return env
+
+
+def one_node_per_kind(name: str, kinds: Iterable[str] = LAUNCHABLE_KINDS) -> str:
+    """Topology YAML: one node of each kind, named after its kind (AE title in capitals)."""
+    nodes = "".join(f"  {kind}: {{kind: {kind}, ae_title: {kind.upper()[:16]}}}\n"
+                    for kind in kinds)
+    return f"name: {name}\nnodes:\n{nodes}"
+
+
+def store_into_every_node(cluster: Cluster, datasets: list[Dataset]) -> Cluster:
+    """The cluster, once every node has accepted every data set (C-STORE, PS3.4 B)."""
+    for node in cluster.nodes.values():
+        stored = node.dimse().store(datasets)
+        assert stored.ok, [r.error for r in stored.failed]
+    return cluster

@@ -6,36 +6,33 @@ from __future__ import annotations
 
 import pytest
 
-from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.launch.tools import find_binary
 from harness.migration.inventory import crawl
 from harness.nodes import make_node
+from harness.plugin import pacs_cluster_factory
 from scenarios.helpers import count_findings, independent_count
 from synthetic_data.samples import sample_study
 
 STUDIES, PER_STUDY = 3, 2
 
 
+launched = pacs_cluster_factory(
+    "name: counted\nnodes:\n"
+    "  legacy: {kind: dcmqrscp, ae_title: LEGACY}\n"
+    "  central: {kind: orthanc, ae_title: CENTRAL}\n"
+    "  pocket: {kind: embedded, ae_title: POCKET}\n",
+    scope="module",
+    requires=("Orthanc", "dcmqrscp"),
+)
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    for binary in ("Orthanc", "dcmqrscp"):
-        if not find_binary(binary):
-            pytest.skip(f"{binary} not installed (install: apt-get install orthanc dcmtk)")
-    cluster = Cluster.launch(parse_topology(
-        "name: counted\nnodes:\n"
-        "  legacy: {kind: dcmqrscp, ae_title: LEGACY}\n"
-        "  central: {kind: orthanc, ae_title: CENTRAL}\n"
-        "  pocket: {kind: embedded, ae_title: POCKET}\n"
-    ))
-    try:
-        archive = [ds for n in range(STUDIES) for ds in sample_study(seed=600 + n,
-                                                                      instances=PER_STUDY)]
-        for node in cluster.nodes.values():
-            assert node.dimse().store(archive).ok
-        yield cluster
-    finally:
-        cluster.stop()
+def cluster(launched):
+    archive = [ds for n in range(STUDIES) for ds in sample_study(seed=600 + n,
+                                                                  instances=PER_STUDY)]
+    for node in launched.nodes.values():
+        assert node.dimse().store(archive).ok
+    return launched
 
 
 @pytest.mark.parametrize("name", ["legacy", "central", "pocket"])

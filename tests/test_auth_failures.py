@@ -10,18 +10,15 @@ secret it was given.
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
 import pytest
 import requests
 
-from harness.cluster import Cluster
-from harness.config import parse_topology
-from harness.launch.tools import find_binary
+from harness.plugin import pacs_cluster_factory
 from synthetic_data.samples import sample_study
-from tests.helpers import run_cli
+from tests.helpers import external_topology, login_env, run_cli
 
 QIDO_WORKLOAD = """name: qido-only
 duration_s: 30
@@ -41,44 +38,29 @@ workloads:
 WRONG_PASSWORD = "wrong-" + secrets.token_hex(8)
 
 
+launched = pacs_cluster_factory(
+    "name: auth\nnodes:\n"
+    "  site: {kind: orthanc, ae_title: SITEPACS}\n"
+    "  newpacs: {kind: orthanc, ae_title: NEWPACS}\n",
+    scope="module",
+    requires=("Orthanc",),
+)
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    if not find_binary("Orthanc"):
-        pytest.skip("Orthanc not installed")
-    topology = parse_topology(
-        "name: auth\nnodes:\n"
-        "  site: {kind: orthanc, ae_title: SITEPACS}\n"
-        "  newpacs: {kind: orthanc, ae_title: NEWPACS}\n"
-    )
-    launched = Cluster.launch(topology)
-    try:
-        assert launched.node("site").dimse().store(sample_study(seed=21, instances=2)).ok
-        yield launched
-    finally:
-        launched.stop()
-
-
-def _external(node) -> str:
-    variable = f"AUTH_TEST_{node.name.upper()}"
-    return (
-        f"  {node.name}: {{kind: external, ae_title: {node.ae_title}, host: {node.host}, "
-        f"dicom_port: {node.dicom_port}, http_port: {node.http_port}, orthanc_rest: true, "
-        f"dicomweb_root: /dicom-web, writable: true, disposable: true, "
-        f"credentials: {{username_env: {variable}_USER, password_env: {variable}_PASSWORD}}}}\n"
-    )
+def cluster(launched):
+    assert launched.node("site").dimse().store(sample_study(seed=21, instances=2)).ok
+    return launched
 
 
 @pytest.fixture()
 def wrong_login(cluster, tmp_path) -> tuple[Path, dict[str, str]]:
     """The site topology and an environment with the right user names, wrong passwords."""
-    topo = tmp_path / "site.yaml"
-    topo.write_text("name: site\nnodes:\n" + "".join(_external(n) for n in cluster.nodes.values()))
-    env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "state")}
-    for name, node in cluster.nodes.items():
-        user, _password = node.generated_credentials
-        env[f"AUTH_TEST_{name.upper()}_USER"] = user
-        env[f"AUTH_TEST_{name.upper()}_PASSWORD"] = WRONG_PASSWORD
-    return topo, env
+    topo = external_topology(
+        tmp_path / "site.yaml", "site", cluster.nodes.values(), "AUTH_TEST",
+        {name: ", writable: true, disposable: true" for name in cluster.nodes},
+    )
+    return topo, login_env(cluster, "AUTH_TEST", tmp_path / "state", password=WRONG_PASSWORD)
 
 
 def test_the_wrong_password_is_refused_by_orthanc_itself(cluster):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from pynetdicom.sop_class import (
 
 from harness.embedded_pacs import COLUMNS, open_index, statistics, wipe_storage
 from harness.launch.images import harness_files_of, recipes
+from harness.launch.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -92,12 +92,6 @@ class Node:
             / ds.SeriesInstanceUID
             / (f"{ds.SOPInstanceUID}.dcm")
         )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def start_node(
@@ -368,7 +362,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     peers = base / "peers.json"
     write_peers(peers, {"DEST": dest.port})
     legacy = start_node(
-        "LEGACY", base / "legacy", request.addfinalizer, peers=peers, port=_free_port()
+        "LEGACY", base / "legacy", request.addfinalizer, peers=peers, port=free_port(HOST)
     )
     st = {k: generate_uid() for k in ("ST1", "ST2", "ST3", "ST4")}
     se = {k: generate_uid() for k in ("SE1", "SE2", "SE3", "SE4")}

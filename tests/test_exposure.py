@@ -25,10 +25,11 @@ from pynetdicom.sop_class import (
 )
 
 from harness.cluster import Cluster
-from harness.config import load_topology, parse_topology
+from harness.config import load_topology
 from harness.dicom.dimse import HARNESS_AE_TITLE
 from harness.launch.state import state_dir_for
 from harness.launch.tools import find_binary
+from harness.plugin import pacs_cluster_factory
 from synthetic_data.samples import sample_study
 from tests.helpers import run_cli
 
@@ -46,17 +47,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    topology = parse_topology(
-        "name: exposure\nnodes:\n"
-        "  orthanc: {kind: orthanc, ae_title: ORTHANC1, disposable: true}\n"
-        "  archive: {kind: dcmqrscp, ae_title: ARCHIVE1, disposable: true}\n"
-        "  pocket: {kind: embedded, ae_title: POCKET1, disposable: true}\n"
-    )
-    cluster = Cluster.launch(topology)
-    yield cluster
-    cluster.stop()
+cluster = pacs_cluster_factory(
+    "name: exposure\nnodes:\n"
+    "  orthanc: {kind: orthanc, ae_title: ORTHANC1, disposable: true}\n"
+    "  archive: {kind: dcmqrscp, ae_title: ARCHIVE1, disposable: true}\n"
+    "  pocket: {kind: embedded, ae_title: POCKET1, disposable: true}\n",
+    scope="module",
+)
 
 
 def listening(pid: int) -> dict[int, set[str]]:
@@ -200,16 +197,12 @@ def test_orthanc_http_requires_the_generated_login(cluster):
     assert password not in node.log_path.read_text()
 
 
-def test_each_launch_generates_its_own_password(cluster):
-    topology = parse_topology("name: again\nnodes:\n  o: {kind: orthanc, ae_title: AGAIN}\n")
-    other = Cluster.launch(topology)
-    try:
-        assert (
-            other.node("o").generated_credentials[1]
-            != (cluster.node("orthanc").generated_credentials[1])
-        )
-    finally:
-        other.stop()
+def test_each_launch_generates_its_own_password(cluster, pacs_launch):
+    other = pacs_launch("name: again\nnodes:\n  o: {kind: orthanc, ae_title: AGAIN}\n")
+    assert (
+        other.node("o").generated_credentials[1]
+        != (cluster.node("orthanc").generated_credentials[1])
+    )
 
 
 def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -27,17 +27,15 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from harness.cluster import Cluster
-from harness.config import parse_topology
 from harness.dicom.dimse import NO_STATUS, DimseClient, DimseConnectionError
 from harness.dicom.wire import NO_DATASET, encode_command
 from harness.launch.ports import free_port
-from harness.launch.tools import find_binary
+from harness.plugin import pacs_cluster_factory
 from synthetic_data.templates import clone_study, template_instance
+from tests.helpers import LAUNCHABLE_KINDS, one_node_per_kind, store_into_every_node
 from tests.test_wire import accept_then, hand_pdu, raw_peer, read_c_store
 
-KINDS = [k for k, binary in (("embedded", None), ("dcmqrscp", "dcmqrscp"), ("orthanc", "Orthanc"))
-         if binary is None or find_binary(binary)]
+KINDS = LAUNCHABLE_KINDS
 PATIENTS, STUDIES_PER_PATIENT, SERIES_PER_STUDY, IMAGES_PER_SERIES = 2, 2, 3, 4
 LOAD_ROUNDS = 30  # IMAGE-level C-FINDs of every series, this many times, on one association
 BURN_LIMIT_S = 300.0  # a CPU burner ends by itself after this, whatever happens to the test
@@ -100,18 +98,13 @@ def archive() -> list[Dataset]:
     return _archive()
 
 
+launched = pacs_cluster_factory(one_node_per_kind("find"), scope="module")
+
+
 @pytest.fixture(scope="module")
-def cluster(archive):
-    nodes = "".join(f"  {kind}: {{kind: {kind}, ae_title: {kind.upper()[:16]}}}\n"
-                    for kind in KINDS)
-    running = Cluster.launch(parse_topology(f"name: find\nnodes:\n{nodes}"))
-    try:
-        for kind in KINDS:
-            stored = running.node(kind).dimse().store(archive)
-            assert stored.ok, [r.error for r in stored.failed]
-        yield running
-    finally:
-        running.stop()
+def cluster(launched, archive):
+    """One node of each launchable kind, each holding the archive."""
+    return store_into_every_node(launched, archive)
 
 
 def _walk(client: DimseClient, model: str) -> set[Row]:

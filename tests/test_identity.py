@@ -6,21 +6,20 @@ import copy
 
 import pytest
 
-from harness.cluster import Cluster
-from harness.config import parse_topology
 from harness.migration.identity import identity_report, merged_patients
 from harness.migration.inventory import crawl
 from harness.migration.rules import parse_rules
+from harness.plugin import pacs_cluster_factory
 from synthetic_data import GeneratorOptions, generate
 from synthetic_data.manifest import colliding_patient_ids
 
+launched = pacs_cluster_factory(
+    "name: ids\nnodes:\n  src: {kind: embedded}\n  dst: {kind: embedded}\n", scope="module")
+
 
 @pytest.fixture(scope="module")
-def two_nodes():
-    cluster = Cluster.launch(parse_topology(
-        "name: ids\nnodes:\n  src: {kind: embedded}\n  dst: {kind: embedded}\n"))
-    yield cluster.node("src"), cluster.node("dst")
-    cluster.stop()
+def two_nodes(launched):
+    return launched.node("src"), launched.node("dst")
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,17 @@ birth dates, and every table of every SQLite ledger dumped by the sqlite3 tool."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.launch.tools import find_binary
+from harness.plugin import pacs_cluster_factory
 from synthetic_data.samples import sample_study
+from tests.helpers import external_node, external_topology, login_env
 
 # recognisable made-up people: two share one MRN under two issuers (a collision)
 PATIENTS = [
@@ -50,39 +50,34 @@ def _studies() -> list[list]:
     return studies
 
 
+launched = pacs_cluster_factory(
+    "name: redact\nnodes:\n"
+    "  site: {kind: orthanc, ae_title: SITE}\n"
+    "  copy: {kind: embedded, ae_title: COPY}\n",
+    scope="module",
+    requires=("Orthanc",),
+)
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site(launched, tmp_path_factory):
     """A launched Orthanc (the site) and an embedded PACS (its migration target), described
     to the CLI as external nodes; the target lacks one patient and misspells another."""
-    if not find_binary("Orthanc"):
-        pytest.skip("Orthanc not installed (install: apt-get install orthanc)")
-    cluster = Cluster.launch(parse_topology(
+    studies = _studies()
+    assert launched.node("site").dimse().store([ds for s in studies for ds in s]).ok
+    renamed = [ds.copy() for ds in studies[0]]
+    for ds in renamed:
+        ds.PatientName = "Quaxwell^Zebulonn"
+    assert launched.node("copy").dimse().store([*renamed, *studies[2]]).ok
+    workdir = tmp_path_factory.mktemp("redact")
+    env = login_env(launched, "REDACT", workdir / "state")
+    topology = workdir / "topology.yaml"
+    topology.write_text(
         "name: redact\nnodes:\n"
-        "  site: {kind: orthanc, ae_title: SITE}\n"
-        "  copy: {kind: embedded, ae_title: COPY}\n"))
-    try:
-        studies = _studies()
-        assert cluster.node("site").dimse().store([ds for s in studies for ds in s]).ok
-        renamed = [ds.copy() for ds in studies[0]]
-        for ds in renamed:
-            ds.PatientName = "Quaxwell^Zebulonn"
-        assert cluster.node("copy").dimse().store([*renamed, *studies[2]]).ok
-        workdir = tmp_path_factory.mktemp("redact")
-        site, copy = cluster.node("site"), cluster.node("copy")
-        user, password = site.generated_credentials or ("", "")
-        env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(workdir / "state"),
-               "REDACT_USER": user, "REDACT_PASSWORD": password}
-        topology = workdir / "topology.yaml"
-        topology.write_text(
-            "name: redact\nnodes:\n"
-            f"  site: {{kind: external, ae_title: SITE, host: 127.0.0.1, "
-            f"dicom_port: {site.dicom_port}, http_port: {site.http_port}, orthanc_rest: true, "
-            "credentials: {username_env: REDACT_USER, password_env: REDACT_PASSWORD}}\n"
-            f"  copy: {{kind: external, ae_title: COPY, host: 127.0.0.1, "
-            f"dicom_port: {copy.dicom_port}}}\n")
-        yield topology, env, workdir
-    finally:
-        cluster.stop()
+        + external_node(launched.node("site"), "REDACT", dicomweb_root=None)
+        + external_node(launched.node("copy"), "REDACT")
+    )
+    return topology, env, workdir
 
 
 def _cli(site, *args: str) -> subprocess.CompletedProcess:
@@ -248,40 +243,26 @@ def test_synthetic_flag_must_be_a_boolean():
                        "dicom_port: 104, synthetic: 'yes'}\n")
 
 
-def test_migration_into_a_site_archive_reports_tokens(tmp_path):
+def test_migration_into_a_site_archive_reports_tokens(tmp_path, pacs_launch):
     """The migration scenario between two writable site archives (one holding the people
     above): its identity report, merged patients and findings attachment hold no identity."""
     if not find_binary("Orthanc"):
         pytest.skip("Orthanc not installed (install: apt-get install orthanc)")
-    cluster = Cluster.launch(parse_topology(
+    cluster = pacs_launch(
         "name: redactmig\nnodes:\n"
         "  site: {kind: orthanc, ae_title: SITE}\n"
-        "  next: {kind: orthanc, ae_title: NEXT}\n"))
-    try:
-        assert cluster.node("site").dimse().store([ds for s in _studies() for ds in s]).ok
-        env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "state")}
-        lines = ["name: redactmig", "nodes:"]
-        for name in ("site", "next"):
-            node = cluster.node(name)
-            env[f"MIG_{name.upper()}_USER"], env[f"MIG_{name.upper()}_PASSWORD"] = (
-                node.generated_credentials or ("", ""))
-            lines.append(
-                f"  {name}: {{kind: external, writable: true, ae_title: {node.ae_title}, "
-                f"host: 127.0.0.1, dicom_port: {node.dicom_port}, "
-                f"http_port: {node.http_port}, orthanc_rest: true, "
-                "dicomweb_root: /dicom-web, credentials: "
-                f"{{username_env: MIG_{name.upper()}_USER, "
-                f"password_env: MIG_{name.upper()}_PASSWORD}}}}")
-        lines += ["settings:", "  migration: {source: site, target: next, pilot_patients: 2}"]
-        topology = tmp_path / "topology.yaml"
-        topology.write_text("\n".join(lines) + "\n")
-        report = tmp_path / "report"
-        proc = _cli((topology, env, None), "run", "--scenario", "migration", "--phase",
-                    "pilot", "--report-dir", str(report), "-q")
-        assert (report / "report.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-        (scenario,) = json.loads((report / "report.json").read_text())["scenarios"]
-        identity = next(m["identity"] for m in scenario["metrics"].values())
-        assert "pt-" in json.dumps(identity["collisions"])  # our collision, as tokens
-        assert _found(report) == {}
-    finally:
-        cluster.stop()
+        "  next: {kind: orthanc, ae_title: NEXT}\n")
+    assert cluster.node("site").dimse().store([ds for s in _studies() for ds in s]).ok
+    env = login_env(cluster, "MIG", tmp_path / "state")
+    topology = external_topology(
+        tmp_path / "topology.yaml", "redactmig", cluster.nodes.values(), "MIG",
+        dict.fromkeys(cluster.nodes, ", writable: true"),
+        "settings:\n  migration: {source: site, target: next, pilot_patients: 2}\n")
+    report = tmp_path / "report"
+    proc = _cli((topology, env, None), "run", "--scenario", "migration", "--phase",
+                "pilot", "--report-dir", str(report), "-q")
+    assert (report / "report.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    (scenario,) = json.loads((report / "report.json").read_text())["scenarios"]
+    identity = next(m["identity"] for m in scenario["metrics"].values())
+    assert "pt-" in json.dumps(identity["collisions"])  # our collision, as tokens
+    assert _found(report) == {}

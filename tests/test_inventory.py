@@ -22,21 +22,19 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from harness.cluster import Cluster
-from harness.config import parse_topology
 from harness.errors import ConfigError
-from harness.launch.tools import find_binary
 from harness.migration.inventory import crawl, sample_rank
 from harness.migration.ledger import Ledger, row_from_dataset
 from harness.migration.reconcile import reconcile, verify
+from harness.plugin import pacs_cluster_factory
 from synthetic_data import GeneratorOptions, generate
+from tests.helpers import LAUNCHABLE_KINDS, one_node_per_kind, store_into_every_node
 
 ARCHIVE = GeneratorOptions(
     patients=2, studies_per_patient=2, modalities=["CT", "MR", "US", "SR", "DOC"], seed=5,
     scale="tiny", transfer_syntaxes=["implicit", "explicit"], charsets=["latin1", "utf8"],
 )
-KINDS = [k for k, binary in (("embedded", None), ("dcmqrscp", "dcmqrscp"), ("orthanc", "Orthanc"))
-         if binary is None or find_binary(binary)]
+KINDS = LAUNCHABLE_KINDS
 
 
 def _file_roundtrip(ds: Dataset, transfer_syntax: str | None = None) -> Dataset:
@@ -56,18 +54,13 @@ def archive() -> list[Dataset]:
     return [copy.deepcopy(ds) for ds in generate(ARCHIVE)]
 
 
+launched = pacs_cluster_factory(one_node_per_kind("inventory"), scope="module")
+
+
 @pytest.fixture(scope="module")
-def cluster(archive):
-    nodes = "".join(f"  {kind}: {{kind: {kind}, ae_title: {kind.upper()[:16]}}}\n"
-                    for kind in KINDS)
-    running = Cluster.launch(parse_topology(f"name: inventory\nnodes:\n{nodes}"))
-    try:
-        for kind in KINDS:
-            stored = running.node(kind).dimse().store(archive)
-            assert stored.ok, [r.error for r in stored.failed]
-        yield running
-    finally:
-        running.stop()
+def cluster(launched, archive):
+    """One node of each launchable kind, each holding the archive."""
+    return store_into_every_node(launched, archive)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
-from harness.cluster import Cluster
-from harness.config import parse_topology
+from harness.plugin import pacs_cluster_factory
 from synthetic_data.samples import sample_study
 
 pytest_plugins = ["pytester"]
@@ -23,11 +20,7 @@ links:
 """
 
 
-@pytest.fixture
-def linked():
-    cluster = Cluster.launch(parse_topology(LINKED))
-    yield cluster
-    cluster.stop()
+linked = pacs_cluster_factory(LINKED)
 
 
 def test_harness_link_adds_its_latency(linked):

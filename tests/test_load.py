@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness.cluster import Cluster
-from harness.config import parse_topology
 from harness.errors import ConfigError
-from harness.launch.tools import find_binary
 from harness.performance.load import parse_workload
 from harness.performance.runner import run_workload
+from harness.plugin import pacs_cluster_factory
 
 
 @pytest.mark.parametrize(
@@ -36,14 +34,8 @@ def test_workload_errors_name_file_line_field(text, message):
     assert str(caught.value).startswith(message), str(caught.value)
 
 
-@pytest.fixture(scope="module")
-def orthanc():
-    if not find_binary("Orthanc"):
-        pytest.skip("Orthanc not installed")
-    topology = parse_topology("name: ld\nnodes:\n  t: {kind: orthanc, ae_title: LD}\n")
-    cluster = Cluster.launch(topology)
-    yield cluster
-    cluster.stop()
+orthanc = pacs_cluster_factory("name: ld\nnodes:\n  t: {kind: orthanc, ae_title: LD}\n",
+                               scope="module", requires=("Orthanc",))
 
 
 def test_mixed_workload_closed_and_open(orthanc):

@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 
 from harness.cli.load import run_locust
-from harness.cluster import Cluster
-from harness.config import parse_topology
-from harness.launch.tools import find_binary
 from harness.performance.load import parse_workload
+from harness.plugin import pacs_cluster_factory
 
 WORKLOAD = """
 name: locust-small
@@ -21,14 +19,13 @@ groups:
 """
 
 
+launched = pacs_cluster_factory("name: loc\nnodes:\n  t: {kind: orthanc, ae_title: LOC}\n",
+                                requires=("Orthanc",))
+
+
 @pytest.fixture
-def node(request):
-    if not find_binary("Orthanc"):
-        pytest.skip("Orthanc not installed")
-    topology = parse_topology("name: loc\nnodes:\n  t: {kind: orthanc, ae_title: LOC}\n")
-    cluster = Cluster.launch(topology)
-    request.addfinalizer(cluster.stop)
-    return cluster.node("t")
+def node(launched):
+    return launched.node("t")
 
 
 def test_locust_master_and_two_workers(node, tmp_path):

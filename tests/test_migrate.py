@@ -8,7 +8,6 @@ targets web (Orthanc) and sink (embedded), wiped by each test that writes to the
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -21,13 +20,13 @@ from pathlib import Path
 import pytest
 
 from harness.cluster import Cluster
-from harness.config import parse_topology
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.tools import find_binary
 from harness.migration.migrator import ExternalMigration, Migrator, list_studies
 from harness.nodes.base import Node
+from harness.plugin import pacs_cluster_factory
 from synthetic_data.samples import sample_study
-from tests.helpers import processes_mentioning
+from tests.helpers import external_topology, login_env, processes_mentioning
 
 TOPOLOGY = """name: migrate
 nodes:
@@ -41,24 +40,21 @@ nodes:
 CONTENT = {"legacy": (4, 3), "pocket": (10, 2), "central": (4, 3)}
 
 
+launched = pacs_cluster_factory(TOPOLOGY, scope="module",
+                                requires=("Orthanc", "dcmqrscp", "movescu"))
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    for binary in ("Orthanc", "dcmqrscp", "movescu"):
-        if not find_binary(binary):
-            pytest.skip(f"{binary} not installed (install: apt-get install orthanc dcmtk)")
-    cluster = Cluster.launch(parse_topology(TOPOLOGY))
-    try:
-        for offset, (name, (studies, instances)) in enumerate(CONTENT.items()):
-            batch = [
-                ds
-                for n in range(studies)
-                for ds in sample_study(seed=1000 * (offset + 1) + n, instances=instances)
-            ]
-            stored = cluster.node(name).dimse().store(batch)
-            assert stored.ok, [r.error for r in stored.failed]
-        yield cluster
-    finally:
-        cluster.stop()
+def cluster(launched):
+    for offset, (name, (studies, instances)) in enumerate(CONTENT.items()):
+        batch = [
+            ds
+            for n in range(studies)
+            for ds in sample_study(seed=1000 * (offset + 1) + n, instances=instances)
+        ]
+        stored = launched.node(name).dimse().store(batch)
+        assert stored.ok, [r.error for r in stored.failed]
+    return launched
 
 
 def _content(node: Node, studies: list[str]) -> dict[str, tuple[str, bytes]]:
@@ -106,37 +102,16 @@ def test_method_copies_every_instance_unchanged(cluster, tmp_path, method, sourc
 
 def _topology_file(cluster: Cluster, path: Path, names: list[str]) -> Path:
     """The launched nodes as external nodes of a topology, for the CLI in a subprocess."""
-    lines = ["name: ext", "nodes:"]
-    for name in names:
-        node = cluster.node(name)
-        # the login generated at launch, handed over by environment variable names
-        variable = f"HARNESS_TEST_{name.upper()}"
-        extra = (
-            f", http_port: {node.http_port}, orthanc_rest: true, dicomweb_root: /dicom-web, "
-            f"credentials: {{username_env: {variable}_USER, password_env: {variable}_PASSWORD}}"
-            if node.kind == "orthanc"
-            else ""
-        )
-        lines.append(
-            f"  {name}: {{kind: external, ae_title: {node.ae_title}, host: {node.host}, "
-            f"dicom_port: {node.dicom_port}{extra}, writable: true}}"
-        )
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return external_topology(path, "ext", [cluster.node(n) for n in names], "HARNESS_TEST",
+                             dict.fromkeys(names, ", writable: true"))
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "harness.cli.migrate", *args]
 
 
-def _env(tmp_path: Path, cluster: Cluster | None = None) -> dict[str, str]:
-    env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "harness-state")}
-    for name, node in (cluster.nodes if cluster else {}).items():
-        if node.generated_credentials:
-            user, password = node.generated_credentials
-            env[f"HARNESS_TEST_{name.upper()}_USER"] = user
-            env[f"HARNESS_TEST_{name.upper()}_PASSWORD"] = password
-    return env
+def _env(tmp_path: Path, cluster: Cluster) -> dict[str, str]:
+    return login_env(cluster, "HARNESS_TEST", tmp_path / "harness-state")
 
 
 def _confirmed(state: Path) -> int:
@@ -361,22 +336,15 @@ def test_refusals_name_the_node(cluster, tmp_path):
 # -- listings are not taken on one read ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def unsteady():
-    """dcmqrscp (returns no NumberOfStudyRelatedInstances: two reads must agree) as source,
-    the embedded PACS (returns it: the count must agree) as target."""
-    for binary in ("dcmqrscp",):
-        if not find_binary(binary):
-            pytest.skip(f"{binary} not installed (install: apt-get install dcmtk)")
-    cluster = Cluster.launch(parse_topology(
-        "name: unsteady\nnodes:\n"
-        "  old: {kind: dcmqrscp, ae_title: OLDARCH}\n"
-        "  new: {kind: embedded, ae_title: NEWARCH}\n"
-    ))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+# dcmqrscp (returns no NumberOfStudyRelatedInstances: two reads must agree) as source,
+# the embedded PACS (returns it: the count must agree) as target.
+unsteady = pacs_cluster_factory(
+    "name: unsteady\nnodes:\n"
+    "  old: {kind: dcmqrscp, ae_title: OLDARCH}\n"
+    "  new: {kind: embedded, ae_title: NEWARCH}\n",
+    scope="module",
+    requires=("dcmqrscp",),
+)
 
 
 def _store_on_read(node: Node, role: str, study, reads: set[int]):

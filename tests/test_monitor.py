@@ -8,31 +8,28 @@ import time
 
 import pytest
 
-from harness.cluster import Cluster
-from harness.config import NodeSpec, parse_topology
+from harness.config import NodeSpec
 from harness.launch.ports import free_port
 from harness.migration.migrator import Migrator
 from harness.migration.monitor import AvailabilityMonitor
 from harness.nodes import make_node
+from harness.plugin import pacs_cluster_factory
 from synthetic_data.samples import sample_study
 
 STUDIES = 8
 
 
+launched = pacs_cluster_factory(
+    "name: mon\nnodes:\n  pocket: {kind: embedded, ae_title: POCKET}\n"
+    "  sink: {kind: embedded, ae_title: SINK}\n"
+)
+
+
 @pytest.fixture
-def pair():
-    cluster = Cluster.launch(
-        parse_topology(
-            "name: mon\nnodes:\n  pocket: {kind: embedded, ae_title: POCKET}\n"
-            "  sink: {kind: embedded, ae_title: SINK}\n"
-        )
-    )
-    try:
-        batch = [ds for n in range(STUDIES) for ds in sample_study(seed=500 + n)]
-        assert cluster.node("pocket").dimse().store(batch).ok
-        yield cluster.node("pocket"), cluster.node("sink")
-    finally:
-        cluster.stop()
+def pair(launched):
+    batch = [ds for n in range(STUDIES) for ds in sample_study(seed=500 + n)]
+    assert launched.node("pocket").dimse().store(batch).ok
+    return launched.node("pocket"), launched.node("sink")
 
 
 def _wait(condition, timeout_s: float = 60.0) -> None:

@@ -112,7 +112,8 @@ def separately_started(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_external_node_is_reached_not_started(separately_started, tmp_path, monkeypatch):
+def test_external_node_is_reached_not_started(separately_started, tmp_path, monkeypatch,
+                                              pacs_launch):
     row = separately_started
     topology = parse_topology(
         "name: ext\nnodes:\n"
@@ -143,7 +144,7 @@ def test_external_node_is_reached_not_started(separately_started, tmp_path, monk
             "orthanc_rest: true, disposable: true, "
             "credentials: {username_env: SITE_USER, password_env: SITE_PASSWORD}}\n"
         )
-        node = Cluster.launch(declared).node("remote")
+        node = pacs_launch(declared).node("remote")
         node.wipe()
         assert node.statistics().instances == 0
 
@@ -160,38 +161,34 @@ def test_external_node_that_does_not_answer_is_an_environment_error():
         Cluster.launch(topology, ready_timeout_s=2)
 
 
-def test_dicomweb_stow_qido_wado_on_orthanc():
+def test_dicomweb_stow_qido_wado_on_orthanc(pacs_launch):
     _require("orthanc")
-    topology = parse_topology("name: web\nnodes:\n  web: {kind: orthanc, ae_title: WEB}\n")
-    cluster = Cluster.launch(topology)
-    try:
-        web = cluster.node("web").dicomweb()
-        study = sample_study(seed=31, instances=2)
-        from io import BytesIO
+    cluster = pacs_launch("name: web\nnodes:\n  web: {kind: orthanc, ae_title: WEB}\n")
+    web = cluster.node("web").dicomweb()
+    study = sample_study(seed=31, instances=2)
+    from io import BytesIO
 
-        from pydicom import dcmread
+    from pydicom import dcmread
 
-        payloads = []
-        for ds in study:
-            buffer = BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            payloads.append(buffer.getvalue())
-        response = web.store(payloads)
-        assert "00081199" in response  # ReferencedSOPSequence: what was stored
-        found = web.search_studies(StudyInstanceUID=study[0].StudyInstanceUID)
-        assert [f["0020000D"]["Value"][0] for f in found] == [study[0].StudyInstanceUID]
-        instances = web.search_instances(study[0].StudyInstanceUID)
-        assert len(instances) == 2
-        parts = web.retrieve_study(study[0].StudyInstanceUID)
-        assert sorted(dcmread(BytesIO(p)).SOPInstanceUID for p in parts) == sorted(
-            ds.SOPInstanceUID for ds in study
-        )
-    finally:
-        cluster.stop()
+    payloads = []
+    for ds in study:
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        payloads.append(buffer.getvalue())
+    response = web.store(payloads)
+    assert "00081199" in response  # ReferencedSOPSequence: what was stored
+    found = web.search_studies(StudyInstanceUID=study[0].StudyInstanceUID)
+    assert [f["0020000D"]["Value"][0] for f in found] == [study[0].StudyInstanceUID]
+    instances = web.search_instances(study[0].StudyInstanceUID)
+    assert len(instances) == 2
+    parts = web.retrieve_study(study[0].StudyInstanceUID)
+    assert sorted(dcmread(BytesIO(p)).SOPInstanceUID for p in parts) == sorted(
+        ds.SOPInstanceUID for ds in study
+    )
 
 
 @pytest.mark.parametrize("exported", [None, "0"])
-def test_dcmtk_based_nodes_start_without_nagle_unless_told(monkeypatch, exported):
+def test_dcmtk_based_nodes_start_without_nagle_unless_told(monkeypatch, exported, pacs_launch):
     """Orthanc and dcmqrscp get TCP_NODELAY=1 (no 40 ms stall per response); an exported
     TCP_NODELAY wins, so a Debian-packaged server's behaviour stays reproducible."""
     _require("orthanc")
@@ -200,18 +197,14 @@ def test_dcmtk_based_nodes_start_without_nagle_unless_told(monkeypatch, exported
         monkeypatch.delenv("TCP_NODELAY", raising=False)
     else:
         monkeypatch.setenv("TCP_NODELAY", exported)
-    topology = parse_topology(
+    cluster = pacs_launch(
         "name: nagle\nnodes:\n  o: {kind: orthanc}\n  q: {kind: dcmqrscp}\n  e: {kind: embedded}\n"
     )
-    cluster = Cluster.launch(topology)
-    try:
-        seen = {}
-        for name in ("o", "q", "e"):
-            environ = open(f"/proc/{cluster.node(name).handle.pid}/environ", "rb").read()
-            values = [v for v in environ.split(b"\0") if v.startswith(b"TCP_NODELAY=")]
-            seen[name] = values[0].decode() if values else None
-    finally:
-        cluster.stop()
+    seen = {}
+    for name in ("o", "q", "e"):
+        environ = open(f"/proc/{cluster.node(name).handle.pid}/environ", "rb").read()
+        values = [v for v in environ.split(b"\0") if v.startswith(b"TCP_NODELAY=")]
+        seen[name] = values[0].decode() if values else None
     expected = f"TCP_NODELAY={exported or '1'}"
     assert seen["o"] == expected and seen["q"] == expected
     # the embedded PACS (pynetdicom) tunes its own sockets: it only inherits what was exported

@@ -9,7 +9,6 @@ and the node's content, counted by Orthanc's own REST API (GET /statistics), mus
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,10 @@ from pydicom import dcmwrite
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.errors import ConfigError, NotDisposableError
-from harness.launch.tools import find_binary
 from harness.nodes import make_node
+from harness.plugin import pacs_cluster_factory
 from synthetic_data.samples import sample_study
-from tests.helpers import run_cli
+from tests.helpers import external_node, external_topology, login_env, run_cli
 
 STORING_WORKLOAD = """name: storing
 duration_s: 1
@@ -63,47 +62,35 @@ STORING_CONTRACT = ECHO_CONTRACT.replace("name: echo-only", "name: storing").rep
      'threshold: ">= 0.1 instances/s", workload: ingest}\n')
 
 
+launched = pacs_cluster_factory(
+    "name: perm\nnodes:\n"
+    "  site: {kind: orthanc, ae_title: SITEPACS}\n"
+    "  scratch: {kind: orthanc, ae_title: SCRATCH}\n",
+    scope="module",
+    requires=("Orthanc",),
+)
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    if not find_binary("Orthanc"):
-        pytest.skip("Orthanc not installed")
-    topology = parse_topology(
-        "name: perm\nnodes:\n"
-        "  site: {kind: orthanc, ae_title: SITEPACS}\n"
-        "  scratch: {kind: orthanc, ae_title: SCRATCH}\n"
-    )
-    launched = Cluster.launch(topology)
-    try:
-        # the "hospital" holds studies of its own before any test runs
-        assert launched.node("site").dimse().store(sample_study(seed=7, instances=3)).ok
-        assert launched.node("scratch").dimse().store(sample_study(seed=8, instances=2)).ok
-        yield launched
-    finally:
-        launched.stop()
+def cluster(launched):
+    # the "hospital" holds studies of its own before any test runs
+    assert launched.node("site").dimse().store(sample_study(seed=7, instances=3)).ok
+    assert launched.node("scratch").dimse().store(sample_study(seed=8, instances=2)).ok
+    return launched
 
 
 def _external(node, extra: str = "") -> str:
     """The node as a site would describe it, its login named by environment variables."""
-    variable = f"PERM_TEST_{node.name.upper()}"
-    return (
-        f"  {node.name}: {{kind: external, ae_title: {node.ae_title}, host: {node.host}, "
-        f"dicom_port: {node.dicom_port}, http_port: {node.http_port}, orthanc_rest: true, "
-        f"dicomweb_root: /dicom-web, credentials: {{username_env: {variable}_USER, "
-        f"password_env: {variable}_PASSWORD}}{extra}}}\n"
-    )
+    return external_node(node, "PERM_TEST", extra)
 
 
 def _topology(cluster, tmp_path: Path, site_extra: str = "", settings: str = "") -> Path:
     """The launched nodes as a site would describe them: `site` external (read-only unless
     site_extra says otherwise), `scratch` external and disposable."""
-    path = tmp_path / "site.yaml"
-    path.write_text(
-        "name: site\nnodes:\n"
-        + _external(cluster.node("site"), site_extra)
-        + _external(cluster.node("scratch"), ", disposable: true")
-        + settings
+    return external_topology(
+        tmp_path / "site.yaml", "site", cluster.nodes.values(), "PERM_TEST",
+        {"site": site_extra, "scratch": ", disposable: true"}, settings,
     )
-    return path
 
 
 def _held(node) -> dict:
@@ -117,12 +104,7 @@ def _held(node) -> dict:
 
 
 def _env(tmp_path: Path, cluster: Cluster) -> dict[str, str]:
-    env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "state")}
-    for name, node in cluster.nodes.items():  # the logins generated at launch
-        user, password = node.generated_credentials
-        env[f"PERM_TEST_{name.upper()}_USER"] = user
-        env[f"PERM_TEST_{name.upper()}_PASSWORD"] = password
-    return env
+    return login_env(cluster, "PERM_TEST", tmp_path / "state")
 
 
 def _write(tmp_path: Path, name: str, text: str) -> str:

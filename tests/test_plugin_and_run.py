@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.launch.ports import free_port
+from harness.launch.ports import free_port, port_in_use
 from tests.helpers import run_cli
 
 pytest_plugins = ["pytester"]
@@ -44,7 +44,43 @@ def test_unknown_phase_is_a_usage_error(pytester):
     pytester.makepyfile(test_phased=PHASED)
     result = pytester.runpytest_subprocess("--phase", "go-live")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--phase 'go-live': unknown phase (allowed: planning,*"])
+    result.stderr.fnmatch_lines(["*--pacs-phase 'go-live': unknown phase (allowed: planning,*"])
+
+
+def test_old_option_name_is_an_alias_of_the_pacs_one(pytester):
+    pytester.makepyfile(test_phased=PHASED)
+    result = pytester.runpytest_subprocess("--help")
+    result.stdout.fnmatch_lines(["*--pacs-phase=NAME, --phase=NAME*"])
+    for option in ("--pacs-phase", "--phase"):
+        result = pytester.runpytest_subprocess(option, "infrastructure", "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=3, deselected=2)
+
+
+def test_ini_settings_apply_and_the_command_line_wins(pytester):
+    pytester.makepyfile(test_phased=PHASED)
+    pytester.makeini(
+        "[pytest]\n"
+        "pacs_phase = infrastructure\n"
+        "pacs_scenario =\n    wiring\n    phased\n"
+        "pacs_report_json = from-ini/report.json\n"
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, deselected=2)  # planning, infrastructure, unphased
+    data = json.loads((pytester.path / "from-ini" / "report.json").read_text())
+    assert {s["name"] for s in data["scenarios"]} == {"wiring", "phased"}
+
+    report = pytester.path / "from-cli" / "report.json"
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--pacs-phase", "pilot", "--pacs-scenario", "phased",
+        "--pacs-report-json", str(report),
+    )
+    result.assert_outcomes(passed=3, deselected=2)  # planning, pilot, unphased
+    assert {s["name"] for s in json.loads(report.read_text())["scenarios"]} == {"phased"}
+
+    pytester.makeini("[pytest]\npacs_phase = go-live\n")
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ini pacs_phase = 'go-live': unknown phase*"])
 
 
 def test_report_json_groups_tests_by_scenario_with_metrics(pytester):
@@ -79,6 +115,77 @@ def test_starts_empty(pacs_node, pacs_janitor):
     )
     result = pytester.runpytest_subprocess("--pacs-topology", str(topo), "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+LAUNCHING = """
+import json, os
+import pytest
+from harness.plugin import pacs_cluster_factory
+
+box = pacs_cluster_factory({"name": "fac", "nodes": {"box": {"kind": "embedded"}}},
+                           scope="module")
+
+def _note(cluster):
+    with open(os.environ["LAUNCHED"], "a") as out:
+        for node in cluster.nodes.values():
+            out.write(json.dumps([node.handle.pid, node.handle.start_time, node.dicom_port])
+                      + "\\n")
+
+def test_factory_cluster_answers(box):
+    _note(box)
+    assert box.node("box").dimse().echo().status.ok
+
+def test_launched_then_failed(pacs_launch):
+    _note(pacs_launch("name: one\\nnodes:\\n  a: {kind: embedded}\\n"))
+    _note(pacs_launch("name: two\\nnodes:\\n  b: {kind: embedded}\\n"))
+    assert False, "the test fails with two clusters running"
+
+def test_launched_then_interrupted(pacs_launch):
+    _note(pacs_launch("name: three\\nnodes:\\n  c: {kind: embedded}\\n"))
+    raise KeyboardInterrupt
+"""
+
+
+AT_SESSION_FINISH = """
+import json, os
+import pytest
+from harness.launch.ports import PortReservation
+from harness.launch.process import ProcessHandle
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session):
+    # after every fixture teardown, before the process ends (its death would stop the nodes)
+    seen = []
+    with open(os.environ["LAUNCHED"]) as launched:
+        for line in launched:
+            pid, start_time, port = json.loads(line)
+            claim = PortReservation.try_claim(port)
+            seen.append({"alive": ProcessHandle(pid, start_time).alive(),
+                         "port_reserved": claim is None})
+            if claim is not None:
+                claim.release()
+    with open(os.environ["LAUNCHED"] + ".finish", "w") as out:
+        json.dump(seen, out)
+"""
+
+
+def test_clusters_of_the_factory_and_launcher_stop_after_failure_and_interrupt(
+    pytester, tmp_path, monkeypatch
+):
+    pytester.makepyfile(test_launching=LAUNCHING)
+    pytester.makeconftest(AT_SESSION_FINISH)
+    launched = tmp_path / "launched.jsonl"
+    monkeypatch.setenv("LAUNCHED", str(launched))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v")
+    result.stdout.fnmatch_lines(["*test_factory_cluster_answers PASSED*",
+                                 "*test_launched_then_failed FAILED*", "*KeyboardInterrupt*"])
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    nodes = [json.loads(line) for line in launched.read_text().splitlines()]
+    assert len(nodes) == 4
+    at_finish = json.loads((tmp_path / "launched.jsonl.finish").read_text())
+    assert at_finish == [{"alive": False, "port_reserved": False}] * 4
+    for _pid, _start_time, port in nodes:
+        assert not port_in_use("127.0.0.1", port)
 
 
 @pytest.mark.timeout(1800)

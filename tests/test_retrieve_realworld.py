@@ -22,11 +22,10 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 
-from harness.cluster import Cluster
-from harness.config import parse_topology
 from harness.embedded_pacs import open_index
 from harness.launch.tools import find_binary
 from harness.performance.runner import _MoveSink
+from harness.plugin import pacs_cluster_factory
 from tests.realworld import CorpusFile, valid_files
 
 STORESCU, FINDSCU = "/usr/bin/storescu", "/usr/bin/findscu"
@@ -64,25 +63,26 @@ def _storescu(node, item: CorpusFile) -> str:
     return lines[-1] if lines else f"exit {proc.returncode}"
 
 
+launched = pacs_cluster_factory(
+    "name: realworld\nnodes:\n" + "".join(
+        f"  {kind}: {{kind: {kind}, ae_title: RW{kind.upper()[:14]}}}\n" for kind in KINDS),
+    scope="module",
+)
+
+
 @pytest.fixture(scope="module")
-def filled():
+def filled(launched):
     """Every kind, each filled with the corpus by storescu: (cluster, {kind: stored files})."""
-    nodes = "".join(f"  {kind}: {{kind: {kind}, ae_title: RW{kind.upper()[:14]}}}\n"
-                    for kind in KINDS)
-    cluster = Cluster.launch(parse_topology(f"name: realworld\nnodes:\n{nodes}"))
-    try:
-        stored: dict[str, list[CorpusFile]] = {}
-        for kind in KINDS:
-            stored[kind] = []
-            for item in valid_files():
-                reason = _storescu(cluster.node(kind), item)
-                if reason:
-                    print(f"{kind}: excluded {item.name}: {reason}")
-                else:
-                    stored[kind].append(item)
-        yield cluster, stored
-    finally:
-        cluster.stop()
+    stored: dict[str, list[CorpusFile]] = {}
+    for kind in KINDS:
+        stored[kind] = []
+        for item in valid_files():
+            reason = _storescu(launched.node(kind), item)
+            if reason:
+                print(f"{kind}: excluded {item.name}: {reason}")
+            else:
+                stored[kind].append(item)
+    return launched, stored
 
 
 def _held(cluster, kind: str, study_uid: str) -> set[str]:

@@ -17,13 +17,12 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 
-from harness.cluster import Cluster
-from harness.config import parse_topology
 from harness.launch.tools import find_binary
 from harness.migration.inventory import crawl
 from harness.migration.reconcile import Findings, reconcile
 from harness.migration.rules import parse_rules
 from harness.nodes.base import Node
+from harness.plugin import pacs_cluster_factory
 from synthetic_data import GeneratorOptions, generate
 
 pytestmark = pytest.mark.skipif(
@@ -73,27 +72,26 @@ class Migration:
                          parse_rules(rules, "rules.yaml") if rules else None)
 
 
+SOURCE_KIND = "dcmqrscp" if find_binary("dcmqrscp") else "embedded"
+launched = pacs_cluster_factory(
+    "name: seeded\nnodes:\n"
+    f"  legacy: {{kind: {SOURCE_KIND}, ae_title: LEGACY}}\n"
+    "  central: {kind: orthanc, ae_title: CENTRAL}\n",
+    scope="module",
+)
+
+
 @pytest.fixture(scope="module")
-def migration(tmp_path_factory):
-    source_kind = "dcmqrscp" if find_binary("dcmqrscp") else "embedded"
-    topology = parse_topology(
-        "name: seeded\nnodes:\n"
-        f"  legacy: {{kind: {source_kind}, ae_title: LEGACY}}\n"
-        "  central: {kind: orthanc, ae_title: CENTRAL}\n"
-    )
-    cluster = Cluster.launch(topology)
-    try:
-        archive = [copy.deepcopy(ds) for ds in generate(ARCHIVE)]
-        source = cluster.node("legacy")
-        stored = source.dimse().store(archive)
-        assert stored.ok, [r.error for r in stored.failed]
-        workdir = tmp_path_factory.mktemp("seeded")
-        ledger = workdir / "source.sqlite"
-        summary = crawl(source, ledger, depth="full")
-        assert summary.counts["instances"] == len(archive)
-        yield Migration(source, cluster.node("central"), workdir, ledger, archive)
-    finally:
-        cluster.stop()
+def migration(launched, tmp_path_factory):
+    archive = [copy.deepcopy(ds) for ds in generate(ARCHIVE)]
+    source = launched.node("legacy")
+    stored = source.dimse().store(archive)
+    assert stored.ok, [r.error for r in stored.failed]
+    workdir = tmp_path_factory.mktemp("seeded")
+    ledger = workdir / "source.sqlite"
+    summary = crawl(source, ledger, depth="full")
+    assert summary.counts["instances"] == len(archive)
+    return Migration(source, launched.node("central"), workdir, ledger, archive)
 
 
 @pytest.fixture

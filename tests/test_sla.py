@@ -7,11 +7,10 @@ import os
 
 import pytest
 
-from harness.cluster import Cluster
-from harness.config import parse_topology
 from harness.errors import ConfigError
 from harness.launch.tools import find_binary
 from harness.performance.sla import evaluate, parse_contract, verify_evidence, write_evidence
+from harness.plugin import pacs_cluster_factory
 from tests.helpers import run_cli
 
 CONTRACT = """
@@ -48,14 +47,8 @@ def test_contract_errors_name_file_line_field(text, message):
     assert str(caught.value).startswith(message), str(caught.value)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    if not find_binary("Orthanc"):
-        pytest.skip("Orthanc not installed")
-    topology = parse_topology("name: sla\nnodes:\n  t: {kind: orthanc, ae_title: SLA}\n")
-    launched = Cluster.launch(topology)
-    yield launched
-    launched.stop()
+cluster = pacs_cluster_factory("name: sla\nnodes:\n  t: {kind: orthanc, ae_title: SLA}\n",
+                               scope="module", requires=("Orthanc",))
 
 
 def test_passing_and_impossible_clause_with_evidence(cluster, tmp_path):

@@ -30,11 +30,10 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from harness.cluster import Cluster
-from harness.config import parse_topology
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient, StoreReport
 from harness.launch.ports import free_port
 from harness.launch.tools import find_binary
+from harness.plugin import pacs_cluster_factory
 from tests import realworld
 from tests.helpers import run_cli
 
@@ -93,19 +92,15 @@ def landed(node) -> dict[str, str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def nodes():
-    """Per kind: `h-<kind>` filled by the harness, `r-<kind>` by storescu."""
-    lines = "".join(
+# per kind: `h-<kind>` filled by the harness, `r-<kind>` by storescu
+nodes = pacs_cluster_factory(
+    "name: store-files\nnodes:\n" + "".join(
         f"  h{kind}: {{kind: {kind}, ae_title: H{kind.upper()[:12]}}}\n"
         f"  r{kind}: {{kind: {kind}, ae_title: R{kind.upper()[:12]}}}\n"
         for kind in KINDS
-    )
-    cluster = Cluster.launch(parse_topology(f"name: store-files\nnodes:\n{lines}"))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    ),
+    scope="module",
+)
 
 
 def _storescu(node, path: Path) -> bool:
@@ -292,18 +287,14 @@ def _assert_all_implicit(report: StoreReport, held: dict[str, str], items) -> No
 
 
 @pytest.mark.skipif(not find_binary("Orthanc"), reason="Orthanc not installed")
-def test_implicit_only_orthanc_gets_converted_files():
-    topology = parse_topology(
+def test_implicit_only_orthanc_gets_converted_files(pacs_launch):
+    cluster = pacs_launch(
         "name: implicit-orthanc\nnodes:\n  strict: {kind: orthanc, ae_title: STRICT,"
         ' orthanc_config: {AcceptedTransferSyntaxes: ["1.2.840.10008.1.2"]}}\n')
-    cluster = Cluster.launch(topology)
-    try:
-        node = cluster.node("strict")
-        items = _convertible_items()
-        report = node.dimse().store([i.path for i in items])
-        _assert_all_implicit(report, landed(node), items)
-    finally:
-        cluster.stop()
+    node = cluster.node("strict")
+    items = _convertible_items()
+    report = node.dimse().store([i.path for i in items])
+    _assert_all_implicit(report, landed(node), items)
 
 
 @contextmanager

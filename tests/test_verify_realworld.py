@@ -12,7 +12,6 @@ exactly one more finding of the right type.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -30,11 +29,12 @@ from pydicom.uid import (
 )
 
 from harness.cluster import Cluster
-from harness.config import parse_topology
 from harness.dicom.dimse import HARNESS_AE_TITLE
 from harness.embedded_pacs import open_index
 from harness.launch.tools import find_binary
 from harness.nodes.base import Node
+from harness.plugin import pacs_cluster_factory
+from tests.helpers import external_topology, login_env
 from tests.realworld import CorpusFile, valid_files
 
 STORESCU = "/usr/bin/storescu"
@@ -186,12 +186,7 @@ class Archives:
         assert sorted(stored) == sorted(f.sop_instance_uid for f in self.files)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(self.workdir / "state")}
-        for name, node in self.cluster.nodes.items():
-            if node.generated_credentials:
-                env[f"RW_{name.upper()}_USER"], env[f"RW_{name.upper()}_PASSWORD"] = (
-                    node.generated_credentials
-                )
+        env = login_env(self.cluster, "RW", self.workdir / "state")
         return subprocess.run([sys.executable, "-m", "harness", *args, "-t", str(self.topology)],
                               capture_output=True, text=True, timeout=900, env=env)
 
@@ -219,39 +214,30 @@ class Archives:
 
 
 def _external_topology(cluster: Cluster, path: Path) -> Path:
-    """The launched nodes as external nodes, for the CLI in a subprocess."""
-    lines = ["name: realworld", "nodes:"]
-    for name in ("src", "dst"):
-        node = cluster.node(name)
-        # the login generated at launch, handed over by environment variable names
-        web = (f", http_port: {node.http_port}, orthanc_rest: true, dicomweb_root: /dicom-web, "
-               f"credentials: {{username_env: RW_{name.upper()}_USER, "
-               f"password_env: RW_{name.upper()}_PASSWORD}}"
-               if node.kind == "orthanc" else "")
-        # synthetic: public test files, no patient's identity (findings keep the names)
-        lines.append(f"  {name}: {{kind: external, ae_title: {node.ae_title}, "
-                     f"host: {node.host}, dicom_port: {node.dicom_port}, synthetic: true{web}}}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    """The launched nodes as external nodes, for the CLI in a subprocess; synthetic: public
+    test files, no patient's identity (findings keep the names)."""
+    return external_topology(path, "realworld", cluster.nodes.values(), "RW",
+                             {"src": ", synthetic: true", "dst": ", synthetic: true"})
+
+
+launched = pacs_cluster_factory(
+    "name: realworld\nnodes:\n"
+    "  src: {kind: embedded, ae_title: RWSOURCE}\n"
+    "  dst: {kind: orthanc, ae_title: RWTARGET}\n",
+    scope="module",
+)
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory):
-    topology = parse_topology("name: realworld\nnodes:\n"
-                              "  src: {kind: embedded, ae_title: RWSOURCE}\n"
-                              "  dst: {kind: orthanc, ae_title: RWTARGET}\n")
-    cluster = Cluster.launch(topology)
-    try:
-        source = cluster.node("src")
-        files = list(valid_files())
-        stored = set(storescu(source, files))
-        files = [f for f in files if f.sop_instance_uid in stored]
-        assert len(files) >= 20, "storescu stored too little of the corpus to mean anything"
-        workdir = tmp_path_factory.mktemp("realworld")
-        yield Archives(cluster, source, cluster.node("dst"), files,
-                       _external_topology(cluster, workdir / "topology.yaml"), workdir)
-    finally:
-        cluster.stop()
+def archives(launched, tmp_path_factory):
+    source = launched.node("src")
+    files = list(valid_files())
+    stored = set(storescu(source, files))
+    files = [f for f in files if f.sop_instance_uid in stored]
+    assert len(files) >= 20, "storescu stored too little of the corpus to mean anything"
+    workdir = tmp_path_factory.mktemp("realworld")
+    return Archives(launched, source, launched.node("dst"), files,
+                    _external_topology(launched, workdir / "topology.yaml"), workdir)
 
 
 @pytest.fixture

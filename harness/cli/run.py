@@ -127,7 +127,7 @@ def run(
     if topology_path:
         argv += ["--pacs-topology", str(Path(topology_path).resolve())]
     if phase:
-        argv += ["--phase", phase]
+        argv += ["--pacs-phase", phase]
     for name in scenarios:
         argv += ["--pacs-scenario", name]
     if keep:
