@@ -50,7 +50,6 @@ from harness.dicom.wire import (
     read_file_meta,
 )
 from harness.launch.ports import free_port
-from harness.performance.load import DatasetSpec
 from harness.resilience.proxy import FaultProxy
 from synthetic_data.templates import clone_study, template_instance
 from tests.helpers import run_cli
@@ -848,7 +847,7 @@ def test_a_slow_but_honest_link_is_not_cut_off(tmp_path: Path) -> None:
         assert received[meta.sop_instance_uid] == raw[meta.dataset_offset :]
     assert report.elapsed_s > 3 * 1  # longer than timeout_s for each instance
 
-    study = list(clone_study(template_instance(DatasetSpec(scale="realistic", modality="CT")), 3))
+    study = list(clone_study(template_instance("realistic", "CT"), 3))
     with get_scp(study) as port, FaultProxy(target_port=port, name="slow") as link:
         link.bandwidth_bps = 2e6
         client = DimseClient("127.0.0.1", link.port, "QR", timeout_s=1)
