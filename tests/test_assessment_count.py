@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from harness.config import parse_topology
+from harness.fixtures import pacs_cluster_factory
 from harness.migration.inventory import crawl
 from harness.nodes import make_node
-from harness.plugin import pacs_cluster_factory
 from scenarios.helpers import count_findings, independent_count
 from synthetic_data.samples import sample_study
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from harness.plugin import pacs_cluster_factory
+from harness.fixtures import pacs_cluster_factory
 from synthetic_data.samples import sample_study
 from tests.helpers import external_topology, login_env, run_cli
 

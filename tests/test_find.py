@@ -29,8 +29,8 @@ from pynetdicom.sop_class import (
 
 from harness.dicom.dimse import NO_STATUS, DimseClient, DimseConnectionError
 from harness.dicom.wire import NO_DATASET, encode_command
+from harness.fixtures import pacs_cluster_factory
 from harness.launch.ports import free_port
-from harness.plugin import pacs_cluster_factory
 from synthetic_data.templates import clone_study, template_instance
 from tests.helpers import LAUNCHABLE_KINDS, one_node_per_kind, store_into_every_node
 from tests.test_wire import accept_then, hand_pdu, raw_peer, read_c_store

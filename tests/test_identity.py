@@ -6,10 +6,10 @@ import copy
 
 import pytest
 
+from harness.fixtures import pacs_cluster_factory
 from harness.migration.identity import identity_report, merged_patients
 from harness.migration.inventory import crawl
 from harness.migration.rules import parse_rules
-from harness.plugin import pacs_cluster_factory
 from synthetic_data import GeneratorOptions, generate
 from synthetic_data.manifest import colliding_patient_ids
 

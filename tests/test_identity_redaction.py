@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness.config import parse_topology
+from harness.fixtures import pacs_cluster_factory
 from harness.launch.tools import find_binary
-from harness.plugin import pacs_cluster_factory
 from synthetic_data.samples import sample_study
 from tests.helpers import external_node, external_topology, login_env
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from harness.plugin import pacs_cluster_factory
+from harness.fixtures import pacs_cluster_factory
 from synthetic_data.samples import sample_study
 
 pytest_plugins = ["pytester"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import ConfigError
+from harness.fixtures import pacs_cluster_factory
 from harness.performance.load import parse_workload
 from harness.performance.runner import run_workload
-from harness.plugin import pacs_cluster_factory
 
 
 @pytest.mark.parametrize(

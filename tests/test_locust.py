@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from harness.cli.load import run_locust
+from harness.fixtures import pacs_cluster_factory
 from harness.performance.load import parse_workload
-from harness.plugin import pacs_cluster_factory
 
 WORKLOAD = """
 name: locust-small

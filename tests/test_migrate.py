@@ -21,10 +21,10 @@ import pytest
 
 from harness.cluster import Cluster
 from harness.errors import ConfigError, EnvironmentProblem
+from harness.fixtures import pacs_cluster_factory
 from harness.launch.tools import find_binary
 from harness.migration.migrator import ExternalMigration, Migrator, list_studies
 from harness.nodes.base import Node
-from harness.plugin import pacs_cluster_factory
 from synthetic_data.samples import sample_study
 from tests.helpers import external_topology, login_env, processes_mentioning
 

@@ -9,11 +9,11 @@ import time
 import pytest
 
 from harness.config import NodeSpec
+from harness.fixtures import pacs_cluster_factory
 from harness.launch.ports import free_port
 from harness.migration.migrator import Migrator
 from harness.migration.monitor import AvailabilityMonitor
 from harness.nodes import make_node
-from harness.plugin import pacs_cluster_factory
 from synthetic_data.samples import sample_study
 
 STUDIES = 8

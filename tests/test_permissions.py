@@ -18,8 +18,8 @@ from pydicom import dcmwrite
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.errors import ConfigError, NotDisposableError
+from harness.fixtures import pacs_cluster_factory
 from harness.nodes import make_node
-from harness.plugin import pacs_cluster_factory
 from synthetic_data.samples import sample_study
 from tests.helpers import external_node, external_topology, login_env, run_cli
 

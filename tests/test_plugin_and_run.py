@@ -120,7 +120,7 @@ def test_starts_empty(pacs_node, pacs_janitor):
 LAUNCHING = """
 import json, os
 import pytest
-from harness.plugin import pacs_cluster_factory
+from harness.fixtures import pacs_cluster_factory
 
 box = pacs_cluster_factory({"name": "fac", "nodes": {"box": {"kind": "embedded"}}},
                            scope="module")

@@ -23,9 +23,9 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 
 from harness.embedded_pacs import open_index
+from harness.fixtures import pacs_cluster_factory
 from harness.launch.tools import find_binary
 from harness.performance.runner import _MoveSink
-from harness.plugin import pacs_cluster_factory
 from tests.realworld import CorpusFile, valid_files
 
 STORESCU, FINDSCU = "/usr/bin/storescu", "/usr/bin/findscu"

@@ -17,12 +17,12 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 
+from harness.fixtures import pacs_cluster_factory
 from harness.launch.tools import find_binary
 from harness.migration.inventory import crawl
 from harness.migration.reconcile import Findings, reconcile
 from harness.migration.rules import parse_rules
 from harness.nodes.base import Node
-from harness.plugin import pacs_cluster_factory
 from synthetic_data import GeneratorOptions, generate
 
 pytestmark = pytest.mark.skipif(

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from harness.errors import ConfigError
+from harness.fixtures import pacs_cluster_factory
 from harness.launch.tools import find_binary
 from harness.performance.sla import evaluate, parse_contract, verify_evidence, write_evidence
-from harness.plugin import pacs_cluster_factory
 from tests.helpers import run_cli
 
 CONTRACT = """

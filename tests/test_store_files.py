@@ -31,9 +31,9 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient, StoreReport
+from harness.fixtures import pacs_cluster_factory
 from harness.launch.ports import free_port
 from harness.launch.tools import find_binary
-from harness.plugin import pacs_cluster_factory
 from tests import realworld
 from tests.helpers import run_cli
 

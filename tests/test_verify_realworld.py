@@ -31,9 +31,9 @@ from pydicom.uid import (
 from harness.cluster import Cluster
 from harness.dicom.dimse import HARNESS_AE_TITLE
 from harness.embedded_pacs import open_index
+from harness.fixtures import pacs_cluster_factory
 from harness.launch.tools import find_binary
 from harness.nodes.base import Node
-from harness.plugin import pacs_cluster_factory
 from tests.helpers import external_topology, login_env
 from tests.realworld import CorpusFile, valid_files
 
