@@ -1,20 +1,6 @@
 """Contract SLAs: measurable clauses a vendor and a hospital agree on, checked by running load.
 
-A contract is YAML::
-
-    name: pilot-contract
-    workloads:                       # named workloads: inline, or a path relative to the file
-      readers: {duration_s: 20, groups: [{name: retrieve, operation: c-get, users: 20}]}
-      ingest: workloads/ingest.yaml
-    clauses:
-      - id: retrieve-p95
-        description: p95 time to retrieve a study with 20 concurrent readers
-        metric: latency              # latency, throughput or availability
-        operation: retrieve          # a group of the workload (or its operation if unique)
-        percentile: 95               # latency only
-        threshold: "<= 5 s"          # <=, >=, <, > with ms, s, instances/s, MB/s, ops/s, %
-        workload: readers
-        phase: staged-rollout        # staged-rollout (default) or full
+A contract is YAML (its schema, with an example: harness/config/contract.py).
 
 Each clause passes or fails with its measured value; `write_evidence` keeps the verdicts,
 the workloads, the node, the harness version and the time in one JSON file with a SHA-256
