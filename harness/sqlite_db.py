@@ -1,7 +1,7 @@
 """The one way the harness opens its SQLite files: connection pragmas, transactions, schema
 version.
 
-Users: the migration state file (harness/migration/migrator.py), the embedded PACS index
+Users: the migration state file (harness/migration/state.py), the embedded PACS index
 (harness/embedded_pacs/storage.py) and the migration ledger. Standard library only and no
 import of other harness modules: the embedded PACS container image carries this file beside
 the package.

@@ -28,7 +28,8 @@ import pytest
 
 from harness.migration.identity import identity_report, merged_patients
 from harness.migration.inventory import crawl
-from harness.migration.migrator import METHODS, Migrator
+from harness.migration.methods import METHODS
+from harness.migration.migrator import Migrator
 from harness.migration.monitor import AvailabilityMonitor
 from harness.migration.reconcile import verify
 from harness.migration.rules import load_rules

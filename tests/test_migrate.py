@@ -23,7 +23,9 @@ from harness.cluster import Cluster
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.fixtures import pacs_cluster_factory
 from harness.launch.tools import find_binary
-from harness.migration.migrator import ExternalMigration, Migrator, list_studies
+from harness.migration.discovery import list_studies
+from harness.migration.external import ExternalMigration
+from harness.migration.migrator import Migrator
 from harness.nodes.base import Node
 from synthetic_data.samples import sample_study
 from tests.helpers import external_topology, login_env, processes_mentioning
@@ -463,7 +465,7 @@ def test_target_listing_changed_between_reads_is_reported(unsteady, tmp_path):
 def test_summary_names_unstable_listings(capsys):
     """What `pacs-harness migrate` prints for a study whose listing changed between reads."""
     from harness.cli.migrate import _print_summary
-    from harness.migration.migrator import MigrationResult, StudyOutcome
+    from harness.migration.state import MigrationResult, StudyOutcome
 
     result = MigrationResult("move", "legacy", "web", studies_total=1)
     note = "source read 1: 2 listed, NumberOfStudyRelatedInstances 3"

@@ -17,7 +17,7 @@ import pytest
 
 from harness import sqlite_db
 from harness.errors import ConfigError
-from harness.migration.migrator import STATE_SCHEMA_VERSION, MigrationState
+from harness.migration.state import STATE_SCHEMA_VERSION, MigrationState
 
 REPO = Path(__file__).resolve().parents[1]
 SQLITE3 = Path("/usr/bin/sqlite3")

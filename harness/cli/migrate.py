@@ -23,7 +23,7 @@ from harness.errors import EXIT_FINDINGS
 from harness.migration.methods import METHODS
 
 if TYPE_CHECKING:
-    from harness.migration.migrator import StudyOutcome
+    from harness.migration.state import StudyOutcome
     from harness.nodes.base import Node
 
 
@@ -167,7 +167,8 @@ def migrate_command(
     from harness.cluster import Cluster, reachable_node
     from harness.config import resolve_topology
     from harness.launch.state import state_dir_for
-    from harness.migration.migrator import ExternalMigration, Migrator
+    from harness.migration.external import ExternalMigration
+    from harness.migration.migrator import Migrator
     from harness.migration.monitor import AvailabilityMonitor
 
     topology, _choices = resolve_topology(topology_path)
