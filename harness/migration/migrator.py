@@ -357,4 +357,4 @@ class Migrator:
             missing = self._missing(uid, source_content, outcome)
             if not missing or time.monotonic() >= deadline or self._stop.is_set():
                 return missing
-            time.sleep(0.5)
+            self._stop.wait(0.5)  # poll the target; a stop() ends the wait at once
