@@ -30,7 +30,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # n
 
 from harness.cluster import Cluster  # noqa: E402
 from harness.config import parse_topology  # noqa: E402
-from harness.dicom.dimse import DimseClient, _identifier  # noqa: E402
+from harness.dicom.client import DimseClient, _identifier  # noqa: E402
 from synthetic_data.templates import clone_study, template_instance  # noqa: E402
 
 SERIES, INSTANCES = 6, 12

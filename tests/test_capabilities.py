@@ -26,7 +26,7 @@ from pynetdicom.sop_class import Verification
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.dicom.dimse import HARNESS_AE_TITLE
+from harness.dicom.client import HARNESS_AE_TITLE
 from harness.dicom.pdu import (
     AAssociateAC,
     AAssociateRJ,

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from harness.dicom.dimse import NO_STATUS, DimseClient, DimseConnectionError
+from harness.dicom.client import NO_STATUS, DimseClient, DimseConnectionError
 from harness.dicom.wire import NO_DATASET, encode_command
 from harness.launch.ports import free_port
 from harness.plugin import pacs_cluster_factory

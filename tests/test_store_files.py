@@ -30,7 +30,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient, StoreReport
+from harness.dicom.client import HARNESS_AE_TITLE, DimseClient, StoreReport
 from harness.launch.ports import free_port
 from harness.launch.tools import find_binary
 from harness.plugin import pacs_cluster_factory

@@ -40,7 +40,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from harness.dicom.dimse import NO_STATUS, DimseClient, DimseConnectionError
+from harness.dicom.client import NO_STATUS, DimseClient, DimseConnectionError
 from harness.dicom.wire import (
     NO_DATASET,
     AssociationFailed,

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.dicom.client import HARNESS_AE_TITLE, DimseClient, DimseConnectionError
 from harness.dicom.dicomweb import DicomwebClient
-from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient, DimseConnectionError
 from harness.dicom.orthanc_rest import OrthancRest
 from harness.errors import EnvironmentProblem, NotDisposableError, NotWritableError
 from harness.launch.docker import ContainerHandle

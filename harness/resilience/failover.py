@@ -27,7 +27,7 @@ from typing import Any
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from harness.dicom.dimse import DimseClient, Status
+from harness.dicom.client import DimseClient, Status
 from harness.dicom.wire import WireAssociation, dataset_bytes
 from harness.nodes.base import Node
 from harness.resilience import node_faults
