@@ -70,7 +70,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import sqlite_db
-from harness.dicom.client import MAX_CONTEXTS, DimseClient, RetrievedInstance, Status
+from harness.dicom.client import DimseClient
+from harness.dicom.contexts import MAX_CONTEXTS
 from harness.dicom.dicomweb import (
     AUTH_STATUSES,
     AuthenticationFailed,
@@ -78,6 +79,7 @@ from harness.dicom.dicomweb import (
     authentication_failed,
     parse_multipart,
 )
+from harness.dicom.status import RetrievedInstance, Status
 from harness.dicom.wire import TransferFailed, WireAssociation
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 from harness.migration.methods import METHODS
@@ -432,7 +434,7 @@ def list_studies(client: DimseClient) -> list[str]:
 
 def _find(assoc: Any, client: DimseClient, level: str, keys: dict[str, str | None]) -> list:
     """One Study Root C-FIND over the listing's association (the harness's own wire layer,
-    which reads every response itself: harness/dicom/client.py); anything but success raises."""
+    which reads every response itself: harness/dicom/query.py); anything but success raises."""
     result = client.find_over(assoc, level, keys)
     if not result.ok:
         raise MigrationError(f"peer {client}: {level} C-FIND answered {result.status}")
