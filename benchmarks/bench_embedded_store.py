@@ -39,7 +39,8 @@ from bench_store import process_cpu_s, wait_for_echo, write_instances  # noqa: E
 
 from harness.cluster import Cluster  # noqa: E402
 from harness.config import parse_topology  # noqa: E402
-from harness.dicom.dimse import DimseClient, StoreResult  # noqa: E402
+from harness.dicom.client import DimseClient  # noqa: E402
+from harness.dicom.status import StoreResult  # noqa: E402
 from harness.launch.ports import free_port  # noqa: E402
 
 ASSOCIATIONS = (1, 4)

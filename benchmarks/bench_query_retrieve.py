@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.cluster import Cluster  # noqa: E402
 from harness.config import parse_topology  # noqa: E402
-from harness.dicom.dimse import HARNESS_AE_TITLE  # noqa: E402
+from harness.dicom.peer import HARNESS_AE_TITLE  # noqa: E402
 from synthetic_data.templates import clone_study, template_instance  # noqa: E402
 
 FINDSCU, GETSCU = "/usr/bin/findscu", "/usr/bin/getscu"

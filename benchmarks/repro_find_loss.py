@@ -30,7 +30,8 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # n
 
 from harness.cluster import Cluster  # noqa: E402
 from harness.config import parse_topology  # noqa: E402
-from harness.dicom.dimse import DimseClient, _identifier  # noqa: E402
+from harness.dicom.client import DimseClient  # noqa: E402
+from harness.dicom.query import query_identifier  # noqa: E402
 from synthetic_data.templates import clone_study, template_instance  # noqa: E402
 
 SERIES, INSTANCES = 6, 12
@@ -55,7 +56,7 @@ class Warnings(logging.Handler):
 
 def pynetdicom_find_over(client: DimseClient, assoc, keys: dict) -> tuple[int, str]:
     """The old DimseClient.find_over: matches and final status of one C-FIND."""
-    identifier = _identifier("IMAGE", keys)
+    identifier = query_identifier("IMAGE", keys)
     matches, final = 0, "none"
     for status, data in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
         if status is None or "Status" not in status:

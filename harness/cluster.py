@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import NodeSpec, Topology, kind_capabilities
-from harness.dicom.dimse import HARNESS_AE_TITLE
+from harness.dicom.peer import HARNESS_AE_TITLE
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.docker import ContainerHandle
 from harness.launch.ports import free_port, port_in_use, release_port

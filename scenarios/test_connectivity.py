@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from pydicom.uid import UID
 
-from harness.dicom.dimse import COMMON_STORAGE_CLASSES, RECEIVABLE_TRANSFER_SYNTAXES
+from harness.dicom.contexts import COMMON_STORAGE_CLASSES, RECEIVABLE_TRANSFER_SYNTAXES
 from synthetic_data.samples import sample_study
 
 pytestmark = [pytest.mark.phase("infrastructure"), pytest.mark.scenario("connectivity")]

@@ -26,7 +26,6 @@ from pynetdicom.sop_class import Verification
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
-from harness.dicom.dimse import HARNESS_AE_TITLE
 from harness.dicom.pdu import (
     AAssociateAC,
     AAssociateRJ,
@@ -34,6 +33,7 @@ from harness.dicom.pdu import (
     decode_pdu_body,
     decode_pdu_header,
 )
+from harness.dicom.peer import HARNESS_AE_TITLE
 from harness.errors import ConfigError
 from harness.launch.tools import find_binary
 from harness.nodes import catalog, make_node

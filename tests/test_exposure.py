@@ -26,7 +26,7 @@ from pynetdicom.sop_class import (
 
 from harness.cluster import Cluster
 from harness.config import load_topology
-from harness.dicom.dimse import HARNESS_AE_TITLE
+from harness.dicom.peer import HARNESS_AE_TITLE
 from harness.fixtures import pacs_cluster_factory
 from harness.launch.state import state_dir_for
 from harness.launch.tools import find_binary

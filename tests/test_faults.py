@@ -14,7 +14,7 @@ import pytest
 
 from harness.cluster import Cluster
 from harness.config import WAN_PRESETS, parse_topology
-from harness.dicom.dimse import DimseConnectionError
+from harness.dicom.peer import DimseConnectionError
 from harness.errors import ConfigError, EnvironmentProblem, NotDisposableError
 from harness.launch.tools import find_binary
 from harness.nodes import make_node

@@ -27,8 +27,10 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from harness.dicom.dimse import NO_STATUS, DimseClient, DimseConnectionError
-from harness.dicom.wire import NO_DATASET, encode_command
+from harness.dicom.client import DimseClient
+from harness.dicom.dimse import NO_DATASET, encode_command
+from harness.dicom.peer import DimseConnectionError
+from harness.dicom.status import NO_STATUS
 from harness.fixtures import pacs_cluster_factory
 from harness.launch.ports import free_port
 from synthetic_data.templates import clone_study, template_instance

@@ -18,7 +18,7 @@ import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from harness.dicom.dimse import DimseClient
+from harness.dicom.client import DimseClient
 from harness.dicom.names import sop_class_name, transfer_syntax_name
 from harness.dicom.part10 import BadFile, NotDicom, parse_part10, read_file_meta, read_part10
 from harness.launch.ports import free_port

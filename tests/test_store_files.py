@@ -30,7 +30,9 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient, StoreReport
+from harness.dicom.client import DimseClient
+from harness.dicom.peer import HARNESS_AE_TITLE
+from harness.dicom.status import StoreReport
 from harness.fixtures import pacs_cluster_factory
 from harness.launch.ports import free_port
 from harness.launch.tools import find_binary

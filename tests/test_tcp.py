@@ -13,7 +13,7 @@ import time
 from pynetdicom import build_context
 from pynetdicom.sop_class import Verification
 
-from harness.dicom.dimse import DimseClient
+from harness.dicom.client import DimseClient
 from harness.launch.ports import free_port
 from harness.performance.runner import _MoveSink
 from synthetic_data.templates import clone_study, template_instance

@@ -29,7 +29,7 @@ from pydicom.uid import (
 )
 
 from harness.cluster import Cluster
-from harness.dicom.dimse import HARNESS_AE_TITLE
+from harness.dicom.peer import HARNESS_AE_TITLE
 from harness.embedded_pacs import open_index
 from harness.fixtures import pacs_cluster_factory
 from harness.launch.tools import find_binary

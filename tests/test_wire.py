@@ -40,15 +40,12 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from harness.dicom.dimse import NO_STATUS, DimseClient, DimseConnectionError
-from harness.dicom.wire import (
-    NO_DATASET,
-    AssociationFailed,
-    TransferFailed,
-    WireAssociation,
-    encode_command,
-    read_file_meta,
-)
+from harness.dicom.client import DimseClient
+from harness.dicom.dimse import NO_DATASET, encode_command
+from harness.dicom.part10 import read_file_meta
+from harness.dicom.peer import DimseConnectionError
+from harness.dicom.status import NO_STATUS
+from harness.dicom.wire import AssociationFailed, TransferFailed, WireAssociation
 from harness.launch.ports import free_port
 from harness.resilience.proxy import FaultProxy
 from synthetic_data.templates import clone_study, template_instance

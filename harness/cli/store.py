@@ -55,7 +55,7 @@ def store(
     syntaxes only, or decompressed with --decompress); each conversion is listed.
     """
     from harness.cluster import reachable_node
-    from harness.dicom.dimse import iter_dicom_files
+    from harness.dicom.files import iter_dicom_files
 
     for path in paths:
         if not Path(path).exists():

@@ -13,8 +13,9 @@ Scope, all of PS3.8 that these need: A-ASSOCIATE-RQ/AC/RJ with one presentation 
 per (SOP class, transfer syntax) and SCP role selection for C-GET's sub-operations, maximum
 PDU length both ways, P-DATA-TF with command and dataset fragments, A-RELEASE, A-ABORT both
 ways, the ARTIM timer. One operation at a time (no asynchronous operations window), as PACSs
-expect. The PDUs themselves are encoded and decoded, bounds-checked, in harness/dicom/pdu.py:
-whatever a peer sends, we end with TransferFailed / AssociationFailed saying what was wrong.
+expect. The PDUs themselves are encoded and decoded, bounds-checked, in harness/dicom/pdu.py,
+the DIMSE command sets in dimse.py: whatever a peer sends, we end with TransferFailed /
+AssociationFailed saying what was wrong.
 
 Every operation has a deadline a peer cannot push back (docs/safety.md): `timeout_s` plus the
 bytes it moves at `min_rate` (default 64 KiB/s), counted from its start, or for C-GET and
@@ -27,22 +28,24 @@ from __future__ import annotations
 
 import socket
 import ssl
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import NoReturn
 
 from harness.dicom import pdu
-
-# What gets sent (file meta, data-set framing) lives in part10; re-exported for callers.
-from harness.dicom.part10 import (  # noqa: F401
-    FileMeta,
-    dataset_bytes,
-    decode_dataset,
-    encode_dataset,
-    read_file_meta,
+from harness.dicom.deadline import OperationDeadline
+from harness.dicom.dimse import (
+    NO_DATASET,
+    CommandSetError,
+    FindAnswer,
+    StoreAnswer,
+    c_store_rq,
+    command_uid,
+    command_us,
+    encode_command,
+    parse_command,
+    query_rq,
 )
 from harness.dicom.pdu import PDV, PduError
 from harness.dicom.tcp import QUICKACK
@@ -76,195 +79,6 @@ class PeerFault(TransferFailed):
     message size). Callers stop using the peer instead of trying the next instance."""
 
 
-class CommandSetError(PduError):
-    """A command set (PS3.7 6.3, implicit VR little endian) that cannot be parsed."""
-
-
-@dataclass(frozen=True)
-class FindAnswer:
-    """What the peer answered to one C-FIND-RQ: the final status (and its comment) and the
-    identifiers of the pending responses, encoded in the context's transfer syntax."""
-
-    status: int
-    error_comment: str
-    matches: list[bytes]
-
-
-@dataclass(frozen=True)
-class StoreAnswer:
-    """What the peer answered to one C-STORE-RQ."""
-
-    status: int
-    error_comment: str = ""
-
-
-# -- command sets ------------------------------------------------------------------------------
-
-
-def _element(group_element: int, value: bytes) -> bytes:
-    group, element = divmod(group_element, 0x10000)
-    return struct.pack("<HHI", group, element, len(value)) + value
-
-
-def _uid_value(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
-NO_DATASET = 0x0101  # CommandDataSetType: nothing follows the command
-
-
-def encode_command(elements: dict[int, int | str]) -> bytes:
-    """A command set in implicit VR little endian (ints are US, strings UI), with its group
-    length, elements in tag order as PS3.7 requires."""
-    body = b"".join(
-        _element(tag, struct.pack("<H", value) if isinstance(value, int) else _uid_value(value))
-        for tag, value in sorted(elements.items())
-    )
-    return _element(0x00000000, struct.pack("<I", len(body))) + body
-
-
-def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
-    """The C-STORE-RQ command set (PS3.7 9.3.1.1)."""
-    return encode_command(
-        {
-            0x00000002: sop_class,
-            0x00000100: 0x0001,
-            0x00000110: message_id & 0xFFFF,
-            0x00000700: 0x0000,  # medium priority
-            0x00000800: 0x0001,  # a dataset follows
-            0x00001000: sop_instance,
-        }
-    )
-
-
-def query_rq(command_field: int, message_id: int, sop_class: str) -> bytes:
-    """The command set of a request with an identifier: C-FIND-RQ (0x0020) or C-GET-RQ
-    (0x0010), PS3.7 9.3.2.1 / 9.3.3.1."""
-    return encode_command(
-        {
-            0x00000002: sop_class,
-            0x00000100: command_field,
-            0x00000110: message_id & 0xFFFF,
-            0x00000700: 0x0000,  # medium priority
-            0x00000800: 0x0001,  # the identifier follows
-        }
-    )
-
-
-def command_us(elements: dict[int, bytes], tag: int, default: int = 0) -> int:
-    """An unsigned short of a parsed command set."""
-    raw = elements.get(tag, b"")
-    return struct.unpack("<H", raw[:2])[0] if len(raw) >= 2 else default
-
-
-def command_uid(elements: dict[int, bytes], tag: int) -> str:
-    return elements.get(tag, b"").rstrip(b"\0 ").decode("ascii", "replace")
-
-
-def parse_command(data: bytes) -> dict[int, bytes]:
-    """Elements of an implicit VR little endian command set, by tag (PS3.7 6.3); every
-    length is checked against what is there, so a malformed one is CommandSetError."""
-    elements: dict[int, bytes] = {}
-    offset = 0
-    while offset < len(data):
-        if offset + 8 > len(data):
-            raise CommandSetError(
-                f"command set: {len(data) - offset} stray bytes at offset {offset}, "
-                "too short for an element header"
-            )
-        group, element, length = struct.unpack_from("<HHI", data, offset)
-        offset += 8
-        if length > len(data) - offset:
-            raise CommandSetError(
-                f"command set: element ({group:04X},{element:04X}) announces {length} bytes, "
-                f"only {len(data) - offset} left"
-            )
-        elements[(group << 16) | element] = bytes(data[offset : offset + length])
-        offset += length
-    return elements
-
-
-
-
-# -- the operation deadline ----------------------------------------------------------------
-
-
-class OperationDeadline:
-    """When the operation under way must be over (docs/safety.md, "hostile peers").
-
-    The budget is `timeout_s` plus every byte moved (sent or received) at `min_rate`, from
-    the start or the last `progress()` (a C-GET sub-operation, a C-FIND match): a byte
-    buys 1/min_rate s, so a peer trickling slower than `min_rate` loses ground with each
-    read while an honest slow link keeps up. Each read also waits at most `idle_s` (the
-    DIMSE timeout), except for the first answer after we sent: what we sent may still be
-    on its way to the peer. `hard_s` (C-FIND's `deadline_s`) caps the whole operation.
-    """
-
-    def __init__(
-        self, waiting_for: str, idle_s: float, min_rate: float, hard_s: float | None = None
-    ) -> None:
-        self.waiting_for = waiting_for
-        self.idle_s = idle_s
-        self.min_rate = min_rate
-        now = time.monotonic()
-        self.hard_at = None if hard_s is None else now + hard_s
-        self.hard_message = f"{waiting_for} not finished within {hard_s} s"  # callers say more
-        self.progress_count = 0
-        self.pending_in_a_row = 0
-        self._restart(now)
-        self.awaiting_peer = False  # we sent last: the peer may still be reading it
-        self.idle_wait = False  # the last wait was bounded by idle_s, not the deadline
-
-    def _restart(self, now: float) -> None:
-        self.started = now
-        self.moved = 0
-        self.at = now + self.idle_s
-
-    def progress(self) -> None:
-        """A sub-operation or match arrived: a fresh budget."""
-        self.progress_count += 1
-        self.pending_in_a_row = 0
-        self._restart(time.monotonic())
-
-    def sent(self, count: int) -> None:
-        self.moved += count
-        self.at += count / self.min_rate
-        self.awaiting_peer = True
-
-    def received(self, count: int) -> None:
-        self.moved += count
-        self.at += count / self.min_rate
-        self.awaiting_peer = False
-
-    def remaining(self) -> float:
-        """Seconds left before the deadline (the hard cap included)."""
-        at = self.at if self.hard_at is None else min(self.at, self.hard_at)
-        return at - time.monotonic()
-
-    def read_wait(self) -> float:
-        """How long the next read may wait; TimeoutError when the time is up."""
-        remaining = self.remaining()
-        if remaining <= 0:
-            raise TimeoutError
-        self.idle_wait = not self.awaiting_peer and self.idle_s < remaining
-        return self.idle_s if self.idle_wait else remaining
-
-    def expired(self) -> str:
-        """One line: what we waited for and which bound ran out."""
-        if self.idle_wait:
-            return f"no answer within {self.idle_s:g} s"
-        if self.hard_at is not None and self.hard_at <= self.at:
-            return self.hard_message
-        since = f" since the last of {self.progress_count} received" if self.progress_count else ""
-        return (
-            f"{self.waiting_for} not complete within the operation deadline of "
-            f"{self.at - self.started:.1f} s{since} ({self.idle_s:g} s + {self.moved} bytes "
-            f"at {self.min_rate / 1024:g} KiB/s)"
-        )
-
-
-# -- the association ---------------------------------------------------------------------------
 
 
 class WireAssociation:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.dicom.dimse import DimseClient
+from harness.dicom.client import DimseClient
 from harness.errors import EnvironmentProblem
 from harness.migration.state import MigrationError
 
@@ -59,7 +59,7 @@ def list_studies(client: DimseClient) -> list[str]:
 
 def _find(assoc: Any, client: DimseClient, level: str, keys: dict[str, str | None]) -> list:
     """One Study Root C-FIND over the listing's association (the harness's own wire layer,
-    which reads every response itself: harness/dicom/dimse.py); anything but success raises."""
+    which reads every response itself: harness/dicom/query.py); anything but success raises."""
     result = client.find_over(assoc, level, keys)
     if not result.ok:
         raise MigrationError(f"peer {client}: {level} C-FIND answered {result.status}")

@@ -38,8 +38,9 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
 
+from harness.dicom.client import DimseClient
 from harness.dicom.dicomweb import DicomwebClient
-from harness.dicom.dimse import DimseClient, RetrievedInstance
+from harness.dicom.status import RetrievedInstance
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.migration.ledger import (
     IDENTITY_COLUMNS,

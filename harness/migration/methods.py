@@ -26,8 +26,9 @@ from harness.errors import ConfigError, EnvironmentProblem
 from harness.migration.state import MigrationError, describe_error
 
 if TYPE_CHECKING:
+    from harness.dicom.client import DimseClient
     from harness.dicom.dicomweb import DicomwebClient
-    from harness.dicom.dimse import DimseClient, RetrievedInstance
+    from harness.dicom.status import RetrievedInstance
     from harness.dicom.wire import WireAssociation
     from harness.migration.discovery import StudyContent
     from harness.nodes.base import Node
@@ -169,7 +170,8 @@ class _StoreStream:
 
     def send(self, instance: RetrievedInstance) -> None:
         """Store one retrieved instance on the target, its bytes exactly as they came."""
-        from harness.dicom.dimse import MAX_CONTEXTS, Status
+        from harness.dicom.contexts import MAX_CONTEXTS
+        from harness.dicom.status import Status
         from harness.dicom.wire import TransferFailed
 
         pair = (instance.sop_class_uid, instance.transfer_syntax_uid)

@@ -25,8 +25,9 @@ from typing import Any
 
 from locust import User, constant, constant_throughput, task
 
+from harness.dicom.client import DimseClient
 from harness.dicom.dicomweb import DicomwebClient
-from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient
+from harness.dicom.peer import HARNESS_AE_TITLE
 from harness.performance.load import Group, workload_from_data
 from harness.performance.runner import LoadRun, Study
 

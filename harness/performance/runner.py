@@ -28,7 +28,7 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from harness.dicom.dicomweb import AuthenticationFailed
-from harness.dicom.dimse import HARNESS_AE_TITLE, DimseConnectionError
+from harness.dicom.peer import HARNESS_AE_TITLE, DimseConnectionError
 from harness.dicom.tcp import on_connection_open
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
 from harness.performance.load import WEB_OPERATIONS, Group, Workload

@@ -27,8 +27,10 @@ from typing import Any
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from harness.dicom.dimse import DimseClient, Status
-from harness.dicom.wire import WireAssociation, dataset_bytes
+from harness.dicom.client import DimseClient
+from harness.dicom.part10 import dataset_bytes
+from harness.dicom.status import Status
+from harness.dicom.wire import WireAssociation
 from harness.nodes.base import Node
 from harness.resilience import node_faults
 

@@ -30,7 +30,8 @@ from pynetdicom.sop_class import Verification
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.dicom import pdu
-from harness.dicom.dimse import HARNESS_AE_TITLE, DimseClient
+from harness.dicom.client import DimseClient
+from harness.dicom.peer import HARNESS_AE_TITLE
 from harness.errors import EnvironmentProblem
 from harness.launch.ports import free_port
 from harness.launch.process import ProcessHandle, log_tail, spawn
