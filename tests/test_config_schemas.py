@@ -19,8 +19,8 @@ from harness.config import parse_topology
 from harness.config.numbers import NumberError, finite_number, quantity
 from harness.errors import ConfigError
 from harness.migration.rules import parse_rules
-from harness.performance.load import parse_workload
 from harness.performance.sla import parse_contract
+from harness.performance.workload import parse_workload
 
 TOPOLOGY = "name: x\nnodes:\n  a: {kind: embedded}\n"
 WORKLOAD = "groups:\n  - {operation: c-echo, users: 1}\n"

@@ -6,8 +6,8 @@ import pytest
 
 from harness.errors import ConfigError
 from harness.fixtures import pacs_cluster_factory
-from harness.performance.load import parse_workload
 from harness.performance.runner import run_workload
+from harness.performance.workload import parse_workload
 
 
 @pytest.mark.parametrize(

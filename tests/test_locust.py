@@ -6,7 +6,7 @@ import pytest
 
 from harness.cli.load import run_locust
 from harness.fixtures import pacs_cluster_factory
-from harness.performance.load import parse_workload
+from harness.performance.workload import parse_workload
 
 WORKLOAD = """
 name: locust-small

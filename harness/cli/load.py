@@ -240,8 +240,8 @@ def load_command(node_name: str, workload_path: str, duration: float | None, loc
                  processes: int, expect_workers: int | None, topology_path: str | None,
                  as_json: bool, timeout_s: float) -> None:
     """Run a workload against a node: latency per operation, throughput, errors by status."""
-    from harness.performance.load import load_workload
     from harness.performance.runner import run_workload
+    from harness.performance.workload import load_workload
 
     workload = load_workload(workload_path)
     node, move_port = _node_and_move_port(topology_path, node_name)

@@ -12,7 +12,7 @@
       - {name: queries, operation: c-find, level: STUDY, rate: 5}   # open model
 
 `Group` and `DatasetSpec` are used as they are by the load engine
-(harness/performance/load.py), which builds its `Workload` from `WorkloadModel`.
+(harness/performance/workload.py), which builds its `Workload` from `WorkloadModel`.
 """
 
 from __future__ import annotations

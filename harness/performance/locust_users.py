@@ -28,8 +28,8 @@ from locust import User, constant, constant_throughput, task
 from harness.dicom.client import DimseClient
 from harness.dicom.dicomweb import DicomwebClient
 from harness.dicom.peer import HARNESS_AE_TITLE
-from harness.performance.load import Group, workload_from_data
 from harness.performance.runner import LoadRun, Study
+from harness.performance.workload import Group, workload_from_data
 
 TARGET_ENV = "PACS_HARNESS_LOCUST_TARGET"
 

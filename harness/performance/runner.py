@@ -31,8 +31,8 @@ from harness.dicom.dicomweb import AuthenticationFailed
 from harness.dicom.peer import HARNESS_AE_TITLE, DimseConnectionError
 from harness.dicom.tcp import on_connection_open
 from harness.errors import ConfigError, EnvironmentProblem, HarnessError
-from harness.performance.load import WEB_OPERATIONS, Group, Workload
 from harness.performance.stats import OperationStats, Timeline, own_cpu_s, process_cpu_s
+from harness.performance.workload import WEB_OPERATIONS, Group, Workload
 from synthetic_data.templates import clone_study, encode_part10, template_instance
 
 #: Seconds one network step of an operation may take (association, each read, a C-FIND).

@@ -24,8 +24,8 @@ from harness.config.contract import ContractModel, parse_contract_data, resolve_
 from harness.config.errors import Checker
 from harness.config.yaml import load_yaml, read_config_text
 from harness.errors import ConfigError, HarnessError
-from harness.performance.load import Workload, load_workload, workload_from_data
 from harness.performance.runner import run_workload
+from harness.performance.workload import Workload, load_workload, workload_from_data
 
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
     "<=": lambda a, b: a <= b,

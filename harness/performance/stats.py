@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from hdrh.histogram import HdrHistogram
 
 if TYPE_CHECKING:
-    from harness.performance.load import Group
+    from harness.performance.workload import Group
 
 HIGHEST_TRACKABLE_US = 3_600_000_000  # one hour in microseconds
 PERCENTILES = (50, 90, 95, 99, 99.9)

@@ -1,4 +1,4 @@
-"""Load engine: DIMSE and DICOMweb workloads against one node, measured with HdrHistogram.
+"""A workload: what one load run does to a node, read from YAML and checked before it runs.
 
 A workload is YAML (checked with file:line errors like a topology)::
 
@@ -15,15 +15,9 @@ A workload is YAML (checked with file:line errors like a topology)::
       - {name: modalities, operation: c-store, users: 2, instances: 5}
       - {name: readers, operation: c-get, users: 3}
       - {name: queries, operation: c-find, level: STUDY, rate: 5}   # open model
+Its schema (every field, its range, one file:line message per mistake) is
+harness/config/workload.py; harness/performance/runner.py runs it.
 
-A group with `users: N` is a closed model (N concurrent users, each one operation after the
-other); with `rate: R` it is an open model (R arrivals per second whatever the PACS does,
-at most `max_in_flight` at once). Open-model latency is measured from each operation's
-*scheduled* start, which corrects coordinated omission: a PACS that stalls shows its stall.
-
-Why threads: each operation blocks on the network, and pynetdicom is thread-safe per
-association. The harness measures its own CPU (os.times) and says when it, not the PACS,
-was the limit (Python runs ~1 core of bytecode at a time).
 """
 
 from __future__ import annotations
