@@ -30,8 +30,8 @@ from harness.migration.identity import identity_report, merged_patients
 from harness.migration.inventory import crawl
 from harness.migration.migrator import METHODS, Migrator
 from harness.migration.monitor import AvailabilityMonitor
-from harness.migration.reconcile import verify
 from harness.migration.rules import load_rules
+from harness.migration.verify import verify
 from harness.report.identities import for_report, redactor_for
 from synthetic_data import GeneratorOptions, generate
 from synthetic_data.manifest import colliding_patient_ids

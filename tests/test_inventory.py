@@ -25,7 +25,8 @@ from pydicom.uid import (
 from harness.errors import ConfigError
 from harness.migration.inventory import crawl, sample_rank
 from harness.migration.ledger import Ledger, row_from_dataset
-from harness.migration.reconcile import reconcile, verify
+from harness.migration.reconcile import reconcile
+from harness.migration.verify import verify
 from harness.plugin import pacs_cluster_factory
 from synthetic_data import GeneratorOptions, generate
 from tests.helpers import LAUNCHABLE_KINDS, one_node_per_kind, store_into_every_node

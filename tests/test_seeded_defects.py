@@ -18,8 +18,9 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 
 from harness.launch.tools import find_binary
+from harness.migration.findings import Findings
 from harness.migration.inventory import crawl
-from harness.migration.reconcile import Findings, reconcile
+from harness.migration.reconcile import reconcile
 from harness.migration.rules import parse_rules
 from harness.nodes.base import Node
 from harness.plugin import pacs_cluster_factory
