@@ -69,9 +69,10 @@ from pydicom.filereader import read_sequence
 from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 
+from harness import sqlite_db
 from harness.errors import ConfigError
 
-SCHEMA_VERSION = "2"  # 2: instances.retrieval_error
+SCHEMA_VERSION = 2  # in meta `schema_version`; 2: instances.retrieval_error
 
 #: Patient identity: a column each in `instances`, not part of attrs_digest.
 IDENTITY_COLUMNS: dict[str, str] = {
@@ -540,10 +541,29 @@ CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_id, issuer);
 
 
 def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    """The ledger's connection (harness/sqlite_db.py: WAL, autocommit, busy timeout) with
+    plain tuple rows, which the crawl and its readers compare and unpack."""
+    conn = sqlite_db.connect(path)
+    conn.row_factory = None
     return conn
+
+
+def _check_schema_version(path: Path, stored: str | None) -> None:
+    """Refuse, in one line (ConfigError, exit 2), a ledger this harness does not read: one
+    written by a newer or an older harness, or a file without a version."""
+    try:
+        found = int(stored or "")
+    except ValueError:
+        found = 0
+    if found == SCHEMA_VERSION:
+        return
+    if found <= 0:
+        raise ConfigError(f"{path}: ledger schema {stored!r}, this harness reads "
+                          f"{str(SCHEMA_VERSION)!r}")
+    try:
+        sqlite_db.check_version(found, SCHEMA_VERSION, what=f"{path}: ledger")
+    except sqlite_db.SchemaVersionError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 class Ledger:
@@ -616,19 +636,17 @@ class Ledger:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: no such ledger file")
-        conn = sqlite3.connect(str(p), isolation_level=None)
+        # the version is read before anything is written (even the journal mode), so a file
+        # that is not a ledger, or a newer harness's, is refused as it was found
+        conn = sqlite_db.connect(p, journal_mode=None, synchronous=None)
         try:
             version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            conn.close()
-            conn = connect(p)
         except sqlite3.DatabaseError:
-            conn.close()
             raise ConfigError(f"{p}: not a ledger (no meta table)") from None
-        if not version or version[0] != SCHEMA_VERSION:
+        finally:
             conn.close()
-            raise ConfigError(f"{p}: ledger schema {version and version[0]!r}, "
-                              f"this harness reads {SCHEMA_VERSION!r}")
-        return cls(p, conn)
+        _check_schema_version(p, version and version[0])
+        return cls(p, connect(p))
 
     def close(self) -> None:
         self.conn.close()
@@ -654,28 +672,28 @@ class Ledger:
         """Record listed studies (and their patients); returns how many are new."""
         before = self.conn.total_changes
         rows = [self._study_row(row) for row in rows]
-        self.conn.execute("BEGIN")
-        for row in rows:
-            self.conn.execute(
-                "INSERT OR IGNORE INTO patients VALUES (?, ?, ?, ?, ?)",
-                (row.patient_id, row.issuer, row.patient_name, row.birth_date, row.sex),
-            )
-            cur = self.conn.execute(
-                "INSERT OR IGNORE INTO studies (study_uid, patient_id, issuer, study_date, "
-                "accession, description, reported_series, reported_instances, keys_json, "
-                "retrieve) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (row.study_uid, row.patient_id, row.issuer, _text(row.keys.get("StudyDate")),
-                 _text(row.keys.get("AccessionNumber")), _text(row.keys.get("StudyDescription")),
-                 row.reported_series, row.reported_instances,
-                 json.dumps(row.keys, sort_keys=True, ensure_ascii=False), int(row.retrieve)),
-            )
-            if not cur.rowcount:
+        with sqlite_db.transaction(self.conn):
+            for row in rows:
                 self.conn.execute(
-                    "INSERT INTO issues (study_uid, problem) VALUES (?, ?)",
-                    (row.study_uid, f"study listed more than once (also under patient "
-                                    f"{row.patient_id!r})"),
+                    "INSERT OR IGNORE INTO patients VALUES (?, ?, ?, ?, ?)",
+                    (row.patient_id, row.issuer, row.patient_name, row.birth_date, row.sex),
                 )
-        self.conn.execute("COMMIT")
+                cur = self.conn.execute(
+                    "INSERT OR IGNORE INTO studies (study_uid, patient_id, issuer, study_date, "
+                    "accession, description, reported_series, reported_instances, keys_json, "
+                    "retrieve) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row.study_uid, row.patient_id, row.issuer, _text(row.keys.get("StudyDate")),
+                     _text(row.keys.get("AccessionNumber")),
+                     _text(row.keys.get("StudyDescription")),
+                     row.reported_series, row.reported_instances,
+                     json.dumps(row.keys, sort_keys=True, ensure_ascii=False), int(row.retrieve)),
+                )
+                if not cur.rowcount:
+                    self.conn.execute(
+                        "INSERT INTO issues (study_uid, problem) VALUES (?, ?)",
+                        (row.study_uid, f"study listed more than once (also under patient "
+                                        f"{row.patient_id!r})"),
+                    )
         return self.conn.total_changes - before
 
     def commit_study(self, study_uid: str, series: Iterable[SeriesRow],
@@ -683,8 +701,7 @@ class Ledger:
                      ) -> int:
         """Write one study's series, instances and issues and mark it done, atomically."""
         instances = [self._instance_row(row) for row in instances]
-        self.conn.execute("BEGIN")
-        try:
+        with sqlite_db.transaction(self.conn):
             self.conn.executemany(
                 "INSERT OR IGNORE INTO series VALUES (?, ?, ?, ?, ?)",
                 [(s.series_uid, s.study_uid, s.modality, s.series_number, s.description)
@@ -708,10 +725,6 @@ class Ledger:
             )
             self.conn.execute("UPDATE studies SET state = 'done' WHERE study_uid = ?",
                               (study_uid,))
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         return len(instances)
 
     def finish(self, **meta: Any) -> None:
