@@ -4,9 +4,8 @@ version.
 Users: the migration state file (harness/migration/migrator.py), the embedded PACS index
 (harness/embedded_pacs/storage.py), the migration ledger (its version in its ``meta`` table:
 ``check_version``) and the ledgers' read-only readers (``connect_readonly``). Standard library
-only and no
-import of other harness modules: the embedded PACS container image carries this file beside
-the package.
+only and no import of other harness modules: the embedded PACS container image carries this
+file beside the package.
 
 Conventions, so a file written by one process can be read and written by another at once:
 

@@ -24,7 +24,8 @@ from pydicom.uid import (
 
 from harness.errors import ConfigError
 from harness.migration.inventory import crawl, sample_rank
-from harness.migration.ledger import Ledger, row_from_dataset
+from harness.migration.ledger import Ledger
+from harness.migration.normalise import row_from_dataset
 from harness.migration.reconcile import reconcile
 from harness.migration.verify import verify
 from harness.plugin import pacs_cluster_factory

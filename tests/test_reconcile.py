@@ -16,10 +16,10 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import JPEGBaseline8Bit, RLELossless, generate_uid
 
 from harness.errors import ConfigError
-from harness.migration.ledger import (
+from harness.migration.ledger import Ledger
+from harness.migration.normalise import (
     IDENTITY_COLUMNS,
     KEY_ATTRS,
-    Ledger,
     SeriesRow,
     StudyRow,
     normalise,

@@ -41,13 +41,13 @@ from pydicom.errors import InvalidDicomError
 from harness.dicom.dicomweb import DicomwebClient
 from harness.dicom.dimse import DimseClient, RetrievedInstance
 from harness.errors import ConfigError, EnvironmentProblem
-from harness.migration.ledger import (
+from harness.migration.ledger import Ledger
+from harness.migration.normalise import (
     IDENTITY_COLUMNS,
     IMAGE_QUERY_KEYS,
     SERIES_QUERY_KEYS,
     STUDY_QUERY_KEYS,
     InstanceRow,
-    Ledger,
     SeriesRow,
     StudyRow,
     normalise,

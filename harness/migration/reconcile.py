@@ -27,7 +27,7 @@ from typing import Any
 
 from harness.errors import ConfigError
 from harness.migration.findings import FINDING_TYPES, Finding, Findings
-from harness.migration.ledger import IDENTITY_COLUMNS
+from harness.migration.normalise import IDENTITY_COLUMNS
 from harness.migration.rollups import Rollups
 from harness.migration.rules import Rules, load_rules
 

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from harness.migration.findings import Finding
-from harness.migration.ledger import (
+from harness.migration.normalise import (
     IDENTITY_COLUMNS,
     INSTANCE_COLUMNS,
     KEY_ATTRS,
