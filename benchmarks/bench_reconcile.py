@@ -32,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.migration.ledger import INSTANCE_COLUMNS, Ledger  # noqa: E402
+from harness.migration.ledger import Ledger  # noqa: E402
+from harness.migration.normalise import INSTANCE_COLUMNS  # noqa: E402
 
 INSTANCES_PER_SERIES = 10
 SERIES_PER_STUDY = 5

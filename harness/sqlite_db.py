@@ -2,9 +2,10 @@
 version.
 
 Users: the migration state file (harness/migration/state.py), the embedded PACS index
-(harness/embedded_pacs/storage.py) and the migration ledger. Standard library only and no
-import of other harness modules: the embedded PACS container image carries this file beside
-the package.
+(harness/embedded_pacs/storage.py), the migration ledger (its version in its ``meta`` table:
+``check_version``) and the ledgers' read-only readers (``connect_readonly``). Standard library
+only and no import of other harness modules: the embedded PACS container image carries this
+file beside the package.
 
 Conventions, so a file written by one process can be read and written by another at once:
 
@@ -70,6 +71,28 @@ def connect(
     return conn
 
 
+def connect_readonly(
+    path: str | os.PathLike[str],
+    *,
+    busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+    check_same_thread: bool = False,
+) -> sqlite3.Connection:
+    """An autocommit connection with ``sqlite3.Row`` rows that cannot change the file, not
+    even its journal mode: for reading a file another run wrote (a ledger being compared),
+    which must stay as it was. Fails with sqlite3.OperationalError when the file is missing
+    (read-only never creates one)."""
+    uri = Path(path).absolute().as_uri() + "?mode=ro"  # as_uri escapes '?', '#' and '%'
+    conn = sqlite3.connect(
+        uri,
+        uri=True,
+        timeout=busy_timeout_s,
+        isolation_level=None,
+        check_same_thread=check_same_thread,
+    )
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """Hold the write lock for the block: COMMIT at its end, ROLLBACK if it raises (the
@@ -100,7 +123,19 @@ def check_schema_version(
     ``readable`` ones (the caller upgrades those). Otherwise SchemaVersionError, e.g.
     ``state.sqlite: schema version 7 is newer than this harness's 2 (written by a newer
     pacs-harness)``; ``what`` names the file, ``hint`` says what to do."""
-    found = schema_version(conn)
+    return check_version(schema_version(conn), current, what=what, readable=readable, hint=hint)
+
+
+def check_version(
+    found: int,
+    current: int,
+    *,
+    what: str,
+    readable: Iterable[int] = (),
+    hint: str = "",
+) -> int:
+    """check_schema_version for a version the file keeps elsewhere than ``user_version``
+    (the migration ledger keeps it in its ``meta`` table, readable by any SQLite reader)."""
     if found == 0 or found == current or found in set(readable):
         return found
     if found > current:

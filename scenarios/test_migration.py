@@ -31,8 +31,8 @@ from harness.migration.inventory import crawl
 from harness.migration.methods import METHODS
 from harness.migration.migrator import Migrator
 from harness.migration.monitor import AvailabilityMonitor
-from harness.migration.reconcile import verify
 from harness.migration.rules import load_rules
+from harness.migration.verify import verify
 from harness.report.identities import for_report, redactor_for
 from synthetic_data import GeneratorOptions, generate
 from synthetic_data.manifest import colliding_patient_ids

@@ -25,8 +25,10 @@ from pydicom.uid import (
 from harness.errors import ConfigError
 from harness.fixtures import pacs_cluster_factory
 from harness.migration.inventory import crawl, sample_rank
-from harness.migration.ledger import Ledger, row_from_dataset
-from harness.migration.reconcile import reconcile, verify
+from harness.migration.ledger import Ledger
+from harness.migration.normalise import row_from_dataset
+from harness.migration.reconcile import reconcile
+from harness.migration.verify import verify
 from synthetic_data import GeneratorOptions, generate
 from tests.helpers import LAUNCHABLE_KINDS, one_node_per_kind, store_into_every_node
 

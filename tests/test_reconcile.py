@@ -16,10 +16,10 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import JPEGBaseline8Bit, RLELossless, generate_uid
 
 from harness.errors import ConfigError
-from harness.migration.ledger import (
+from harness.migration.ledger import Ledger
+from harness.migration.normalise import (
     IDENTITY_COLUMNS,
     KEY_ATTRS,
-    Ledger,
     SeriesRow,
     StudyRow,
     normalise,
@@ -28,6 +28,7 @@ from harness.migration.ledger import (
 )
 from harness.migration.reconcile import reconcile, sample_bound
 from harness.migration.rules import load_rules, parse_rules
+from harness.migration.writers import write_findings
 from synthetic_data import GeneratorOptions, generate
 
 OPTIONS = GeneratorOptions(patients=2, studies_per_patient=2, modalities=["CT", "MR"], seed=11,
@@ -116,7 +117,7 @@ def test_equal_ledgers_pass_and_every_output_is_written(archive, tmp_path):
     assert findings.verdict == "pass" and findings.exit_code == 0
     assert findings.counts["source"] == findings.counts["target"]
     assert findings.counts["source"]["instances"] == len(archive)
-    paths = findings.write(tmp_path / "out")
+    paths = write_findings(findings, tmp_path / "out")
     data = json.loads(paths["json"].read_text())
     assert {k: data[k] for k in ("verdict", "missing", "extra", "altered")} == {
         "verdict": "pass", "missing": 0, "extra": 0, "altered": 0}
@@ -139,7 +140,7 @@ def test_findings_csv_has_one_row_per_attribute(archive, tmp_path):
     finding = only(findings)
     assert finding.level == "study" and set(finding.attributes) == {"StudyDate",
                                                                    "AccessionNumber"}
-    paths = findings.write(tmp_path / "out")
+    paths = write_findings(findings, tmp_path / "out")
     with open(paths["csv"], newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert {(r["attribute"], r["after"]) for r in rows} == {("StudyDate", "20000101"),

@@ -19,8 +19,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossl
 
 from harness.fixtures import pacs_cluster_factory
 from harness.launch.tools import find_binary
+from harness.migration.findings import Findings
 from harness.migration.inventory import crawl
-from harness.migration.reconcile import Findings, reconcile
+from harness.migration.reconcile import reconcile
 from harness.migration.rules import parse_rules
 from harness.nodes.base import Node
 from synthetic_data import GeneratorOptions, generate

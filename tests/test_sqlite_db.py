@@ -17,6 +17,8 @@ import pytest
 
 from harness import sqlite_db
 from harness.errors import ConfigError
+from harness.migration.ledger import SCHEMA_VERSION as LEDGER_SCHEMA_VERSION
+from harness.migration.ledger import Ledger
 from harness.migration.state import STATE_SCHEMA_VERSION, MigrationState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +108,26 @@ def test_migration_state_file_that_is_not_sqlite_is_a_config_error(tmp_path: Pat
     state.write_text("not a database, just a long enough line of text " * 4)
     with pytest.raises(ConfigError, match=r"not a usable state file \(file is not a database\)"):
         MigrationState(state)
+
+
+@needs_shell
+def test_a_ledger_of_a_newer_harness_is_refused_in_one_line_and_kept(tmp_path: Path) -> None:
+    """The ledger keeps its version in its meta table (any SQLite reader sees it); a newer
+    one is a ConfigError (exit 2) naming the file, and a new crawl does not overwrite it."""
+    path = tmp_path / "source.ledger.sqlite"
+    Ledger.create(path, {"node": "a"}).close()
+    newer = LEDGER_SCHEMA_VERSION + 1
+    shell(path, f"UPDATE meta SET value = '{newer}' WHERE key = 'schema_version'")
+    with pytest.raises(ConfigError) as refused:
+        Ledger.open(path)
+    assert str(refused.value) == (
+        f"{path}: ledger: schema version {newer} is newer than this harness's "
+        f"{LEDGER_SCHEMA_VERSION} (written by a newer pacs-harness)"
+    )
+    assert refused.value.exit_code == 2
+    with pytest.raises(ConfigError, match="refusing to replace it with a new ledger$"):
+        Ledger.create(path, {"node": "b"})
+    assert shell(path, "SELECT value FROM meta WHERE key = 'node'") == "a"
 
 
 # Each writer adds 1 to a counter, `rounds` times, each in its own transaction: a read then a

@@ -107,8 +107,8 @@ def verify_command(source_name: str, target_name: str, depth: str, rules: str | 
     Writes findings.json, findings.csv and summary.txt; exit 1 when anything is lost or
     altered outside the rules.
     """
-    from harness.migration.reconcile import verify
     from harness.migration.rules import load_rules
+    from harness.migration.verify import verify
 
     checked_rules = load_rules(rules)  # a bad rules file is the first thing reported
     source, target = _nodes(topology_path, source_name, target_name)

@@ -22,7 +22,7 @@ from pydantic import BeforeValidator, model_validator
 from pydicom.datadict import tag_for_keyword
 
 from harness.config.errors import Checker, ConfigModel, fail, validate
-from harness.migration.ledger import attr_name
+from harness.migration.normalise import attr_name
 
 FIELDS = {
     "prefix": "{by_issuer: {ISSUER: PREFIX}, default: PREFIX, required: true|false}",

@@ -11,12 +11,12 @@ Works on inventory ledgers (harness/migration/ledger.py), so it applies to any n
 from __future__ import annotations
 
 import os
-import sqlite3
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness import sqlite_db
 from harness.migration.rules import Rules
 
 PatientKey = tuple[str, str]  # (PatientID, IssuerOfPatientID)
@@ -48,7 +48,7 @@ class IdentityReport:
 
 
 def _patients(ledger: str | os.PathLike[str]) -> list[dict[str, str]]:
-    conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+    conn = sqlite_db.connect_readonly(ledger)
     try:
         # per instance, not per patient row: a PACS that indexes patients by PatientID
         # alone keeps one name for two colliding people, while each study keeps its own
@@ -105,7 +105,7 @@ def merged_patients(
     source_ledger: str | os.PathLike[str], target_ledger: str | os.PathLike[str]
 ) -> list[dict[str, Any]]:
     """Target patients holding studies of more than one source patient (a wrong merge)."""
-    conn = sqlite3.connect(f"file:{source_ledger}?mode=ro", uri=True)
+    conn = sqlite_db.connect_readonly(source_ledger)
     try:
         conn.execute("ATTACH DATABASE ? AS target", (f"file:{target_ledger}?mode=ro",))
         rows = conn.execute(

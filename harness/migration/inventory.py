@@ -42,13 +42,13 @@ from harness.dicom.client import DimseClient
 from harness.dicom.dicomweb import DicomwebClient
 from harness.dicom.status import RetrievedInstance
 from harness.errors import ConfigError, EnvironmentProblem
-from harness.migration.ledger import (
+from harness.migration.ledger import Ledger
+from harness.migration.normalise import (
     IDENTITY_COLUMNS,
     IMAGE_QUERY_KEYS,
     SERIES_QUERY_KEYS,
     STUDY_QUERY_KEYS,
     InstanceRow,
-    Ledger,
     SeriesRow,
     StudyRow,
     normalise,

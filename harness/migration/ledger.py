@@ -7,32 +7,9 @@ instances are committed, so a killed crawl resumes at the first unfinished study
 is a fast join) and `instance_attrs` (the normalised attributes as JSON, read only for the
 few instances whose digests differ), plus `issues` (what the crawl could not read).
 
-A row means the same thing whichever node it came from, because everything that depends on
-the encoding is normalised away before hashing:
-
-- group 0002, group lengths, pixel data and its encapsulation helpers, PlanarConfiguration
-  and trailing padding are dropped;
-- text is decoded with the instance's own character set (a charset conversion that keeps
-  the text is equal), trailing padding is stripped, DS/IS become numbers;
-- private elements are compared as their little-endian value bytes, so an element that is
-  `UN` after a change to implicit VR equals its explicit-VR original;
-- `pixel_digest` hashes the *decoded* pixels (dtype, shape, values), so a lossless change of
-  transfer syntax is equal; when a syntax cannot be decoded here the raw PixelData bytes are
-  hashed instead and `pixel_mode` says `raw`;
-- colour pixels are decoded to RGB (pydicom converts YBR_FULL, YBR_FULL_422, ... when it
-  decodes), so PhotometricInterpretation of a colour image is recorded as `RGB` whichever
-  colour model it was stored in: a JPEG decoded on retrieval (YBR_FULL_422 -> RGB, PS3.5
-  8.2.1) has the same row as its original.
-
 An instance that was listed but could not be retrieved keeps its listing-level row
 (`retrieved` 0) with the reason in `retrieval_error`: it is never dropped, so counts at depth
 full equal those at depth attributes and reconciliation reports it as unretrievable.
-
-Patient identity (PatientID, IssuerOfPatientID, PatientName, PatientBirthDate, PatientSex),
-SOPInstanceUID and SpecificCharacterSet are columns of their own and are left out of
-`attrs_digest`, so migration rules on them (prefix, issuer added, charset conversion) are
-checked in SQL, and an instance stored again under a new SOP Instance UID has the same
-(`attrs_digest`, `pixel_digest`) as the original: that is how duplicates are found.
 
 A ledger of a node that may hold real patients (external, not declared `synthetic: true`)
 holds no identity: meta `identities` = `tokens` and every identity column, the study keys and
@@ -40,457 +17,37 @@ the identifying attributes in `instance_attrs` are keyed tokens (harness/report/
 LedgerTokens; the key stays in the state directory). Digests are computed before, over the
 clear values, so equal data still has equal digests.
 
-`keys_digest` covers KEY_ATTRS only: the attributes every kind of node answers in C-FIND
-(and QIDO). It is what two ledgers are compared on where an instance was not retrieved on
-both sides (depth `attributes`, or outside the sample).
+The file's schema version is meta `schema_version`, where ledgers have always kept it
+(PRAGMA user_version stays 0); a ledger of another version is refused in one line (exit 2)
+before anything in it changes. Connections and transactions are harness/sqlite_db.py's.
+
+What a row holds, and why it means the same whichever node it came from (normalised
+attributes, digests), is harness/migration/normalise.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import sqlite3
 import time
-import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
-from io import BytesIO
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
-from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import keyword_for_tag
-from pydicom.dataelem import DataElement
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_sequence
-from pydicom.filewriter import write_data_element
-from pydicom.multival import MultiValue
-
+from harness import sqlite_db
 from harness.errors import ConfigError
-
-SCHEMA_VERSION = "2"  # 2: instances.retrieval_error
-
-#: Patient identity: a column each in `instances`, not part of attrs_digest.
-IDENTITY_COLUMNS: dict[str, str] = {
-    "PatientID": "patient_id",
-    "IssuerOfPatientID": "issuer",
-    "PatientName": "patient_name",
-    "PatientBirthDate": "birth_date",
-    "PatientSex": "sex",
-}
-#: Attributes kept out of attrs_digest (they are columns, or the join key itself).
-NOT_DIGESTED = frozenset({*IDENTITY_COLUMNS, "SOPInstanceUID", "SpecificCharacterSet"})
-#: Compared where an instance was not retrieved on both sides: what C-FIND always answers.
-KEY_ATTRS: tuple[str, ...] = (
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDescription",
-    "ReferringPhysicianName",
-    "SeriesInstanceUID",
-    "Modality",
-    "SeriesNumber",
-    "InstanceNumber",
-)
-STUDY_QUERY_KEYS: tuple[str, ...] = (
-    *IDENTITY_COLUMNS,
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDescription",
-    "ReferringPhysicianName",
-    "NumberOfStudyRelatedSeries",
-    "NumberOfStudyRelatedInstances",
-)
-SERIES_QUERY_KEYS: tuple[str, ...] = (
-    "SeriesInstanceUID",
-    "Modality",
-    "SeriesNumber",
-    "SeriesDescription",
-)
-IMAGE_QUERY_KEYS: tuple[str, ...] = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")
-
-#: Which entity an attribute describes; used to roll findings up (reconcile.py).
-PATIENT_ATTRS = frozenset(
-    {
-        *IDENTITY_COLUMNS,
-        "OtherPatientIDs",
-        "OtherPatientIDsSequence",
-        "OtherPatientNames",
-        "PatientBirthTime",
-        "PatientBirthName",
-        "PatientMotherBirthName",
-        "EthnicGroup",
-        "PatientComments",
-        "IssuerOfPatientIDQualifiersSequence",
-        "TypeOfPatientID",
-        "ResponsiblePerson",
-        "PatientSpeciesDescription",
-    }
-)
-STUDY_ATTRS = frozenset(
-    {
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "AccessionNumber",
-        "IssuerOfAccessionNumberSequence",
-        "StudyID",
-        "StudyDescription",
-        "ReferringPhysicianName",
-        "ProcedureCodeSequence",
-        "NameOfPhysiciansReadingStudy",
-        "PatientAge",
-        "PatientSize",
-        "PatientWeight",
-        "AdmittingDiagnosesDescription",
-        "RequestAttributesSequence",
-    }
-)
-SERIES_ATTRS = frozenset(
-    {
-        "SeriesInstanceUID",
-        "Modality",
-        "SeriesNumber",
-        "SeriesDescription",
-        "SeriesDate",
-        "SeriesTime",
-        "BodyPartExamined",
-        "Laterality",
-        "ProtocolName",
-        "PatientPosition",
-        "FrameOfReferenceUID",
-        "Manufacturer",
-        "ManufacturerModelName",
-        "InstitutionName",
-        "StationName",
-        "DeviceSerialNumber",
-        "SoftwareVersions",
-        "OperatorsName",
-        "PerformingPhysicianName",
-    }
+from harness.migration.normalise import (
+    IDENTITY_COLUMNS,
+    INSTANCE_COLUMNS,
+    InstanceRow,
+    SeriesRow,
+    StudyRow,
+    text_value,
 )
 
-# Elements whose presence or value depends on the encoding, never on the content.
-_DROPPED_TAGS = frozenset(
-    {
-        0x00280006,  # PlanarConfiguration: how a codec lays out samples
-        0x7FE00001,  # ExtendedOffsetTable
-        0x7FE00002,  # ExtendedOffsetTableLengths
-        0x7FE00003,  # EncapsulatedPixelDataValueTotalLength
-        0x7FE00008,  # FloatPixelData (hashed as pixels)
-        0x7FE00009,  # DoubleFloatPixelData (hashed as pixels)
-        0x7FE00010,  # PixelData (hashed as pixels)
-        0xFFFCFFFC,  # DataSetTrailingPadding
-    }
-)
-#: Colour models whose pixels pydicom decodes to RGB (PS3.3 C.7.6.3.1.2): stored as "RGB".
-_COLOUR_MODELS = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420",
-                            "YBR_PARTIAL_422", "YBR_ICT", "YBR_RCT"})
-_PHOTOMETRIC = 0x00280004
-_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
-                       "UI", "UR", "UT"})
-_INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV"})
-_FLOAT_VRS = frozenset({"FL", "FD"})
-_SCALAR_VRS = _TEXT_VRS | _INT_VRS | _FLOAT_VRS | {"IS", "DS", "AT"}
-_INLINE_BYTES = 64  # longer binary values are stored as a digest in attrs_json
-_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: the value is a sequence
-
-
-def digest(data: bytes) -> str:
-    """The one hash used everywhere in a ledger (BLAKE2b, 128 bits, hex)."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def json_digest(obj: Any) -> str:
-    return digest(json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-                  .encode())
-
-
-def attr_name(tag: int) -> str:
-    """The attrs_json key of a tag: its keyword, or GGGGEEEE for private and unknown tags."""
-    keyword = "" if (tag >> 16) % 2 else keyword_for_tag(tag)
-    return keyword or f"{tag:08X}"
-
-
-# ---------------------------------------------------------------------------------------
-# normalisation
-
-
-def _decode_strict(raw: bytes, encodings: list[str]) -> str | None:
-    """Text when `raw` is valid in the charset, else None (pydicom would substitute)."""
-    try:
-        return raw.decode(encodings[0])
-    except (UnicodeDecodeError, LookupError):
-        if b"\x1b" not in raw or len(encodings) < 2:
-            return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            text = decode_bytes(raw, encodings, set())  # ISO 2022 escape sequences
-        except (UnicodeError, LookupError, ValueError):
-            return None
-    return None if "\ufffd" in text else text
-
-
-def _bytes_repr(raw: bytes, encodings: list[str]) -> Any:
-    """A private or UN value: a nested sequence, text, or the bytes themselves."""
-    if raw[:4] == _ITEM_TAG:
-        try:
-            items = read_sequence(BytesIO(raw), True, True, len(raw), encodings)
-            return [normalise(item, encodings) for item in items]
-        except Exception:  # noqa: BLE001 - not a sequence after all: compare the bytes
-            pass
-    raw = raw.rstrip(b"\x00 ")
-    if not raw:
-        return None
-    text = _decode_strict(raw, encodings)
-    if text is not None and text.isprintable():
-        return text
-    return _binary_repr(raw)
-
-
-def _binary_repr(raw: bytes) -> str | None:
-    if not raw:
-        return None
-    if len(raw) <= _INLINE_BYTES:
-        return "hex:" + raw.hex()
-    return f"blake2b:{digest(raw)}:{len(raw)}"
-
-
-def _private_bytes(elem: DataElement, encodings: list[str]) -> bytes:
-    """The little-endian value bytes of an element, as implicit VR would write them."""
-    if isinstance(elem.value, bytes | bytearray):
-        return bytes(elem.value)
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = True
-    write_data_element(fp, elem, encodings)
-    return fp.getvalue()[8:]
-
-
-def _scalar(vr: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if vr in _INT_VRS:
-        return int(value)
-    if vr in _FLOAT_VRS:
-        number = float(value)
-        return number if math.isfinite(number) else str(number)
-    if vr == "IS":
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            return str(value).strip() or None
-    if vr == "DS":
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            return str(value).strip() or None
-        return number if math.isfinite(number) else str(number)
-    if vr == "AT":
-        return f"{int(value):08X}"
-    text = str(value).rstrip(" \x00")
-    if vr not in ("LT", "ST", "UT"):
-        text = text.lstrip(" ")
-    return text or None
-
-
-def element_value(elem: DataElement, encodings: list[str]) -> Any:
-    """One element's value in encoding-independent form (JSON-ready)."""
-    vr = elem.VR
-    if vr == "SQ":
-        return [normalise(item, encodings) for item in elem.value]
-    if elem.tag.is_private or vr == "UN":
-        if vr == "SQ":
-            return [normalise(item, encodings) for item in elem.value]
-        return _bytes_repr(_private_bytes(elem, encodings), encodings)
-    value = elem.value
-    if isinstance(value, bytes | bytearray):
-        return _binary_repr(bytes(value))
-    if vr not in _SCALAR_VRS:
-        vr = "LO"
-    if isinstance(value, MultiValue | list | tuple):
-        return [_scalar(vr, v) for v in value] or None
-    return _scalar(vr, value)
-
-
-def dataset_encodings(ds: Dataset, inherited: list[str] | None = None) -> list[str]:
-    charset = ds.get("SpecificCharacterSet")
-    if charset is None:
-        return inherited or ["iso8859"]
-    try:
-        return convert_encodings(charset)
-    except (LookupError, ValueError):
-        return inherited or ["iso8859"]
-
-
-def normalise(ds: Dataset, inherited: list[str] | None = None) -> dict[str, Any]:
-    """Every attribute of `ds` (recursively) in encoding-independent form, by attr_name."""
-    encodings = dataset_encodings(ds, inherited)
-    out: dict[str, Any] = {}
-    for tag in ds.keys():
-        if tag.group == 0x0002 or tag.element == 0 or tag in _DROPPED_TAGS:
-            continue
-        try:
-            elem = ds[tag]
-            value = element_value(elem, encodings)
-        except Exception:  # noqa: BLE001 - an unreadable value is still a value to compare
-            raw = ds.get_item(tag)
-            value = _bytes_repr(bytes(getattr(raw, "value", b"") or b""), encodings)
-        if tag == _PHOTOMETRIC and value in _COLOUR_MODELS:
-            value = "RGB"  # pixels are compared decoded to RGB (see pixel_digest)
-        out[attr_name(int(tag))] = value
-    return out
-
-
-def pixel_digest(ds: Dataset) -> tuple[str | None, str | None]:
-    """(digest, mode) of the decoded pixels; mode `raw` when they could not be decoded here."""
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if keyword in ds:
-            break
-    else:
-        return None, None
-    if keyword == "PixelData":
-        try:
-            arr = ds.pixel_array
-            head = f"{arr.dtype.str}:{arr.shape}:".encode()
-            return digest(head + arr.tobytes()), "decoded"
-        except Exception:  # noqa: BLE001 - an undecodable syntax is recorded, never fatal
-            pass
-    raw = ds[keyword].value
-    return digest(bytes(raw or b"")), "raw"
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return "\\".join("" if v is None else str(v) for v in value)
-    return str(value)
-
-
-# ---------------------------------------------------------------------------------------
-# rows
-
-
-@dataclass
-class StudyRow:
-    study_uid: str
-    patient_id: str = ""
-    issuer: str = ""
-    patient_name: str = ""
-    birth_date: str = ""
-    sex: str = ""
-    keys: dict[str, Any] = field(default_factory=dict)  # normalised STUDY_QUERY_KEYS
-    reported_series: int | None = None
-    reported_instances: int | None = None
-    retrieve: bool = False  # retrieved fully (depth full, or in the sample)
-
-
-@dataclass
-class SeriesRow:
-    series_uid: str
-    study_uid: str
-    modality: str = ""
-    series_number: str = ""
-    description: str = ""
-
-
-@dataclass
-class InstanceRow:
-    sop_uid: str
-    series_uid: str
-    study_uid: str
-    patient_id: str
-    issuer: str
-    patient_name: str
-    birth_date: str
-    sex: str
-    sop_class: str
-    transfer_syntax: str | None
-    charset: str | None
-    keys_digest: str
-    attrs_digest: str | None
-    pixel_digest: str | None
-    pixel_mode: str | None
-    retrieved: int
-    attrs_json: str
-    retrieval_error: str | None = None  # listed, but retrieving it failed: why
-
-
-    def values(self) -> tuple:
-        return tuple(getattr(self, c) for c in INSTANCE_COLUMNS)
-
-
-INSTANCE_COLUMNS: tuple[str, ...] = (
-    "sop_uid", "series_uid", "study_uid", "patient_id", "issuer", "patient_name",
-    "birth_date", "sex", "sop_class", "transfer_syntax", "charset", "keys_digest",
-    "attrs_digest", "pixel_digest", "pixel_mode", "retrieved", "retrieval_error",
-)
-
-
-def keys_digest(attrs: dict[str, Any]) -> str:
-    return json_digest({k: attrs.get(k) for k in KEY_ATTRS})
-
-
-def row_from_dataset(ds: Dataset, transfer_syntax: str | None = None) -> InstanceRow:
-    """The ledger row of a retrieved instance (depth full)."""
-    attrs = normalise(ds)
-    pixels, mode = pixel_digest(ds)
-    if transfer_syntax is None:
-        meta = getattr(ds, "file_meta", None)
-        transfer_syntax = str(meta.TransferSyntaxUID) if meta and "TransferSyntaxUID" in meta \
-            else None
-    digested = {k: v for k, v in attrs.items() if k not in NOT_DIGESTED}
-    return InstanceRow(
-        sop_uid=_text(attrs.get("SOPInstanceUID")),
-        series_uid=_text(attrs.get("SeriesInstanceUID")),
-        study_uid=_text(attrs.get("StudyInstanceUID")),
-        **{col: _text(attrs.get(kw)) for kw, col in IDENTITY_COLUMNS.items()},
-        sop_class=_text(attrs.get("SOPClassUID")),
-        transfer_syntax=transfer_syntax,
-        charset=_text(attrs.get("SpecificCharacterSet")),
-        keys_digest=keys_digest(attrs),
-        attrs_digest=json_digest(digested),
-        pixel_digest=pixels,
-        pixel_mode=mode,
-        retrieved=1,
-        attrs_json=json.dumps(attrs, sort_keys=True, ensure_ascii=False),
-    )
-
-
-def row_from_keys(attrs: dict[str, Any]) -> InstanceRow:
-    """The ledger row of an instance known from C-FIND or QIDO only (depth attributes).
-
-    `attrs` holds the normalised study, series and image keys merged for this instance.
-    """
-    return InstanceRow(
-        sop_uid=_text(attrs.get("SOPInstanceUID")),
-        series_uid=_text(attrs.get("SeriesInstanceUID")),
-        study_uid=_text(attrs.get("StudyInstanceUID")),
-        **{col: _text(attrs.get(kw)) for kw, col in IDENTITY_COLUMNS.items()},
-        sop_class=_text(attrs.get("SOPClassUID")),
-        transfer_syntax=None,
-        charset=None,
-        keys_digest=keys_digest(attrs),
-        attrs_digest=None,
-        pixel_digest=None,
-        pixel_mode=None,
-        retrieved=0,
-        attrs_json=json.dumps(attrs, sort_keys=True, ensure_ascii=False),
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# the SQLite file
+SCHEMA_VERSION = 2  # in meta `schema_version`; 2: instances.retrieval_error
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -540,10 +97,29 @@ CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_id, issuer);
 
 
 def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    """The ledger's connection (harness/sqlite_db.py: WAL, autocommit, busy timeout) with
+    plain tuple rows, which the crawl and its readers compare and unpack."""
+    conn = sqlite_db.connect(path)
+    conn.row_factory = None
     return conn
+
+
+def _check_schema_version(path: Path, stored: str | None) -> None:
+    """Refuse, in one line (ConfigError, exit 2), a ledger this harness does not read: one
+    written by a newer or an older harness, or a file without a version."""
+    try:
+        found = int(stored or "")
+    except ValueError:
+        found = 0
+    if found == SCHEMA_VERSION:
+        return
+    if found <= 0:
+        raise ConfigError(f"{path}: ledger schema {stored!r}, this harness reads "
+                          f"{str(SCHEMA_VERSION)!r}")
+    try:
+        sqlite_db.check_version(found, SCHEMA_VERSION, what=f"{path}: ledger")
+    except sqlite_db.SchemaVersionError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 class Ledger:
@@ -616,19 +192,17 @@ class Ledger:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: no such ledger file")
-        conn = sqlite3.connect(str(p), isolation_level=None)
+        # the version is read before anything is written (even the journal mode), so a file
+        # that is not a ledger, or a newer harness's, is refused as it was found
+        conn = sqlite_db.connect(p, journal_mode=None, synchronous=None)
         try:
             version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            conn.close()
-            conn = connect(p)
         except sqlite3.DatabaseError:
-            conn.close()
             raise ConfigError(f"{p}: not a ledger (no meta table)") from None
-        if not version or version[0] != SCHEMA_VERSION:
+        finally:
             conn.close()
-            raise ConfigError(f"{p}: ledger schema {version and version[0]!r}, "
-                              f"this harness reads {SCHEMA_VERSION!r}")
-        return cls(p, conn)
+        _check_schema_version(p, version and version[0])
+        return cls(p, connect(p))
 
     def close(self) -> None:
         self.conn.close()
@@ -654,28 +228,29 @@ class Ledger:
         """Record listed studies (and their patients); returns how many are new."""
         before = self.conn.total_changes
         rows = [self._study_row(row) for row in rows]
-        self.conn.execute("BEGIN")
-        for row in rows:
-            self.conn.execute(
-                "INSERT OR IGNORE INTO patients VALUES (?, ?, ?, ?, ?)",
-                (row.patient_id, row.issuer, row.patient_name, row.birth_date, row.sex),
-            )
-            cur = self.conn.execute(
-                "INSERT OR IGNORE INTO studies (study_uid, patient_id, issuer, study_date, "
-                "accession, description, reported_series, reported_instances, keys_json, "
-                "retrieve) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (row.study_uid, row.patient_id, row.issuer, _text(row.keys.get("StudyDate")),
-                 _text(row.keys.get("AccessionNumber")), _text(row.keys.get("StudyDescription")),
-                 row.reported_series, row.reported_instances,
-                 json.dumps(row.keys, sort_keys=True, ensure_ascii=False), int(row.retrieve)),
-            )
-            if not cur.rowcount:
+        with sqlite_db.transaction(self.conn):
+            for row in rows:
                 self.conn.execute(
-                    "INSERT INTO issues (study_uid, problem) VALUES (?, ?)",
-                    (row.study_uid, f"study listed more than once (also under patient "
-                                    f"{row.patient_id!r})"),
+                    "INSERT OR IGNORE INTO patients VALUES (?, ?, ?, ?, ?)",
+                    (row.patient_id, row.issuer, row.patient_name, row.birth_date, row.sex),
                 )
-        self.conn.execute("COMMIT")
+                cur = self.conn.execute(
+                    "INSERT OR IGNORE INTO studies (study_uid, patient_id, issuer, study_date, "
+                    "accession, description, reported_series, reported_instances, keys_json, "
+                    "retrieve) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row.study_uid, row.patient_id, row.issuer,
+                     text_value(row.keys.get("StudyDate")),
+                     text_value(row.keys.get("AccessionNumber")),
+                     text_value(row.keys.get("StudyDescription")),
+                     row.reported_series, row.reported_instances,
+                     json.dumps(row.keys, sort_keys=True, ensure_ascii=False), int(row.retrieve)),
+                )
+                if not cur.rowcount:
+                    self.conn.execute(
+                        "INSERT INTO issues (study_uid, problem) VALUES (?, ?)",
+                        (row.study_uid, f"study listed more than once (also under patient "
+                                        f"{row.patient_id!r})"),
+                    )
         return self.conn.total_changes - before
 
     def commit_study(self, study_uid: str, series: Iterable[SeriesRow],
@@ -683,8 +258,7 @@ class Ledger:
                      ) -> int:
         """Write one study's series, instances and issues and mark it done, atomically."""
         instances = [self._instance_row(row) for row in instances]
-        self.conn.execute("BEGIN")
-        try:
+        with sqlite_db.transaction(self.conn):
             self.conn.executemany(
                 "INSERT OR IGNORE INTO series VALUES (?, ?, ?, ?, ?)",
                 [(s.series_uid, s.study_uid, s.modality, s.series_number, s.description)
@@ -708,10 +282,6 @@ class Ledger:
             )
             self.conn.execute("UPDATE studies SET state = 'done' WHERE study_uid = ?",
                               (study_uid,))
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
         return len(instances)
 
     def finish(self, **meta: Any) -> None:

@@ -1,0 +1,469 @@
+"""What a ledger row holds: a PACS node's instance normalised and digested.
+
+A row means the same thing whichever node it came from, because everything that depends on
+the encoding is normalised away before hashing:
+
+- group 0002, group lengths, pixel data and its encapsulation helpers, PlanarConfiguration
+  and trailing padding are dropped;
+- text is decoded with the instance's own character set (a charset conversion that keeps
+  the text is equal), trailing padding is stripped, DS/IS become numbers;
+- private elements are compared as their little-endian value bytes, so an element that is
+  `UN` after a change to implicit VR equals its explicit-VR original;
+- `pixel_digest` hashes the *decoded* pixels (dtype, shape, values), so a lossless change of
+  transfer syntax is equal; when a syntax cannot be decoded here the raw PixelData bytes are
+  hashed instead and `pixel_mode` says `raw`;
+- colour pixels are decoded to RGB (pydicom converts YBR_FULL, YBR_FULL_422, ... when it
+  decodes), so PhotometricInterpretation of a colour image is recorded as `RGB` whichever
+  colour model it was stored in: a JPEG decoded on retrieval (YBR_FULL_422 -> RGB, PS3.5
+  8.2.1) has the same row as its original.
+
+Patient identity (PatientID, IssuerOfPatientID, PatientName, PatientBirthDate, PatientSex),
+SOPInstanceUID and SpecificCharacterSet are columns of their own and are left out of
+`attrs_digest`, so migration rules on them (prefix, issuer added, charset conversion) are
+checked in SQL, and an instance stored again under a new SOP Instance UID has the same
+(`attrs_digest`, `pixel_digest`) as the original: that is how duplicates are found.
+
+`keys_digest` covers KEY_ATTRS only: the attributes every kind of node answers in C-FIND
+(and QIDO). It is what two ledgers are compared on where an instance was not retrieved on
+both sides (depth `attributes`, or outside the sample).
+
+The SQLite file these rows go into is harness/migration/ledger.py; this module is only about
+the DICOM side (PS3.5 encodings, PS3.3 attributes), so it can be tested without a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_sequence
+from pydicom.filewriter import write_data_element
+from pydicom.multival import MultiValue
+
+#: Patient identity: a column each in `instances`, not part of attrs_digest.
+IDENTITY_COLUMNS: dict[str, str] = {
+    "PatientID": "patient_id",
+    "IssuerOfPatientID": "issuer",
+    "PatientName": "patient_name",
+    "PatientBirthDate": "birth_date",
+    "PatientSex": "sex",
+}
+#: Attributes kept out of attrs_digest (they are columns, or the join key itself).
+NOT_DIGESTED = frozenset({*IDENTITY_COLUMNS, "SOPInstanceUID", "SpecificCharacterSet"})
+#: Compared where an instance was not retrieved on both sides: what C-FIND always answers.
+KEY_ATTRS: tuple[str, ...] = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "InstanceNumber",
+)
+STUDY_QUERY_KEYS: tuple[str, ...] = (
+    *IDENTITY_COLUMNS,
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)
+SERIES_QUERY_KEYS: tuple[str, ...] = (
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+)
+IMAGE_QUERY_KEYS: tuple[str, ...] = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")
+
+#: Which entity an attribute describes; used to roll findings up (reconcile.py).
+PATIENT_ATTRS = frozenset(
+    {
+        *IDENTITY_COLUMNS,
+        "OtherPatientIDs",
+        "OtherPatientIDsSequence",
+        "OtherPatientNames",
+        "PatientBirthTime",
+        "PatientBirthName",
+        "PatientMotherBirthName",
+        "EthnicGroup",
+        "PatientComments",
+        "IssuerOfPatientIDQualifiersSequence",
+        "TypeOfPatientID",
+        "ResponsiblePerson",
+        "PatientSpeciesDescription",
+    }
+)
+STUDY_ATTRS = frozenset(
+    {
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "IssuerOfAccessionNumberSequence",
+        "StudyID",
+        "StudyDescription",
+        "ReferringPhysicianName",
+        "ProcedureCodeSequence",
+        "NameOfPhysiciansReadingStudy",
+        "PatientAge",
+        "PatientSize",
+        "PatientWeight",
+        "AdmittingDiagnosesDescription",
+        "RequestAttributesSequence",
+    }
+)
+SERIES_ATTRS = frozenset(
+    {
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "SeriesDate",
+        "SeriesTime",
+        "BodyPartExamined",
+        "Laterality",
+        "ProtocolName",
+        "PatientPosition",
+        "FrameOfReferenceUID",
+        "Manufacturer",
+        "ManufacturerModelName",
+        "InstitutionName",
+        "StationName",
+        "DeviceSerialNumber",
+        "SoftwareVersions",
+        "OperatorsName",
+        "PerformingPhysicianName",
+    }
+)
+
+# Elements whose presence or value depends on the encoding, never on the content.
+_DROPPED_TAGS = frozenset(
+    {
+        0x00280006,  # PlanarConfiguration: how a codec lays out samples
+        0x7FE00001,  # ExtendedOffsetTable
+        0x7FE00002,  # ExtendedOffsetTableLengths
+        0x7FE00003,  # EncapsulatedPixelDataValueTotalLength
+        0x7FE00008,  # FloatPixelData (hashed as pixels)
+        0x7FE00009,  # DoubleFloatPixelData (hashed as pixels)
+        0x7FE00010,  # PixelData (hashed as pixels)
+        0xFFFCFFFC,  # DataSetTrailingPadding
+    }
+)
+#: Colour models whose pixels pydicom decodes to RGB (PS3.3 C.7.6.3.1.2): stored as "RGB".
+_COLOUR_MODELS = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420",
+                            "YBR_PARTIAL_422", "YBR_ICT", "YBR_RCT"})
+_PHOTOMETRIC = 0x00280004
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+                       "UI", "UR", "UT"})
+_INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV"})
+_FLOAT_VRS = frozenset({"FL", "FD"})
+_SCALAR_VRS = _TEXT_VRS | _INT_VRS | _FLOAT_VRS | {"IS", "DS", "AT"}
+_INLINE_BYTES = 64  # longer binary values are stored as a digest in attrs_json
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: the value is a sequence
+
+
+def digest(data: bytes) -> str:
+    """The one hash used everywhere in a ledger (BLAKE2b, 128 bits, hex)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    return digest(json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                  .encode())
+
+
+def attr_name(tag: int) -> str:
+    """The attrs_json key of a tag: its keyword, or GGGGEEEE for private and unknown tags."""
+    keyword = "" if (tag >> 16) % 2 else keyword_for_tag(tag)
+    return keyword or f"{tag:08X}"
+
+
+# ---------------------------------------------------------------------------------------
+# normalisation
+
+
+def _decode_strict(raw: bytes, encodings: list[str]) -> str | None:
+    """Text when `raw` is valid in the charset, else None (pydicom would substitute)."""
+    try:
+        return raw.decode(encodings[0])
+    except (UnicodeDecodeError, LookupError):
+        if b"\x1b" not in raw or len(encodings) < 2:
+            return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            text = decode_bytes(raw, encodings, set())  # ISO 2022 escape sequences
+        except (UnicodeError, LookupError, ValueError):
+            return None
+    return None if "\ufffd" in text else text
+
+
+def _bytes_repr(raw: bytes, encodings: list[str]) -> Any:
+    """A private or UN value: a nested sequence, text, or the bytes themselves."""
+    if raw[:4] == _ITEM_TAG:
+        try:
+            items = read_sequence(BytesIO(raw), True, True, len(raw), encodings)
+            return [normalise(item, encodings) for item in items]
+        except Exception:  # noqa: BLE001 - not a sequence after all: compare the bytes
+            pass
+    raw = raw.rstrip(b"\x00 ")
+    if not raw:
+        return None
+    text = _decode_strict(raw, encodings)
+    if text is not None and text.isprintable():
+        return text
+    return _binary_repr(raw)
+
+
+def _binary_repr(raw: bytes) -> str | None:
+    if not raw:
+        return None
+    if len(raw) <= _INLINE_BYTES:
+        return "hex:" + raw.hex()
+    return f"blake2b:{digest(raw)}:{len(raw)}"
+
+
+def _private_bytes(elem: DataElement, encodings: list[str]) -> bytes:
+    """The little-endian value bytes of an element, as implicit VR would write them."""
+    if isinstance(elem.value, bytes | bytearray):
+        return bytes(elem.value)
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = True
+    write_data_element(fp, elem, encodings)
+    return fp.getvalue()[8:]
+
+
+def _scalar(vr: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if vr in _INT_VRS:
+        return int(value)
+    if vr in _FLOAT_VRS:
+        number = float(value)
+        return number if math.isfinite(number) else str(number)
+    if vr == "IS":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return str(value).strip() or None
+    if vr == "DS":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return str(value).strip() or None
+        return number if math.isfinite(number) else str(number)
+    if vr == "AT":
+        return f"{int(value):08X}"
+    text = str(value).rstrip(" \x00")
+    if vr not in ("LT", "ST", "UT"):
+        text = text.lstrip(" ")
+    return text or None
+
+
+def element_value(elem: DataElement, encodings: list[str]) -> Any:
+    """One element's value in encoding-independent form (JSON-ready)."""
+    vr = elem.VR
+    if vr == "SQ":
+        return [normalise(item, encodings) for item in elem.value]
+    if elem.tag.is_private or vr == "UN":
+        if vr == "SQ":
+            return [normalise(item, encodings) for item in elem.value]
+        return _bytes_repr(_private_bytes(elem, encodings), encodings)
+    value = elem.value
+    if isinstance(value, bytes | bytearray):
+        return _binary_repr(bytes(value))
+    if vr not in _SCALAR_VRS:
+        vr = "LO"
+    if isinstance(value, MultiValue | list | tuple):
+        return [_scalar(vr, v) for v in value] or None
+    return _scalar(vr, value)
+
+
+def dataset_encodings(ds: Dataset, inherited: list[str] | None = None) -> list[str]:
+    charset = ds.get("SpecificCharacterSet")
+    if charset is None:
+        return inherited or ["iso8859"]
+    try:
+        return convert_encodings(charset)
+    except (LookupError, ValueError):
+        return inherited or ["iso8859"]
+
+
+def normalise(ds: Dataset, inherited: list[str] | None = None) -> dict[str, Any]:
+    """Every attribute of `ds` (recursively) in encoding-independent form, by attr_name."""
+    encodings = dataset_encodings(ds, inherited)
+    out: dict[str, Any] = {}
+    for tag in ds.keys():
+        if tag.group == 0x0002 or tag.element == 0 or tag in _DROPPED_TAGS:
+            continue
+        try:
+            elem = ds[tag]
+            value = element_value(elem, encodings)
+        except Exception:  # noqa: BLE001 - an unreadable value is still a value to compare
+            raw = ds.get_item(tag)
+            value = _bytes_repr(bytes(getattr(raw, "value", b"") or b""), encodings)
+        if tag == _PHOTOMETRIC and value in _COLOUR_MODELS:
+            value = "RGB"  # pixels are compared decoded to RGB (see pixel_digest)
+        out[attr_name(int(tag))] = value
+    return out
+
+
+def pixel_digest(ds: Dataset) -> tuple[str | None, str | None]:
+    """(digest, mode) of the decoded pixels; mode `raw` when they could not be decoded here."""
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            break
+    else:
+        return None, None
+    if keyword == "PixelData":
+        try:
+            arr = ds.pixel_array
+            head = f"{arr.dtype.str}:{arr.shape}:".encode()
+            return digest(head + arr.tobytes()), "decoded"
+        except Exception:  # noqa: BLE001 - an undecodable syntax is recorded, never fatal
+            pass
+    raw = ds[keyword].value
+    return digest(bytes(raw or b"")), "raw"
+
+
+def text_value(value: Any) -> str:
+    """A normalised value as the text of a ledger column (multi-values joined by \\)."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "\\".join("" if v is None else str(v) for v in value)
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------
+# rows
+
+
+@dataclass
+class StudyRow:
+    study_uid: str
+    patient_id: str = ""
+    issuer: str = ""
+    patient_name: str = ""
+    birth_date: str = ""
+    sex: str = ""
+    keys: dict[str, Any] = field(default_factory=dict)  # normalised STUDY_QUERY_KEYS
+    reported_series: int | None = None
+    reported_instances: int | None = None
+    retrieve: bool = False  # retrieved fully (depth full, or in the sample)
+
+
+@dataclass
+class SeriesRow:
+    series_uid: str
+    study_uid: str
+    modality: str = ""
+    series_number: str = ""
+    description: str = ""
+
+
+@dataclass
+class InstanceRow:
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    issuer: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    sop_class: str
+    transfer_syntax: str | None
+    charset: str | None
+    keys_digest: str
+    attrs_digest: str | None
+    pixel_digest: str | None
+    pixel_mode: str | None
+    retrieved: int
+    attrs_json: str
+    retrieval_error: str | None = None  # listed, but retrieving it failed: why
+
+
+    def values(self) -> tuple:
+        return tuple(getattr(self, c) for c in INSTANCE_COLUMNS)
+
+
+INSTANCE_COLUMNS: tuple[str, ...] = (
+    "sop_uid", "series_uid", "study_uid", "patient_id", "issuer", "patient_name",
+    "birth_date", "sex", "sop_class", "transfer_syntax", "charset", "keys_digest",
+    "attrs_digest", "pixel_digest", "pixel_mode", "retrieved", "retrieval_error",
+)
+
+
+def keys_digest(attrs: dict[str, Any]) -> str:
+    return json_digest({k: attrs.get(k) for k in KEY_ATTRS})
+
+
+def row_from_dataset(ds: Dataset, transfer_syntax: str | None = None) -> InstanceRow:
+    """The ledger row of a retrieved instance (depth full)."""
+    attrs = normalise(ds)
+    pixels, mode = pixel_digest(ds)
+    if transfer_syntax is None:
+        meta = getattr(ds, "file_meta", None)
+        transfer_syntax = str(meta.TransferSyntaxUID) if meta and "TransferSyntaxUID" in meta \
+            else None
+    digested = {k: v for k, v in attrs.items() if k not in NOT_DIGESTED}
+    return InstanceRow(
+        sop_uid=text_value(attrs.get("SOPInstanceUID")),
+        series_uid=text_value(attrs.get("SeriesInstanceUID")),
+        study_uid=text_value(attrs.get("StudyInstanceUID")),
+        **{col: text_value(attrs.get(kw)) for kw, col in IDENTITY_COLUMNS.items()},
+        sop_class=text_value(attrs.get("SOPClassUID")),
+        transfer_syntax=transfer_syntax,
+        charset=text_value(attrs.get("SpecificCharacterSet")),
+        keys_digest=keys_digest(attrs),
+        attrs_digest=json_digest(digested),
+        pixel_digest=pixels,
+        pixel_mode=mode,
+        retrieved=1,
+        attrs_json=json.dumps(attrs, sort_keys=True, ensure_ascii=False),
+    )
+
+
+def row_from_keys(attrs: dict[str, Any]) -> InstanceRow:
+    """The ledger row of an instance known from C-FIND or QIDO only (depth attributes).
+
+    `attrs` holds the normalised study, series and image keys merged for this instance.
+    """
+    return InstanceRow(
+        sop_uid=text_value(attrs.get("SOPInstanceUID")),
+        series_uid=text_value(attrs.get("SeriesInstanceUID")),
+        study_uid=text_value(attrs.get("StudyInstanceUID")),
+        **{col: text_value(attrs.get(kw)) for kw, col in IDENTITY_COLUMNS.items()},
+        sop_class=text_value(attrs.get("SOPClassUID")),
+        transfer_syntax=None,
+        charset=None,
+        keys_digest=keys_digest(attrs),
+        attrs_digest=None,
+        pixel_digest=None,
+        pixel_mode=None,
+        retrieved=0,
+        attrs_json=json.dumps(attrs, sort_keys=True, ensure_ascii=False),
+    )
+
+
