@@ -63,12 +63,3 @@ def test_choice_names_match_their_implementations() -> None:
     assert tuple(SYNTAXES) == names.SYNTAX_NAMES
     assert CHARSET_NAMES == names.CHARSET_NAMES
 
-
-def test_readme_lists_every_command() -> None:
-    """The README's command table is what a newcomer reads first: it names every command."""
-    from pathlib import Path
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    missing = [name for name in COMMANDS
-               if f"`pacs-harness {name} " not in readme and f"`pacs-harness {name}`" not in readme]
-    assert missing == []
