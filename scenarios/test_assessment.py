@@ -2,7 +2,7 @@
 
 Each node is inventoried through its query services and the result is held against a count
 made without them (Orthanc's REST statistics, the embedded PACS's SQLite index, the files in
-dcmqrscp's storage area: scenarios.helpers.independent_count): studies the PACS stores but
+dcmqrscp's storage area: `Node.held_statistics`): studies the PACS stores but
 does not answer for are studies a migration would silently leave behind. A mismatch found
 twice in a row is a finding (a first one alone is recorded); a node with no independent
 means is inventoried and the comparison skipped. The identity report lists colliding
@@ -20,7 +20,6 @@ from harness.migration.identity import identity_report
 from harness.migration.inventory import crawl
 from harness.migration.rules import load_rules
 from harness.report.identities import for_report
-from scenarios.helpers import count_findings, independent_count
 from synthetic_data import GeneratorOptions, generate
 
 pytestmark = [pytest.mark.phase("planning"), pytest.mark.scenario("assessment")]
@@ -36,15 +35,15 @@ def test_inventory_matches_what_the_node_holds(pacs_node, pacs_node_name, pacs_t
         )))
         assert node.dimse().store(archive, associations=2).ok
     ledger = tmp_path / f"{pacs_node_name}.ledger.sqlite"
-    held = independent_count(node)
+    held = node.held_statistics()
     answered = crawl(node, ledger).counts
-    findings = [] if held is None else count_findings(pacs_node_name, held, answered)
+    findings = [] if held is None else held.disagreements(pacs_node_name, answered)
     first_reading = None
     if findings:  # one disagreeing reading is no finding yet (a live archive, a lost answer)
         first_reading = {"held": held.as_dict(), "answered": answered, "findings": findings}
-        held = independent_count(node)
+        held = node.held_statistics()
         answered = crawl(node, tmp_path / f"{pacs_node_name}.again.sqlite").counts
-        findings = count_findings(pacs_node_name, held, answered)
+        findings = held.disagreements(pacs_node_name, answered)
     rules = load_rules(pacs_topology.settings.get("migration", {}).get("rules"))
     identities = identity_report(ledger, rules)
     pacs_metrics[f"inventory.{pacs_node_name}"] = {

@@ -10,7 +10,6 @@ from harness.config import parse_topology
 from harness.fixtures import pacs_cluster_factory
 from harness.migration.inventory import crawl
 from harness.nodes import make_node
-from scenarios.helpers import count_findings, independent_count
 from synthetic_data.samples import sample_study
 
 STUDIES, PER_STUDY = 3, 2
@@ -38,11 +37,11 @@ def cluster(launched):
 @pytest.mark.parametrize("name", ["legacy", "central", "pocket"])
 def test_count_agrees_with_the_query_service_on_a_sound_node(cluster, name, tmp_path):
     node = cluster.node(name)
-    held = independent_count(node)
+    held = node.held_statistics()
     assert held is not None and held.unreadable == []
     assert (held.statistics.studies, held.statistics.instances) == (STUDIES, STUDIES * PER_STUDY)
     answered = crawl(node, tmp_path / "ledger.sqlite").counts
-    assert count_findings(name, held, answered) == []
+    assert held.disagreements(name, answered) == []
 
 
 def test_file_lost_from_dcmqrscp_storage_is_a_finding(cluster, tmp_path):
@@ -53,13 +52,13 @@ def test_file_lost_from_dcmqrscp_storage_is_a_finding(cluster, tmp_path):
     victim.unlink()  # gone from disk; index.dat still lists it
     junk.write_bytes(b"not dicom")
     try:
-        held = independent_count(node)
+        held = node.held_statistics()
         answered = crawl(node, tmp_path / "ledger.sqlite", via="dimse").counts
     finally:  # the node as it was, for the other tests
         victim.write_bytes(kept)
         junk.unlink()
     assert answered["instances"] == STUDIES * PER_STUDY  # C-FIND still answers for it
-    findings = count_findings("legacy", held, answered)
+    findings = held.disagreements("legacy", answered)
     assert findings[0].startswith(
         f"instances: legacy holds {STUDIES * PER_STUDY - 1} (files of dcmqrscp's storage area"
     )
@@ -75,4 +74,4 @@ def test_a_node_without_an_independent_means_is_not_counted(cluster):
         "  site: {kind: external, ae_title: LEGACY, host: 127.0.0.1, "
         f"dicom_port: {cluster.node('legacy').dicom_port}}}\n"
     )
-    assert independent_count(make_node(topology.node("site"), None)) is None
+    assert make_node(topology.node("site"), None).held_statistics() is None

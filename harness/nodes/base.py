@@ -60,6 +60,18 @@ class HeldStatistics:
     def as_dict(self) -> dict[str, Any]:
         return {**self.statistics.as_dict(), "means": self.means, "unreadable": self.unreadable}
 
+    def disagreements(self, name: str, answered: dict[str, int]) -> list[str]:
+        """One line per level where this count and the query service's answers (`answered`:
+        studies, series, instances) differ, and one per stored file that could not be read:
+        what the assessment reports before anything is migrated."""
+        findings = [
+            f"{level}: {name} holds {getattr(self.statistics, level)} ({self.means}) "
+            f"but its query service answers for {answered[level]}"
+            for level in ("studies", "series", "instances")
+            if getattr(self.statistics, level) != answered[level]
+        ]
+        return findings + [f"{name}: unreadable stored file {entry}" for entry in self.unreadable]
+
 
 class Node:
     """Base class: an addressable PACS with protocol clients and lifecycle chores.
