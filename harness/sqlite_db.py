@@ -71,6 +71,12 @@ def connect(
     return conn
 
 
+def readonly_uri(path: str | os.PathLike[str]) -> str:
+    """A read-only SQLite URI for `path` (for connect or ATTACH); `as_uri` escapes '?', '#'
+    and '%', which a plain ``file:{path}?mode=ro`` would take as URI syntax."""
+    return Path(path).absolute().as_uri() + "?mode=ro"
+
+
 def connect_readonly(
     path: str | os.PathLike[str],
     *,
@@ -81,7 +87,7 @@ def connect_readonly(
     even its journal mode: for reading a file another run wrote (a ledger being compared),
     which must stay as it was. Fails with sqlite3.OperationalError when the file is missing
     (read-only never creates one)."""
-    uri = Path(path).absolute().as_uri() + "?mode=ro"  # as_uri escapes '?', '#' and '%'
+    uri = readonly_uri(path)
     conn = sqlite3.connect(
         uri,
         uri=True,

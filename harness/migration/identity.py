@@ -107,7 +107,7 @@ def merged_patients(
     """Target patients holding studies of more than one source patient (a wrong merge)."""
     conn = sqlite_db.connect_readonly(source_ledger)
     try:
-        conn.execute("ATTACH DATABASE ? AS target", (f"file:{target_ledger}?mode=ro",))
+        conn.execute("ATTACH DATABASE ? AS target", (sqlite_db.readonly_uri(target_ledger),))
         rows = conn.execute(
             """
             SELECT t.patient_id, t.issuer, s.patient_id, s.issuer, COUNT(*)

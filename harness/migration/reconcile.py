@@ -30,6 +30,7 @@ from harness.migration.findings import FINDING_TYPES, Finding, Findings
 from harness.migration.normalise import IDENTITY_COLUMNS
 from harness.migration.rollups import Rollups
 from harness.migration.rules import Rules, load_rules
+from harness.sqlite_db import readonly_uri
 
 # ---------------------------------------------------------------------------------------
 # sampling confidence
@@ -248,7 +249,7 @@ def _attach_ro(source: Path, target: Path) -> sqlite3.Connection:
         if not path.is_file():
             conn.close()
             raise ConfigError(f"{path}: no such ledger file")
-        conn.execute(f"ATTACH DATABASE ? AS {alias}", (f"file:{path.absolute()}?mode=ro",))
+        conn.execute(f"ATTACH DATABASE ? AS {alias}", (readonly_uri(path),))
         try:
             meta = dict(conn.execute(f"SELECT key, value FROM {alias}.meta"))
         except sqlite3.DatabaseError:
