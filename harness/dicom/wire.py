@@ -336,19 +336,9 @@ class WireAssociation:
         pending status (PS3.4 B.2.3); pending ones are passed over, up to max_pending."""
         operation = self.operation or self._begin("C-STORE-RSP")
         while True:
-            _, elements, _ = self._read_message(LARGEST_IDENTIFIER)
-            field = command_us(elements, 0x00000100)
-            if field != 0x8001:
-                self._fail(f"unexpected DIMSE command 0x{field:04X} instead of a C-STORE-RSP")
-            answered = command_us(elements, 0x00000120)
-            if answered != self._message_id:
-                self._fail(
-                    f"C-STORE-RSP to message {answered}, the request was message "
-                    f"{self._message_id}"
-                )
-            if 0x00000900 not in elements:
-                self._fail("C-STORE-RSP without a status")
-            status = command_us(elements, 0x00000900)
+            elements, _, status = self._read_response(
+                0x8001, "C-STORE-RSP", "instead of a C-STORE-RSP"
+            )
             if status not in (0xFF00, 0xFF01):
                 self.operation = None
                 return StoreAnswer(status, command_uid(elements, 0x00000902))
@@ -489,6 +479,24 @@ class WireAssociation:
             else:
                 self._fail(f"unexpected DIMSE command 0x{field:04X} during C-GET")
 
+    def _read_response(
+        self, command_field: int, name: str, where: str
+    ) -> tuple[dict[int, bytes], bytes | None, int]:
+        """The next message, which must be the response `name` (Command Field
+        `command_field`, PS3.7 E.1) to the request just sent, with a status: its command
+        elements, data set and status. Anything else aborts with PeerFault saying what
+        (`where`: how the message names an unexpected command, e.g. "during C-FIND")."""
+        _, elements, data = self._read_message(LARGEST_IDENTIFIER)
+        field = command_us(elements, 0x00000100)
+        if field != command_field:
+            self._fail(f"unexpected DIMSE command 0x{field:04X} {where}")
+        answered = command_us(elements, 0x00000120)
+        if answered != self._message_id:
+            self._fail(f"{name} to message {answered}, the request was message {self._message_id}")
+        if 0x00000900 not in elements:
+            self._fail(f"{name} without a status")
+        return elements, data, command_us(elements, 0x00000900)
+
     # -- C-FIND ---------------------------------------------------------------------------------
     def find(
         self,
@@ -521,19 +529,7 @@ class WireAssociation:
             operation.hard_message = not_finished()
             if operation.hard_at is not None and time.monotonic() > operation.hard_at:
                 self._fail(not_finished())
-            _, elements, data = self._read_message(LARGEST_IDENTIFIER)
-            field = command_us(elements, 0x00000100)
-            if field != 0x8020:
-                self._fail(f"unexpected DIMSE command 0x{field:04X} during C-FIND")
-            answered = command_us(elements, 0x00000120)
-            if answered != self._message_id:
-                self._fail(
-                    f"C-FIND-RSP to message {answered}, the request was message "
-                    f"{self._message_id}"
-                )
-            if 0x00000900 not in elements:
-                self._fail("C-FIND-RSP without a status")
-            status = command_us(elements, 0x00000900)
+            elements, data, status = self._read_response(0x8020, "C-FIND-RSP", "during C-FIND")
             if status not in (0xFF00, 0xFF01):  # PS3.4 C.4.1.1.4: anything else is final
                 self.operation = None
                 return FindAnswer(status, command_uid(elements, 0x00000902), matches)
