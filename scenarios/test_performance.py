@@ -102,6 +102,7 @@ def test_sla_clause(clause_id, contract, workloads, evidence_log, pacs_metrics):
         }
     pacs_metrics[f"load.{clause.workload}.totals"] = results["totals"]
     pacs_metrics[f"load.{clause.workload}.harness"] = results["harness"]
+    pacs_metrics[f"load.{clause.workload}.timeline"] = results["timeline"]
     for warning in results["warnings"]:
         print(f"warning: {warning}")
     assert verdict.verdict == "pass", verdict.message

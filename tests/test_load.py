@@ -69,6 +69,13 @@ groups:
     assert 4 <= ops["find-study"]["count"] + ops["find-study"]["dropped"] <= 21  # 5/s for ~4 s
     assert results["move_received"] >= ops["move"]["instances"] > 0
     assert results["timeline"] and results["harness"]["cpu_cores"] > 0
+    seconds = [row for row in results["timeline"] if "latency_ms" in row]
+    assert seconds, "no second of the run has latencies"
+    for row in seconds:
+        latency = row["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p95"] <= latency["max"], row
+    slowest = max(op["latency_ms"]["max"] for op in ops.values())
+    assert max(row["latency_ms"]["max"] for row in seconds) <= slowest + 1  # same operations
     assert results["node"]["name"] == "t" and results["harness_version"]
     assert snapshots and "p95_ms" in snapshots[-1]
 

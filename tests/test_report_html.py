@@ -439,7 +439,12 @@ def _every_scenario_report(hostile: str) -> dict:
                                 "instances_per_s": 0.0, "mb_per_s": 0.0,
                                 "bounded_by": "duration"},
             "load.mix.harness": {"cpu_cores": 0.7, "cpu_s_total": 9.2, "saturated": False,
-                                 "cpu_count": 2}}),
+                                 "cpu_count": 2},
+            "load.mix.timeline": [
+                {"t_s": s, "operations": 4, "errors": 0, "instances": 0, "mb": 0.0,
+                 "latency_ms": {"p50": 900.0 + 10 * s, "p95": 1800.0 + 70 * s,
+                                "max": 2100.0 + 90 * s}}
+                for s in range(10)]}),
         "custom": (None, {"missing_on_target": 3, f"remark{hostile}": description}),
     }
     failing = {"migration", "failover", "performance"}
@@ -530,6 +535,9 @@ def test_every_scenario_has_its_purpose_built_section(every_scenario_page):
     # performance: the clause, and its threshold as a line on the percentile chart
     assert "find-study-p99 failed 2.5 s <= 2 s find-study mix" in visible
     assert 'class="limit"' in page and "find-study-p99: &lt;= 2 s" in page
+    # ... and each second of the run (p50, p95, slowest) against the same threshold
+    assert "Workload mix: latency per second of the run against the contract" in visible
+    assert "load.mix.timeline" not in visible.split("raw metrics")[0]
     # ingest: the matrix cell of an altered object
     assert ('<td class="o-altered" title="legacy: Explicit VR Little Endian">1 kept, 1 altered'
             in page)

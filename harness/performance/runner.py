@@ -302,7 +302,8 @@ class LoadRun:
             return
         self.stats[group.name].record(end - scheduled, outcome.ok, outcome.status,
                                       outcome.instances, outcome.nbytes)
-        self.timeline.add(int(end - self.t0), outcome.ok, outcome.instances, outcome.nbytes)
+        self.timeline.add(int(end - self.t0), outcome.ok, outcome.instances, outcome.nbytes,
+                          end - scheduled)
 
     def _count_unfinished(self) -> None:
         """Operations still running after the grace period are errors, with that reason."""

@@ -7,7 +7,9 @@ written into the evidence and merged or re-read later.
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import threading
 from collections import Counter
 from pathlib import Path
@@ -83,27 +85,69 @@ class OperationStats:
 
 
 class Timeline:
-    """Per-second buckets of completed work (instances, bytes, operations, errors)."""
+    """Per-second buckets of completed work (operations, errors, instances, bytes) and of
+    latency (p50, p95, max of the operations that ended in that second).
 
-    def __init__(self) -> None:
+    Why a sample and not a histogram per second: a run may last an hour, and a histogram per
+    bucket would hold megabytes; at most SAMPLES_PER_SECOND latencies per second are kept
+    (reservoir sampling, Vitter's algorithm R), so memory is bounded however fast the PACS
+    answers, while the maximum is exact.
+    """
+
+    SAMPLES_PER_SECOND = 256
+
+    def __init__(self, seed: int = 0) -> None:
         self.buckets: dict[int, list[int]] = {}
+        self.latencies: dict[int, list[float]] = {}  # second -> sampled latencies (s)
+        self.seen: dict[int, int] = {}  # second -> operations offered to the sample
+        self.slowest: dict[int, float] = {}
+        self.random = random.Random(seed)
         self.lock = threading.Lock()
 
-    def add(self, second: int, ok: bool, instances: int, nbytes: int) -> None:
+    def add(self, second: int, ok: bool, instances: int, nbytes: int,
+            latency_s: float | None = None) -> None:
         with self.lock:
             b = self.buckets.setdefault(second, [0, 0, 0, 0])
             b[0] += 1
             b[1] += 0 if ok else 1
             b[2] += instances if ok else 0
             b[3] += nbytes if ok else 0
+            if latency_s is not None and ok:
+                self._sample(second, latency_s)
+
+    def _sample(self, second: int, latency_s: float) -> None:
+        seen = self.seen.get(second, 0) + 1
+        self.seen[second] = seen
+        self.slowest[second] = max(self.slowest.get(second, 0.0), latency_s)
+        sample = self.latencies.setdefault(second, [])
+        if len(sample) < self.SAMPLES_PER_SECOND:
+            sample.append(latency_s)
+        else:
+            slot = self.random.randrange(seen)
+            if slot < self.SAMPLES_PER_SECOND:
+                sample[slot] = latency_s
 
     def as_list(self) -> list[dict[str, Any]]:
         with self.lock:
-            return [
-                {"t_s": s, "operations": b[0], "errors": b[1], "instances": b[2],
-                 "mb": round(b[3] / 1e6, 3)}
-                for s, b in sorted(self.buckets.items())
-            ]
+            rows = []
+            for s, b in sorted(self.buckets.items()):
+                row: dict[str, Any] = {"t_s": s, "operations": b[0], "errors": b[1],
+                                       "instances": b[2], "mb": round(b[3] / 1e6, 3)}
+                sample = sorted(self.latencies.get(s, ()))
+                if sample:
+                    row["latency_ms"] = {
+                        "p50": round(1000 * _nearest_rank(sample, 50), 3),
+                        "p95": round(1000 * _nearest_rank(sample, 95), 3),
+                        "max": round(1000 * self.slowest[s], 3),
+                    }
+                rows.append(row)
+            return rows
+
+
+def _nearest_rank(ordered: list[float], percentile: float) -> float:
+    """The nearest-rank percentile of an ascending list (not empty)."""
+    rank = max(1, math.ceil(percentile / 100 * len(ordered)))
+    return ordered[rank - 1]
 
 
 def process_cpu_s(pid: int) -> float | None:

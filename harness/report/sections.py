@@ -261,6 +261,8 @@ def performance(metrics: dict[str, Any], scenario: dict[str, Any]) -> Built:
                isinstance(v, dict)}
     loads = {k[5:]: v for k, v in metrics.items() if k.startswith("load.") and
              isinstance(v, dict) and k.count(".") >= 2}
+    timelines = {k[5:-len(".timeline")]: v for k, v in metrics.items()
+                 if k.startswith("load.") and k.endswith(".timeline") and isinstance(v, list)}
     if not clauses and not loads:
         return [], set()
     pairs = _clause_operations(scenario)
@@ -302,9 +304,14 @@ def performance(metrics: dict[str, Any], scenario: dict[str, Any]) -> Built:
             {k: v for k, v in series.items() if v},
             f"Workload {workload}: latency by percentile against the contract", "percentile",
             "ms", limits=shown)))
+        over_time = _latency_over_time(timelines.get(workload) or [])
+        if over_time:
+            blocks.append(chart(line_chart(
+                over_time, f"Workload {workload}: latency per second of the run against the "
+                "contract", "seconds", "ms", limits=shown)))
         above = [f"{name} ({fmt(ms)} ms)" for name, ms in limits if (name, ms) not in shown]
-        blocks.append(text("Percentiles of the whole measured window; dashed lines are the "
-                           "contract's latency thresholds" + (
+        blocks.append(text("Percentiles of the whole measured window, then each second of "
+                           "the run; dashed lines are the contract's latency thresholds" + (
                                f"; far above the chart: {', '.join(above)}" if above else "")
                            + ".", "note"))
         blocks.append(table(
@@ -317,7 +324,21 @@ def performance(metrics: dict[str, Any], scenario: dict[str, Any]) -> Built:
                   for status, n in (o.get("errors_by_status") or {}).items()]
         if failed:
             blocks.append(table(["Operation", "Status", "Count"], failed))
-    return blocks, {f"sla.{k}" for k in clauses} | {f"load.{k}" for k in loads}
+    return blocks, ({f"sla.{k}" for k in clauses} | {f"load.{k}" for k in loads}
+                    | {f"load.{k}.timeline" for k in timelines})
+
+
+def _latency_over_time(timeline: list[Any]) -> dict[str, list[tuple[float, float]]]:
+    """p50, p95 and the slowest operation of each second of a load run (runner's timeline)."""
+    series: dict[str, list[tuple[float, float]]] = {"p50": [], "p95": [], "max": []}
+    for row in timeline:
+        latency = row.get("latency_ms") if isinstance(row, dict) else None
+        if not isinstance(latency, dict) or num(row.get("t_s")) is None:
+            continue
+        for name in series:
+            if num(latency.get(name)) is not None:
+                series[name].append((float(row["t_s"]), float(latency[name])))
+    return {name: points for name, points in series.items() if points}
 
 
 def _percentile(key: str) -> float | None:
