@@ -433,10 +433,7 @@ def _list_studies(ledger: Ledger, source: Any, depth: str, sample: int | None) -
     if depth == "full":
         uids = [uid for (uid,) in ledger.conn.execute("SELECT study_uid FROM studies")]
         chosen = sorted(uids, key=sample_rank)[:sample] if sample else uids
-        ledger.conn.execute("BEGIN")
-        ledger.conn.executemany("UPDATE studies SET retrieve = 1 WHERE study_uid = ?",
-                                [(uid,) for uid in chosen])
-        ledger.conn.execute("COMMIT")
+        ledger.mark_for_retrieval(chosen)
     ledger.set_meta(listing="complete")
 
 

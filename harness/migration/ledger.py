@@ -224,6 +224,12 @@ class Ledger:
         )
 
     # -- writing ----------------------------------------------------------------------
+    def mark_for_retrieval(self, study_uids: Iterable[str]) -> None:
+        """The studies a full-depth crawl retrieves (all, or the sample), in one transaction."""
+        with sqlite_db.transaction(self.conn):
+            self.conn.executemany("UPDATE studies SET retrieve = 1 WHERE study_uid = ?",
+                                  [(uid,) for uid in study_uids])
+
     def add_studies(self, rows: Iterable[StudyRow]) -> int:
         """Record listed studies (and their patients); returns how many are new."""
         before = self.conn.total_changes
