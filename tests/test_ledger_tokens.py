@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 
 from harness.errors import ConfigError
 from harness.migration import ledger as ledger_module
 from harness.migration.reconcile import reconcile
 from harness.migration.rules import parse_rules
-from synthetic_data import generate
-from tests.test_reconcile import OPTIONS, _prefixed, build, changed
+from tests.test_reconcile import _prefixed, build, changed, read_back_archive
 
 SQLITE = "/usr/bin/sqlite3"
 
@@ -27,12 +25,7 @@ SQLITE = "/usr/bin/sqlite3"
 @pytest.fixture(scope="module")
 def archive() -> list[Dataset]:
     """test_reconcile's synthetic archive, read back as a PACS would send it."""
-    files = []
-    for ds in generate(OPTIONS):
-        buffer = BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        files.append(dcmread(BytesIO(buffer.getvalue())))
-    return files
+    return read_back_archive()
 
 
 @pytest.fixture(autouse=True)

@@ -85,8 +85,7 @@ def test_count_bound_stops_the_run(orthanc):
         "duration_s: 600\nwarmup_s: 0\nmax_operations: 10\ndataset: {studies: 1, "
         "instances_per_study: 1, scale: tiny}\ngroups:\n  - {operation: c-echo, users: 2}\n")
     results = run_workload(workload, orthanc.node("t"))
-    # ended by the count, long before the duration (a logical bound, not the machine's speed)
-    assert results["measured_s"] < 600
+    # ended by the count, not by the 600 s duration: the run says which bound stopped it
     assert results["totals"]["operations"] == 10
     assert results["totals"]["bounded_by"] == "max_operations"
 

@@ -292,11 +292,9 @@ def test_external_command_timeout_kills_its_process_group(cluster, tmp_path):
         timeout_s=0.5,
         log_path=tmp_path / "tool.log",
     )
-    start = time.monotonic()
     result = tool.run()
     assert result.timed_out and result.exit_code is None and not result.ok
-    # it did not wait for the sleeps (a logical bound: they last 600 s) and killed both
-    assert time.monotonic() - start < 600
+    # it returned while the sleeps (600 s) still ran, and killed both: they are gone
     deadline = time.monotonic() + 60  # the killed processes' exit, awaited (bounded)
     while processes_mentioning(f"sleep {naptime}") and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -35,14 +35,19 @@ OPTIONS = GeneratorOptions(patients=2, studies_per_patient=2, modalities=["CT", 
                            scale="tiny", transfer_syntaxes=["explicit"])
 
 
-@pytest.fixture(scope="module")
-def archive() -> list[Dataset]:
+def read_back_archive() -> list[Dataset]:
+    """The synthetic archive of OPTIONS, each object written and read back as a PACS sends it."""
     files = []
     for ds in generate(OPTIONS):
         buffer = BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         files.append(dcmread(BytesIO(buffer.getvalue())))
     return files
+
+
+@pytest.fixture(scope="module")
+def archive() -> list[Dataset]:
+    return read_back_archive()
 
 
 def build(path: Path, datasets: list[Dataset], depth: str = "full") -> Path:

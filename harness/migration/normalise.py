@@ -60,8 +60,8 @@ IDENTITY_COLUMNS: dict[str, str] = {
 }
 #: Attributes kept out of attrs_digest (they are columns, or the join key itself).
 NOT_DIGESTED = frozenset({*IDENTITY_COLUMNS, "SOPInstanceUID", "SpecificCharacterSet"})
-#: Compared where an instance was not retrieved on both sides: what C-FIND always answers.
-KEY_ATTRS: tuple[str, ...] = (
+#: The study's own attributes every C-FIND at STUDY level answers (PS3.4 C.6.1.1.3).
+_STUDY_KEYS: tuple[str, ...] = (
     "StudyInstanceUID",
     "StudyDate",
     "StudyTime",
@@ -69,6 +69,10 @@ KEY_ATTRS: tuple[str, ...] = (
     "StudyID",
     "StudyDescription",
     "ReferringPhysicianName",
+)
+#: Compared where an instance was not retrieved on both sides: what C-FIND always answers.
+KEY_ATTRS: tuple[str, ...] = (
+    *_STUDY_KEYS,
     "SeriesInstanceUID",
     "Modality",
     "SeriesNumber",
@@ -76,13 +80,7 @@ KEY_ATTRS: tuple[str, ...] = (
 )
 STUDY_QUERY_KEYS: tuple[str, ...] = (
     *IDENTITY_COLUMNS,
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDescription",
-    "ReferringPhysicianName",
+    *_STUDY_KEYS,
     "NumberOfStudyRelatedSeries",
     "NumberOfStudyRelatedInstances",
 )
