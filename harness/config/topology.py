@@ -57,6 +57,12 @@ def kinds_with(predicate: Callable[[Capabilities], bool]) -> tuple[str, ...]:
     return catalog.kinds_with(predicate)
 
 
+def kind_names() -> tuple[str, ...]:
+    from harness.nodes import catalog
+
+    return catalog.kind_names()
+
+
 AE_TITLE_TEXT = "1-16 characters: letters, digits, space, _ - ."
 AE_TITLE_RE = re.compile(r"^[A-Za-z0-9_\-. ]{1,16}\Z")
 #: the topology name names the state folder and temporary folders: no path separators
@@ -217,14 +223,14 @@ EnvName = Annotated[str, BeforeValidator(_env_name)]
 def _kind(value: Any) -> str:
     """One of the kinds harness/nodes declares (asked at check time: a kind added as a
     module is known without touching this file)."""
-    kinds = kinds_with(lambda _caps: True)
+    kinds = kind_names()
     if not isinstance(value, str) or value not in kinds:
         raise fail(f"unknown kind {value!r} (allowed: {', '.join(kinds)})")
     return value
 
 
 def _index(value: Any) -> str:
-    kinds = kinds_with(lambda _caps: True)
+    kinds = kind_names()
     indexes = tuple(dict.fromkeys(
         ["sqlite", *(i for k in kinds for i in kind_capabilities(k).index_backends)]
     ))
