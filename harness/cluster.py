@@ -51,6 +51,30 @@ def handle_from_state(saved: dict | None) -> ProcessHandle | ContainerHandle | N
     return ProcessHandle(saved["pid"], saved["start_time"])
 
 
+def tls_state(node: Node) -> dict[str, str] | None:
+    """The paths of a launched node's generated TLS files (no key material) for state.json."""
+    if node.tls_material is None or node.harness_tls_material is None:
+        return None
+    own, harness = node.tls_material, node.harness_tls_material
+    return {
+        "certificate": str(own.certificate_file), "key": str(own.key_file),
+        "ca": str(own.ca_file), "harness_certificate": str(harness.certificate_file),
+        "harness_key": str(harness.key_file),
+    }
+
+
+def restore_tls(node: Node, saved: dict[str, str] | None) -> None:
+    if not saved:
+        return
+    from harness.security.certificates import TLSMaterial
+
+    ca = Path(saved["ca"])
+    node.tls_material = TLSMaterial(Path(saved["certificate"]), Path(saved["key"]), ca)
+    node.harness_tls_material = TLSMaterial(
+        Path(saved["harness_certificate"]), Path(saved["harness_key"]), ca
+    )
+
+
 class Cluster:
     """The nodes of one topology, launched by us or attached to from saved state."""
 
@@ -153,7 +177,11 @@ class Cluster:
                 "`pacs-harness run` or pytest, not `up`"
             )
         cluster.start_links()
-        peers = [Peer(n.name, n.ae_title, n.host, n.dicom_port) for n in nodes.values()]
+        cluster.issue_certificates()
+        peers = [
+            Peer(n.name, n.ae_title, n.host, n.dicom_port, tls=n.spec.tls is not None)
+            for n in nodes.values()
+        ]
         peers.append(cluster.harness_peer)
         try:
             for node in nodes.values():
@@ -174,6 +202,30 @@ class Cluster:
             cluster.stop()
             raise
         return cluster
+
+    def issue_certificates(self) -> None:
+        """A private CA for this run when a launched node declares `tls: {generate: true}`:
+        a certificate per TLS node (server and client: it also calls its peers) and one for
+        the harness (PS3.15 B.1). Files under the run's directory, keys 0600."""
+        wanting = [n for n in self.nodes.values() if n.spec.tls and n.spec.tls.generate]
+        if not wanting:
+            return
+        from harness.security.certificates import CertificateAuthority
+
+        assert self.root is not None
+        authority = CertificateAuthority.create(
+            self.root / "tls", f"pacs-harness CA {self.run_id}",
+            valid_days=max(n.spec.tls.valid_days for n in wanting) + 1,
+        )
+        harness = authority.issue("harness", HARNESS_AE_TITLE, valid_days=30)
+        for node in wanting:
+            tls = node.spec.tls
+            node.tls_material = authority.issue(
+                node.name, node.ae_title,
+                names=tls.certificate_names or (node.host, "localhost"),
+                valid_days=tls.valid_days,
+            )
+            node.harness_tls_material = harness
 
     # -- state for detached clusters --------------------------------------------------
     def save_state(self) -> None:
@@ -201,6 +253,7 @@ class Cluster:
                     "http_credentials": list(node.generated_credentials)
                     if node.generated_credentials
                     else None,
+                    "tls": tls_state(node),
                 }
                 for name, node in self.nodes.items()
             },
@@ -241,6 +294,7 @@ class Cluster:
             if saved.get("http_credentials"):
                 user, password = saved["http_credentials"]
                 node.generated_credentials = (user, password)
+            restore_tls(node, saved.get("tls"))
             node.sidecars = {
                 key: handle_from_state(value) for key, value in saved.get("sidecars", {}).items()
             }

@@ -34,6 +34,7 @@ from pydantic import BeforeValidator, Field, StrictBool, StrictStr, model_valida
 from harness.config.errors import Checker, ConfigModel, Text, choice, fail, validate
 from harness.config.faults import FaultSpec, parse_faults
 from harness.config.numbers import Number, NumberError, finite_number
+from harness.config.security import AuditModel, AuditSpec, TLSModel, TLSSpec, audit_field
 from harness.config.wan import MAX_LINK_MBIT, MAX_LINK_MS, WAN_PRESETS
 from harness.config.yaml import load_yaml, read_config_text
 from harness.errors import ConfigError
@@ -109,6 +110,8 @@ class NodeSpec:
     image: str | None = None
     index: str = "sqlite"
     orthanc_config: dict[str, Any] = field(default_factory=dict)
+    tls: TLSSpec | None = None  # DICOM over TLS (harness/config/security.py)
+    audit: AuditSpec | None = None  # where its ATNA audit messages reach the harness
     line: int = 0
 
     @property
@@ -304,6 +307,12 @@ class NodeModel(ConfigModel):
     orthanc_config: Annotated[dict[str, Any], BeforeValidator(_orthanc_config)] = Field(
         {}, description="a mapping merged into the generated orthanc.json (orthanc only)"
     )
+    tls: TLSModel | None = Field(
+        None, description="DICOM over TLS: {generate: true} or the site's files"
+    )
+    audit: Annotated[AuditModel | None, BeforeValidator(audit_field)] = Field(
+        None, description="true, or {port, transport}: its IHE ATNA audit messages"
+    )
     description: Text = ""
 
     @model_validator(mode="after")
@@ -333,7 +342,31 @@ class NodeModel(ConfigModel):
         if self.orthanc_config and "orthanc_config" not in caps.own_fields:
             having = kinds_with(lambda c: "orthanc_config" in c.own_fields)
             raise fail(f"orthanc_config is for {', '.join(having)} nodes only", "orthanc_config")
+        self._security_fits_kind(kind, caps)
         return self
+
+    def _security_fits_kind(self, kind: str, caps: Capabilities) -> None:
+        if self.tls is not None:
+            if caps.launched and not caps.tls:
+                having = kinds_with(lambda c: c.tls and c.launched)
+                raise fail(f"{kind} nodes cannot be launched with TLS (kinds that can: "
+                           f"{', '.join(having) or 'none'})", "tls")
+            if caps.launched and not self.tls.generate:
+                raise fail("a launched node takes tls: {generate: true} (the harness makes "
+                           "its certificates)", "tls")
+            if not caps.launched and self.tls.generate:
+                raise fail(f"an {kind} node has its own certificates: give ca (and "
+                           "certificate, key if it wants a client certificate)", "tls")
+            if not caps.launched and self.tls.ca is None:
+                raise fail(f"an {kind} node needs tls.ca to verify its certificate", "tls")
+        if self.audit is not None:
+            if caps.launched and not caps.audit_trail:
+                having = kinds_with(lambda c: c.audit_trail and c.launched)
+                raise fail(f"{kind} sends no audit messages (kinds that do: "
+                           f"{', '.join(having) or 'none'})", "audit")
+            if not caps.launched and self.audit.port is None:
+                raise fail(f"an {kind} node needs audit.port: where its syslog reaches the "
+                           "harness", "audit")
 
     @property
     def resolved_launch(self) -> str:
@@ -361,6 +394,8 @@ class NodeModel(ConfigModel):
             image=self.image,
             index=self.index or "sqlite",
             orthanc_config=dict(self.orthanc_config),
+            tls=self.tls.spec() if self.tls else None,
+            audit=self.audit.spec() if self.audit else None,
             line=line,
         )
 

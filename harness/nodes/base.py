@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 from harness.dicom.client import DimseClient
 from harness.dicom.dicomweb import DicomwebClient
 from harness.dicom.orthanc_rest import OrthancRest
-from harness.dicom.peer import HARNESS_AE_TITLE, DimseConnectionError
+from harness.dicom.peer import HARNESS_AE_TITLE, DimseConnectionError, TLSConfig
 from harness.errors import EnvironmentProblem, NotDisposableError, NotWritableError
 from harness.launch.docker import ContainerHandle
 from harness.launch.process import ProcessHandle, log_tail, spawn
 from harness.launch.tools import require_binary
 from harness.nodes import catalog
 from harness.nodes.capabilities import Capabilities
+from harness.security.certificates import TLSMaterial
 
 if TYPE_CHECKING:
     from harness.config import NodeSpec
@@ -36,6 +37,7 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    tls: bool = False  # it takes DICOM over TLS only (PS3.15 B.1): callers must speak TLS
 
 
 @dataclass
@@ -105,6 +107,11 @@ class Node:
         self.sidecars: dict[str, ProcessHandle] = {}  # e.g. PostgreSQL under an Orthanc
         # a login the harness generated for a node it launched (never printed nor logged)
         self.generated_credentials: tuple[str, str] | None = None
+        # a launched TLS node's certificate, key and the run's CA (harness/security/
+        # certificates.py), set by the cluster before `prepare`; used as server and as client
+        self.tls_material: TLSMaterial | None = None
+        # the harness's own certificate from the same CA, for its associations to this node
+        self.harness_tls_material: TLSMaterial | None = None
         self._popen = None
 
     def __repr__(self) -> str:
@@ -136,6 +143,7 @@ class Node:
             "http_port": self.http_port,
             "disposable": self.disposable,
             "writable": self.writable,
+            "tls": self.spec.tls is not None,
         }
 
     # -- protocol clients ----------------------------------------------------------------
@@ -148,7 +156,29 @@ class Node:
             calling_ae,
             timeout_s=timeout_s,
             max_store_associations=self.capabilities.store_associations,
+            tls=self.tls_client(),
         )
+
+    def tls_client(self) -> TLSConfig | None:
+        """How the harness speaks TLS to this node (None: plain TCP): the run's CA and the
+        harness's certificate for a launched node, the topology's files for an external
+        one; the server's certificate must name `tls.server_name` (default: the host)."""
+        tls = self.spec.tls
+        if tls is None:
+            return None
+        server_name = tls.server_name or self.host
+        if tls.generate:
+            material = self.harness_tls_material
+            if material is None:
+                raise EnvironmentProblem(
+                    f"node {self.name}: its TLS certificates were not generated (it is "
+                    "launched with the topology: pacs-harness up, run or pytest)"
+                )
+            return TLSConfig(
+                str(material.ca_file), str(material.certificate_file), str(material.key_file),
+                server_name,
+            )
+        return TLSConfig(tls.ca_file, tls.certificate_file, tls.key_file, server_name)
 
     @property
     def http_url(self) -> str | None:
