@@ -118,3 +118,37 @@ def test_a_clear_and_a_tokenised_ledger_are_not_compared(archive, tmp_path, monk
     tokens = tokenised(tmp_path / "t.sqlite", archive, monkeypatch=monkeypatch)
     with pytest.raises(ConfigError, match="crawl both the same way"):
         reconcile(clear, tokens)
+
+
+def test_free_text_private_and_nested_values_are_tokens_and_a_change_is_found(
+        archive, tmp_path, monkeypatch):
+    """A site writes names into comments, private tags and request items: none of that is
+    in clear in a tokenised ledger (the canary check found it was), and altering it is still
+    one finding, by token."""
+    secret = "Zorblax^Quintessa"
+
+    def plant(items):
+        for ds in items:
+            ds.ImageComments = f"seen by {secret}"
+            block = ds.private_block(0x0009, "SITE NOTES", create=True)
+            block.add_new(0x01, "LO", secret)
+            item = Dataset()
+            item.RequestedProcedureDescription = f"for {secret}"
+            ds.RequestAttributesSequence = [item]
+        return items
+
+    planted = changed(archive, plant)
+    source = tokenised(tmp_path / "s.sqlite", planted, monkeypatch=monkeypatch)
+    text = dump(source)
+    assert "Zorblax" not in text and "Quintessa" not in text
+    assert "tx-" in text
+
+    def edit_one(items):
+        items[0].ImageComments = "seen by nobody"
+        return items
+
+    target = tokenised(tmp_path / "t.sqlite", changed(planted, edit_one), monkeypatch=monkeypatch)
+    findings = reconcile(source, target)
+    (change,) = [f for f in findings.findings if "ImageComments" in f.attributes]
+    before, after = (change.attributes["ImageComments"][k] for k in ("before", "after"))
+    assert before.startswith("tx-") and after.startswith("tx-") and before != after

@@ -46,7 +46,11 @@ _LEDGER_KINDS: dict[str, str] = {**_KINDS, "IssuerOfPatientID": "iss", "issuer":
 _UID = re.compile(r"^[0-9.]+$")
 _LEDGER_HEX = 16  # 64 bits: no accidental collision among millions of patients
 #: a ledger token, possibly after a migration prefix (see LedgerTokens)
-LEDGER_TOKEN = re.compile(rf"^.*(pt|iss|nm|dob|sex|addr|tel)-[0-9a-f]{{{_LEDGER_HEX}}}$")
+LEDGER_TOKEN = re.compile(rf"^.*(pt|iss|nm|dob|sex|addr|tel|tx)-[0-9a-f]{{{_LEDGER_HEX}}}$")
+#: value representations that can carry a name or free text (PS3.5 6.2): a tokenised
+#: ledger keeps them as "tx" tokens wherever they occur; UIDs, codes, dates, times, ages
+#: and numbers stay in clear (they are what reconciliation reports and rolls up on)
+_FREE_TEXT_VRS = frozenset({"PN", "LO", "LT", "SH", "ST", "UT", "UC", "UN", "OB", "OW"})
 KEY_FILE = "identity-token.key"
 _KEY_BYTES = 32
 _MIN_FREE_TEXT = 3  # shorter values are not replaced inside free text (they would hit counts)
@@ -206,9 +210,12 @@ class LedgerTokens:
 
     def attrs(self, data: Any, kind: str | None = None) -> Any:
         """Normalised attributes (JSON-like) with every identifying value tokenised, also in
-        sequence items (e.g. OtherPatientIDsSequence)."""
+        sequence items (e.g. OtherPatientIDsSequence); free text, names and private or
+        unknown elements too (a site writes patients' names into comments and private
+        tags: found by the canary check, harness/security/canaries.py)."""
         if isinstance(data, dict):
-            return {key: self.attrs(value, _LEDGER_KINDS.get(str(key), kind))
+            return {key: self.attrs(value, _LEDGER_KINDS.get(str(key)) or _text_kind(str(key))
+                                    or kind)
                     for key, value in data.items()}
         if isinstance(data, list):
             return [self.attrs(value, kind) for value in data]
@@ -217,6 +224,21 @@ class LedgerTokens:
         if kind and isinstance(data, int | float) and not isinstance(data, bool):
             return self.value(kind, str(data))
         return data
+
+
+def _text_kind(key: str) -> str | None:
+    """"tx" for an attrs_json key whose value may be free text: a keyword of such a VR, or a
+    private or unknown element (GGGGEEEE, its VR unknown here)."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(key)
+    if tag is None:
+        return "tx" if re.fullmatch(r"[0-9A-F]{8}", key) else None
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "tx"
+    return "tx" if vr in _FREE_TEXT_VRS else None
 
 
 def ledger_tokens(*nodes: Any, prefixes: tuple[str, ...] = ()) -> LedgerTokens | None:
