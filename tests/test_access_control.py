@@ -15,8 +15,10 @@ import pytest
 
 from harness.config import parse_topology
 from harness.fixtures import pacs_cluster_factory
+from harness.launch.ports import free_port, release_port
 from harness.nodes.external import ExternalNode
 from harness.security.access_control import (
+    CHECK_NAMES,
     INTRUDER_SEED,
     UNKNOWN_CALLING_AE,
     WRONG_CALLED_AE,
@@ -33,6 +35,7 @@ NAMES = {
     "wrong called AE",
     "C-MOVE to unknown destination",
 }
+assert set(CHECK_NAMES) == NAMES
 PERMISSIVE = (
     "{DicomAlwaysAllowEcho: true, DicomAlwaysAllowFind: true, DicomAlwaysAllowStore: true, "
     "DicomCheckCalledAet: false}"
@@ -151,3 +154,19 @@ def test_no_store_into_a_node_not_writable(nodes):
     assert "association established" in check.observed
     assert "not attempted: node not writable" in check.observed
     assert launched.rest().lookup(intruder_instance) == []
+
+
+def test_a_node_that_answers_nobody_passes_nothing():
+    """The control: nothing listens on the port, so no refusal can be credited."""
+    port = free_port()
+    try:
+        topology = parse_topology(
+            "name: gone\nnodes:\n"
+            f"  gone: {{kind: external, ae_title: GONE, host: 127.0.0.1, dicom_port: {port}}}\n",
+            "<test>")
+        checks = access_checks(ExternalNode(topology.node("gone")))
+    finally:
+        release_port(port)
+    assert [c.name for c in checks] == list(CHECK_NAMES)
+    assert {c.outcome for c in checks} == {"skip"}
+    assert "the harness's own C-ECHO" in checks[0].observed

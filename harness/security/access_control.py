@@ -10,11 +10,17 @@ answered, as one `Check` (area "access") per service:
   A-ASSOCIATE-RJ (PS3.8 9.3.4, reason "calling AE title not recognised"). When it accepts,
   the probe shows what the intruder could do, trying only what cannot harm: C-ECHO and C-FIND
   always; C-STORE of one synthetic instance only into a node declared writable (docs/safety.md,
-  Permissions); C-MOVE of a made-up study, to the harness's own AE title only;
+  Permissions); C-MOVE of a made-up study, to the harness's own AE title only. An accepted
+  association whose request is then refused (an abort, a failure status) passes with a note;
+  a request served, or a C-STORE that may not be tried, is a finding;
 - a wrong called AE title from the harness's own (known) AE title: refused (PS3.8 9.3.4,
   reason "called AE title not recognised");
 - a C-MOVE from the harness to an unknown destination AE: refused with 0xA801 "Move
-  Destination unknown" (PS3.4 C.4.2.1.4.1), tried on an existing study where there is one.
+  Destination unknown" (PS3.4 C.4.2.1.4.1), tried on an existing study where there is one;
+  another failure status passes with a note (Orthanc 1.10 answers 0xC000).
+
+First the harness's own C-ECHO, as the control: a node that answers nobody would pass
+every refusal, so then every check is skipped.
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ MOVE_DESTINATION_UNKNOWN = 0xA801  # PS3.4 C.4.2.1.4.1
 REJECT_REF = "PS3.8 9.3.4 (A-ASSOCIATE-RJ)"
 MOVE_REF = "PS3.4 C.4.2.1.4.1 (C-MOVE status A801: Move Destination unknown)"
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+SERVICES = ("C-ECHO", "C-FIND", "C-STORE", "C-MOVE")
+#: the rows of the access-control matrix, in order
+CHECK_NAMES = (*(f"unknown calling AE: {s}" for s in SERVICES), "wrong called AE",
+               "C-MOVE to unknown destination")
 
 
 @dataclass
@@ -320,6 +330,12 @@ def access_checks(node: Node, known_destination: str | None = None) -> list[Chec
     C-MOVE names (default: the harness's own; never a third party that would receive data)."""
     if node.dicom_port is None:
         return [Check(node.name, AREA, "DICOM access control", "skip", "node has no DICOM port")]
+    control = _associate(node, HARNESS_AE_TITLE, node.ae_title, Verification, _echo)
+    if not control.associated or not _success(control.status):
+        # a node that answers nobody would pass every refusal: nothing can be told
+        return [Check(node.name, AREA, name, "skip", "the harness's own C-ECHO (calling AE "
+                      f"{HARNESS_AE_TITLE}) did not succeed: {control.words()}")
+                for name in CHECK_NAMES]
     destination = known_destination or HARNESS_AE_TITLE
     checks = _unknown_calling_checks(node, destination)
     checks.append(_wrong_called_check(node))
