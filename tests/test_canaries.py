@@ -130,6 +130,9 @@ def test_files_over_the_bound_are_skipped_with_a_note(tmp_path):
 
 cluster = pacs_cluster_factory(
     "name: canary\nnodes:\n  pocket: {kind: embedded, ae_title: CANARY1}\n", scope="module")
+orthanc = pacs_cluster_factory(
+    "name: canaryo\nnodes:\n  orthanc: {kind: orthanc, ae_title: CANARY2}\n", scope="module",
+    requires=("Orthanc",))
 
 
 def _dump(ledger) -> str:
@@ -153,6 +156,23 @@ def test_an_inventory_of_the_canary_leaks_nothing(cluster, tmp_path):
     assert found.matches[0].StudyInstanceUID in dump
     assert token not in dump.upper()
     assert token not in " ".join(c.observed for c in checks)
+
+
+def test_a_disposable_orthanc_gets_its_canary_removed(orthanc, tmp_path):
+    """Inventoried over DICOMweb (QIDO-RS) this time; the canary deleted afterwards, as
+    Orthanc's own REST counts show."""
+    node = orthanc.node("orthanc")
+    before = node.rest().statistics()
+    checks = canary_checks(node, tmp_path)
+    assert [c.outcome for c in checks] == ["pass"], [c.line() for c in checks]
+    assert "canary study deleted afterwards" in checks[0].observed
+    # the ledger (read by the sqlite3 shell) holds one study more than Orthanc did before...
+    dump = _dump(tmp_path / "canary-orthanc.ledger.sqlite")
+    assert dump.count('INSERT INTO studies VALUES') == before["CountStudies"] + 1
+    # ...and Orthanc is back to what it held
+    after = node.rest().statistics()
+    assert (after["CountStudies"], after["CountInstances"]) == (
+        before["CountStudies"], before["CountInstances"])
 
 
 def test_one_planted_leak_is_one_finding(cluster, tmp_path):
