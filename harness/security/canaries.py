@@ -231,8 +231,12 @@ def _scan_file(path: Path, finder: _Finder, limit: int, scan: Scan) -> list[Leak
 
 
 def _text_hits(path: Path, finder: _Finder, limit: int) -> list[tuple[str, str, str]]:
+    """Text files say the line, others the byte offset (a binary has no lines)."""
     with path.open("rb") as stream:
-        return [(t, f, f"line {line}") for t, f, line, _ in finder.in_stream(stream, limit)]
+        text = b"\0" not in stream.read(8192)
+        stream.seek(0)
+        return [(t, f, f"line {line}" if text else f"byte offset {offset}")
+                for t, f, line, offset in finder.in_stream(stream, limit)]
 
 
 def _files(paths: Iterable[str | Path]) -> Iterator[Path]:
