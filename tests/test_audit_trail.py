@@ -172,6 +172,16 @@ def test_tls_receiver_closes_a_stream_with_an_oversize_frame(tls_material) -> No
         assert receiver.oversize == 1 and not receiver.messages()
 
 
+def test_tls_receiver_stops_with_a_silent_sender_connected(tls_material) -> None:
+    server, _ = tls_material
+    receiver = SyslogReceiver(transport="tls", certificate_file=server.certificate_file,
+                              key_file=server.key_file).start()
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=30) as silent:
+        silent.sendall(b"\x16")  # a handshake that never completes
+        receiver.stop()
+        assert not any(thread.is_alive() for thread in receiver._threads)
+
+
 # -- audit messages (PS3.15 A.5.1) --------------------------------------------------------
 
 VALID = (

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from harness.errors import HarnessError
 from harness.security.atna import (
     DICOM_INSTANCES_TRANSFERRED,
     OUTCOMES,
@@ -176,11 +177,13 @@ def _all_candidates(entries: list[JournalEntry]) -> Any:
     """The receiver's wait condition: each operation has a matching message, or the
     unmatched ones are no more than the invalid messages received (which may be theirs)."""
 
+    read: list[_Received] = []  # the receiver only appends: each message is read once
+
     def ready(messages: list[SyslogMessage]) -> bool:
-        received = _read(messages)
-        valid = [r.event for r in received if r.event is not None]
+        read.extend(_read(messages[len(read):]))
+        valid = [r.event for r in read if r.event is not None]
         unmatched = sum(not any(matches(e, v) for v in valid) for e in entries)
-        return unmatched <= len(received) - len(valid)
+        return unmatched <= len(read) - len(valid)
 
     return ready
 
@@ -259,7 +262,14 @@ def audit_trail(
         )], None)
     journal = journal or OperationJournal()
     with SyslogReceiver("127.0.0.1", port, "udp") as receiver:
-        study_uid = perform_operations(node, journal)
+        try:
+            study_uid = perform_operations(node, journal)
+        except HarnessError as exc:
+            return AuditTrailResult([Check(
+                node.name, AREA, "audit trail", "fail",
+                f"the operations to audit could not be performed: {exc}",
+                "make the node reachable by the harness (C-STORE, C-FIND, C-GET)", REFERENCE,
+            )], None)
         entries = journal.entries(node.name)
         if study_uid is None:
             return AuditTrailResult([Check(

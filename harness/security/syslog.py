@@ -23,6 +23,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,12 +160,14 @@ def parse_syslog(data: bytes, peer: str = "", received: dt.datetime | None = Non
         rest = rest[stamp.end():]
         host, _, remainder = rest.partition(b" ")
         hostname, rest = host.decode("utf-8", "replace"), remainder
-    tag_match = re.match(rb"([A-Za-z0-9_./-]{1,32})(\[\d+\])?: ?", rest)
+    procid = ""
+    tag_match = re.match(rb"([A-Za-z0-9_./-]{1,32})(?:\[(\d+)\])?: ?", rest)
     if tag_match is not None:
         tag = tag_match.group(1).decode()
+        procid = (tag_match.group(2) or b"").decode()
         rest = rest[tag_match.end():]
-    return SyslogMessage(received, peer, priority, timestamp, hostname, tag, "", "", body=rest,
-                         format="rfc3164")
+    return SyslogMessage(received, peer, priority, timestamp, hostname, tag, procid, "",
+                         body=rest, format="rfc3164")
 
 
 def octet_frames(buffer: bytearray, max_bytes: int = MAX_MESSAGE_BYTES) -> list[bytes]:
@@ -251,8 +254,10 @@ class SyslogReceiver:
     def stop(self) -> None:
         """Stop every thread and close the sockets (each read times out within POLL_S)."""
         self._stop.set()
-        for thread in list(self._threads):
-            thread.join()
+        # the listening thread ends first, so no connection thread starts after this loop
+        while alive := [t for t in self._threads if t.is_alive()]:
+            for thread in alive:
+                thread.join()
         if self._socket is not None:
             self._socket.close()
             self._socket = None
@@ -281,21 +286,26 @@ class SyslogReceiver:
         with self._changed:
             return self._changed.wait_for(lambda: predicate(self._messages), timeout_s)
 
+    def _count(self, counter: str) -> None:
+        with self._changed:
+            setattr(self, counter, getattr(self, counter) + 1)
+            self._changed.notify_all()
+
     def _keep(self, data: bytes, peer: str) -> None:
         if len(data) > self.max_message_bytes:
-            self.oversize += 1
+            self._count("oversize")
             return
         try:
             message = parse_syslog(data, peer)
         except SyslogFormatError as exc:
-            self.unparsable += 1
+            self._count("unparsable")
             LOG.warning("syslog message from %s unparsable: %s", peer, exc)
             return
         with self._changed:
             if len(self._messages) >= self.max_messages:
                 self.dropped += 1
-                return
-            self._messages.append(message)
+            else:
+                self._messages.append(message)
             self._changed.notify_all()
 
     # -- transports ------------------------------------------------------------------
@@ -342,15 +352,11 @@ class SyslogReceiver:
     def _read_tls(self, conn: socket.socket, context: ssl.SSLContext, address: tuple) -> None:
         peer = f"{address[0]}:{address[1]}"
         buffer = bytearray()
-        try:
-            conn.settimeout(HANDSHAKE_TIMEOUT_S)
-            tls = context.wrap_socket(conn, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            LOG.warning("syslog TLS sender %s: handshake failed: %s", peer, exc)
-            conn.close()
-            return
+        conn.settimeout(POLL_S)
+        tls = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         with tls:
-            tls.settimeout(POLL_S)
+            if not self._handshake(tls, peer):
+                return
             while not self._stop.is_set():
                 try:
                     chunk = tls.recv(65536)
@@ -366,8 +372,23 @@ class SyslogReceiver:
                         self._keep(frame, peer)
                 except SyslogFormatError as exc:
                     if "limit" in str(exc):
-                        self.oversize += 1
+                        self._count("oversize")
                     LOG.warning("syslog TLS sender %s closed: %s", peer, exc)
                     with contextlib.suppress(OSError):
                         tls.shutdown(socket.SHUT_RDWR)
                     return
+
+    def _handshake(self, tls: ssl.SSLSocket, peer: str) -> bool:
+        """The TLS handshake, within HANDSHAKE_TIMEOUT_S and given up at stop()."""
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                tls.do_handshake()
+                return True
+            except TimeoutError:
+                continue
+            except (OSError, ssl.SSLError) as exc:
+                LOG.warning("syslog TLS sender %s: handshake failed: %s", peer, exc)
+                return False
+        LOG.warning("syslog TLS sender %s: no handshake within %g s", peer, HANDSHAKE_TIMEOUT_S)
+        return False
