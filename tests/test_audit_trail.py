@@ -395,3 +395,15 @@ def test_sender_frame_is_rfc5424_with_a_valid_body() -> None:
     assert re.match(rb"<85>1 \d{4}-\d\d-\d\dT[\d:.]+Z \S+ pacs-harness-embedded \d+ "
                     rb"IHE\+RFC-3881 - \xef\xbb\xbf<AuditMessage>", frame)
     assert parse_audit_message(parse_syslog(frame).body).study_uids() == {"1.2.3"}
+
+
+def test_embedded_node_refuses_audit_over_tls(tmp_path: Path) -> None:
+    from harness.config import parse_topology
+    from harness.errors import ConfigError
+    from harness.nodes import make_node
+
+    topology = parse_topology(
+        "name: t\nnodes:\n  a: {kind: embedded, audit: {transport: tls}}\n", "<test>")
+    node = make_node(topology.node("a"), tmp_path)
+    with pytest.raises(ConfigError, match="over UDP only"):
+        node.prepare([])

@@ -50,6 +50,11 @@ class EmbeddedNode(Node):
         table = {p.ae_title: {"host": p.host, "port": p.port} for p in self.peers}
         (self.workdir / "peers.json").write_text(json.dumps(table, indent=2))
         if self.spec.audit is not None:
+            if self.spec.audit.transport != "udp":
+                raise ConfigError(
+                    f"node {self.name}: the embedded PACS sends its audit messages over UDP "
+                    "only (audit: {transport: udp})"
+                )
             port = self.spec.audit.port or free_port(self.host)
             (self.workdir / AUDIT_PORT_FILE).write_text(f"{port}\n")
 
