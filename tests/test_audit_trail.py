@@ -40,6 +40,10 @@ from harness.security.syslog import (
     parse_syslog,
 )
 
+# The wait ends as soon as every operation has its candidate message, so a long deadline
+# costs nothing on the paths that complete; a dropped message waits for all of it.
+PATIENT_S = 60.0
+
 cluster = pacs_cluster_factory(
     "name: audit\nnodes:\n"
     "  audited: {kind: embedded, ae_title: AUDITED, audit: true}\n"
@@ -279,7 +283,7 @@ def _failures(checks) -> list[str]:
 
 def test_complete_trail_passes(cluster) -> None:
     node = cluster.node("audited")
-    result = audit_trail(node)
+    result = audit_trail(node, deadline_s=PATIENT_S)
     assert _failures(result.checks) == [], [c.line() for c in result.checks]
     assert sorted(c.name for c in result.checks) == [
         "audited: C-FIND", "audited: C-GET", "audited: C-STORE"]
@@ -292,17 +296,17 @@ def test_complete_trail_passes(cluster) -> None:
     assert re.search(r"C-GET-RSP calling=PACSHARNESS", log)
 
 
-def _with_relay(node, chosen, fault) -> tuple[list, Relay]:
+def _with_relay(node, chosen, fault, deadline_s: float = PATIENT_S) -> tuple[list, Relay]:
     receiver_port = free_port()
     with Relay(node.audit_port, receiver_port, chosen, fault) as relay:
-        checks = audit_checks(node, listen_port=receiver_port)
+        checks = audit_checks(node, listen_port=receiver_port, deadline_s=deadline_s)
     assert relay.faulted == 1
     return checks, relay
 
 
 def test_one_dropped_message_is_one_unaudited_finding(cluster) -> None:
     checks, _ = _with_relay(cluster.node("audited"), lambda d: b'csd-code="110112"' in d,
-                            lambda d: None)
+                            lambda d: None, deadline_s=20)
     assert _failures(checks) == ["unaudited C-FIND"], [c.line() for c in checks]
     finding = next(c for c in checks if c.failed)
     assert "unaudited C-FIND of study" in finding.observed and finding.remedy
