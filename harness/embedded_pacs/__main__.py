@@ -1,7 +1,8 @@
 """Command line of the embedded PACS::
 
     python -m harness.embedded_pacs --ae-title LEGACY --port 11112 --storage DIR \\
-        --peers PEERS.json [--host 127.0.0.1] [--log-level info] [--timeout 30]
+        --peers PEERS.json [--host 127.0.0.1] [--log-level info] [--timeout 30] \\
+        [--audit-syslog udp://127.0.0.1:PORT]
 
 ``--port 0`` binds an ephemeral port; the startup line on stderr always names the real one::
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import pydicom.config
 from pynetdicom import _config
 
+from harness.embedded_pacs.audit import AuditSender, AuditSyslogError, parse_target
 from harness.embedded_pacs.connection import DEFAULT_TIMEOUT_S
 from harness.embedded_pacs.server import serve
 
@@ -51,7 +53,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    audit = parser.add_argument_group("audit trail (IHE ATNA, PS3.15 A.5)")
+    audit.add_argument(
+        "--audit-syslog",
+        metavar="udp://HOST:PORT",
+        default=None,
+        help="send one RFC 5424 audit message per operation served there (default: none)",
+    )
     args = parser.parse_args(argv)
+    if args.audit_syslog is not None:
+        try:
+            parse_target(args.audit_syslog)
+        except AuditSyslogError as exc:
+            parser.error(str(exc))
     title = args.ae_title.strip()
     if not title or len(title) > 16 or "\\" in title or not title.isprintable():
         parser.error(f"--ae-title {args.ae_title!r}: 1-16 printable characters, no backslash")
@@ -99,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
     args = parse_args(argv)
     configure_logging(args.log_level, args.ae_title)
+    audit = AuditSender(args.audit_syslog, args.ae_title, args.host) if args.audit_syslog else None
     return serve(
-        args.ae_title, args.port, args.storage, args.peers, host=args.host, timeout_s=args.timeout
+        args.ae_title, args.port, args.storage, args.peers, host=args.host, timeout_s=args.timeout,
+        audit=audit,
     )
 
 

@@ -37,6 +37,7 @@ from pynetdicom.sop_class import (
 )
 
 from harness import sqlite_db
+from harness.embedded_pacs.audit import AuditSender
 from harness.embedded_pacs.connection import (
     DEFAULT_TIMEOUT_S,
     MAX_ASSOCIATIONS,
@@ -113,8 +114,10 @@ class EmbeddedPacs:
         storage_dir: Path,
         peers_file: Path | None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        audit: AuditSender | None = None,
     ) -> None:
         self.ae_title = ae_title
+        self.audit = audit  # IHE ATNA messages (audit.py), None: not audited
         self.timeout_s = timeout_s
         self.storage = Storage(storage_dir)
         self.retriever = Retriever(storage_dir, peers_file)
@@ -183,12 +186,18 @@ class EmbeddedPacs:
 
     def on_rejected(self, event: Any) -> None:
         LOG.warning("association rejected calling=%s", _calling(event))
+        if self.audit:
+            self.audit.rejected(event, _calling(event))
 
     def on_aborted(self, event: Any) -> None:
         LOG.warning("association aborted calling=%s", _calling(event))
+        if self.audit:
+            self.audit.association_ended(event)
 
     def on_released(self, event: Any) -> None:
         LOG.debug("association released calling=%s", _calling(event))
+        if self.audit:
+            self.audit.association_ended(event)
 
     def on_dimse_sent(self, event: Any) -> None:
         """Log each request once, when its final (non-pending) response goes out."""
@@ -222,6 +231,9 @@ class EmbeddedPacs:
         if note:
             parts.append(note)
         LOG.info(" ".join(str(p) for p in parts))
+        if self.audit and name in ("C_FIND_RSP", "C_GET_RSP", "C_MOVE_RSP"):
+            failed = int(cs.get("NumberOfFailedSuboperations", 0) or 0)
+            self.audit.responded(event, msg_id, status, failed)
 
     # -- services (store.py, query.py, retrieve.py) ---------------------------------------------
 
@@ -230,16 +242,27 @@ class EmbeddedPacs:
         return 0x0000
 
     def on_store(self, event: Any) -> int | Dataset:
-        return handle_store(event, self.storage, _calling(event), self._noter(event))
+        result = handle_store(event, self.storage, _calling(event), self._noter(event))
+        if self.audit:
+            status = result if isinstance(result, int) else int(result.Status)
+            self.audit.stored(event, _calling(event), status)
+        return result
 
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        if self.audit:
+            self.audit.requested(event, "C-FIND", _calling(event))
         return handle_find(event, self.storage.db_file, self.ae_title, self._noter(event))
 
     def on_get(self, event: Any) -> Iterator[int | tuple[int, Dataset | None]]:
+        if self.audit:
+            self.audit.requested(event, "C-GET", _calling(event), _calling(event))
         return self.retriever.handle_get(event, self._noter(event))
 
     def on_move(self, event: Any) -> Iterator[Any]:
         assert self.ae is not None
+        if self.audit:
+            destination = str(event.move_destination or "").strip()
+            self.audit.requested(event, "C-MOVE", _calling(event), destination)
         return self.retriever.handle_move(event, self.ae, self._noter(event))
 
 
@@ -266,9 +289,10 @@ def serve(
     host: str = "127.0.0.1",
     stop: threading.Event | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    audit: AuditSender | None = None,
 ) -> int:
     """Run the node until ``stop`` is set (or SIGTERM/SIGINT in the main thread); exit code."""
-    pacs = EmbeddedPacs(ae_title, storage_dir.resolve(), peers_file, timeout_s)
+    pacs = EmbeddedPacs(ae_title, storage_dir.resolve(), peers_file, timeout_s, audit=audit)
     try:
         pacs.storage.prepare()
     except sqlite_db.SchemaVersionError as exc:

@@ -11,9 +11,12 @@ import pydicom
 import pynetdicom
 
 from harness.errors import ConfigError
+from harness.launch.ports import free_port
 from harness.nodes.base import HeldStatistics, Node, NodeStatistics, Peer
 from harness.nodes.capabilities import Capabilities, ImageRecipe
 from harness.sqlite_db import SchemaVersionError
+
+AUDIT_PORT_FILE = "audit-port"
 
 
 class EmbeddedNode(Node):
@@ -26,6 +29,7 @@ class EmbeddedNode(Node):
         reports_sop_classes_in_study=True,
         max_associations=128,  # embedded_pacs.connection.MAX_ASSOCIATIONS
         index_backends=("sqlite",),
+        audit_trail=True,  # --audit-syslog: IHE ATNA messages (embedded_pacs/audit.py)
         image_recipe=ImageRecipe(
             ("python3",), ("pydicom", "pynetdicom"), ("embedded_pacs", "sqlite_db.py")
         ),
@@ -45,6 +49,27 @@ class EmbeddedNode(Node):
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         table = {p.ae_title: {"host": p.host, "port": p.port} for p in self.peers}
         (self.workdir / "peers.json").write_text(json.dumps(table, indent=2))
+        if self.spec.audit is not None:
+            if self.spec.audit.transport != "udp":
+                raise ConfigError(
+                    f"node {self.name}: the embedded PACS sends its audit messages over UDP "
+                    "only (audit: {transport: udp})"
+                )
+            port = self.spec.audit.port or free_port(self.host)
+            (self.workdir / AUDIT_PORT_FILE).write_text(f"{port}\n")
+
+    @property
+    def audit_port(self) -> int | None:
+        """Where the node sends its audit messages (the harness's syslog receiver listens
+        there); kept in the work directory so an attached cluster knows it too."""
+        if self.spec.audit is None:
+            return None
+        if self.spec.audit.port:
+            return self.spec.audit.port
+        saved = self.workdir / AUDIT_PORT_FILE if self.workdir else None
+        if saved is None or not saved.is_file():
+            return None
+        return int(saved.read_text().strip())
 
     # the image carries the package under /opt/pacs-harness/harness (harness/launch/images.py)
     image_program = ("python3", "-m", "harness.embedded_pacs")
@@ -53,6 +78,9 @@ class EmbeddedNode(Node):
         return [sys.executable, "-m", "harness.embedded_pacs"]
 
     def arguments(self) -> list[str]:
+        audit = []
+        if self.audit_port:
+            audit = ["--audit-syslog", f"udp://{self.host}:{self.audit_port}"]
         return [
             "--ae-title",
             self.ae_title,
@@ -64,6 +92,7 @@ class EmbeddedNode(Node):
             str(self.storage_dir),
             "--peers",
             str(self.workdir / "peers.json"),
+            *audit,
         ]
 
     def container_environment(self) -> dict[str, str]:
