@@ -280,17 +280,30 @@ def test_store_associations_keep_every_instance(node):
 
 
 def test_tls(node):
-    """A TLS handshake on the DICOM port succeeds only where TLS is declared (PS3.15 B.1)."""
+    """A TLS handshake on the DICOM port succeeds only where TLS is declared (PS3.15 B.1), on
+    a node of the kind launched with `tls: {generate: true}`; a node without `tls:` (the
+    cluster's) stays plain, and an undeclared kind's topology is refused."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     with socket.create_connection((node.host, node.dicom_port), timeout=15) as raw:
-        if node.capabilities.tls:
+        with pytest.raises((ssl.SSLError, OSError)):
+            context.wrap_socket(raw)
+    declared = f"name: caps-tls\nnodes:\n  n: {{kind: {node.kind}, tls: {{generate: true}}}}\n"
+    if not node.capabilities.tls:
+        with pytest.raises(ConfigError, match="tls"):
+            parse_topology(declared)
+        return
+    secured = Cluster.launch(parse_topology(declared))
+    try:
+        one = secured.node("n")
+        harness = one.harness_tls_material
+        context.load_cert_chain(harness.certificate_file, harness.key_file)
+        with socket.create_connection((one.host, one.dicom_port), timeout=15) as raw:
             with context.wrap_socket(raw) as tls:
                 assert tls.version()
-        else:
-            with pytest.raises((ssl.SSLError, OSError)):
-                context.wrap_socket(raw)
+    finally:
+        secured.stop()
 
 
 def test_binaries_come_from_the_packages_the_hints_name(node):
