@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,7 @@ def haproxy_config(
 ) -> str:
     """The terminator's configuration: the TLS front (`client_certificate`: required,
     optional or none, PS3.15 B.1 mutual authentication) and one tunnel per TLS peer, whose
-    certificate must chain to `ca_file` and name the peer's host."""
+    certificate must chain to `ca_file` and carry the tunnel's `server_name` (name_to_verify)."""
     verify = "verify none" if client_certificate == "none" else (
         f"verify {client_certificate} ca-file {ca_file}"
     )
@@ -131,7 +132,8 @@ def haproxy_config(
             f"    bind 127.0.0.1:{tunnel.local_port}",
             f"    server {tunnel.name} {tunnel.host}:{tunnel.port} ssl crt {bundle} "
             f"ca-file {ca_file} verify required ssl-min-ver TLSv1.2"
-            + (f" verifyhost {tunnel.server_name}" if tunnel.server_name else ""),
+            + (f" sni str({tunnel.server_name}) verifyhost {tunnel.server_name}"
+               if tunnel.server_name else ""),
         ]
     return "\n".join(lines) + "\n"
 
@@ -139,9 +141,9 @@ def haproxy_config(
 def start_terminator(
     binary: str, workdir: Path, config: str, public: tuple[str, int], *, detached: bool,
     timeout_s: float = 20.0,
-) -> ProcessHandle:
+) -> tuple[subprocess.Popen, ProcessHandle]:
     """Check and start HAProxy, then wait until its public port accepts connections (or it
-    exited: an EnvironmentProblem with its log tail)."""
+    exited: an EnvironmentProblem with its log tail). The Popen is for reaping it."""
     config_path = workdir / "haproxy.cfg"
     log_path = workdir / "haproxy.log"
     config_path.write_text(config)
@@ -167,7 +169,7 @@ def start_terminator(
         with socket.socket() as probe:
             probe.settimeout(1.0)
             if probe.connect_ex(public) == 0:
-                return handle
+                return _popen, handle
         if time.monotonic() > deadline:
             handle.stop(timeout_s=5)
             raise EnvironmentProblem(

@@ -32,6 +32,7 @@ compares AE titles and that address: on a loopback topology it still holds.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -85,6 +86,7 @@ class DcmqrscpNode(Node):
     server_port: int | None = None
     #: outgoing TLS paths for C-MOVE to TLS peers, by peer name
     tunnels: dict[str, Tunnel] | None = None
+    _terminator: subprocess.Popen | None = None  # HAProxy started by this process
 
     @property
     def database_dir(self):
@@ -164,9 +166,17 @@ AETable END
                 min_version=self.spec.tls.min_version,
                 tunnels=list((self.tunnels or {}).values()),
             )
-        self.sidecars["tls-terminator"] = start_terminator(
+        self._terminator, self.sidecars["tls-terminator"] = start_terminator(
             haproxy_binary(f"node {self.name}"), self.workdir, config, public, detached=detached
         )
+
+    def stop(self) -> None:
+        """Stop dcmqrscp and the terminator (a sidecar), and reap the terminator."""
+        super().stop()
+        if self._terminator is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._terminator.wait(timeout=5)  # already SIGKILLed when it came to that
+            self._terminator = None
 
     image_program = ("/usr/bin/dcmqrscp",)
 
