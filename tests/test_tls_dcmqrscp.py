@@ -29,7 +29,7 @@ from harness.dicom.peer import HARNESS_AE_TITLE
 from harness.errors import EnvironmentProblem
 from harness.launch import tools
 from harness.launch.ports import free_port, port_in_use
-from harness.nodes import Peer
+from harness.nodes import Peer, catalog
 from harness.security.certificates import CertificateAuthority, TLSMaterial
 from synthetic_data.samples import sample_study
 from tests.helpers import processes_mentioning
@@ -298,3 +298,33 @@ def test_missing_haproxy_is_an_environment_problem(monkeypatch):
     with pytest.raises(EnvironmentProblem, match=r"install: apt-get install haproxy"):
         Cluster.launch(topology)
     assert not processes_mentioning("pacs-harness-tls-nohaproxy-")
+
+
+@pytest.mark.skipif(not catalog.capabilities("embedded").tls,
+                    reason="the embedded PACS speaks no TLS on this branch")
+def test_cmove_both_ways_with_a_tls_embedded_node():
+    """C-MOVE between TLS nodes of two kinds: dcmqrscp (its tunnel) to the embedded PACS and
+    back (the embedded PACS's own TLS client to dcmqrscp's terminator)."""
+    cluster = Cluster.launch(parse_topology(
+        "name: tls-pair\nnodes:\n  dq: {kind: dcmqrscp, ae_title: PAIRDQ, tls: {generate: true}}\n"
+        "  emb: {kind: embedded, ae_title: PAIREMB, tls: {generate: true}}\n"))
+    try:
+        dq, emb = cluster.node("dq"), cluster.node("emb")
+        there, back = sample_study(seed=1504, instances=2), sample_study(seed=1505, instances=2)
+        assert dq.dimse().store(there).ok and emb.dimse().store(back).ok
+        moved = dq.dimse().move(emb.ae_title, "STUDY",
+                                {"StudyInstanceUID": there[0].StudyInstanceUID})
+        assert moved.ok and moved.completed == 2, moved.status
+        found = emb.dimse().find("IMAGE", {"StudyInstanceUID": there[0].StudyInstanceUID,
+                                           "SeriesInstanceUID": there[0].SeriesInstanceUID,
+                                           "SOPInstanceUID": None})
+        assert sorted(str(m.SOPInstanceUID) for m in found.matches) == sorted(
+            ds.SOPInstanceUID for ds in there)
+        moved = emb.dimse().move(dq.ae_title, "STUDY",
+                                 {"StudyInstanceUID": back[0].StudyInstanceUID})
+        assert moved.ok and moved.completed == 2, moved.status
+        held = {str(dcmread(p).SOPInstanceUID) for p in dq.database_dir.rglob("*")
+                if p.is_file() and p.name != "index.dat"}
+        assert {ds.SOPInstanceUID for ds in back} <= held
+    finally:
+        cluster.stop()
