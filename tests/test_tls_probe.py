@@ -1,0 +1,199 @@
+"""The TLS checks against real, independent DICOM TLS servers: DCMTK's storescp.
+
+A properly configured storescp (+tls, +cf CA, --require-peer-cert) passes every check; each
+misconfiguration (client certificates optional or ignored, wrong certificate name, a
+certificate about to expire, no TLS at all) fails the check that names it and no other.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.config import parse_topology
+from harness.dicom.peer import TLSConfig
+from harness.launch.ports import free_port, port_in_use, release_port
+from harness.launch.process import log_tail, spawn
+from harness.nodes import make_node
+from harness.security import tls_probe
+from harness.security.certificates import CertificateAuthority
+from harness.security.tls_probe import probe_tls, tls_checks
+
+STORESCP = "/usr/bin/storescp"
+AE = "TLSSCP"
+ALL_CHECKS = {
+    tls_probe.PLAINTEXT, tls_probe.NO_CERTIFICATE, tls_probe.UNTRUSTED, "TLS 1.0 refused",
+    "TLS 1.1 refused", tls_probe.PROFILE, tls_probe.VALID_NOW, tls_probe.EXPIRY,
+    tls_probe.NAME, tls_probe.CHAIN,
+}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, object]:
+    """A site CA: a good server certificate, one naming another host, one expiring in
+    5 days, and the harness's client certificate."""
+    ca = CertificateAuthority.create(tmp_path_factory.mktemp("pki"), valid_days=400)
+    return {
+        "ca": ca,
+        "server": ca.issue("server", "pacs", valid_days=365),
+        "wrong_name": ca.issue("wrong-name", "other", ("pacs.example.org",), valid_days=365),
+        "expiring": ca.issue("expiring", "pacs", valid_days=5),
+        "client": ca.issue("harness", "pacs-harness"),
+    }
+
+
+@pytest.fixture
+def storescp(tmp_path):
+    """start(*options) -> port: storescp listening with those options; stopped at teardown."""
+    started = []
+
+    def start(*options: str) -> int:
+        port = free_port()
+        log = tmp_path / f"storescp-{port}.log"
+        proc, handle = spawn([STORESCP, *options, "-aet", AE, "-od", str(tmp_path), str(port)],
+                             log_path=log, cwd=tmp_path)
+        started.append((handle, port))
+        deadline = time.monotonic() + 60
+        while not port_in_use("127.0.0.1", port):
+            assert proc.poll() is None, f"storescp exited: {log_tail(log)}"
+            assert time.monotonic() < deadline, f"storescp not listening: {log_tail(log)}"
+            time.sleep(0.05)
+        return port
+
+    yield start
+    for handle, port in started:
+        handle.stop()
+        release_port(port)
+
+
+def tls_server(material, *policy: str) -> list[str]:
+    return ["+tls", str(material.key_file), str(material.certificate_file),
+            "+cf", str(material.ca_file), *policy]
+
+
+def client_of(pki) -> TLSConfig:
+    client = pki["client"]
+    return TLSConfig(str(client.ca_file), str(client.certificate_file), str(client.key_file),
+                     "127.0.0.1")
+
+
+def probe(port: int, pki, warning_days: int = 30) -> dict[str, object]:
+    checks = probe_tls("127.0.0.1", port, AE, client_of(pki), "127.0.0.1", warning_days,
+                       node="site")
+    assert {c.name for c in checks} == ALL_CHECKS
+    assert all(c.node == "site" and c.area == "tls" and c.reference for c in checks)
+    return {c.name: c for c in checks}
+
+
+def failed(checks: dict[str, object]) -> set[str]:
+    return {name for name, c in checks.items() if c.outcome == "fail"}
+
+
+def test_properly_configured_server_passes_every_check(storescp, pki):
+    port = storescp(*tls_server(pki["server"], "--require-peer-cert"))
+    checks = probe(port, pki)
+    assert {name: c.outcome for name, c in checks.items()} == dict.fromkeys(ALL_CHECKS, "pass")
+    assert checks[tls_probe.PROFILE].observed.startswith(("TLSv1.3", "TLSv1.2"))
+    assert "A-ASSOCIATE-AC" in checks[tls_probe.PROFILE].observed
+    assert "127.0.0.1" in checks[tls_probe.NAME].observed
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ("--verify-peer-cert", {tls_probe.NO_CERTIFICATE}),
+    # not even asked for a certificate, the server takes an untrusted one as well
+    ("--ignore-peer-cert", {tls_probe.NO_CERTIFICATE, tls_probe.UNTRUSTED}),
+])
+def test_client_certificate_not_required_is_found(storescp, pki, policy, expected):
+    checks = probe(storescp(*tls_server(pki["server"], policy)), pki)
+    assert failed(checks) == expected
+    finding = checks[tls_probe.NO_CERTIFICATE]
+    assert "A-ASSOCIATE-AC" in finding.observed and "require" in finding.remedy
+    assert "both sides authenticate" in finding.reference
+
+
+def test_wrong_certificate_name_fails_the_name_check_alone(storescp, pki):
+    checks = probe(storescp(*tls_server(pki["wrong_name"])), pki)
+    assert failed(checks) == {tls_probe.NAME}
+    assert checks[tls_probe.NAME].observed == "certificate names pacs.example.org, not 127.0.0.1"
+    assert "subjectAltName" in checks[tls_probe.NAME].remedy
+
+
+def test_certificate_expiring_soon_fails_the_expiry_check_alone(storescp, pki):
+    port = storescp(*tls_server(pki["expiring"]))
+    checks = probe(port, pki, warning_days=30)
+    assert failed(checks) == {tls_probe.EXPIRY}
+    assert checks[tls_probe.EXPIRY].observed.startswith("expires in 5 days")
+    assert "renew" in checks[tls_probe.EXPIRY].remedy
+    assert probe(port, pki, warning_days=3)[tls_probe.EXPIRY].outcome == "pass"
+
+
+def test_server_without_tls_fails_plaintext_and_says_why_the_rest_could_not_run(storescp, pki):
+    checks = probe(storescp(), pki)
+    assert failed(checks) == {tls_probe.PLAINTEXT, tls_probe.PROFILE}
+    assert "accepted" in checks[tls_probe.PLAINTEXT].observed
+    assert "no TLS 1.2 or newer handshake" in checks[tls_probe.PROFILE].observed
+    for name in ALL_CHECKS - failed(checks):
+        assert checks[name].outcome == "skip"
+        assert checks[name].observed.startswith("could not run: no TLS handshake completes")
+
+
+def test_silent_server_ends_by_the_deadline(pki):
+    """A port that takes connections and never answers: each attempt meets its deadline."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        checks = probe_tls("127.0.0.1", port, AE, client_of(pki), "127.0.0.1", 30,
+                           node="site", timeout_s=1.0)
+    by_name = {c.name: c for c in checks}
+    assert by_name[tls_probe.PROFILE].outcome == "fail"
+    assert "no answer before the deadline" in by_name[tls_probe.PROFILE].observed
+
+
+def test_unreachable_port_is_one_finding(pki):
+    port = free_port()
+    try:
+        checks = probe_tls("127.0.0.1", port, AE, client_of(pki), "127.0.0.1", 30)
+    finally:
+        release_port(port)
+    assert [(c.name, c.outcome) for c in checks] == [("TLS port reachable", "fail")]
+    assert "cannot connect" in checks[0].observed
+
+
+def site_node(port: int | None, tls: str = ""):
+    """An external node as a site declares its PACS in the topology."""
+    text = (f"name: site\nnodes:\n  pacs: {{kind: external, ae_title: {AE}, host: 127.0.0.1, "
+            f"dicom_port: {port or 104}{tls}}}\n")
+    return make_node(parse_topology(text).nodes["pacs"], None)
+
+
+def test_external_node_declared_with_site_files(storescp, pki):
+    port = storescp(*tls_server(pki["server"], "--require-peer-cert"))
+    client: object = pki["client"]
+    node = site_node(port, f", tls: {{ca: {client.ca_file}, certificate: "
+                           f"{client.certificate_file}, key: {client.key_file}}}")
+    checks = tls_checks(node)
+    assert [c.outcome for c in checks] == ["pass"] * len(ALL_CHECKS)
+    assert {c.node for c in checks} == {"pacs"}
+
+
+def test_external_node_without_the_harness_certificate_cannot_hide_behind_refusals(
+        storescp, pki):
+    """Declared without a client certificate for a server that requires one: no TLS
+    association works, and that is a finding, not a pass by refusals."""
+    port = storescp(*tls_server(pki["server"], "--require-peer-cert"))
+    node = site_node(port, f", tls: {{ca: {Path(pki['client'].ca_file)}}}")
+    checks = {c.name: c for c in tls_checks(node)}
+    assert checks[tls_probe.PROFILE].outcome == "fail"
+    assert "refuses the harness's client" in checks[tls_probe.PROFILE].observed
+    assert "tls.certificate" in checks[tls_probe.PROFILE].remedy
+    for name in (tls_probe.NO_CERTIFICATE, tls_probe.UNTRUSTED):
+        assert checks[name].outcome == "skip"
+        assert "the harness's own client gets no DICOM answer either" in checks[name].observed
+
+
+def test_node_without_tls_is_one_skip():
+    checks = tls_checks(site_node(None))
+    assert [(c.name, c.outcome, c.observed) for c in checks] == [
+        ("TLS", "skip", "no TLS declared")]
