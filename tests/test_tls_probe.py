@@ -7,7 +7,9 @@ certificate about to expire, no TLS at all) fails the check that names it and no
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,9 +20,13 @@ from harness.dicom.peer import TLSConfig
 from harness.launch.ports import free_port, port_in_use, release_port
 from harness.launch.process import log_tail, spawn
 from harness.nodes import make_node
+from harness.report.gate import evaluate_gate
 from harness.security import tls_probe
 from harness.security.certificates import CertificateAuthority
 from harness.security.tls_probe import probe_tls, tls_checks
+from tests.helpers import CHILD_PYTEST
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 STORESCP = "/usr/bin/storescp"
 AE = "TLSSCP"
@@ -197,3 +203,37 @@ def test_node_without_tls_is_one_skip():
     checks = tls_checks(site_node(None))
     assert [(c.name, c.outcome, c.observed) for c in checks] == [
         ("TLS", "skip", "no TLS declared")]
+
+
+@pytest.mark.parametrize("policy, outcome", [("--require-peer-cert", "passed"),
+                                             ("--verify-peer-cert", "failed")])
+def test_security_scenario_gates_the_infrastructure_phase(storescp, pki, tmp_path, policy,
+                                                          outcome):
+    """scenarios/test_security.py::test_tls on a site's TLS PACS, as `pacs-harness run`
+    starts it: the checks land in report.json; a failed one fails the test and the gate."""
+    port = storescp(*tls_server(pki["server"], policy))
+    client = pki["client"]
+    topology = tmp_path / "site.yaml"
+    topology.write_text(
+        f"name: site\nnodes:\n  pacs: {{kind: external, ae_title: {AE}, host: 127.0.0.1, "
+        f"dicom_port: {port}, tls: {{ca: {client.ca_file}, certificate: "
+        f"{client.certificate_file}, key: {client.key_file}}}}}\n")
+    report_json = tmp_path / "run" / "report.json"
+    scenarios = REPOSITORY / "scenarios"
+    subprocess.run([*CHILD_PYTEST, str(scenarios / "test_security.py"), "-k", "test_tls",
+                    "-c", str(scenarios / "pytest.ini"), "--rootdir", str(REPOSITORY),
+                    "--pacs-topology", str(topology), "--pacs-report-json", str(report_json)],
+                   cwd=REPOSITORY, capture_output=True, timeout=600)
+    report = json.loads(report_json.read_text())
+    [scenario] = report["scenarios"]
+    assert (scenario["name"], scenario["phase"]) == ("security", "infrastructure")
+    assert [t["outcome"] for t in scenario["tests"]] == [outcome]
+    rows = {c["name"]: c for c in scenario["metrics"]["security.tls.pacs"]}
+    assert rows.keys() == ALL_CHECKS
+    gate = evaluate_gate(report, "infrastructure")
+    if outcome == "passed":
+        assert gate.ready and {c["outcome"] for c in rows.values()} == {"pass"}
+    else:
+        assert not gate.ready
+        assert rows[tls_probe.NO_CERTIFICATE]["outcome"] == "fail"
+        assert "client without certificate refused" in scenario["tests"][0]["message"]
