@@ -7,6 +7,8 @@ certificate about to expire, no TLS at all) fails the check that names it and no
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import socket
 import subprocess
@@ -14,6 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from harness.config import parse_topology
 from harness.dicom.peer import TLSConfig
@@ -22,7 +28,7 @@ from harness.launch.process import log_tail, spawn
 from harness.nodes import make_node
 from harness.report.gate import evaluate_gate
 from harness.security import tls_probe
-from harness.security.certificates import CertificateAuthority
+from harness.security.certificates import CertificateAuthority, TLSMaterial
 from harness.security.tls_probe import probe_tls, tls_checks
 from tests.helpers import CHILD_PYTEST
 
@@ -73,6 +79,29 @@ def storescp(tmp_path):
     for handle, port in started:
         handle.stop()
         release_port(port)
+
+
+def rsa_server(ca: CertificateAuthority, directory: Path) -> TLSMaterial:
+    """An RSA server certificate from the site CA: DCMTK's BCP 195 and AES profiles offer
+    only RSA suites (TLS_ECDHE_RSA_*, TLS_RSA_WITH_AES_*) below TLS 1.3."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rsa-pacs")]))
+        .issuer_name(ca.certificate.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca.key, hashes.SHA256()))
+    cert_file, key_file = directory / "rsa.pem", directory / "rsa.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return TLSMaterial(cert_file, key_file, ca.ca_file)
 
 
 def tls_server(material, *policy: str) -> list[str]:
@@ -134,6 +163,25 @@ def test_certificate_expiring_soon_fails_the_expiry_check_alone(storescp, pki):
     assert checks[tls_probe.EXPIRY].observed.startswith("expires in 5 days")
     assert "renew" in checks[tls_probe.EXPIRY].remedy
     assert probe(port, pki, warning_days=3)[tls_probe.EXPIRY].outcome == "pass"
+
+
+def test_old_protocol_versions_accepted_are_found(storescp, pki, tmp_path):
+    """DCMTK's BCP 195 profile (+px) still negotiates TLS 1.0 and 1.1 with an RSA key."""
+    checks = probe(storescp(*tls_server(rsa_server(pki["ca"], tmp_path)), "+px"), pki)
+    assert failed(checks) == {"TLS 1.0 refused", "TLS 1.1 refused"}
+    assert checks["TLS 1.0 refused"].observed.startswith("accepted a TLS 1.0 handshake")
+    assert "minimum TLS version to 1.2" in checks["TLS 1.1 refused"].remedy
+    assert "RFC 8996" in checks["TLS 1.0 refused"].reference
+
+
+def test_only_retired_cipher_suites_fail_the_profile_check(storescp, pki, tmp_path):
+    """DCMTK's retired AES profile (+pa): TLS_RSA_WITH_AES_128_CBC_SHA, no forward secrecy,
+    no AEAD; the harness's client does not even offer it."""
+    checks = probe(storescp(*tls_server(rsa_server(pki["ca"], tmp_path)), "+pa"), pki)
+    profile = checks[tls_probe.PROFILE]
+    assert profile.outcome == "fail"
+    assert "AES128-SHA only: not a BCP 195 suite" in profile.observed
+    assert "ECDHE" in profile.remedy
 
 
 def test_server_without_tls_fails_plaintext_and_says_why_the_rest_could_not_run(storescp, pki):

@@ -361,7 +361,12 @@ def probe_tls(
         checks.append(_old_version(version, tried, client, no_tls, check))
 
     normal = tried(probes.context(verify=True, cafile=client.ca_file, check_hostname=True))
-    checks.append(_profile(normal, baseline, check))
+    weak = None
+    if not baseline.tls_up:  # what the server offers that the harness's client would not
+        permissive = probes.context(verify=False)
+        permissive.set_ciphers("ALL:@SECLEVEL=0")
+        weak = tried(permissive, associate=False)
+    checks.append(_profile(normal, baseline, weak, check))
     checks += _certificate(baseline, normal, probes, tried, server_name, expiry_warning_days,
                            no_tls, client, check)
     return checks
@@ -419,9 +424,14 @@ def _old_version(version: str, tried, client: TLSConfig, no_tls: str, check) -> 
     return check(check_name, "pass", f"refused: {outcome.error}", reference=REF_OLD)
 
 
-def _profile(normal: Attempt, baseline: Attempt, check) -> Check:  # noqa: ANN001
+def _profile(normal: Attempt, baseline: Attempt, weak: Attempt | None,
+             check) -> Check:  # noqa: ANN001
     """What the harness's client negotiates, against BCP 195."""
     seen = normal if normal.tls_up else baseline
+    if not seen.tls_up and weak is not None and weak.tls_up:
+        return check(PROFILE, "fail", f"{weak.version}, {weak.cipher} only: not a BCP 195 "
+                     "suite (the harness's client does not offer it)", "enable TLS 1.3, or TLS "
+                     "1.2 with ECDHE and AES-GCM or ChaCha20-Poly1305 suites", REF_PROFILE)
     if not seen.tls_up:
         return check(PROFILE, "fail", f"no TLS 1.2 or newer handshake completed "
                      f"({baseline.error})", "offer TLS 1.2 or 1.3 on the DICOM port with the "
