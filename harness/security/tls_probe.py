@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
+from pynetdicom.presentation import build_context
 
 from harness.dicom import pdu
 from harness.dicom.peer import HARNESS_AE_TITLE, DimseConnectionError, DimsePeer, TLSConfig
@@ -102,12 +103,18 @@ class Attempt:
         return self.error
 
 
+#: check(name, outcome, observed, remedy="", reference="") -> Check of this node
+MakeCheck = Callable[..., Check]
+#: tried(context, associate=True) -> Attempt on this node's port
+Try = Callable[..., Attempt]
+
+
 @dataclass
 class Client:
     """The client side of the probes, from the node's TLS settings."""
 
     tls: TLSConfig
-    timeout_s: float = 5.0
+    timeout_s: float = 10.0
     contexts: dict[str, ssl.SSLContext] = field(default_factory=dict)
 
     def context(
@@ -307,7 +314,7 @@ def probe_tls(
     *,
     node: str = "",
     client_certificate: str = "required",
-    timeout_s: float = 5.0,
+    timeout_s: float = 10.0,
 ) -> list[Check]:
     """The TLS checks of the DICOM port `host:port`, as the harness's `client` sees it.
 
@@ -372,11 +379,10 @@ def probe_tls(
     return checks
 
 
-def _plaintext(host: str, port: int, called_ae: str, timeout_s: float, check) -> Check:  # noqa: ANN001
+def _plaintext(host: str, port: int, called_ae: str, timeout_s: float,
+               check: MakeCheck) -> Check:
     """A plain A-ASSOCIATE-RQ (pynetdicom, no TLS) to the TLS port."""
     peer = DimsePeer(host, port, called_ae, timeout_s=timeout_s)
-    from pynetdicom.presentation import build_context
-
     try:
         association = peer.associate([build_context(VERIFICATION[0])])
     except DimseConnectionError as exc:
@@ -391,7 +397,7 @@ def _plaintext(host: str, port: int, called_ae: str, timeout_s: float, check) ->
 
 
 def _refusal(check_name: str, outcome: Attempt, control: str, applies: bool, policy: str,
-             check) -> Check:  # noqa: ANN001
+             check: MakeCheck) -> Check:
     refused = not outcome.answer
     if refused and control:
         return check(check_name, "skip", control, reference=REF_BOTH_SIDES)
@@ -409,7 +415,8 @@ def _refusal(check_name: str, outcome: Attempt, control: str, applies: bool, pol
     return check(check_name, "fail", seen, remedy, REF_BOTH_SIDES)
 
 
-def _old_version(version: str, tried, client: TLSConfig, no_tls: str, check) -> Check:  # noqa: ANN001
+def _old_version(version: str, tried: Try, client: TLSConfig, no_tls: str,
+                 check: MakeCheck) -> Check:
     check_name = old_version_check(version)
     unable = local_support(version)
     if unable:
@@ -425,7 +432,7 @@ def _old_version(version: str, tried, client: TLSConfig, no_tls: str, check) -> 
 
 
 def _profile(normal: Attempt, baseline: Attempt, weak: Attempt | None,
-             check) -> Check:  # noqa: ANN001
+             check: MakeCheck) -> Check:
     """What the harness's client negotiates, against BCP 195."""
     seen = normal if normal.tls_up else baseline
     if not seen.tls_up and weak is not None and weak.tls_up:
@@ -451,9 +458,9 @@ def _profile(normal: Attempt, baseline: Attempt, weak: Attempt | None,
                  "1.2 with ECDHE and AES-GCM or ChaCha20-Poly1305 suites only", REF_PROFILE)
 
 
-def _certificate(baseline: Attempt, normal: Attempt, probes: Client, tried,  # noqa: ANN001
+def _certificate(baseline: Attempt, normal: Attempt, probes: Client, tried: Try,
                  server_name: str | None, warning_days: int, no_tls: str, client: TLSConfig,
-                 check) -> list[Check]:  # noqa: ANN001
+                 check: MakeCheck) -> list[Check]:
     der = baseline.certificate or normal.certificate
     if der is None:
         reason = no_tls or "could not run: the server presented no certificate"
@@ -512,7 +519,7 @@ def _certificate(baseline: Attempt, normal: Attempt, probes: Client, tried,  # n
     return checks
 
 
-def tls_checks(node: Node, timeout_s: float = 5.0) -> list[Check]:
+def tls_checks(node: Node, timeout_s: float = 10.0) -> list[Check]:
     """The TLS checks of a node that declares `tls:`; one skip for a node that does not."""
     spec = node.spec.tls
     if spec is None:
