@@ -149,6 +149,24 @@ def test_client_certificate_not_required_is_found(storescp, pki, policy, expecte
     assert "both sides authenticate" in finding.reference
 
 
+@pytest.mark.parametrize("server_policy, declared, untrusted", [
+    ("--verify-peer-cert", "optional", "pass"), ("--ignore-peer-cert", "none", "skip")])
+def test_declared_client_certificate_policy_decides_what_applies(storescp, pki, server_policy,
+                                                                 declared, untrusted):
+    """A launched node reproducing a site's `client_certificate: optional | none`: accepting
+    a client without a certificate is what was declared (skip, with what was seen); an
+    optional policy still must refuse an untrusted certificate."""
+    port = storescp(*tls_server(pki["server"], server_policy))
+    checks = {c.name: c for c in probe_tls("127.0.0.1", port, AE, client_of(pki), None, 30,
+                                           client_certificate=declared)}
+    no_certificate = checks[tls_probe.NO_CERTIFICATE]
+    assert no_certificate.outcome == "skip"
+    assert no_certificate.observed.startswith("accepted: ")
+    assert f"policy is '{declared}'" in no_certificate.observed
+    assert checks[tls_probe.UNTRUSTED].outcome == untrusted
+    assert not [c for c in checks.values() if c.outcome == "fail"]
+
+
 def test_wrong_certificate_name_fails_the_name_check_alone(storescp, pki):
     checks = probe(storescp(*tls_server(pki["wrong_name"])), pki)
     assert failed(checks) == {tls_probe.NAME}

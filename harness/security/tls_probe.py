@@ -322,6 +322,7 @@ def probe_tls(
     external node's is unknown and taken as required: PS3.15 B.1 wants both sides
     authenticated)."""
     name = node or f"{host}:{port}"
+    server_name = server_name or host
     probes = Client(client, timeout_s)
 
     def check(check_name: str, outcome: str, observed: str, remedy: str = "",
