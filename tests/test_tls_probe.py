@@ -35,6 +35,7 @@ from tests.helpers import CHILD_PYTEST
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 STORESCP = "/usr/bin/storescp"
+ORTHANC = "/usr/sbin/Orthanc"
 AE = "TLSSCP"
 ALL_CHECKS = {
     tls_probe.PLAINTEXT, tls_probe.NO_CERTIFICATE, tls_probe.UNTRUSTED, "TLS 1.0 refused",
@@ -200,6 +201,38 @@ def test_only_retired_cipher_suites_fail_the_profile_check(storescp, pki, tmp_pa
     assert profile.outcome == "fail"
     assert "AES128-SHA only: not a BCP 195 suite" in profile.observed
     assert "ECDHE" in profile.remedy
+
+
+@pytest.mark.skipif(not Path(ORTHANC).exists(), reason=f"{ORTHANC} not installed")
+def test_orthanc_dicom_tls_has_no_minimum_version(pki, tmp_path):
+    """Orthanc 1.10.1's DICOM TLS has no minimum-version option: with an RSA certificate it
+    completes TLS 1.0 and 1.1 handshakes (docs/security.md, limits); the rest passes."""
+    server = rsa_server(pki["ca"], tmp_path)
+    dicom_port, http_port = free_port(), free_port()
+    config = tmp_path / "orthanc.json"
+    config.write_text(json.dumps({
+        "Name": "tls-probe", "StorageDirectory": str(tmp_path / "db"),
+        "IndexDirectory": str(tmp_path / "db"), "DicomAet": AE, "DicomPort": dicom_port,
+        "HttpPort": http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "Plugins": [], "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(server.certificate_file),
+        "DicomTlsPrivateKey": str(server.key_file),
+        "DicomTlsTrustedCertificates": str(server.ca_file),
+        "DicomTlsRemoteCertificateRequired": True}))
+    log = tmp_path / "orthanc.log"
+    proc, handle = spawn([ORTHANC, str(config)], log_path=log, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_in_use("127.0.0.1", dicom_port):
+            assert proc.poll() is None, f"Orthanc exited: {log_tail(log)}"
+            assert time.monotonic() < deadline, f"Orthanc not listening: {log_tail(log)}"
+            time.sleep(0.1)
+        checks = probe(dicom_port, pki)
+    finally:
+        handle.stop()
+        release_port(dicom_port)
+        release_port(http_port)
+    assert failed(checks) == {"TLS 1.0 refused", "TLS 1.1 refused"}
 
 
 def test_server_without_tls_fails_plaintext_and_says_why_the_rest_could_not_run(storescp, pki):
