@@ -347,23 +347,19 @@ def probe_tls(
     control = no_tls or ("" if baseline.answer else "could not run: the harness's own "
                          f"client gets no DICOM answer either ({baseline.outcome()})")
 
-    # refusals: a client the server must not accept
-    for check_name, context, applies in (
-        (NO_CERTIFICATE, probes.context(verify=False, certificate=False),
-         client_certificate == "required"),
-        (UNTRUSTED, None, client_certificate in ("required", "optional")),
-    ):
-        if context is None:
-            with tempfile.TemporaryDirectory(prefix="untrusted-ca-") as directory:
-                stranger = CertificateAuthority.create(Path(directory), "untrusted test CA")
-                material = stranger.issue("stranger", "not-a-trusted-client")
-                context = probes.context(verify=False, certificate=False)
-                context.load_cert_chain(material.certificate_file, material.key_file)
-                outcome = tried(context)
-        else:
-            outcome = tried(context)
-        checks.append(_refusal(check_name, outcome, control, applies, client_certificate,
-                               check))
+    # refusals: clients the server must not accept
+    no_certificate = tried(probes.context(verify=False, certificate=False))
+    checks.append(_refusal(NO_CERTIFICATE, no_certificate, control,
+                           client_certificate == "required", client_certificate, check))
+    with tempfile.TemporaryDirectory(prefix="untrusted-ca-") as directory:
+        stranger = CertificateAuthority.create(Path(directory), "untrusted test CA").issue(
+            "stranger", "not-a-trusted-client")
+        context = probes.context(verify=False, certificate=False)
+        context.load_cert_chain(stranger.certificate_file, stranger.key_file)
+        untrusted = tried(context)
+    checks.append(_refusal(UNTRUSTED, untrusted, control,
+                           client_certificate in ("required", "optional"), client_certificate,
+                           check))
 
     for version in OLD_VERSIONS:
         checks.append(_old_version(version, tried, client, no_tls, check))
