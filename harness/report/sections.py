@@ -28,6 +28,7 @@ from harness.report.blocks import (
 )
 from harness.report.charts import bar_chart, fmt, line_chart, num, status_strip
 from harness.report.compat import connectivity, ingest
+from harness.report.compliance import compliance
 from harness.report.generic import metric_blocks
 
 Built = tuple[list[Any], set[str]]
@@ -50,6 +51,9 @@ PURPOSES = {
                           "instance back with the same pixels, within the restore time."),
     "performance": ("Performance", "The contract's SLA clauses measured under a realistic "
                     "workload."),
+    "security": ("Security and compliance", "Encryption in transit, access control, REST "
+                 "authentication, audit trails and patient data, checked on every node: the "
+                 "infrastructure phase is not ready while any check fails."),
 }
 FINDING_PREFIX_MISSING = "missing_"
 ALTERED_TYPES = ("altered_attributes", "altered_pixels", "recompressed_lossy")
@@ -439,6 +443,7 @@ BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Built]] = {
     "ingest": ingest, "connectivity": connectivity, "assessment": assessment,
     "disaster-recovery": disaster_recovery, "dr": disaster_recovery,
     "migration-under-faults": migration_faults, "migration_faults": migration_faults,
+    "security": compliance,
 }
 
 
