@@ -1,0 +1,180 @@
+"""DICOM over TLS (PS3.15 B.1) on launched Orthanc and embedded-PACS nodes, end to end.
+
+Checked from outside the harness's own client: DCMTK's echoscu/findscu (+tls) by absolute
+path, Python's ssl for the negotiated protocol, Orthanc's REST API and pydicom reads for
+what arrived.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import ssl
+import subprocess
+
+import pydicom
+import pytest
+import requests
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom.sop_class import Verification
+
+from harness.cluster import Cluster
+from harness.config import parse_topology
+from harness.dicom.pdu import associate_rq
+from harness.errors import ConfigError
+from harness.fixtures import pacs_cluster_factory
+from synthetic_data.samples import sample_study
+from tests.helpers import run_cli
+
+cluster = pacs_cluster_factory(
+    "name: tls\nnodes:\n"
+    "  orthanc: {kind: orthanc, ae_title: TLSORTHANC, tls: {generate: true}}\n"
+    "  embedded: {kind: embedded, ae_title: TLSEMBEDDED, tls: {generate: true}}\n",
+    scope="module",
+    requires=("Orthanc",),
+)
+KINDS = ("orthanc", "embedded")
+
+
+def _dcmtk(node, program: str, *args: str, tls: bool = True) -> subprocess.CompletedProcess:
+    """A DCMTK tool as installed, with the harness's certificate (+tls KEY CERT +cf CA)."""
+    material = node.harness_tls_material
+    over_tls = ["+tls", str(material.key_file), str(material.certificate_file),
+                "+cf", str(material.ca_file)] if tls else []
+    return subprocess.run(
+        [f"/usr/bin/{program}", *over_tls, "-to", "20", "-ta", "20", "-td", "20",
+         "-aet", "PACSHARNESS", "-aec", node.ae_title, *args, node.host, str(node.dicom_port)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def _study_on(node, study_uid: str) -> list[str]:
+    """SOP Instance UIDs DCMTK's findscu (+tls) finds in the study."""
+    proc = _dcmtk(node, "findscu", "-S", "-k", "QueryRetrieveLevel=IMAGE",
+                  "-k", f"StudyInstanceUID={study_uid}", "-k", "SOPInstanceUID")
+    assert proc.returncode == 0, proc.stderr
+    return sorted(line.split("[", 1)[1].split("]", 1)[0].rstrip("\x00 ")
+                  for line in proc.stderr.splitlines() if "(0008,0018)" in line)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_echoscu_needs_tls(cluster, kind):
+    """DCMTK's echoscu with the harness's certificate is answered; without TLS it is not
+    (one DICOM port, TLS only)."""
+    node = cluster.node(kind)
+    assert _dcmtk(node, "echoscu").returncode == 0
+    plain = _dcmtk(node, "echoscu", tls=False)
+    assert plain.returncode != 0
+    assert "Association Request Failed" in plain.stderr
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
+@pytest.mark.parametrize("kind", KINDS)
+def test_protocol_is_tls_1_2_or_later(cluster, kind):
+    """Python's ssl negotiates TLS 1.2+; a client capped at TLS 1.1 is refused."""
+    node = cluster.node(kind)
+    material = node.harness_tls_material
+    context = ssl.create_default_context(cafile=str(material.ca_file))
+    context.load_cert_chain(str(material.certificate_file), str(material.key_file))
+    with socket.create_connection((node.host, node.dicom_port), timeout=30) as raw, \
+            context.wrap_socket(raw, server_hostname=node.host) as tls:
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.load_cert_chain(str(material.certificate_file), str(material.key_file))
+    with socket.create_connection((node.host, node.dicom_port), timeout=30) as raw:
+        with pytest.raises(ssl.SSLError):
+            old.wrap_socket(raw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_store_find_get_round_trip_over_tls(cluster, kind):
+    """The harness's C-STORE, C-FIND and C-GET speak TLS to the node; pixel data comes back
+    byte for byte, and DCMTK's findscu (+tls) sees the instances."""
+    node = cluster.node(kind)
+    study = sample_study(seed=1500 + KINDS.index(kind), instances=2)
+    client = node.dimse()
+    assert client.store(study).ok
+    uid = study[0].StudyInstanceUID
+    assert len(client.find("STUDY", {"StudyInstanceUID": uid}).matches) == 1
+    got = client.get("STUDY", {"StudyInstanceUID": uid})
+    assert got.ok and got.completed == 2
+    sent = {ds.SOPInstanceUID: ds.PixelData for ds in study}
+    assert {i.sop_instance_uid: i.dataset.PixelData for i in got.instances} == sent
+    assert _study_on(node, uid) == sorted(sent)
+
+
+def test_cli_store_to_a_tls_node(cluster, tmp_path):
+    """`pacs-harness store` to a TLS node declared as an external one with the site's files
+    (ca, certificate, key) exits 0 and the instance is there (findscu +tls)."""
+    node = cluster.node("embedded")
+    material = node.harness_tls_material
+    topology = tmp_path / "t.yaml"
+    topology.write_text(
+        "name: cli-tls\nnodes:\n  site: {kind: external, writable: true, "
+        f"ae_title: {node.ae_title}, host: 127.0.0.1, dicom_port: {node.dicom_port}, "
+        f"tls: {{ca: {material.ca_file}, certificate: {material.certificate_file}, "
+        f"key: {material.key_file}}}}}\n"
+    )
+    ds = sample_study(seed=1510)[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ds.save_as(folder / "one.dcm", enforce_file_format=True)
+    proc = run_cli("store", "--topology", str(topology), "--to", "site", str(folder))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _study_on(node, ds.StudyInstanceUID) == [ds.SOPInstanceUID]
+
+
+def test_move_between_tls_nodes(cluster):
+    """C-MOVE embedded -> Orthanc and Orthanc -> embedded, both ends TLS only: the
+    destination holds the same pixel data (Orthanc's REST API; findscu +tls)."""
+    orthanc, embedded = cluster.node("orthanc"), cluster.node("embedded")
+    to_orthanc, to_embedded = sample_study(seed=1520), sample_study(seed=1521)
+    assert embedded.dimse().store(to_orthanc).ok
+    assert orthanc.dimse().store(to_embedded).ok
+
+    moved = embedded.dimse().move(orthanc.ae_title, "STUDY",
+                                  {"StudyInstanceUID": to_orthanc[0].StudyInstanceUID})
+    assert moved.ok and moved.completed == 1, moved
+    found = orthanc.rest().lookup(to_orthanc[0].SOPInstanceUID)
+    assert [f["Type"] for f in found] == ["Instance"]
+    file = requests.get(f"{orthanc.http_url}/instances/{found[0]['ID']}/file",
+                        auth=orthanc.generated_credentials, timeout=60)
+    file.raise_for_status()
+    arrived = pydicom.dcmread(io.BytesIO(file.content))
+    assert arrived.PixelData == to_orthanc[0].PixelData
+
+    moved = orthanc.dimse().move(embedded.ae_title, "STUDY",
+                                 {"StudyInstanceUID": to_embedded[0].StudyInstanceUID})
+    assert moved.ok and moved.completed == 1, moved
+    assert _study_on(embedded, to_embedded[0].StudyInstanceUID) == [
+        to_embedded[0].SOPInstanceUID]
+
+
+def test_embedded_drops_plaintext_and_silent_clients(cluster):
+    """A plaintext A-ASSOCIATE-RQ on the TLS port is dropped, and a client that connects and
+    never handshakes does not hold up the others (the handshake runs per connection)."""
+    node = cluster.node("embedded")
+    with socket.create_connection((node.host, node.dicom_port), timeout=60):  # never speaks
+        with socket.create_connection((node.host, node.dicom_port), timeout=60) as plain:
+            plain.sendall(associate_rq(node.ae_title, "PACSHARNESS",
+                                       [(Verification, ImplicitVRLittleEndian)], 16384))
+            try:
+                answer = plain.recv(6)
+            except ConnectionResetError:
+                answer = b""
+            assert not answer.startswith(b"\x02")  # no A-ASSOCIATE-AC in the clear
+        assert node.dimse(timeout_s=30).echo().status.ok
+    assert _dcmtk(node, "echoscu").returncode == 0
+
+
+def test_orthanc_refuses_a_min_version_it_cannot_honour(tmp_path):
+    """Orthanc 1.10.1 has no DICOM TLS version setting: min_version 1.1 is a ConfigError
+    naming the node and the field, before anything runs."""
+    topology = parse_topology(
+        "name: old\nnodes:\n  legacy: {kind: orthanc, tls: {generate: true, min_version: '1.1'}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"node legacy: tls.min_version '1.1'"):
+        Cluster.launch(topology, root=tmp_path / "run").stop()
