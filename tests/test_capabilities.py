@@ -279,18 +279,32 @@ def test_store_associations_keep_every_instance(node):
     assert node.held_statistics().statistics.instances == before + 6
 
 
-def test_tls(node):
-    """A TLS handshake on the DICOM port succeeds only where TLS is declared (PS3.15 B.1)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection((node.host, node.dicom_port), timeout=15) as raw:
-        if node.capabilities.tls:
-            with context.wrap_socket(raw) as tls:
-                assert tls.version()
-        else:
+def test_tls(node, tmp_path):
+    """A TLS handshake on the DICOM port succeeds only where TLS is declared (PS3.15 B.1):
+    a kind declaring it is launched once more with `tls: {generate: true}` and shakes hands
+    with the run's CA and the harness's certificate; a kind without it refuses TLS."""
+    if not node.capabilities.tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection((node.host, node.dicom_port), timeout=15) as raw:
             with pytest.raises((ssl.SSLError, OSError)):
                 context.wrap_socket(raw)
+        return
+    topology = parse_topology(
+        f"name: caps-tls\nnodes:\n  t: {{kind: {node.kind}, tls: {{generate: true}}}}\n"
+    )
+    launched = Cluster.launch(topology, root=tmp_path / "run")
+    try:
+        tls_node = launched.node("t")
+        material = tls_node.harness_tls_material
+        context = ssl.create_default_context(cafile=str(material.ca_file))
+        context.load_cert_chain(str(material.certificate_file), str(material.key_file))
+        with socket.create_connection((tls_node.host, tls_node.dicom_port), timeout=15) as raw:
+            with context.wrap_socket(raw, server_hostname=tls_node.host) as tls:
+                assert tls.version()
+    finally:
+        launched.stop()
 
 
 def test_binaries_come_from_the_packages_the_hints_name(node):
