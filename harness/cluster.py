@@ -113,7 +113,10 @@ class Cluster:
 
     @property
     def harness_peer(self) -> Peer:
-        """The harness's own storage SCP, a C-MOVE destination every node knows."""
+        """The harness's own storage SCP, a C-MOVE destination every node knows. It stays
+        plain TCP (tls=False) in a TLS topology: it listens on loopback only and holds no
+        data, and a TLS node calls it without TLS (Orthanc: no UseDicomTls; embedded: no
+        "tls" in peers.json)."""
         return Peer("pacs-harness", HARNESS_AE_TITLE, "127.0.0.1", self.harness_port)
 
     # -- launch ------------------------------------------------------------------------

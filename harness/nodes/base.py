@@ -244,8 +244,15 @@ class Node:
         return [*self.image_program, *self.arguments()]
 
     def container_mounts(self) -> dict[Path, str]:
-        """The work directory appears at the same path inside, so generated configs hold."""
-        return {self.workdir: str(self.workdir)}
+        """The work directory appears at the same path inside, so generated configs hold;
+        so do the node's own TLS files (its certificate, key and the CA certificate; not the
+        rest of <root>/tls, which holds the CA's key)."""
+        mounts = {self.workdir: str(self.workdir)}
+        if self.tls_material is not None:
+            material = self.tls_material
+            for path in (material.certificate_file, material.key_file, material.ca_file):
+                mounts[Path(path)] = str(path)
+        return mounts
 
     def container_environment(self) -> dict[str, str]:
         return {}
