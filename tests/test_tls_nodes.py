@@ -8,6 +8,7 @@ what arrived.
 from __future__ import annotations
 
 import io
+import json
 import socket
 import ssl
 import subprocess
@@ -19,10 +20,11 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom.sop_class import Verification
 
 from harness.cluster import Cluster
-from harness.config import parse_topology
+from harness.config import load_topology, parse_topology
 from harness.dicom.pdu import associate_rq
 from harness.errors import ConfigError
 from harness.fixtures import pacs_cluster_factory
+from harness.launch.state import state_dir_for
 from synthetic_data.samples import sample_study
 from tests.helpers import run_cli
 
@@ -178,3 +180,45 @@ def test_orthanc_refuses_a_min_version_it_cannot_honour(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"node legacy: tls.min_version '1.1'"):
         Cluster.launch(topology, root=tmp_path / "run").stop()
+
+
+def test_cli_up_store_migrate_inventory_verify_down_over_tls(tmp_path):
+    """The commands a user runs against a detached TLS topology (the certificates' paths kept
+    in the state file): up, store, migrate (C-MOVE embedded -> Orthanc, both TLS),
+    inventory, verify, down; each exits 0 and Orthanc's REST API counts what was sent."""
+    topology = tmp_path / "tls.yaml"
+    topology.write_text(
+        "name: tls-cli\nnodes:\n"
+        "  legacy: {kind: embedded, ae_title: TLSLEGACY, tls: {generate: true}}\n"
+        "  central: {kind: orthanc, ae_title: TLSCENTRAL, tls: {generate: true}}\n"
+    )
+    folder = tmp_path / "study"
+    folder.mkdir()
+    study = sample_study(seed=1530, instances=3)
+    for ds in study:
+        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    topo = ("--topology", str(topology))
+    up = run_cli("up", *topo, cwd=tmp_path)
+    assert up.returncode == 0, up.stderr
+    try:
+        steps = [
+            ("store", *topo, "--to", "legacy", str(folder)),
+            ("migrate", *topo, "--from", "legacy", "--to", "central"),
+            ("inventory", *topo, "--node", "central"),
+            ("verify", *topo, "--source", "legacy", "--target", "central"),
+        ]
+        for step in steps:
+            proc = run_cli(*step, cwd=tmp_path)
+            assert proc.returncode == 0, f"{step[0]}: {proc.stdout}{proc.stderr}"
+        state = json.loads((state_dir_for(load_topology(topology)) / "state.json").read_text())
+        central = state["nodes"]["central"]
+        rest = requests.get(f"http://127.0.0.1:{central['http_port']}/instances",
+                            auth=tuple(central["http_credentials"]), timeout=60)
+        rest.raise_for_status()
+        held = {requests.get(f"http://127.0.0.1:{central['http_port']}/instances/{i}/simplified-tags",
+                             auth=tuple(central["http_credentials"]), timeout=60)
+                .json()["SOPInstanceUID"] for i in rest.json()}
+        assert held == {str(ds.SOPInstanceUID) for ds in study}
+    finally:
+        down = run_cli("down", *topo, cwd=tmp_path)
+    assert down.returncode == 0, down.stderr
