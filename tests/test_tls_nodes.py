@@ -210,6 +210,18 @@ def test_cli_up_store_migrate_inventory_verify_down_over_tls(tmp_path):
         for step in steps:
             proc = run_cli(*step, cwd=tmp_path)
             assert proc.returncode == 0, f"{step[0]}: {proc.stdout}{proc.stderr}"
+        workload = tmp_path / "w.yaml"
+        workload.write_text(
+            "name: tls\nduration_s: 2\nmax_operations: 60\n"
+            "dataset: {studies: 1, instances_per_study: 2, scale: small}\ngroups:\n"
+            + "".join(f"  - {{operation: {op}, users: 1}}\n"
+                      for op in ("c-echo", "c-store", "c-find", "c-get", "c-move"))
+        )
+        load = run_cli("load", *topo, "--node", "legacy", "--workload", str(workload),
+                       "--json", cwd=tmp_path)
+        assert load.returncode == 0, load.stdout + load.stderr
+        operations = json.loads(load.stdout)["operations"]
+        assert all(op["count"] > 0 and op["errors"] == 0 for op in operations.values()), operations
         state = json.loads((state_dir_for(load_topology(topology)) / "state.json").read_text())
         central = state["nodes"]["central"]
         rest = requests.get(f"http://127.0.0.1:{central['http_port']}/instances",
