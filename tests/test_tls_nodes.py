@@ -185,7 +185,8 @@ def test_orthanc_refuses_a_min_version_it_cannot_honour(tmp_path):
 def test_cli_up_store_migrate_inventory_verify_down_over_tls(tmp_path):
     """The commands a user runs against a detached TLS topology (the certificates' paths kept
     in the state file): up, store, migrate (C-MOVE embedded -> Orthanc, both TLS),
-    inventory, verify, down; each exits 0 and Orthanc's REST API counts what was sent."""
+    inventory, verify, load (the harness's engine and Locust workers), down; each exits 0,
+    Orthanc's REST API holds what was migrated and every load operation succeeded."""
     topology = tmp_path / "tls.yaml"
     topology.write_text(
         "name: tls-cli\nnodes:\n"
@@ -210,18 +211,6 @@ def test_cli_up_store_migrate_inventory_verify_down_over_tls(tmp_path):
         for step in steps:
             proc = run_cli(*step, cwd=tmp_path)
             assert proc.returncode == 0, f"{step[0]}: {proc.stdout}{proc.stderr}"
-        workload = tmp_path / "w.yaml"
-        workload.write_text(
-            "name: tls\nduration_s: 2\nmax_operations: 60\n"
-            "dataset: {studies: 1, instances_per_study: 2, scale: small}\ngroups:\n"
-            + "".join(f"  - {{operation: {op}, users: 1}}\n"
-                      for op in ("c-echo", "c-store", "c-find", "c-get", "c-move"))
-        )
-        load = run_cli("load", *topo, "--node", "legacy", "--workload", str(workload),
-                       "--json", cwd=tmp_path)
-        assert load.returncode == 0, load.stdout + load.stderr
-        operations = json.loads(load.stdout)["operations"]
-        assert all(op["count"] > 0 and op["errors"] == 0 for op in operations.values()), operations
         state = json.loads((state_dir_for(load_topology(topology)) / "state.json").read_text())
         central = state["nodes"]["central"]
         rest = requests.get(f"http://127.0.0.1:{central['http_port']}/instances",
@@ -231,6 +220,33 @@ def test_cli_up_store_migrate_inventory_verify_down_over_tls(tmp_path):
                              auth=tuple(central["http_credentials"]), timeout=60)
                 .json()["SOPInstanceUID"] for i in rest.json()}
         assert held == {str(ds.SOPInstanceUID) for ds in study}
+        # the harness's own engine on the embedded node (its C-MOVEs reach the harness's
+        # plain receiver while its own port is TLS only); Locust workers on Orthanc
+        for node, operations, engine in (
+            ("legacy", ("c-echo", "c-store", "c-find", "c-get", "c-move"), ()),
+            ("central", ("c-echo", "c-store", "c-find", "c-get"),
+             ("--locust", "--processes", "1")),
+        ):
+            workload = tmp_path / f"{node}.yaml"
+            workload.write_text(
+                "name: tls\nduration_s: 2\nmax_operations: 60\n"
+                "dataset: {studies: 1, instances_per_study: 2, scale: small}\ngroups:\n"
+                + "".join(f"  - {{operation: {op}, users: 1}}\n" for op in operations)
+            )
+            load = run_cli("load", *topo, "--node", node, "--workload", str(workload),
+                           "--json", *engine, cwd=tmp_path)
+            assert load.returncode == 0, load.stdout + load.stderr
+            results = json.loads(load.stdout)
+            if engine:  # Locust's statistics: one row per operation and "Aggregated"
+                stats = results["stats"]
+                assert len(stats) == len(operations) + 1, stats
+                assert stats["Aggregated"]["failures"] == 0, results["master_log_tail"]
+                assert all(row["count"] > 0 for row in stats.values()), stats
+            else:
+                measured = results["operations"]
+                assert len(measured) == len(operations)
+                assert all(op["count"] > 0 and op["errors"] == 0
+                           for op in measured.values()), (node, measured)
     finally:
         down = run_cli("down", *topo, cwd=tmp_path)
     assert down.returncode == 0, down.stderr
