@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import select
 import socket
 import ssl
 import subprocess
@@ -17,6 +18,7 @@ import pydicom
 import pytest
 import requests
 from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from harness.cluster import Cluster
@@ -25,8 +27,10 @@ from harness.dicom.pdu import associate_rq
 from harness.errors import ConfigError
 from harness.fixtures import pacs_cluster_factory
 from harness.launch.state import state_dir_for
+from harness.security.certificates import CertificateAuthority
 from synthetic_data.samples import sample_study
 from tests.helpers import run_cli
+from tests.test_embedded_server import start_node
 
 cluster = pacs_cluster_factory(
     "name: tls\nnodes:\n"
@@ -250,3 +254,90 @@ def test_cli_up_store_migrate_inventory_verify_down_over_tls(tmp_path):
     finally:
         down = run_cli("down", *topo, cwd=tmp_path)
     assert down.returncode == 0, down.stderr
+
+
+# -- the embedded PACS's own TLS settings, on a node of its own with a short --timeout -------
+
+
+@pytest.fixture(scope="module")
+def strict_embedded(tmp_path_factory):
+    """An embedded PACS taking TLS 1.3 only, client certificates optional, --timeout 2;
+    and certificates from its CA and from a CA it does not trust."""
+    root = tmp_path_factory.mktemp("strict")
+    trusted = CertificateAuthority.create(root / "ca", "strict CA")
+    stranger = CertificateAuthority.create(root / "other", "other CA")
+    own = trusted.issue("node", "STRICT")
+    finalizers: list = []
+    node = start_node(
+        "STRICT", root / "storage", finalizers.append, extra_args=(
+            "--timeout", "2", "--tls-certificate", str(own.certificate_file),
+            "--tls-key", str(own.key_file), "--tls-ca", str(own.ca_file),
+            "--tls-min-version", "1.3", "--tls-client-certificate", "optional"),
+    )
+    yield node, trusted.issue("harness", "PACSHARNESS"), stranger.issue("intruder", "INTRUDER")
+    for stop in finalizers:
+        stop()
+
+
+def _echo(port: int, context: ssl.SSLContext) -> bool:
+    """C-ECHO over TLS with pynetdicom (not the harness's client)."""
+    ae = AE(ae_title="PACSHARNESS")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 30
+    assoc = ae.associate("127.0.0.1", port, ae_title="STRICT", tls_args=(context, "127.0.0.1"))
+    if not assoc.is_established:
+        return False
+    try:
+        return int(assoc.send_c_echo().Status) == 0
+    finally:
+        assoc.release()
+
+
+def _context(ca_file, material=None, version=None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    if material is not None:
+        context.load_cert_chain(str(material.certificate_file), str(material.key_file))
+    if version is not None:
+        context.maximum_version = version
+    return context
+
+
+def test_embedded_tls_settings_are_honoured(strict_embedded):
+    """--tls-min-version 1.3 refuses a TLS 1.2 client; --tls-client-certificate optional
+    takes a client without a certificate but not one with a certificate of another CA."""
+    node, harness, intruder = strict_embedded
+    assert _echo(node.port, _context(harness.ca_file, harness))
+    assert _echo(node.port, _context(harness.ca_file))  # no client certificate: optional
+    assert not _echo(node.port, _context(harness.ca_file, intruder))
+    assert not _echo(node.port, _context(harness.ca_file, harness, ssl.TLSVersion.TLSv1_2))
+    log = "".join(node.log)
+    assert "TLS handshake failed" in log
+
+
+def test_embedded_drops_a_dripping_tls_handshake(strict_embedded):
+    """A client sending its ClientHello one byte at a time is cut off by the ARTIM deadline
+    (--timeout 2), not served forever; the node still answers afterwards."""
+    node, harness, _ = strict_embedded
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    hello_maker = _context(harness.ca_file).wrap_bio(incoming, outgoing,
+                                                     server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        hello_maker.do_handshake()
+    hello = outgoing.read()
+    closed = False
+    with socket.create_connection(("127.0.0.1", node.port), timeout=60) as dripper:
+        for byte in hello:
+            try:
+                dripper.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            readable, _, _ = select.select([dripper], [], [], 0.5)
+            if readable:
+                try:
+                    closed = dripper.recv(1) == b""
+                except OSError:
+                    closed = True
+                break
+    assert closed, "the server kept a dripping handshake open"
+    assert _echo(node.port, _context(harness.ca_file, harness))
