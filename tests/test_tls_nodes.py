@@ -42,11 +42,16 @@ cluster = pacs_cluster_factory(
 KINDS = ("orthanc", "embedded")
 
 
-def _dcmtk(node, program: str, *args: str, tls: bool = True) -> subprocess.CompletedProcess:
-    """A DCMTK tool as installed, with the harness's certificate (+tls KEY CERT +cf CA)."""
+def _dcmtk(node, program: str, *args: str, tls: str = "certificate") -> subprocess.CompletedProcess:
+    """A DCMTK tool as installed, with the harness's certificate (+tls KEY CERT +cf CA),
+    TLS without a client certificate (tls="anonymous": +tla +cf CA) or plain (tls="")."""
     material = node.harness_tls_material
-    over_tls = ["+tls", str(material.key_file), str(material.certificate_file),
-                "+cf", str(material.ca_file)] if tls else []
+    over_tls = {
+        "certificate": ["+tls", str(material.key_file), str(material.certificate_file)],
+        "anonymous": ["+tla"],
+    }.get(tls, [])
+    if tls:
+        over_tls += ["+cf", str(material.ca_file)]
     return subprocess.run(
         [f"/usr/bin/{program}", *over_tls, "-to", "20", "-ta", "20", "-td", "20",
          "-aet", "PACSHARNESS", "-aec", node.ae_title, *args, node.host, str(node.dicom_port)],
@@ -64,14 +69,16 @@ def _study_on(node, study_uid: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_echoscu_needs_tls(cluster, kind):
+def test_echoscu_needs_tls_and_a_certificate(cluster, kind):
     """DCMTK's echoscu with the harness's certificate is answered; without TLS it is not
-    (one DICOM port, TLS only)."""
+    (one DICOM port, TLS only), nor over TLS without a client certificate (the default
+    client_certificate: required)."""
     node = cluster.node(kind)
     assert _dcmtk(node, "echoscu").returncode == 0
-    plain = _dcmtk(node, "echoscu", tls=False)
-    assert plain.returncode != 0
-    assert "Association Request Failed" in plain.stderr
+    for how in ("", "anonymous"):
+        refused = _dcmtk(node, "echoscu", tls=how)
+        assert refused.returncode != 0, how
+        assert "Association Request Failed" in refused.stderr, (how, refused.stderr)
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
