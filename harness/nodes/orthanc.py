@@ -23,13 +23,14 @@ is presented). Orthanc has one DICOM port: with TLS on it speaks TLS only, a pla
 A-ASSOCIATE-RQ gets no answer but a closed connection. Peers that take TLS get
 `"UseDicomTls": true` in `DicomModalities`, so its C-MOVEs to them are TLS too.
 Orthanc 1.10.1 (Debian, DCMTK 3.6.7) has no setting for the DICOM TLS protocol versions or
-ciphers (only the HTTP server's `SslMinimumProtocolVersion`). Measured with `openssl s_client`
-against the run's certificates (ECDSA P-256, harness/security/certificates.py): TLS 1.0, 1.1
-and 1.2 get a handshake-failure alert (even with ECDHE-ECDSA suites: DCMTK's BCP 195 profile
-lists only RSA suites for TLS 1.2), TLS 1.3 is accepted with TLS_AES_128_GCM_SHA256,
-TLS_AES_256_GCM_SHA384 and TLS_CHACHA20_POLY1305_SHA256. So min_version "1.2" and "1.3" hold
-(nothing older is taken); "1.0" or "1.1" cannot be honoured and are refused at prepare
-(ConfigError) rather than launched with a setting Orthanc does not have.
+ciphers (only the HTTP server's `SslMinimumProtocolVersion`); DCMTK's default, the
+non-downgrading BCP 195 profile, decides. Measured with `openssl s_client`: TLS 1.0 and 1.1
+get a handshake-failure alert; TLS 1.3 is accepted (TLS_AES_128_GCM_SHA256,
+TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256); TLS 1.2 only with an RSA certificate
+(ECDHE-RSA- and DHE-RSA-AES128/256-GCM), so with the run's ECDSA P-256 certificates
+(harness/security/certificates.py) Orthanc speaks TLS 1.3 only. Either way min_version "1.2"
+and "1.3" hold (nothing older is taken); "1.0" or "1.1" cannot be honoured and are refused at
+prepare (ConfigError) rather than launched with a setting Orthanc does not have.
 """
 
 from __future__ import annotations
