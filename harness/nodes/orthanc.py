@@ -23,8 +23,8 @@ is presented). Orthanc has one DICOM port: with TLS on it speaks TLS only, a pla
 A-ASSOCIATE-RQ gets no answer but a closed connection. Peers that take TLS get
 `"UseDicomTls": true` in `DicomModalities`, so its C-MOVEs to them are TLS too.
 Orthanc 1.10.1 (Debian, DCMTK 3.6.7) has no setting for the DICOM TLS protocol versions or
-ciphers (only the HTTP server's `SslMinimumProtocolVersion`); DCMTK's default, the
-non-downgrading BCP 195 profile, decides. Measured with `openssl s_client`: TLS 1.0 and 1.1
+ciphers (only the HTTP server's `SslMinimumProtocolVersion`); what it takes matches DCMTK's
+non-downgrading BCP 195 profile. Measured with `openssl s_client`: TLS 1.0 and 1.1
 get a handshake-failure alert; TLS 1.3 is accepted (TLS_AES_128_GCM_SHA256,
 TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256); TLS 1.2 only with an RSA certificate
 (ECDHE-RSA- and DHE-RSA-AES128/256-GCM), so with the run's ECDSA P-256 certificates
