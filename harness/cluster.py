@@ -182,7 +182,8 @@ class Cluster:
         cluster.start_links()
         cluster.issue_certificates()
         peers = [
-            Peer(n.name, n.ae_title, n.host, n.dicom_port, tls=n.spec.tls is not None)
+            Peer(n.name, n.ae_title, n.host, n.dicom_port, tls=n.spec.tls is not None,
+                 ca_file=n.tls_signer())
             for n in nodes.values()
         ]
         peers.append(cluster.harness_peer)

@@ -348,3 +348,43 @@ def test_embedded_drops_a_dripping_tls_handshake(strict_embedded):
                 break
     assert closed, "the server kept a dripping handshake open"
     assert _echo(node.port, _context(harness.ca_file, harness))
+
+
+def test_orthanc_moves_to_a_site_pacs_signed_by_another_ca(tmp_path):
+    """A site PACS (external, its own CA: tls.ca) next to a launched TLS Orthanc: Orthanc
+    trusts that CA too (trusted-ca.pem) and its C-MOVE reaches the site over TLS."""
+    site_ca = CertificateAuthority.create(tmp_path / "site-ca", "site CA")
+    site_cert = site_ca.issue("site", "SITEPACS")
+    finalizers: list = []
+    site = start_node(
+        "SITEPACS", tmp_path / "site", finalizers.append, extra_args=(
+            "--tls-certificate", str(site_cert.certificate_file),
+            "--tls-key", str(site_cert.key_file), "--tls-ca", str(site_cert.ca_file),
+            "--tls-client-certificate", "none"),
+    )
+    topology = parse_topology(
+        "name: mixed\nnodes:\n"
+        "  central: {kind: orthanc, ae_title: MIXCENTRAL, tls: {generate: true}}\n"
+        f"  site: {{kind: external, ae_title: SITEPACS, host: 127.0.0.1, "
+        f"dicom_port: {site.port}, tls: {{ca: {site_cert.ca_file}}}}}\n"
+    )
+    launched = Cluster.launch(topology, root=tmp_path / "run")
+    try:
+        central = launched.node("central")
+        study = sample_study(seed=1540)
+        assert central.dimse().store(study).ok
+        moved = central.dimse().move("SITEPACS", "STUDY",
+                                     {"StudyInstanceUID": study[0].StudyInstanceUID})
+        assert moved.ok and moved.completed == 1, moved
+        findscu = subprocess.run(
+            ["/usr/bin/findscu", "+tla", "+cf", str(site_cert.ca_file), "-S",
+             "-aet", "PACSHARNESS", "-aec", "SITEPACS", "-k", "QueryRetrieveLevel=STUDY",
+             "-k", f"StudyInstanceUID={study[0].StudyInstanceUID}", "127.0.0.1", str(site.port)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert findscu.returncode == 0, findscu.stderr
+        assert study[0].StudyInstanceUID in findscu.stderr
+    finally:
+        launched.stop()
+        for stop in finalizers:
+            stop()

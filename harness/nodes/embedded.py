@@ -86,7 +86,7 @@ class EmbeddedNode(Node):
         return [
             "--tls-certificate", str(material.certificate_file),
             "--tls-key", str(material.key_file),
-            "--tls-ca", str(material.ca_file),
+            "--tls-ca", self.trusted_ca_file(),
             "--tls-min-version", tls.min_version,
             "--tls-client-certificate", tls.client_certificate,
         ]

@@ -16,8 +16,9 @@ Exposure (a harness pointed at a hospital network must not open a door into it):
   on 0.0.0.0. The two checks above are what keeps other hosts out.
 
 DICOM TLS (PS3.15 B.1), `tls: {generate: true}`: `DicomTlsEnabled` with the node's generated
-certificate, the run's CA as `DicomTlsTrustedCertificates` (for clients and for the peers it
-calls) and `DicomTlsRemoteCertificateRequired` from `tls.client_certificate` ("required": true;
+certificate, the run's CA (and the `tls.ca` of external TLS peers) as
+`DicomTlsTrustedCertificates` (for clients and for the peers it calls), and
+`DicomTlsRemoteCertificateRequired` from `tls.client_certificate` ("required": true;
 "optional" and "none": false, where Orthanc still asks for a certificate and checks one that
 is presented). Orthanc has one DICOM port: with TLS on it speaks TLS only, a plaintext
 A-ASSOCIATE-RQ gets no answer but a closed connection. Peers that take TLS get
@@ -152,7 +153,7 @@ def tls_configuration(node: Node) -> dict:
         "DicomTlsEnabled": True,
         "DicomTlsCertificate": str(material.certificate_file),
         "DicomTlsPrivateKey": str(material.key_file),
-        "DicomTlsTrustedCertificates": str(material.ca_file),
+        "DicomTlsTrustedCertificates": node.trusted_ca_file(),
         "DicomTlsRemoteCertificateRequired": tls.client_certificate == "required",
     }
 
