@@ -113,7 +113,10 @@ class Cluster:
 
     @property
     def harness_peer(self) -> Peer:
-        """The harness's own storage SCP, a C-MOVE destination every node knows."""
+        """The harness's own storage SCP, a C-MOVE destination every node knows. It stays
+        plain TCP (tls=False) in a TLS topology: it listens on loopback only and holds no
+        data, and a TLS node calls it without TLS (Orthanc: no UseDicomTls; embedded: no
+        "tls" in peers.json)."""
         return Peer("pacs-harness", HARNESS_AE_TITLE, "127.0.0.1", self.harness_port)
 
     # -- launch ------------------------------------------------------------------------
@@ -179,7 +182,8 @@ class Cluster:
         cluster.start_links()
         cluster.issue_certificates()
         peers = [
-            Peer(n.name, n.ae_title, n.host, n.dicom_port, tls=n.spec.tls is not None)
+            Peer(n.name, n.ae_title, n.host, n.dicom_port, tls=n.spec.tls is not None,
+                 ca_file=n.tls_signer())
             for n in nodes.values()
         ]
         peers.append(cluster.harness_peer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -92,7 +93,9 @@ def locust_target(runner: Any) -> dict[str, Any]:
     described.pop("source")
     return {
         "node": {"name": node.name, "host": node.host, "dicom_port": node.dicom_port,
-                 "ae_title": node.ae_title, "dicomweb_url": web.root_url if web else None},
+                 "ae_title": node.ae_title, "dicomweb_url": web.root_url if web else None,
+                 # file paths only (TLSConfig): a TLS node's workers speak TLS too
+                 "tls": dataclasses.asdict(tls) if (tls := node.tls_client()) else None},
         "workload": described,
         "studies": [s.__dict__ for s in runner.studies],
         "dataset_stored": runner.dataset_stored,

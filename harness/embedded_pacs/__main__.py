@@ -2,7 +2,12 @@
 
     python -m harness.embedded_pacs --ae-title LEGACY --port 11112 --storage DIR \\
         --peers PEERS.json [--host 127.0.0.1] [--log-level info] [--timeout 30] \\
-        [--audit-syslog udp://127.0.0.1:PORT]
+        [--audit-syslog udp://127.0.0.1:PORT] \\
+        [--tls-certificate PEM --tls-key PEM --tls-ca PEM [--tls-min-version 1.2]
+         [--tls-client-certificate required|optional|none]]
+
+With ``--tls-*`` the port takes DICOM over TLS only (PS3.15 B.1); the same certificate is
+presented on C-MOVE sub-associations to peers the peers file marks ``"tls": true``.
 
 ``--port 0`` binds an ephemeral port; the startup line on stderr always names the real one::
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 
@@ -24,7 +30,13 @@ import pydicom.config
 from pynetdicom import _config
 
 from harness.embedded_pacs.audit import AuditSender, AuditSyslogError, parse_target
-from harness.embedded_pacs.connection import DEFAULT_TIMEOUT_S
+from harness.embedded_pacs.connection import (
+    CLIENT_CERTIFICATE_MODES,
+    DEFAULT_TIMEOUT_S,
+    TLS_VERSIONS,
+    client_tls_context,
+    server_tls_context,
+)
 from harness.embedded_pacs.server import serve
 
 
@@ -60,7 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="send one RFC 5424 audit message per operation served there (default: none)",
     )
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
+    check_tls_arguments(parser, args)
     if args.audit_syslog is not None:
         try:
             parse_target(args.audit_syslog)
@@ -75,6 +89,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--port {args.port}: out of range")
     args.ae_title = title
     return args
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """DICOM over TLS (PS3.15 B.1): all three files, or none for plain TCP."""
+    tls = parser.add_argument_group("DICOM over TLS")
+    tls.add_argument("--tls-certificate", type=Path, help="this node's certificate (PEM)")
+    tls.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    tls.add_argument("--tls-ca", type=Path, help="CA certificates trusted for peers (PEM)")
+    tls.add_argument("--tls-min-version", default="1.2", choices=list(TLS_VERSIONS))
+    tls.add_argument(
+        "--tls-client-certificate", default="required", choices=list(CLIENT_CERTIFICATE_MODES),
+        help="whether a client must present a certificate the CA signed (default required)",
+    )
+
+
+def check_tls_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    files = {"--tls-certificate": args.tls_certificate, "--tls-key": args.tls_key,
+             "--tls-ca": args.tls_ca}
+    given = [name for name, path in files.items() if path is not None]
+    if given and len(given) < len(files):
+        missing = ", ".join(name for name in files if name not in given)
+        parser.error(f"{', '.join(given)} needs {missing} too")
+    for name, path in files.items():
+        if path is not None and not path.is_file():
+            parser.error(f"{name} {path}: no such file")
+
+
+def tls_contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
+    """(server, client) contexts from the ``--tls-*`` arguments, or None for plain TCP."""
+    if args.tls_certificate is None:
+        return None
+    files = (str(args.tls_certificate), str(args.tls_key), str(args.tls_ca))
+    return (
+        server_tls_context(*files, args.tls_min_version, args.tls_client_certificate),
+        client_tls_context(*files),
+    )
 
 
 def _one_line(record: logging.LogRecord) -> bool:
@@ -113,9 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
     args = parse_args(argv)
     configure_logging(args.log_level, args.ae_title)
+    try:
+        tls = tls_contexts(args)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        print(f"embedded PACS {args.ae_title}: TLS files unusable: {exc}", file=sys.stderr)
+        return 2
     audit = AuditSender(args.audit_syslog, args.ae_title, args.host) if args.audit_syslog else None
     return serve(
-        args.ae_title, args.port, args.storage, args.peers, host=args.host, timeout_s=args.timeout,
+        args.ae_title, args.port, args.storage, args.peers, host=args.host,
+        timeout_s=args.timeout, tls=tls,
         audit=audit,
     )
 

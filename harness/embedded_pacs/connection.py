@@ -7,6 +7,13 @@ connecting (ARTIM) and every later PDU within the timeout of its first byte, so 
 dripping peers are reaped. Connections still owing their A-ASSOCIATE-RQ do not count against
 the association limit (see server.py), and beyond ``MAX_AWAITING_REQUEST`` of them a new one is
 closed at once. At shutdown (``STOPPING``) pending reads give up at once.
+
+DICOM over TLS (PS3.15 B.1, ``--tls-*``): the server wraps each accepted socket without
+handshaking (pynetdicom would handshake in its accept loop, where one silent client stalls
+every other); the handshake runs in the connection's own thread within the ARTIM timeout, and a
+client that fails it (plaintext, no or an untrusted certificate, an old protocol) is dropped
+with one log line. TLS sockets then read like plain ones, with a short socket timeout so a
+partial TLS record cannot block past the deadline.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import contextlib
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -34,6 +42,44 @@ STOPPING = threading.Event()  # set at shutdown: pending reads give up at once
 MAX_ASSOCIATIONS = 128  # associations whose A-ASSOCIATE-RQ arrived (PS3.8 local limit)
 MAX_AWAITING_REQUEST = 512  # connections still owing their A-ASSOCIATE-RQ (ARTIM running)
 _READERS: weakref.WeakKeyDictionary[Any, GuardedReader] = weakref.WeakKeyDictionary()
+TLS_VERSIONS = {
+    "1.0": ssl.TLSVersion.TLSv1,
+    "1.1": ssl.TLSVersion.TLSv1_1,
+    "1.2": ssl.TLSVersion.TLSv1_2,
+    "1.3": ssl.TLSVersion.TLSv1_3,
+}
+CLIENT_CERTIFICATE_MODES = {
+    "required": ssl.CERT_REQUIRED,
+    "optional": ssl.CERT_OPTIONAL,
+    "none": ssl.CERT_NONE,
+}
+#: a TLS socket's timeout per read (its writes get the whole timeout)
+TLS_SLICE_S = 0.5
+
+
+def server_tls_context(
+    certificate: str, key: str, ca: str, min_version: str = "1.2",
+    client_certificate: str = "required",
+) -> ssl.SSLContext:
+    """The server side of DICOM TLS (PS3.15 B.1): our certificate, the oldest protocol taken,
+    and whether a client must present a certificate signed by ``ca``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = TLS_VERSIONS[min_version]
+    if context.minimum_version < ssl.TLSVersion.TLSv1_2:
+        # OpenSSL 3's default security level refuses TLS 1.0/1.1 whatever the minimum says
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    context.load_cert_chain(certificate, key)
+    context.load_verify_locations(ca)
+    context.verify_mode = CLIENT_CERTIFICATE_MODES[client_certificate]
+    return context
+
+
+def client_tls_context(certificate: str, key: str, ca: str) -> ssl.SSLContext:
+    """The client side, for C-MOVE sub-associations to TLS peers: verify the peer against
+    ``ca`` (names too) and present our own certificate."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    context.load_cert_chain(certificate, key)
+    return context
 
 
 def prompt_tcp(event: Any) -> None:
@@ -79,6 +125,7 @@ class GuardedReader:
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         self.quickack = getattr(socket, "TCP_QUICKACK", None)
+        self.tls = isinstance(sock, ssl.SSLSocket)
         self._body_pending = False
         self.request_read = False  # the first PDU (the A-ASSOCIATE-RQ) has been read
 
@@ -88,6 +135,30 @@ class GuardedReader:
         except OSError:
             return "?"
         return f"{host}:{port}"
+
+    def _recv(self, count: int) -> bytes:
+        """One read; on TLS, bounded by TLS_SLICE_S (poll saw bytes, maybe not a whole record).
+        Reads and writes of an association happen on its one DUL thread, so the timeout
+        switch cannot cut a send short."""
+        if not self.tls:
+            return self.sock.recv(count)
+        self.sock.settimeout(TLS_SLICE_S)
+        try:
+            return self.sock.recv(count)
+        finally:
+            self.sock.settimeout(self.timeout_s)
+
+    def handshake(self) -> bool:
+        """Complete the TLS handshake within the ARTIM timeout (PS3.8 9.1.5), or drop."""
+        remaining = self.opened + self.timeout_s - time.monotonic()
+        try:
+            self.sock.settimeout(max(remaining, 0.01))  # one bound for the whole handshake
+            self.sock.do_handshake()
+        except (OSError, ValueError) as exc:
+            self.drop(f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}")
+            return False
+        self.sock.settimeout(self.timeout_s)  # a peer that stops reading fails our sends
+        return True
 
     def drop(self, why: str) -> bytearray:
         LOG.warning("connection from %s dropped: %s", self._peer(), why)
@@ -109,10 +180,13 @@ class GuardedReader:
             if remaining <= 0:
                 what = "PDU" if self.request_read else "A-ASSOCIATE-RQ"
                 return self.drop(f"{what} incomplete after {self.timeout_s:g} s")
-            if not self.poller.poll(min(remaining, 0.5) * 1000):
+            buffered = self.tls and self.sock.pending()  # decrypted bytes poll cannot see
+            if not buffered and not self.poller.poll(min(remaining, 0.5) * 1000):
                 continue
             try:
-                chunk = self.sock.recv(min(nr_bytes - len(data), 65536))
+                chunk = self._recv(min(nr_bytes - len(data), 65536))
+            except (TimeoutError, ssl.SSLWantReadError):
+                continue  # a TLS record still partial: the deadline above bounds the wait
             except OSError:
                 return bytearray()
             if not chunk:
@@ -161,5 +235,7 @@ def guard_connection(timeout_s: float) -> Any:
             reader.drop(f"{MAX_AWAITING_REQUEST} connections already owe an A-ASSOCIATE-RQ")
         _READERS[event.assoc] = reader
         transport.recv = reader.recv
+        if reader.tls:
+            reader.handshake()  # a failure shut the socket down: the first read ends it
 
     return on_open

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import ssl
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from pynetdicom.sop_class import Verification
 
 from harness.embedded_pacs.connection import prompt_tcp
 from harness.embedded_pacs.conversion import for_peer
-from harness.embedded_pacs.peers import PEERS_FILE_ERRORS, load_peers
+from harness.embedded_pacs.peers import PEERS_FILE_ERRORS, load_peer_table
 from harness.embedded_pacs.query import (
     ATTRS,
     LEVELS,
@@ -93,10 +94,13 @@ def move_contexts(pairs: Iterable[tuple[str, str]]) -> list[PresentationContext]
 class Retriever:
     """C-GET and C-MOVE handlers over one storage directory and peers file."""
 
-    def __init__(self, storage_dir: Path, peers_file: Path | None) -> None:
+    def __init__(
+        self, storage_dir: Path, peers_file: Path | None, client_tls: ssl.SSLContext | None = None
+    ) -> None:
         self.storage = storage_dir
         self.db_file = storage_dir / INDEX_FILENAME
         self.peers_file = peers_file
+        self.client_tls = client_tls  # our certificate, for destinations that take TLS only
 
     def _select(self, event: Any) -> list[sqlite3.Row]:
         model = UID(event.request.AffectedSOPClassUID)
@@ -163,7 +167,7 @@ class Retriever:
         ``ae`` is the server's AE (its associations identify the sub-association)."""
         dest = str(event.move_destination or "").strip()
         try:
-            peers = load_peers(self.peers_file)
+            peers = load_peer_table(self.peers_file)
         except PEERS_FILE_ERRORS as exc:
             LOG.error("peers file %s unusable: %s", self.peers_file, exc)
             peers = {}
@@ -171,7 +175,13 @@ class Retriever:
             note(f"unknown destination {dest!r}")
             yield None, None
             return
-        host, port = peers[dest]
+        host, port, tls = peers[dest]
+        if tls and self.client_tls is None:
+            # a plaintext association to a TLS-only port could only fail (PS3.15 B.1)
+            note(f"dest={dest} takes TLS but this node has no certificate (--tls-certificate)")
+            yield None, None
+            return
+        over_tls = {"tls_args": (self.client_tls, host)} if tls else {}
         try:
             rows = self._select(event)
         except Exception as exc:
@@ -181,7 +191,7 @@ class Retriever:
             )
             note(f"dest={dest} {problem}")
             # pynetdicom only reports a handler status after the destination is associated.
-            yield host, port, {"contexts": [build_context(Verification)]}
+            yield host, port, {"contexts": [build_context(Verification)], **over_tls}
             yield 1
             yield (0xA900 if invalid else 0xC510), None
             return
@@ -194,6 +204,7 @@ class Retriever:
             {
                 "contexts": contexts or [build_context(Verification)],
                 "evt_handlers": [(evt.EVT_CONN_OPEN, prompt_tcp)],
+                **over_tls,
             },
         )
         yield len(rows)

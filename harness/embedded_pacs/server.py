@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 import logging
 import signal
+import socket
 import sqlite3
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -35,6 +37,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 
 from harness import sqlite_db
 from harness.embedded_pacs.audit import AuditSender
@@ -76,6 +79,20 @@ def _calling(event: Any) -> str:
         return "?"
 
 
+class _DeferredHandshakeServer(ThreadedAssociationServer):
+    """pynetdicom's server, but a TLS handshake is left to the connection's thread
+    (connection.guard_connection), within ARTIM: pynetdicom would handshake in the accept loop,
+    where one silent or plaintext client stalls every other."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        client_socket, address = self.socket.accept()
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
+        return client_socket, address
+
+
 class _PacsAE(AE):
     """An AE whose accepted calling AE titles are the peers file's, re-read per association so
     the harness may edit the topology live; no peers file: any calling AE title is accepted."""
@@ -91,6 +108,10 @@ class _PacsAE(AE):
     @maximum_associations.setter
     def maximum_associations(self, value: int) -> None:
         self._maximum_associations = max(1, int(value))
+
+    def make_server(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["server_class"] = _DeferredHandshakeServer
+        return super().make_server(*args, **kwargs)
 
     @property  # type: ignore[override]
     def require_calling_aet(self) -> list[str]:
@@ -115,12 +136,14 @@ class EmbeddedPacs:
         peers_file: Path | None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         audit: AuditSender | None = None,
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.audit = audit  # IHE ATNA messages (audit.py), None: not audited
         self.timeout_s = timeout_s
         self.storage = Storage(storage_dir)
-        self.retriever = Retriever(storage_dir, peers_file)
+        # client_tls: our certificate, for C-MOVE sub-associations to peers marked "tls"
+        self.retriever = Retriever(storage_dir, peers_file, client_tls)
         self.peers_file = peers_file
         self.ae: AE | None = None
         self._notes: dict[tuple[int, int], str] = {}
@@ -290,9 +313,14 @@ def serve(
     stop: threading.Event | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     audit: AuditSender | None = None,
+    tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
 ) -> int:
-    """Run the node until ``stop`` is set (or SIGTERM/SIGINT in the main thread); exit code."""
-    pacs = EmbeddedPacs(ae_title, storage_dir.resolve(), peers_file, timeout_s, audit=audit)
+    """Run the node until ``stop`` is set (or SIGTERM/SIGINT in the main thread); exit code.
+    ``tls``: (server, client) contexts of connection.py: the port takes DICOM over TLS only
+    (PS3.15 B.1) and C-MOVEs to TLS peers use the client one."""
+    server_tls, client_tls = tls or (None, None)
+    pacs = EmbeddedPacs(ae_title, storage_dir.resolve(), peers_file, timeout_s, audit=audit,
+                         client_tls=client_tls)
     try:
         pacs.storage.prepare()
     except sqlite_db.SchemaVersionError as exc:
@@ -307,13 +335,17 @@ def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
     try:
-        server = ae.start_server((host, port), block=False, evt_handlers=pacs.handlers())
+        server = ae.start_server(
+            (host, port), block=False, evt_handlers=pacs.handlers(), ssl_context=server_tls
+        )
     except OSError as exc:
         print(f"embedded PACS {ae_title}: cannot bind {host}:{port}: {exc}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     assert server is not None
     server.contexts = _ContextTemplates(server.contexts)
     bound_port = server.server_address[1]
+    if server_tls:
+        LOG.info("DICOM over TLS only on port %s (PS3.15 B.1)", bound_port)
     print(f"embedded PACS {ae_title} listening on {host}:{bound_port}", file=sys.stderr, flush=True)
     try:
         while not stop.wait(0.5):

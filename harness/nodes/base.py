@@ -17,7 +17,12 @@ from harness.dicom.client import DimseClient
 from harness.dicom.dicomweb import DicomwebClient
 from harness.dicom.orthanc_rest import OrthancRest
 from harness.dicom.peer import HARNESS_AE_TITLE, DimseConnectionError, TLSConfig
-from harness.errors import EnvironmentProblem, NotDisposableError, NotWritableError
+from harness.errors import (
+    ConfigError,
+    EnvironmentProblem,
+    NotDisposableError,
+    NotWritableError,
+)
 from harness.launch.docker import ContainerHandle
 from harness.launch.process import ProcessHandle, log_tail, spawn
 from harness.launch.tools import require_binary
@@ -38,6 +43,7 @@ class Peer:
     host: str
     port: int
     tls: bool = False  # it takes DICOM over TLS only (PS3.15 B.1): callers must speak TLS
+    ca_file: str | None = None  # a TLS peer's CA certificates (its certificate's signer)
 
 
 @dataclass
@@ -180,6 +186,36 @@ class Node:
             )
         return TLSConfig(tls.ca_file, tls.certificate_file, tls.key_file, server_name)
 
+    def tls_signer(self) -> str | None:
+        """The CA certificates that sign this node's certificate: the run's CA for a launched
+        node, the topology's `tls.ca` for an external one; None without TLS."""
+        if self.tls_material is not None:
+            return str(self.tls_material.ca_file)
+        return self.spec.tls.ca_file if self.spec.tls else None
+
+    def trusted_ca_file(self) -> str:
+        """What a launched TLS node trusts, as server and as client (PS3.15 B.1): the run's
+        CA, plus the CA of every TLS peer signed by another (a site PACS in the topology),
+        gathered into <workdir>/trusted-ca.pem; so C-MOVE works both ways with it."""
+        assert self.tls_material is not None and self.workdir is not None
+        own = str(self.tls_material.ca_file)
+        others = sorted({p.ca_file for p in self.peers if p.tls and p.ca_file} - {own})
+        if not others:
+            return own
+        bundle = []
+        for path in (own, *others):
+            try:
+                bundle.append(Path(path).read_text())
+            except (OSError, UnicodeDecodeError) as exc:
+                name = next(p.name for p in self.peers if p.ca_file == path)
+                raise ConfigError(
+                    f"node {name}: tls.ca {path} unreadable ({exc.__class__.__name__})"
+                ) from None
+        trusted = self.workdir / "trusted-ca.pem"
+        trusted.write_text("".join(text if text.endswith("\n") else text + "\n"
+                                   for text in bundle))
+        return str(trusted)
+
     @property
     def http_url(self) -> str | None:
         return f"http://{self.host}:{self.http_port}" if self.http_port else None
@@ -244,8 +280,15 @@ class Node:
         return [*self.image_program, *self.arguments()]
 
     def container_mounts(self) -> dict[Path, str]:
-        """The work directory appears at the same path inside, so generated configs hold."""
-        return {self.workdir: str(self.workdir)}
+        """The work directory appears at the same path inside, so generated configs hold;
+        so do the node's own TLS files (its certificate, key and the CA certificate; not the
+        rest of <root>/tls, which holds the CA's key)."""
+        mounts = {self.workdir: str(self.workdir)}
+        if self.tls_material is not None:
+            material = self.tls_material
+            for path in (material.certificate_file, material.key_file, material.ca_file):
+                mounts[Path(path)] = str(path)
+        return mounts
 
     def container_environment(self) -> dict[str, str]:
         return {}

@@ -1,4 +1,9 @@
-"""The embedded pure-Python PACS (pynetdicom), run in a subprocess: the zero-install default."""
+"""The embedded pure-Python PACS (pynetdicom), run in a subprocess: the zero-install default.
+
+With `tls: {generate: true}` it takes DICOM over TLS only (PS3.15 B.1) with the node's
+generated certificate, `tls.min_version` and `tls.client_certificate` as declared (Python's
+ssl), and calls the peers that take TLS over TLS for C-MOVE (peers.json "tls": true).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from collections.abc import Iterator
 import pydicom
 import pynetdicom
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.ports import free_port
 from harness.nodes.base import HeldStatistics, Node, NodeStatistics, Peer
 from harness.nodes.capabilities import Capabilities, ImageRecipe
@@ -28,6 +33,7 @@ class EmbeddedNode(Node):
         keeps_stored_syntax=True,
         reports_sop_classes_in_study=True,
         max_associations=128,  # embedded_pacs.connection.MAX_ASSOCIATIONS
+        tls=True,
         index_backends=("sqlite",),
         audit_trail=True,  # --audit-syslog: IHE ATNA messages (embedded_pacs/audit.py)
         image_recipe=ImageRecipe(
@@ -47,7 +53,10 @@ class EmbeddedNode(Node):
         titles the node accepts (every node of the topology and the harness itself)."""
         super().prepare(peers)
         self.storage_dir.mkdir(parents=True, exist_ok=True)
-        table = {p.ae_title: {"host": p.host, "port": p.port} for p in self.peers}
+        table = {
+            p.ae_title: {"host": p.host, "port": p.port, **({"tls": True} if p.tls else {})}
+            for p in self.peers
+        }
         (self.workdir / "peers.json").write_text(json.dumps(table, indent=2))
         if self.spec.audit is not None:
             if self.spec.audit.transport != "udp":
@@ -93,6 +102,22 @@ class EmbeddedNode(Node):
             "--peers",
             str(self.workdir / "peers.json"),
             *audit,
+            *self.tls_arguments(),
+        ]
+
+    def tls_arguments(self) -> list[str]:
+        """`--tls-*` of harness/embedded_pacs/__main__.py for a node declaring `tls:`."""
+        tls, material = self.spec.tls, self.tls_material
+        if tls is None:
+            return []
+        if material is None:
+            raise EnvironmentProblem(f"node {self.name}: its TLS certificates were not generated")
+        return [
+            "--tls-certificate", str(material.certificate_file),
+            "--tls-key", str(material.key_file),
+            "--tls-ca", self.trusted_ca_file(),
+            "--tls-min-version", tls.min_version,
+            "--tls-client-certificate", tls.client_certificate,
         ]
 
     def container_environment(self) -> dict[str, str]:

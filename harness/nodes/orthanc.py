@@ -14,6 +14,24 @@ Exposure (a harness pointed at a hospital network must not open a door into it):
 - Binding: Debian's Orthanc 1.10.1 has no option for the listening address, neither DICOM
   nor HTTP (none in the configuration `Orthanc --config=FILE` writes), so both ports listen
   on 0.0.0.0. The two checks above are what keeps other hosts out.
+
+DICOM TLS (PS3.15 B.1), `tls: {generate: true}`: `DicomTlsEnabled` with the node's generated
+certificate, the run's CA (and the `tls.ca` of external TLS peers) as
+`DicomTlsTrustedCertificates` (for clients and for the peers it calls), and
+`DicomTlsRemoteCertificateRequired` from `tls.client_certificate` ("required": true;
+"optional" and "none": false, where Orthanc still asks for a certificate and checks one that
+is presented). Orthanc has one DICOM port: with TLS on it speaks TLS only, a plaintext
+A-ASSOCIATE-RQ gets no answer but a closed connection. Peers that take TLS get
+`"UseDicomTls": true` in `DicomModalities`, so its C-MOVEs to them are TLS too.
+Orthanc 1.10.1 (Debian, DCMTK 3.6.7) has no setting for the DICOM TLS protocol versions or
+ciphers (only the HTTP server's `SslMinimumProtocolVersion`); what it takes matches DCMTK's
+non-downgrading BCP 195 profile. Measured with `openssl s_client`: TLS 1.0 and 1.1
+get a handshake-failure alert; TLS 1.3 is accepted (TLS_AES_128_GCM_SHA256,
+TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256); TLS 1.2 only with an RSA certificate
+(ECDHE-RSA- and DHE-RSA-AES128/256-GCM), so with the run's ECDSA P-256 certificates
+(harness/security/certificates.py) Orthanc speaks TLS 1.3 only. Either way min_version "1.2"
+and "1.3" hold (nothing older is taken); "1.0" or "1.1" cannot be honoured and are refused at
+prepare (ConfigError) rather than launched with a setting Orthanc does not have.
 """
 
 from __future__ import annotations
@@ -27,7 +45,7 @@ from pathlib import Path
 
 import requests
 
-from harness.errors import EnvironmentProblem
+from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.postgres import PostgresServer
 from harness.nodes.base import Node, NodeStatistics, Peer, rest_statistics
 from harness.nodes.capabilities import Capabilities, ImageRecipe
@@ -86,10 +104,7 @@ def orthanc_configuration(node: Node, peers: list[Peer], plugins: list[str]) -> 
         "DicomAlwaysAllowGet": False,
         "DicomAlwaysAllowMove": False,
         "UnknownSopClassAccepted": True,
-        "DicomModalities": {
-            peer.name: {"AET": peer.ae_title, "Host": peer_ip(peer.host), "Port": peer.port}
-            for peer in peers
-        },
+        "DicomModalities": {peer.name: modality(peer) for peer in peers},
         "DicomModalitiesInDatabase": False,
         "OrthancPeers": {},
         "OverwriteInstances": True,
@@ -104,6 +119,42 @@ def orthanc_configuration(node: Node, peers: list[Peer], plugins: list[str]) -> 
         "LogExportedResources": False,
         "Plugins": plugins,
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
+        **tls_configuration(node),
+    }
+
+
+def modality(peer: Peer) -> dict:
+    """One `DicomModalities` entry; a TLS peer is called over TLS (UseDicomTls, Orthanc 1.9)."""
+    entry: dict = {"AET": peer.ae_title, "Host": peer_ip(peer.host), "Port": peer.port}
+    if peer.tls:
+        entry["UseDicomTls"] = True
+    return entry
+
+
+#: tls.min_version values Orthanc 1.10.1 honours: it takes nothing older (module docstring)
+ORTHANC_TLS_MIN_VERSIONS = ("1.2", "1.3")
+
+
+def tls_configuration(node: Node) -> dict:
+    """The DICOM TLS settings of a node declaring `tls:` (module docstring), else none."""
+    tls = node.spec.tls
+    if tls is None:
+        return {}
+    if tls.min_version not in ORTHANC_TLS_MIN_VERSIONS:
+        raise ConfigError(
+            f"node {node.name}: tls.min_version {tls.min_version!r} cannot be honoured by "
+            "Orthanc 1.10.1 (its DICOM TLS has no version setting and refuses TLS older than "
+            "1.2); use min_version: \"1.2\""
+        )
+    material = node.tls_material
+    if material is None:
+        raise EnvironmentProblem(f"node {node.name}: its TLS certificates were not generated")
+    return {
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(material.certificate_file),
+        "DicomTlsPrivateKey": str(material.key_file),
+        "DicomTlsTrustedCertificates": node.trusted_ca_file(),
+        "DicomTlsRemoteCertificateRequired": tls.client_certificate == "required",
     }
 
 
@@ -131,6 +182,7 @@ class OrthancNode(Node):
         index_backends=("sqlite", "postgresql"),
         own_fields=("orthanc_config",),
         binaries=(("Orthanc", "apt-get install orthanc orthanc-dicomweb"),),
+        tls=True,
         image_recipe=ImageRecipe(("orthanc", "orthanc-dicomweb", "orthanc-postgresql")),
     )
     image_program = ("/usr/sbin/Orthanc",)

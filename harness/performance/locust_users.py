@@ -27,7 +27,7 @@ from locust import User, constant, constant_throughput, task
 
 from harness.dicom.client import DimseClient
 from harness.dicom.dicomweb import DicomwebClient
-from harness.dicom.peer import HARNESS_AE_TITLE
+from harness.dicom.peer import HARNESS_AE_TITLE, TLSConfig
 from harness.performance.runner import LoadRun, Study
 from harness.performance.workload import Group, workload_from_data
 
@@ -43,10 +43,11 @@ class RemoteNode:
         self.dicom_port = target["dicom_port"]
         self.ae_title = target["ae_title"]
         self.dicomweb_url = target.get("dicomweb_url")
+        self.tls = TLSConfig(**target["tls"]) if target.get("tls") else None  # PS3.15 B.1
 
     def dimse(self, calling_ae: str = HARNESS_AE_TITLE, timeout_s: float = 30.0) -> DimseClient:
         return DimseClient(self.host, self.dicom_port, self.ae_title, calling_ae,
-                           timeout_s=timeout_s)
+                           timeout_s=timeout_s, tls=self.tls)
 
     def dicomweb(self) -> DicomwebClient | None:
         if not self.dicomweb_url:

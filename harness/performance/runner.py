@@ -64,6 +64,7 @@ class Outcome:
 
 class _MoveSink:
     """The harness's own Storage SCP for C-MOVE destinations: counts, keeps nothing.
+    Plain TCP on loopback even against a TLS node (Cluster.harness_peer: tls=False).
 
     As a responder it accepts whatever is proposed: every storage class pynetdicom knows in
     every transfer syntax, so the sender never has to transcode (and the 128-context limit of
