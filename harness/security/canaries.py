@@ -290,7 +290,7 @@ def _remove(node: Node, study_uid: str) -> str:
     return "canary study deleted afterwards"
 
 
-def canary_checks(node: Node, artifacts_dir: str | Path, depth: str = "attributes",
+def canary_checks(node: Node, artifacts_dir: str | Path, depth: str = "full",
                   token: str | None = None) -> list[Check]:
     """Plant a canary study into `node` (write permission), inventory the node as a site's
     archive (identities tokenised) into `artifacts_dir`, then search everything there (also
