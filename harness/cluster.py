@@ -198,9 +198,10 @@ class Cluster:
                         cluster.save_state()  # so `down` finds what already started
             for node in nodes.values():
                 node.wait_ready(ready_timeout_s)
+                warning = f" (warning: {node.tls_warning})" if node.tls_warning else ""
                 say(
                     f"{node.name} ({node.kind}) ready: "
-                    f"{node.ae_title}@{node.host}:{node.dicom_port}"
+                    f"{node.ae_title}@{node.host}:{node.dicom_port}{warning}"
                 )
         except BaseException:
             cluster.stop()

@@ -68,18 +68,12 @@ def test_rest_auth(pacs_node, pacs_node_name, pacs_metrics):
 
 
 def test_audit_trail(pacs_node, pacs_node_name, pacs_metrics):
-    from harness.security import audit_trail
+    from harness.security.audit_trail import audit_trail
 
-    node = pacs_node(pacs_node_name)
-    trail = getattr(audit_trail, "audit_trail", None)
-    if trail is None:
-        checks = audit_trail.audit_checks(node)
-    else:  # the checks and the coverage figure (operations audited / performed)
-        result = trail(node)
-        checks = result.checks
-        if result.coverage is not None:
-            pacs_metrics[f"security.audit_coverage.{pacs_node_name}"] = result.coverage.as_dict()
-    judge("audit", pacs_node_name, checks, pacs_metrics)
+    result = audit_trail(pacs_node(pacs_node_name))
+    if result.coverage is not None:  # operations audited / performed, for the report
+        pacs_metrics[f"security.audit_coverage.{pacs_node_name}"] = result.coverage.as_dict()
+    judge("audit", pacs_node_name, result.checks, pacs_metrics)
 
 
 def test_phi_canaries(pacs_node, pacs_node_name, pacs_metrics, security_artifacts):

@@ -7,9 +7,10 @@ adapter implements for its kind. Destructive chores check `disposable` here, onc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +119,8 @@ class Node:
         self.tls_material: TLSMaterial | None = None
         # the harness's own certificate from the same CA, for its associations to this node
         self.harness_tls_material: TLSMaterial | None = None
+        # set by `ready` when a TLS node is up but not as declared (see there)
+        self.tls_warning: str | None = None
         self._popen = None
 
     def __repr__(self) -> str:
@@ -360,8 +363,34 @@ class Node:
         )
 
     def ready(self) -> bool:
-        """One readiness probe: C-ECHO succeeds."""
-        return self.dimse(timeout_s=5).echo().status.ok
+        """One readiness probe: C-ECHO succeeds.
+
+        A TLS node that answers only when the harness does not verify its certificate, or
+        only without TLS, is up all the same (`tls_warning` says how): that misconfiguration
+        is the security scenario's finding to report, by name (harness/security/tls_probe.py),
+        and every other operation fails on it with the TLS error.
+        """
+        try:
+            return self.dimse(timeout_s=5).echo().status.ok
+        except DimseConnectionError:
+            client = self.tls_client()
+            if client is None:
+                raise
+            fallbacks = (
+                (replace(client, verify=False), "its certificate is not accepted by the harness"),
+                (None, "it answers without TLS"),
+            )
+            for tls, warning in fallbacks:
+                with contextlib.suppress(DimseConnectionError, OSError):
+                    if self._echo(tls):
+                        self.tls_warning = warning
+                        return True
+            raise
+
+    def _echo(self, tls: TLSConfig | None) -> bool:
+        client = DimseClient(self.host, self.access_port or self.dicom_port, self.ae_title,
+                             HARNESS_AE_TITLE, timeout_s=5, tls=tls)
+        return client.echo().status.ok
 
     def alive(self) -> bool:
         """True when the process (if any) runs and the node answers C-ECHO."""

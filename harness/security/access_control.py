@@ -54,6 +54,7 @@ MADE_UP_STUDY = generate_uid(entropy_srcs=["pacs-harness access-control probe"])
 TIMEOUT_S = 15.0
 #: the synthetic instance an accepted stranger stores (into a writable node only)
 INTRUDER_SEED = 7717
+PROBE_STUDY_SEED = 7718  # the study moved to an unknown destination, when none is there
 MOVE_DESTINATION_UNKNOWN = 0xA801  # PS3.4 C.4.2.1.4.1
 REJECT_REF = "PS3.8 9.3.4 (A-ASSOCIATE-RJ)"
 MOVE_REF = "PS3.4 C.4.2.1.4.1 (C-MOVE status A801: Move Destination unknown)"
@@ -302,12 +303,33 @@ def _existing_study(node: Node) -> str | None:
     return uids[0] if found.ok and uids else None
 
 
+def _study_to_move(node: Node) -> tuple[str | None, str]:
+    """A study the node holds, else one synthetic instance stored for the probe when the
+    node is writable (a C-MOVE of nothing proves nothing: dcmqrscp answers it 0x0000 without
+    looking at the destination), else None."""
+    study = _existing_study(node)
+    if study:
+        return study, f"existing study {study}"
+    if not node.writable:
+        return None, f"made-up study {MADE_UP_STUDY} (the node holds none)"
+    from synthetic_data.samples import sample_study
+
+    node.require_writable("store a synthetic study to move to an unknown destination")
+    instance = sample_study(seed=PROBE_STUDY_SEED)[0]
+    try:
+        stored = node.dimse(timeout_s=TIMEOUT_S).store([instance])
+    except EnvironmentProblem as exc:
+        return None, f"made-up study {MADE_UP_STUDY} (storing one failed: {exc})"
+    if not stored.ok:
+        return None, f"made-up study {MADE_UP_STUDY} (the node refused the probe's C-STORE)"
+    uid = str(instance.StudyInstanceUID)
+    return uid, f"synthetic study {uid} stored for the probe"
+
+
 def _unknown_destination_check(node: Node) -> Check:
     """PS3.4 C.4.2.1.4.1: a C-MOVE to an AE title the node does not know fails with 0xA801."""
     name = "C-MOVE to unknown destination"
-    study = _existing_study(node)
-    what = (f"existing study {study}" if study
-            else f"made-up study {MADE_UP_STUDY} (the node holds none)")
+    study, what = _study_to_move(node)
     attempt = _associate(node, HARNESS_AE_TITLE, node.ae_title,
                          StudyRootQueryRetrieveInformationModelMove,
                          _move(study or MADE_UP_STUDY, UNKNOWN_DESTINATION))
@@ -321,6 +343,10 @@ def _unknown_destination_check(node: Node) -> Check:
     if not _success(attempt.status):
         return Check(node.name, AREA, name, "pass",
                      f"{observed}: refused, though not with 0xA801", reference=MOVE_REF)
+    if study is None:
+        return Check(node.name, AREA, name, "skip",
+                     f"{observed}: inconclusive, nothing to move (declare the node writable "
+                     "or run it on a node holding a study)", reference=MOVE_REF)
     return Check(node.name, AREA, name, "fail", observed, _move_remedy(node), MOVE_REF)
 
 

@@ -29,6 +29,7 @@ from typing import IO, Any
 from pydicom import Dataset
 from pydicom.sequence import Sequence
 
+from harness.errors import EnvironmentProblem
 from harness.nodes.base import Node
 from harness.security.checks import Check
 
@@ -303,7 +304,10 @@ def canary_checks(node: Node, artifacts_dir: str | Path, depth: str = "full",
     node.require_writable("plant a canary study")
     token = token or new_token()
     study = canary_study(token, seed=zlib.crc32(token.encode()))
-    stored = node.dimse().store(study)
+    try:
+        stored = node.dimse().store(study)
+    except EnvironmentProblem as exc:  # e.g. its certificate refused: the TLS check says so
+        return [Check(node.name, AREA, name, "skip", f"canary not planted: {exc}")]
     if not stored.ok:
         return [Check(node.name, AREA, name, "skip", "canary not planted: the node refused "
                       f"{len(stored.failed)} of {len(study)} C-STOREs")]
