@@ -59,6 +59,8 @@ if [ "$with_servers" = 1 ]; then
   [ -e /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so ] || missing+=(orthanc-postgresql)
   ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
   command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+  # the security tests check certificates and handshakes with OpenSSL's own tools
+  [ -x /usr/bin/openssl ] || missing+=(openssl)
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing ${missing[*]}"
     apt_install "${missing[@]}"
