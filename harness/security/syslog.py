@@ -228,6 +228,9 @@ class SyslogReceiver:
         self.dropped = 0  # over max_messages
         self.oversize = 0  # over max_message_bytes
         self.unparsable = 0  # not syslog at all (kept nowhere, counted)
+        self.tls_sessions = 0  # TLS handshakes completed (with a trusted sender, given a CA)
+        self.tls_refused = 0  # TLS handshakes failed: no or an untrusted certificate, ...
+        self.tls_error = ""  # why the last one failed
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> SyslogReceiver:
@@ -384,11 +387,22 @@ class SyslogReceiver:
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 tls.do_handshake()
-                return True
             except TimeoutError:
                 continue
             except (OSError, ssl.SSLError) as exc:
                 LOG.warning("syslog TLS sender %s: handshake failed: %s", peer, exc)
+                self._refused(f"{peer}: {exc}")
                 return False
+            self._count("tls_sessions")
+            return True
+        if self._stop.is_set():
+            return False
         LOG.warning("syslog TLS sender %s: no handshake within %g s", peer, HANDSHAKE_TIMEOUT_S)
+        self._refused(f"{peer}: no handshake within {HANDSHAKE_TIMEOUT_S:g} s")
         return False
+
+    def _refused(self, reason: str) -> None:
+        with self._changed:
+            self.tls_refused += 1
+            self.tls_error = reason
+            self._changed.notify_all()
