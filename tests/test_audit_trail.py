@@ -597,6 +597,19 @@ def test_tls_trail_without_certificates_is_one_skip_naming_the_fields(tmp_path) 
     assert "tls: {ca: FILE, certificate: FILE, key: FILE}" in checks[0].observed
 
 
+def test_unreadable_receiver_certificate_is_one_failure_not_a_traceback(tmp_path) -> None:
+    from harness.config import parse_topology
+    from harness.nodes import make_node
+
+    topology = parse_topology(
+        "name: t\nnodes:\n  site: {kind: external, host: 127.0.0.1, dicom_port: 104, "
+        f"tls: {{ca: {tmp_path}/ca.pem, certificate: {tmp_path}/h.pem, key: {tmp_path}/h.key}}, "
+        f"audit: {{port: {free_port()}, transport: tls}}}}\n", "<test>")
+    checks = audit_checks(make_node(topology.node("site"), tmp_path))
+    assert [(c.name, c.outcome) for c in checks] == [("audit trail", "fail")]
+    assert "the syslog receiver cannot listen on 127.0.0.1:" in checks[0].observed
+
+
 def test_audit_over_tls_needs_the_node_certificate_usage_error(capsys) -> None:
     from harness.embedded_pacs.__main__ import parse_args
 

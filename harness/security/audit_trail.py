@@ -267,7 +267,15 @@ def audit_trail(
     if isinstance(receiver, Check):
         return AuditTrailResult([receiver], None)
     journal = journal or OperationJournal()
-    with receiver:
+    try:
+        receiver.start()
+    except OSError as exc:  # ssl.SSLError too
+        return AuditTrailResult([Check(
+            node.name, AREA, "audit trail", "fail",
+            f"the syslog receiver cannot listen on 127.0.0.1:{port} ({audit.transport}): {exc}",
+            "free that port, or give readable PEM files in the node's tls:", REFERENCE,
+        )], None)
+    try:
         try:
             study_uid = perform_operations(node, journal)
         except HarnessError as exc:
@@ -284,6 +292,8 @@ def audit_trail(
             )], None)
         receiver.wait_for(_all_candidates(entries), deadline_s)
         messages = receiver.messages()
+    finally:
+        receiver.stop()
     checks, coverage = join(node.name, entries, messages, _transport_note(receiver))
     return AuditTrailResult(checks, coverage, receiver.transport, receiver.tls_sessions)
 

@@ -234,6 +234,8 @@ class SyslogReceiver:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> SyslogReceiver:
+        """Listen; unusable TLS files (OSError, ssl.SSLError) or a taken port raise here."""
+        context = self._tls_context() if self.transport == "tls" else None
         kind = socket.SOCK_DGRAM if self.transport == "udp" else socket.SOCK_STREAM
         sock = socket.socket(socket.AF_INET, kind)
         try:
@@ -250,8 +252,10 @@ class SyslogReceiver:
             raise
         self._socket = sock
         self.port = sock.getsockname()[1]
-        target = self._serve_udp if self.transport == "udp" else self._serve_tls
-        self._spawn(target, f"syslog-{self.transport}-{self.port}")
+        if context is None:
+            self._spawn(self._serve_udp, f"syslog-udp-{self.port}")
+        else:
+            self._spawn(self._serve_tls, f"syslog-tls-{self.port}", context)
         return self
 
     def stop(self) -> None:
@@ -334,9 +338,8 @@ class SyslogReceiver:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
-    def _serve_tls(self) -> None:
+    def _serve_tls(self, context: ssl.SSLContext) -> None:
         assert self._socket is not None
-        context = self._tls_context()
         while not self._stop.is_set():
             try:
                 conn, address = self._socket.accept()
