@@ -585,6 +585,45 @@ def test_openssl_without_a_client_certificate_is_refused(tls_cluster) -> None:
     assert "certificate" in receiver.tls_error
 
 
+def test_openssl_server_hears_the_node_over_mutual_tls(tls_cluster) -> None:
+    """An independent receiver (OpenSSL's s_server, a client certificate required) gets the
+    node's audit of a C-FIND as an RFC 5425 frame."""
+    node = tls_cluster.node("secure")
+    harness = node.harness_tls_material
+    server = subprocess.Popen(
+        ["/usr/bin/openssl", "s_server", "-accept", f"127.0.0.1:{node.audit_port}",
+         "-cert", str(harness.certificate_file), "-key", str(harness.key_file),
+         "-CAfile", str(harness.ca_file), "-Verify", "1", "-verify_return_error", "-quiet"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    heard = bytearray()
+    queries: list[bytes] = []
+    complete = threading.Event()
+
+    def read() -> None:  # until a whole octet-counted frame holding a Query (110112) is in
+        while chunk := server.stdout.read1(65536):
+            heard.extend(chunk)
+            first = re.search(rb"\d+ <85>1 ", heard)
+            frames = octet_frames(bytearray(heard[first.start():])) if first else []
+            queries[:] = [f for f in frames if b'csd-code="110112"' in f]
+            if queries:
+                complete.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        found = node.dimse().find("STUDY", {"StudyInstanceUID": None})
+        assert found.ok
+        assert complete.wait(60), bytes(heard[:300])
+    finally:
+        server.kill()
+        server.wait()
+        reader.join()
+    event = parse_audit_message(parse_syslog(queries[0]).body)
+    assert event.event_id == QUERY and event.requestor_ae_titles & {"PACSHARNESS"}
+
+
 def test_tls_trail_without_certificates_is_one_skip_naming_the_fields(tmp_path) -> None:
     from harness.config import parse_topology
     from harness.nodes import make_node
