@@ -540,7 +540,7 @@ def test_sender_with_an_untrusted_certificate_is_no_audit_trail(tls_cluster, tmp
     receiver_port = free_port()
     with TlsRelay(node.audit_port, receiver_port, node.harness_tls_material,
                   stranger) as relay:
-        result = audit_trail(node, listen_port=receiver_port, deadline_s=5)
+        result = audit_trail(node, listen_port=receiver_port, deadline_s=10)
     assert relay.nodes_connected >= 1  # the node spoke, the receiver refused the relay
     assert [(c.name, c.outcome) for c in result.checks] == [("no audit trail", "fail")]
     assert "senders refused" in result.checks[0].observed, result.checks[0].observed

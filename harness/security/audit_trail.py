@@ -276,26 +276,36 @@ def audit_trail(
             "free that port, or give readable PEM files in the node's tls:", REFERENCE,
         )], None)
     try:
-        try:
-            study_uid = perform_operations(node, journal)
-        except HarnessError as exc:
-            return AuditTrailResult([Check(
-                node.name, AREA, "audit trail", "fail",
-                f"the operations to audit could not be performed: {exc}",
-                "make the node reachable by the harness (C-STORE, C-FIND, C-GET)", REFERENCE,
-            )], None)
-        entries = journal.entries(node.name)
-        if study_uid is None:
-            return AuditTrailResult([Check(
-                node.name, AREA, "audit trail", "skip",
-                "read-only node without any study: no operation to audit", "", REFERENCE,
-            )], None)
-        receiver.wait_for(_all_candidates(entries), deadline_s)
-        messages = receiver.messages()
+        heard = _listen_while_performing(node, receiver, journal, deadline_s)
     finally:
         receiver.stop()
+    if isinstance(heard, AuditTrailResult):
+        return heard
+    entries, messages = heard
     checks, coverage = join(node.name, entries, messages, _transport_note(receiver))
     return AuditTrailResult(checks, coverage, receiver.transport, receiver.tls_sessions)
+
+
+def _listen_while_performing(
+    node: Node, receiver: SyslogReceiver, journal: OperationJournal, deadline_s: float
+) -> tuple[list[JournalEntry], list[SyslogMessage]] | AuditTrailResult:
+    """The operations performed and the messages heard meanwhile (a result: nothing to join)."""
+    try:
+        study_uid = perform_operations(node, journal)
+    except HarnessError as exc:
+        return AuditTrailResult([Check(
+            node.name, AREA, "audit trail", "fail",
+            f"the operations to audit could not be performed: {exc}",
+            "make the node reachable by the harness (C-STORE, C-FIND, C-GET)", REFERENCE,
+        )], None)
+    if study_uid is None:
+        return AuditTrailResult([Check(
+            node.name, AREA, "audit trail", "skip",
+            "read-only node without any study: no operation to audit", "", REFERENCE,
+        )], None)
+    entries = journal.entries(node.name)
+    receiver.wait_for(_all_candidates(entries), deadline_s)
+    return entries, receiver.messages()
 
 
 def audit_receiver(node: Node, port: int) -> SyslogReceiver | Check:
@@ -313,12 +323,13 @@ def audit_receiver(node: Node, port: int) -> SyslogReceiver | Check:
             material) else (None, None, None)
         wanted = ("the run's certificates: launch the node with the topology (pacs-harness "
                   "up, run or pytest)")
+    elif node.capabilities.launched:
+        files, wanted = (None, None, None), "declare tls: {generate: true} on the node"
     else:
         files = (tls.certificate_file, tls.key_file, tls.ca_file) if tls else (None,) * 3
         wanted = ("declare tls: {ca: FILE, certificate: FILE, key: FILE} on the node (the "
                   "harness's certificate for its syslog receiver, and the CA that signs the "
-                  "node's client certificate)" if not node.capabilities.launched else
-                  "declare tls: {generate: true} on the node")
+                  "node's client certificate)")
     if not all(files):
         return Check(node.name, AREA, "audit trail", "skip",
                      f"audit: {{transport: tls}} needs {wanted}", "", "RFC 5425 5.2")
