@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,13 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from harness.embedded_pacs.audit import AuditSender, AuditSyslogError, parse_target
+from harness.embedded_pacs.audit import (
+    AuditSender,
+    AuditSyslogError,
+    TlsChannel,
+    client_context,
+    parse_target,
+)
 from harness.fixtures import pacs_cluster_factory
 from harness.launch.ports import free_port
 from harness.security.atna import (
@@ -30,7 +37,7 @@ from harness.security.atna import (
     check_audit_message,
     parse_audit_message,
 )
-from harness.security.audit_trail import audit_checks, audit_trail, join
+from harness.security.audit_trail import audit_checks, audit_receiver, audit_trail, join
 from harness.security.certificates import CertificateAuthority
 from harness.security.journal import OperationJournal, now
 from harness.security.syslog import (
@@ -231,7 +238,8 @@ def test_invalid_audit_message_named_never_raised(broken: str, named: str) -> No
 
 
 def test_audit_syslog_target_is_checked() -> None:
-    assert parse_target("udp://127.0.0.1:514") == ("127.0.0.1", 514)
+    assert parse_target("udp://127.0.0.1:514") == ("udp", "127.0.0.1", 514)
+    assert parse_target("tls://localhost:6514") == ("tls", "localhost", 6514)
     for wrong in ("tcp://127.0.0.1:514", "udp://127.0.0.1", "127.0.0.1:514"):
         with pytest.raises(AuditSyslogError, match="udp://HOST:PORT|port"):
             parse_target(wrong)
@@ -401,7 +409,7 @@ def test_sender_frame_is_rfc5424_with_a_valid_body() -> None:
     assert parse_audit_message(parse_syslog(frame).body).study_uids() == {"1.2.3"}
 
 
-def test_embedded_node_refuses_audit_over_tls(tmp_path: Path) -> None:
+def test_embedded_node_refuses_audit_over_tls_without_tls(tmp_path: Path) -> None:
     from harness.config import parse_topology
     from harness.errors import ConfigError
     from harness.nodes import make_node
@@ -409,5 +417,271 @@ def test_embedded_node_refuses_audit_over_tls(tmp_path: Path) -> None:
     topology = parse_topology(
         "name: t\nnodes:\n  a: {kind: embedded, audit: {transport: tls}}\n", "<test>")
     node = make_node(topology.node("a"), tmp_path)
-    with pytest.raises(ConfigError, match="over UDP only"):
+    with pytest.raises(ConfigError, match=r"node a: audit: \{transport: tls\} needs tls: "
+                                          r"\{generate: true\}"):
         node.prepare([])
+
+
+# -- audit over TLS (RFC 5425, IHE ITI-20: both sides authenticated) -------------------------
+
+tls_cluster = pacs_cluster_factory(
+    "name: audit-tls\nnodes:\n"
+    "  secure: {kind: embedded, ae_title: SECURE, tls: {generate: true}, "
+    "audit: {transport: tls}}\n",
+    scope="module",
+)
+
+
+class TlsRelay:
+    """Terminates the node's RFC 5425 connection (the harness's certificate presented, the
+    node's required) and forwards each frame over its own TLS connection to the receiver,
+    presenting `client`; drops the first frame `chosen` picks."""
+
+    def __init__(self, listen_port: int, target_port: int, server, client,
+                 chosen: Callable[[bytes], bool] = lambda _: False) -> None:
+        self.inbound = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.inbound.load_cert_chain(server.certificate_file, server.key_file)
+        self.inbound.load_verify_locations(server.ca_file)
+        self.inbound.verify_mode = ssl.CERT_REQUIRED
+        self.outbound = ssl.create_default_context(cafile=str(server.ca_file))
+        self.outbound.load_cert_chain(client.certificate_file, client.key_file)
+        self.target_port, self.chosen = target_port, chosen
+        self.dropped = self.forwarded = self.nodes_connected = 0
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", listen_port))
+        self.listener.listen(4)
+        self.listener.settimeout(0.2)
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=self._relay, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        upstream: ssl.SSLSocket | None = None
+        try:
+            with self.inbound.wrap_socket(conn, server_side=True) as node:
+                self.nodes_connected += 1
+                node.settimeout(0.2)
+                buffer = bytearray()
+                while not self.stopping.is_set():
+                    try:
+                        chunk = node.recv(65536)
+                    except TimeoutError:
+                        continue
+                    if not chunk:
+                        return
+                    buffer += chunk
+                    for frame in octet_frames(buffer):
+                        if not self.dropped and self.chosen(frame):
+                            self.dropped += 1
+                            continue
+                        try:
+                            if upstream is None:
+                                upstream = self.outbound.wrap_socket(socket.create_connection(
+                                    ("127.0.0.1", self.target_port), timeout=30),
+                                    server_hostname="127.0.0.1")
+                            upstream.sendall(b"%d %s" % (len(frame), frame))
+                            self.forwarded += 1
+                        except OSError:  # refused by the receiver: tried again next frame
+                            upstream = None
+        except OSError:
+            return
+        finally:
+            if upstream is not None:
+                upstream.close()
+
+    def __enter__(self) -> TlsRelay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+        self.listener.close()
+
+
+def test_complete_trail_passes_over_tls(tls_cluster) -> None:
+    node = tls_cluster.node("secure")
+    assert f"tls://127.0.0.1:{node.audit_port}" in node.command()
+    result = audit_trail(node, deadline_s=PATIENT_S)
+    assert _failures(result.checks) == [], [c.line() for c in result.checks]
+    assert sorted(c.name for c in result.checks) == [
+        "audited: C-FIND", "audited: C-GET", "audited: C-STORE"]
+    assert result.transport == "tls" and result.tls_sessions >= 1
+    assert "over TLS" in result.checks[0].observed
+
+
+def test_one_dropped_message_over_tls_is_one_unaudited_finding(tls_cluster) -> None:
+    node = tls_cluster.node("secure")
+    harness = node.harness_tls_material
+    receiver_port = free_port()
+    with TlsRelay(node.audit_port, receiver_port, harness, harness,
+                  lambda d: b'csd-code="110112"' in d) as relay:
+        result = audit_trail(node, listen_port=receiver_port, deadline_s=20)
+    assert relay.dropped == 1 and relay.forwarded == 2 and relay.nodes_connected >= 1
+    assert _failures(result.checks) == ["unaudited C-FIND"], [c.line() for c in result.checks]
+    assert result.tls_sessions >= 1
+
+
+def test_sender_with_an_untrusted_certificate_is_no_audit_trail(tls_cluster, tmp_path) -> None:
+    node = tls_cluster.node("secure")
+    stranger = CertificateAuthority.create(tmp_path, "another CA").issue("stranger", "STRANGER")
+    receiver_port = free_port()
+    with TlsRelay(node.audit_port, receiver_port, node.harness_tls_material,
+                  stranger) as relay:
+        result = audit_trail(node, listen_port=receiver_port, deadline_s=10)
+    assert relay.nodes_connected >= 1  # the node spoke, the receiver refused the relay
+    assert [(c.name, c.outcome) for c in result.checks] == [("no audit trail", "fail")]
+    assert "senders refused" in result.checks[0].observed, result.checks[0].observed
+    assert result.tls_sessions == 0
+
+
+def _s_client(port: int, ca: Path, *options: str) -> subprocess.Popen:
+    """OpenSSL's client sending one octet-counted frame; it stays until the server closes."""
+    client = subprocess.Popen(
+        ["/usr/bin/openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(ca),
+         "-verify_return_error", "-ign_eof", "-quiet", *options],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client.stdin.write(b"25 <85>1 - h app - m - hello")
+    client.stdin.close()
+    return client
+
+
+def test_openssl_without_a_client_certificate_is_refused(tls_cluster) -> None:
+    """An independent client (OpenSSL): no certificate, no message heard; with the run's
+    harness certificate the same frame is."""
+    node = tls_cluster.node("secure")
+    harness = node.harness_tls_material
+    receiver = audit_receiver(node, free_port())
+    assert isinstance(receiver, SyslogReceiver)
+    clients = []
+    try:
+        with receiver:
+            for version in ("-tls1_2", "-tls1_3"):
+                clients.append(_s_client(receiver.port, harness.ca_file, version))
+            assert receiver.wait_for(lambda _: receiver.tls_refused == 2, 30)
+            assert not receiver.messages()
+            clients.append(_s_client(receiver.port, harness.ca_file, "-cert",
+                                     str(harness.certificate_file), "-key",
+                                     str(harness.key_file)))
+            assert receiver.wait_for(lambda m: len(m) == 1, 30)
+    finally:
+        for client in clients:
+            client.kill()
+            client.wait()
+    assert receiver.messages()[0].text() == "hello" and receiver.tls_sessions == 1
+    assert "certificate" in receiver.tls_error
+
+
+def test_openssl_server_hears_the_node_over_mutual_tls(tls_cluster) -> None:
+    """An independent receiver (OpenSSL's s_server, a client certificate required) gets the
+    node's audit of a C-FIND as an RFC 5425 frame."""
+    node = tls_cluster.node("secure")
+    harness = node.harness_tls_material
+    server = subprocess.Popen(
+        ["/usr/bin/openssl", "s_server", "-accept", f"127.0.0.1:{node.audit_port}",
+         "-cert", str(harness.certificate_file), "-key", str(harness.key_file),
+         "-CAfile", str(harness.ca_file), "-Verify", "1", "-verify_return_error", "-quiet"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    heard = bytearray()
+    queries: list[bytes] = []
+    complete = threading.Event()
+
+    def read() -> None:  # until a whole octet-counted frame holding a Query (110112) is in
+        while chunk := server.stdout.read1(65536):
+            heard.extend(chunk)
+            first = re.search(rb"\d+ <85>1 ", heard)
+            frames = octet_frames(bytearray(heard[first.start():])) if first else []
+            queries[:] = [f for f in frames if b'csd-code="110112"' in f]
+            if queries:
+                complete.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        found = node.dimse().find("STUDY", {"StudyInstanceUID": None})
+        assert found.ok
+        assert complete.wait(60), bytes(heard[:300])
+    finally:
+        server.kill()
+        server.wait()
+        reader.join()
+    event = parse_audit_message(parse_syslog(queries[0]).body)
+    assert event.event_id == QUERY and event.requestor_ae_titles & {"PACSHARNESS"}
+
+
+def test_tls_trail_without_certificates_is_one_skip_naming_the_fields(tmp_path) -> None:
+    from harness.config import parse_topology
+    from harness.nodes import make_node
+
+    topology = parse_topology(
+        "name: t\nnodes:\n  site: {kind: external, host: 127.0.0.1, dicom_port: 104, "
+        "tls: {ca: ca.pem}, audit: {port: 6514, transport: tls}}\n", "<test>")
+    checks = audit_checks(make_node(topology.node("site"), tmp_path))
+    assert [(c.name, c.outcome) for c in checks] == [("audit trail", "skip")]
+    assert "tls: {ca: FILE, certificate: FILE, key: FILE}" in checks[0].observed
+
+
+def test_unreadable_receiver_certificate_is_one_failure_not_a_traceback(tmp_path) -> None:
+    from harness.config import parse_topology
+    from harness.nodes import make_node
+
+    topology = parse_topology(
+        "name: t\nnodes:\n  site: {kind: external, host: 127.0.0.1, dicom_port: 104, "
+        f"tls: {{ca: {tmp_path}/ca.pem, certificate: {tmp_path}/h.pem, key: {tmp_path}/h.key}}, "
+        f"audit: {{port: {free_port()}, transport: tls}}}}\n", "<test>")
+    checks = audit_checks(make_node(topology.node("site"), tmp_path))
+    assert [(c.name, c.outcome) for c in checks] == [("audit trail", "fail")]
+    assert "the syslog receiver cannot listen on 127.0.0.1:" in checks[0].observed
+
+
+def test_audit_over_tls_needs_the_node_certificate_usage_error(capsys) -> None:
+    from harness.embedded_pacs.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--ae-title", "A", "--port", "0", "--storage", "/tmp/x",
+                    "--audit-syslog", "tls://127.0.0.1:6514"])
+    assert exited.value.code == 2
+    assert "needs --tls-certificate, --tls-key and --tls-ca" in capsys.readouterr().err
+
+
+def test_tls_sender_never_blocks_counts_drops_and_reconnects(tls_material) -> None:
+    server, client = tls_material
+    context = client_context(str(client.certificate_file), str(client.key_file),
+                             str(client.ca_file))
+    channel = TlsChannel("127.0.0.1", free_port(), context, queue_size=2)
+    try:  # nobody listens: beyond the bound, dropped and counted at once
+        for number in range(5):
+            channel.send(b"<85>1 - - - - - - %d" % number)
+        assert channel.dropped == 3
+    finally:
+        channel.close()
+    port = free_port()
+    channel = TlsChannel("127.0.0.1", port, context)
+    try:
+        channel.send(b"<85>1 - - - - - - early")  # retried with backoff until a receiver is up
+        for text in ("early", "after a restart"):
+            with SyslogReceiver(port=port, transport="tls",
+                                certificate_file=server.certificate_file,
+                                key_file=server.key_file, ca_file=server.ca_file) as receiver:
+                if text != "early":
+                    channel.send(b"<85>1 - - - - - - " + text.encode())
+                assert receiver.wait_for(lambda m: len(m) == 1, 60)
+                assert receiver.messages()[0].text() == text and receiver.tls_sessions == 1
+    finally:
+        channel.close()
+    assert channel.connections == 2 and channel.dropped == channel.expired == 0

@@ -13,6 +13,8 @@ audit trail (docs/security.md).
     audit: true               # a launched kind that emits IHE ATNA messages sends them to the
                               # harness's syslog receiver
     audit: {port: 6514, transport: udp}   # an external node: the harness listens there
+    audit: {transport: tls}   # RFC 5425, mutual TLS: a launched node needs tls: {generate:
+                              # true}; an external one tls: {ca, certificate, key}
 """
 
 from __future__ import annotations

@@ -2,12 +2,13 @@
 
     python -m harness.embedded_pacs --ae-title LEGACY --port 11112 --storage DIR \\
         --peers PEERS.json [--host 127.0.0.1] [--log-level info] [--timeout 30] \\
-        [--audit-syslog udp://127.0.0.1:PORT] \\
+        [--audit-syslog udp://127.0.0.1:PORT | tls://127.0.0.1:PORT] \\
         [--tls-certificate PEM --tls-key PEM --tls-ca PEM [--tls-min-version 1.2]
          [--tls-client-certificate required|optional|none]]
 
 With ``--tls-*`` the port takes DICOM over TLS only (PS3.15 B.1); the same certificate is
-presented on C-MOVE sub-associations to peers the peers file marks ``"tls": true``.
+presented on C-MOVE sub-associations to peers the peers file marks ``"tls": true``, and to
+the audit repository of ``--audit-syslog tls://`` (RFC 5425; it requires the ``--tls-*`` files).
 
 ``--port 0`` binds an ephemeral port; the startup line on stderr always names the real one::
 
@@ -29,7 +30,12 @@ from pathlib import Path
 import pydicom.config
 from pynetdicom import _config
 
-from harness.embedded_pacs.audit import AuditSender, AuditSyslogError, parse_target
+from harness.embedded_pacs.audit import (
+    AuditSender,
+    AuditSyslogError,
+    client_context,
+    parse_target,
+)
 from harness.embedded_pacs.connection import (
     CLIENT_CERTIFICATE_MODES,
     DEFAULT_TIMEOUT_S,
@@ -68,18 +74,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     audit = parser.add_argument_group("audit trail (IHE ATNA, PS3.15 A.5)")
     audit.add_argument(
         "--audit-syslog",
-        metavar="udp://HOST:PORT",
+        metavar="udp://HOST:PORT|tls://HOST:PORT",
         default=None,
-        help="send one RFC 5424 audit message per operation served there (default: none)",
+        help="send one RFC 5424 audit message per operation served there; tls:// is RFC 5425 "
+        "with the --tls-* certificate (default: none)",
     )
     add_tls_arguments(parser)
     args = parser.parse_args(argv)
     check_tls_arguments(parser, args)
     if args.audit_syslog is not None:
         try:
-            parse_target(args.audit_syslog)
+            target = parse_target(args.audit_syslog)
         except AuditSyslogError as exc:
             parser.error(str(exc))
+        if target.scheme == "tls" and args.tls_certificate is None:
+            parser.error(f"--audit-syslog {args.audit_syslog} needs --tls-certificate, --tls-key "
+                         "and --tls-ca (the node authenticates to the audit repository, RFC 5425)")
     title = args.ae_title.strip()
     if not title or len(title) > 16 or "\\" in title or not title.isprintable():
         parser.error(f"--ae-title {args.ae_title!r}: 1-16 printable characters, no backslash")
@@ -127,6 +137,16 @@ def tls_contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLConte
     )
 
 
+def audit_sender(args: argparse.Namespace) -> AuditSender | None:
+    """The ``--audit-syslog`` sender; over TLS it presents the node's own certificate."""
+    if args.audit_syslog is None:
+        return None
+    context = None
+    if parse_target(args.audit_syslog).scheme == "tls":
+        context = client_context(str(args.tls_certificate), str(args.tls_key), str(args.tls_ca))
+    return AuditSender(args.audit_syslog, args.ae_title, args.host, context)
+
+
 def _one_line(record: logging.LogRecord) -> bool:
     """Log records without tracebacks: pynetdicom logs one when a sub-operation cannot be
     sent (no context for the class); the message line says enough for a test node's log."""
@@ -168,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         print(f"embedded PACS {args.ae_title}: TLS files unusable: {exc}", file=sys.stderr)
         return 2
-    audit = AuditSender(args.audit_syslog, args.ae_title, args.host) if args.audit_syslog else None
+    try:
+        audit = audit_sender(args)
+    except (OSError, ValueError) as exc:
+        print(f"embedded PACS {args.ae_title}: TLS files unusable: {exc}", file=sys.stderr)
+        return 2
     return serve(
         args.ae_title, args.port, args.storage, args.peers, host=args.host,
         timeout_s=args.timeout, tls=tls,

@@ -1,7 +1,8 @@
-"""IHE ATNA audit messages of the embedded PACS (``--audit-syslog udp://HOST:PORT``, off by
-default), so the harness's audit-trail check can be tested against a node that audits.
+"""IHE ATNA audit messages of the embedded PACS (``--audit-syslog udp://HOST:PORT`` or
+``tls://HOST:PORT``, off by default), so the harness's audit-trail check can be tested
+against a node that audits.
 
-One RFC 5424 message over UDP (RFC 5426) per operation served, its body a DICOM audit message
+One RFC 5424 message per operation served, its body a DICOM audit message
 (PS3.15 A.5.1), sent as IHE ITI TF-2 3.20 says (PRI 85: authpriv.notice; MSGID IHE+RFC-3881):
 
 - C-STOREs received: "DICOM Instances Transferred" (110104, action C, PS3.15 A.5.3.4), one per
@@ -17,21 +18,30 @@ Outcome (A.5.1 EventOutcomeIndicator): 0 success, 4 a warning or cancel (the act
 complete), 8 a failure status. Participants: the calling AE (UserIsRequestor true) and this
 node; objects: the Study Instance UID and the Patient ID (synthetic data in this node).
 
-Sending never blocks or breaks a DIMSE operation: a non-blocking UDP socket, errors logged
-once. Standard library only: this package runs alone in its container image.
+Transports: ``udp://HOST:PORT`` (RFC 5426), a non-blocking socket; ``tls://HOST:PORT``
+(RFC 5425: octet-counted frames over TLS 1.2+, the node's own certificate presented and the
+receiver's verified against the CA, as IHE ITI-20 asks of both sides), one persistent
+connection fed by a bounded queue from a background thread. Sending never blocks or breaks a
+DIMSE operation: a full queue drops the message and counts it; every connect and send has a
+deadline; a lost connection is re-made with backoff. Standard library only: this package runs
+alone in its container image.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import datetime as dt
 import logging
 import os
+import select
 import socket
+import ssl
 import threading
+import time
 import xml.etree.ElementTree as ET
 from io import BytesIO
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 LOG = logging.getLogger("harness.embedded_pacs")
@@ -50,22 +60,172 @@ STUDY_UID_TYPE = ("110180", "Study Instance UID")
 SOP_CLASS_TYPE = ("110181", "SOP Class UID")
 PATIENT_NUMBER_TYPE = ("2", "Patient Number")  # RFC 3881 code, as PS3.15 A.5.2.6 uses
 
+QUEUE_SIZE = 1000  # TLS: messages waiting for the connection; beyond, dropped and counted
+CONNECT_TIMEOUT_S = 5.0  # TCP connect plus TLS handshake
+SEND_TIMEOUT_S = 5.0  # one frame's sendall
+MESSAGE_DEADLINE_S = 30.0  # a message not delivered by then is dropped (and counted)
+BACKOFF_S = (0.2, 5.0)  # first and longest wait before connecting again
+
 
 class AuditSyslogError(ValueError):
-    """An --audit-syslog value that is not udp://HOST:PORT."""
+    """An --audit-syslog value that is not udp://HOST:PORT or tls://HOST:PORT."""
 
 
-def parse_target(url: str) -> tuple[str, int]:
+class AuditTarget(NamedTuple):
+    scheme: str  # "udp" (RFC 5426) or "tls" (RFC 5425)
+    host: str
+    port: int
+
+
+def parse_target(url: str) -> AuditTarget:
     parts = urlsplit(url)
-    if parts.scheme != "udp" or not parts.hostname or parts.path not in ("", "/"):
-        raise AuditSyslogError(f"--audit-syslog {url!r}: expected udp://HOST:PORT")
+    if parts.scheme not in ("udp", "tls") or not parts.hostname or parts.path not in ("", "/"):
+        raise AuditSyslogError(f"--audit-syslog {url!r}: expected udp://HOST:PORT or "
+                               "tls://HOST:PORT")
     try:
         port = parts.port
     except ValueError:
         port = None
     if not port:
         raise AuditSyslogError(f"--audit-syslog {url!r}: port 1-65535 required")
-    return parts.hostname, port
+    return AuditTarget(parts.scheme, parts.hostname, port)
+
+
+def client_context(certificate: str, key: str, ca: str) -> ssl.SSLContext:
+    """RFC 5425 5.2 as IHE ITI-20 profiles it: TLS 1.2 or later, the receiver's certificate
+    verified against ``ca`` (its name too), this node's certificate presented."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certificate, key)
+    return context
+
+
+class TlsChannel:
+    """One persistent RFC 5425 connection, written by a background thread from a bounded
+    queue (module docstring). Counters: ``dropped`` (queue full), ``expired`` (not delivered
+    within MESSAGE_DEADLINE_S), ``connections`` (TLS sessions made)."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext,
+                 queue_size: int = QUEUE_SIZE) -> None:
+        self.host, self.port, self.context = host, port, context
+        self.queue_size = queue_size
+        self.dropped = self.expired = self.connections = 0
+        self._queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._ready = threading.Condition()
+        self._stop = threading.Event()
+        self._tls: ssl.SSLSocket | None = None
+        self._failing = False  # an outage was logged; say when it ends
+        self._thread = threading.Thread(target=self._run, name="audit-tls", daemon=True)
+        self._thread.start()
+
+    def send(self, message: bytes) -> None:
+        """Queue one syslog message (never blocks); dropped and counted when the queue is full."""
+        with self._ready:
+            if len(self._queue) >= self.queue_size:
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 100 == 0:
+                    LOG.warning("audit queue full (%d): %d messages dropped", self.queue_size,
+                                self.dropped)
+                return
+            self._queue.append((time.monotonic(), b"%d %s" % (len(message), message)))
+            self._ready.notify()
+
+    def close(self, timeout_s: float = SEND_TIMEOUT_S) -> None:
+        self._stop.set()
+        with self._ready:
+            self._ready.notify()
+        self._thread.join(timeout_s)
+        self._disconnect()
+
+    def _run(self) -> None:
+        backoff = BACKOFF_S[0]
+        while not self._stop.is_set():
+            with self._ready:
+                self._ready.wait_for(lambda: self._queue or self._stop.is_set())
+                if self._stop.is_set():
+                    return
+                queued, frame = self._queue[0]
+            if time.monotonic() - queued > MESSAGE_DEADLINE_S:
+                self._pop(expired=True)
+                continue
+            if not self._connected() and not self._connect():
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_S[1])
+                continue
+            backoff = BACKOFF_S[0]
+            try:
+                assert self._tls is not None
+                self._tls.sendall(frame)
+            except OSError as exc:  # ssl.SSLError and TimeoutError too
+                self._outage(f"audit message to {self.host}:{self.port} not sent: {exc}")
+                self._disconnect()
+                continue
+            self._pop()
+
+    def _pop(self, expired: bool = False) -> None:
+        with self._ready:
+            self._queue.popleft()
+            if expired:
+                self.expired += 1
+                if self.expired == 1 or self.expired % 100 == 0:
+                    LOG.warning("%d audit messages expired undelivered (%g s)", self.expired,
+                                MESSAGE_DEADLINE_S)
+
+    def _connected(self) -> bool:
+        """Is the connection still open? A receiver sends nothing (RFC 5425 4.2), so a readable
+        socket is its close, an alert, or TLS 1.3 session tickets (read and ignored)."""
+        tls = self._tls
+        if tls is None:
+            return False
+        try:
+            while select.select([tls], [], [], 0)[0]:
+                tls.setblocking(False)
+                try:
+                    if not tls.recv(4096):
+                        raise ConnectionResetError("closed by the receiver")
+                except ssl.SSLWantReadError:
+                    break
+                finally:
+                    tls.settimeout(SEND_TIMEOUT_S)
+        except (OSError, ValueError) as exc:
+            self._outage(f"audit connection to {self.host}:{self.port} lost: {exc}")
+            self._disconnect()
+            return False
+        return True
+
+    def _connect(self) -> bool:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT_S)
+        except OSError as exc:
+            self._outage(f"audit repository {self.host}:{self.port} unreachable: {exc}")
+            return False
+        try:
+            tls = self.context.wrap_socket(sock, server_hostname=self.host)
+        except OSError as exc:
+            sock.close()
+            self._outage(f"audit repository {self.host}:{self.port}: TLS refused: {exc}")
+            return False
+        tls.settimeout(SEND_TIMEOUT_S)
+        self._tls = tls
+        self.connections += 1
+        if self._failing:
+            self._failing = False
+            LOG.warning("audit repository %s:%d reachable again", self.host, self.port)
+        return True
+
+    def _disconnect(self) -> None:
+        tls, self._tls = self._tls, None
+        if tls is not None:
+            try:
+                tls.close()
+            except OSError:
+                pass
+
+    def _outage(self, text: str) -> None:
+        """Logged once per outage (retries follow with backoff)."""
+        if not self._failing:
+            self._failing = True
+            LOG.warning("%s (retrying with backoff)", text)
 
 
 def outcome_of(status: int) -> int:
@@ -90,13 +250,22 @@ def _now() -> str:
 class AuditSender:
     """Builds and sends this node's audit messages (module docstring)."""
 
-    def __init__(self, url: str, ae_title: str, node_host: str = "127.0.0.1") -> None:
+    def __init__(self, url: str, ae_title: str, node_host: str = "127.0.0.1",
+                 tls_context: ssl.SSLContext | None = None) -> None:
+        """``tls_context`` (client_context) is required for a tls:// target."""
         self.target = parse_target(url)
         self.ae_title = ae_title
         self.node_host = node_host
         self.hostname = socket.gethostname() or "-"
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._socket.setblocking(False)
+        self._socket: socket.socket | None = None
+        self._channel: TlsChannel | None = None
+        if self.target.scheme == "tls":
+            if tls_context is None:
+                raise AuditSyslogError(f"--audit-syslog {url}: TLS needs the node's certificate")
+            self._channel = TlsChannel(self.target.host, self.target.port, tls_context)
+        else:
+            self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._socket.setblocking(False)
         self._warned = False
         self._lock = threading.Lock()
         # (id(assoc), study) -> [calling, peer address, patient id, worst outcome]
@@ -257,10 +426,14 @@ class AuditSender:
                                                              xml_declaration=False)
 
     def _send(self, message: ET.Element) -> None:
+        if self._channel is not None:
+            self._channel.send(self.frame(message))
+            return
+        assert self._socket is not None
         try:
-            self._socket.sendto(self.frame(message), self.target)
+            self._socket.sendto(self.frame(message), (self.target.host, self.target.port))
         except OSError as exc:
-            self._warn(f"audit message to {self.target[0]}:{self.target[1]} not sent: {exc}")
+            self._warn(f"audit message to {self.target.host}:{self.target.port} not sent: {exc}")
 
     def _warn(self, text: str) -> None:
         if not self._warned:
@@ -268,7 +441,10 @@ class AuditSender:
             LOG.warning("%s (further audit errors are not logged)", text)
 
     def close(self) -> None:
-        self._socket.close()
+        if self._channel is not None:
+            self._channel.close()
+        if self._socket is not None:
+            self._socket.close()
 
 
 def _values(value: Any) -> list[str]:

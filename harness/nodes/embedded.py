@@ -59,10 +59,10 @@ class EmbeddedNode(Node):
         }
         (self.workdir / "peers.json").write_text(json.dumps(table, indent=2))
         if self.spec.audit is not None:
-            if self.spec.audit.transport != "udp":
+            if self.spec.audit.transport == "tls" and self.spec.tls is None:
                 raise ConfigError(
-                    f"node {self.name}: the embedded PACS sends its audit messages over UDP "
-                    "only (audit: {transport: udp})"
+                    f"node {self.name}: audit: {{transport: tls}} needs tls: {{generate: true}} "
+                    "(its certificate authenticates it to the syslog receiver, RFC 5425)"
                 )
             port = self.spec.audit.port or free_port(self.host)
             (self.workdir / AUDIT_PORT_FILE).write_text(f"{port}\n")
@@ -89,7 +89,8 @@ class EmbeddedNode(Node):
     def arguments(self) -> list[str]:
         audit = []
         if self.audit_port:
-            audit = ["--audit-syslog", f"udp://{self.host}:{self.audit_port}"]
+            scheme = self.spec.audit.transport  # udp (RFC 5426) or tls (RFC 5425)
+            audit = ["--audit-syslog", f"{scheme}://{self.host}:{self.audit_port}"]
         return [
             "--ae-title",
             self.ae_title,

@@ -14,6 +14,11 @@ C-GETs it), journals each (journal.py) and joins them with the messages received
 
 It waits for the messages as they arrive (until each operation has a candidate, or
 ``deadline_s``), never a fixed sleep.
+
+``audit: {transport: tls}``: the receiver speaks RFC 5425 and authenticates both sides (IHE
+ITI-20): it presents the harness's certificate (a launched node's run CA issued it; for an
+external node the topology's tls.certificate/key) and takes only senders whose client
+certificate the same CA signed (the run's CA, or the topology's tls.ca).
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ class AuditCoverage:
 class AuditTrailResult:
     checks: list[Check]
     coverage: AuditCoverage | None  # None: the node declares no audit trail
+    transport: str = ""  # "udp" or "tls" when a receiver listened
+    tls_sessions: int = 0  # TLS: authenticated sessions the receiver accepted
 
 
 @dataclass(frozen=True)
@@ -118,9 +125,11 @@ def audit_coverage(entries: list[JournalEntry], messages: list[SyslogMessage]) -
 
 
 def join(
-    node_name: str, entries: list[JournalEntry], messages: list[SyslogMessage]
+    node_name: str, entries: list[JournalEntry], messages: list[SyslogMessage],
+    transport_note: str = "",
 ) -> tuple[list[Check], AuditCoverage]:
-    """Checks and coverage of the journal against the messages (module docstring)."""
+    """Checks and coverage of the journal against the messages (module docstring);
+    `transport_note` (how they came) ends each observation."""
     received = _read(messages)
     invalid = [r for r in received if r.event is None]
     valid = [r.event for r in received if r.event is not None]
@@ -136,7 +145,7 @@ def join(
         else:
             audited.append(entry)
     coverage = AuditCoverage(len(entries), len(audited), len(messages), len(invalid))
-    figures = f"coverage: {coverage.text()}"
+    figures = f"coverage: {coverage.text()}" + (f"; {transport_note}" if transport_note else "")
     if not messages and entries:
         return [Check(
             node_name, AREA, "no audit trail", "fail",
@@ -254,32 +263,89 @@ def audit_trail(
             "no port for its audit messages: set audit: {port: N} in the topology",
             "declare where the node sends its syslog audit messages", REFERENCE,
         )], None)
-    if audit.transport != "udp":
+    receiver = audit_receiver(node, port)
+    if isinstance(receiver, Check):
+        return AuditTrailResult([receiver], None)
+    journal = journal or OperationJournal()
+    try:
+        receiver.start()
+    except OSError as exc:  # ssl.SSLError too
+        return AuditTrailResult([Check(
+            node.name, AREA, "audit trail", "fail",
+            f"the syslog receiver cannot listen on 127.0.0.1:{port} ({audit.transport}): {exc}",
+            "free that port, or give readable PEM files in the node's tls:", REFERENCE,
+        )], None)
+    try:
+        heard = _listen_while_performing(node, receiver, journal, deadline_s)
+    finally:
+        receiver.stop()
+    if isinstance(heard, AuditTrailResult):
+        return heard
+    entries, messages = heard
+    checks, coverage = join(node.name, entries, messages, _transport_note(receiver))
+    return AuditTrailResult(checks, coverage, receiver.transport, receiver.tls_sessions)
+
+
+def _listen_while_performing(
+    node: Node, receiver: SyslogReceiver, journal: OperationJournal, deadline_s: float
+) -> tuple[list[JournalEntry], list[SyslogMessage]] | AuditTrailResult:
+    """The operations performed and the messages heard meanwhile (a result: nothing to join)."""
+    try:
+        study_uid = perform_operations(node, journal)
+    except HarnessError as exc:
+        return AuditTrailResult([Check(
+            node.name, AREA, "audit trail", "fail",
+            f"the operations to audit could not be performed: {exc}",
+            "make the node reachable by the harness (C-STORE, C-FIND, C-GET)", REFERENCE,
+        )], None)
+    if study_uid is None:
         return AuditTrailResult([Check(
             node.name, AREA, "audit trail", "skip",
-            "syslog over TLS for an audit source is not wired into this check yet "
-            "(the receiver supports it)", "", REFERENCE,
+            "read-only node without any study: no operation to audit", "", REFERENCE,
         )], None)
-    journal = journal or OperationJournal()
-    with SyslogReceiver("127.0.0.1", port, "udp") as receiver:
-        try:
-            study_uid = perform_operations(node, journal)
-        except HarnessError as exc:
-            return AuditTrailResult([Check(
-                node.name, AREA, "audit trail", "fail",
-                f"the operations to audit could not be performed: {exc}",
-                "make the node reachable by the harness (C-STORE, C-FIND, C-GET)", REFERENCE,
-            )], None)
-        entries = journal.entries(node.name)
-        if study_uid is None:
-            return AuditTrailResult([Check(
-                node.name, AREA, "audit trail", "skip",
-                "read-only node without any study: no operation to audit", "", REFERENCE,
-            )], None)
-        receiver.wait_for(_all_candidates(entries), deadline_s)
-        messages = receiver.messages()
-    checks, coverage = join(node.name, entries, messages)
-    return AuditTrailResult(checks, coverage)
+    entries = journal.entries(node.name)
+    receiver.wait_for(_all_candidates(entries), deadline_s)
+    return entries, receiver.messages()
+
+
+def audit_receiver(node: Node, port: int) -> SyslogReceiver | Check:
+    """The (unstarted) receiver for `node`'s trail on `port`; over TLS with the harness's
+    certificate and the CA that must sign the sender's (RFC 5425 5.2), or a skip Check that
+    says what to declare when those files are not there."""
+    audit = node.spec.audit
+    assert audit is not None
+    if audit.transport == "udp":
+        return SyslogReceiver("127.0.0.1", port, "udp")
+    tls = node.spec.tls
+    if tls is not None and tls.generate:
+        material = node.harness_tls_material
+        files = (material.certificate_file, material.key_file, material.ca_file) if (
+            material) else (None, None, None)
+        wanted = ("the run's certificates: launch the node with the topology (pacs-harness "
+                  "up, run or pytest)")
+    elif node.capabilities.launched:
+        files, wanted = (None, None, None), "declare tls: {generate: true} on the node"
+    else:
+        files = (tls.certificate_file, tls.key_file, tls.ca_file) if tls else (None,) * 3
+        wanted = ("declare tls: {ca: FILE, certificate: FILE, key: FILE} on the node (the "
+                  "harness's certificate for its syslog receiver, and the CA that signs the "
+                  "node's client certificate)")
+    if not all(files):
+        return Check(node.name, AREA, "audit trail", "skip",
+                     f"audit: {{transport: tls}} needs {wanted}", "", "RFC 5425 5.2")
+    certificate, key, ca = files
+    return SyslogReceiver("127.0.0.1", port, "tls", certificate_file=certificate,
+                          key_file=key, ca_file=ca)
+
+
+def _transport_note(receiver: SyslogReceiver) -> str:
+    """How the trail came (for a TLS trail: sessions made, senders refused and why)."""
+    if receiver.transport != "tls":
+        return "over UDP"
+    note = f"over TLS, {receiver.tls_sessions} authenticated sessions"
+    if receiver.tls_refused:
+        note += f", {receiver.tls_refused} senders refused (last: {receiver.tls_error})"
+    return note
 
 
 def audit_checks(node: Node, **options: Any) -> list[Check]:

@@ -228,9 +228,14 @@ class SyslogReceiver:
         self.dropped = 0  # over max_messages
         self.oversize = 0  # over max_message_bytes
         self.unparsable = 0  # not syslog at all (kept nowhere, counted)
+        self.tls_sessions = 0  # TLS handshakes completed (with a trusted sender, given a CA)
+        self.tls_refused = 0  # TLS handshakes failed: no or an untrusted certificate, ...
+        self.tls_error = ""  # why the last one failed
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> SyslogReceiver:
+        """Listen; unusable TLS files (OSError, ssl.SSLError) or a taken port raise here."""
+        context = self._tls_context() if self.transport == "tls" else None
         kind = socket.SOCK_DGRAM if self.transport == "udp" else socket.SOCK_STREAM
         sock = socket.socket(socket.AF_INET, kind)
         try:
@@ -247,8 +252,10 @@ class SyslogReceiver:
             raise
         self._socket = sock
         self.port = sock.getsockname()[1]
-        target = self._serve_udp if self.transport == "udp" else self._serve_tls
-        self._spawn(target, f"syslog-{self.transport}-{self.port}")
+        if context is None:
+            self._spawn(self._serve_udp, f"syslog-udp-{self.port}")
+        else:
+            self._spawn(self._serve_tls, f"syslog-tls-{self.port}", context)
         return self
 
     def stop(self) -> None:
@@ -331,9 +338,8 @@ class SyslogReceiver:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
-    def _serve_tls(self) -> None:
+    def _serve_tls(self, context: ssl.SSLContext) -> None:
         assert self._socket is not None
-        context = self._tls_context()
         while not self._stop.is_set():
             try:
                 conn, address = self._socket.accept()
@@ -384,11 +390,22 @@ class SyslogReceiver:
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 tls.do_handshake()
-                return True
             except TimeoutError:
                 continue
             except (OSError, ssl.SSLError) as exc:
                 LOG.warning("syslog TLS sender %s: handshake failed: %s", peer, exc)
+                self._refused(f"{peer}: {exc}")
                 return False
+            self._count("tls_sessions")
+            return True
+        if self._stop.is_set():
+            return False
         LOG.warning("syslog TLS sender %s: no handshake within %g s", peer, HANDSHAKE_TIMEOUT_S)
+        self._refused(f"{peer}: no handshake within {HANDSHAKE_TIMEOUT_S:g} s")
         return False
+
+    def _refused(self, reason: str) -> None:
+        with self._changed:
+            self.tls_refused += 1
+            self.tls_error = reason
+            self._changed.notify_all()
