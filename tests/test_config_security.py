@@ -134,3 +134,14 @@ def test_the_cluster_issues_a_certificate_per_tls_node_and_keeps_paths_in_state(
     again = Cluster.from_state(replace(topology, nodes=specs), tmp_path / "state")
     assert again.nodes["a"].tls_material == a.tls_material
     assert again.nodes["a"].harness_tls_material == a.harness_tls_material
+
+
+def test_audit_over_tls_needs_the_nodes_certificate() -> None:
+    assert "nodes.a.audit: audit over TLS sends with the node's own certificate" in _error(
+        "kind: embedded, audit: {transport: tls}"
+    )
+    spec = parse_topology(
+        "name: x\nnodes:\n  a: {kind: embedded, tls: {generate: true}, "
+        "audit: {transport: tls}}\n"
+    ).nodes["a"]
+    assert spec.audit.transport == "tls" and spec.tls.generate

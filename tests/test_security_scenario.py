@@ -9,20 +9,21 @@ misconfiguration (caught alone), in report.json and in the command's output.
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import processes_mentioning, run_cli
 
-PROPER = """name: secure-merger
+PROPER = """name: @NAME@
 nodes:
   legacy: {kind: dcmqrscp, ae_title: LEGACY, tls: {generate: true}}
   central: {kind: orthanc, ae_title: CENTRAL, tls: {generate: true}}
   pocket: {kind: embedded, ae_title: POCKET, tls: {generate: true}, audit: true}
 """
 
-MISCONFIGURED = """name: misconfigured
+MISCONFIGURED = """name: @NAME@
 nodes:
   good: {kind: embedded, ae_title: GOOD, tls: {generate: true}, audit: true}
   expiring: {kind: embedded, ae_title: EXPIRING, tls: {generate: true, valid_days: 10}}
@@ -66,7 +67,7 @@ EXPECTED_FAILURES = {
 
 def _run(tmp_path: Path, topology: str, *extra: str):
     path = tmp_path / "topology.yaml"
-    path.write_text(topology)
+    path.write_text(topology)  # its name is this run's own: the process check below is too
     report_dir = tmp_path / "report"
     proc = run_cli("run", "--topology", str(path), "--phase", "infrastructure", "-q",
                    "--report-dir", str(report_dir), *extra, timeout=900)
@@ -92,8 +93,8 @@ def _failed_checks(scenario: dict) -> dict[str, dict[str, set[str]]]:
 
 @pytest.mark.timeout(1200)
 def test_properly_configured_tls_nodes_make_the_infrastructure_phase_ready(tmp_path):
-    name = "secure-merger"
-    proc, report = _run(tmp_path, PROPER)
+    name = f"secure-merger-{uuid.uuid4().hex[:8]}"
+    proc, report = _run(tmp_path, PROPER.replace("@NAME@", name))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "phase infrastructure: ready" in proc.stderr
     scenario = _security(report)
@@ -111,8 +112,8 @@ def test_properly_configured_tls_nodes_make_the_infrastructure_phase_ready(tmp_p
 
 @pytest.mark.timeout(1200)
 def test_each_misconfiguration_fails_its_own_check_and_the_phase(tmp_path):
-    name = "misconfigured"
-    proc, report = _run(tmp_path, MISCONFIGURED, "--scenario", "security")
+    name = f"misconfigured-{uuid.uuid4().hex[:8]}"
+    proc, report = _run(tmp_path, MISCONFIGURED.replace("@NAME@", name), "--scenario", "security")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "phase infrastructure: NOT READY" in proc.stderr
     assert "scenario security (infrastructure) failed" in proc.stderr

@@ -364,6 +364,9 @@ class NodeModel(ConfigModel):
                 having = kinds_with(lambda c: c.audit_trail and c.launched)
                 raise fail(f"{kind} sends no audit messages (kinds that do: "
                            f"{', '.join(having) or 'none'})", "audit")
+            if caps.launched and self.audit.transport == "tls" and self.tls is None:
+                raise fail("audit over TLS sends with the node's own certificate: declare "
+                           "tls: {generate: true} too", "audit")
             if not caps.launched and self.audit.port is None:
                 raise fail(f"an {kind} node needs audit.port: where its syslog reaches the "
                            "harness", "audit")
