@@ -6,6 +6,7 @@ retrieved instances come back as the exact bytes the server sent.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -58,6 +59,25 @@ def authentication_failed(node_label: str, status_code: int) -> AuthenticationFa
     )
 
 
+def request_failed(node_label: str, url: str, exc: requests.RequestException
+                   ) -> EnvironmentProblem:
+    """One line for a request that got no HTTP answer. A certificate the harness refuses
+    names the node and OpenSSL's reason (RFC 9110 4.3.4: an https URI's server must prove
+    its identity), so a wrong `tls.ca` or host name is told apart from a dead server."""
+    text = str(exc)
+    if isinstance(exc, requests.exceptions.SSLError):
+        reason = re.search(r"certificate verify failed: ([^(]*)", text)
+        if reason or "CERTIFICATE_VERIFY_FAILED" in text:
+            detail = reason.group(1).strip() if reason else "see its certificate"
+            return EnvironmentProblem(
+                f"node {node_label}: HTTPS certificate verify failed ({detail}) at {url}"
+            )
+        ssl_reason = re.search(r"\[SSL: [A-Z_]+\] ([^(]*)", text)
+        detail = ssl_reason.group(1).strip() if ssl_reason else "handshake failed"
+        return EnvironmentProblem(f"node {node_label}: TLS to {url} failed ({detail})")
+    return EnvironmentProblem(f"node {node_label}: {url}: {exc.__class__.__name__}")
+
+
 class DicomwebClient:
     """QIDO-RS, WADO-RS and STOW-RS against one service root (e.g. .../dicom-web)."""
 
@@ -82,13 +102,13 @@ class DicomwebClient:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         try:
+            # per request: a session's own `verify` loses to REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE
             rsp = self.session.request(
-                method, f"{self.root_url}{path}", timeout=self.timeout_s, **kwargs
+                method, f"{self.root_url}{path}", timeout=self.timeout_s,
+                verify=self.session.verify, **kwargs
             )
         except requests.RequestException as exc:
-            raise EnvironmentProblem(
-                f"DICOMweb at {self.root_url}: {exc.__class__.__name__}"
-            ) from None
+            raise request_failed(self.node_label, f"DICOMweb at {self.root_url}", exc) from None
         if rsp.status_code in AUTH_STATUSES:
             raise authentication_failed(self.node_label, rsp.status_code)
         if rsp.status_code >= 400:

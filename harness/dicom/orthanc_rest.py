@@ -10,7 +10,7 @@ from typing import Any
 
 import requests
 
-from harness.dicom.dicomweb import AUTH_STATUSES, authentication_failed
+from harness.dicom.dicomweb import AUTH_STATUSES, authentication_failed, request_failed
 from harness.errors import EnvironmentProblem
 
 
@@ -38,13 +38,13 @@ class OrthancRest:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         try:
+            # per request: a session's own `verify` loses to REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE
             rsp = self.session.request(
-                method, f"{self.base_url}{path}", timeout=self.timeout_s, **kwargs
+                method, f"{self.base_url}{path}", timeout=self.timeout_s,
+                verify=self.session.verify, **kwargs
             )
         except requests.RequestException as exc:
-            raise EnvironmentProblem(
-                f"Orthanc at {self.base_url}: {exc.__class__.__name__}"
-            ) from None
+            raise request_failed(self.node_label, f"Orthanc at {self.base_url}", exc) from None
         if rsp.status_code in AUTH_STATUSES:
             raise authentication_failed(self.node_label, rsp.status_code)
         if rsp.status_code >= 400:
