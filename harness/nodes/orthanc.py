@@ -273,6 +273,9 @@ class OrthancNode(Node):
             haproxy_binary(f"node {self.name}: https")  # missing: say so before starting
             self.http_server_port = self.http_server_port or free_port("127.0.0.1")
             config["HttpPort"] = self.http_server_port
+            # the URLs the DICOMweb plugin writes in its answers (RetrieveURL, PS3.18 10.5.3)
+            # say https: it cannot see the terminator
+            config["DicomWeb"] = {**config["DicomWeb"], "Ssl": True}
         if self.postgres_port:
             config["PostgreSQL"] = {
                 **PostgresServer(self.workdir / "pg", self.postgres_port).dsn(),
