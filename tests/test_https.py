@@ -1,11 +1,12 @@
 """REST and DICOMweb over HTTPS (`https: true`, RFC 9110 4.2.2) on real Orthancs.
 
-Two launched Orthancs: `web` declares only `https: true` (its certificate comes from the
-run's CA all the same), `both` also DICOM TLS. Checked from outside the harness: curl (with
-the run's CA, without it, and plain http://) and `openssl s_client` for what the port takes;
-what the harness stores over STOW-RS is listed by curl. The same Orthanc described as an
-external node works with the run's CA and, with a CA from another run, every HTTP client
-refuses it: a rest check names the failure and the CLI exits 3 with one line.
+Three launched Orthancs: `web` declares only `https: true` (its certificate comes from the
+run's CA all the same), `both` also DICOM TLS, `misnamed` a certificate without its host.
+Checked from outside the harness: curl (with the run's CA, without it, and plain http://)
+and `openssl s_client` for what the port takes; what the harness stores over STOW-RS is
+listed by curl. `both` described as an external node works with the run's CA and, with a
+CA from another run, every HTTP client refuses it: a rest check names the failure and the
+CLI exits 3 with one line.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pydicom
 import pytest
 
 from harness.config import parse_topology
-from harness.errors import ConfigError
+from harness.errors import ConfigError, EnvironmentProblem
 from harness.fixtures import pacs_cluster_factory
 from harness.nodes.external import ExternalNode
 from harness.security.certificates import CertificateAuthority
@@ -34,7 +35,9 @@ OPENSSL = "/usr/bin/openssl"
 cluster = pacs_cluster_factory(
     "name: https\nnodes:\n"
     "  web: {kind: orthanc, ae_title: HTTPSWEB, https: true}\n"
-    "  both: {kind: orthanc, ae_title: HTTPSBOTH, https: true, tls: {generate: true}}\n",
+    "  both: {kind: orthanc, ae_title: HTTPSBOTH, https: true, tls: {generate: true}}\n"
+    "  misnamed: {kind: orthanc, ae_title: HTTPSMISNAMED, https: true, tls: {generate: true, "
+    "certificate_names: [pacs.example.org]}}\n",
     scope="module",
     requires=("Orthanc",),
 )
@@ -160,6 +163,22 @@ def test_a_ca_from_another_run_is_refused_by_name(cluster, tmp_path, monkeypatch
     assert "Traceback" not in output
     lines = [line for line in proc.stderr.splitlines() if "certificate verify failed" in line]
     assert len(lines) == 1 and "node both" in lines[0], proc.stderr
+
+
+def test_a_certificate_without_the_host_name_is_a_finding(cluster):
+    """Launched all the same (the server answers TLS), but every HTTP client refuses it and
+    the rest check names the mismatch; openssl agrees the name is not in the certificate."""
+    node = cluster.node("misnamed")
+    assert "certificate verify failed" in node.tls_warning
+    checks = {c.name: c for c in rest_checks(node)}
+    verified = checks["HTTPS certificate verifies"]
+    assert verified.outcome == "fail" and "mismatch" in verified.observed, verified.line()
+    with pytest.raises(EnvironmentProblem, match="node misnamed: HTTPS certificate verify "
+                       "failed"):
+        node.rest().system()
+    done = _handshake(node.http_port, "-CAfile", str(node.tls_material.ca_file),
+                      "-verify_ip", "127.0.0.1")
+    assert "Verify return code: 64" in done.stdout  # X509_V_ERR_IP_ADDRESS_MISMATCH
 
 
 @pytest.mark.parametrize(("node", "wanted"), [

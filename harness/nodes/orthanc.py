@@ -348,9 +348,23 @@ class OrthancNode(Node):
             self._terminator = None
 
     def ready(self) -> bool:
+        """GET /system answers 200, then C-ECHO. An HTTPS certificate the harness refuses
+        (e.g. `tls.certificate_names` without the host) still proves the server up: it is
+        up with `tls_warning`, for the rest check to name (never retried unverified)."""
         try:
             rsp = requests.get(f"{self.http_url}/system", auth=self._http_auth(), timeout=5,
                                verify=self.http_verify())
+        except requests.exceptions.SSLError as exc:
+            problem = request_failed(self.name, f"HTTP {self.http_url}", exc)
+            if "certificate verify failed" not in str(problem):
+                raise problem from None
+            up = super().ready()  # may set its own DICOM TLS warning: keep both
+            http_warning, dicom_warning = str(problem), self.tls_warning
+            if not dicom_warning:
+                self.tls_warning = http_warning
+            elif http_warning not in dicom_warning:
+                self.tls_warning = f"{dicom_warning}; {http_warning}"
+            return up
         except requests.RequestException as exc:
             raise request_failed(self.name, f"HTTP {self.http_url}", exc) from None
         return rsp.status_code == 200 and super().ready()
