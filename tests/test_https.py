@@ -22,6 +22,8 @@ import pytest
 from harness.config import parse_topology
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.fixtures import pacs_cluster_factory
+from harness.migration.discovery import StudyContent
+from harness.migration.methods import check_method, send_study
 from harness.nodes.external import ExternalNode
 from harness.security.certificates import CertificateAuthority
 from harness.security.rest_auth import rest_checks
@@ -30,6 +32,14 @@ from synthetic_data.templates import encode_part10
 from tests.helpers import external_node, login_env, run_cli
 
 CURL = "/usr/bin/curl"
+QIDO_WORKLOAD = """name: qido-only
+duration_s: 5
+warmup_s: 0
+max_operations: 200
+dataset: {studies: 1, instances_per_study: 1, scale: tiny}
+groups:
+  - {name: qido, operation: qido-rs, users: 1}
+"""
 OPENSSL = "/usr/bin/openssl"
 
 cluster = pacs_cluster_factory(
@@ -143,6 +153,36 @@ def test_the_cli_crawls_an_external_https_node(cluster, tmp_path):
     crawled = json.loads(proc.stdout)
     assert crawled["via"] == "dicomweb"
     assert crawled["studies_total"] == json.loads(listed.stdout)["CountStudies"]
+
+
+@pytest.mark.parametrize("method", ["dicomweb", "orthanc"])
+def test_migration_methods_go_through_https(cluster, method):
+    """WADO-RS from `both` and STOW-RS into `web`, or Orthanc's REST store job on `both`:
+    the study arrives on `web` (listed by curl)."""
+    source, target = cluster.node("both"), cluster.node("web")
+    study = sample_study(seed={"dicomweb": 153, "orthanc": 154}[method], instances=2)
+    assert source.dimse().store(study).ok
+    uid = str(study[0].StudyInstanceUID)
+    check_method(method, source, target)
+    assert send_study(method, source, target, uid, StudyContent()) == 2
+    listed = _curl(f"{target.http_url}/dicom-web/studies/{uid}/instances", "--cacert",
+                   str(target.tls_material.ca_file), login=target.generated_credentials)
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(i["00080018"]["Value"][0] for i in json.loads(listed.stdout)) == sorted(
+        ds.SOPInstanceUID for ds in study)
+
+
+def test_locust_workers_query_over_https(cluster, tmp_path):
+    """`load --locust`: the workers (other processes) get the CA to verify with."""
+    topology, env = _external(cluster, tmp_path, str(cluster.node("both").tls_material.ca_file))
+    workload = tmp_path / "qido.yaml"
+    workload.write_text(QIDO_WORKLOAD)
+    proc = run_cli("load", "--topology", str(topology), "--node", "both", "--workload",
+                   str(workload), "--locust", "--json", env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    qido = json.loads(proc.stdout)["stats"]["qido: qido-rs"]
+    # a worker checking the certificate against the system's store would fail every query
+    assert qido["count"] > 0 and qido["failures"] == 0, qido
 
 
 def test_a_ca_from_another_run_is_refused_by_name(cluster, tmp_path, monkeypatch):
