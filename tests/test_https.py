@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 from harness.config import parse_topology
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.fixtures import pacs_cluster_factory
+from harness.launch.tools import find_binary
 from harness.migration.discovery import StudyContent
 from harness.migration.methods import check_method, send_study
 from harness.nodes.external import ExternalNode
@@ -29,7 +31,7 @@ from harness.security.certificates import CertificateAuthority
 from harness.security.rest_auth import rest_checks
 from synthetic_data.samples import sample_study
 from synthetic_data.templates import encode_part10
-from tests.helpers import external_node, login_env, run_cli
+from tests.helpers import external_node, login_env, processes_mentioning, run_cli
 
 CURL = "/usr/bin/curl"
 QIDO_WORKLOAD = """name: qido-only
@@ -219,6 +221,35 @@ def test_a_certificate_without_the_host_name_is_a_finding(cluster):
     done = _handshake(node.http_port, "-CAfile", str(node.tls_material.ca_file),
                       "-verify_ip", "127.0.0.1")
     assert "Verify return code: 64" in done.stdout  # X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+def test_up_keeps_https_for_later_commands_and_down_stops_the_terminator(tmp_path):
+    """A detached cluster (`up`): `inventory` in another process finds the node's CA in the
+    saved state; `down` leaves no HAProxy nor Orthanc behind."""
+    if not find_binary("Orthanc"):
+        pytest.skip("Orthanc not installed")
+    topology = tmp_path / "up.yaml"
+    topology.write_text("name: upweb\nnodes:\n  web: {kind: orthanc, ae_title: UPWEB, "
+                        "https: true}\n")
+    env = {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "state")}
+    started = run_cli("up", "--topology", str(topology), env=env, timeout=300)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        (row,) = json.loads(run_cli("status", "--topology", str(topology), "--json",
+                                    env=env).stdout)
+        assert row["https"] and row["alive"]
+        crawled = run_cli("inventory", "--topology", str(topology), "--node", "web", "--json",
+                          "--ledger", str(tmp_path / "inv.sqlite"), env=env)
+        assert crawled.returncode == 0, crawled.stdout + crawled.stderr
+        assert json.loads(crawled.stdout)["via"] == "dicomweb"
+        terminator_config = next(line.split("-f ", 1)[1].strip()
+                                 for line in processes_mentioning("haproxy") if "upweb" in line)
+        workdir = str(Path(terminator_config).parent)
+        assert any("Orthanc" in line for line in processes_mentioning(workdir))
+    finally:
+        stopped = run_cli("down", "--topology", str(topology), env=env, timeout=300)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert processes_mentioning(workdir) == []
 
 
 @pytest.mark.parametrize(("node", "wanted"), [
