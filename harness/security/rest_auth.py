@@ -161,7 +161,7 @@ def _transport_check(node: Node) -> Check:
         f"at {node.host}, over the network")
     return Check(node.name, AREA, "plain HTTP", "fail",
                  f"logins and patient data travel in clear: plain HTTP {where}",
-                 "serve the REST API over HTTPS and declare https: true", HTTPS_REF)
+                 "serve it over HTTPS and declare https: true", HTTPS_REF)
 
 
 def _https_checks(node: Node, service: Service) -> list[Check]:
