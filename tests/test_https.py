@@ -223,6 +223,29 @@ def test_a_certificate_without_the_host_name_is_a_finding(cluster):
     assert "Verify return code: 64" in done.stdout  # X509_V_ERR_IP_ADDRESS_MISMATCH
 
 
+def test_tls_server_name_is_the_name_https_checks(cluster, tmp_path, monkeypatch):
+    """The same server described as a site's node with `tls.server_name` set to the name
+    its certificate carries: every HTTP client accepts it (openssl agrees)."""
+    node = cluster.node("misnamed")
+    harness = node.harness_tls_material
+    extra = (f", https: true, tls: {{ca: {node.tls_material.ca_file}, server_name: "
+             f"pacs.example.org, certificate: {harness.certificate_file}, "
+             f"key: {harness.key_file}}}")
+    topology = parse_topology("name: site\nnodes:\n" + external_node(node, "HTTPS_NAME", extra),
+                              "<test>")
+    for variable, value in zip(("HTTPS_NAME_MISNAMED_USER", "HTTPS_NAME_MISNAMED_PASSWORD"),
+                               node.generated_credentials, strict=True):
+        monkeypatch.setenv(variable, value)
+    site = ExternalNode(topology.node("misnamed"))
+    assert site.rest().system()["Version"] == "1.10.1"
+    assert site.dicomweb().search_studies() == []
+    checks = rest_checks(site)
+    assert {c.outcome for c in checks} == {"pass"}, [c.line() for c in checks]
+    done = _handshake(node.http_port, "-CAfile", str(node.tls_material.ca_file),
+                      "-verify_hostname", "pacs.example.org", "-servername", "pacs.example.org")
+    assert "Verify return code: 0 (ok)" in done.stdout
+
+
 def test_up_keeps_https_for_later_commands_and_down_stops_the_terminator(tmp_path):
     """A detached cluster (`up`): `inventory` in another process finds the node's CA in the
     saved state; `down` leaves no HAProxy nor Orthanc behind."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from harness.errors import EnvironmentProblem
 
@@ -78,6 +79,33 @@ def request_failed(node_label: str, url: str, exc: requests.RequestException
     return EnvironmentProblem(f"node {node_label}: {url}: {exc.__class__.__name__}")
 
 
+class _ServerNameAdapter(HTTPAdapter):
+    """Checks the certificate for `server_name` (and sends it as SNI) instead of the URL's
+    host: a site's server reached by address whose certificate carries its DNS name
+    (`tls.server_name`)."""
+
+    def __init__(self, server_name: str) -> None:
+        self.server_name = server_name
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["server_hostname"] = self.server_name
+        kwargs["assert_hostname"] = self.server_name
+        super().init_poolmanager(*args, **kwargs)
+
+
+def http_session(auth: tuple[str, str] | None, verify: bool | str,
+                 server_name: str | None = None) -> requests.Session:
+    """The session every HTTP client of a node uses: its login, the CA its certificate is
+    verified with (Node.http_verify) and, when given, the name it must carry."""
+    session = requests.Session()
+    session.auth = auth
+    session.verify = verify
+    if server_name:
+        session.mount("https://", _ServerNameAdapter(server_name))
+    return session
+
+
 class DicomwebClient:
     """QIDO-RS, WADO-RS and STOW-RS against one service root (e.g. .../dicom-web)."""
 
@@ -87,14 +115,13 @@ class DicomwebClient:
         auth: tuple[str, str] | None = None,
         *,
         verify: bool | str = True,
+        server_name: str | None = None,
         timeout_s: float = 60.0,
         node_name: str | None = None,
     ) -> None:
         self.root_url = root_url.rstrip("/")
         self.node_label = node_name or self.root_url
-        self.session = requests.Session()
-        self.session.auth = auth
-        self.session.verify = verify
+        self.session = http_session(auth, verify, server_name)
         self.timeout_s = timeout_s
 
     def __repr__(self) -> str:

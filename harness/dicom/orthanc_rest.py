@@ -10,7 +10,12 @@ from typing import Any
 
 import requests
 
-from harness.dicom.dicomweb import AUTH_STATUSES, authentication_failed, request_failed
+from harness.dicom.dicomweb import (
+    AUTH_STATUSES,
+    authentication_failed,
+    http_session,
+    request_failed,
+)
 from harness.errors import EnvironmentProblem
 
 
@@ -23,14 +28,13 @@ class OrthancRest:
         auth: tuple[str, str] | None = None,
         *,
         verify: bool | str = True,
+        server_name: str | None = None,
         timeout_s: float = 30.0,
         node_name: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.node_label = node_name or self.base_url
-        self.session = requests.Session()
-        self.session.auth = auth
-        self.session.verify = verify
+        self.session = http_session(auth, verify, server_name)
         self.timeout_s = timeout_s
 
     def __repr__(self) -> str:

@@ -243,13 +243,19 @@ class Node:
             return self.spec.tls.ca_file
         return True
 
+    def http_server_name(self) -> str | None:
+        """The name its HTTPS certificate must carry when it is not the host in the URL:
+        the topology's `tls.server_name` (as for DICOM TLS), else None (the host)."""
+        tls = self.spec.tls
+        return tls.server_name if tls and tls.server_name != self.host else None
+
     def dicomweb(self) -> DicomwebClient | None:
         """A DICOMweb client when the node serves DICOMweb, else None."""
         if not self.http_url or not self.spec.dicomweb_root:
             return None
         return DicomwebClient(
             self.http_url + self.spec.dicomweb_root, self._http_auth(),
-            verify=self.http_verify(), node_name=self.name,
+            verify=self.http_verify(), server_name=self.http_server_name(), node_name=self.name,
         )
 
     def rest(self) -> OrthancRest | None:
@@ -257,7 +263,7 @@ class Node:
         if not self.http_url or not self.spec.orthanc_rest:
             return None
         return OrthancRest(self.http_url, self._http_auth(), verify=self.http_verify(),
-                           node_name=self.name)
+                           server_name=self.http_server_name(), node_name=self.name)
 
     def _http_auth(self) -> tuple[str, str] | None:
         """The generated login of a launched node, else the topology's (from the environment)."""

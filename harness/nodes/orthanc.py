@@ -59,7 +59,7 @@ from pathlib import Path
 
 import requests
 
-from harness.dicom.dicomweb import request_failed
+from harness.dicom.dicomweb import http_session, request_failed
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.postgres import PostgresServer
 from harness.launch.tls_terminator import (
@@ -352,8 +352,9 @@ class OrthancNode(Node):
         (e.g. `tls.certificate_names` without the host) still proves the server up: it is
         up with `tls_warning`, for the rest check to name (never retried unverified)."""
         try:
-            rsp = requests.get(f"{self.http_url}/system", auth=self._http_auth(), timeout=5,
-                               verify=self.http_verify())
+            session = http_session(self._http_auth(), self.http_verify(),
+                                   self.http_server_name())
+            rsp = session.get(f"{self.http_url}/system", timeout=5, verify=session.verify)
         except requests.exceptions.SSLError as exc:
             problem = request_failed(self.name, f"HTTP {self.http_url}", exc)
             if "certificate verify failed" not in str(problem):

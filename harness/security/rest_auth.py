@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import requests
 
-from harness.dicom.dicomweb import request_failed
+from harness.dicom.dicomweb import http_session, request_failed
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.nodes.base import Node
 from harness.security.checks import Check
@@ -61,9 +61,10 @@ def _services(node: Node) -> list[Service]:
 def _get(node: Node, url: str, auth: tuple[str, str] | None) -> int | str:
     """The HTTP status code, or the name of the error that prevented an answer (the
     certificate checked as every client of the node checks it: Node.http_verify)."""
+    session = http_session(auth, node.http_verify(), node.http_server_name())
     try:
-        with requests.get(url, auth=auth, timeout=TIMEOUT_S, allow_redirects=False,
-                          verify=node.http_verify(), stream=True) as rsp:
+        with session.get(url, timeout=TIMEOUT_S, allow_redirects=False,
+                         verify=session.verify, stream=True) as rsp:
             return rsp.status_code
     except requests.RequestException as exc:
         return exc.__class__.__name__
@@ -174,12 +175,14 @@ def _https_checks(node: Node, service: Service) -> list[Check]:
         return [Check(node.name, AREA, "HTTPS certificate verifies", "skip", str(exc))]
     against = f"checked against {verify}" if isinstance(verify, str) else (
         "checked against the system's CA certificates")
+    name = node.http_server_name() or node.host
     try:
-        with requests.get(service.url, timeout=TIMEOUT_S, allow_redirects=False,
-                          verify=verify, stream=True) as rsp:
+        with http_session(None, verify, node.http_server_name()).get(
+            service.url, timeout=TIMEOUT_S, allow_redirects=False, verify=verify, stream=True
+        ) as rsp:
             verified = Check(node.name, AREA, "HTTPS certificate verifies", "pass",
                              f"{service.label}: TLS handshake with its certificate {against} "
-                             f"and the name {node.host}; answered HTTP {rsp.status_code}",
+                             f"and the name {name}; answered HTTP {rsp.status_code}",
                              reference=HTTPS_REF)
     except requests.RequestException as exc:
         problem = request_failed(node.name, service.url, exc)
@@ -187,7 +190,7 @@ def _https_checks(node: Node, service: Service) -> list[Check]:
         verified = Check(node.name, AREA, "HTTPS certificate verifies", outcome,
                          f"{problem} ({against})",
                          "give the node a certificate that chains to tls.ca (or fix tls.ca) "
-                         f"and names {node.host}" if outcome == "fail" else "",
+                         f"and names {name}" if outcome == "fail" else "",
                          HTTPS_REF)
     plain_url = "http://" + service.url.removeprefix("https://")
     code = _get_plain(plain_url)
