@@ -209,22 +209,27 @@ class Cluster:
         return cluster
 
     def issue_certificates(self) -> None:
-        """A private CA for this run when a launched node declares `tls: {generate: true}`:
-        a certificate per TLS node (server and client: it also calls its peers) and one for
-        the harness (PS3.15 B.1). Files under the run's directory, keys 0600."""
-        wanting = [n for n in self.nodes.values() if n.spec.tls and n.spec.tls.generate]
+        """A private CA for this run when a launched node declares `tls: {generate: true}`
+        or `https: true`: a certificate per such node (server and client: a TLS node also
+        calls its peers) and one for the harness (PS3.15 B.1). Files under the run's
+        directory, keys 0600."""
+        wanting = [n for n in self.nodes.values()
+                   if (n.spec.tls and n.spec.tls.generate) or (n.spec.https and n.spec.launched)]
         if not wanting:
             return
+        from harness.config.security import TLSSpec
         from harness.security.certificates import CertificateAuthority
 
         assert self.root is not None
+        # a node declaring only `https: true` gets the defaults of `tls:` for its certificate
+        settings = {n.name: n.spec.tls or TLSSpec() for n in wanting}
         authority = CertificateAuthority.create(
             self.root / "tls", f"pacs-harness CA {self.run_id}",
-            valid_days=max(n.spec.tls.valid_days for n in wanting) + 1,
+            valid_days=max(t.valid_days for t in settings.values()) + 1,
         )
         harness = authority.issue("harness", HARNESS_AE_TITLE, valid_days=30)
         for node in wanting:
-            tls = node.spec.tls
+            tls = settings[node.name]
             node.tls_material = authority.issue(
                 node.name, node.ae_title,
                 names=tls.certificate_names or (node.host, "localhost"),

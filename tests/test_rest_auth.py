@@ -145,8 +145,8 @@ def test_default_credentials_are_flagged(site_orthanc):
     flagged = [c for c in checks if c.failed and "default" in c.name]
     assert len(flagged) == 2
     assert all(c.observed.startswith("default credentials accepted") for c in flagged)
-    assert "serve the REST API over HTTPS" in next(c for c in checks if c.name == "plain HTTP"
-                                                   ).remedy
+    plain = next(c for c in checks if c.name == "plain HTTP")
+    assert "serve it over HTTPS and declare https: true" in plain.remedy
     _no_secret(checks, admin[1])
     assert _curl(node.http_url + "/system", ("orthanc", "orthanc")) == 200
     assert _curl(node.http_url + "/system", (admin[0], "not-" + admin[1])) == 401

@@ -95,7 +95,9 @@ def locust_target(runner: Any) -> dict[str, Any]:
         "node": {"name": node.name, "host": node.host, "dicom_port": node.dicom_port,
                  "ae_title": node.ae_title, "dicomweb_url": web.root_url if web else None,
                  # file paths only (TLSConfig): a TLS node's workers speak TLS too
-                 "tls": dataclasses.asdict(tls) if (tls := node.tls_client()) else None},
+                 "tls": dataclasses.asdict(tls) if (tls := node.tls_client()) else None,
+                 "http_verify": web.session.verify if web else True,
+                 "http_server_name": node.http_server_name() if web else None},
         "workload": described,
         "studies": [s.__dict__ for s in runner.studies],
         "dataset_stored": runner.dataset_stored,

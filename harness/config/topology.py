@@ -111,6 +111,7 @@ class NodeSpec:
     index: str = "sqlite"
     orthanc_config: dict[str, Any] = field(default_factory=dict)
     tls: TLSSpec | None = None  # DICOM over TLS (harness/config/security.py)
+    https: bool = False  # its REST/DICOMweb over TLS: http_url is https://
     audit: AuditSpec | None = None  # where its ATNA audit messages reach the harness
     line: int = 0
 
@@ -310,6 +311,10 @@ class NodeModel(ConfigModel):
     tls: TLSModel | None = Field(
         None, description="DICOM over TLS: {generate: true} or the site's files"
     )
+    https: StrictBool = Field(
+        False, description="its REST API and DICOMweb are served over HTTPS (the certificate "
+        "is checked against tls.ca, the run's CA for a launched node, else the system's)"
+    )
     audit: Annotated[AuditModel | None, BeforeValidator(audit_field)] = Field(
         None, description="true, or {port, transport}: its IHE ATNA audit messages"
     )
@@ -359,6 +364,12 @@ class NodeModel(ConfigModel):
                            "certificate, key if it wants a client certificate)", "tls")
             if not caps.launched and self.tls.ca is None:
                 raise fail(f"an {kind} node needs tls.ca to verify its certificate", "tls")
+        if self.https and caps.launched and not caps.https:
+            having = kinds_with(lambda c: c.https and c.launched)
+            raise fail(f"{kind} nodes cannot be launched with https (kinds that can: "
+                       f"{', '.join(having) or 'none'})", "https")
+        if self.https and not caps.launched and self.http_port is None:
+            raise fail(f"an {kind} node serves HTTPS only on a declared http_port", "https")
         if self.audit is not None:
             if caps.launched and not caps.audit_trail:
                 having = kinds_with(lambda c: c.audit_trail and c.launched)
@@ -398,6 +409,7 @@ class NodeModel(ConfigModel):
             index=self.index or "sqlite",
             orthanc_config=dict(self.orthanc_config),
             tls=self.tls.spec() if self.tls else None,
+            https=self.https,
             audit=self.audit.spec() if self.audit else None,
             line=line,
         )

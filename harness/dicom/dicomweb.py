@@ -6,12 +6,14 @@ retrieved instances come back as the exact bytes the server sent.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from harness.errors import EnvironmentProblem
 
@@ -58,6 +60,52 @@ def authentication_failed(node_label: str, status_code: int) -> AuthenticationFa
     )
 
 
+def request_failed(node_label: str, url: str, exc: requests.RequestException
+                   ) -> EnvironmentProblem:
+    """One line for a request that got no HTTP answer. A certificate the harness refuses
+    names the node and OpenSSL's reason (RFC 9110 4.3.4: an https URI's server must prove
+    its identity), so a wrong `tls.ca` or host name is told apart from a dead server."""
+    text = str(exc)
+    if isinstance(exc, requests.exceptions.SSLError):
+        reason = re.search(r"certificate verify failed: ([^(]*)", text)
+        if reason or "CERTIFICATE_VERIFY_FAILED" in text:
+            detail = reason.group(1).strip() if reason else "see its certificate"
+            return EnvironmentProblem(
+                f"node {node_label}: HTTPS certificate verify failed ({detail}) at {url}"
+            )
+        ssl_reason = re.search(r"\[SSL: [A-Z_]+\] ([^(]*)", text)
+        detail = ssl_reason.group(1).strip() if ssl_reason else "handshake failed"
+        return EnvironmentProblem(f"node {node_label}: TLS to {url} failed ({detail})")
+    return EnvironmentProblem(f"node {node_label}: {url}: {exc.__class__.__name__}")
+
+
+class _ServerNameAdapter(HTTPAdapter):
+    """Checks the certificate for `server_name` (and sends it as SNI) instead of the URL's
+    host: a site's server reached by address whose certificate carries its DNS name
+    (`tls.server_name`)."""
+
+    def __init__(self, server_name: str) -> None:
+        self.server_name = server_name
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["server_hostname"] = self.server_name
+        kwargs["assert_hostname"] = self.server_name
+        super().init_poolmanager(*args, **kwargs)
+
+
+def http_session(auth: tuple[str, str] | None, verify: bool | str,
+                 server_name: str | None = None) -> requests.Session:
+    """The session every HTTP client of a node uses: its login, the CA its certificate is
+    verified with (Node.http_verify) and, when given, the name it must carry."""
+    session = requests.Session()
+    session.auth = auth
+    session.verify = verify
+    if server_name:
+        session.mount("https://", _ServerNameAdapter(server_name))
+    return session
+
+
 class DicomwebClient:
     """QIDO-RS, WADO-RS and STOW-RS against one service root (e.g. .../dicom-web)."""
 
@@ -67,14 +115,13 @@ class DicomwebClient:
         auth: tuple[str, str] | None = None,
         *,
         verify: bool | str = True,
+        server_name: str | None = None,
         timeout_s: float = 60.0,
         node_name: str | None = None,
     ) -> None:
         self.root_url = root_url.rstrip("/")
         self.node_label = node_name or self.root_url
-        self.session = requests.Session()
-        self.session.auth = auth
-        self.session.verify = verify
+        self.session = http_session(auth, verify, server_name)
         self.timeout_s = timeout_s
 
     def __repr__(self) -> str:
@@ -82,13 +129,13 @@ class DicomwebClient:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         try:
+            # per request: a session's own `verify` loses to REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE
             rsp = self.session.request(
-                method, f"{self.root_url}{path}", timeout=self.timeout_s, **kwargs
+                method, f"{self.root_url}{path}", timeout=self.timeout_s,
+                verify=self.session.verify, **kwargs
             )
         except requests.RequestException as exc:
-            raise EnvironmentProblem(
-                f"DICOMweb at {self.root_url}: {exc.__class__.__name__}"
-            ) from None
+            raise request_failed(self.node_label, f"DICOMweb at {self.root_url}", exc) from None
         if rsp.status_code in AUTH_STATUSES:
             raise authentication_failed(self.node_label, rsp.status_code)
         if rsp.status_code >= 400:

@@ -10,7 +10,12 @@ from typing import Any
 
 import requests
 
-from harness.dicom.dicomweb import AUTH_STATUSES, authentication_failed
+from harness.dicom.dicomweb import (
+    AUTH_STATUSES,
+    authentication_failed,
+    http_session,
+    request_failed,
+)
 from harness.errors import EnvironmentProblem
 
 
@@ -23,14 +28,13 @@ class OrthancRest:
         auth: tuple[str, str] | None = None,
         *,
         verify: bool | str = True,
+        server_name: str | None = None,
         timeout_s: float = 30.0,
         node_name: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.node_label = node_name or self.base_url
-        self.session = requests.Session()
-        self.session.auth = auth
-        self.session.verify = verify
+        self.session = http_session(auth, verify, server_name)
         self.timeout_s = timeout_s
 
     def __repr__(self) -> str:
@@ -38,13 +42,13 @@ class OrthancRest:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         try:
+            # per request: a session's own `verify` loses to REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE
             rsp = self.session.request(
-                method, f"{self.base_url}{path}", timeout=self.timeout_s, **kwargs
+                method, f"{self.base_url}{path}", timeout=self.timeout_s,
+                verify=self.session.verify, **kwargs
             )
         except requests.RequestException as exc:
-            raise EnvironmentProblem(
-                f"Orthanc at {self.base_url}: {exc.__class__.__name__}"
-            ) from None
+            raise request_failed(self.node_label, f"Orthanc at {self.base_url}", exc) from None
         if rsp.status_code in AUTH_STATUSES:
             raise authentication_failed(self.node_label, rsp.status_code)
         if rsp.status_code >= 400:

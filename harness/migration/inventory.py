@@ -39,7 +39,7 @@ from pydicom.dataelem import DataElement
 from pydicom.errors import InvalidDicomError
 
 from harness.dicom.client import DimseClient
-from harness.dicom.dicomweb import DicomwebClient
+from harness.dicom.dicomweb import DicomwebClient, request_failed
 from harness.dicom.status import RetrievedInstance
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.migration.ledger import Ledger
@@ -238,10 +238,10 @@ class _DicomwebSource:
         accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
         try:
             rsp = self.web.session.get(url, headers={"Accept": accept}, stream=True,
-                                       timeout=self.web.timeout_s)
+                                       timeout=self.web.timeout_s, verify=self.web.session.verify)
         except requests.RequestException as exc:
-            raise EnvironmentProblem(f"DICOMweb at {self.web.root_url}: "
-                                     f"{exc.__class__.__name__}") from None
+            raise request_failed(self.web.node_label, f"DICOMweb at {self.web.root_url}",
+                                 exc) from None
         with rsp:
             if rsp.status_code >= 400:
                 return [("", f"WADO-RS answered HTTP {rsp.status_code}")]

@@ -208,12 +208,22 @@ class _StoreStream:
 
 def _wado_study(client: DicomwebClient, study: str) -> list[bytes]:
     """WADO-RS of a whole study as stored (`transfer-syntax=*`), Part 10 bytes per instance."""
-    from harness.dicom.dicomweb import AUTH_STATUSES, authentication_failed, parse_multipart
+    import requests
+
+    from harness.dicom.dicomweb import (
+        AUTH_STATUSES,
+        authentication_failed,
+        parse_multipart,
+        request_failed,
+    )
 
     accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
     url = f"{client.root_url}/studies/{study}"
     try:
-        rsp = client.session.get(url, headers={"Accept": accept}, timeout=client.timeout_s)
+        rsp = client.session.get(url, headers={"Accept": accept}, timeout=client.timeout_s,
+                                 verify=client.session.verify)
+    except requests.exceptions.SSLError as exc:  # a refused certificate: no retry helps
+        raise request_failed(client.node_label, f"WADO-RS {url}", exc) from None
     except Exception as exc:  # requests' errors: connection refused, timeout
         raise MigrationError(f"WADO-RS {url}: {exc.__class__.__name__}") from None
     if rsp.status_code in AUTH_STATUSES:

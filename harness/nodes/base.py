@@ -153,6 +153,7 @@ class Node:
             "disposable": self.disposable,
             "writable": self.writable,
             "tls": self.spec.tls is not None,
+            "https": self.spec.https,
         }
 
     # -- protocol clients ----------------------------------------------------------------
@@ -221,21 +222,48 @@ class Node:
 
     @property
     def http_url(self) -> str | None:
-        return f"http://{self.host}:{self.http_port}" if self.http_port else None
+        """Where its REST API and DICOMweb are: https:// when the node declares `https: true`."""
+        if not self.http_port:
+            return None
+        scheme = "https" if self.spec.https else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
+
+    def http_verify(self) -> str | bool:
+        """What every HTTPS request to this node checks its certificate against (the one
+        place that decides; never unverified): the run's CA for a launched node, the
+        topology's `tls.ca` for an external one, else the system's store (True)."""
+        if self.tls_material is not None:
+            return str(self.tls_material.ca_file)
+        if self.spec.https and self.spec.launched:
+            raise EnvironmentProblem(
+                f"node {self.name}: its HTTPS certificate was not generated (it is launched "
+                "with the topology: pacs-harness up, run or pytest)"
+            )
+        if self.spec.tls is not None and self.spec.tls.ca_file:
+            return self.spec.tls.ca_file
+        return True
+
+    def http_server_name(self) -> str | None:
+        """The name its HTTPS certificate must carry when it is not the host in the URL:
+        the topology's `tls.server_name` (as for DICOM TLS), else None (the host)."""
+        tls = self.spec.tls
+        return tls.server_name if tls and tls.server_name != self.host else None
 
     def dicomweb(self) -> DicomwebClient | None:
         """A DICOMweb client when the node serves DICOMweb, else None."""
         if not self.http_url or not self.spec.dicomweb_root:
             return None
         return DicomwebClient(
-            self.http_url + self.spec.dicomweb_root, self._http_auth(), node_name=self.name
+            self.http_url + self.spec.dicomweb_root, self._http_auth(),
+            verify=self.http_verify(), server_name=self.http_server_name(), node_name=self.name,
         )
 
     def rest(self) -> OrthancRest | None:
         """Orthanc REST client when the node is an Orthanc, else None."""
         if not self.http_url or not self.spec.orthanc_rest:
             return None
-        return OrthancRest(self.http_url, self._http_auth(), node_name=self.name)
+        return OrthancRest(self.http_url, self._http_auth(), verify=self.http_verify(),
+                           server_name=self.http_server_name(), node_name=self.name)
 
     def _http_auth(self) -> tuple[str, str] | None:
         """The generated login of a launched node, else the topology's (from the environment)."""

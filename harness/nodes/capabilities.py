@@ -52,6 +52,7 @@ class Capabilities:
     max_associations: int | None = None  # beyond this many at once: A-ASSOCIATE-RJ (PS3.8 9.3.4)
     store_associations: int | None = None  # the most parallel C-STORE associations it survives
     tls: bool = False  # DICOM over TLS (PS3.15 B.1) on the port the harness gives it
+    https: bool = False  # launched with `https: true`: its HTTP services over TLS (RFC 9110 4.2.2)
     audit_trail: bool = False  # sends IHE ATNA audit messages over syslog (PS3.15 A.5)
     launches: tuple[str, ...] = ("process", "docker")  # the first is the default; () external
     index_backends: tuple[str, ...] = ()  # choices of the topology's `index:` field

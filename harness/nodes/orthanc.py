@@ -32,21 +32,42 @@ TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256); TLS 1.2 only with an RSA 
 (harness/security/certificates.py) Orthanc speaks TLS 1.3 only. Either way min_version "1.2"
 and "1.3" hold (nothing older is taken); "1.0" or "1.1" cannot be honoured and are refused at
 prepare (ConfigError) rather than launched with a setting Orthanc does not have.
+
+HTTPS (`https: true`, RFC 9110 4.2.2): Orthanc's own `SslEnabled` cannot be used with the
+Debian build. Its HTTP server is Debian's libcivetweb 1.15, which loads OpenSSL at run time
+by the 1.1 names; OpenSSL 3 has no `SSL_get_peer_certificate` (a macro now), so the first
+HTTPS connection calls a null pointer: Orthanc 1.10.1 segfaults (measured with curl and gdb,
+with and without `SslCiphersAccepted` and `SslMinimumProtocolVersion`). So, as for
+dcmqrscp's DICOM TLS, HAProxy terminates TLS on the node's HTTP port (127.0.0.1) with the
+node's certificate from the run's CA (key and certificate in one 0600 PEM in the workdir),
+TLS 1.2 with BCP 195 suites or TLS 1.3, and passes the bytes to Orthanc's plain HTTP on a
+loopback port of its own (bound to 0.0.0.0 by civetweb all the same, where
+`RemoteAccessAllowed: false` answers other hosts 403). A plain http:// request to the node's
+port gets no HTTP answer (the terminator expects a TLS ClientHello and closes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import secrets
 import socket
+import subprocess
 from pathlib import Path
 
 import requests
 
+from harness.dicom.dicomweb import http_session, request_failed
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.postgres import PostgresServer
+from harness.launch.tls_terminator import (
+    BCP195_TLS12_CIPHERS,
+    haproxy_binary,
+    start_terminator,
+    write_certificate_bundle,
+)
 from harness.nodes.base import Node, NodeStatistics, Peer, rest_statistics
 from harness.nodes.capabilities import Capabilities, ImageRecipe
 
@@ -158,6 +179,34 @@ def tls_configuration(node: Node) -> dict:
     }
 
 
+#: an HTTP connection idle this long is closed by the terminator (Orthanc's own keep-alive
+#: is shorter); a WADO-RS answer being sent is never idle that long
+HTTPS_IDLE_TIMEOUT_S = 120
+
+
+def https_terminator_config(public: tuple[str, int], server_port: int, bundle: Path) -> str:
+    """HAProxy in front of Orthanc's plain HTTP (module docstring): TLS 1.2 with the BCP 195
+    suites (RFC 9325 4.2) or TLS 1.3, no client certificate (HTTP Basic is the login), each
+    phase bounded in time."""
+    return "\n".join([
+        "global",
+        "    maxconn 256",
+        "    log stderr format short local0 info",
+        "defaults",
+        "    mode tcp",
+        "    log global",
+        "    timeout connect 5s",
+        f"    timeout client {HTTPS_IDLE_TIMEOUT_S}s",
+        f"    timeout server {HTTPS_IDLE_TIMEOUT_S}s",
+        "    timeout client-fin 5s",
+        "    timeout server-fin 5s",
+        "listen orthanc_https",
+        f"    bind {public[0]}:{public[1]} ssl crt {bundle} ssl-min-ver TLSv1.2 "
+        f"ciphers {BCP195_TLS12_CIPHERS}",
+        f"    server orthanc 127.0.0.1:{server_port}",
+    ]) + "\n"
+
+
 def write_private(path: Path, text: str) -> None:
     """Write a file only its owner can read (orthanc.json holds the generated password)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -183,6 +232,7 @@ class OrthancNode(Node):
         own_fields=("orthanc_config",),
         binaries=(("Orthanc", "apt-get install orthanc orthanc-dicomweb"),),
         tls=True,
+        https=True,  # behind a TLS terminator (module docstring)
         image_recipe=ImageRecipe(("orthanc", "orthanc-dicomweb", "orthanc-postgresql")),
     )
     image_program = ("/usr/sbin/Orthanc",)
@@ -191,6 +241,9 @@ class OrthancNode(Node):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.postgres_port: int | None = None
+        # with `https: true`: Orthanc's own plain HTTP port, behind the TLS terminator
+        self.http_server_port: int | None = None
+        self._terminator: subprocess.Popen | None = None
 
     def prepare(self, peers: list[Peer]) -> None:
         super().prepare(peers)
@@ -214,6 +267,15 @@ class OrthancNode(Node):
                     "(install: apt-get install orthanc-dicomweb orthanc-postgresql)"
                 )
         config = orthanc_configuration(self, self.peers, plugin_paths)
+        if self.spec.https:
+            from harness.launch.ports import free_port
+
+            haproxy_binary(f"node {self.name}: https")  # missing: say so before starting
+            self.http_server_port = self.http_server_port or free_port("127.0.0.1")
+            config["HttpPort"] = self.http_server_port
+            # the URLs the DICOMweb plugin writes in its answers (RetrieveURL, PS3.18 10.5.3)
+            # say https: it cannot see the terminator
+            config["DicomWeb"] = {**config["DicomWeb"], "Ssl": True}
         if self.postgres_port:
             config["PostgreSQL"] = {
                 **PostgresServer(self.workdir / "pg", self.postgres_port).dsn(),
@@ -253,12 +315,59 @@ class OrthancNode(Node):
             postgres = PostgresServer(self.workdir / "pg", self.postgres_port)
             postgres.start(detached=detached)
             self.sidecars["postgres"] = postgres.handle
+        if self.spec.https:
+            self._start_https_terminator(detached=detached)
+
+    def _start_https_terminator(self, *, detached: bool) -> None:
+        """HAProxy with the node's certificate on its HTTP port (module docstring)."""
+        assert self.workdir is not None and self.http_port is not None
+        public = (self.host, self.http_port)
+        written = self.workdir / "haproxy.cfg"
+        if self.http_server_port is None:  # attached from saved state (`up`): launch's files
+            if not written.exists():
+                raise EnvironmentProblem(f"node {self.name}: {written} is missing")
+            config = written.read_text()
+        else:
+            if self.tls_material is None:
+                raise EnvironmentProblem(f"node {self.name}: its HTTPS certificate was not "
+                                         "generated")
+            bundle = write_certificate_bundle(self.tls_material,
+                                              self.workdir / "https-certificate.pem")
+            config = https_terminator_config(public, self.http_server_port, bundle)
+        self._terminator, self.sidecars["https-terminator"] = start_terminator(
+            haproxy_binary(f"node {self.name}: https"), self.workdir, config, public,
+            detached=detached,
+        )
+
+    def stop(self) -> None:
+        """Stop Orthanc and its sidecars, and reap the HTTPS terminator."""
+        super().stop()
+        if self._terminator is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._terminator.wait(timeout=5)  # already SIGKILLed when it came to that
+            self._terminator = None
 
     def ready(self) -> bool:
+        """GET /system answers 200, then C-ECHO. An HTTPS certificate the harness refuses
+        (e.g. `tls.certificate_names` without the host) still proves the server up: it is
+        up with `tls_warning`, for the rest check to name (never retried unverified)."""
         try:
-            rsp = requests.get(f"{self.http_url}/system", auth=self._http_auth(), timeout=5)
+            session = http_session(self._http_auth(), self.http_verify(),
+                                   self.http_server_name())
+            rsp = session.get(f"{self.http_url}/system", timeout=5, verify=session.verify)
+        except requests.exceptions.SSLError as exc:
+            problem = request_failed(self.name, f"HTTP {self.http_url}", exc)
+            if "certificate verify failed" not in str(problem):
+                raise problem from None
+            up = super().ready()  # may set its own DICOM TLS warning: keep both
+            http_warning, dicom_warning = str(problem), self.tls_warning
+            if not dicom_warning:
+                self.tls_warning = http_warning
+            elif http_warning not in dicom_warning:
+                self.tls_warning = f"{dicom_warning}; {http_warning}"
+            return up
         except requests.RequestException as exc:
-            raise EnvironmentProblem(f"HTTP {self.http_url}: {exc.__class__.__name__}") from None
+            raise request_failed(self.name, f"HTTP {self.http_url}", exc) from None
         return rsp.status_code == 200 and super().ready()
 
     def version(self) -> str:

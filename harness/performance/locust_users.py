@@ -44,6 +44,9 @@ class RemoteNode:
         self.ae_title = target["ae_title"]
         self.dicomweb_url = target.get("dicomweb_url")
         self.tls = TLSConfig(**target["tls"]) if target.get("tls") else None  # PS3.15 B.1
+        # the CA file the node's HTTPS certificate is checked against (True: the system's)
+        self.http_verify: str | bool = target.get("http_verify", True)
+        self.http_server_name: str | None = target.get("http_server_name")
 
     def dimse(self, calling_ae: str = HARNESS_AE_TITLE, timeout_s: float = 30.0) -> DimseClient:
         return DimseClient(self.host, self.dicom_port, self.ae_title, calling_ae,
@@ -54,7 +57,8 @@ class RemoteNode:
             return None
         user = os.environ.get("PACS_HARNESS_LOCUST_HTTP_USER")
         password = os.environ.get("PACS_HARNESS_LOCUST_HTTP_PASSWORD")
-        return DicomwebClient(self.dicomweb_url, (user, password) if user and password else None)
+        return DicomwebClient(self.dicomweb_url, (user, password) if user and password else None,
+                              verify=self.http_verify, server_name=self.http_server_name)
 
 
 def runner_from_target(target: dict[str, Any]) -> LoadRun:

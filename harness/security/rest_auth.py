@@ -9,9 +9,12 @@ followed, and every answer becomes a `Check` (area "rest"):
 - the configured user with a wrong password: refused;
 - the configured login (generated at launch, or the topology's from the environment): works.
 
-Then the transport: HTTPS is noted; plain HTTP is a finding unless the node is one the
-harness launched on loopback (the traffic never leaves the machine). No secret is ever put
-in a Check: the configured login is named as such, never by its values.
+Then the transport: plain HTTP is a finding unless the node declares `https: true` or is one
+the harness launched on loopback (the traffic never leaves the machine). A node declaring
+https gets two more: "HTTPS certificate verifies" (the harness's verifying request, against
+Node.http_verify, gets an answer; a chain or name failure is the finding, with OpenSSL's
+reason) and "plain HTTP refused" (http:// to the same port gets no HTTP answer). No secret
+is ever put in a Check: the configured login is named as such, never by its values.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from dataclasses import dataclass
 
 import requests
 
-from harness.errors import ConfigError
+from harness.dicom.dicomweb import http_session, request_failed
+from harness.errors import ConfigError, EnvironmentProblem
 from harness.nodes.base import Node
 from harness.security.checks import Check
 
@@ -54,17 +58,13 @@ def _services(node: Node) -> list[Service]:
     return services
 
 
-def _verify(node: Node) -> str | bool:
-    """The CA to check an HTTPS node's certificate with: its `tls:` CA, else the system's."""
-    tls = node.tls_client() if node.spec.tls is not None else None
-    return tls.ca_file if tls and tls.ca_file else True
-
-
 def _get(node: Node, url: str, auth: tuple[str, str] | None) -> int | str:
-    """The HTTP status code, or the name of the error that prevented an answer."""
+    """The HTTP status code, or the name of the error that prevented an answer (the
+    certificate checked as every client of the node checks it: Node.http_verify)."""
+    session = http_session(auth, node.http_verify(), node.http_server_name())
     try:
-        with requests.get(url, auth=auth, timeout=TIMEOUT_S, allow_redirects=False,
-                          verify=_verify(node), stream=True) as rsp:
+        with session.get(url, timeout=TIMEOUT_S, allow_redirects=False,
+                         verify=session.verify, stream=True) as rsp:
             return rsp.status_code
     except requests.RequestException as exc:
         return exc.__class__.__name__
@@ -150,10 +150,9 @@ def _on_loopback(host: str) -> bool:
 
 
 def _transport_check(node: Node) -> Check:
-    url = node.http_url or ""
-    if url.startswith("https://"):
-        return Check(node.name, AREA, "HTTPS", "pass", "the REST API is served over HTTPS "
-                     "(TLS; certificate checked by each request)", reference=HTTPS_REF)
+    if node.spec.https:
+        return Check(node.name, AREA, "plain HTTP", "pass", "the node declares https: its "
+                     "REST API and DICOMweb are reached over TLS only", reference=HTTPS_REF)
     launched = node.spec.launched
     if launched and _on_loopback(node.host):
         return Check(node.name, AREA, "plain HTTP", "pass", f"plain HTTP on loopback "
@@ -163,12 +162,60 @@ def _transport_check(node: Node) -> Check:
         f"at {node.host}, over the network")
     return Check(node.name, AREA, "plain HTTP", "fail",
                  f"logins and patient data travel in clear: plain HTTP {where}",
-                 "serve the REST API over HTTPS", HTTPS_REF)
+                 "serve it over HTTPS and declare https: true", HTTPS_REF)
+
+
+def _https_checks(node: Node, service: Service) -> list[Check]:
+    """A node declaring `https: true`: the harness's verifying request gets an HTTP answer
+    (chain to the CA it is checked against, and the host's name, RFC 9110 4.3.4), and the
+    same port does not answer plain HTTP (nothing served in clear)."""
+    try:
+        verify = node.http_verify()
+    except EnvironmentProblem as exc:
+        return [Check(node.name, AREA, "HTTPS certificate verifies", "skip", str(exc))]
+    against = f"checked against {verify}" if isinstance(verify, str) else (
+        "checked against the system's CA certificates")
+    name = node.http_server_name() or node.host
+    try:
+        with http_session(None, verify, node.http_server_name()).get(
+            service.url, timeout=TIMEOUT_S, allow_redirects=False, verify=verify, stream=True
+        ) as rsp:
+            verified = Check(node.name, AREA, "HTTPS certificate verifies", "pass",
+                             f"{service.label}: TLS handshake with its certificate {against} "
+                             f"and the name {name}; answered HTTP {rsp.status_code}",
+                             reference=HTTPS_REF)
+    except requests.RequestException as exc:
+        problem = request_failed(node.name, service.url, exc)
+        outcome = "fail" if isinstance(exc, requests.exceptions.SSLError) else "skip"
+        verified = Check(node.name, AREA, "HTTPS certificate verifies", outcome,
+                         f"{problem} ({against})",
+                         "give the node a certificate that chains to tls.ca (or fix tls.ca) "
+                         f"and names {name}" if outcome == "fail" else "",
+                         HTTPS_REF)
+    plain_url = "http://" + service.url.removeprefix("https://")
+    code = _get_plain(plain_url)
+    answered = isinstance(code, int) and code != 400
+    refused = Check(node.name, AREA, "plain HTTP refused", "fail" if answered else "pass",
+                    f"http:// to the HTTPS port ({plain_url.split('/', 3)[2]}) "
+                    f"{_answered(code)}" + ("" if answered else ": nothing served in clear"),
+                    "serve the port over TLS only" if answered else "", HTTPS_REF)
+    return [verified, refused]
+
+
+def _get_plain(url: str) -> int | str:
+    """An anonymous plain-HTTP request: the status, or why none came (HTTP 400 is how
+    nginx or Apache refuse plain HTTP on a TLS port, still nothing served)."""
+    try:
+        with requests.get(url, timeout=TIMEOUT_S, allow_redirects=False, stream=True) as rsp:
+            return rsp.status_code
+    except requests.RequestException as exc:
+        return exc.__class__.__name__
 
 
 def rest_checks(node: Node) -> list[Check]:
     """The REST/DICOMweb row of `node`: per service, anonymous, default login, wrong
-    password and configured login; then the transport (HTTPS or plain HTTP)."""
+    password and configured login; then the transport (plain HTTP, and for a node declaring
+    https: its certificate verifies, plain HTTP refused on its port)."""
     services = _services(node) if node.http_url else []
     if not services:
         return [Check(node.name, AREA, "REST/DICOMweb authentication", "skip",
@@ -177,4 +224,6 @@ def rest_checks(node: Node) -> list[Check]:
     for service in services:
         checks.extend(_service_checks(node, service))
     checks.append(_transport_check(node))
+    if node.spec.https:
+        checks.extend(_https_checks(node, services[0]))
     return checks
