@@ -278,6 +278,9 @@ def test_up_keeps_https_for_later_commands_and_down_stops_the_terminator(tmp_pat
 @pytest.mark.parametrize(("node", "wanted"), [
     ("{kind: dcmqrscp, https: true}", "dcmqrscp nodes cannot be launched with https"),
     ("{kind: external, host: 10.0.0.5, dicom_port: 104, https: true}", "declared http_port"),
+    ("{kind: orthanc, https: true, https_ca: ca.pem}", "https_ca is for an external node"),
+    ("{kind: external, host: 127.0.0.1, dicom_port: 104, http_port: 8042, https_ca: ca.pem}",
+     "https_ca is for an external node declared https: true"),
 ])
 def test_https_where_no_https_can_be_served_is_refused(node, wanted):
     with pytest.raises(ConfigError) as refused:
@@ -285,3 +288,23 @@ def test_https_where_no_https_can_be_served_is_refused(node, wanted):
     message = str(refused.value)
     assert "\n" not in message and "https" in message and wanted in message, message
 
+
+def test_a_site_with_plain_dicom_names_its_https_ca(cluster, tmp_path):
+    """The common case at a site: DICOM in the clear on its network, the web API behind a
+    private CA. `https_ca` is that CA; the DICOM side stays plain (no tls: declared)."""
+    node = cluster.node("web")
+    study = sample_study(seed=153, instances=1)
+    assert node.dimse().store(study).ok
+    ca_file = str(node.tls_material.ca_file)
+    topology = tmp_path / "site.yaml"
+    topology.write_text("name: site\nnodes:\n" + external_node(
+        node, "HTTPS_CA", f", https: true, https_ca: {ca_file}"))
+    env = login_env(cluster, "HTTPS_CA", tmp_path / "state")
+    spec = parse_topology(topology.read_text()).nodes["web"]
+    assert spec.tls is None and spec.https_ca == ca_file
+    proc = run_cli("inventory", "--topology", str(topology), "--node", "web", "--json",
+                   "--ledger", str(tmp_path / "inv.sqlite"), env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    listed = _curl(f"{node.http_url}/statistics", "--cacert", ca_file,
+                   login=node.generated_credentials)
+    assert json.loads(proc.stdout)["studies_total"] == json.loads(listed.stdout)["CountStudies"]

@@ -34,7 +34,14 @@ from pydantic import BeforeValidator, Field, StrictBool, StrictStr, model_valida
 from harness.config.errors import Checker, ConfigModel, Text, choice, fail, validate
 from harness.config.faults import FaultSpec, parse_faults
 from harness.config.numbers import Number, NumberError, finite_number
-from harness.config.security import AuditModel, AuditSpec, TLSModel, TLSSpec, audit_field
+from harness.config.security import (
+    AuditModel,
+    AuditSpec,
+    PemPath,
+    TLSModel,
+    TLSSpec,
+    audit_field,
+)
 from harness.config.wan import MAX_LINK_MBIT, MAX_LINK_MS, WAN_PRESETS
 from harness.config.yaml import load_yaml, read_config_text
 from harness.errors import ConfigError
@@ -112,6 +119,7 @@ class NodeSpec:
     orthanc_config: dict[str, Any] = field(default_factory=dict)
     tls: TLSSpec | None = None  # DICOM over TLS (harness/config/security.py)
     https: bool = False  # its REST/DICOMweb over TLS: http_url is https://
+    https_ca: str | None = None  # the CA of its HTTPS certificate, when not tls.ca
     audit: AuditSpec | None = None  # where its ATNA audit messages reach the harness
     line: int = 0
 
@@ -313,7 +321,11 @@ class NodeModel(ConfigModel):
     )
     https: StrictBool = Field(
         False, description="its REST API and DICOMweb are served over HTTPS (the certificate "
-        "is checked against tls.ca, the run's CA for a launched node, else the system's)"
+        "is checked against https_ca, tls.ca, the run's CA for a launched node, else the "
+        "system's)"
+    )
+    https_ca: PemPath | None = Field(
+        None, description="an external node's HTTPS CA (PEM) when its DICOM is not TLS"
     )
     audit: Annotated[AuditModel | None, BeforeValidator(audit_field)] = Field(
         None, description="true, or {port, transport}: its IHE ATNA audit messages"
@@ -328,7 +340,7 @@ class NodeModel(ConfigModel):
                 raise fail(f"missing: an {kind} node needs the host where it runs", "host")
             if self.dicom_port is None:
                 raise fail(f"missing: an {kind} node needs its DICOM port", "dicom_port")
-        elif self.host is not None and not _is_loopback(self.host):
+        elif self.host is not None and not is_loopback(self.host):
             raise fail(
                 f"launched nodes listen on loopback only, not {self.host!r} "
                 "(allowed: 127.0.0.0/8 or localhost)",
@@ -368,6 +380,8 @@ class NodeModel(ConfigModel):
             having = kinds_with(lambda c: c.https and c.launched)
             raise fail(f"{kind} nodes cannot be launched with https (kinds that can: "
                        f"{', '.join(having) or 'none'})", "https")
+        if self.https_ca is not None and (caps.launched or not self.https):
+            raise fail("https_ca is for an external node declared https: true", "https_ca")
         if self.https and not caps.launched and self.http_port is None:
             raise fail(f"an {kind} node serves HTTPS only on a declared http_port", "https")
         if self.audit is not None:
@@ -410,6 +424,7 @@ class NodeModel(ConfigModel):
             orthanc_config=dict(self.orthanc_config),
             tls=self.tls.spec() if self.tls else None,
             https=self.https,
+            https_ca=self.https_ca,
             audit=self.audit.spec() if self.audit else None,
             line=line,
         )
@@ -490,7 +505,8 @@ class TopologyModel(ConfigModel):
     settings: Annotated[dict[str, Any], BeforeValidator(_settings)] = {}
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """localhost or an address in 127.0.0.0/8 (where launched nodes may listen)."""
     if host == "localhost":
         return True
     try:
@@ -536,7 +552,7 @@ def _check_unique(check: Checker, nodes: dict[str, NodeSpec]) -> None:
             port = getattr(spec, port_field)
             if port is None:
                 continue
-            host_key = "loopback" if _is_loopback(spec.host) else spec.host
+            host_key = "loopback" if is_loopback(spec.host) else spec.host
             if (host_key, port) in seen_ports:
                 other, other_field = seen_ports[(host_key, port)]
                 raise check.fail(

@@ -231,7 +231,9 @@ class Node:
     def http_verify(self) -> str | bool:
         """What every HTTPS request to this node checks its certificate against (the one
         place that decides; never unverified): the run's CA for a launched node, the
-        topology's `tls.ca` for an external one, else the system's store (True)."""
+        topology's `https_ca` or `tls.ca` for an external one, else the system's store."""
+        if self.spec.https_ca:
+            return self.spec.https_ca
         if self.tls_material is not None:
             return str(self.tls_material.ca_file)
         if self.spec.https and self.spec.launched:

@@ -19,12 +19,12 @@ is ever put in a Check: the configured login is named as such, never by its valu
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from dataclasses import dataclass
 
 import requests
 
+from harness.config.topology import is_loopback
 from harness.dicom.dicomweb import http_session, request_failed
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.nodes.base import Node
@@ -140,25 +140,16 @@ def _service_checks(node: Node, service: Service) -> list[Check]:
     return checks
 
 
-def _on_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _transport_check(node: Node) -> Check:
     if node.spec.https:
         return Check(node.name, AREA, "plain HTTP", "pass", "the node declares https: its "
                      "REST API and DICOMweb are reached over TLS only", reference=HTTPS_REF)
     launched = node.spec.launched
-    if launched and _on_loopback(node.host):
+    if launched and is_loopback(node.host):
         return Check(node.name, AREA, "plain HTTP", "pass", f"plain HTTP on loopback "
                      f"({node.host}), node launched by the harness: never leaves this machine",
                      reference=HTTPS_REF)
-    where = "on loopback but not launched by the harness" if _on_loopback(node.host) else (
+    where = "on loopback but not launched by the harness" if is_loopback(node.host) else (
         f"at {node.host}, over the network")
     return Check(node.name, AREA, "plain HTTP", "fail",
                  f"logins and patient data travel in clear: plain HTTP {where}",
