@@ -181,7 +181,11 @@ def _scan_sqlite(path: Path, finder: _Finder) -> Iterator[tuple[str, str, str]]:
     """Every row of every table, opened read-only; then the raw pages when no row held a
     token (deleted rows stay in free pages until VACUUM)."""
     found = False
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    # immutable: a read-only open of a WAL database would leave -wal and -shm files in the
+    # artifacts; only when a -wal is already there (a writer) is it read through SQLite
+    live = path.with_name(path.name + "-wal").exists()
+    options = "mode=ro" if live else "mode=ro&immutable=1"
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?{options}", uri=True, timeout=10)
     try:
         tables = [name for (name,) in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")]
