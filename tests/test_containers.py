@@ -104,6 +104,54 @@ def test_mixed_topology_stores_finds_and_moves(images, docker_engine):
     assert processes_mentioning(str(root)) == []
 
 
+TLS_CONTAINERS = """\
+name: tls-boxes
+nodes:
+  central: {kind: orthanc, launch: docker, ae_title: CENTRAL, tls: {generate: true}}
+  legacy: {kind: dcmqrscp, launch: docker, ae_title: LEGACY, tls: {generate: true}}
+  boxed: {kind: embedded, launch: docker, ae_title: BOXED, tls: {generate: true}}
+"""
+ECHOSCU = "/usr/bin/echoscu"
+
+
+def test_tls_containers_store_and_move_over_tls_only(images, docker_engine):
+    """The run's certificates reach the servers inside their containers (the work directory
+    and the CA folder are mounted at the same path); dcmqrscp's HAProxy terminator runs on
+    the host in front of its container. DCMTK's echoscu is the independent TLS client."""
+    cluster = Cluster.launch(parse_topology(TLS_CONTAINERS))
+    try:
+        assert len(_containers_of(cluster)) == 3
+        for node in cluster.nodes.values():
+            harness = node.harness_tls_material
+            address = ["127.0.0.1", str(node.dicom_port), "-aec", node.ae_title,
+                       "-aet", "PACSHARNESS", "-to", "10", "-ta", "10", "-td", "10"]
+            secure = subprocess.run(
+                [ECHOSCU, "+tls", str(harness.key_file), str(harness.certificate_file),
+                 "+cf", str(harness.ca_file), *address], capture_output=True, text=True,
+                timeout=60)
+            assert secure.returncode == 0, (node.name, secure.stderr)
+            plain = subprocess.run([ECHOSCU, *address], capture_output=True, text=True,
+                                   timeout=60)
+            assert plain.returncode != 0, f"{node.name} answered C-ECHO without TLS"
+        study = sample_study(seed=43, instances=2)
+        assert cluster.node("boxed").dimse().store(study).ok
+        for source, destination in [("boxed", "central"), ("central", "legacy")]:
+            moved = cluster.node(source).dimse().move(
+                cluster.node(destination).ae_title, "STUDY",
+                {"StudyInstanceUID": study[0].StudyInstanceUID},
+            )
+            assert moved.ok and moved.completed == 2, (source, destination, moved.status)
+        got = cluster.node("legacy").dimse().get(
+            "STUDY", {"StudyInstanceUID": study[0].StudyInstanceUID})
+        assert {i.sop_instance_uid: i.dataset.PixelData for i in got.instances} == {
+            ds.SOPInstanceUID: ds.PixelData for ds in study}
+    finally:
+        root = cluster.root
+        cluster.stop()
+    assert _containers_of(cluster) == []
+    assert processes_mentioning(str(root)) == []
+
+
 def test_orthanc_process_on_postgresql():
     if not (find_binary("Orthanc") and Path("/usr/share/orthanc/plugins/"
                                             "libOrthancPostgreSQLIndex.so").exists()):
