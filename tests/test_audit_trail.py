@@ -409,17 +409,15 @@ def test_sender_frame_is_rfc5424_with_a_valid_body() -> None:
     assert parse_audit_message(parse_syslog(frame).body).study_uids() == {"1.2.3"}
 
 
-def test_embedded_node_refuses_audit_over_tls_without_tls(tmp_path: Path) -> None:
+def test_embedded_node_refuses_audit_over_tls_without_tls() -> None:
     from harness.config import parse_topology
     from harness.errors import ConfigError
-    from harness.nodes import make_node
 
-    topology = parse_topology(
-        "name: t\nnodes:\n  a: {kind: embedded, audit: {transport: tls}}\n", "<test>")
-    node = make_node(topology.node("a"), tmp_path)
-    with pytest.raises(ConfigError, match=r"node a: audit: \{transport: tls\} needs tls: "
-                                          r"\{generate: true\}"):
-        node.prepare([])
+    with pytest.raises(ConfigError, match=r"<test>:3: nodes.a.audit: audit over TLS sends with "
+                                          r"the node's own certificate: declare tls: "
+                                          r"\{generate: true\} too"):
+        parse_topology("name: t\nnodes:\n  a: {kind: embedded, audit: {transport: tls}}\n",
+                       "<test>")
 
 
 # -- audit over TLS (RFC 5425, IHE ITI-20: both sides authenticated) -------------------------
