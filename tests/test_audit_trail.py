@@ -472,6 +472,32 @@ def test_run_wide_dropped_message_of_an_earlier_operation_is_one_finding(
     assert result.coverage.audited == result.coverage.performed - 1 >= 7
 
 
+def test_journal_names_the_study_of_stored_files_and_a_failing_observer_breaks_nothing(
+        cluster, run_audit, tmp_path) -> None:
+    from pydicom import dcmread
+
+    from harness.dicom.peer import add_operation_observer, remove_operation_observer
+    from synthetic_data.samples import sample_study
+
+    def broken(done) -> None:
+        raise RuntimeError("observer bug")
+
+    node = cluster.node("audited")
+    run = run_audit(list(cluster.nodes.values()))
+    study = sample_study(seed=uuid.uuid4().int % 1_000_000, instances=2)
+    for number, ds in enumerate(study):
+        ds.save_as(tmp_path / f"{number}.dcm", enforce_file_format=True)
+    add_operation_observer(broken)
+    try:
+        report = node.dimse().store([tmp_path])
+    finally:
+        remove_operation_observer(broken)
+    assert len(report.succeeded) == 2
+    [entry] = run.journal.entries("audited")
+    assert (entry.operation, entry.ok) == ("C-STORE", True)
+    assert entry.study_uid == str(dcmread(tmp_path / "0.dcm").StudyInstanceUID)
+
+
 RUN_WIDE = """name: @NAME@
 nodes:
   pocket: {kind: embedded, ae_title: POCKET, audit: true}
