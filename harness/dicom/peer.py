@@ -52,22 +52,24 @@ class OperationDone:
 
 
 OperationObserver = Callable[[OperationDone], None]
-_observers: list[OperationObserver] = []
+PeerFilter = Callable[[str, int, str], bool]  # (host, port, called AE) -> observed?
+_observers: list[tuple[OperationObserver, PeerFilter | None]] = []
 
 
-def add_operation_observer(observer: OperationObserver) -> None:
-    """Call `observer` after each C-STORE/C-FIND/C-MOVE/C-GET of any DimseClient."""
-    _observers.append(observer)
+def add_operation_observer(observer: OperationObserver, peers: PeerFilter | None = None) -> None:
+    """Call `observer` after each C-STORE/C-FIND/C-MOVE/C-GET of any DimseClient (to the
+    `peers` it names; None: every peer)."""
+    _observers.append((observer, peers))
 
 
 def remove_operation_observer(observer: OperationObserver) -> None:
-    if observer in _observers:
-        _observers.remove(observer)
+    _observers[:] = [pair for pair in _observers if pair[0] != observer]
 
 
-def observed() -> bool:
-    """Is anyone observing (so operations gather what observers need only then)?"""
-    return bool(_observers)
+def observed(peer: DimsePeer) -> bool:
+    """Does anyone observe `peer` (so a store reads each file's study only then)?"""
+    return any(peers is None or peers(peer.host, peer.port, peer.called_ae)
+               for _, peers in list(_observers))
 
 
 def utc_now() -> dt.datetime:
@@ -210,7 +212,9 @@ class DimsePeer:
             return
         done = OperationDone(operation, self.host, self.port, self.called_ae, self.calling_ae,
                              study_uid, ok, started, utc_now(), detail)
-        for observer in list(_observers):
+        for observer, peers in list(_observers):
+            if peers is not None and not peers(self.host, self.port, self.called_ae):
+                continue
             try:
                 observer(done)
             except Exception:  # noqa: BLE001 - observing must not break an operation

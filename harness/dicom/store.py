@@ -167,7 +167,7 @@ class StoreClient(DimsePeer):
         if self.max_store_associations:
             associations = min(associations, self.max_store_associations)
         started = utc_now()
-        studies: dict[str, list[bool]] | None = {} if observed() else None
+        studies: dict[str, list[bool]] | None = {} if observed(self) else None
         try:
             return self._store_all(objects, associations, on_result, decompress, convert,
                                    studies)

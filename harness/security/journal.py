@@ -110,8 +110,11 @@ class RunJournal(OperationJournal):
                     done.operation,  # type: ignore[arg-type]
                     done.study_uid or "", done.ok, done.detail, done.finished)
 
+    def journalled(self, host: str, port: int, called_ae: str) -> bool:
+        return (host, port, called_ae) in self.addresses
+
     def start(self) -> None:
-        add_operation_observer(self.observe)
+        add_operation_observer(self.observe, self.journalled)
 
     def stop(self) -> None:
         remove_operation_observer(self.observe)
