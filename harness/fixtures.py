@@ -78,12 +78,29 @@ def pacs_cluster(pytestconfig: pytest.Config, pacs_topology, tmp_path_factory):
         "source": cluster.topology.source,
         "nodes": [{**n.describe(), "version": n.version()} for n in cluster.nodes.values()],
     }
-    yield cluster
+    run_audit = _start_run_audit(cluster)
+    try:
+        yield cluster
+    finally:
+        if run_audit:
+            from harness.security.audit_trail import stop_run_audit
+
+            stop_run_audit()
     report_json = _setting(pytestconfig, "pacs_report_json")
     if report_json:
         cluster.collect_logs(Path(report_json).parent / "logs")
     if cluster.owned:
         cluster.stop()
+
+
+def _start_run_audit(cluster: Cluster) -> bool:
+    """Audited nodes: their trail is heard, and the harness's operations on them journalled,
+    for the whole session ("every access is audited", harness/security/audit_trail.py)."""
+    if not any(n.spec.audit is not None for n in cluster.nodes.values()):
+        return False
+    from harness.security.audit_trail import start_run_audit
+
+    return start_run_audit(list(cluster.nodes.values())) is not None
 
 
 @pytest.fixture(scope="session")

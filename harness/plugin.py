@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,7 +201,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Stop the clusters whose fixture teardown never ran."""
+    """Stop the clusters whose fixture teardown never ran (and the run's audit receivers)."""
+    if "harness.security.audit_trail" in sys.modules:
+        sys.modules["harness.security.audit_trail"].stop_run_audit()
     for cluster in list(config.stash.get(_launched_key, {}).values()):
         try:
             cluster.stop()

@@ -9,11 +9,13 @@ that one fault.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import ssl
 import subprocess
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from harness.security.syslog import (
     octet_frames,
     parse_syslog,
 )
+from tests.helpers import processes_mentioning, run_cli
 
 # The wait ends as soon as every operation has its candidate message, so a long deadline
 # costs nothing on the paths that complete; a dropped message waits for all of it.
@@ -395,6 +398,132 @@ def test_unknown_calling_ae_raises_a_security_alert(cluster) -> None:
     assert event.requestor_ae_titles == {"INTRUDER"}
 
 
+# -- run-wide: every operation of the session, not only the check's own ----------------------
+
+@pytest.fixture
+def run_audit():
+    """start_run_audit, as the session fixture calls it (harness/fixtures.py), stopped after."""
+    from harness.security.audit_trail import start_run_audit, stop_run_audit
+
+    yield start_run_audit
+    stop_run_audit()
+
+
+def _session_operations(node) -> tuple[str, str]:
+    """What a session does before the check: two studies stored, a C-FIND, a C-GET, a C-MOVE
+    to PLAIN (the studies' UIDs)."""
+    from synthetic_data.samples import sample_study
+
+    seed = uuid.uuid4().int % 1_000_000
+    first, second = sample_study(seed=seed, instances=1), sample_study(seed=seed + 1, instances=1)
+    uids = str(first[0].StudyInstanceUID), str(second[0].StudyInstanceUID)
+    client = node.dimse()
+    assert not client.store([*first, *second]).failed
+    assert client.find("STUDY", {"StudyInstanceUID": uids[0]}).ok
+    assert client.get("STUDY", {"StudyInstanceUID": uids[0]}, keep=False).ok
+    assert client.move("PLAIN", "STUDY", {"StudyInstanceUID": uids[1]}).ok
+    return uids
+
+
+def _served(node, response: str) -> int:
+    """How many `response`s the node's own log shows it answered the harness."""
+    return node.log_path.read_text().count(f"{response} calling=PACSHARNESS")
+
+
+def test_run_wide_trail_counts_every_operation_of_the_session(cluster, run_audit) -> None:
+    node, plain = cluster.node("audited"), cluster.node("plain")
+    served_before = {r: _served(node, r) for r in ("C-FIND-RSP", "C-GET-RSP", "C-MOVE-RSP")}
+    run = run_audit(list(cluster.nodes.values()))
+    assert set(run.receivers) == {"audited"}
+    assert node.dimse().echo().status.ok  # no access to patient data: not journalled
+    assert plain.dimse().find("STUDY", {"StudyInstanceUID": None}).ok  # a node without audit
+    uids = _session_operations(node)
+    before = run.journal.entries()
+    assert {e.node for e in before} == {"audited"}
+    assert {e.operation for e in before} == {"C-STORE", "C-FIND", "C-GET", "C-MOVE"}
+    assert sorted(e.study_uid for e in before if e.operation == "C-STORE") == sorted(uids)
+
+    result = audit_trail(node, deadline_s=PATIENT_S)
+    assert _failures(result.checks) == [], [c.line() for c in result.checks]
+    coverage = result.coverage
+    assert coverage.performed == len(before) + 3 >= 8  # the check's own three too
+    assert coverage.audited == coverage.performed
+    # the node's own log (independent of the journal) served as many as were journalled
+    entries = run.journal.entries("audited")
+    for response, operation in (("C-FIND-RSP", "C-FIND"), ("C-GET-RSP", "C-GET"),
+                                ("C-MOVE-RSP", "C-MOVE")):
+        journalled = sum(e.operation == operation for e in entries)
+        assert _served(node, response) - served_before[response] == journalled, operation
+
+
+def test_run_wide_dropped_message_of_an_earlier_operation_is_one_finding(
+        cluster, run_audit) -> None:
+    node = cluster.node("audited")
+    receiver_port = free_port()
+    with Relay(node.audit_port, receiver_port, lambda d: b'EventActionCode="R"' in d,
+               lambda d: None) as relay:
+        run_audit(list(cluster.nodes.values()), listen_ports={"audited": receiver_port})
+        uids = _session_operations(node)  # its C-GET's message is the first "R": dropped
+        result = audit_trail(node, deadline_s=20)
+    assert relay.faulted == 1
+    assert _failures(result.checks) == ["unaudited C-GET"], [c.line() for c in result.checks]
+    finding = next(c for c in result.checks if c.failed)
+    assert f"unaudited C-GET of study {uids[0]}" in finding.observed
+    assert result.coverage.audited == result.coverage.performed - 1 >= 7
+
+
+def test_journal_names_the_study_of_stored_files_and_a_failing_observer_breaks_nothing(
+        cluster, run_audit, tmp_path) -> None:
+    from pydicom import dcmread
+
+    from harness.dicom.peer import add_operation_observer, remove_operation_observer
+    from synthetic_data.samples import sample_study
+
+    def broken(done) -> None:
+        raise RuntimeError("observer bug")
+
+    node = cluster.node("audited")
+    run = run_audit(list(cluster.nodes.values()))
+    study = sample_study(seed=uuid.uuid4().int % 1_000_000, instances=2)
+    for number, ds in enumerate(study):
+        ds.save_as(tmp_path / f"{number}.dcm", enforce_file_format=True)
+    add_operation_observer(broken)
+    try:
+        report = node.dimse().store([tmp_path])
+    finally:
+        remove_operation_observer(broken)
+    assert len(report.succeeded) == 2
+    [entry] = run.journal.entries("audited")
+    assert (entry.operation, entry.ok) == ("C-STORE", True)
+    assert entry.study_uid == str(dcmread(tmp_path / "0.dcm").StudyInstanceUID)
+
+
+RUN_WIDE = """name: @NAME@
+nodes:
+  pocket: {kind: embedded, ae_title: POCKET, audit: true}
+  spare: {kind: embedded, ae_title: SPARE}
+"""
+
+
+@pytest.mark.timeout(900)
+def test_pacs_harness_run_audits_the_connectivity_operations_too(tmp_path) -> None:
+    name = f"run-audit-{uuid.uuid4().hex[:8]}"
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(RUN_WIDE.replace("@NAME@", name))
+    report_dir = tmp_path / "report"
+    proc = run_cli("run", "--topology", str(topology), "--phase", "infrastructure", "-q",
+                   "--scenario", "security", "--scenario", "connectivity",
+                   "--report-dir", str(report_dir), timeout=900)
+    report = json.loads((report_dir / "report.json").read_text())
+    [security] = [s for s in report["scenarios"] if s["name"] == "security"]
+    coverage = security["metrics"]["security.audit_coverage.pocket"]
+    assert coverage["performed"] > 3, coverage  # the check's own 3 and connectivity's
+    assert coverage["audited"] == coverage["performed"], (coverage, proc.stdout[-3000:])
+    audit = {row["name"]: row["outcome"] for row in security["metrics"]["security.audit.pocket"]}
+    assert set(audit.values()) == {"pass"}, audit
+    assert processes_mentioning(f"pacs-harness-{name}-") == []
+
+
 def test_sender_frame_is_rfc5424_with_a_valid_body() -> None:
     sender = AuditSender("udp://127.0.0.1:9", "NODE")
     try:
@@ -409,17 +538,15 @@ def test_sender_frame_is_rfc5424_with_a_valid_body() -> None:
     assert parse_audit_message(parse_syslog(frame).body).study_uids() == {"1.2.3"}
 
 
-def test_embedded_node_refuses_audit_over_tls_without_tls(tmp_path: Path) -> None:
+def test_embedded_node_refuses_audit_over_tls_without_tls() -> None:
     from harness.config import parse_topology
     from harness.errors import ConfigError
-    from harness.nodes import make_node
 
-    topology = parse_topology(
-        "name: t\nnodes:\n  a: {kind: embedded, audit: {transport: tls}}\n", "<test>")
-    node = make_node(topology.node("a"), tmp_path)
-    with pytest.raises(ConfigError, match=r"node a: audit: \{transport: tls\} needs tls: "
-                                          r"\{generate: true\}"):
-        node.prepare([])
+    with pytest.raises(ConfigError, match=r"<test>:3: nodes.a.audit: audit over TLS sends with "
+                                          r"the node's own certificate: declare tls: "
+                                          r"\{generate: true\} too"):
+        parse_topology("name: t\nnodes:\n  a: {kind: embedded, audit: {transport: tls}}\n",
+                       "<test>")
 
 
 # -- audit over TLS (RFC 5425, IHE ITI-20: both sides authenticated) -------------------------

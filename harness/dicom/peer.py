@@ -8,9 +8,11 @@ pynetdicom's `tls_args` and the wire layer's TLS socket.
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,49 @@ from harness.dicom.wire import (
 from harness.errors import EnvironmentProblem
 
 HARNESS_AE_TITLE = "PACSHARNESS"
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OperationDone:
+    """One DIMSE operation this process performed on a peer (for observers, e.g. the
+    audit journal: "every access is audited", IHE ATNA). `study_uid` None: not one study."""
+
+    operation: str  # "C-STORE" (one per study and store() call), "C-FIND", "C-MOVE", "C-GET"
+    host: str
+    port: int
+    called_ae: str
+    calling_ae: str
+    study_uid: str | None
+    ok: bool
+    started: dt.datetime
+    finished: dt.datetime
+    detail: str = ""
+
+
+OperationObserver = Callable[[OperationDone], None]
+PeerFilter = Callable[[str, int, str], bool]  # (host, port, called AE) -> observed?
+_observers: list[tuple[OperationObserver, PeerFilter | None]] = []
+
+
+def add_operation_observer(observer: OperationObserver, peers: PeerFilter | None = None) -> None:
+    """Call `observer` after each C-STORE/C-FIND/C-MOVE/C-GET of any DimseClient (to the
+    `peers` it names; None: every peer)."""
+    _observers.append((observer, peers))
+
+
+def remove_operation_observer(observer: OperationObserver) -> None:
+    _observers[:] = [pair for pair in _observers if pair[0] != observer]
+
+
+def observed(peer: DimsePeer) -> bool:
+    """Does anyone observe `peer` (so a store reads each file's study only then)?"""
+    return any(peers is None or peers(peer.host, peer.port, peer.called_ae)
+               for _, peers in list(_observers))
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -157,6 +202,23 @@ class DimsePeer:
             transport.socket.settimeout(self.timeout_s)
             prompt_tcp(transport)  # no 40 ms Nagle/delayed-ACK stall per message
         return assoc
+
+    def notify(
+        self, operation: str, study_uid: str | None, ok: bool, started: dt.datetime,
+        detail: str = "",
+    ) -> None:
+        """Tell the observers; an observer's failure is logged, never the operation's."""
+        if not _observers:
+            return
+        done = OperationDone(operation, self.host, self.port, self.called_ae, self.calling_ae,
+                             study_uid, ok, started, utc_now(), detail)
+        for observer, peers in list(_observers):
+            if peers is not None and not peers(self.host, self.port, self.called_ae):
+                continue
+            try:
+                observer(done)
+            except Exception:  # noqa: BLE001 - observing must not break an operation
+                LOG.exception("operation observer failed on %s", operation)
 
     def _closing(self, event: Any) -> None:
         """EVT_ACSE_SENT: once we release or abort, the association must end within

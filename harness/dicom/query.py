@@ -11,11 +11,12 @@ import time
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from harness.dicom.contexts import FIND_MODELS
 from harness.dicom.part10 import decode_dataset, encode_dataset
-from harness.dicom.peer import DimseConnectionError, DimsePeer
+from harness.dicom.peer import DimseConnectionError, DimsePeer, utc_now
 from harness.dicom.status import NO_STATUS, FindResult, Status
 from harness.dicom.wire import TransferFailed, WireAssociation
 
@@ -96,8 +97,19 @@ class QueryClient(DimsePeer):
         """
         if not isinstance(assoc, WireAssociation):
             return self.find(level, keys, model=model)
-        start = time.perf_counter()
+        started = utc_now()
         identifier = query_identifier(level, keys)
+        reached = assoc.is_open  # else no request goes out: nothing to observe
+        result = self._find_on(assoc, level, identifier, model)
+        if reached:
+            self.notify("C-FIND", single_study(identifier), result.ok, started,
+                        f"status {result.status}")
+        return result
+
+    def _find_on(
+        self, assoc: WireAssociation, level: str, identifier: Dataset, model: str
+    ) -> FindResult:
+        start = time.perf_counter()
         if not assoc.is_open:
             return FindResult(NO_STATUS, [], 0.0, f"peer {self}: no open C-FIND association")
         context = _find_context(assoc, model)
@@ -231,6 +243,15 @@ def _find_context(assoc: WireAssociation, model: str) -> tuple[int, str] | None:
         if (sop_class, syntax) in assoc.accepted:
             return assoc.accepted[(sop_class, syntax)], syntax
     return None
+
+
+def single_study(identifier: Dataset | None) -> str | None:
+    """The one Study Instance UID an identifier names (None: no key, a list or a wildcard)."""
+    value = identifier.get("StudyInstanceUID") if identifier is not None else None
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) == 1 else None
+    text = str(value or "").strip()
+    return text if text and not any(c in text for c in "*?\\") else None
 
 
 def _model_levels(model: str) -> tuple[str, ...]:

@@ -32,8 +32,14 @@ from harness.dicom.contexts import (
 )
 from harness.dicom.dimse import command_uid, command_us
 from harness.dicom.part10 import decode_dataset, encode_dataset
-from harness.dicom.peer import DimseConnectionError
-from harness.dicom.query import Lookup, QueryClient, element_values, query_identifier
+from harness.dicom.peer import DimseConnectionError, utc_now
+from harness.dicom.query import (
+    Lookup,
+    QueryClient,
+    element_values,
+    query_identifier,
+    single_study,
+)
 from harness.dicom.status import NO_STATUS, RetrievedInstance, RetrieveResult, Status
 from harness.dicom.watchdog import Watchdog
 from harness.dicom.wire import (
@@ -63,6 +69,14 @@ class RetrieveClient(QueryClient):
     ) -> RetrieveResult:
         """Ask the peer to send matching instances to `destination_ae` (a peer it knows)."""
         identifier = query_identifier(level, keys)
+        started = utc_now()
+        result = self._move(destination_ae, identifier, model)
+        self.notify("C-MOVE", single_study(identifier), result.ok, started,
+                    f"status {result.status} to {destination_ae}, {result.completed} completed, "
+                    f"{result.failed} failed")
+        return result
+
+    def _move(self, destination_ae: str, identifier: Dataset, model: str) -> RetrieveResult:
         sop_class = MOVE_MODELS[model]
         start = time.perf_counter()
         assoc = self.associate([build_context(sop_class)])
@@ -124,6 +138,22 @@ class RetrieveClient(QueryClient):
         failure (0xC211), which the PACS counts as failed.
         """
         identifier = query_identifier(level, keys)
+        started = utc_now()
+        result = self._get(identifier, model, sop_classes, transfer_syntaxes, on_instance, keep)
+        self.notify("C-GET", single_study(identifier), result.ok, started,
+                    f"status {result.status}, {result.completed} completed, "
+                    f"{result.failed} failed")
+        return result
+
+    def _get(
+        self,
+        identifier: Dataset,
+        model: str,
+        sop_classes: Sequence[str] | None,
+        transfer_syntaxes: Sequence[str],
+        on_instance: Callable[[RetrievedInstance], None] | None,
+        keep: bool,
+    ) -> RetrieveResult:
         syntaxes = list(dict.fromkeys(str(ts) for ts in transfer_syntaxes))
         per_association = (MAX_CONTEXTS - QUERY_CONTEXTS) // max(1, len(syntaxes))
         if per_association < 1:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -33,7 +33,7 @@ from harness.dicom.part10 import (
     read_header,
     read_part10,
 )
-from harness.dicom.peer import DimseConnectionError, DimsePeer
+from harness.dicom.peer import DimseConnectionError, DimsePeer, observed, utc_now
 from harness.dicom.status import NO_STATUS, Status, StoreReport, StoreResult
 from harness.dicom.wire import PeerFault, TransferFailed, WireAssociation
 
@@ -54,6 +54,7 @@ class _Prepared:
     item: _StoreItem
     part: Part10 | None
     error: str | None = None
+    study_uid: str = ""  # only while operations are observed (peer.add_operation_observer)
 
 
 def _store_item(obj: Dataset | str | Path) -> _StoreItem:
@@ -67,6 +68,17 @@ def _store_item(obj: Dataset | str | Path) -> _StoreItem:
     return _StoreItem(
         str(path), header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax_uid, path
     )
+
+
+def _study_uid(payload: Dataset | Path) -> str:
+    """The Study Instance UID of a data set or file ("" when it has none readable)."""
+    try:
+        if not isinstance(payload, Dataset):
+            payload = dcmread(payload, stop_before_pixels=True, force=True,
+                              specific_tags=["StudyInstanceUID"])
+        return str(payload.get("StudyInstanceUID", "") or "")
+    except Exception:  # noqa: BLE001 - only observers want it; the store goes on
+        return ""
 
 
 def _is_convertible(syntax: str) -> bool:
@@ -154,6 +166,25 @@ class StoreClient(DimsePeer):
             raise ValueError("associations must be >= 1")
         if self.max_store_associations:
             associations = min(associations, self.max_store_associations)
+        started = utc_now()
+        studies: dict[str, list[bool]] | None = {} if observed(self) else None
+        try:
+            return self._store_all(objects, associations, on_result, decompress, convert,
+                                   studies)
+        finally:
+            for study_uid, stored in (studies or {}).items():  # one per study (IHE ATNA)
+                self.notify("C-STORE", study_uid or None, all(stored), started,
+                            f"{sum(stored)} of {len(stored)} instances stored")
+
+    def _store_all(
+        self,
+        objects: Iterable[Dataset | str | Path],
+        associations: int,
+        on_result: Callable[[StoreResult], None] | None,
+        decompress: bool,
+        convert: bool,
+        studies: dict[str, list[bool]] | None,
+    ) -> StoreReport:
         start = time.perf_counter()
         items: list[_StoreItem] = []
         report = StoreReport(associations=associations)
@@ -183,7 +214,8 @@ class StoreClient(DimsePeer):
             if not convert:
                 own = {(i.sop_class_uid, i.transfer_syntax_uid) for i in batch}
                 pairs = [pair for pair in pairs if pair in own]
-            self._store_batch(batch, pairs, associations, report, on_result, decompress)
+            self._store_batch(batch, pairs, associations, report, on_result, decompress,
+                              studies)
         report.elapsed_s = time.perf_counter() - start
         return report
 
@@ -195,6 +227,7 @@ class StoreClient(DimsePeer):
         report: StoreReport,
         on_result: Callable[[StoreResult], None] | None,
         decompress: bool = False,
+        studies: dict[str, list[bool]] | None = None,
     ) -> None:
         work: queue.Queue[_StoreItem] = queue.Queue()
         for item in batch:
@@ -202,15 +235,17 @@ class StoreClient(DimsePeer):
         lock = threading.Lock()
         errors: list[BaseException] = []
 
-        def record(result: StoreResult) -> None:
+        def record(result: StoreResult, study_uid: str) -> None:
             with lock:
                 report.results.append(result)
+                if studies is not None and not result.refused:  # it went to the peer
+                    studies.setdefault(study_uid, []).append(result.ok)
             if on_result:
                 on_result(result)
 
         def take() -> _Prepared | None:
             try:
-                return self._prepare(work.get_nowait())
+                return self._prepare(work.get_nowait(), studies is not None)
             except queue.Empty:
                 return None
 
@@ -229,7 +264,8 @@ class StoreClient(DimsePeer):
                     if assoc is None or not assoc.is_open:
                         assoc = self.wire_association(pairs)
                     upcoming.clear()
-                    record(self._store_one(assoc, current, read_ahead, decompress))
+                    record(self._store_one(assoc, current, read_ahead, decompress),
+                           current.study_uid)
                     current = upcoming[0] if upcoming else take()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller thread
                 errors.append(exc)
@@ -253,9 +289,9 @@ class StoreClient(DimsePeer):
             raise errors[0]
 
     @staticmethod
-    def _prepare(item: _StoreItem) -> _Prepared:
+    def _prepare(item: _StoreItem, want_study: bool = False) -> _Prepared:
         """`item` read whole and checked (or why it cannot be sent); runs while the peer
-        works on the previous instance."""
+        works on the previous instance. `want_study`: its Study Instance UID too."""
         try:
             if isinstance(item.payload, Dataset):
                 ds, syntax = item.payload, item.transfer_syntax_uid
@@ -269,7 +305,7 @@ class StoreClient(DimsePeer):
             return _Prepared(item, None, _reason(exc))
         except (ValueError, TypeError, AttributeError, struct.error) as exc:
             return _Prepared(item, None, f"cannot encode: {exc}")
-        return _Prepared(item, part)
+        return _Prepared(item, part, None, _study_uid(item.payload) if want_study else "")
 
     def _store_one(
         self,

@@ -15,6 +15,14 @@ C-GETs it), journals each (journal.py) and joins them with the messages received
 It waits for the messages as they arrive (until each operation has a candidate, or
 ``deadline_s``), never a fixed sleep.
 
+Run-wide ("every access is audited", issue 15): a pytest session whose cluster has audited
+nodes calls `start_run_audit` once the cluster is up: one receiver per audited node and a
+RunJournal (journal.py) of every operation the harness's own process performs on them, both
+until the session ends. The check then uses that receiver and joins ALL the run's operations
+on the node (its own ones included) with ALL the messages received. Messages without a
+journal entry (operations of CLI subprocesses, Locust workers, a C-GET's own look-up) are
+not findings.
+
 ``audit: {transport: tls}``: the receiver speaks RFC 5425 and authenticates both sides (IHE
 ITI-20): it presents the harness's certificate (a launched node's run CA issued it; for an
 external node the topology's tls.certificate/key) and takes only senders whose client
@@ -37,7 +45,7 @@ from harness.security.atna import (
     check_audit_message,
 )
 from harness.security.checks import Check
-from harness.security.journal import JournalEntry, OperationJournal, now
+from harness.security.journal import JournalEntry, OperationJournal, RunJournal, now
 from harness.security.syslog import SyslogMessage, SyslogReceiver
 
 if TYPE_CHECKING:
@@ -46,6 +54,7 @@ if TYPE_CHECKING:
 AREA = "audit"
 REFERENCE = "PS3.15 A.5; IHE ITI TF-1 9 (ATNA)"
 DEADLINE_S = 10.0
+MAX_FINDINGS = 100  # unaudited operations named one by one; the rest are counted
 CLOCK_SKEW_S = 60.0  # the node's clock against the harness's (both NTP in a hospital)
 
 EXPECTED_EVENT = {
@@ -107,12 +116,31 @@ def matches(entry: JournalEntry, event: AuditEvent) -> bool:
     event_id, action = EXPECTED_EVENT[entry.operation]
     if event.event_id != event_id or (event.action and event.action != action):
         return False
-    if entry.study_uid not in event.study_uids():
+    if entry.study_uid and entry.study_uid not in event.study_uids():
         return False
     if entry.calling_ae not in event.requestor_ae_titles:
         return False
     skew = dt.timedelta(seconds=CLOCK_SKEW_S)
     return entry.started - skew <= event.event_time <= entry.ended + skew
+
+
+class _EventIndex:
+    """Valid audit events by study (and by event for operations on no single study), so a
+    run's join stays linear in operations and messages."""
+
+    def __init__(self) -> None:
+        self.by_study: dict[str, list[AuditEvent]] = {}
+        self.by_event: dict[Any, list[AuditEvent]] = {}
+
+    def add(self, event: AuditEvent) -> None:
+        self.by_event.setdefault(event.event_id, []).append(event)
+        for study_uid in set(event.study_uids()):
+            self.by_study.setdefault(study_uid, []).append(event)
+
+    def candidates(self, entry: JournalEntry) -> list[AuditEvent]:
+        pool = (self.by_study.get(entry.study_uid, []) if entry.study_uid
+                else self.by_event.get(EXPECTED_EVENT[entry.operation][0], []))
+        return [event for event in pool if matches(entry, event)]
 
 
 def _outcome_agrees(entry: JournalEntry, event: AuditEvent) -> bool:
@@ -132,12 +160,15 @@ def join(
     `transport_note` (how they came) ends each observation."""
     received = _read(messages)
     invalid = [r for r in received if r.event is None]
-    valid = [r.event for r in received if r.event is not None]
+    index = _EventIndex()
+    for r in received:
+        if r.event is not None:
+            index.add(r.event)
     unmatched: list[JournalEntry] = []
     wrong: list[tuple[JournalEntry, AuditEvent]] = []
     audited: list[JournalEntry] = []
     for entry in entries:
-        candidates = [e for e in valid if matches(entry, e)]
+        candidates = index.candidates(entry)
         if not candidates:
             unmatched.append(entry)
         elif not any(_outcome_agrees(entry, e) for e in candidates):
@@ -153,9 +184,12 @@ def join(
             REMEDY, REFERENCE,
         )], coverage
     checks: list[Check] = []
-    for entry in audited:
-        checks.append(Check(node_name, AREA, f"audited: {entry.operation}", "pass",
-                            f"{entry.describe()} audited; {figures}", "", REFERENCE))
+    for operation in dict.fromkeys(e.operation for e in audited):  # one pass per operation
+        done = [e for e in audited if e.operation == operation]
+        said = (done[0].describe() if len(done) == 1
+                else f"{len(done)} {operation} operations (last: {done[-1].describe()})")
+        checks.append(Check(node_name, AREA, f"audited: {operation}", "pass",
+                            f"{said} audited; {figures}", "", REFERENCE))
     for entry, event in wrong:
         checks.append(Check(
             node_name, AREA, f"wrong outcome: {entry.operation}", "fail",
@@ -174,10 +208,17 @@ def join(
             "the node's audit messages must follow the DICOM audit message schema",
             "PS3.15 A.5.1",
         ))
-    for entry in unmatched[len(invalid):]:
+    unaudited = unmatched[len(invalid):]
+    for entry in unaudited[:MAX_FINDINGS]:
         checks.append(Check(
             node_name, AREA, f"unaudited {entry.operation}", "fail",
             f"unaudited {entry.describe()}; {figures}", REMEDY, REFERENCE,
+        ))
+    if len(unaudited) > MAX_FINDINGS:  # a long run's report stays readable
+        checks.append(Check(
+            node_name, AREA, "unaudited operations", "fail",
+            f"{len(unaudited) - MAX_FINDINGS} more unaudited operations; {figures}",
+            REMEDY, REFERENCE,
         ))
     return checks, coverage
 
@@ -187,12 +228,17 @@ def _all_candidates(entries: list[JournalEntry]) -> Any:
     unmatched ones are no more than the invalid messages received (which may be theirs)."""
 
     read: list[_Received] = []  # the receiver only appends: each message is read once
+    index = _EventIndex()
+    waiting = list(entries)
 
     def ready(messages: list[SyslogMessage]) -> bool:
-        read.extend(_read(messages[len(read):]))
-        valid = [r.event for r in read if r.event is not None]
-        unmatched = sum(not any(matches(e, v) for v in valid) for e in entries)
-        return unmatched <= len(read) - len(valid)
+        new = _read(messages[len(read):])
+        read.extend(new)
+        for r in new:
+            if r.event is not None:
+                index.add(r.event)
+        waiting[:] = [e for e in waiting if not index.candidates(e)]
+        return len(waiting) <= sum(r.event is None for r in read)
 
     return ready
 
@@ -257,6 +303,10 @@ def audit_trail(
             "the node declares no audit trail (topology: audit:)", "", REFERENCE,
         )], None)
     port = listen_port or getattr(node, "audit_port", None) or audit.port
+    run = _RUN[0] if _RUN else None
+    if run is not None and run.nodes.get(node.name) is node and (
+            listen_port in (None, run.ports.get(node.name))):
+        return _run_wide(node, run, deadline_s)  # its port is the run receiver's already
     if not port:
         return AuditTrailResult([Check(
             node.name, AREA, "audit trail", "fail",
@@ -287,9 +337,11 @@ def audit_trail(
 
 
 def _listen_while_performing(
-    node: Node, receiver: SyslogReceiver, journal: OperationJournal, deadline_s: float
+    node: Node, receiver: SyslogReceiver, journal: OperationJournal, deadline_s: float,
+    joined: OperationJournal | None = None,
 ) -> tuple[list[JournalEntry], list[SyslogMessage]] | AuditTrailResult:
-    """The operations performed and the messages heard meanwhile (a result: nothing to join)."""
+    """The operations performed and the messages heard meanwhile (a result: nothing to join);
+    `joined`: the journal whose entries are joined (default: `journal`)."""
     try:
         study_uid = perform_operations(node, journal)
     except HarnessError as exc:
@@ -303,7 +355,7 @@ def _listen_while_performing(
             node.name, AREA, "audit trail", "skip",
             "read-only node without any study: no operation to audit", "", REFERENCE,
         )], None)
-    entries = journal.entries(node.name)
+    entries = (joined or journal).entries(node.name)
     receiver.wait_for(_all_candidates(entries), deadline_s)
     return entries, receiver.messages()
 
@@ -351,3 +403,77 @@ def _transport_note(receiver: SyslogReceiver) -> str:
 def audit_checks(node: Node, **options: Any) -> list[Check]:
     """The audit-trail checks of `node` (area "audit"); options as for `audit_trail`."""
     return audit_trail(node, **options).checks
+
+
+# -- run-wide: one receiver per audited node and the journal, for a whole session ----------
+class RunAudit:
+    """The session's started receivers (node name -> receiver, its port, its node) and the
+    journal of the run's operations."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        self.journal = RunJournal(nodes)
+        self.nodes: dict[str, Node] = {}  # those with a started receiver
+        self.receivers: dict[str, SyslogReceiver] = {}
+        self.ports: dict[str, int] = {}
+        self.started = now()
+
+    def stop(self) -> None:
+        self.journal.stop()
+        for receiver in self.receivers.values():
+            receiver.stop()
+
+
+_RUN: list[RunAudit] = []  # the session's, if any (at most one)
+
+
+def start_run_audit(
+    nodes: list[Node], listen_ports: dict[str, int] | None = None
+) -> RunAudit | None:
+    """Listen for the audit trail of every node that declares `audit:` and journal every
+    operation on them, until stop_run_audit (None: no audited node). A receiver that cannot
+    start is left to the check, which reports why. `listen_ports` (node name -> port)
+    overrides where a receiver listens (the node's audit port by default)."""
+    stop_run_audit()
+    audited = [n for n in nodes if n.spec.audit is not None]
+    if not audited:
+        return None
+    run = RunAudit(audited)
+    for node in audited:
+        port = (listen_ports or {}).get(node.name) or getattr(
+            node, "audit_port", None) or node.spec.audit.port  # type: ignore[union-attr]
+        if not port:
+            continue
+        receiver = audit_receiver(node, port)
+        if isinstance(receiver, Check):
+            continue
+        try:
+            receiver.start()
+        except OSError:  # the check tries again, and says why it cannot
+            continue
+        run.receivers[node.name], run.ports[node.name] = receiver, port
+        run.nodes[node.name] = node
+    run.journal.start()
+    _RUN.append(run)
+    return run
+
+
+def stop_run_audit() -> None:
+    """Stop the session's receivers and journal (idempotent: finalizers and unconfigure)."""
+    while _RUN:
+        _RUN.pop().stop()
+
+
+def _run_wide(node: Node, run: RunAudit, deadline_s: float) -> AuditTrailResult:
+    """The check's own operations (the run journal records them too), then the join of all
+    the run's operations on `node` with all the messages its receiver heard."""
+    receiver = run.receivers[node.name]
+    heard = _listen_while_performing(node, receiver, OperationJournal(), deadline_s,
+                                     run.journal)
+    if isinstance(heard, AuditTrailResult):
+        return heard
+    entries, messages = heard
+    note = _transport_note(receiver) + ", the whole run"
+    if run.journal.dropped:
+        note += f" ({run.journal.dropped} operations beyond the journal's capacity not counted)"
+    checks, coverage = join(node.name, entries, messages, note)
+    return AuditTrailResult(checks, coverage, receiver.transport, receiver.tls_sessions)
