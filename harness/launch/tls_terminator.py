@@ -1,4 +1,4 @@
-"""A TLS terminator (Debian's HAProxy, mode tcp) for a DICOM server that has no TLS.
+"""A TLS terminator (Debian's HAProxy, mode tcp) for a server that has no usable TLS.
 
 Why: sites run archives without DICOM TLS (PS3.15 B.1) behind a terminator; DCMTK 3.6.7's
 dcmqrscp is one. The terminator holds the node's certificate and listens on the node's
@@ -6,6 +6,9 @@ public port; each association's plain DICOM bytes are forwarded to the server's 
 port. The same process also carries the server's own outgoing associations (C-MOVE
 sub-operations, PS3.4 C.4.2) to TLS peers: one plain loopback frontend per peer, whose
 backend opens TLS to the peer with the node's certificate as the client certificate.
+
+The same kind of process serves HTTPS in front of a launched Orthanc, whose own HTTPS crashes
+on Debian (harness/nodes/orthanc.py, module docstring): `https_config`.
 
 Every phase has a timeout (connect, client, server, half-closed), so a silent peer never
 holds a connection for ever. HAProxy runs in the foreground (`-db`) as the harness's child,
@@ -19,6 +22,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +43,9 @@ BCP195_TLS12_CIPHERS = ":".join((
 #: response per sub-operation (PS3.4 C.4.2.3), so a working retrieve is never idle that long
 IDLE_TIMEOUT_S = 300
 CONNECT_TIMEOUT_S = 5
+#: an HTTP connection idle this long is closed (Orthanc's own keep-alive is shorter); a
+#: WADO-RS answer being sent is never idle that long
+HTTPS_IDLE_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -64,12 +71,12 @@ def name_to_verify(host: str) -> str | None:
     return "localhost" if address.is_loopback else None
 
 
-def haproxy_binary(who: str) -> str:
-    """The installed haproxy, or an EnvironmentProblem naming who needs it."""
+def haproxy_binary(who: str, what: str = "DICOM TLS") -> str:
+    """The installed haproxy, or an EnvironmentProblem naming who needs it for what."""
     try:
         return require_binary("haproxy", INSTALL_HINT)
     except EnvironmentProblem as exc:
-        raise EnvironmentProblem(f"{who}: DICOM TLS needs HAProxy as terminator: {exc}") from None
+        raise EnvironmentProblem(f"{who}: {what} needs HAProxy as terminator: {exc}") from None
 
 
 def write_certificate_bundle(material: TLSMaterial, path: Path) -> Path:
@@ -92,6 +99,35 @@ def _min_version_options(min_version: str) -> str:
     return f"{floor} ciphers DEFAULT:@SECLEVEL=0"
 
 
+def _defaults(idle_s: int) -> list[str]:
+    """Global and default sections: TCP mode, every phase bounded in time."""
+    return [
+        "global",
+        "    maxconn 256",
+        "    log stderr format short local0 info",
+        "defaults",
+        "    mode tcp",
+        "    log global",
+        f"    timeout connect {CONNECT_TIMEOUT_S}s",
+        f"    timeout client {idle_s}s",
+        f"    timeout server {idle_s}s",
+        "    timeout client-fin 5s",
+        "    timeout server-fin 5s",
+    ]
+
+
+def https_config(public: tuple[str, int], server_port: int, bundle: Path) -> str:
+    """HTTPS in front of a plain HTTP server on `server_port`: TLS 1.2 with the BCP 195 suites
+    (RFC 9325 4.2) or TLS 1.3, no client certificate (HTTP Basic is the login)."""
+    return "\n".join([
+        *_defaults(HTTPS_IDLE_TIMEOUT_S),
+        "listen https",
+        f"    bind {public[0]}:{public[1]} ssl crt {bundle} ssl-min-ver TLSv1.2 "
+        f"ciphers {BCP195_TLS12_CIPHERS}",
+        f"    server http 127.0.0.1:{server_port}",
+    ]) + "\n"
+
+
 def haproxy_config(
     *,
     public: tuple[str, int],
@@ -109,18 +145,8 @@ def haproxy_config(
         f"verify {client_certificate} ca-file {ca_file}"
     )
     lines = [
-        "global",
-        "    maxconn 256",
-        "    log stderr format short local0 info",
-        "defaults",
-        "    mode tcp",
-        "    log global",
+        *_defaults(IDLE_TIMEOUT_S),
         "    option tcplog",
-        f"    timeout connect {CONNECT_TIMEOUT_S}s",
-        f"    timeout client {IDLE_TIMEOUT_S}s",
-        f"    timeout server {IDLE_TIMEOUT_S}s",
-        "    timeout client-fin 5s",
-        "    timeout server-fin 5s",
         "listen dicom_tls",
         f"    bind {public[0]}:{public[1]} ssl crt {bundle} {verify} "
         + _min_version_options(min_version),
@@ -177,3 +203,20 @@ def start_terminator(
                 f"{timeout_s:.0f} s; log tail:\n{log_tail(log_path)}"
             )
         time.sleep(0.1)
+
+
+def start_node_terminator(
+    node_name: str, workdir: Path, public: tuple[str, int],
+    make_config: Callable[[], str] | None, *, detached: bool, what: str = "DICOM TLS",
+) -> tuple[subprocess.Popen, ProcessHandle]:
+    """A node's terminator as a sidecar: `make_config()` at launch; None for a node attached
+    from saved state (`up`, then a restart), which starts again from the written file."""
+    written = workdir / "haproxy.cfg"
+    if make_config is None:
+        if not written.exists():
+            raise EnvironmentProblem(f"node {node_name}: {written} is missing")
+        config = written.read_text()
+    else:
+        config = make_config()
+    binary = haproxy_binary(f"node {node_name}", what)
+    return start_terminator(binary, workdir, config, public, detached=detached)

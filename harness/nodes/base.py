@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -112,6 +113,8 @@ class Node:
         self.peers: list[Peer] = []
         self.handle: ProcessHandle | ContainerHandle | None = None
         self.sidecars: dict[str, ProcessHandle] = {}  # e.g. PostgreSQL under an Orthanc
+        # sidecar children of this process, waited for after `stop` (no zombie keeps the pid)
+        self.reap_on_stop: list[subprocess.Popen] = []
         # a login the harness generated for a node it launched (never printed nor logged)
         self.generated_credentials: tuple[str, str] | None = None
         # a launched TLS node's certificate, key and the run's CA (harness/security/
@@ -447,6 +450,10 @@ class Node:
                 pass
         for sidecar in self.sidecars.values():
             sidecar.stop()
+        for child in self.reap_on_stop:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5)  # already SIGKILLed by its handle when it came to that
+        self.reap_on_stop.clear()
 
     def log_tail(self, lines: int = 30) -> str:
         if self.handle is not None and hasattr(self.handle, "logs"):

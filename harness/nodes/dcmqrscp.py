@@ -32,21 +32,19 @@ compares AE titles and that address: on a loopback topology it still holds.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import subprocess
 
 from pydicom import dcmread
 
-from harness.errors import EnvironmentProblem
 from harness.launch.ports import free_port
 from harness.launch.tls_terminator import (
     Tunnel,
     haproxy_binary,
     haproxy_config,
     name_to_verify,
-    start_terminator,
+    start_node_terminator,
     write_certificate_bundle,
 )
 from harness.launch.tools import find_binary
@@ -86,7 +84,6 @@ class DcmqrscpNode(Node):
     server_port: int | None = None
     #: outgoing TLS paths for C-MOVE to TLS peers, by peer name
     tunnels: dict[str, Tunnel] | None = None
-    _terminator: subprocess.Popen | None = None  # HAProxy started by this process
 
     @property
     def database_dir(self):
@@ -150,33 +147,25 @@ AETable END
             return
         assert self.workdir is not None
         public = (self.host, self.dicom_port)
-        written = self.workdir / "haproxy.cfg"
-        if self.server_port is None:  # attached from saved state (`up`): launch's files
-            if not written.exists():
-                raise EnvironmentProblem(f"node {self.name}: {written} is missing")
-            config = written.read_text()
-        else:
+        tls = self.spec.tls
+
+        def config() -> str:
             bundle = write_certificate_bundle(material, self.workdir / "tls-terminator.pem")
-            config = haproxy_config(
+            return haproxy_config(
                 public=public,
                 server_port=self.server_port,
                 bundle=bundle,
                 ca_file=material.ca_file,
-                client_certificate=self.spec.tls.client_certificate,
-                min_version=self.spec.tls.min_version,
+                client_certificate=tls.client_certificate,
+                min_version=tls.min_version,
                 tunnels=list((self.tunnels or {}).values()),
             )
-        self._terminator, self.sidecars["tls-terminator"] = start_terminator(
-            haproxy_binary(f"node {self.name}"), self.workdir, config, public, detached=detached
-        )
 
-    def stop(self) -> None:
-        """Stop dcmqrscp and the terminator (a sidecar), and reap the terminator."""
-        super().stop()
-        if self._terminator is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._terminator.wait(timeout=5)  # already SIGKILLed when it came to that
-            self._terminator = None
+        attached = self.server_port is None  # from saved state (`up`): launch's files
+        popen, self.sidecars["tls-terminator"] = start_node_terminator(
+            self.name, self.workdir, public, None if attached else config, detached=detached
+        )
+        self.reap_on_stop.append(popen)
 
     image_program = ("/usr/bin/dcmqrscp",)
 

@@ -48,13 +48,11 @@ port gets no HTTP answer (the terminator expects a TLS ClientHello and closes).
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
 import secrets
 import socket
-import subprocess
 from pathlib import Path
 
 import requests
@@ -63,9 +61,9 @@ from harness.dicom.dicomweb import http_session, request_failed
 from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.postgres import PostgresServer
 from harness.launch.tls_terminator import (
-    BCP195_TLS12_CIPHERS,
     haproxy_binary,
-    start_terminator,
+    https_config,
+    start_node_terminator,
     write_certificate_bundle,
 )
 from harness.nodes.base import Node, NodeStatistics, Peer, rest_statistics
@@ -179,34 +177,6 @@ def tls_configuration(node: Node) -> dict:
     }
 
 
-#: an HTTP connection idle this long is closed by the terminator (Orthanc's own keep-alive
-#: is shorter); a WADO-RS answer being sent is never idle that long
-HTTPS_IDLE_TIMEOUT_S = 120
-
-
-def https_terminator_config(public: tuple[str, int], server_port: int, bundle: Path) -> str:
-    """HAProxy in front of Orthanc's plain HTTP (module docstring): TLS 1.2 with the BCP 195
-    suites (RFC 9325 4.2) or TLS 1.3, no client certificate (HTTP Basic is the login), each
-    phase bounded in time."""
-    return "\n".join([
-        "global",
-        "    maxconn 256",
-        "    log stderr format short local0 info",
-        "defaults",
-        "    mode tcp",
-        "    log global",
-        "    timeout connect 5s",
-        f"    timeout client {HTTPS_IDLE_TIMEOUT_S}s",
-        f"    timeout server {HTTPS_IDLE_TIMEOUT_S}s",
-        "    timeout client-fin 5s",
-        "    timeout server-fin 5s",
-        "listen orthanc_https",
-        f"    bind {public[0]}:{public[1]} ssl crt {bundle} ssl-min-ver TLSv1.2 "
-        f"ciphers {BCP195_TLS12_CIPHERS}",
-        f"    server orthanc 127.0.0.1:{server_port}",
-    ]) + "\n"
-
-
 def write_private(path: Path, text: str) -> None:
     """Write a file only its owner can read (orthanc.json holds the generated password)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -243,7 +213,6 @@ class OrthancNode(Node):
         self.postgres_port: int | None = None
         # with `https: true`: Orthanc's own plain HTTP port, behind the TLS terminator
         self.http_server_port: int | None = None
-        self._terminator: subprocess.Popen | None = None
 
     def prepare(self, peers: list[Peer]) -> None:
         super().prepare(peers)
@@ -270,7 +239,7 @@ class OrthancNode(Node):
         if self.spec.https:
             from harness.launch.ports import free_port
 
-            haproxy_binary(f"node {self.name}: https")  # missing: say so before starting
+            haproxy_binary(f"node {self.name}", "HTTPS")  # missing: say so before starting
             self.http_server_port = self.http_server_port or free_port("127.0.0.1")
             config["HttpPort"] = self.http_server_port
             # the URLs the DICOMweb plugin writes in its answers (RetrieveURL, PS3.18 10.5.3)
@@ -322,30 +291,21 @@ class OrthancNode(Node):
         """HAProxy with the node's certificate on its HTTP port (module docstring)."""
         assert self.workdir is not None and self.http_port is not None
         public = (self.host, self.http_port)
-        written = self.workdir / "haproxy.cfg"
-        if self.http_server_port is None:  # attached from saved state (`up`): launch's files
-            if not written.exists():
-                raise EnvironmentProblem(f"node {self.name}: {written} is missing")
-            config = written.read_text()
-        else:
+
+        def config() -> str:
             if self.tls_material is None:
                 raise EnvironmentProblem(f"node {self.name}: its HTTPS certificate was not "
                                          "generated")
             bundle = write_certificate_bundle(self.tls_material,
                                               self.workdir / "https-certificate.pem")
-            config = https_terminator_config(public, self.http_server_port, bundle)
-        self._terminator, self.sidecars["https-terminator"] = start_terminator(
-            haproxy_binary(f"node {self.name}: https"), self.workdir, config, public,
-            detached=detached,
-        )
+            return https_config(public, self.http_server_port, bundle)
 
-    def stop(self) -> None:
-        """Stop Orthanc and its sidecars, and reap the HTTPS terminator."""
-        super().stop()
-        if self._terminator is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._terminator.wait(timeout=5)  # already SIGKILLed when it came to that
-            self._terminator = None
+        attached = self.http_server_port is None  # from saved state (`up`): launch's files
+        popen, self.sidecars["https-terminator"] = start_node_terminator(
+            self.name, self.workdir, public, None if attached else config,
+            detached=detached, what="HTTPS",
+        )
+        self.reap_on_stop.append(popen)
 
     def ready(self) -> bool:
         """GET /system answers 200, then C-ECHO. An HTTPS certificate the harness refuses
