@@ -27,9 +27,9 @@ from harness.embedded_pacs.audit import (
     AuditSender,
     AuditSyslogError,
     TlsChannel,
-    client_context,
     parse_target,
 )
+from harness.embedded_pacs.connection import client_tls_context
 from harness.fixtures import pacs_cluster_factory
 from harness.launch.ports import free_port
 from harness.security.atna import (
@@ -788,8 +788,8 @@ def test_audit_over_tls_needs_the_node_certificate_usage_error(capsys) -> None:
 
 def test_tls_sender_never_blocks_counts_drops_and_reconnects(tls_material) -> None:
     server, client = tls_material
-    context = client_context(str(client.certificate_file), str(client.key_file),
-                             str(client.ca_file))
+    context = client_tls_context(str(client.certificate_file), str(client.key_file),
+                                 str(client.ca_file))
     channel = TlsChannel("127.0.0.1", free_port(), context, queue_size=2)
     try:  # nobody listens: beyond the bound, dropped and counted at once
         for number in range(5):

@@ -91,3 +91,14 @@ def quantity(
             f"unit {match.group(2)!r} does not fit {what} (allowed: {', '.join(units)})"
         )
     return value, unit
+
+
+def _port(value: Any) -> int:
+    try:
+        return int(finite_number(value, 1, 65535, whole=True))
+    except NumberError:
+        raise fail(f"invalid port {value!r} (allowed: an integer 1-65535)") from None
+
+
+#: a TCP or UDP port (topology nodes, audit receivers)
+Port = Annotated[int, BeforeValidator(_port)]

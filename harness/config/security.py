@@ -25,7 +25,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BeforeValidator, Field, StrictBool, StrictStr, model_validator
 
 from harness.config.errors import ConfigModel, choice, fail
-from harness.config.numbers import Number
+from harness.config.numbers import Number, Port
 
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 CLIENT_CERTIFICATE_POLICIES = ("required", "optional", "none")
@@ -117,17 +117,11 @@ class TLSModel(ConfigModel):
         )
 
 
-def _port(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise fail(f"invalid port {value!r} (allowed: an integer 1-65535)")
-    return value
-
-
 class AuditModel(ConfigModel):
     shape: ClassVar[str] = "true, or {port: N, transport: udp|tls}"
 
     transport: choice("transport", AUDIT_TRANSPORTS) = "udp"
-    port: Annotated[int, BeforeValidator(_port)] | None = None
+    port: Port | None = None
 
     def spec(self) -> AuditSpec:
         return AuditSpec(transport=self.transport, port=self.port)

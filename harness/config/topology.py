@@ -33,7 +33,7 @@ from pydantic import BeforeValidator, Field, StrictBool, StrictStr, model_valida
 
 from harness.config.errors import Checker, ConfigModel, Text, choice, fail, validate
 from harness.config.faults import FaultSpec, parse_faults
-from harness.config.numbers import Number, NumberError, finite_number
+from harness.config.numbers import Number, Port
 from harness.config.security import (
     AuditModel,
     AuditSpec,
@@ -181,13 +181,6 @@ class Topology:
 # the NodeSpec is built, and checks across nodes (AE titles, ports, links) come after.
 
 
-def _port(value: Any) -> int:
-    try:
-        return int(finite_number(value, 1, 65535, whole=True))
-    except NumberError:
-        raise fail(f"invalid port {value!r} (allowed: an integer 1-65535)") from None
-
-
 def _ae_title(value: Any) -> str:
     if not isinstance(value, str) or not AE_TITLE_RE.match(value) or value.strip() != value:
         raise fail(
@@ -230,7 +223,6 @@ def _image(value: Any) -> str:
     return value
 
 
-Port = Annotated[int, BeforeValidator(_port)]
 EnvName = Annotated[str, BeforeValidator(_env_name)]
 def _kind(value: Any) -> str:
     """One of the kinds harness/nodes declares (asked at check time: a kind added as a

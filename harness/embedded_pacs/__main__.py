@@ -30,12 +30,7 @@ from pathlib import Path
 import pydicom.config
 from pynetdicom import _config
 
-from harness.embedded_pacs.audit import (
-    AuditSender,
-    AuditSyslogError,
-    client_context,
-    parse_target,
-)
+from harness.embedded_pacs.audit import AuditSender, AuditSyslogError, parse_target
 from harness.embedded_pacs.connection import (
     CLIENT_CERTIFICATE_MODES,
     DEFAULT_TIMEOUT_S,
@@ -137,13 +132,14 @@ def tls_contexts(args: argparse.Namespace) -> tuple[ssl.SSLContext, ssl.SSLConte
     )
 
 
-def audit_sender(args: argparse.Namespace) -> AuditSender | None:
-    """The ``--audit-syslog`` sender; over TLS it presents the node's own certificate."""
+def audit_sender(
+    args: argparse.Namespace, client_tls: ssl.SSLContext | None
+) -> AuditSender | None:
+    """The ``--audit-syslog`` sender; over TLS (RFC 5425) it presents the node's own
+    certificate, with the client context C-MOVE sub-associations use."""
     if args.audit_syslog is None:
         return None
-    context = None
-    if parse_target(args.audit_syslog).scheme == "tls":
-        context = client_context(str(args.tls_certificate), str(args.tls_key), str(args.tls_ca))
+    context = client_tls if parse_target(args.audit_syslog).scheme == "tls" else None
     return AuditSender(args.audit_syslog, args.ae_title, args.host, context)
 
 
@@ -188,15 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         print(f"embedded PACS {args.ae_title}: TLS files unusable: {exc}", file=sys.stderr)
         return 2
-    try:
-        audit = audit_sender(args)
-    except (OSError, ValueError) as exc:
-        print(f"embedded PACS {args.ae_title}: TLS files unusable: {exc}", file=sys.stderr)
-        return 2
+    audit = audit_sender(args, tls[1] if tls else None)
     return serve(
         args.ae_title, args.port, args.storage, args.peers, host=args.host,
-        timeout_s=args.timeout, tls=tls,
-        audit=audit,
+        timeout_s=args.timeout, tls=tls, audit=audit,
     )
 
 

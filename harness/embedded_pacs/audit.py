@@ -91,15 +91,6 @@ def parse_target(url: str) -> AuditTarget:
     return AuditTarget(parts.scheme, parts.hostname, port)
 
 
-def client_context(certificate: str, key: str, ca: str) -> ssl.SSLContext:
-    """RFC 5425 5.2 as IHE ITI-20 profiles it: TLS 1.2 or later, the receiver's certificate
-    verified against ``ca`` (its name too), this node's certificate presented."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certificate, key)
-    return context
-
-
 class TlsChannel:
     """One persistent RFC 5425 connection, written by a background thread from a bounded
     queue (module docstring). Counters: ``dropped`` (queue full), ``expired`` (not delivered
@@ -252,7 +243,7 @@ class AuditSender:
 
     def __init__(self, url: str, ae_title: str, node_host: str = "127.0.0.1",
                  tls_context: ssl.SSLContext | None = None) -> None:
-        """``tls_context`` (client_context) is required for a tls:// target."""
+        """``tls_context`` (connection.client_tls_context) is required for a tls:// target."""
         self.target = parse_target(url)
         self.ae_title = ae_title
         self.node_host = node_host

@@ -18,7 +18,6 @@ never as the system service; its configuration is checked with `haproxy -c` firs
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import subprocess
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 from harness.errors import EnvironmentProblem
 from harness.launch.process import ProcessHandle, log_tail, spawn
 from harness.launch.tools import require_binary
-from harness.security.certificates import TLSMaterial
+from harness.security.certificates import TLSMaterial, write_private
 
 INSTALL_HINT = "apt-get install haproxy"
 #: TLS 1.2 suites of the BCP 195 profiles (PS3.15 B.9, RFC 9325 4.2) for ECDSA and RSA keys
@@ -82,11 +81,7 @@ def haproxy_binary(who: str, what: str = "DICOM TLS") -> str:
 def write_certificate_bundle(material: TLSMaterial, path: Path) -> Path:
     """HAProxy's `crt` wants the certificate and its key in one PEM file: written 0600."""
     data = material.certificate_file.read_bytes().rstrip(b"\n") + b"\n"
-    data += material.key_file.read_bytes()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.chmod(path, 0o600)
+    write_private(path, data + material.key_file.read_bytes())
     return path
 
 

@@ -162,6 +162,10 @@ class Node:
     # -- protocol clients ----------------------------------------------------------------
     def dimse(self, calling_ae: str = HARNESS_AE_TITLE, timeout_s: float = 30.0) -> DimseClient:
         """A DIMSE client for this node (through its harness link when one is declared)."""
+        return self._dimse(calling_ae, timeout_s, self.tls_client())
+
+    def _dimse(self, calling_ae: str, timeout_s: float, tls: TLSConfig | None) -> DimseClient:
+        """`dimse` with other TLS settings (`ready` tries unverified and plain)."""
         return DimseClient(
             self.host,
             self.access_port or self.dicom_port,
@@ -169,7 +173,7 @@ class Node:
             calling_ae,
             timeout_s=timeout_s,
             max_store_associations=self.capabilities.store_associations,
-            tls=self.tls_client(),
+            tls=tls,
         )
 
     def tls_client(self) -> TLSConfig | None:
@@ -415,15 +419,10 @@ class Node:
             )
             for tls, warning in fallbacks:
                 with contextlib.suppress(DimseConnectionError, OSError):
-                    if self._echo(tls):
+                    if self._dimse(HARNESS_AE_TITLE, 5, tls).echo().status.ok:
                         self.tls_warning = warning
                         return True
             raise
-
-    def _echo(self, tls: TLSConfig | None) -> bool:
-        client = DimseClient(self.host, self.access_port or self.dicom_port, self.ae_title,
-                             HARNESS_AE_TITLE, timeout_s=5, tls=tls)
-        return client.echo().status.ok
 
     def alive(self) -> bool:
         """True when the process (if any) runs and the node answers C-ECHO."""

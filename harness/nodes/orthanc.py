@@ -53,7 +53,6 @@ import json
 import os
 import secrets
 import socket
-from pathlib import Path
 
 import requests
 
@@ -68,6 +67,7 @@ from harness.launch.tls_terminator import (
 )
 from harness.nodes.base import Node, NodeStatistics, Peer, rest_statistics
 from harness.nodes.capabilities import Capabilities, ImageRecipe
+from harness.security.certificates import write_private  # orthanc.json holds a password
 
 DEBIAN_PLUGIN_DIR = "/usr/share/orthanc/plugins"
 DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
@@ -175,14 +175,6 @@ def tls_configuration(node: Node) -> dict:
         "DicomTlsTrustedCertificates": node.trusted_ca_file(),
         "DicomTlsRemoteCertificateRequired": tls.client_certificate == "required",
     }
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (orthanc.json holds the generated password)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
 
 
 class OrthancNode(Node):

@@ -36,8 +36,8 @@ from harness.errors import EnvironmentProblem
 from harness.launch.ports import free_port
 from harness.launch.process import ProcessHandle, log_tail, spawn
 from harness.nodes.base import Node
-from harness.nodes.orthanc import write_private
 from harness.resilience import node_faults
+from harness.security.certificates import write_private
 
 VIRTUAL_AE_TITLE = "HAPACS"
 

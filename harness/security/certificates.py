@@ -30,11 +30,12 @@ class TLSMaterial:
     ca_file: Path
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: str | bytes) -> None:
+    """Write a file only its owner can read (keys, configurations holding a password)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.chmod(path, 0o600)
+        out.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
 
 
 def _subject_alternative_names(names: tuple[str, ...]) -> x509.SubjectAlternativeName:
@@ -92,7 +93,7 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .sign(key, hashes.SHA256())
         )
-        _write_private(directory / "ca.key", _key_pem(key))
+        write_private(directory / "ca.key", _key_pem(key))
         (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(directory, key, cert)
 
@@ -140,7 +141,7 @@ class CertificateAuthority:
         cert_file = self.directory / f"{file_stem}.pem"
         key_file = self.directory / f"{file_stem}.key"
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_private(key_file, _key_pem(key))
+        write_private(key_file, _key_pem(key))
         return TLSMaterial(cert_file, key_file, self.ca_file)
 
 
