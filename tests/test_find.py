@@ -164,6 +164,41 @@ def test_a_single_find_returns_the_matches_and_their_attributes(cluster, archive
     assert {m.SOPInstanceUID: int(m.InstanceNumber) for m in found.matches} == expected
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cancelled_find_stops_and_leaves_the_association_in_step(cluster, archive, kind):
+    """C-CANCEL after the first match (PS3.7 9.3.2.3): one match kept, a Cancel or Success
+    final status, and the next C-FIND on the same association gets its own full answer
+    (no stray response of the cancelled one)."""
+    client = cluster.node(kind).dimse()
+    held_studies = {row[1] for row in _held(cluster.node(kind))}
+    assoc = client.find_association("study")
+    try:
+        cancelled = client.find_over(assoc, "STUDY", {"StudyInstanceUID": None},
+                                     cancel_after=1)
+        whole = client.find_over(assoc, "STUDY", {"StudyInstanceUID": None})
+    finally:
+        assoc.release()
+    assert cancelled.error is None, cancelled.error
+    assert cancelled.status.category in ("cancel", "success"), cancelled.status
+    assert len(cancelled.matches) == 1
+    assert str(cancelled.matches[0].StudyInstanceUID) in held_studies
+    assert whole.ok and {str(m.StudyInstanceUID) for m in whole.matches} == held_studies
+    assert len(held_studies) >= PATIENTS * STUDIES_PER_PATIENT > 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_any_study_uid_names_a_study_the_node_holds(cluster, archive, kind):
+    node = cluster.node(kind)
+    assert node.dimse().any_study_uid() in {row[1] for row in _held(node)}
+
+
+empty_launched = pacs_cluster_factory("name: empty\nnodes:\n  e: {kind: embedded}\n")
+
+
+def test_any_study_uid_of_an_empty_node_is_none(empty_launched) -> None:
+    assert empty_launched.node("e").dimse().any_study_uid() is None
+
+
 def _burn(seconds: float, stop: multiprocessing.synchronize.Event) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end and not stop.is_set():

@@ -87,6 +87,18 @@ def query_rq(command_field: int, message_id: int, sop_class: str) -> bytes:
     )
 
 
+def c_cancel_rq(message_id: int) -> bytes:
+    """The C-CANCEL-RQ command set (PS3.7 9.3.2.3): stop the C-FIND (or C-GET, C-MOVE)
+    whose request was `message_id`; no data set follows."""
+    return encode_command(
+        {
+            0x00000100: 0x0FFF,
+            0x00000120: message_id & 0xFFFF,
+            0x00000800: NO_DATASET,
+        }
+    )
+
+
 def command_us(elements: dict[int, bytes], tag: int, default: int = 0) -> int:
     """An unsigned short of a parsed command set."""
     raw = elements.get(tag, b"")

@@ -6,6 +6,7 @@ will meet, so C-GET can propose exactly those (PS3.8 9.3.2.2: at most 128 contex
 
 from __future__ import annotations
 
+import datetime as dt
 import struct
 import time
 from typing import Any
@@ -52,17 +53,48 @@ class QueryClient(DimsePeer):
 
     # -- C-FIND ----------------------------------------------------------------------
     def find(
-        self, level: str, keys: dict[str, Any] | Dataset | None = None, *, model: str = "study"
+        self,
+        level: str,
+        keys: dict[str, Any] | Dataset | None = None,
+        *,
+        model: str = "study",
+        cancel_after: int | None = None,
     ) -> FindResult:
-        """C-FIND at PATIENT, STUDY, SERIES or IMAGE level; keys with None are return keys."""
+        """C-FIND at PATIENT, STUDY, SERIES or IMAGE level; keys with None are return keys.
+        With `cancel_after`, a C-CANCEL once that many matches arrived (PS3.7 9.3.2.3)."""
         start = time.perf_counter()
         assoc = self.find_association(model)
         try:
-            result = self.find_over(assoc, level, keys, model=model)
+            result = self.find_over(assoc, level, keys, model=model, cancel_after=cancel_after)
         finally:
             assoc.release()
         result.elapsed_s = time.perf_counter() - start
         return result
+
+    def any_study_uid(self) -> str | None:
+        """One Study Instance UID the peer holds, or None when it lists none.
+
+        Why not list every study and take the first: a hospital archive holds 10^5+ of them.
+        The study-level C-FIND is cancelled after its first match (PS3.7 9.3.2.3); a peer
+        that ignores the C-CANCEL ends the query at the harness's pending-response bound,
+        and then the query is narrowed to recent dates (StudyDate ranges, PS3.4 C.2.2.2.5),
+        widened until one answers with a match.
+        """
+        first = self.find("STUDY", {"StudyInstanceUID": None}, cancel_after=1)
+        uids = [str(m.get("StudyInstanceUID", "")) for m in first.matches]
+        if uids and uids[0]:
+            return uids[0]
+        if first.status.category in ("success", "cancel"):
+            return None  # it answered, with nothing
+        today = utc_now().date()
+        for days in (7, 365, 3650):
+            since = (today - dt.timedelta(days=days)).strftime("%Y%m%d")
+            found = self.find("STUDY", {"StudyInstanceUID": None, "StudyDate": f"{since}-"},
+                              cancel_after=1)
+            uids = [str(m.get("StudyInstanceUID", "")) for m in found.matches]
+            if uids and uids[0]:
+                return uids[0]
+        return None
 
     def find_association(self, model: str = "study") -> WireAssociation:
         """An association for C-FINDs of `model` (explicit and implicit VR little endian), for
@@ -85,6 +117,7 @@ class QueryClient(DimsePeer):
         keys: dict[str, Any] | Dataset | None = None,
         *,
         model: str = "study",
+        cancel_after: int | None = None,
     ) -> FindResult:
         """C-FIND over an association from find_association(model): walking a study series
         by series costs one association instead of one per query.
@@ -100,14 +133,19 @@ class QueryClient(DimsePeer):
         started = utc_now()
         identifier = query_identifier(level, keys)
         reached = assoc.is_open  # else no request goes out: nothing to observe
-        result = self._find_on(assoc, level, identifier, model)
+        result = self._find_on(assoc, level, identifier, model, cancel_after)
         if reached:
             self.notify("C-FIND", single_study(identifier), result.ok, started,
                         f"status {result.status}")
         return result
 
     def _find_on(
-        self, assoc: WireAssociation, level: str, identifier: Dataset, model: str
+        self,
+        assoc: WireAssociation,
+        level: str,
+        identifier: Dataset,
+        model: str,
+        cancel_after: int | None = None,
     ) -> FindResult:
         start = time.perf_counter()
         if not assoc.is_open:
@@ -125,6 +163,7 @@ class QueryClient(DimsePeer):
                 encode_dataset(identifier, syntax),
                 max_matches=self.max_find_matches,
                 deadline_s=self.find_deadline_s,
+                cancel_after=cancel_after,
             )
         except TransferFailed as exc:
             assoc.abort()

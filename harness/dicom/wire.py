@@ -40,6 +40,7 @@ from harness.dicom.dimse import (
     CommandSetError,
     FindAnswer,
     StoreAnswer,
+    c_cancel_rq,
     c_store_rq,
     command_uid,
     command_us,
@@ -505,8 +506,13 @@ class WireAssociation:
         *,
         max_matches: int = DEFAULT_MAX_MATCHES,
         deadline_s: float | None = None,
+        cancel_after: int | None = None,
     ) -> FindAnswer:
         """C-FIND-RQ with an encoded identifier (PS3.7 9.1.2), read until the final response.
+
+        With `cancel_after`, a C-CANCEL-RQ goes out once that many matches arrived (PS3.7
+        9.3.2.3): the peer then ends with Cancel (0xFE00), or Success if it was done first;
+        matches it still sends before its final response are dropped, not kept.
 
         Every response is read on this thread, off this socket, in order: nothing else can
         take one (pynetdicom's association thread could, under load). A peer that sends more
@@ -525,6 +531,7 @@ class WireAssociation:
             )
 
         self._send_message(context_id, command, identifier)
+        cancelled = False
         while True:
             operation.hard_message = not_finished()
             if operation.hard_at is not None and time.monotonic() > operation.hard_at:
@@ -536,10 +543,17 @@ class WireAssociation:
             if data is None:
                 self._pending(operation, "C-FIND-RSPs without a match")
                 continue
+            if cancelled:
+                # answered before the peer saw the C-CANCEL-RQ: bounded like any pending
+                self._pending(operation, "C-FIND-RSPs after C-CANCEL")
+                continue
             if len(matches) >= max_matches:
                 self._fail(f"C-FIND answered more than {max_matches} matches")
             matches.append(data)
             operation.progress()
+            if cancel_after is not None and len(matches) >= cancel_after:
+                self._send_message(context_id, c_cancel_rq(self._message_id), None)
+                cancelled = True
 
     # -- ending ---------------------------------------------------------------------------------
     def release(self) -> None:

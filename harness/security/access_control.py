@@ -296,11 +296,9 @@ def _wrong_called_check(node: Node) -> Check:
 def _existing_study(node: Node) -> str | None:
     """One study the node holds (to move it nowhere), found with the harness's C-FIND."""
     try:
-        found = node.dimse(timeout_s=TIMEOUT_S).find("STUDY", {"StudyInstanceUID": None})
+        return node.dimse(timeout_s=TIMEOUT_S).any_study_uid()
     except EnvironmentProblem:
         return None
-    uids = [str(ds.StudyInstanceUID) for ds in found.matches if ds.get("StudyInstanceUID")]
-    return uids[0] if found.ok and uids else None
 
 
 def _study_to_move(node: Node) -> tuple[str | None, str]:

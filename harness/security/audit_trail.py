@@ -261,11 +261,9 @@ def perform_operations(node: Node, journal: OperationJournal) -> str | None:
         journal_entry(started, "C-STORE", study_uid, not failed,
                       f"{len(report.succeeded)} stored, {len(failed)} failed")
     else:
-        found = client.find("STUDY", {"StudyInstanceUID": None})
-        uids = [str(m.get("StudyInstanceUID", "")) for m in found.matches]
-        if not uids or not uids[0]:
+        study_uid = client.any_study_uid()
+        if study_uid is None:
             return None
-        study_uid = uids[0]
     started = now()
     found = client.find("STUDY", {"StudyInstanceUID": study_uid})
     journal_entry(started, "C-FIND", study_uid, found.ok, f"status {found.status}")
