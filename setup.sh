@@ -3,7 +3,7 @@
 #
 #   ./setup.sh                  Python packages only: the embedded PACS is the default node
 #   ./setup.sh --with-servers   also Orthanc (+ DICOMweb, PostgreSQL plugins), DCMTK,
-#                               PostgreSQL and HAProxy from apt, and the Allure command line
+#                               PixelMed, PostgreSQL and HAProxy from apt, and the Allure command line
 #                               (Java from apt, allure-commandline from npm) for
 #                               `pacs-harness report --allure` (root)
 #   ./setup.sh --with-docker    also Docker (docker.io) and debootstrap, to run nodes as
@@ -61,6 +61,9 @@ if [ "$with_servers" = 1 ]; then
   command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
   # the security tests check certificates and handshakes with OpenSSL's own tools
   [ -x /usr/bin/openssl ] || missing+=(openssl)
+  # PixelMed's archive (node kind pixelmed), run in a network namespace of its own
+  [ -e /usr/share/java/pixelmed.jar ] || missing+=(libpixelmed-java)
+  command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing ${missing[*]}"
     apt_install "${missing[@]}"
