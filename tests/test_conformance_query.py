@@ -8,14 +8,28 @@ a probe that changes its verdict on a node makes the test fail.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    SecondaryCaptureImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 
-from harness.conformance.corpus import CORPUS_PREFIX, STUDIES, store_corpus
-from harness.conformance.model import ProbeContext, ProbeResult, all_probes
+from harness.conformance.corpus import CORPUS_PREFIX, STUDIES, Corpus, store_corpus
+from harness.conformance.model import ProbeContext, ProbeResult, all_probes, probe_by_id
+from harness.dicom.client import DimseClient
+from harness.errors import EnvironmentProblem
 from harness.fixtures import pacs_cluster_factory
+from harness.launch.ports import free_port
+from harness.launch.tools import find_binary
 from tests.helpers import LAUNCHABLE_KINDS, external_topology, one_node_per_kind
 
 QUERY_PROBES = all_probes(("query",))
@@ -73,6 +87,10 @@ MEASURED: dict[str, dict[str, tuple[str, dict]]] = {
         # it returns an empty sequence and does not match inside it: an optional key
         "query.sequence": ("not supported", {"sequence_matching": False}),
         "query.relational": ("conforms", {"relational": False, "lenient": True}),
+        # matching.py also tries a name's alphabetic group alone
+        "query.pn-components": ("conforms", {"trailing_caret_matches": False,
+                                             "alphabetic_group_matches": True}),
+        "query.levels-study-root": ("conforms", {"patient_level": "refused"}),
     },
     "orthanc": {
         # CaseSensitivePN defaults to false in Orthanc's configuration
@@ -84,6 +102,10 @@ MEASURED: dict[str, dict[str, tuple[str, dict]]] = {
         # the stored sequence comes back, but the key does not narrow the match
         "query.sequence": ("not supported", {"sequence_matching": False, "returned": True}),
         "query.relational": ("conforms", {"relational": False, "lenient": True}),
+        "query.pn-components": ("conforms", {"trailing_caret_matches": False,
+                                             "alphabetic_group_matches": False}),
+        # Orthanc answers a PATIENT-level query in Study Root instead of refusing it
+        "query.levels-study-root": ("conforms", {"patient_level": "answered"}),
     },
     "dcmqrscp": {
         "query.pn-case": ("conforms", {"pn_matching": "case-sensitive"}),
@@ -93,6 +115,9 @@ MEASURED: dict[str, dict[str, tuple[str, dict]]] = {
         # its index holds no sequences: the key is ignored
         "query.sequence": ("not supported", {"sequence_matching": False, "returned": False}),
         "query.relational": ("conforms", {"relational": False, "lenient": True}),
+        "query.pn-components": ("conforms", {"trailing_caret_matches": False,
+                                             "alphabetic_group_matches": False}),
+        "query.levels-study-root": ("conforms", {"patient_level": "refused"}),
     },
 }
 
@@ -160,3 +185,129 @@ def test_a_node_that_is_not_writable_is_not_tested(launched, pacs_launch, tmp_pa
         assert result.outcome == "not tested", result.line()
         assert "not writable" in result.observed
         assert result.evidence == ()
+
+
+# -- pynetdicom peers that answer in one particular way ---------------------------------------
+
+
+class _Peer:
+    """A DICOM peer on 127.0.0.1 seen as a writable node (what a probe needs of a node)."""
+
+    kind = "pynetdicom"
+    writable = True
+
+    def __init__(self, port: int, ae_title: str) -> None:
+        self.name, self.port, self.ae_title = ae_title.lower(), port, ae_title
+
+    def dimse(self) -> DimseClient:
+        return DimseClient("127.0.0.1", self.port, self.ae_title, timeout_s=10.0)
+
+
+@contextmanager
+def _scp(handlers: list, contexts: list[str]) -> Iterator[_Peer]:
+    ae = AE(ae_title="PROBESCP")
+    for sop_class in contexts:
+        ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        yield _Peer(port, "PROBESCP")
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("grant", [True, False])
+def test_the_relational_probe_proposes_the_negotiation_and_reads_the_reply(grant):
+    """The probe proposes relational-queries (PS3.4 C.5.1.1: byte 1 = 1) and tells an SCP
+    that accepted it but failed the query (differs) from one that refused both (not
+    supported)."""
+    proposed, identifiers = [], []
+
+    def on_extended(event):
+        proposed.append(dict(event.app_info))
+        return {uid: b"\x01" for uid in event.app_info} if grant else {}
+
+    def on_find(event):
+        identifiers.append(event.identifier)
+        yield 0xA900, None
+
+    with _scp([(evt.EVT_SOP_EXTENDED, on_extended), (evt.EVT_C_FIND, on_find)],
+              [StudyRootQueryRetrieveInformationModelFind]) as peer:
+        result = probe_by_id("query.relational").run(
+            ProbeContext(peer, Corpus(STUDIES, peer.name)))
+    assert proposed == [{StudyRootQueryRetrieveInformationModelFind: b"\x01"}]
+    assert identifiers[0].QueryRetrieveLevel == "SERIES"
+    assert not identifiers[0].StudyInstanceUID and identifiers[0].Modality == "MR"
+    assert result.facts["relational"] is grant
+    assert result.outcome == ("differs" if grant else "not supported"), result.line()
+
+
+def test_a_node_refusing_the_corpus_is_an_environment_problem_naming_it():
+    stored = []
+
+    def on_store(event):
+        stored.append(event.request.AffectedSOPInstanceUID)
+        return 0xA700  # Refused: out of resources
+
+    with _scp([(evt.EVT_C_STORE, on_store)], [SecondaryCaptureImageStorage]) as peer, \
+            pytest.raises(EnvironmentProblem, match=r"node probescp did not store the "
+                                                    r"conformance corpus: 9 of 9"):
+        store_corpus(peer)
+    assert len(stored) == len(STUDIES)
+
+
+@pytest.fixture
+def orthanc_configured(tmp_path) -> Iterator[_Peer]:
+    """An Orthanc of our own, with CaseSensitivePN true and DefaultEncoding Utf8: the two
+    options the measured differences come from (stopped by its pid at teardown)."""
+    if "orthanc" not in KINDS:
+        pytest.skip("Orthanc not installed")
+    port = free_port()
+    config = {
+        "Name": "cfq-configured", "DicomAet": "ORTHANCCS", "DicomPort": port,
+        "HttpPort": free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "StorageDirectory": str(tmp_path / "storage"), "IndexDirectory": str(tmp_path / "index"),
+        "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True, "Plugins": [],
+        "CaseSensitivePN": True, "DefaultEncoding": "Utf8",
+    }
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    log = (tmp_path / "orthanc.log").open("w")
+    process = subprocess.Popen([find_binary("Orthanc"), str(tmp_path / "orthanc.json")],
+                               stdout=log, stderr=subprocess.STDOUT)
+    peer = _Peer(port, "ORTHANCCS")
+    try:
+        deadline = time.monotonic() + 180
+        while not _answers_echo(peer):
+            assert process.poll() is None, (tmp_path / "orthanc.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "Orthanc did not start"
+            time.sleep(0.2)
+        yield peer
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _answers_echo(peer: _Peer) -> bool:
+    try:
+        return peer.dimse().echo().status.ok
+    except EnvironmentProblem:
+        return False
+
+
+def test_orthanc_configured_for_the_standard_conforms_where_it_differed(orthanc_configured):
+    """The same probes on an Orthanc with CaseSensitivePN and DefaultEncoding Utf8: the PN
+    case and the UTF-8 and Japanese names now conform, which pins the differences measured
+    on the default Orthanc to those two options."""
+    corpus = store_corpus(orthanc_configured)
+    for probe_id, facts in (("query.pn-case", {"pn_matching": "case-sensitive"}),
+                            ("query.charset-utf8", {"answered_in": "ISO_IR 192"}),
+                            ("query.charset-jis", {"answered_in": "ISO_IR 192"}),
+                            ("query.charset-latin1", {"answered_in": "ISO_IR 192"})):
+        result = probe_by_id(probe_id).run(ProbeContext(orthanc_configured, corpus))
+        assert result.outcome == "conforms", result.line()
+        assert {k: result.facts.get(k) for k in facts} == facts, result.line()

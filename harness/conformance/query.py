@@ -527,6 +527,8 @@ def _relational_find(ctx: ProbeContext, keys: dict[str, Any]) -> tuple[bool, Fin
     negotiation.service_class_application_information = b"\x01"
     assoc = client.associate([build_context(sop_class)], ext_neg=[negotiation])
     try:
+        if not assoc.accepted_contexts:
+            return False, "the study root C-FIND context was refused"
         reply = assoc.acceptor.sop_class_extended.get(sop_class, b"")
         accepted = bool(reply) and reply[0] == 1
         identifier = query_identifier("SERIES", keys)
@@ -602,6 +604,7 @@ def _levels(ctx: ProbeContext, model: str) -> Observation:
     try:
         ctx.node.dimse().find_association(model).release()
     except DimseConnectionError as exc:
+        ctx.record(f"A-ASSOCIATE-RQ {model} root C-FIND", str(exc))
         return not_supported(f"{model} root C-FIND refused: {exc}", levels=[])
     right, wrong = [], []
     for level, keys, expected, unique in cases:
@@ -611,9 +614,13 @@ def _levels(ctx: ProbeContext, model: str) -> Observation:
             right.append(level)
         else:
             wrong.append(f"{level}: {result.error or f'{len(got)} matches'}")
+    facts: dict[str, Any] = {"levels": right}
+    if model == "study":  # PATIENT is not a level of Study Root (PS3.4 C.6.2.1): a fact
+        refused = not _find(ctx, "PATIENT", {"PatientID": first.patient_id}, model).ok
+        facts["patient_level"] = "refused" if refused else "answered"
     if wrong:
-        return differs("; ".join(wrong), levels=right)
-    return conforms(f"{', '.join(right)} answered as expected", levels=right)
+        return differs("; ".join(wrong), **facts)
+    return conforms(f"{', '.join(right)} answered as expected", **facts)
 
 
 @probe("query.levels-patient-root", title="patient root levels",
