@@ -143,8 +143,9 @@ def test_matching_rules_every_kind_shares(results):
               "query.charset-latin1"]
     for kind in KINDS:
         assert [p for p in shared if results[(kind, p)].outcome != "conforms"] == [], kind
-    assert results[("orthanc", "query.datetime-range")].facts["datetime_matching"] == \
-        "separate"
+    for kind in KINDS:  # none of them accepts combined date-time matching (C.5.1.1)
+        assert results[(kind, "query.datetime-range")].facts == {
+            "datetime_matching": "separate", "combined_negotiated": False}
     assert results[("dcmqrscp", "query.levels-patient-root")].facts["levels"] == \
         ["PATIENT", "STUDY", "SERIES", "IMAGE"]
 
@@ -311,3 +312,22 @@ def test_orthanc_configured_for_the_standard_conforms_where_it_differed(orthanc_
         result = probe_by_id(probe_id).run(ProbeContext(orthanc_configured, corpus))
         assert result.outcome == "conforms", result.line()
         assert {k: result.facts.get(k) for k in facts} == facts, result.line()
+
+
+def test_a_model_the_node_refuses_is_not_supported():
+    """An SCP offering Study Root only: the Patient Root levels probe says 'not supported',
+    the Study Root one asks its levels."""
+    levels = []
+
+    def on_find(event):
+        levels.append(str(event.identifier.QueryRetrieveLevel))
+        yield 0x0000, None
+
+    with _scp([(evt.EVT_C_FIND, on_find)], [StudyRootQueryRetrieveInformationModelFind]) as peer:
+        corpus = Corpus(STUDIES, peer.name)
+        patient_root = probe_by_id("query.levels-patient-root").run(ProbeContext(peer, corpus))
+        study_root = probe_by_id("query.levels-study-root").run(ProbeContext(peer, corpus))
+    assert patient_root.outcome == "not supported", patient_root.line()
+    assert "patient root" in patient_root.observed
+    assert study_root.outcome == "differs", study_root.line()  # it found nothing
+    assert levels == ["STUDY", "SERIES", "IMAGE", "PATIENT"]

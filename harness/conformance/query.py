@@ -280,26 +280,43 @@ def time_range(ctx: ProbeContext) -> Observation:
 
 @probe("query.datetime-range", title="date and time ranges together",
        expected="Without combined date-time matching negotiated, a StudyDate range and a "
-                "StudyTime range are matched each on its own: the time range applies to "
-                "every day of the date range.",
+                "StudyTime range are matched each on its own (the time range on every day "
+                "of the date range); with it, as one period from the first date and time "
+                "to the last.",
        reference="PS3.4 C.2.2.2.5.4", needs_corpus=True)
 def datetime_range(ctx: ProbeContext) -> Observation:
     corpus: Corpus = ctx.corpus
+    keys = {"PatientID": IN_CORPUS, "StudyDate": "20100115-20180301",
+            "StudyTime": "100000-120000"}
     separate = corpus.where(lambda s: "20100115" <= s.study_date <= "20180301"
                             and "100000" <= s.study_time <= "120000")
     combined = corpus.where(lambda s: "20100115100000" <= s.study_date + s.study_time
                             <= "20180301120000")
-    result, found = _found(ctx, {"PatientID": IN_CORPUS, "StudyDate": "20100115-20180301",
-                                 "StudyTime": "100000-120000"})
+    result, found = _found(ctx, dict(keys))
     if not result.ok:
         return differs(f"the query failed: {result.error or result.status}")
-    if found == separate:
-        return conforms(f"date and time matched separately: {_names(corpus, found)}",
-                        datetime_matching="separate")
-    if found == combined:
-        return differs("matched as one date-time period without negotiation: "
-                       f"{_names(corpus, found)}", datetime_matching="combined")
-    return differs(f"expected {_names(corpus, separate)}, got {_names(corpus, found)}")
+    if found != separate:
+        how = "as one period " if found == combined else ""
+        return differs(f"without negotiation, matched {how}{_names(corpus, found)}; expected "
+                       f"{_names(corpus, separate)}", datetime_matching="wrong")
+    accepted, outcome = _negotiated_find(ctx, "STUDY", {**keys, "StudyInstanceUID": None},
+                                         COMBINED_DATETIME)
+    request = f"C-FIND STUDY (study root, combined date-time proposed) {_describe_keys(keys)}"
+    if isinstance(outcome, str) or not outcome.ok:
+        ctx.record(request, outcome if isinstance(outcome, str) else str(outcome.error))
+        return conforms("date and time matched separately; the query proposing combined "
+                        "date-time matching was not answered", datetime_matching="separate",
+                        combined_negotiated=accepted)
+    hits = frozenset(_study_uids(outcome, corpus))
+    ctx.record(request, f"combined {'accepted' if accepted else 'not accepted'}; "
+                        f"{outcome.status}; corpus matches: {_names(corpus, hits)}")
+    if hits != (combined if accepted else separate):
+        return differs(f"combined date-time {'accepted' if accepted else 'not accepted'}, "
+                       f"but matched {_names(corpus, hits)}", datetime_matching="separate",
+                       combined_negotiated=accepted)
+    return conforms(f"date and time matched separately ({_names(corpus, found)})"
+                    + ("; as one period once negotiated" if accepted else ""),
+                    datetime_matching="separate", combined_negotiated=accepted)
 
 
 @probe("query.uid-list", title="list of UID matching",
@@ -521,23 +538,27 @@ def extra_attributes(ctx: ProbeContext) -> Observation:
 # -- relational queries and the levels of each model ------------------------------------------
 
 
-def _relational_find(ctx: ProbeContext, keys: dict[str, Any]) -> tuple[bool, FindResult | str]:
-    """A SERIES-level query proposing relational-queries (PS3.4 C.5.1.1, byte 1 = 1) on a
-    pynetdicom association: (was it accepted?, the result or why it failed)."""
+#: options of the C-FIND SOP class extended negotiation (PS3.4 C.5.1.1): byte index
+RELATIONAL, COMBINED_DATETIME = 0, 1
+
+
+def _negotiated_find(ctx: ProbeContext, level: str, keys: dict[str, Any],
+                     option: int) -> tuple[bool, FindResult | str]:
+    """A study root query on a pynetdicom association proposing one extended negotiation
+    option (PS3.4 C.5.1.1): (did the SCP accept it?, the result or why there is none)."""
     client = ctx.node.dimse()
     sop_class = FIND_MODELS["study"]
     negotiation = SOPClassExtendedNegotiation()
     negotiation.sop_class_uid = sop_class
-    negotiation.service_class_application_information = b"\x01"
+    negotiation.service_class_application_information = bytes([0] * option + [1])
     assoc = client.associate([build_context(sop_class)], ext_neg=[negotiation])
     try:
         if not assoc.accepted_contexts:
             return False, "the study root C-FIND context was refused"
         reply = assoc.acceptor.sop_class_extended.get(sop_class, b"")
-        accepted = bool(reply) and reply[0] == 1
-        identifier = query_identifier("SERIES", keys)
+        accepted = len(reply) > option and reply[option] == 1
         status, matches = None, []
-        for answer, found in assoc.send_c_find(identifier, sop_class):
+        for answer, found in assoc.send_c_find(query_identifier(level, keys), sop_class):
             if answer is None or "Status" not in answer:
                 return accepted, "no answer (association ended)"
             status = int(answer.Status)
@@ -561,7 +582,7 @@ def relational(ctx: ProbeContext) -> Observation:
     corpus: Corpus = ctx.corpus
     keys = {"PatientID": IN_CORPUS, "Modality": "MR", "SeriesInstanceUID": None,
             "StudyInstanceUID": None}
-    accepted, outcome = _relational_find(ctx, keys)
+    accepted, outcome = _negotiated_find(ctx, "SERIES", keys, RELATIONAL)
     request = f"C-FIND SERIES (study root, relational proposed) {_describe_keys(keys)}"
     if isinstance(outcome, str):
         ctx.record(request, outcome)
