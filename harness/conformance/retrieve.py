@@ -109,7 +109,7 @@ def move_known(ctx: ProbeContext) -> Observation:
     ctx.record(f"C-FIND IMAGE on {destination.name} for the study", f"{len(arrived)} of "
                f"{len(expected)} instances there")
     facts = {**_counts(moved), "destination": destination.name, "arrived": len(arrived),
-             "instances": len(expected)}
+             "instances": len(expected), "study": str(study[0].StudyInstanceUID)}
     summary = (f"to {destination.name}: {moved.status}, {moved.completed} completed, "
                f"{moved.failed} failed; {len(arrived)}/{len(expected)} arrived")
     if moved.status.code == 0 and moved.completed == len(expected) and arrived == expected:
@@ -136,7 +136,7 @@ def move_unknown(ctx: ProbeContext) -> Observation:
                                                      _study_keys(study))
     ctx.record(f"C-MOVE STUDY {study[0].StudyInstanceUID} to {UNKNOWN_DESTINATION} "
                "(an AE title no node knows)", _words(moved))
-    facts = _counts(moved)
+    facts = {**_counts(moved), "study": str(study[0].StudyInstanceUID)}
     if moved.status.code == MOVE_DESTINATION_UNKNOWN:
         return conforms("refused with 0xA801", **facts)
     if moved.status.category == "failure":
@@ -165,7 +165,8 @@ def get_study(ctx: ProbeContext) -> Observation:
     received = {i.sop_instance_uid for i in got.instances}
     ctx.record(f"C-GET STUDY {study[0].StudyInstanceUID}",
                f"{_words(got)}; {len(received & expected)} of {len(expected)} received")
-    facts = {**_counts(got), "received": len(received & expected), "instances": len(expected)}
+    facts = {**_counts(got), "received": len(received & expected), "instances": len(expected),
+             "study": str(study[0].StudyInstanceUID)}
     summary = (f"{got.status}, {got.completed} completed, {got.failed} failed; "
                f"{len(received & expected)}/{len(expected)} received")
     if got.status.code == 0 and got.completed == len(expected) and received == expected:
@@ -203,7 +204,8 @@ def failed_uid_list(ctx: ProbeContext) -> Observation:
         on_instance=refuse_one)
     ctx.record(f"C-GET STUDY {study[0].StudyInstanceUID}, the C-STORE of {refused_uid} "
                "answered 0xC211", _words(got))
-    facts = {**_counts(got), "refused_uid": refused_uid}
+    facts = {**_counts(got), "refused_uid": refused_uid,
+             "study": str(study[0].StudyInstanceUID)}
     listed = refused_uid in got.failed_sop_instance_uids
     counted = got.failed == 1 and got.completed == 1
     summary = (f"{got.status}, {got.completed} completed, {got.failed} failed; refused "
@@ -273,7 +275,7 @@ def destination_refuses(ctx: ProbeContext) -> Observation:
     expected = {str(ds.SOPInstanceUID) for ds in study}
     listed = expected <= set(moved.failed_sop_instance_uids)
     facts = {**_counts(moved), "association_requests": listener.requests,
-             "all_listed": listed}
+             "all_listed": listed, "study": str(study[0].StudyInstanceUID)}
     summary = (f"{moved.status}, {moved.completed} completed, {moved.failed} failed; "
                f"failed UIDs {'all listed' if listed else 'not all listed'}")
     if moved.status.category in ("success", "pending") or moved.status.code == 0xFFFF:

@@ -95,6 +95,7 @@ def _fidelity(original: Dataset, instance: RetrievedInstance) -> dict[str, Any]:
         "fidelity": classify(original, returned, instance.transfer_syntax_uid),
         "changed": changed[:MAX_LISTED],
         "returned_syntax": instance.transfer_syntax_uid,
+        "sop_instance_uid": str(original.SOPInstanceUID),
     }
 
 
@@ -269,7 +270,7 @@ def odd_length(ctx: ProbeContext) -> Observation:
                f"{answer.error_comment}".strip())
     if answer.status != 0 and (answer.status & 0xF000) != 0xB000:
         return conforms(f"refused with 0x{answer.status:04X}", policy="refused",
-                        store_status=f"0x{answer.status:04X}")
+                        store_status=f"0x{answer.status:04X}", sop_instance_uid=uid)
     got, instances = read_back(ctx, ds)
     if len(instances) != 1:
         return differs(f"accepted, then not returned ({got.status})", policy="lost")
@@ -288,7 +289,7 @@ def odd_length(ctx: ProbeContext) -> Observation:
     same = all(values.values())
     policy = "padded" if padded and same else "kept odd" if same else "changed"
     facts = {"policy": policy, "lengths": lengths, "values_kept": same,
-             "store_status": f"0x{answer.status:04X}"}
+             "store_status": f"0x{answer.status:04X}", "sop_instance_uid": uid}
     observed = f"accepted; returned lengths {lengths}, values {'kept' if same else 'changed'}"
     if policy == "padded":
         return conforms(observed, **facts)
@@ -537,7 +538,8 @@ def duplicate_uid(ctx: ProbeContext) -> Observation:
     else:
         policy = "lost" if not comments else "unknown"
     facts = {"duplicate_policy": policy, "second_status": str(status) if status else None,
-             "matches": len(found.matches), "returned_comments": comments}
+             "matches": len(found.matches), "returned_comments": comments,
+             "sop_instance_uid": str(first.SOPInstanceUID)}
     observed = (f"second C-STORE answered {status}; {len(found.matches)} match(es); "
                 f"returned: {comments}: {policy}")
     if policy in ("overwrite", "keep-first", "reject"):
