@@ -77,7 +77,8 @@ def _held_instances(node: Any, study: Sequence[Dataset]) -> set[str]:
     return {str(m.SOPInstanceUID) for m in found.matches if m.get("SOPInstanceUID")}
 
 
-def _accepts_get(ctx: ProbeContext) -> bool:
+def accepts_get(ctx: ProbeContext) -> bool:
+    """Does the node accept Study Root C-GET (PS3.4 C.4.3) at all?"""
     get = GET_MODELS["study"]
     pairs = [(get, ExplicitVRLittleEndian), (get, ImplicitVRLittleEndian)]
     return any(ctx.node.dimse(timeout_s=TIMEOUT_S).negotiate(pairs).values())
@@ -153,7 +154,7 @@ def move_unknown(ctx: ProbeContext) -> Observation:
     writes=True,
 )
 def get_study(ctx: ProbeContext) -> Observation:
-    if not _accepts_get(ctx):
+    if not accepts_get(ctx):
         return not_supported("Study Root C-GET not accepted")
     study = fresh_study(3)
     try:
@@ -185,7 +186,7 @@ def get_study(ctx: ProbeContext) -> Observation:
 def failed_uid_list(ctx: ProbeContext) -> Observation:
     """Provoked on C-GET: the probe answers one C-STORE sub-operation with a failure
     (0xC211), so exactly one instance fails for a reason the probe controls."""
-    if not _accepts_get(ctx):
+    if not accepts_get(ctx):
         return not_supported("Study Root C-GET not accepted (the probe fails a C-GET "
                              "sub-operation on purpose)")
     study = fresh_study(2)

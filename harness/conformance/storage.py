@@ -30,8 +30,8 @@ from harness.conformance.model import (
     not_tested,
     probe,
 )
-from harness.conformance.retrieve import TIMEOUT_S, Refused, store_objects
-from harness.dicom.contexts import GET_MODELS, RETRIEVE_TRANSFER_SYNTAXES
+from harness.conformance.retrieve import TIMEOUT_S, Refused, accepts_get, store_objects
+from harness.dicom.contexts import RETRIEVE_TRANSFER_SYNTAXES
 from harness.dicom.names import transfer_syntax_name
 from harness.dicom.part10 import encode_dataset
 from harness.dicom.status import RetrievedInstance, RetrieveResult
@@ -66,12 +66,6 @@ def _keys(ds: Dataset) -> dict[str, Any]:
             "SOPInstanceUID": ds.SOPInstanceUID}
 
 
-def _accepts_get(ctx: ProbeContext) -> bool:
-    get = GET_MODELS["study"]
-    pairs = [(get, ExplicitVRLittleEndian), (get, ImplicitVRLittleEndian)]
-    return any(ctx.node.dimse(timeout_s=TIMEOUT_S).negotiate(pairs).values())
-
-
 def read_back(ctx: ProbeContext, ds: Dataset,
               syntaxes: Sequence[str] = RETRIEVE_TRANSFER_SYNTAXES
               ) -> tuple[RetrieveResult, list[RetrievedInstance]]:
@@ -100,19 +94,19 @@ def _fidelity(original: Dataset, instance: RetrievedInstance) -> dict[str, Any]:
 
 
 def _store_and_read(ctx: ProbeContext, ds: Dataset, what: str
-                    ) -> tuple[Observation | None, RetrievedInstance | None]:
-    """Store `ds`, read it back: (an early outcome, None) when that cannot be done."""
-    if not _accepts_get(ctx):
-        return not_tested("the node offers no C-GET to read the object back"), None
+                    ) -> RetrievedInstance | Observation:
+    """Store `ds` and read it back; the probe's outcome instead when that cannot be done."""
+    if not accepts_get(ctx):
+        return not_tested("the node offers no C-GET to read the object back")
     try:
         store_objects(ctx, [ds], what)
     except Refused as exc:
-        return differs(f"refused: {exc}", stored=False), None
+        return differs(f"refused: {exc}", stored=False)
     got, instances = read_back(ctx, ds)
     if len(instances) != 1:
         return differs(f"stored, then not returned by C-GET ({got.status})", stored=True,
-                       fidelity="lost"), None
-    return None, instances[0]
+                       fidelity="lost")
+    return instances[0]
 
 
 def _summary(facts: dict[str, Any]) -> str:
@@ -164,10 +158,10 @@ def private_tags(ctx: ProbeContext) -> Observation:
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     block.add_new(0x01, "LO", "probe private value")
     block.add_new(0x02, "US", 42)
-    early, instance = _store_and_read(ctx, ds, f"{BASE_FILE} with a private block "
-                                      f"'{PRIVATE_CREATOR}' and its GE private groups")
-    if instance is None:
-        return early  # type: ignore[return-value]
+    instance = _store_and_read(ctx, ds, f"{BASE_FILE} with a private block "
+                               f"'{PRIVATE_CREATOR}' and its GE private groups")
+    if isinstance(instance, Observation):
+        return instance
     facts = {**_fidelity(ds, instance), **_private_state(ds, instance.dataset)}
     private_changed = [k for k in facts["changed"] if k.startswith("(")]
     facts["private_changed"] = private_changed
@@ -195,10 +189,10 @@ def un_vr(ctx: ProbeContext) -> Observation:
     ds[0x00080080] = DataElement(0x00080080, "UN", b"PROBE HOSPITAL")
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     block.add_new(0x10, "UN", b"\x01\x02\x03\x04")
-    early, instance = _store_and_read(ctx, ds, f"{BASE_FILE} with Institution Name and a "
-                                      "private element as UN")
-    if instance is None:
-        return early  # type: ignore[return-value]
+    instance = _store_and_read(ctx, ds, f"{BASE_FILE} with Institution Name and a "
+                               "private element as UN")
+    if isinstance(instance, Observation):
+        return instance
     returned = instance.dataset
     standard = returned.get(0x00080080)
     private_tag = block.get_tag(0x10)
@@ -251,7 +245,7 @@ def _odd_length_bytes(ds: Dataset) -> bytes:
     writes=True,
 )
 def odd_length(ctx: ProbeContext) -> Observation:
-    if not _accepts_get(ctx):
+    if not accepts_get(ctx):
         return not_tested("the node offers no C-GET to read the object back")
     ds = base_object()
     data = _odd_length_bytes(ds)
@@ -302,9 +296,9 @@ def odd_length(ctx: ProbeContext) -> Observation:
 def _text_probe(ctx: ProbeContext, ds: Dataset, keywords: Sequence[str],
                 what: str) -> Observation:
     """Store, read back, compare the decoded values of `keywords`."""
-    early, instance = _store_and_read(ctx, ds, what)
-    if instance is None:
-        return early  # type: ignore[return-value]
+    instance = _store_and_read(ctx, ds, what)
+    if isinstance(instance, Observation):
+        return instance
     returned = instance.dataset
     facts = _fidelity(ds, instance)
     facts["returned_charset"] = str(returned.get("SpecificCharacterSet", "") or "")
@@ -388,10 +382,10 @@ def _with_group_lengths(ds: Dataset, groups: Sequence[int]) -> Dataset:
 )
 def group_length(ctx: ProbeContext) -> Observation:
     ds = _with_group_lengths(base_object(), (0x0008, 0x0010, 0x0020))
-    early, instance = _store_and_read(ctx, ds, f"{BASE_FILE} with group lengths for groups "
-                                      "0008, 0010, 0020")
-    if instance is None:
-        return early  # type: ignore[return-value]
+    instance = _store_and_read(ctx, ds, f"{BASE_FILE} with group lengths for groups "
+                               "0008, 0010, 0020")
+    if isinstance(instance, Observation):
+        return instance
     returned = instance.dataset
     states = {}
     for group in (0x0008, 0x0010, 0x0020):
@@ -421,10 +415,10 @@ def retired_element(ctx: ProbeContext) -> Observation:
     ds = base_object()
     ds.RecognitionCode = "PROBE-RETIRED"  # (0008,0010), retired
     ds.ImagePosition = [1, 2, 3]  # (0020,0030), retired
-    early, instance = _store_and_read(ctx, ds, f"{BASE_FILE} with Recognition Code and "
-                                      "Image Position (retired)")
-    if instance is None:
-        return early  # type: ignore[return-value]
+    instance = _store_and_read(ctx, ds, f"{BASE_FILE} with Recognition Code and "
+                               "Image Position (retired)")
+    if isinstance(instance, Observation):
+        return instance
     returned = instance.dataset
     kept = {k: str(returned.get(k, "")) == str(ds.get(k)) for k in ("RecognitionCode",
                                                                      "ImagePosition")}
@@ -448,11 +442,11 @@ def large_object(ctx: ProbeContext) -> Observation:
     pixels = (np.arange(LARGE_ROWS * LARGE_COLUMNS, dtype=np.uint32) * 7 % 65521)
     ds.PixelData = pixels.astype("<u2").tobytes()
     digest = hashlib.sha256(ds.PixelData).hexdigest()
-    early, instance = _store_and_read(ctx, ds, f"{BASE_FILE} resized to {LARGE_ROWS}x"
-                                      f"{LARGE_COLUMNS} 16-bit ({len(ds.PixelData)} bytes of "
-                                      "pixel data)")
-    if instance is None:
-        return early  # type: ignore[return-value]
+    instance = _store_and_read(ctx, ds, f"{BASE_FILE} resized to {LARGE_ROWS}x"
+                               f"{LARGE_COLUMNS} 16-bit ({len(ds.PixelData)} bytes of "
+                               "pixel data)")
+    if isinstance(instance, Observation):
+        return instance
     facts = {**_fidelity(ds, instance), "pixel_bytes": len(ds.PixelData),
              "returned_bytes": len(instance.encoded)}
     returned = instance.dataset.get("PixelData")
@@ -474,9 +468,9 @@ def large_object(ctx: ProbeContext) -> Observation:
 )
 def transcoding(ctx: ProbeContext) -> Observation:
     ds = base_object()
-    early, instance = _store_and_read(ctx, ds, f"{BASE_FILE} (Explicit VR Little Endian)")
-    if instance is None:
-        return early  # type: ignore[return-value]
+    instance = _store_and_read(ctx, ds, f"{BASE_FILE} (Explicit VR Little Endian)")
+    if isinstance(instance, Observation):
+        return instance
     all_offered = _fidelity(ds, instance)
     got, implicit = read_back(ctx, ds, [ImplicitVRLittleEndian])
     facts: dict[str, Any] = {"all_offered": all_offered, "implicit_status":
@@ -509,7 +503,7 @@ FIRST, SECOND = "PROBE FIRST VERSION", "PROBE SECOND VERSION"
     writes=True,
 )
 def duplicate_uid(ctx: ProbeContext) -> Observation:
-    if not _accepts_get(ctx):
+    if not accepts_get(ctx):
         return not_tested("the node offers no C-GET to read the object back")
     first = base_object(ImageComments=FIRST)
     second = copy.deepcopy(first)
