@@ -54,6 +54,10 @@ class Capabilities:
     tls: bool = False  # DICOM over TLS (PS3.15 B.1) on the port the harness gives it
     https: bool = False  # launched with `https: true`: its HTTP services over TLS (RFC 9110 4.2.2)
     audit_trail: bool = False  # sends IHE ATNA audit messages over syslog (PS3.15 A.5)
+    storage_commitment: bool = False  # Storage Commitment Push Model SCP (PS3.4 J)
+    worklist: bool = False  # Modality Worklist C-FIND SCP (PS3.4 K)
+    mpps: bool = False  # Modality Performed Procedure Step SCP (PS3.4 F.7)
+    hl7: bool = False  # takes HL7 v2 ADT patient updates and merges over MLLP
     launches: tuple[str, ...] = ("process", "docker")  # the first is the default; () external
     index_backends: tuple[str, ...] = ()  # choices of the topology's `index:` field
     own_fields: tuple[str, ...] = ()  # topology fields only some kinds accept
