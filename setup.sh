@@ -3,7 +3,7 @@
 #
 #   ./setup.sh                  Python packages only: the embedded PACS is the default node
 #   ./setup.sh --with-servers   also Orthanc (+ DICOMweb, PostgreSQL plugins), DCMTK,
-#                               PixelMed, PostgreSQL and HAProxy from apt, and the Allure command line
+#                               PixelMed, CTN, MariaDB, PostgreSQL and HAProxy from apt, and the Allure command line
 #                               (Java from apt, allure-commandline from npm) for
 #                               `pacs-harness report --allure` (root)
 #   ./setup.sh --with-docker    also Docker (docker.io) and debootstrap, to run nodes as
@@ -64,6 +64,10 @@ if [ "$with_servers" = 1 ]; then
   # PixelMed's archive (node kind pixelmed), run in a network namespace of its own
   [ -e /usr/share/java/pixelmed.jar ] || missing+=(libpixelmed-java)
   command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
+  # CTN's archive_server (node kind ctn), which keeps its index in a MariaDB of its own
+  [ -x /usr/bin/archive_server ] || missing+=(ctn)
+  command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server-core)
+  command -v mariadb >/dev/null || missing+=(mariadb-client-core)
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing ${missing[*]}"
     apt_install "${missing[@]}"
