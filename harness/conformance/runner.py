@@ -14,6 +14,7 @@ risks.py.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -87,9 +88,11 @@ def select_probes(selectors: Iterable[str], where: str = "--probe") -> list[Prob
     known = {p.id for p in probes}
     for selector in selectors:
         if selector not in known and selector not in AREAS:
+            close = difflib.get_close_matches(selector, [*known, *AREAS], n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
             raise ConfigError(
-                f"{where} {selector!r}: no such conformance probe or area "
-                f"(areas: {', '.join(AREAS)}; probes: {', '.join(sorted(known)) or 'none'})"
+                f"{where} {selector!r}: no such conformance probe or area ({hint}areas: "
+                f"{', '.join(AREAS)}; {len(known)} probes, ids 'area.name')"
             )
     wanted = set(selectors)
     return [p for p in probes if p.id in wanted or p.area in wanted]
