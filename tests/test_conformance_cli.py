@@ -125,7 +125,7 @@ def test_human_matrix_lists_probes_by_area_and_nodes(topology, registered, capsy
     assert code == 0, captured.err
     assert "embedded" in captured.out and "dcmqrscp" not in captured.out
     row = next(line for line in captured.out.splitlines() if WORKLIST.id in line)
-    assert "n-s" in row and "PS3.4 K" in row
+    assert "n-s" in row and "MWL (PS3.4 K)" in row  # 80 columns leave room for a title
     assert "conforms" in next(line for line in captured.out.splitlines() if ECHO.id in line)
     assert "migration risks: none" in captured.out
 
@@ -144,9 +144,9 @@ def test_migration_risks_are_printed_per_pair_and_exit_1(topology, registered, c
         def as_dict(self):
             return self.fields
 
-    stand_in.migration_risks = lambda results, names: [
-        Risk(r.node, other, r.probe) for r in results if r.outcome == "not supported"
-        for other in names if other != r.node]
+    stand_in.migration_risks = lambda results, nodes: [
+        Risk(r.node, other["name"], r.probe) for r in results if r.outcome == "not supported"
+        for other in nodes if other["name"] != r.node]
     monkeypatch.setitem(sys.modules, "harness.conformance.risks", stand_in)
     path, _name = topology
     if "dcmqrscp" not in path.read_text():
@@ -155,7 +155,7 @@ def test_migration_risks_are_printed_per_pair_and_exit_1(topology, registered, c
     captured = capsys.readouterr()
     assert code == 1, captured.err
     assert "embedded -> dcmqrscp:" in captured.out
-    assert f"{WORKLIST.id}: worklist refused (remedy: no known remedy)" in captured.out
+    assert f"{WORKLIST.id}: worklist refused\n      remedy: no known remedy" in captured.out
 
 
 def test_ctrl_c_during_the_probes_stops_the_launched_nodes(topology, registered, capsys):

@@ -72,15 +72,22 @@ def _running_cluster(topology, quiet: bool) -> Iterator[Any]:
 
 
 def _matrix(run_dict: dict[str, Any]):
-    """Rows: probes grouped by area; columns: nodes; cells: the outcome."""
+    """Rows: probes grouped by area; columns: nodes; cells: the outcome. The probe id is
+    never cut (it is what --probe takes); title and reference only where the width leaves
+    them room (they are in --json and on the page)."""
     from rich.table import Table
 
+    ids = max((len(p["id"]) for p in run_dict["probes"]), default=5)
+    nodes = sum(max(len(n["name"]), len(n["kind"]), 8) + 3 for n in run_dict["nodes"])
+    titled = out.width - ids - nodes >= 40
     table = Table(title="conformance (n-s: not supported, n-t: not tested)")
-    table.add_column("probe")
-    table.add_column("title")
-    table.add_column("reference", style="dim")
+    table.add_column("probe", no_wrap=True)
     for node in run_dict["nodes"]:
-        table.add_column(f"{node['name']}\n{node['kind']}")
+        header = node["name"] if node["name"] == node["kind"] else (
+            f"{node['name']}\n{node['kind']}")
+        table.add_column(header, no_wrap=True)
+    if titled:
+        table.add_column("title (reference)", style="dim", ratio=1)
     outcome = {(r["probe"], r["node"]): r["outcome"] for r in run_dict["results"]}
     area = None
     for probe in run_dict["probes"]:
@@ -89,20 +96,27 @@ def _matrix(run_dict: dict[str, Any]):
                 table.add_section()
             area = probe["area"]
         cells = [CELLS[outcome[(probe["id"], n["name"])]] for n in run_dict["nodes"]]
-        table.add_row(probe["id"], probe["title"], probe["reference"], *cells)
+        title = [f"{probe['title']} ({probe['reference']})"] if titled else []
+        table.add_row(probe["id"], *cells, *title)
     return table
 
 
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _print_human(run_dict: dict[str, Any], unanswered: dict[str, str]) -> None:
+    """The matrix, what differed, then the migration risks per source/target pair (long
+    texts cut here; --json and conformance.json keep them whole)."""
     out.print(_matrix(run_dict))
     differing = [r for r in run_dict["results"] if r["outcome"] == "differs"]
     if differing:
         out.print("differences:")
     for result in differing:
-        out.print(f"  {result['node']}: {result['probe']}: {result['observed'][:200]}",
+        out.print(f"  {result['node']}: {result['probe']}: {_short(result['observed'])}",
                   markup=False, highlight=False)
     for name, why in unanswered.items():
-        out.print(f"[red]not probed[/] {name}: {why}")
+        out.print(f"not probed {name}: {why}", markup=False, highlight=False)
     risks = run_dict["risks"]
     if not risks:
         out.print("migration risks: none between these nodes")
@@ -114,15 +128,17 @@ def _print_human(run_dict: dict[str, Any], unanswered: dict[str, str]) -> None:
     for (source, target), found in pairs.items():
         out.print(f"  {source} -> {target}:", markup=False, highlight=False)
         for risk in found:
+            said = risk["risk"] if risk["risk"].startswith(risk["probe"]) else (
+                f"{risk['probe']}: {risk['risk']}")
             remedy = risk.get("remedy") or "no known remedy"
-            out.print(f"    {risk['probe']}: {risk['risk']} (remedy: {remedy})",
-                      markup=False, highlight=False)
+            out.print(f"    {_short(said)}\n      remedy: {remedy}", markup=False,
+                      highlight=False)
 
 
 def _write_output(directory: Path, run_dict: dict[str, Any]) -> None:
     """conformance.json and the interoperability page (harness/report/interop.py)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "conformance.json").write_text(json.dumps(run_dict, indent=2))
+    (directory / "conformance.json").write_text(json.dumps(run_dict, indent=2, default=str))
     try:
         interop = importlib.import_module("harness.report.interop")
     except ModuleNotFoundError as exc:
@@ -180,7 +196,7 @@ def conformance_command(topology_path: str | None, node_names: tuple[str, ...],
             )
     run_dict = run.as_dict()
     if as_json:
-        out.print_json(json.dumps(run_dict))
+        out.print_json(json.dumps(run_dict, default=str))
     else:
         _print_human(run_dict, run.unanswered)
     if output_dir:

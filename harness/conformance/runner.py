@@ -147,14 +147,16 @@ def _store_corpus(node: Any, store: CorpusStore | None) -> tuple[Any, str | None
         return None, f"the probe corpus could not be stored on {node.name}: {exc}"
 
 
-def _migration_risks(results: list[ProbeResult], node_names: list[str]) -> list[Any]:
+def _migration_risks(results: list[ProbeResult], nodes: list[NodeInfo]) -> list[Any]:
+    """risks.migration_risks over every ordered pair; the nodes go as their dicts, whose
+    `writable` tells which can be a target. [] while risks.py is not installed."""
     try:
         risks = importlib.import_module("harness.conformance.risks")
     except ModuleNotFoundError as exc:
         if exc.name != "harness.conformance.risks":
             raise
         return []
-    return list(risks.migration_risks(results, node_names))
+    return list(risks.migration_risks(results, [n.as_dict() for n in nodes]))
 
 
 def _not_tested(probe: Probe, node: Any, why: str) -> ProbeResult:
@@ -201,5 +203,5 @@ def run_conformance(
             results.append(result)
             if progress is not None:
                 progress(len(results), total, f"{node.name}: {probe.id}")
-    risks = _migration_risks(results, [n.name for n in nodes])
+    risks = _migration_risks(results, infos)
     return ConformanceRun(infos, chosen, results, risks, unanswered)
