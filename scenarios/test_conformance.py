@@ -55,9 +55,11 @@ def conformance_run(pacs_cluster, pacs_topology):
             node.wipe()
 
 
-def _line(risk: dict) -> str:
+def _line(risk: dict, limit: int = 400) -> str:
+    """One risk in a line (cut at `limit`: report.json keeps it whole)."""
+    said = risk["risk"] if len(risk["risk"]) <= limit else risk["risk"][: limit - 1] + "…"
     remedy = risk.get("remedy") or "no known remedy"
-    return f"{risk['source']} -> {risk['target']}: {risk['probe']}: {risk['risk']} ({remedy})"
+    return f"{risk['source']} -> {risk['target']}: {risk['probe']}: {said} (remedy: {remedy})"
 
 
 def test_every_node_answers_the_probes(conformance_run, pacs_metrics):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -130,24 +131,41 @@ def test_human_matrix_lists_probes_by_area_and_nodes(topology, registered, capsy
     assert "migration risks: none" in captured.out
 
 
-def test_migration_risks_are_printed_per_pair_and_exit_1(topology, registered, capsys,
-                                                         monkeypatch):
-    """The risks module's answer (here a stand-in flagging every node that refuses MWL as a
-    risk towards every other) decides the exit code; its lines name pair and remedy."""
+def _stand_in_risks(remedy: str) -> ModuleType:
+    """A stand-in for harness/conformance/risks.py: every node that refuses Modality
+    Worklist is a risk towards every other node, with `remedy` ("" for none)."""
     stand_in = ModuleType("harness.conformance.risks")
 
     class Risk:
-        def __init__(self, source, target, probe):
+        def __init__(self, source: str, target: str, probe: str) -> None:
             self.fields = {"source": source, "target": target, "probe": probe,
-                           "risk": "worklist refused", "remedy": "", "remedy_id": None}
+                           "risk": "worklist refused", "remedy": remedy,
+                           "remedy_id": remedy.replace(" ", "-") or None}
 
-        def as_dict(self):
+        def as_dict(self) -> dict:
             return self.fields
 
     stand_in.migration_risks = lambda results, nodes: [
         Risk(r.node, other["name"], r.probe) for r in results if r.outcome == "not supported"
         for other in nodes if other["name"] != r.node]
-    monkeypatch.setitem(sys.modules, "harness.conformance.risks", stand_in)
+    return stand_in
+
+
+def pytest_configure(config):
+    """Only when this module is loaded as a plugin (`-p tests.test_conformance_cli`, the
+    child pytest of test_the_planning_gate_...): the test probes registered and the risks
+    from the stand-in, its remedy from the environment."""
+    import os
+
+    model._registry[WORKLIST.id] = WORKLIST
+    sys.modules["harness.conformance.risks"] = _stand_in_risks(
+        os.environ.get("CONFORMANCE_TEST_REMEDY", ""))
+
+
+def test_migration_risks_are_printed_per_pair_and_exit_1(topology, registered, capsys,
+                                                         monkeypatch):
+    """The risks module's answer decides the exit code; its lines name pair and remedy."""
+    monkeypatch.setitem(sys.modules, "harness.conformance.risks", _stand_in_risks(""))
     path, _name = topology
     if "dcmqrscp" not in path.read_text():
         pytest.skip("dcmqrscp is not installed: one node, no pair")
@@ -158,6 +176,44 @@ def test_migration_risks_are_printed_per_pair_and_exit_1(topology, registered, c
     assert f"{WORKLIST.id}: worklist refused\n      remedy: no known remedy" in captured.out
 
 
+@pytest.mark.parametrize("remedy", ["", "query by UID lists"])
+def test_the_planning_gate_fails_only_on_a_risk_without_remedy(topology, tmp_path, remedy):
+    """The scenario in a child pytest (as `run` starts it), with this module as a plugin."""
+    import os
+    import subprocess
+
+    from harness.report.gate import evaluate_gate
+    from tests.helpers import CHILD_PYTEST
+
+    path, _name = topology
+    if "dcmqrscp" not in path.read_text():
+        pytest.skip("dcmqrscp is not installed: one node, no pair")
+    path.write_text(path.read_text()
+                    + f"settings:\n  conformance: {{probes: [{WORKLIST.id}]}}\n")
+    repository = Path(__file__).resolve().parents[1]
+    scenarios = repository / "scenarios"
+    report_json = tmp_path / "run" / "report.json"
+    subprocess.run([*CHILD_PYTEST, "-p", "tests.test_conformance_cli",
+                    str(scenarios / "test_conformance.py"), "-c", str(scenarios / "pytest.ini"),
+                    "--rootdir", str(repository), "--pacs-topology", str(path),
+                    "--pacs-report-json", str(report_json)],
+                   cwd=repository, capture_output=True, timeout=600,
+                   env={**os.environ, "CONFORMANCE_TEST_REMEDY": remedy})
+    report = json.loads(report_json.read_text())
+    (scenario,) = report["scenarios"]
+    assert len(scenario["metrics"]["conformance"]["risks"]) == 2  # each way
+    outcomes = {t["nodeid"].split("::")[-1]: t["outcome"] for t in scenario["tests"]}
+    gate = evaluate_gate(report, "planning")
+    assert outcomes["test_every_node_answers_the_probes"] == "passed"
+    if remedy:
+        assert outcomes["test_every_migration_risk_has_a_remedy"] == "passed"
+        assert gate.ready
+    else:
+        assert outcomes["test_every_migration_risk_has_a_remedy"] == "failed"
+        assert not gate.ready
+        assert any("2 migration risks without a remedy" in r for r in gate.reasons), gate.reasons
+
+
 def test_ctrl_c_during_the_probes_stops_the_launched_nodes(topology, registered, capsys):
     path, name = topology
     code = _main("conformance", "-t", str(path), "--probe", INTERRUPT.id)
@@ -165,7 +221,12 @@ def test_ctrl_c_during_the_probes_stops_the_launched_nodes(topology, registered,
     assert processes_mentioning(f"pacs-harness-{name}-") == []
 
 
-def test_nodes_of_up_are_used_and_left_running(topology, registered, capsys):
+def test_nodes_of_up_are_used_and_left_running_a_dead_one_is_exit_3(topology, registered,
+                                                                    capsys):
+    from harness.cluster import Cluster
+    from harness.config import load_topology
+    from harness.launch.state import state_dir_for
+
     path, _name = topology
     assert run_cli("up", "-t", str(path)).returncode == 0
     try:
@@ -174,6 +235,16 @@ def test_nodes_of_up_are_used_and_left_running(topology, registered, capsys):
         assert code == 0
         assert {r["outcome"] for r in printed["results"]} == {"conforms"}
         assert all(row["alive"] for row in status_json("-t", str(path)))
+
+        loaded = load_topology(path)
+        Cluster.from_state(loaded, state_dir_for(loaded)).node("embedded").stop()
+        code = _main("conformance", "-t", str(path), "--probe", ECHO.id, "--json")
+        captured = capsys.readouterr()
+        assert code == 3
+        cells = {r["node"]: r for r in json.loads(captured.out)["results"]}
+        assert cells["embedded"]["outcome"] == "not tested"
+        assert "did not answer" in cells["embedded"]["observed"]
+        assert "not probed (did not answer): embedded" in captured.err
     finally:
         assert run_cli("down", "-t", str(path)).returncode == 0
 
