@@ -109,6 +109,23 @@ class CorpusStore:
                                patient_ids=frozenset({CORPUS[0].PatientID}))
 
 
+class OwnStudyStore:
+    """Stores a study of its own into each node (so moved studies can be told apart)."""
+
+    def __call__(self, node):
+        study = sample_study(seed=1700 + sum(map(ord, node.name)))
+        assert node.dimse(timeout_s=20).store(study).ok
+        return SimpleNamespace(study_uids=frozenset({study[0].StudyInstanceUID}))
+
+
+def _count_studies(ctx):
+    found = ctx.node.dimse(timeout_s=10).find("STUDY", {"StudyInstanceUID": None})
+    return conforms(f"{len(found.matches)} studies", studies=len(found.matches))
+
+
+COUNT = _probe("query.test-count", _count_studies, needs_corpus=True)
+
+
 def _dcmtk(program: str, node, *args: str) -> int:
     return subprocess.run([program, "-aet", HARNESS_AE_TITLE, "-aec", node.ae_title, *args,
                            node.host, str(node.dicom_port)],
@@ -155,6 +172,25 @@ def test_every_probe_against_every_kind(cluster, tmp_path):
         ("kind", "name", "version", "writable")}
     assert [p["id"] for p in as_dict["probes"]] == [p.id for p in probes]
     assert isinstance(as_dict["risks"], list)
+
+
+def test_probes_that_send_into_other_nodes_run_last(cluster):
+    """Each node's query probes see its own corpus only, whatever the order of the nodes;
+    the moves happened all the same (each destination holds one more study)."""
+    nodes = list(cluster.nodes.values())
+    for node in nodes:
+        node.wipe()
+    run = run_conformance(nodes, [MOVE, COUNT], corpus_store=OwnStudyStore())
+
+    for node in nodes:
+        assert run.result(COUNT.id, node.name).facts["studies"] == 1, node.name
+        assert run.result(MOVE.id, node.name).outcome == "conforms"
+    received = {name: 0 for name in cluster.nodes}
+    for node in nodes:
+        received[run.result(MOVE.id, node.name).facts["destination"]] += 1
+    for node in nodes:  # counted by each node's own index, not C-FIND
+        assert node.held_statistics().statistics.studies == 1 + received[node.name]
+    assert [r.probe for r in run.results[:2]] == [MOVE.id, COUNT.id]  # matrix order kept
 
 
 def test_a_read_only_node_gets_not_tested_and_nothing_is_stored(cluster):

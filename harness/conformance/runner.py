@@ -4,12 +4,13 @@ Why one node at a time: a node's probes C-MOVE into another node of the topology
 destination) and read what the corpus stored; probing nodes side by side would let one
 node's probes change what another's see, for a few seconds saved on a planning run.
 
-Per node: one C-ECHO first (PS3.7 9.1.5), so a node that does not answer costs one deadline,
-not one per probe; the probe corpus is stored once when the node is writable and a chosen
-probe reads it (harness/conformance/corpus.py); then each probe runs with a fresh
-ProbeContext. Permissions are the probe's (Probe.run): nothing is written into a node that
-is not writable. The migration risks between the nodes come from harness/conformance/
-risks.py.
+Per node: one C-ECHO first (PS3.7 9.1.5), so a node that does not answer costs one
+deadline, not one per probe; the probe corpus is stored once when the node is writable and
+a chosen probe reads it (harness/conformance/corpus.py); then each probe runs with a fresh
+ProbeContext. Probes that send objects into another node (C-MOVE) run after every node's
+other probes, so no node's answers depend on the order of the nodes. Permissions are the
+probe's (Probe.run): nothing is written into a node that is not writable. The migration
+risks between the nodes come from harness/conformance/risks.py.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ Progress = Callable[[int, int, str], None]
 CorpusStore = Callable[[Any], Any]
 
 ECHO_DEADLINE_S = 10.0
+#: areas whose probes send objects into another node (the move destination)
+SENDING_AREAS = ("retrieve",)
 
 
 @dataclass(frozen=True)
@@ -180,9 +183,10 @@ def run_conformance(
     chosen = list(all_probes() if probes is None else probes)
     candidates = list(nodes if destinations is None else destinations)
     total = len(nodes) * len(chosen)
-    results: list[ProbeResult] = []
+    done: dict[tuple[str, str], ProbeResult] = {}
     unanswered: dict[str, str] = {}
-    infos = []
+    infos: list[NodeInfo] = []
+    contexts: list[tuple[Any, Any, str | None, Any]] = []  # node, corpus, why none, destination
     for node in nodes:
         silent = _unanswered(node)
         infos.append(NodeInfo(node.name, node.kind,
@@ -192,16 +196,23 @@ def run_conformance(
             unanswered[node.name] = silent
         elif node.writable and any(p.needs_corpus for p in chosen):
             corpus, corpus_problem = _store_corpus(node, corpus_store)
-        destination = move_destination(node, candidates)
-        for probe in chosen:
-            if silent:
-                result = _not_tested(probe, node, silent)
-            elif probe.needs_corpus and corpus_problem:
-                result = _not_tested(probe, node, corpus_problem)
-            else:
-                result = probe.run(ProbeContext(node, corpus, destination))
-            results.append(result)
-            if progress is not None:
-                progress(len(results), total, f"{node.name}: {probe.id}")
+        contexts.append((node, corpus, corpus_problem, move_destination(node, candidates)))
+    # probes that send into another node last: no node's answers depend on node order
+    for moving in (False, True):
+        for node, corpus, corpus_problem, destination in contexts:
+            silent = unanswered.get(node.name)
+            for probe in chosen:
+                if (probe.area in SENDING_AREAS) != moving:
+                    continue
+                if silent:
+                    result = _not_tested(probe, node, silent)
+                elif probe.needs_corpus and corpus_problem:
+                    result = _not_tested(probe, node, corpus_problem)
+                else:
+                    result = probe.run(ProbeContext(node, corpus, destination))
+                done[(node.name, probe.id)] = result
+                if progress is not None:
+                    progress(len(done), total, f"{node.name}: {probe.id}")
+    results = [done[(node.name, probe.id)] for node in nodes for probe in chosen]
     risks = _migration_risks(results, infos)
     return ConformanceRun(infos, chosen, results, risks, unanswered)
