@@ -19,7 +19,8 @@ import pytest
 from harness.cli.app import main
 from harness.conformance import model
 from harness.conformance.model import Probe, conforms, not_supported
-from harness.dicom.peer import DimseConnectionError
+from harness.conformance.runner import move_destination
+from harness.dicom.peer import HARNESS_AE_TITLE, DimseConnectionError
 from tests.helpers import processes_mentioning, run_cli, status_json
 
 MODALITY_WORKLIST_FIND = ("1.2.840.10008.5.1.4.31", "1.2.840.10008.1.2")
@@ -237,7 +238,17 @@ def test_nodes_of_up_are_used_and_left_running_a_dead_one_is_exit_3(topology, re
         assert all(row["alive"] for row in status_json("-t", str(path)))
 
         loaded = load_topology(path)
-        Cluster.from_state(loaded, state_dir_for(loaded)).node("embedded").stop()
+        attached = Cluster.from_state(loaded, state_dir_for(loaded))
+        # its nodes' peer tables given back as launch wrote them: the move destinations
+        embedded = attached.node("embedded")
+        assert {p.ae_title for p in embedded.peers} == {
+            HARNESS_AE_TITLE, *(n.ae_title for n in attached.nodes.values() if n is not embedded)}
+        harness = next(p for p in embedded.peers if p.ae_title == HARNESS_AE_TITLE)
+        assert harness.port == attached.harness_port
+        others = [n for n in attached.nodes.values() if n is not embedded]
+        assert move_destination(embedded, list(attached.nodes.values())) is (
+            others[0] if others else None)
+        embedded.stop()
         code = _main("conformance", "-t", str(path), "--probe", ECHO.id, "--json")
         captured = capsys.readouterr()
         assert code == 3

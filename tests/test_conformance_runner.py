@@ -259,9 +259,6 @@ def test_move_destination_is_a_writable_peer_the_node_knows(cluster):
         destination = move_destination(node, nodes)
         assert destination is not None and destination.name != node.name
         assert destination.ae_title in {p.ae_title for p in node.peers}
-    # attached from `up`'s state: no peer table reloaded, but launched with every node
-    attached = make_node(nodes[0].spec, nodes[0].workdir)
-    assert attached.peers == [] and move_destination(attached, nodes) is not None
     site = make_node(NodeSpec(name="site", kind="external", ae_title="SITE", dicom_port=104,
                               disposable=False), None)
     assert move_destination(site, [site, *nodes]) is None  # its peer table is the site's

@@ -106,15 +106,13 @@ def move_destination(node: Any, candidates: Sequence[Any]) -> Any | None:
     resolves the Move Destination AE title from its own configuration), disposable ones
     first; None when there is none.
 
-    Known: the peers the harness configured into it at launch (`node.peers`). A launched
-    node attached from `up`'s saved state has no table reloaded, but Cluster.launch gave
-    it every node of its topology. An external node's table is the site's: unknown, None.
+    Known: the peers the harness configured into a launched node (`node.peers`, given
+    back to a cluster attached from `up`'s state). An external node's table is the
+    site's, unknown to the harness: None.
     """
     others = sorted((c for c in candidates if c.name != node.name and c.writable),
                     key=lambda c: not c.disposable)
     known = {peer.ae_title for peer in node.peers}
-    if not known:
-        return others[0] if others and node.spec.launched else None
     return next((c for c in others if c.ae_title in known), None)
 
 
