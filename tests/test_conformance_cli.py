@@ -9,6 +9,7 @@ through `harness.cli.app.main`, with its real exit codes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -116,6 +117,11 @@ def test_json_matrix_and_output_then_the_launched_nodes_are_stopped(
         assert cells[(WORKLIST.id, node)]["outcome"] == "not supported"
     assert printed["risks"] == []
     assert json.loads((output / "conformance.json").read_text()) == printed
+    if importlib.util.find_spec("harness.report.interop") is None:
+        assert "no interop page" in captured.err
+    else:  # the page names every node and probe
+        page = (output / "interop.html").read_text()
+        assert all(text in page for text in (*names, ECHO.id, WORKLIST.id))
     assert processes_mentioning(f"pacs-harness-{name}-") == []
 
 
