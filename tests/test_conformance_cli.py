@@ -291,3 +291,19 @@ def _state_env(tmp_path):
     import os
 
     return {**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "state")}
+
+
+def test_a_bad_probe_setting_fails_the_scenario_naming_it(tmp_path):
+    topology = tmp_path / "bad.yaml"
+    topology.write_text("name: conf-bad-setting\nnodes:\n  pacs: {kind: embedded}\n"
+                        "settings:\n  conformance: {probes: [query.no-such-probe]}\n")
+    report_dir = tmp_path / "report"
+    proc = run_cli("run", "-t", str(topology), "--scenario", "conformance",
+                   "--report-dir", str(report_dir), "-q", timeout=900, env=_state_env(tmp_path))
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    report = json.loads((report_dir / "report.json").read_text())
+    (scenario,) = report["scenarios"]
+    assert {t["outcome"] for t in scenario["tests"]} == {"error"}
+    message = scenario["tests"][0]["message"]
+    assert "settings.conformance.probes: 'query.no-such-probe'" in message
+    assert "Traceback" not in message
