@@ -181,12 +181,7 @@ class Cluster:
             )
         cluster.start_links()
         cluster.issue_certificates()
-        peers = [
-            Peer(n.name, n.ae_title, n.host, n.dicom_port, tls=n.spec.tls is not None,
-                 ca_file=n.tls_signer())
-            for n in nodes.values()
-        ]
-        peers.append(cluster.harness_peer)
+        peers = cluster.peer_table()
         try:
             for node in nodes.values():
                 if node.spec.launched:
@@ -309,7 +304,7 @@ class Cluster:
                 key: handle_from_state(value) for key, value in saved.get("sidecars", {}).items()
             }
             nodes[name] = node
-        return cls(
+        cluster = cls(
             topology,
             nodes,
             root=Path(state["root"]),
@@ -318,6 +313,21 @@ class Cluster:
             state_dir=state_dir,
             run_id=state.get("run_id", ""),
         )
+        peers = cluster.peer_table()
+        for node in nodes.values():
+            if node.spec.launched:  # the table launch configured into it (conformance reads it)
+                node.peers = [p for p in peers if p.ae_title != node.ae_title]
+        return cluster
+
+    def peer_table(self) -> list[Peer]:
+        """Every node and the harness as C-MOVE peers: what launch configures into each
+        launched node (Node.prepare), and what an attached cluster's nodes are given back."""
+        peers = [
+            Peer(n.name, n.ae_title, n.host, n.dicom_port, tls=n.spec.tls is not None,
+                 ca_file=n.tls_signer())
+            for n in self.nodes.values()
+        ]
+        return [*peers, self.harness_peer]
 
     def all_processes_alive(self) -> bool:
         return all(n.handle.alive() for n in self.nodes.values() if n.handle is not None)

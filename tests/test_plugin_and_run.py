@@ -221,8 +221,8 @@ def test_run_with_unknown_scenario_exits_2(tmp_path):
     proc = run_cli("run", "--scenario", "teleport", "--report-dir", str(tmp_path))
     assert proc.returncode == 2
     assert (
-        "--scenario 'teleport': unknown scenario (allowed: assessment, connectivity, "
-        "disaster-recovery"
+        "--scenario 'teleport': unknown scenario (allowed: assessment, conformance, "
+        "connectivity, disaster-recovery"
         in proc.stderr
     )
 

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "migrate": "harness.cli.migrate:migrate_command",
     "inventory": "harness.cli.verify:inventory_command",
     "verify": "harness.cli.verify:verify_command",
+    "conformance": "harness.cli.conformance:conformance_command",
     "report": "harness.cli.report:report_command",
     "gate": "harness.cli.report:gate_command",
     "load": "harness.cli.load:load_command",
