@@ -92,6 +92,8 @@ def find_result_limit(ctx: ProbeContext) -> Observation:
     if found > held:
         how = (f"says so: final status {_status_words(first.status)}" if says_so
                else "silently: final status Success")
+        if first.status.code == 0xFE00:
+            how += " (although the probe sent no C-CANCEL)"
         stops = f"stops after {held} matches" if held else "refuses the universal query"
         return differs(
             f"{stops} ({found} or more studies found by date ranges); {how}",
