@@ -88,6 +88,7 @@ LAST_DAY = dt.date(2099, 12, 31)
 DAY_SECONDS = 86_400
 TIME_FLOOR_S = 60
 MAX_LISTING_QUERIES = 50_000
+OUT_OF_RESOURCES = 0xA700  # PS3.4 C.4.1.1.4: too much asked; a smaller range may pass
 
 
 @dataclass
@@ -181,8 +182,8 @@ class _Partition:
             for part in ((middle + dt.timedelta(days=1), high), (low, middle)):
                 if self._over_budget(f"StudyDate {self._days(*part)}"):
                     return
-                cut, _ = self.query({"StudyDate": self._days(*part)})
-                if cut:
+                where = f"StudyDate {self._days(*part)}"
+                if self._split_further(where, {"StudyDate": self._days(*part)}):
                     pending.append(part)
 
     def walk_times(self, day: str) -> None:
@@ -198,9 +199,20 @@ class _Partition:
                 keys = {"StudyDate": day, "StudyTime": self._times(*part)}
                 if self._over_budget(f"StudyDate {day} StudyTime {keys['StudyTime']}"):
                     return
-                cut, _ = self.query(keys)
-                if cut:
+                if self._split_further(f"StudyDate {day} StudyTime {keys['StudyTime']}", keys):
                     pending.append(part)
+
+    def _split_further(self, where: str, keys: dict[str, str]) -> bool:
+        """Query one part: True when its answer is cut. A part refused outright (a failure
+        without any match, other than A700 Out of Resources) is not split: a node that
+        cannot match that range refuses its halves too; it is named as unresolved."""
+        cut, result = self.query(keys)
+        refused = (result.status.category == "failure" and not result.matches
+                   and result.status.code != OUT_OF_RESOURCES)
+        if refused:
+            self.listing.unresolved.append(f"{where} (refused: {result.status})")
+            return False
+        return cut
 
     def _over_budget(self, where: str) -> bool:
         if self.listing.queries < self.max_queries:
