@@ -19,6 +19,10 @@ from harness.conformance.model import ProbeContext, probe_by_id
 from harness.conformance.risks import (
     BY_UID_LIST,
     CLASS_NOT_STORED,
+    DELETE_BEFORE_RESEND,
+    DUPLICATES,
+    KEEP_ATTRIBUTES,
+    RECONCILE_FULL,
     RETRIEVE_BY_GET,
     SPLIT_BY_DATE,
     TRANSCODE,
@@ -104,6 +108,33 @@ def test_source_without_move_is_migrated_by_get():
     results = [_row("a", "retrieve.move-known", "not supported", "no C-MOVE"),
                _row("a", "retrieve.get-study", "conforms")]
     assert _ids(migration_risks(results, NODES), "a", "b") == {RETRIEVE_BY_GET}
+
+
+def test_storage_changes_of_the_target_and_conversions_of_the_source():
+    results = [_row("b", "storage.private-tags", "differs", "creators dropped"),
+               _row("a", "storage.private-tags", "conforms"),
+               _row("a", "storage.long-text", "differs", "cut at 64 kB"),
+               _row("b", "storage.long-text", "differs", "cut at 64 kB"),
+               _row("a", "storage.transcoding", "differs", "sent JPEG")]
+    risks = migration_risks(results, NODES)
+    assert {(r.source, r.target, r.probe, r.remedy_id) for r in risks} == {
+        ("a", "b", "storage.private-tags", KEEP_ATTRIBUTES),  # b drops what a keeps
+        ("a", "b", "storage.transcoding", RECONCILE_FULL)}  # long text: both cut alike
+
+
+@pytest.mark.parametrize(("target_policy", "source_policy", "expected"), [
+    ("keep-first", "overwrite", {DELETE_BEFORE_RESEND}),
+    ("reject", None, {DELETE_BEFORE_RESEND}),
+    ("overwrite", "overwrite", set()),
+    ("overwrite", "keep-both", {DUPLICATES}),
+    ("keep-both", None, {DUPLICATES}),
+])
+def test_duplicate_policies(target_policy, source_policy, expected):
+    results = [_row("b", "storage.duplicate-uid", "conforms", duplicate_policy=target_policy)]
+    if source_policy:
+        results.append(_row("a", "storage.duplicate-uid", "conforms",
+                            duplicate_policy=source_policy))
+    assert _ids(migration_risks(results, NODES), "a", "b") == expected
 
 
 def test_unknown_missing_and_untested_probes_are_ignored():

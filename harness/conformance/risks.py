@@ -24,8 +24,12 @@ RETRIEVE_BY_GET = "retrieve-by-get"
 RETRIEVE_OTHER = "retrieve-outside-dimse"
 KEEP_ATTRIBUTES = "preserve-or-allow-changes"
 DUPLICATES = "deduplicate-before-migrating"
+DELETE_BEFORE_RESEND = "delete-before-resend"
+RECONCILE_FULL = "reconcile-full-depth"
 
 LIMIT_PROBE = "limits.find-results"
+TRANSCODING_PROBE = "storage.transcoding"
+DUPLICATE_PROBE = "storage.duplicate-uid"
 #: C-FIND matching probes whose difference makes query-based discovery or verification
 #: list different studies on the two nodes (PS3.4 C.2.2.2)
 MATCHING_PROBES = (
@@ -206,32 +210,80 @@ def _retrieval(source: str, target: str, seen: _Results) -> list[MigrationRisk]:
                           RETRIEVE_OTHER)]
 
 
+def _same(one: _Seen | None, other: _Seen | None) -> bool:
+    return (one is not None and other is not None and one.outcome == other.outcome
+            and one.observed == other.observed)
+
+
 def _storage(source: str, target: str, seen: _Results) -> list[MigrationRisk]:
-    """PS3.4 B.4.1: the target may keep a changed copy (private tags, duplicates)."""
+    """PS3.4 B.4.1: the target may keep a changed copy (private tags dropped, long text cut,
+    a large object refused); what the source already did the same way is nothing new."""
     risks = []
     for (node, probe), on_target in seen.seen.items():
-        if node != target or not probe.startswith("storage.") or on_target.outcome == "conforms":
+        if node != target or not probe.startswith("storage.") or probe in (
+                TRANSCODING_PROBE, DUPLICATE_PROBE) or on_target.outcome == "conforms":
             continue
-        on_source = seen.get(source, probe)
-        if on_source is not None and on_source.outcome == on_target.outcome \
-                and on_source.observed == on_target.observed:
-            continue  # the source already did the same: nothing new is lost
-        if "duplicate" in probe:
-            remedy, remedy_id = (
-                "find SOP Instance UIDs held twice with different content on the source "
-                "before migrating, and decide which copy wins", DUPLICATES)
-        else:
-            remedy, remedy_id = (
-                f"configure {target} to keep these attributes, or list the change as "
-                "allowed in the migration rules and reconcile at full depth", KEEP_ATTRIBUTES)
+        if _same(seen.get(source, probe), on_target):
+            continue
         risks.append(MigrationRisk(
             source, target, probe,
             f"{target} {on_target.outcome} on {probe} ({on_target.observed}): migrated "
-            "objects do not come back as they were sent.", remedy, remedy_id))
+            "objects do not come back as they were sent.",
+            f"configure {target} to keep them, or list the change as allowed in the "
+            "migration rules and reconcile at full depth", KEEP_ATTRIBUTES))
     return risks
 
 
-RULES: tuple[Rule, ...] = (_find_limit, _matching, _syntaxes, _retrieval, _storage)
+def _transcoding(source: str, target: str, seen: _Results) -> list[MigrationRisk]:
+    """PS3.5 10.1: a source that converts objects on retrieval hands the target another
+    encoding (or other pixels, if lossy) than it holds."""
+    on_source = seen.get(source, TRANSCODING_PROBE)
+    if on_source is None or on_source.outcome == "conforms":
+        return []
+    return [MigrationRisk(
+        source, target, TRANSCODING_PROBE,
+        f"{source} converts objects on retrieval ({on_source.observed}): the target may "
+        "receive another encoding than the source holds.",
+        "offer the stored transfer syntax first when retrieving and reconcile pixels at "
+        "full depth (pacs-harness verify --depth full)", RECONCILE_FULL)]
+
+
+def _duplicates(source: str, target: str, seen: _Results) -> list[MigrationRisk]:
+    """PS3.4 B.4.1: the SCP decides what a second object with the same SOP Instance UID
+    does; a migration that re-sends corrected objects, or a source holding two objects
+    under one UID, depends on it."""
+    on_target = seen.get(target, DUPLICATE_PROBE)
+    on_source = seen.get(source, DUPLICATE_PROBE)
+    policy = on_target.facts.get("duplicate_policy") if on_target else None
+    held = on_source.facts.get("duplicate_policy") if on_source else None
+    risks = []
+    if policy in ("keep-first", "reject"):
+        risks.append(MigrationRisk(
+            source, target, DUPLICATE_PROBE,
+            f"{target} {'keeps the first version' if policy == 'keep-first' else 'refuses'} "
+            "when an object is sent again with other content: a study corrected on the "
+            "source and migrated again stays old on the target"
+            + (" although the C-STORE succeeded." if policy == "keep-first" else "."),
+            f"delete a changed study on {target} before sending it again, then reconcile at "
+            "full depth", DELETE_BEFORE_RESEND))
+    elif policy in ("keep-both", "lost", "unknown"):
+        risks.append(MigrationRisk(
+            source, target, DUPLICATE_PROBE,
+            f"{target} answers a second object with the same SOP Instance UID by "
+            f"'{policy}' ({on_target.observed}).", "find SOP Instance UIDs held twice on the "
+            "source before migrating and decide which copy wins", DUPLICATES))
+    if held == "keep-both" and policy not in (None, "keep-both"):
+        risks.append(MigrationRisk(
+            source, target, DUPLICATE_PROBE,
+            f"{source} may hold two objects under one SOP Instance UID; {target} keeps one "
+            f"('{policy}'): the other is lost.", "find SOP Instance UIDs held twice on the "
+            "source before migrating and decide which copy wins", DUPLICATES))
+    return risks
+
+
+RULES: tuple[Rule, ...] = (
+    _find_limit, _matching, _syntaxes, _retrieval, _storage, _transcoding, _duplicates,
+)
 
 
 def migration_risks(results: Iterable[Any], nodes: Iterable[Any]) -> list[MigrationRisk]:
