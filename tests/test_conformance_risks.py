@@ -84,12 +84,17 @@ def test_truncating_source_without_reliable_date_ranges_is_listed_by_uid():
 def test_matching_that_differs_between_the_nodes_asks_for_uid_queries():
     results = [_row("a", "query.wildcard-star", "conforms"),
                _row("b", "query.wildcard-star", "differs", "case-folded"),
+               _row("a", "query.pn-case", "differs", "case-insensitive"),
+               _row("b", "query.pn-case", "conforms"),
                _row("a", "query.single-value", "conforms"),
-               _row("b", "query.single-value", "conforms")]
+               _row("b", "query.single-value", "conforms"),
+               _row("a", "query.charset-utf8", "differs", "answered in ISO_IR 100"),
+               _row("b", "query.charset-utf8", "differs", "answered in ISO_IR 100")]
     risks = migration_risks(results, NODES)
     assert {(r.source, r.target, r.probe, r.remedy_id) for r in risks} == {
-        ("a", "b", "query.wildcard-star", BY_UID_LIST),
-        ("b", "a", "query.wildcard-star", BY_UID_LIST)}
+        ("a", "b", "query.wildcard-star, query.pn-case", BY_UID_LIST),
+        ("b", "a", "query.wildcard-star, query.pn-case", BY_UID_LIST)}
+    assert "case-folded" in risks[0].risk and "one UID per query" in risks[0].remedy
 
 
 def test_refused_syntaxes_and_classes_of_the_target():

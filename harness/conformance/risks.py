@@ -101,6 +101,11 @@ def _node_names(nodes: Iterable[Any]) -> list[tuple[str, bool | None]]:
 Rule = Callable[[str, str, _Results], list[MigrationRisk]]
 
 
+def _same(one: _Seen | None, other: _Seen | None) -> bool:
+    return (one is not None and other is not None and one.outcome == other.outcome
+            and one.observed == other.observed)
+
+
 def _find_limit(source: str, target: str, seen: _Results) -> list[MigrationRisk]:
     """PS3.4 C.4.1.1.4: the source ends matching after N; a plan from one query is short."""
     limit = seen.get(source, LIMIT_PROBE)
@@ -130,28 +135,29 @@ def _find_limit(source: str, target: str, seen: _Results) -> list[MigrationRisk]
 def _matching(source: str, target: str, seen: _Results) -> list[MigrationRisk]:
     """PS3.4 C.2.2.2: nodes that match keys differently list different studies for the
     same query, so discovery on the source or verification on the target by anything but
-    the UID silently misses studies."""
-    risks = []
-    uid_list = seen.get(source, "query.uid-list"), seen.get(target, "query.uid-list")
-    by_uid = ("check each study on the target by its Study Instance UID"
-              + ("" if all(u and u.outcome == "conforms" for u in uid_list)
-                 else " (one UID per query: list-of-UID matching is not reliable on both)"))
+    the UID silently misses studies. One risk per pair, naming every probe that differs."""
+    differing = []
     for probe in MATCHING_PROBES:
         on_source, on_target = seen.get(source, probe), seen.get(target, probe)
         if on_source is None or on_target is None:
             continue
-        if on_source.outcome == on_target.outcome == "conforms":
-            continue
-        if on_source.outcome == on_target.outcome and on_source.observed == on_target.observed:
+        if on_source.outcome == on_target.outcome == "conforms" or _same(on_source, on_target):
             continue  # the same behaviour on both: the same studies match
-        risks.append(MigrationRisk(
-            source, target, probe,
-            f"{probe}: {source} {on_source.outcome} ({on_source.observed}); {target} "
-            f"{on_target.outcome} ({on_target.observed}): a query with such keys lists "
-            "different studies on the two nodes, so query-based discovery or verification "
-            "may miss studies.",
-            f"discover by universal or date-range queries only, then {by_uid}", BY_UID_LIST))
-    return risks
+        differing.append((probe, on_source, on_target))
+    if not differing:
+        return []
+    uid_list = seen.get(source, "query.uid-list"), seen.get(target, "query.uid-list")
+    by_uid = ("check each study on the target by its Study Instance UID"
+              + ("" if all(u and u.outcome == "conforms" for u in uid_list)
+                 else " (one UID per query: list-of-UID matching is not reliable on both)"))
+    details = "; ".join(f"{probe}: {source} {s.outcome} ({s.observed}), {target} {t.outcome}"
+                        f" ({t.observed})" for probe, s, t in differing)
+    return [MigrationRisk(
+        source, target, ", ".join(probe for probe, _, _ in differing),
+        f"{source} and {target} match C-FIND keys differently ({details}): the same query "
+        "lists different studies on the two nodes, so query-based discovery or "
+        "verification may miss studies.",
+        f"discover by universal or date-range queries only, then {by_uid}", BY_UID_LIST)]
 
 
 def _syntaxes(source: str, target: str, seen: _Results) -> list[MigrationRisk]:
@@ -208,11 +214,6 @@ def _retrieval(source: str, target: str, seen: _Results) -> list[MigrationRisk]:
                           "retrieve outside C-MOVE/C-GET: DICOMweb or the archive's own API "
                           "(--method dicomweb or orthanc), or the site's tool",
                           RETRIEVE_OTHER)]
-
-
-def _same(one: _Seen | None, other: _Seen | None) -> bool:
-    return (one is not None and other is not None and one.outcome == other.outcome
-            and one.observed == other.observed)
 
 
 def _storage(source: str, target: str, seen: _Results) -> list[MigrationRisk]:
