@@ -150,11 +150,11 @@ def _matching(source: str, target: str, seen: _Results) -> list[MigrationRisk]:
     by_uid = ("check each study on the target by its Study Instance UID"
               + ("" if all(u and u.outcome == "conforms" for u in uid_list)
                  else " (one UID per query: list-of-UID matching is not reliable on both)"))
-    details = "; ".join(f"{probe}: {source} {s.outcome} ({s.observed}), {target} {t.outcome}"
-                        f" ({t.observed})" for probe, s, t in differing)
+    details = "; ".join(f"{probe}: {s.outcome} / {t.outcome}" for probe, s, t in differing)
     return [MigrationRisk(
         source, target, ", ".join(probe for probe, _, _ in differing),
-        f"{source} and {target} match C-FIND keys differently ({details}): the same query "
+        f"{source} and {target} match C-FIND keys differently ({details}; what each did: "
+        "the matrix): the same query "
         "lists different studies on the two nodes, so query-based discovery or "
         "verification may miss studies.",
         f"discover by universal or date-range queries only, then {by_uid}", BY_UID_LIST)]
@@ -181,7 +181,10 @@ def _syntaxes(source: str, target: str, seen: _Results) -> list[MigrationRisk]:
             refused_syntax[sop_class] = missing
     risks = []
     if refused_syntax:
-        words = "; ".join(f"{c}: {', '.join(s)}" for c, s in refused_syntax.items())
+        syntaxes = sorted({s for missing in refused_syntax.values() for s in missing})
+        classes = sorted(refused_syntax)
+        words = (f"{', '.join(syntaxes)}; for {len(classes)} SOP classes: "
+                 f"{', '.join(classes[:3])}" + (", ..." if len(classes) > 3 else ""))
         risks.append(MigrationRisk(
             source, target, "association.storage-syntaxes",
             f"{target} refuses transfer syntaxes {source} accepts, so may hold ({words}): "
