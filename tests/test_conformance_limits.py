@@ -14,7 +14,8 @@ import pytest
 
 from harness.conformance.model import ProbeContext, probe_by_id
 from harness.fixtures import pacs_cluster_factory
-from harness.migration.discovery import discover_studies
+from harness.migration.discovery import IncompleteListing, discover_studies
+from harness.migration.migrator import Migrator
 from synthetic_data.samples import sample_study
 
 FINDSCU = "/usr/bin/findscu"
@@ -123,11 +124,13 @@ def test_discovery_with_a_silent_limit_splits_until_parts_are_under_it(cluster):
     assert set(listing.uids) == set(findscu_studies(honest)[0])
 
 
-def test_discovery_reports_a_day_it_cannot_split(pacs_launch):
-    """More than the limit on one day in one minute: named, not silently dropped."""
+def test_discovery_reports_a_day_it_cannot_split(pacs_launch, tmp_path):
+    """More than the limit on one day in one minute: named, not silently dropped, and the
+    migrator refuses to plan from it (a saved short plan would be resumed as complete)."""
     crowded = pacs_launch(
         "name: crowded\nnodes:\n  crowded: {kind: orthanc, ae_title: CROWDED, "
-        f"orthanc_config: {{LimitFindResults: {LIMIT}}}}}\n")
+        f"orthanc_config: {{LimitFindResults: {LIMIT}}}}}\n"
+        "  sink: {kind: embedded, ae_title: SINK}\n")
     node = crowded.node("crowded")
     same_minute = dated_studies(LIMIT + 2, ("20220505",), seed=1700)
     for ds in same_minute:
@@ -136,3 +139,12 @@ def test_discovery_reports_a_day_it_cannot_split(pacs_launch):
     listing = discover_studies(node.dimse())
     assert listing.unresolved and "20220505" in listing.unresolved[0]
     assert len(listing.uids) < len(orthanc_studies(node)) == LIMIT + 2
+
+    state = tmp_path / "state.sqlite"
+    with Migrator(node, crowded.node("sink"), state_path=state) as migrator:
+        with pytest.raises(IncompleteListing) as refused:
+            migrator.plan()
+        assert migrator.open().plan() == []
+    message = str(refused.value)
+    assert "CROWDED" in message and "20220505" in message and "\n" not in message
+    assert refused.value.exit_code == 3
