@@ -49,6 +49,39 @@ def _present_on(target: Node) -> Callable[[str], bool]:
     return check
 
 
+def _remedies(path: str | None, source: str, target: str) -> dict[str, Any]:
+    """What the conformance results say the migrator must do for this pair: split the
+    source's study discovery by date ranges when it truncates C-FIND (probe
+    limits.find-results, remedy split-queries-by-date). ConfigError (exit 2) naming the
+    file when it is not a conformance run."""
+    from harness.conformance.risks import (
+        SPLIT_BY_DATE,
+        conformance_of,
+        find_limit_of,
+        remedies_for,
+    )
+    from harness.errors import ConfigError
+
+    remedies: dict[str, Any] = {"split_queries": False, "source_find_limit": None,
+                                "remedy_ids": []}
+    if path is None:
+        return remedies
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--conformance {path}: not readable JSON ({exc})") from None
+    run = conformance_of(document) if isinstance(document, dict) else None
+    if run is None:
+        raise ConfigError(f"--conformance {path}: no conformance results in it (expected the "
+                          "output of pacs-harness conformance --json or a report.json)")
+    limit, says_so = find_limit_of(run, source)
+    ids = remedies_for(run, source, target)
+    remedies["remedy_ids"] = sorted(ids)
+    remedies["split_queries"] = limit is not None or SPLIT_BY_DATE in ids
+    remedies["source_find_limit"] = limit if limit and not says_so else None
+    return remedies
+
+
 def _percent(share: float | None) -> str:
     return "-" if share is None else f"{share * 100:.1f}%"
 
@@ -70,6 +103,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"{result['instances_sent']} instances sent, {result['retries_used']} retries, "
         f"{result['elapsed_s']} s (state: {summary['state']})"
     )
+    discovery = summary.get("discovery")
+    if discovery and discovery["split_by_date"]:
+        cut = (f"the source cut its C-FIND answer at {discovery['limit']} matches"
+               if discovery["capped"] else "asked to split")
+        out.print(f"discovery: {cut}; {discovery['studies']} studies listed by date ranges "
+                  f"in {discovery['queries']} queries")
     availability = summary.get("availability")
     if availability:
         parts = []
@@ -141,6 +180,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
 )
 @click.option("--shell", is_flag=True, help="run --external-command through /bin/sh")
 @click.option("--no-monitor", is_flag=True, help="do not probe availability meanwhile")
+@click.option(
+    "--conformance",
+    "conformance_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="conformance results (pacs-harness conformance --json, or a run's report.json): "
+    "apply their remedies, e.g. list a source that truncates C-FIND by date ranges",
+)
 def migrate_command(
     topology_path: str | None,
     as_json: bool,
@@ -155,6 +202,7 @@ def migrate_command(
     external_timeout: float,
     shell: bool,
     no_monitor: bool,
+    conformance_path: str | None,
 ) -> None:
     """Migrate every study from one node to another, resumably, with zero-loss proof.
 
@@ -176,6 +224,7 @@ def migrate_command(
     source = reachable_node(topology, cluster, source_name)
     target = reachable_node(topology, cluster, target_name)
     state = Path(state_path or f"migration-{source_name}-to-{target_name}.sqlite")
+    remedies = _remedies(conformance_path, source_name, target_name)
     migrator = Migrator(
         source,
         target,
@@ -184,8 +233,12 @@ def migrate_command(
         workers=workers,
         rate_limit=rate,
         retries=retries,
+        split_queries=remedies["split_queries"],
+        source_find_limit=remedies["source_find_limit"],
     )
     summary: dict[str, Any] = {"state": str(state)}
+    if conformance_path:
+        summary["remedies"] = remedies
     try:
         studies = migrator.plan()
         monitor = None
@@ -224,6 +277,7 @@ def migrate_command(
             if monitor is not None:
                 monitor.stop()
         summary["result"] = result.as_dict()
+        summary["discovery"] = migrator.discovery.as_dict() if migrator.discovery else None
         summary["availability"] = monitor.summary() if monitor is not None else None
     finally:
         migrator.close()

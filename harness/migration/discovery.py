@@ -9,6 +9,7 @@ the reads that disagreed are returned so the migrator can report them per study.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.dicom.client import DimseClient
+from harness.dicom.status import NO_STATUS
 from harness.errors import EnvironmentProblem
 from harness.migration.state import MigrationError
 
@@ -48,13 +50,221 @@ class UnstableListing(MigrationError):
         self.notes = notes
 
 
-def list_studies(client: DimseClient) -> list[str]:
-    """Every Study Instance UID the node lists at study level, in the order it answered."""
-    found = client.find("STUDY", {"StudyInstanceUID": None})
-    if not found.ok:
-        raise EnvironmentProblem(f"peer {client}: study-level C-FIND answered {found.status}")
-    uids = [str(ds.get("StudyInstanceUID", "")) for ds in found.matches]
-    return list(dict.fromkeys(u for u in uids if u))
+def list_studies(
+    client: DimseClient, *, split: bool = False, silent_limit: int | None = None
+) -> list[str]:
+    """Every Study Instance UID the node lists at study level, in the order it answered.
+
+    A node that stops early (PS3.4 C.4.1.1.4: a final status other than Success, e.g.
+    Orthanc's LimitFindResults answers Cancel FE00) is listed again by date ranges
+    (``discover_studies``); so is every node when `split` or `silent_limit` is given.
+    IncompleteListing when a range cannot be split below the node's limit."""
+    listing = discover_studies(client, split=split, silent_limit=silent_limit)
+    if listing.unresolved:
+        raise IncompleteListing(listing)
+    return listing.uids
+
+
+class IncompleteListing(EnvironmentProblem):
+    """The node cut the answer of a range that cannot be split further (exit 3): some of
+    its studies cannot be listed over C-FIND."""
+
+    def __init__(self, listing: StudyListing) -> None:
+        super().__init__(
+            f"peer {listing.peer}: study-level C-FIND still cut at the finest split for "
+            f"{', '.join(listing.unresolved[:5])}"
+            + (f" and {len(listing.unresolved) - 5} more" if len(listing.unresolved) > 5 else "")
+            + f" ({len(listing.uids)} studies listed); list these studies by UID instead"
+        )
+        self.listing = listing
+
+
+# Date-range partition (the remedy "split-queries-by-date"). Dates are bisected between
+# FIRST_DAY and LAST_DAY, the outer parts open-ended ("-20010630", "20010701-") so dates
+# outside that span are still matched (PS3.4 C.2.2.2.5 range matching); a day that is still
+# cut is bisected by StudyTime down to TIME_FLOOR_S seconds.
+FIRST_DAY = dt.date(1900, 1, 1)
+LAST_DAY = dt.date(2099, 12, 31)
+DAY_SECONDS = 86_400
+TIME_FLOOR_S = 60
+MAX_LISTING_QUERIES = 50_000
+OUT_OF_RESOURCES = 0xA700  # PS3.4 C.4.1.1.4: too much asked; a smaller range may pass
+
+
+@dataclass
+class StudyListing:
+    """How a node's studies were listed: every UID found, and whether and where the node
+    cut its answers."""
+
+    peer: str
+    uids: list[str] = field(default_factory=list)
+    status: str = ""  # of the universal query's final response
+    capped: bool = False  # the node cut an answer (a non-Success final status, or the limit)
+    largest_cut: int | None = None  # most matches a cut answer held: the node's limit
+    queries: int = 0
+    split: bool = False  # listed by date ranges
+    unresolved: list[str] = field(default_factory=list)  # ranges still cut at the floor
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "peer": self.peer, "studies": len(self.uids), "status": self.status,
+            "capped": self.capped, "limit": self.largest_cut, "queries": self.queries,
+            "split_by_date": self.split, "unresolved": list(self.unresolved),
+        }
+
+
+def _range(low: str, high: str, first: str, last: str) -> str:
+    """A range value (PS3.4 C.2.2.2.5): open below at `first`, open above at `last`."""
+    if low == first and high == last:
+        return ""
+    if low == high:
+        return low
+    return f"{'' if low == first else low}-{'' if high == last else high}"
+
+
+class _Partition:
+    """Bisects study-level C-FINDs by StudyDate, then StudyTime, until no answer is cut.
+
+    An answer is cut when its final status is not Success (the node said so) or, for a
+    node known to truncate silently, when it holds `silent_limit` matches or more."""
+
+    def __init__(
+        self, client: DimseClient, silent_limit: int | None, max_queries: int,
+        enough: int | None,
+    ) -> None:
+        self.client = client
+        self.silent_limit = silent_limit
+        self.max_queries = max_queries
+        self.enough = enough  # stop once more studies than this are known (a probe's proof)
+        self.listing = StudyListing(str(client))
+        self.found: dict[str, None] = {}
+        self.assoc: Any = None
+
+    def close(self) -> None:
+        if self.assoc is not None:
+            self.assoc.release()
+            self.assoc = None
+
+    def query(self, keys: dict[str, str]) -> tuple[bool, Any]:
+        """One study-level C-FIND; (is the answer cut, the result)."""
+        if self.assoc is None or not self.assoc.is_open:
+            self.assoc = self.client.find_association()
+        self.listing.queries += 1
+        result = self.client.find_over(
+            self.assoc, "STUDY", {"StudyInstanceUID": None, "StudyDate": None, **keys}
+        )
+        if result.status == NO_STATUS:
+            raise EnvironmentProblem(result.error or f"peer {self.client}: C-FIND unanswered")
+        for ds in result.matches:
+            uid = str(ds.get("StudyInstanceUID", "") or "")
+            if uid:
+                self.found[uid] = None
+        cut = result.status.category != "success" or (
+            self.silent_limit is not None and len(result.matches) >= self.silent_limit
+        )
+        if cut:
+            self.listing.capped = True
+            self.listing.largest_cut = max(self.listing.largest_cut or 0, len(result.matches))
+        return cut, result
+
+    def done(self) -> bool:
+        return self.enough is not None and len(self.found) > self.enough
+
+    def walk_days(self, low: dt.date, high: dt.date) -> None:
+        """Bisect [low, high] (days) until no part is cut; a cut single day goes on by time."""
+        pending = [(low, high)]
+        while pending and not self.done():
+            low, high = pending.pop()
+            if low == high:
+                self.walk_times(low.strftime("%Y%m%d"))
+                continue
+            middle = low + dt.timedelta(days=(high - low).days // 2)
+            for part in ((middle + dt.timedelta(days=1), high), (low, middle)):
+                if self._over_budget(f"StudyDate {self._days(*part)}"):
+                    return
+                where = f"StudyDate {self._days(*part)}"
+                if self._split_further(where, {"StudyDate": self._days(*part)}):
+                    pending.append(part)
+
+    def walk_times(self, day: str) -> None:
+        pending = [(0, DAY_SECONDS - 1)]
+        while pending and not self.done():
+            low, high = pending.pop()
+            if high - low < TIME_FLOOR_S:
+                where = f"StudyDate {day} StudyTime {self._times(low, high)}"
+                self.listing.unresolved.append(where)
+                continue
+            middle = (low + high) // 2
+            for part in ((middle + 1, high), (low, middle)):
+                keys = {"StudyDate": day, "StudyTime": self._times(*part)}
+                if self._over_budget(f"StudyDate {day} StudyTime {keys['StudyTime']}"):
+                    return
+                if self._split_further(f"StudyDate {day} StudyTime {keys['StudyTime']}", keys):
+                    pending.append(part)
+
+    def _split_further(self, where: str, keys: dict[str, str]) -> bool:
+        """Query one part: True when its answer is cut. A part refused outright (a failure
+        without any match, other than A700 Out of Resources) is not split: a node that
+        cannot match that range refuses its halves too; it is named as unresolved."""
+        cut, result = self.query(keys)
+        refused = (result.status.category == "failure" and not result.matches
+                   and result.status.code != OUT_OF_RESOURCES)
+        if refused:
+            self.listing.unresolved.append(f"{where} (refused: {result.status})")
+            return False
+        return cut
+
+    def _over_budget(self, where: str) -> bool:
+        if self.listing.queries < self.max_queries:
+            return False
+        self.listing.unresolved.append(f"{where} (query budget of {self.max_queries} spent)")
+        return True
+
+    @staticmethod
+    def _days(low: dt.date, high: dt.date) -> str:
+        return _range(low.strftime("%Y%m%d"), high.strftime("%Y%m%d"),
+                      FIRST_DAY.strftime("%Y%m%d"), LAST_DAY.strftime("%Y%m%d"))
+
+    @staticmethod
+    def _times(low: int, high: int) -> str:
+        def hhmmss(seconds: int) -> str:
+            return f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
+
+        return _range(hhmmss(low), hhmmss(high), "000000", hhmmss(DAY_SECONDS - 1))
+
+
+def discover_studies(
+    client: DimseClient,
+    *,
+    split: bool = False,
+    silent_limit: int | None = None,
+    max_queries: int = MAX_LISTING_QUERIES,
+    enough: int | None = None,
+) -> StudyListing:
+    """The node's studies: one universal study-level C-FIND, then, when its answer is cut
+    (or `split`), the same query bisected by StudyDate and StudyTime ranges.
+
+    Why: a PACS may stop a C-FIND after N matches (PS3.4 C.4.1.1.4 lets an SCP end
+    matching early; Orthanc's LimitFindResults answers Cancel FE00 after N), and a
+    migration planned from that answer misses every other study. A node that truncates
+    silently (final Success) is only caught with its `silent_limit` (from the conformance
+    probe limits.find-results). Every query is bounded: at most `max_queries`, each within
+    the client's match and time limits. Studies without StudyDate are only found by the
+    universal query. `enough`: stop once more studies than this are known (the probe's
+    proof that the universal answer was short).
+    """
+    partition = _Partition(client, silent_limit, max_queries, enough)
+    listing = partition.listing
+    try:
+        cut, universal = partition.query({})
+        listing.status = str(universal.status)
+        if cut or split:
+            listing.split = True
+            partition.walk_days(FIRST_DAY, LAST_DAY)
+    finally:
+        partition.close()
+    listing.uids = list(partition.found)
+    return listing
 
 
 def _find(assoc: Any, client: DimseClient, level: str, keys: dict[str, str | None]) -> list:

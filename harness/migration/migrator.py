@@ -27,10 +27,12 @@ from pathlib import Path
 from harness.dicom.dicomweb import AuthenticationFailed
 from harness.errors import ConfigError
 from harness.migration.discovery import (
+    IncompleteListing,
     ListingHook,
     StudyContent,
+    StudyListing,
     UnstableListing,
-    list_studies,
+    discover_studies,
     stable_study_content,
 )
 from harness.migration.methods import METHODS, check_method, send_study
@@ -72,6 +74,11 @@ class Migrator:
     Each listing (source and target) takes at most `listing_tries` reads within
     `listing_timeout_s` to settle; `on_listing` is called during each read (tests use it
     to change a node between two reads).
+
+    Discovery (the plan): one universal study-level C-FIND, listed again by date ranges
+    when the source cuts its answer (discovery.discover_studies), when `split_queries`
+    (the conformance remedy "split-queries-by-date"), or when it holds `source_find_limit`
+    matches (a source known to truncate silently, from the probe limits.find-results).
     """
 
     def __init__(
@@ -89,6 +96,8 @@ class Migrator:
         listing_tries: int = 5,
         listing_timeout_s: float = 60.0,
         on_listing: ListingHook | None = None,
+        split_queries: bool = False,
+        source_find_limit: int | None = None,
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"method {method!r}: unknown (allowed: {', '.join(METHODS)})")
@@ -113,6 +122,9 @@ class Migrator:
         self.listing_tries = listing_tries
         self.listing_timeout_s = listing_timeout_s
         self.on_listing = on_listing
+        self.split_queries = split_queries
+        self.source_find_limit = source_find_limit
+        self.discovery: StudyListing | None = None  # how this run listed the source
         self.state_path = Path(state_path)
         check_method(method, source, target)
         self.state: MigrationState | None = None
@@ -157,10 +169,23 @@ class Migrator:
             state = self.open()
             saved = state.plan()
             if not saved:
-                saved = list_studies(self.source.dimse())
+                saved = self._discover()
                 state.save_plan(saved)
             self._plan = saved
         return list(self._plan)
+
+    def _discover(self) -> list[str]:
+        """Every study of the source, however it cuts its C-FIND answers; a plan that would
+        miss studies is refused (IncompleteListing) rather than saved."""
+        listing = discover_studies(
+            self.source.dimse(),
+            split=self.split_queries or self.source_find_limit is not None,
+            silent_limit=self.source_find_limit,
+        )
+        self.discovery = listing
+        if listing.unresolved:
+            raise IncompleteListing(listing)
+        return listing.uids
 
     def is_confirmed(self, study: str) -> bool:
         """True once the study is confirmed on the target (thread-safe; for the monitor)."""

@@ -30,6 +30,8 @@ from harness.report.charts import bar_chart, fmt, line_chart, num, status_strip
 from harness.report.compat import connectivity, ingest
 from harness.report.compliance import compliance
 from harness.report.generic import metric_blocks
+from harness.report.interop import KEY as CONFORMANCE_KEY
+from harness.report.interop import interop_section, is_conformance
 
 Built = tuple[list[Any], set[str]]
 
@@ -54,6 +56,9 @@ PURPOSES = {
     "security": ("Security and compliance", "Encryption in transit, access control, REST "
                  "authentication, audit trails and patient data, checked on every node: the "
                  "infrastructure phase is not ready while any check fails."),
+    "conformance": ("Interoperability", "The same conformance probes against every node, "
+                    "side by side, and the migration risks each source/target pair runs, "
+                    "with their remedies."),
 }
 FINDING_PREFIX_MISSING = "missing_"
 ALTERED_TYPES = ("altered_attributes", "altered_pixels", "recompressed_lossy")
@@ -443,7 +448,7 @@ BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Built]] = {
     "ingest": ingest, "connectivity": connectivity, "assessment": assessment,
     "disaster-recovery": disaster_recovery, "dr": disaster_recovery,
     "migration-under-faults": migration_faults, "migration_faults": migration_faults,
-    "security": compliance,
+    "security": compliance, "conformance": interop_section,
 }
 
 
@@ -451,6 +456,8 @@ def scenario_blocks(scenario: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     """(the scenario's purpose-built blocks, blocks of the metrics it does not know)."""
     metrics = scenario.get("metrics") or {}
     builder = BUILDERS.get(str(scenario.get("name")))
+    if builder is None and is_conformance(metrics.get(CONFORMANCE_KEY)):
+        builder = interop_section  # another scenario that recorded a conformance run
     built, used = builder(metrics, scenario) if builder else ([], set())
     rest = {k: v for k, v in metrics.items() if k not in used}
     return [b for b in built if b], metric_blocks(rest, events_of(metrics)) if rest else []
