@@ -16,12 +16,17 @@ harness's HTTP port means Orthanc REST or DICOMweb, which it has not.
 Measured here and declared: C-FIND at PATIENT..IMAGE (patient and study root), SOP Classes
 in Study returned, C-MOVE and C-GET, every uncompressed syntax stored as received (Implicit,
 Explicit and Big Endian, Deflated) and no compressed one, a C-GET answered in the first
-context it accepted, no association limit met (4 parallel C-STOREs keep every instance),
-the calling AE title not checked, no TLS (its peers that take TLS only cannot
-be C-MOVE destinations), no audit trail. There is no delete over DICOM or HTTP, and the
-HSQLDB index is held open by the server, so a wipe restarts it on empty folders (a node
-started by `up` and wiped from another command then runs under a pid that state.json
-does not hold).
+context it accepted, no association limit met, the calling AE title not checked, no TLS
+(its peers that take TLS only cannot be C-MOVE destinations), no audit trail.
+
+Parallel C-STOREs keep every file but not its index: 3 instances of a new study stored over
+2 associations were listed by its C-FIND as 3 studies (9 series, 27 images in a walk of the
+hierarchy); over 1 association, as 1 study. So the harness stores into it over one
+association (`store_associations=1`), as into dcmqrscp.
+
+There is no delete over DICOM or HTTP, and the HSQLDB index is held open by the server, so
+a wipe restarts it on empty folders (a node started by `up` and wiped from another command
+then runs under a pid that state.json does not hold).
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class PixelmedNode(Node):
         # it accepted (stored Implicit VR, offered Explicit first: Explicit came back)
         keeps_stored_syntax=False,
         reports_sop_classes_in_study=True,
+        store_associations=1,  # parallel C-STOREs of a new study duplicate it (docstring)
         launches=("process",),
         binaries=(("java", "apt-get install openjdk-17-jre-headless libpixelmed-java"),),
     )
