@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, EnvironmentProblem
 from harness.launch.netns import IsolatedServer, check_environment
 from harness.launch.ports import free_port
 from harness.launch.process import ProcessHandle
@@ -146,6 +146,24 @@ def test_stop_leaves_no_process_and_no_socket_directory(isolated):
     assert not [p for p in processes_mentioning("http.server") if str(isolated.port) in p]
     assert not socket_dir.exists()
     assert not [x for x in listeners() if x.port == isolated.port]
+
+
+def test_a_server_that_cannot_start_takes_the_inside_haproxy_with_it(tmp_path):
+    """The wrapper execs the server only once the inside HAProxy listens (its parent-death
+    signal set), so a server that fails at once leaves no HAProxy in the namespace."""
+    server = IsolatedServer("broken", tmp_path, [free_port("127.0.0.1")], [])
+    handle = None
+    try:
+        try:
+            popen, handle = server.start(["/nonexistent/server"], log_path=tmp_path / "log")
+            popen.wait(timeout=60)
+        except EnvironmentProblem:  # it may be gone before spawn looks
+            pass
+        wait_for(lambda: "/nonexistent/server" in (tmp_path / "log").read_text(), "the failure")
+        wait_for(lambda: not processes_mentioning(str(tmp_path / "netns-inside.cfg")),
+                 "the inside HAProxy gone")
+    finally:
+        server.stop(handle)
 
 
 def test_peers_that_would_share_an_inside_address_are_refused(tmp_path):

@@ -56,11 +56,21 @@ INSIDE_CONFIG = "netns-inside.cfg"  # the HAProxy in the namespace
 IDLE_TIMEOUT_S = 300
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL (unix(7))
 
-# $1 ip, $2 haproxy, $3 its configuration; then the server's argv
+# $1 ip, $2 haproxy, $3 its configuration, $4 a socket it binds; then the server's argv.
+# The server is exec'd only once HAProxy listens: its parent-death signal is set by then
+# (set after the parent had died, it would never fire), and a relay is there to reach it.
 _WRAPPER = (
-    'ip="$1"; haproxy="$2"; config="$3"; shift 3; '
+    'ip="$1"; haproxy="$2"; config="$3"; socket="$4"; shift 4; '
     '"$ip" link set lo up || { echo "netns: cannot bring up lo in the namespace" >&2; exit 3; }; '
-    'setpriv --pdeathsig KILL "$haproxy" -db -f "$config" & '
+    'rm -f "$socket"; '
+    'setpriv --pdeathsig KILL "$haproxy" -db -f "$config" & relay=$!; '
+    'tries=0; '
+    'while [ ! -S "$socket" ]; do '
+    '  tries=$((tries + 1)); '
+    '  if [ $tries -gt 400 ] || ! kill -0 $relay 2>/dev/null; then '
+    '    echo "netns: the HAProxy in the namespace did not start" >&2; kill $relay; exit 3; '
+    '  fi; sleep 0.05; '
+    'done; '
     'exec "$@"'
 )
 
@@ -112,6 +122,8 @@ class IsolatedServer:
     ) -> None:
         self.name = name
         self.workdir = workdir
+        if not inbound_ports:
+            raise ValueError("an isolated server needs at least one inbound port")
         self.inbound_ports = tuple(dict.fromkeys(inbound_ports))
         self.outbound_peers = tuple(dict.fromkeys(outbound_peers))
         inside: dict[tuple[str, int], tuple[str, int]] = {}
@@ -197,8 +209,9 @@ class IsolatedServer:
         binary = haproxy_binary(f"node {self.name}", "its network namespace")
         config = self._checked(INSIDE_CONFIG, self.inside_config(), binary)
         ip = require_binary("ip", "apt-get install iproute2")
-        return [*unshare_arguments(), "sh", "-c", _WRAPPER, "netns-wrapper",
-                ip, binary, str(config), *argv]
+        awaited = self._socket("in", self.inbound_ports[-1])
+        return [*unshare_arguments(), "/bin/sh", "-c", _WRAPPER, "netns-wrapper",
+                ip, binary, str(config), awaited, *argv]
 
     def start_relay(self, *, detached: bool, timeout_s: float = 20.0
                     ) -> tuple[subprocess.Popen, ProcessHandle]:
