@@ -24,6 +24,7 @@ from harness.errors import EnvironmentProblem
 from harness.fixtures import pacs_cluster_factory
 from harness.nodes import make_node
 from harness.nodes import pixelmed as pixelmed_module
+from harness.resilience.node_faults import restart
 from synthetic_data.samples import sample_study
 from tests.helpers import processes_mentioning
 from tests.realworld import valid_files
@@ -203,10 +204,23 @@ def test_wipe_empties_it_and_it_answers_again(launched, tmp_path):
     assert px.dimse().store(study).ok  # and takes data again
 
 
+def test_restart_keeps_its_data(launched, tmp_path):
+    """A restart (stop, start on the same ports: harness/resilience/node_faults.py) right
+    after a store makes a new namespace and relay; the HSQLDB index still lists what was
+    stored (with HSQLDB's default write delay it did not)."""
+    px = launched.node("px")
+    study = sample_study(seed=1603, instances=1)
+    assert px.dimse().store(study).ok
+    old_java = px.handle.pid
+    restart(px)
+    assert px.handle.pid != old_java
+    assert instances_found(px, study[0].StudyInstanceUID, tmp_path) == {study[0].SOPInstanceUID}
+
+
 def test_stop_leaves_no_process_and_no_socket_directory(tmp_path):
     """SIGTERM: the JVM exits by itself (0 measured here, 143 in the research notes; not
-    SIGKILLed after the grace period) with its index closed (no database.lck); java, both
-    HAProxys and the socket directory are gone."""
+    SIGKILLed after the grace period) and releases its index's lock (database.lck); java,
+    both HAProxys and the socket directory are gone."""
     topology = parse_topology("name: pxstop\nnodes:\n  p: {kind: pixelmed}\n")
     cluster = Cluster.launch(topology, root=tmp_path / "run")
     try:

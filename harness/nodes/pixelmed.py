@@ -24,6 +24,11 @@ Parallel C-STOREs keep every file but not its index: 3 instances of a new study 
 hierarchy); over 1 association, as 1 study. So the harness stores into it over one
 association (`store_associations=1`), as into dcmqrscp.
 
+A SIGTERM does not shut its HSQLDB index down (the JVM exited 0, the index's log not
+checkpointed): with HSQLDB's default write delay, an instance stored just before the stop
+had its file but no index row after a restart. So the index is opened with
+`hsqldb.write_delay=false` (each commit on disk); a restart then lists it.
+
 There is no delete over DICOM or HTTP, and the HSQLDB index is held open by the server, so
 a wipe restarts it on empty folders (a node started by `up` and wiped from another command
 then runs under a pid that state.json does not hold).
@@ -50,6 +55,9 @@ from harness.nodes.orthanc import peer_ip
 JAR = Path("/usr/share/java/pixelmed.jar")
 SERVER_CLASS = "com.pixelmed.server.DicomAndWebStorageServer"
 PACKAGE = "libpixelmed-java"
+#: each index change written to disk at commit; HSQLDB's default (0.5 s later) lost what was
+#: stored just before a SIGTERM, which PixelMed does not turn into a database shutdown
+INDEX_DURABILITY = "hsqldb.write_delay=false"
 ISOLATION_FILE = "netns.json"  # the ports and peers of its namespace, for a restart
 _UID_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
@@ -122,7 +130,10 @@ class PixelmedNode(Node):
             f"Dicom.CalledAETitle={_property_value(self.ae_title)}",
             f"Dicom.CallingAETitle={_property_value(self.ae_title)}",
             "Dicom.PrimaryDeviceType=ARCHIVE",
-            f"Application.DatabaseFileName={_property_value(str(self.database_dir / 'database'))}",
+            # HSQLDB's JDBC URL is "jdbc:hsqldb:" + this name; its URL properties follow a
+            # ';' (write_delay: see the module docstring)
+            "Application.DatabaseFileName="
+            + _property_value(f"{self.database_dir / 'database'};{INDEX_DURABILITY}"),
             f"Application.SavedImagesFolderName={_property_value(str(self.images_dir))}",
             f"WebServer.ListeningPort={web_port}",
             "WebServer.NumberOfWorkers=2",
@@ -170,9 +181,9 @@ class PixelmedNode(Node):
         return self._isolation().command([*self.program(), *self.arguments()])
 
     def stop(self) -> None:
-        """SIGTERM (the JVM closes its index and exits by itself: 0 measured in the
-        namespace, 143 in the research notes), then the relay; the relays' socket directory
-        is removed."""
+        """SIGTERM (the JVM exits by itself: 0 measured in the namespace, 143 in the
+        research notes; its index is on disk at each commit), then the relay; the relays'
+        socket directory is removed."""
         super().stop()
         if self._isolation_settings() is not None:
             self._isolation().remove_socket_dir()
