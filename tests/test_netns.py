@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import ConfigError, EnvironmentProblem
-from harness.launch.netns import IsolatedServer, check_environment
+from harness.launch.netns import IsolatedServer, check_environment, inside_processes
 from harness.launch.ports import free_port
 from harness.launch.process import ProcessHandle
 from tests.helpers import processes_mentioning
@@ -78,6 +78,12 @@ def isolated(tmp_path):
     popen.wait(timeout=30)
 
 
+def _server_listens(isolated) -> bool:
+    """The server itself (its pid, so it has exec'd) listens on its port in its namespace."""
+    pid = isolated.handle.pid
+    return any(x.port == isolated.port and pid in x.pids for x in listeners(pid))
+
+
 def _get(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as answer:
         return answer.status
@@ -85,8 +91,7 @@ def _get(port: int) -> int:
 
 def test_inbound_relay_reaches_a_wildcard_server_that_is_not_outside(isolated):
     """The server binds 0.0.0.0 in its namespace; outside, only HAProxy's 127.0.0.1 relay."""
-    wait_for(lambda: any(x.port == isolated.port for x in listeners(isolated.handle.pid)),
-             "the server listening in its namespace")
+    wait_for(lambda: _server_listens(isolated), "the server listening in its namespace")
     assert _get(isolated.port) == 200
     inside = [x for x in listeners(isolated.handle.pid) if x.port == isolated.port]
     assert [(x.address, isolated.handle.pid in x.pids) for x in inside] == [("0.0.0.0", True)]
@@ -133,14 +138,16 @@ def test_outbound_relay_reaches_a_declared_peer_only(tmp_path):
 
 
 def test_stop_leaves_no_process_and_no_socket_directory(isolated):
-    wait_for(lambda: any(x.port == isolated.port for x in listeners(isolated.handle.pid)),
-             "the server listening in its namespace")
+    wait_for(lambda: _server_listens(isolated), "the server listening in its namespace")
     socket_dir = isolated.socket_dir
     assert len(str(socket_dir / "in-65535.sock")) < 108 and socket_dir.is_dir()
     workdir = str(isolated.workdir)
     assert len(processes_mentioning(workdir)) == 2  # the two HAProxys (configs in workdir)
     relay = isolated.relay
+    inside = inside_processes(isolated.handle)
+    assert len(inside) == 1  # the HAProxy in the namespace, the server's child
     isolated.stop(isolated.handle)
+    assert not inside[0].alive()  # stop returns once it is gone too
     assert not isolated.handle.alive() and not ProcessHandle.alive(relay)
     assert processes_mentioning(workdir) == []
     assert not [p for p in processes_mentioning("http.server") if str(isolated.port) in p]

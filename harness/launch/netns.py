@@ -34,6 +34,7 @@ import contextlib
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -42,7 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.errors import ConfigError, EnvironmentProblem
-from harness.launch.process import ProcessHandle, log_tail, spawn
+from harness.launch.process import ProcessHandle, log_tail, process_start_time, spawn
 from harness.launch.tls_terminator import _defaults, haproxy_binary
 from harness.launch.tools import require_binary
 
@@ -250,16 +251,47 @@ class IsolatedServer:
             raise
 
     def stop(self, server: ProcessHandle | None) -> None:
-        """SIGTERM the server's process group (the inside HAProxy is in it), then the relay;
-        the socket directory goes last."""
+        """SIGTERM the server's process group (the inside HAProxy is in it) until it is gone,
+        then the relay; the socket directory goes last."""
+        inside = inside_processes(server)
         for handle in (server, self.relay):
             if handle is not None:
                 handle.stop()
+        wait_gone(inside)
         if self.relay_popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.relay_popen.wait(timeout=5)
         self.relay = self.relay_popen = None
         self.remove_socket_dir()
+
+
+def inside_processes(server: ProcessHandle | None) -> list[ProcessHandle]:
+    """The server's children (the inside HAProxy), read before a stop: they are SIGTERMed
+    with its group and SIGKILLed by the kernel when it dies, but may outlive it briefly."""
+    if server is None or not server.alive():
+        return []
+    try:
+        pids = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = []
+    for pid in map(int, pids):
+        start_time = process_start_time(pid)
+        if start_time is not None:
+            found.append(ProcessHandle(pid, start_time))
+    return found
+
+
+def wait_gone(processes: list[ProcessHandle], timeout_s: float = 10.0) -> None:
+    """Until each process has exited (a zombie counts: init reaps it); SIGKILL at the end."""
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        while process.alive():
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
 
 
 def _listening(port: int) -> bool:

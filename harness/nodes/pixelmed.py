@@ -184,7 +184,9 @@ class PixelmedNode(Node):
         """SIGTERM (the JVM exits by itself: 0 measured in the namespace, 143 in the
         research notes; its index is on disk at each commit), then the relay; the relays'
         socket directory is removed."""
+        inside = netns.inside_processes(self.handle)
         super().stop()
+        netns.wait_gone(inside)
         if self._isolation_settings() is not None:
             self._isolation().remove_socket_dir()
 
@@ -225,10 +227,12 @@ class PixelmedNode(Node):
         """No delete over DICOM or HTTP and the index is held open: stop the server (not
         its relay), empty both folders, start it again and wait until it answers."""
         detached = self._popen is None  # started by `up` (attached from its state)
+        inside = netns.inside_processes(self.handle)
         if self.handle is not None:
             self.handle.stop()
         if self._popen is not None:
             self._popen.wait(timeout=10)
+        netns.wait_gone(inside)
         for folder in (self.database_dir, self.images_dir):
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
