@@ -8,7 +8,9 @@ root namespace and in the server's own (tests/test_netns.py `listeners`), /proc 
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import uuid
 from io import BytesIO
 from pathlib import Path
@@ -244,6 +246,27 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.skipif(not Path("/usr/bin/setpriv").exists(), reason="needs setpriv")
+def test_up_without_namespaces_is_one_line_exit_3(tmp_path):
+    """`pacs-harness up` where no network namespace can be made (root stripped of its
+    capabilities): exit 3, one line naming the node, and nothing left running."""
+    if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
+        pytest.skip("only root can be stripped of the capability here")
+    topology = tmp_path / "t.yaml"
+    topology.write_text("name: pxnons\nnodes:\n  px: {kind: pixelmed}\n")
+    proc = subprocess.run(
+        ["/usr/bin/setpriv", "--bounding-set", "-all", "--inh-caps", "-all",
+         sys.executable, "-m", "harness", "up", "--topology", str(topology)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PACS_HARNESS_STATE_DIR": str(tmp_path / "state")},
+    )
+    assert proc.returncode == 3, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: node px: cannot make a network namespace here (unshare")
+    assert "Operation not permitted" in line and "Traceback" not in proc.stderr
+    assert processes_mentioning("pacs-harness-pxnons") == []
 
 
 def test_missing_jar_is_one_line_exit_3(tmp_path, monkeypatch):
