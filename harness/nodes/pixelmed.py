@@ -62,9 +62,10 @@ ISOLATION_FILE = "netns.json"  # the ports and peers of its namespace, for a res
 _UID_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
-def _property_name(name: str) -> str:
-    """A peer's local name in Dicom.RemoteAEs (a space-separated list of names)."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+def _property_name(number: int, name: str) -> str:
+    """A peer's local name in Dicom.RemoteAEs (a space-separated list of names): its
+    topology name in letters, digits and '_', numbered so two names never meet."""
+    return f"p{number}_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
 def _property_value(value: str) -> str:
@@ -103,7 +104,7 @@ class PixelmedNode(Node):
         return saved["web_port"] if saved else None
 
     def data_directories(self) -> tuple[str, ...]:
-        return ("db", "images")  # HSQLDB index (absolute paths inside) and Part 10 files
+        return ("db", "images")  # the HSQLDB index and the Part 10 files it lists
 
     def prepare(self, peers: list[Peer]) -> None:
         """server.properties with every peer as a C-MOVE destination, at the address the
@@ -137,11 +138,12 @@ class PixelmedNode(Node):
             f"Application.SavedImagesFolderName={_property_value(str(self.images_dir))}",
             f"WebServer.ListeningPort={web_port}",
             "WebServer.NumberOfWorkers=2",
-            "Dicom.RemoteAEs=" + " ".join(_property_name(p.name) for p in self.peers),
+            "Dicom.RemoteAEs="
+            + " ".join(_property_name(n, p.name) for n, p in enumerate(self.peers)),
         ]
-        for peer, (host, port) in zip(self.peers, outbound, strict=True):
+        for number, (peer, (host, port)) in enumerate(zip(self.peers, outbound, strict=True)):
             inside_host, inside_port = netns.IsolatedServer.inside_address(host, port)
-            key = f"Dicom.RemoteAEs.{_property_name(peer.name)}"
+            key = f"Dicom.RemoteAEs.{_property_name(number, peer.name)}"
             lines += [
                 f"{key}.CalledAETitle={_property_value(peer.ae_title)}",
                 f"{key}.HostNameOrIPAddress={inside_host}",
