@@ -65,7 +65,8 @@ class CtnNode(Node):
     capabilities = Capabilities(
         query_levels=("PATIENT", "STUDY", "SERIES", "IMAGE"),
         retrieve_methods=("C-MOVE", "C-GET"),
-        keeps_stored_syntax=False,
+        # it stores everything as Implicit VR LE and its C-GET returns that, as held
+        keeps_stored_syntax=True,
         reports_sop_classes_in_study=False,  # the DIM tables hold no SOP classes per study
         launches=("process",),
         binaries=(
