@@ -274,3 +274,26 @@ def test_a_fatal_start_up_is_reported_though_it_exits_0(one_node):
     finally:
         broken.stop()
 
+
+
+def test_an_apostrophe_in_a_name_aborts_the_store_but_not_the_server(one_node, tmp_path):
+    """Measured CTN quirks with a quote in a value (its SQL is built from the values): a
+    PatientName with an apostrophe kills the association's child (no C-STORE response);
+    one in StudyDescription is dropped from the index. The server keeps serving."""
+    node = one_node.node("c")
+    patient, study = dcmread(_corpus_file("CT_small.dcm")), dcmread(_corpus_file("MR_small.dcm"))
+    patient.PatientName = "O'Sullivan^Samuel"
+    study.StudyDescription = "Knee 'left'"
+    patient.save_as(tmp_path / "patient.dcm")
+    study.save_as(tmp_path / "study.dcm")
+    assert _storescu(node, tmp_path / "patient.dcm").returncode != 0
+    assert _storescu(node, tmp_path / "study.dcm").returncode == 0
+    answers = _findscu(node, "-S", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "",
+                                    "StudyDescription": ""})
+    assert [a.get("StudyDescription") for a in answers] == ["Knee left"]
+    assert _run([ECHOSCU, "-aet", HARNESS_AE, "-aec", node.ae_title, node.host,
+                 str(node.dicom_port)]).returncode == 0
+
+
+def _corpus_file(name: str) -> Path:
+    return next(i.path for i in valid_files() if i.path.name == name)

@@ -68,6 +68,9 @@ class CtnNode(Node):
         # it stores everything as Implicit VR LE and its C-GET returns that, as held
         keeps_stored_syntax=True,
         reports_sop_classes_in_study=False,  # the DIM tables hold no SOP classes per study
+        # parallel C-STOREs of one patient race in the DIM tables: 0xA700 for 12 of 32
+        # studies stored over 4 associations (docs/research/node-kinds-2026-12.md)
+        store_associations=1,
         launches=("process",),
         binaries=(
             ("archive_server", "apt-get install ctn"),
