@@ -1,0 +1,269 @@
+"""A server that listens on every address, run where every address is loopback.
+
+Why: some servers cannot be told where to listen. PixelMed's DicomAndWebStorageServer
+binds its DICOM and HTTP ports on `*` and announces itself over mDNS (UDP 5353, jmdns),
+with no property to turn either off (measured: docs/research/node-kinds-2026-12.md,
+section 1). The harness's rule is loopback only, never any other address. So such a server
+runs in a network namespace of its own (`unshare --net`, with `--map-root-user` when not
+root) that has only `lo`: its wildcard binds and its multicast reach nothing outside.
+
+The harness reaches it through relays over Unix sockets, which are files and so cross
+namespaces (HAProxy, mode tcp, every phase bounded in time):
+
+    inbound   127.0.0.1:P (outside HAProxy) -> <socket dir>/in-P.sock
+              -> (inside HAProxy) 127.0.0.1:P in the namespace, where the server listens
+    outbound  127.0.0.1:Q in the namespace (inside HAProxy) -> <socket dir>/out-N.sock
+              -> (outside HAProxy) the peer's real address host:Q
+
+so the server's own configuration names its ports and its peers' real loopback addresses
+(`inside_address`). The inside HAProxy is started by the same wrapper before it execs the
+server, with `setpriv --pdeathsig KILL`: it dies with the server, and it is in the server's
+process group, which is what a stop signals. The outside HAProxy is a sidecar (its own
+process handle). Unix socket paths are limited to 108 bytes (unix(7)), so the sockets live
+in a short directory made under /tmp per server, 0700, removed at stop.
+
+API (also for other kinds): `IsolatedServer(name, workdir, inbound_ports, outbound_peers)`;
+`check_environment()` (exit 3 when no namespace can be made here), `command(argv)` (the
+argv to spawn), `start_relay()`, `remove_socket_dir()`; or `start(argv)` and `stop()` for
+a caller that has no Node around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness.errors import ConfigError, EnvironmentProblem
+from harness.launch.process import ProcessHandle, log_tail, spawn
+from harness.launch.tls_terminator import _defaults, haproxy_binary
+from harness.launch.tools import require_binary
+
+#: where the per-server socket directory is made: short, so paths stay under 108 bytes
+SOCKET_PARENT = Path("/tmp")
+SOCKET_DIR_FILE = "netns-socket-dir"  # in the work directory: found again after `up`
+RELAY_CONFIG = "netns-relay.cfg"  # the outside HAProxy
+INSIDE_CONFIG = "netns-inside.cfg"  # the HAProxy in the namespace
+#: an idle connection is cut after this long; a C-MOVE answers per sub-operation (PS3.4
+#: C.4.2.3), so a working retrieve is never idle that long
+IDLE_TIMEOUT_S = 300
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL (unix(7))
+
+# $1 ip, $2 haproxy, $3 its configuration, $4 a socket it binds; then the server's argv.
+# The server is exec'd only once HAProxy listens: its parent-death signal is set by then
+# (set after the parent had died, it would never fire), and a relay is there to reach it.
+_WRAPPER = (
+    'ip="$1"; haproxy="$2"; config="$3"; socket="$4"; shift 4; '
+    '"$ip" link set lo up || { echo "netns: cannot bring up lo in the namespace" >&2; exit 3; }; '
+    'rm -f "$socket"; '
+    'setpriv --pdeathsig KILL "$haproxy" -db -f "$config" & relay=$!; '
+    'tries=0; '
+    'while [ ! -S "$socket" ]; do '
+    '  tries=$((tries + 1)); '
+    '  if [ $tries -gt 400 ] || ! kill -0 $relay 2>/dev/null; then '
+    '    echo "netns: the HAProxy in the namespace did not start" >&2; kill $relay; exit 3; '
+    '  fi; sleep 0.05; '
+    'done; '
+    'exec "$@"'
+)
+
+
+def unshare_arguments() -> list[str]:
+    """`unshare --net`; an unprivileged user also needs a user namespace to own it."""
+    options = ["--net"] if os.geteuid() == 0 else ["--net", "--map-root-user"]
+    return [require_binary("unshare", "apt-get install util-linux"), *options]
+
+
+def check_environment(who: str, timeout_s: float = 30.0) -> None:
+    """An EnvironmentProblem (exit 3, one line) unless a namespace can be made here and its
+    `lo` brought up; e.g. in a container without CAP_SYS_ADMIN or user namespaces."""
+    ip = require_binary("ip", "apt-get install iproute2")
+    require_binary("setpriv", "apt-get install util-linux")
+    try:
+        probe = subprocess.run([*unshare_arguments(), ip, "link", "set", "lo", "up"],
+                               capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise EnvironmentProblem(
+            f"{who}: unshare --net did not finish in {timeout_s:.0f} s") from None
+    if probe.returncode != 0:
+        reason = (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
+        raise EnvironmentProblem(
+            f"{who}: cannot make a network namespace here (unshare --net: {reason}); this "
+            "server listens on every address and is run only isolated"
+        )
+
+
+def _loopback_ipv4(host: str) -> str | None:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return str(address) if address.version == 4 and address.is_loopback else None
+
+
+class IsolatedServer:
+    """One server in its own network namespace, with its two HAProxy relays.
+
+    `inbound_ports`: the loopback ports the server listens on (the same numbers inside and
+    out). `outbound_peers`: (host, port) of every peer the server calls; inside, each is
+    at `inside_address(host, port)`.
+    """
+
+    def __init__(
+        self, name: str, workdir: Path, inbound_ports: Sequence[int],
+        outbound_peers: Sequence[tuple[str, int]],
+    ) -> None:
+        self.name = name
+        self.workdir = workdir
+        if not inbound_ports:
+            raise ValueError("an isolated server needs at least one inbound port")
+        self.inbound_ports = tuple(dict.fromkeys(inbound_ports))
+        self.outbound_peers = tuple(dict.fromkeys(outbound_peers))
+        inside: dict[tuple[str, int], tuple[str, int]] = {}
+        for host, port in self.outbound_peers:
+            where = self.inside_address(host, port)
+            if where in inside or port in self.inbound_ports:
+                other = inside.get(where, ("the server itself", port))
+                raise ConfigError(
+                    f"node {name}: peers {other[0]}:{other[1]} and {host}:{port} would share "
+                    f"{where[0]}:{where[1]} inside its network namespace (give one another port)"
+                )
+            inside[where] = (host, port)
+        self.relay: ProcessHandle | None = None
+        self.relay_popen: subprocess.Popen | None = None
+
+    @staticmethod
+    def inside_address(host: str, port: int) -> tuple[str, int]:
+        """Where the server calls a peer from inside: its own address when that is an IPv4
+        loopback one (all of 127/8 is on `lo`), else 127.0.0.1 with the peer's port."""
+        return _loopback_ipv4(host) or "127.0.0.1", port
+
+    # -- the socket directory ------------------------------------------------------------
+    @property
+    def socket_dir(self) -> Path:
+        """The per-server directory of Unix sockets, made on first use (recorded in the
+        work directory, so a node attached after `up` finds and removes it)."""
+        record = self.workdir / SOCKET_DIR_FILE
+        if record.is_file():
+            return Path(record.read_text().strip())
+        made = Path(tempfile.mkdtemp(prefix="pacs-ns-", dir=SOCKET_PARENT))
+        record.write_text(f"{made}\n")
+        return made
+
+    def _socket(self, role: str, number: int) -> str:
+        path = str(self.socket_dir / f"{role}-{number}.sock")
+        if len(path.encode()) > UNIX_PATH_MAX:  # only if SOCKET_PARENT were made long
+            raise EnvironmentProblem(f"node {self.name}: socket path too long: {path}")
+        return path
+
+    def remove_socket_dir(self) -> None:
+        record = self.workdir / SOCKET_DIR_FILE
+        if record.is_file():
+            shutil.rmtree(record.read_text().strip(), ignore_errors=True)
+            record.unlink()
+
+    # -- HAProxy configurations -----------------------------------------------------------
+    def relay_config(self) -> str:
+        """Outside: 127.0.0.1:P -> in-P.sock; out-N.sock -> the N-th peer's real address."""
+        lines = [*_defaults(IDLE_TIMEOUT_S)]
+        for port in self.inbound_ports:
+            lines += [f"listen in_{port}", f"    bind 127.0.0.1:{port}",
+                      f"    server inside unix@{self._socket('in', port)}"]
+        for number, (host, port) in enumerate(self.outbound_peers):
+            lines += [f"listen out_{number}", f"    bind unix@{self._socket('out', number)}",
+                      f"    server peer {host}:{port}"]
+        return "\n".join(lines) + "\n"
+
+    def inside_config(self) -> str:
+        """Inside: in-P.sock -> 127.0.0.1:P; the N-th peer's inside address -> out-N.sock."""
+        lines = [*_defaults(IDLE_TIMEOUT_S)]
+        for port in self.inbound_ports:
+            lines += [f"listen in_{port}", f"    bind unix@{self._socket('in', port)}",
+                      f"    server server 127.0.0.1:{port}"]
+        for number, (host, port) in enumerate(self.outbound_peers):
+            address, inside_port = self.inside_address(host, port)
+            lines += [f"listen out_{number}", f"    bind {address}:{inside_port}",
+                      f"    server outside unix@{self._socket('out', number)}"]
+        return "\n".join(lines) + "\n"
+
+    def _checked(self, file_name: str, config: str, binary: str) -> Path:
+        """Write a configuration and have `haproxy -c` check it (it binds nothing)."""
+        path = self.workdir / file_name
+        path.write_text(config)
+        check = subprocess.run([binary, "-c", "-q", "-f", str(path)], capture_output=True,
+                               text=True, timeout=60)
+        if check.returncode != 0:
+            raise EnvironmentProblem(f"haproxy rejected {path}: {check.stderr.strip()}")
+        return path
+
+    # -- commands and processes -----------------------------------------------------------
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """argv run in a new network namespace, behind the inside HAProxy (written now)."""
+        binary = haproxy_binary(f"node {self.name}", "its network namespace")
+        config = self._checked(INSIDE_CONFIG, self.inside_config(), binary)
+        ip = require_binary("ip", "apt-get install iproute2")
+        awaited = self._socket("in", self.inbound_ports[-1])
+        return [*unshare_arguments(), "/bin/sh", "-c", _WRAPPER, "netns-wrapper",
+                ip, binary, str(config), awaited, *argv]
+
+    def start_relay(self, *, detached: bool, timeout_s: float = 20.0
+                    ) -> tuple[subprocess.Popen, ProcessHandle]:
+        """Start the outside HAProxy and wait until it listens on every inbound port and
+        every outbound socket (or exits: an EnvironmentProblem with its log tail)."""
+        binary = haproxy_binary(f"node {self.name}", "its network namespace")
+        config = self._checked(RELAY_CONFIG, self.relay_config(), binary)
+        log_path = self.workdir / "netns-relay.log"
+        popen, handle = spawn([binary, "-db", "-f", str(config)], log_path=log_path,
+                              cwd=self.workdir, detached=detached)
+        sockets = [Path(self._socket("out", n)) for n in range(len(self.outbound_peers))]
+        deadline = time.monotonic() + timeout_s
+        while not (all(s.is_socket() for s in sockets)
+                   and all(_listening(p) for p in self.inbound_ports)):
+            if not handle.alive() or time.monotonic() > deadline:
+                handle.stop(timeout_s=5)
+                popen.wait(timeout=5)
+                raise EnvironmentProblem(
+                    f"node {self.name}: the HAProxy relay to its network namespace did not "
+                    f"start; log tail:\n{log_tail(log_path)}"
+                )
+            time.sleep(0.05)
+        self.relay, self.relay_popen = handle, popen
+        return popen, handle
+
+    def start(self, argv: Sequence[str], *, log_path: Path, detached: bool = False
+              ) -> tuple[subprocess.Popen, ProcessHandle]:
+        """Relay first, then the server in its namespace (for callers without a Node)."""
+        check_environment(f"node {self.name}")
+        self.start_relay(detached=detached)
+        try:
+            return spawn(self.command(argv), log_path=log_path, cwd=self.workdir,
+                         detached=detached)
+        except BaseException:
+            self.stop(None)
+            raise
+
+    def stop(self, server: ProcessHandle | None) -> None:
+        """SIGTERM the server's process group (the inside HAProxy is in it), then the relay;
+        the socket directory goes last."""
+        for handle in (server, self.relay):
+            if handle is not None:
+                handle.stop()
+        if self.relay_popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.relay_popen.wait(timeout=5)
+        self.relay = self.relay_popen = None
+        self.remove_socket_dir()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
