@@ -3,8 +3,8 @@
 The real-world corpus (tests/realworld.py) goes in with /usr/bin/storescu, an independent
 sender; what archive_server answers to /usr/bin/findscu is held against the files it wrote
 (read with pydicom) and the originals; C-MOVE lands in an embedded node, counted by that
-node's C-FIND. Access control, wipe, a fatal start-up (exit 0!) and stop are checked on the
-processes themselves (/proc by pid).
+node's C-FIND. Access control, the network namespace (`ss` in both), wipe, a fatal start-up
+(exit 0!) and stop are checked on the processes themselves (/proc by pid).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from harness.launch.mariadb import socket_directory
 from harness.launch.process import process_start_time
 from harness.nodes.ctn import CtnNode
 from tests.realworld import valid_files
+from tests.test_netns import listeners
 
 STORESCU, FINDSCU = "/usr/bin/storescu", "/usr/bin/findscu"
 MOVESCU, ECHOSCU = "/usr/bin/movescu", "/usr/bin/echoscu"
@@ -230,7 +231,8 @@ def test_stop_leaves_no_process(one_node):
              and _pgid(int(p.name)) == node.handle.pid]
     watched = [(pid, process_start_time(pid)) for pid in {node.handle.pid, mariadb.pid, *group}]
     sockets = socket_directory(node.workdir / "mariadb")
-    assert sockets.is_dir()
+    relay_sockets = Path((node.workdir / "netns-socket-dir").read_text().strip())
+    assert sockets.is_dir() and relay_sockets.is_dir()
     node.stop()
     # a forked child's zombie is reaped by init once its parent is gone: wait for that
     deadline = time.monotonic() + 60
@@ -239,7 +241,22 @@ def test_stop_leaves_no_process(one_node):
         running = [(pid, start) for pid, start in watched if start and not _gone(pid, start)]
         time.sleep(0.1)
     assert running == [], [(pid, Path(f"/proc/{pid}/stat").read_text()) for pid, _ in running]
-    assert not sockets.exists()
+    assert not sockets.exists() and not relay_sockets.exists()
+
+
+def test_only_the_loopback_relay_listens_outside(launched):
+    """archive_server binds 0.0.0.0, but only in its own network namespace; outside, its
+    port is held by the relay on 127.0.0.1 alone (`ss` in both namespaces), and MariaDB
+    listens on no TCP port at all."""
+    node = launched.node("archive")
+    server, relay = node.handle.pid, node.sidecars["netns-relay"].pid
+    inside = listeners(in_namespace_of=server)
+    assert ("tcp", "0.0.0.0", node.dicom_port) in {
+        (x.protocol, x.address, x.port) for x in inside if server in x.pids}
+    outside = [x for x in listeners() if x.port == node.dicom_port]
+    assert [(x.address, x.pids) for x in outside] == [("127.0.0.1", frozenset({relay}))]
+    mariadb = node.sidecars["mariadb"].pid
+    assert not [x for x in listeners() if mariadb in x.pids]
 
 
 def _pgid(pid: int) -> int | None:

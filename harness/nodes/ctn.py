@@ -16,15 +16,21 @@ docs/research/node-kinds-2026-12.md section 2; the points that shape this adapte
   (`STORAGE/PART10FLAG 0` in the global /etc/ctn/runtime/ctn_cfg.txt); pydicom reads them
   with force=True. Only uncompressed transfer syntaxes are accepted.
 
-Exposure: archive_server listens on 0.0.0.0 (no option for the address). Who may associate
-is its SecurityMatrix: one row per topology peer (every node and the harness); a calling AE
-title with no row, or calling from another host than its ApplicationEntity row names, is
-refused with an A-ASSOCIATE-RJ (CTN gives reason 7, "called AE title not recognized", also
-when it is the calling title it refuses; PS3.8 9.3.4 has reason 3 for that). No TLS.
+Exposure: archive_server listens on 0.0.0.0 (no option for the address), so it runs in a
+network namespace of its own with only loopback (harness/launch/netns.py): the harness and
+the peers reach it on 127.0.0.1:<dicom_port> through HAProxy relays, and it reaches its
+C-MOVE destinations at their loopback addresses through the same relays; its MariaDB socket
+is a file, which crosses namespaces. Inside, every caller comes from 127.0.0.1 (the relay),
+so its ApplicationEntity rows name peers by their loopback address. Who may associate is its
+SecurityMatrix: one row per topology peer (every node and the harness); a calling AE title
+with no row is refused with an A-ASSOCIATE-RJ (CTN gives reason 7, "called AE title not
+recognized", also when it is the calling title it refuses; PS3.8 9.3.4 has reason 3). No
+TLS, so no C-MOVE to a peer that takes TLS only.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -33,6 +39,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from harness.errors import EnvironmentProblem
+from harness.launch import netns
 from harness.launch.mariadb import INSTALL_HINT, MariadbServer, socket_directory
 from harness.nodes.base import HeldStatistics, Node, NodeStatistics, Peer
 from harness.nodes.capabilities import Capabilities
@@ -46,6 +53,7 @@ DIM_TABLES = ("InstanceTable", "ImageLevel", "SeriesLevel", "StudyLevel", "Patie
 CONTROL_TABLES = ("ApplicationEntity", "StorageAccess", "StorageControl", "SecurityMatrix")
 ORGANIZATION = "pacs-harness"
 ACCESS_READ_WRITE = 3  # StorageAccess.Access, last digit: anyone (the matrix decides who)
+ISOLATION_FILE = "netns.json"  # its namespace's port and peers, for a restart
 _UID_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
@@ -97,16 +105,23 @@ class CtnNode(Node):
     def prepare(self, peers: list[Peer]) -> None:
         """The control rows, written as SQL that start_sidecars applies (on every start)."""
         super().prepare(peers)
+        netns.check_environment(f"node {self.name}")
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         titles: dict[str, Peer] = {}
         for peer in self.peers:
             titles.setdefault(peer.ae_title, peer)
         callers = list(titles.values())
+        outbound = [(peer_ip(p.host), p.port) for p in callers]
+        settings = {"inbound": [self.dicom_port], "outbound": outbound}
+        self._isolation(settings)  # peers sharing an inside address: ConfigError now
+        (self.workdir / ISOLATION_FILE).write_text(json.dumps(settings, indent=2))
         own = self.ae_title
         entities = [_row(own, socket.gethostname(), self.dicom_port, f"node {self.name}",
                          ORGANIZATION)]
-        entities += [_row(p.ae_title, peer_ip(p.host), p.port, p.name[:80], ORGANIZATION)
-                     for p in callers]
+        for peer, (host, port) in zip(callers, outbound, strict=True):
+            inside_host, inside_port = netns.IsolatedServer.inside_address(host, port)
+            entities.append(_row(peer.ae_title, inside_host, inside_port, peer.name[:80],
+                                 ORGANIZATION))
         statements = [f"DELETE FROM {table};" for table in CONTROL_TABLES]
         statements.append("INSERT INTO ApplicationEntity VALUES " + ", ".join(entities) + ";")
         statements.append(
@@ -125,8 +140,20 @@ class CtnNode(Node):
             )
         (self.workdir / "control.sql").write_text("\n".join(statements) + "\n")
 
+    def _isolation(self, settings: dict | None = None) -> netns.IsolatedServer:
+        assert self.workdir is not None
+        path = self.workdir / ISOLATION_FILE
+        if settings is None:
+            if not path.is_file():
+                raise EnvironmentProblem(
+                    f"node {self.name}: {path} missing (the node was never prepared)")
+            settings = json.loads(path.read_text())
+        return netns.IsolatedServer(self.name, self.workdir, settings["inbound"],
+                                    [tuple(peer) for peer in settings["outbound"]])
+
     def start_sidecars(self, *, detached: bool) -> None:
-        """MariaDB, its databases and tables (created once), the control rows (each start)."""
+        """MariaDB, its databases and tables (created once), the control rows (each start);
+        then the relay into archive_server's network namespace."""
         self.require_binary("archive_server")  # missing: say so before MariaDB starts
         if not (CTN_SCRIPTS / "CreateControlTables.script").exists():
             raise EnvironmentProblem(
@@ -142,6 +169,9 @@ class CtnNode(Node):
             control = self.workdir / "control.sql"
             if control.exists():
                 server.sql(control.read_text(), CONTROL_DATABASE)
+            popen, self.sidecars["netns-relay"] = self._isolation().start_relay(
+                detached=detached)
+            self.reap_on_stop.append(popen)
         except BaseException:
             server.stop()
             raise
@@ -168,6 +198,10 @@ class CtnNode(Node):
         # dumps on stdout
         return ["-r", "-q", str(self.dicom_port)]
 
+    def command(self) -> list[str]:
+        """archive_server in its own network namespace, behind the inside relay."""
+        return self._isolation().command([*self.program(), *self.arguments()])
+
     def network_environment(self) -> dict[str, str]:
         """Where archive_server's database is: libmariadb takes the socket from
         MYSQL_UNIX_PORT when CTN connects to "localhost" (port 0)."""
@@ -179,9 +213,13 @@ class CtnNode(Node):
         }
 
     def stop(self) -> None:
+        """archive_server (its process group: forked children, the inside relay), then
+        MariaDB and the outside relay; their socket directories are removed."""
         super().stop()
         if self.workdir is not None:
             shutil.rmtree(socket_directory(self.workdir / "mariadb"), ignore_errors=True)
+            if (self.workdir / ISOLATION_FILE).is_file():
+                self._isolation().remove_socket_dir()
 
     def version(self) -> str:
         try:
