@@ -105,6 +105,8 @@ class CtnNode(Node):
     def prepare(self, peers: list[Peer]) -> None:
         """The control rows, written as SQL that start_sidecars applies (on every start)."""
         super().prepare(peers)
+        for program, _hint in self.capabilities.binaries:  # missing: exit 3 before any start
+            self.require_binary(program)
         netns.check_environment(f"node {self.name}")
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         titles: dict[str, Peer] = {}
@@ -154,7 +156,6 @@ class CtnNode(Node):
     def start_sidecars(self, *, detached: bool) -> None:
         """MariaDB, its databases and tables (created once), the control rows (each start);
         then the relay into archive_server's network namespace."""
-        self.require_binary("archive_server")  # missing: say so before MariaDB starts
         if not (CTN_SCRIPTS / "CreateControlTables.script").exists():
             raise EnvironmentProblem(
                 f"node {self.name}: {CTN_SCRIPTS}/CreateControlTables.script not found "
