@@ -21,7 +21,9 @@ network namespace of its own with only loopback (harness/launch/netns.py): the h
 the peers reach it on 127.0.0.1:<dicom_port> through HAProxy relays, and it reaches its
 C-MOVE destinations at their loopback addresses through the same relays; its MariaDB socket
 is a file, which crosses namespaces. Inside, every caller comes from 127.0.0.1 (the relay),
-so its ApplicationEntity rows name peers by their loopback address. Who may associate is its
+which CTN checks against the caller's ApplicationEntity row: peers at 127.0.0.1 (the
+launched ones and the harness) pass, a peer at another address could not call in, though
+it can be a C-MOVE destination. Who may associate is its
 SecurityMatrix: one row per topology peer (every node and the harness); a calling AE title
 with no row is refused with an A-ASSOCIATE-RJ (CTN gives reason 7, "called AE title not
 recognized", also when it is the calling title it refuses; PS3.8 9.3.4 has reason 3). No
