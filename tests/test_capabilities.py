@@ -107,7 +107,8 @@ def test_query_levels_are_answered(node):
 def test_retrieve_methods_work(node, cluster):
     """C-GET returns the instances, C-MOVE delivers them to a peer (counted in the sink's
     own index), WADO-RS returns them; an undeclared method is absent."""
-    study = _stored(node, seed=502 + 1000 * LAUNCHED.index(node.kind))  # one study per kind
+    # one study per kind; names without an apostrophe, on which CTN aborts (tests/test_ctn.py)
+    study = _stored(node, seed=1502 + 1000 * LAUNCHED.index(node.kind))
     uids = sorted(ds.SOPInstanceUID for ds in study)
     methods = node.capabilities.retrieve_methods
     key = {"StudyInstanceUID": study[0].StudyInstanceUID}
@@ -309,9 +310,10 @@ def test_tls(node, tmp_path):
 
 
 def test_binaries_come_from_the_packages_the_hints_name(node):
-    """The program the node runs belongs to the Debian package its install hint names
-    (dpkg -S; through its alternatives link, as /usr/bin/java is), and it is the program
-    the node runs (first, or after a wrapper such as pixelmed's network namespace)."""
+    """Each program the kind declares belongs to the Debian package its install hint names
+    (dpkg -S; through its alternatives link, as /usr/bin/java is); the first is the program
+    the node runs (first, or after a wrapper such as pixelmed's network namespace), the
+    others its sidecars and tools (ctn's MariaDB)."""
     if not node.capabilities.binaries:
         pytest.skip(f"{node.kind} runs no installed program")
     for program, hint in node.capabilities.binaries:
@@ -321,7 +323,7 @@ def test_binaries_come_from_the_packages_the_hints_name(node):
         assert owner.returncode == 0, owner.stderr
         package = owner.stdout.split(":")[0]
         assert hint.startswith("apt-get install ") and package in hint.split()[2:]
-        assert path in node.command()
+    assert find_binary(node.capabilities.binaries[0][0]) in node.command()
 
 
 @pytest.mark.parametrize("kind", list(catalog.kinds()))
