@@ -34,7 +34,7 @@ def test_minimal_topology_from_the_issue():
     [
         (
             "name: x\nnodes:\n  a: {kind: orthank}\n",
-            "t.yaml:3: nodes.a.kind: unknown kind 'orthank' (allowed: dcm4chee, dcmqrscp, "
+            "t.yaml:3: nodes.a.kind: unknown kind 'orthank' (allowed: ctn, dcm4chee, dcmqrscp, "
             "embedded, external, orthanc, pixelmed)",
         ),
         (
@@ -154,7 +154,7 @@ def test_cli_exits_2_with_one_line_on_bad_topology(tmp_path: Path, command: str)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"error: {bad}:3: nodes.a.kind: unknown kind 'pacs9000' (allowed: "
-                     "dcm4chee, dcmqrscp, embedded, external, orthanc, pixelmed)"]
+                     "ctn, dcm4chee, dcmqrscp, embedded, external, orthanc, pixelmed)"]
     assert "Traceback" not in proc.stderr
 
 
