@@ -257,6 +257,23 @@ def test_a_node_refusing_the_corpus_is_an_environment_problem_naming_it():
     assert len(stored) == len(STUDIES)
 
 
+def test_a_node_refusing_some_of_the_corpus_keeps_the_rest_and_names_the_gap():
+    """CTN refuses some character sets (0xA700): the probes that need a refused study are
+    "not tested" naming it; the corpus holds exactly what the node accepted."""
+    refused_uid = next(s.sop_uid for s in STUDIES if s.key == "jis")
+
+    def on_store(event):
+        return 0xA700 if event.request.AffectedSOPInstanceUID == refused_uid else 0x0000
+
+    with _scp([(evt.EVT_C_STORE, on_store)], [SecondaryCaptureImageStorage]) as peer:
+        corpus = store_corpus(peer)
+        result = probe_by_id("query.charset-jis").run(ProbeContext(peer, corpus))
+    assert set(corpus.refused) == {"jis"} and "0xA700" in corpus.refused["jis"]
+    assert len(corpus.study_uids) == len(STUDIES) - 1
+    assert result.outcome == "not tested", result.line()
+    assert "refused to store corpus study 'jis'" in result.observed
+
+
 @pytest.fixture
 def orthanc_configured(tmp_path) -> Iterator[_Peer]:
     """An Orthanc of our own, with CaseSensitivePN true and DefaultEncoding Utf8: the two

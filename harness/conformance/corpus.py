@@ -15,7 +15,7 @@ whatever else the node holds.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset
@@ -23,6 +23,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
+from harness.conformance.model import ProbeNotApplicable
 from harness.errors import EnvironmentProblem
 from synthetic_data.uids import UIDFactory
 
@@ -119,12 +120,19 @@ STUDIES: tuple[CorpusStudy, ...] = (
 )
 
 
+class CorpusGap(ProbeNotApplicable):
+    """A probe asked for a corpus study the node refused to store."""
+
+
 @dataclass(frozen=True)
 class Corpus:
     """What store_corpus stored: the studies and their facts, for the probes to compare."""
 
     studies: tuple[CorpusStudy, ...]
     node: str = ""
+    #: studies the node refused to store, by key, with its answer: a probe that needs one
+    #: of them is "not tested" (CorpusGap), every other probe runs on what was stored
+    refused: dict[str, str] = field(default_factory=dict)
 
     @property
     def study_uids(self) -> frozenset[str]:
@@ -142,6 +150,9 @@ class Corpus:
         for study in self.studies:
             if study.key == key:
                 return study
+        if key in self.refused:
+            raise CorpusGap(f"{self.node} refused to store corpus study {key!r} "
+                            f"({self.refused[key]})")
         raise KeyError(f"no corpus study {key!r}")
 
     def uids(self, *keys: str) -> frozenset[str]:
@@ -158,7 +169,7 @@ class Corpus:
 
     def as_dict(self) -> dict[str, Any]:
         return {"node": self.node, "studies": [s.key for s in self.studies],
-                "study_uids": sorted(self.study_uids)}
+                "study_uids": sorted(self.study_uids), "refused": dict(self.refused)}
 
 
 def corpus_datasets() -> list[Dataset]:
@@ -168,14 +179,23 @@ def corpus_datasets() -> list[Dataset]:
 
 def store_corpus(node: Any) -> Corpus:
     """Store the corpus into a writable node (C-STORE through node.dimse(), which keeps to
-    the kind's association limits). EnvironmentProblem naming the node when it refuses any
-    instance: the probes could not tell a matching rule from a missing study."""
+    the kind's association limits).
+
+    A node that refuses some studies (CTN answers 0xA700 to some character sets) keeps the
+    others: the probes that need a refused study say so ("not tested"), the rest run on what
+    was stored. EnvironmentProblem naming the node when it stored none at all."""
     report = node.dimse().store(corpus_datasets())
-    if not report.ok:
+    refused = {}
+    for failed in report.failed:
+        key = next((s.key for s in STUDIES if s.sop_uid == failed.sop_instance_uid), None)
+        if key is not None:
+            refused[key] = failed.error or str(failed.status)
+    if len(refused) == len(STUDIES) or (report.failed and not refused):
         failed = report.failed[0]
-        why = failed.error or str(failed.status)
         raise EnvironmentProblem(
             f"node {node.name} did not store the conformance corpus: {len(report.failed)} of "
-            f"{len(report.results)} instances refused (first: {failed.sop_instance_uid}: {why})"
+            f"{len(report.results)} instances refused (first: {failed.sop_instance_uid}: "
+            f"{failed.error or failed.status})"
         )
-    return Corpus(STUDIES, node.name)
+    stored = tuple(s for s in STUDIES if s.key not in refused)
+    return Corpus(stored, node.name, refused)

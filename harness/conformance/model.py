@@ -68,6 +68,11 @@ class Observation:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
+class ProbeNotApplicable(Exception):
+    """Raised inside a probe whose prerequisite is missing on this node (a corpus study it
+    refused, ...): the probe is "not tested" with the message as the reason."""
+
+
 def conforms(observed: str, **facts: Any) -> Observation:
     return Observation("conforms", observed, facts)
 
@@ -134,6 +139,8 @@ class Probe:
                 seen = self.function(context)
             except (DimseConnectionError, EnvironmentProblem) as exc:
                 seen = not_tested(f"the node did not answer: {exc}")
+            except ProbeNotApplicable as exc:
+                seen = not_tested(str(exc))
         return ProbeResult(
             probe=self.id,
             node=node.name,
