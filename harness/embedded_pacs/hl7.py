@@ -140,7 +140,7 @@ def ack(message: Segments | None, code: str, text: str = "", error: int | None =
         "|".join(["MSH", "^~\\&", field("MSH", 5), field("MSH", 6), field("MSH", 3),
                   field("MSH", 4), now, "", f"ACK^{event}^ACK", f"A{control}"[:20], "P", "2.5",
                   "", "", "", "", "", "UNICODE UTF-8"]),
-        "|".join(["MSA", code, control, escaped(text)[:80]]),
+        "|".join(["MSA", code, control, escaped(text[:80])]),  # MSA-3: ST, 80 characters
     ]
     if error is not None:
         severity = "E"

@@ -87,6 +87,16 @@ def _escaped(value: str) -> str:
             .replace("&", "\\T\\").replace("~", "\\R\\"))
 
 
+def unescaped(value: str) -> str:
+    """The text of a field value with HL7 delimiter escapes (v2.5 2.7.4) resolved; other
+    escapes (highlighting, hexadecimal) are dropped."""
+    parts = value.split("\\")
+    if len(parts) < 3:
+        return value
+    known = {"F": "|", "S": "^", "T": "&", "R": "~", "E": "\\"}
+    return "".join(part if i % 2 == 0 else known.get(part, "") for i, part in enumerate(parts))
+
+
 def _xpn(name: str) -> str:
     return "^".join(_escaped(part) for part in pn_to_xpn(name).split("^"))
 
@@ -169,10 +179,10 @@ def parse_ack(raw: bytes, peer: str) -> Ack:
         ack = parse_message(text.strip("\r"), find_groups=False)
         code = ack.msa.msa_1.value
         control = ack.msa.msa_2.value
-        reason = ack.msa.msa_3.value if ack.msa.msa_3 else ""
-        if not reason and ack.children.get("ERR"):
-            err = ack.err
-            reason = err.err_8.value if err.err_8 else (err.err_3.value if err.err_3 else "")
+        reason = ack.msa.msa_3.value if ack.msa.msa_3 else ""  # ST, at most 80 characters
+        if ack.children.get("ERR") and ack.err.err_8:
+            reason = ack.err.err_8.value  # the user message in full (TX)
+        reason = unescaped(reason)
     except (HL7apyException, AttributeError, IndexError) as exc:
         raise HL7MessageError(f"HL7 peer {peer}: the answer is no ACK ({exc})") from None
     if code not in ACK_CODES:
