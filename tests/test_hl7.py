@@ -5,6 +5,7 @@ against small misbehaving listeners."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -127,6 +128,24 @@ def test_malformed_and_unsupported_messages_are_rejected(cluster):
 
     found = studies_of(node, patient_id)
     assert [str(m.PatientName) for m in found.values()] == ["OLDNAME^ANNA"]
+
+
+def test_the_listener_drops_unframed_and_oversized_data_and_keeps_serving(cluster):
+    node = cluster.node("pacs")
+    with socket.create_connection((node.host, node.hl7_port), timeout=10) as raw:
+        raw.sendall(b"MSH|^~\\&|no start block\x1c\x0d")
+        assert raw.recv(4096) == b""  # closed without an answer
+    with socket.create_connection((node.host, node.hl7_port), timeout=30) as raw:
+        try:
+            raw.sendall(b"\x0b" + b"x" * (1024 * 1024 + 70_000))
+        except OSError:
+            pass  # closed while we were still sending: as good
+        with contextlib.suppress(ConnectionResetError):
+            assert raw.recv(4096) == b""
+    patient_id, uids = stored_patient(node, seed=5, studies=1)
+    new = PatientIdentity(patient_id, "STILL^SERVING", "19500101", "F")
+    assert send_update(node, new).applied
+    assert check_update(node, new, uids)["verified"]
 
 
 def test_the_listener_is_off_by_default(tmp_path):
