@@ -120,14 +120,15 @@ def check_merge(node: Node, prior_id: str, survivor: PatientIdentity,
 def check_late_image(node: Node, prior_id: str, survivor_id: str, late: Dataset,
                      rule: str) -> dict[str, Any]:
     """Store `late` (PatientID = `prior_id`) after the merge and report where it is filed:
-    under `accept` it may stay under the prior ID; under `flag` that is the finding."""
+    under `accept` it may stay under the prior ID; under `flag` that is the finding.
+    `applied` says whether the node took the image (C-STORE)."""
     if rule not in LATE_IMAGE_RULES:
         raise ValueError(f"late_image_rule {rule!r} (allowed: {', '.join(LATE_IMAGE_RULES)})")
     stored = node.dimse().store([late])
     if not stored.ok:
         observed = [f"late image {late.SOPInstanceUID} refused: {stored.failed[0].error}"]
         return _result(None, "late image", prior_id, rule == "flag", observed, rule=rule,
-                       filed_under="")
+                       filed_under="", applied=False)
     found = node.dimse().find("IMAGE", {"StudyInstanceUID": late.StudyInstanceUID,
                                         "SeriesInstanceUID": late.SeriesInstanceUID,
                                         "SOPInstanceUID": late.SOPInstanceUID})
@@ -145,5 +146,5 @@ def check_late_image(node: Node, prior_id: str, survivor_id: str, late: Dataset,
         verified = True
     else:
         note, verified = f"late image {late.SOPInstanceUID} stored but not found", False
-    return _result(None, "late image", prior_id, verified, [note], rule=rule,
+    return _result(None, "late image", prior_id, verified, [note], rule=rule, applied=True,
                    filed_under=under, flagged=under == prior_id and rule == "flag")
