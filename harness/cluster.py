@@ -164,6 +164,9 @@ class Cluster:
             name: make_node(spec, root / name if spec.launched else None)
             for name, spec in specs.items()
         }
+        for node in nodes.values():  # an HL7 (MLLP) listener's port, e.g. the embedded PACS
+            if node.spec.launched and node.capabilities.hl7:
+                node.hl7_port = free_port(node.host, taken)
         cluster = cls(
             topology,
             nodes,
@@ -250,6 +253,7 @@ class Cluster:
                     "host": node.host,
                     "dicom_port": node.dicom_port,
                     "http_port": node.http_port,
+                    "hl7_port": getattr(node, "hl7_port", None),
                     "launch": node.spec.launch,
                     "workdir": str(node.workdir) if node.workdir else None,
                     "handle": handle_state(node.handle),
@@ -296,6 +300,8 @@ class Cluster:
             )
             node = make_node(spec, Path(saved["workdir"]) if saved["workdir"] else None)
             node.handle = handle_from_state(saved.get("handle"))
+            if saved.get("hl7_port"):
+                node.hl7_port = saved["hl7_port"]
             if saved.get("http_credentials"):
                 user, password = saved["http_credentials"]
                 node.generated_credentials = (user, password)

@@ -309,6 +309,27 @@ def test_tls(node, tmp_path):
         launched.stop()
 
 
+def test_hl7(node):
+    """An ADT^A08 over MLLP (HL7 v2.5 3.3.8) changes the patient's name a C-FIND answers,
+    where HL7 is declared; a kind without it gets no HL7 port from the cluster."""
+    from harness.hl7.messages import PatientIdentity, build_a08
+    from harness.hl7.mllp import send_message
+
+    if not node.capabilities.hl7:
+        assert getattr(node, "hl7_port", None) is None
+        return
+    study = _stored(node, seed=611, instances=1)
+    patient_id = study[0].PatientID
+    message, control = build_a08(PatientIdentity(patient_id, "CAPABILITY^PROBE", "20010101",
+                                                 "O"))
+    exchange = send_message(node.host, node.hl7_port, message, control)
+    assert exchange.ack.code == "AA", exchange.ack.describe()
+    found = node.dimse().find("STUDY", {"StudyInstanceUID": study[0].StudyInstanceUID,
+                                        "PatientID": None, "PatientName": None})
+    assert [(m.PatientID, str(m.PatientName)) for m in found.matches] == [
+        (patient_id, "CAPABILITY^PROBE")]
+
+
 def test_binaries_come_from_the_packages_the_hints_name(node):
     """Each program the kind declares belongs to the Debian package its install hint names
     (dpkg -S; through its alternatives link, as /usr/bin/java is); the first is the program

@@ -9,6 +9,8 @@
     added: [IssuerOfPatientID]     # may be absent in the source and present in the target
     charset_conversion: true       # SpecificCharacterSet may change (the text must not)
     ignore: [StationName, "(0009,1001)"]    # never compared
+    patient_merges:                # HL7 A40 merges the target applied (source PatientIDs)
+      - {prior: "MRN-OLD", survivor: "MRN-NEW"}
 
 Attributes are DICOM keywords or (gggg,eeee) tags (PS3.6 6), kept as the ledger names them.
 """
@@ -30,6 +32,7 @@ FIELDS = {
     "charset_conversion": "true or false",
     "lossless_transfer_syntax_change": "true or false",
     "ignore": "a list of attribute keywords or (gggg,eeee) tags",
+    "patient_merges": "a list of {prior: PATIENTID, survivor: PATIENTID}",
 }
 PREFIX_FIELDS = ("by_issuer", "default", "required")
 _TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
@@ -90,6 +93,22 @@ def _prefix(value: Any) -> Any:
     return value
 
 
+def _patient_id(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise fail(f"must be a PatientID, got {value!r}")
+    return value.strip()
+
+
+def _merges(value: Any) -> Any:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise fail(f"must be {FIELDS['patient_merges']}")
+    return value
+
+
 Flag = Annotated[bool, BeforeValidator(_flag)]
 Attributes = Annotated[frozenset[str], BeforeValidator(_attributes)]
 PrefixText = Annotated[str, BeforeValidator(_prefix_text)]
@@ -109,6 +128,24 @@ class PrefixModel(ConfigModel):
         return self
 
 
+PatientId = Annotated[str, BeforeValidator(_patient_id)]
+
+
+class MergeModel(ConfigModel):
+    """One declared merge (HL7 ADT^A40): the prior PatientID's studies now the survivor's."""
+
+    shape: ClassVar[str] = "{prior: PATIENTID, survivor: PATIENTID}"
+
+    prior: PatientId
+    survivor: PatientId
+
+    @model_validator(mode="after")
+    def _two_patients(self) -> MergeModel:
+        if self.prior == self.survivor:
+            raise fail(f"prior and survivor are both {self.prior!r}")
+        return self
+
+
 class RulesModel(ConfigModel):
     """A rules file; every field is optional and an empty file allows no change."""
 
@@ -120,6 +157,7 @@ class RulesModel(ConfigModel):
     charset_conversion: Flag = False
     lossless_transfer_syntax_change: Flag = False
     ignore: Attributes = frozenset()
+    patient_merges: Annotated[tuple[MergeModel, ...], BeforeValidator(_merges)] = ()
 
 
 def parse_rules_data(data: Any, check: Checker) -> RulesModel:

@@ -19,6 +19,7 @@ Patient Root and Study Root Query/Retrieve FIND, MOVE and GET. One module per co
 * matching.py    attribute matching, wildcards and ranges (PS3.4 C.2.2.2)
 * retrieve.py    C-GET and C-MOVE
 * conversion.py  transfer syntax conversion for retrieval (endianness, decompression)
+* hl7.py         HL7 v2 ADT^A08/A40 over MLLP (``--hl7-port``, off by default)
 
 Adapter API (the harness's node adapter imports these; pure SQLite, no DICOM library):
 ``open_index``, ``statistics``, ``wipe_storage`` and ``COLUMNS`` (storage.py).

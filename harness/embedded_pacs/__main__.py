@@ -2,13 +2,15 @@
 
     python -m harness.embedded_pacs --ae-title LEGACY --port 11112 --storage DIR \\
         --peers PEERS.json [--host 127.0.0.1] [--log-level info] [--timeout 30] \\
-        [--audit-syslog udp://127.0.0.1:PORT | tls://127.0.0.1:PORT] \\
+        [--audit-syslog udp://127.0.0.1:PORT | tls://127.0.0.1:PORT] [--hl7-port PORT] \\
         [--tls-certificate PEM --tls-key PEM --tls-ca PEM [--tls-min-version 1.2]
          [--tls-client-certificate required|optional|none]]
 
 With ``--tls-*`` the port takes DICOM over TLS only (PS3.15 B.1); the same certificate is
 presented on C-MOVE sub-associations to peers the peers file marks ``"tls": true``, and to
 the audit repository of ``--audit-syslog tls://`` (RFC 5425; it requires the ``--tls-*`` files).
+
+``--hl7-port`` adds an MLLP listener taking ADT^A08 and ADT^A40 (hl7.py); off by default.
 
 ``--port 0`` binds an ephemeral port; the startup line on stderr always names the real one::
 
@@ -66,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    parser.add_argument(
+        "--hl7-port", type=int, default=None,
+        help="MLLP port for HL7 v2 ADT^A08/A40 (hl7.py), 0 for ephemeral (default: off)",
+    )
     audit = parser.add_argument_group("audit trail (IHE ATNA, PS3.15 A.5)")
     audit.add_argument(
         "--audit-syslog",
@@ -92,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--timeout {args.timeout}: must be positive")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: out of range")
+    if args.hl7_port is not None and not 0 <= args.hl7_port <= 65535:
+        parser.error(f"--hl7-port {args.hl7_port}: out of range")
     args.ae_title = title
     return args
 
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     audit = audit_sender(args, tls[1] if tls else None)
     return serve(
         args.ae_title, args.port, args.storage, args.peers, host=args.host,
-        timeout_s=args.timeout, tls=tls, audit=audit,
+        timeout_s=args.timeout, tls=tls, audit=audit, hl7_port=args.hl7_port,
     )
 
 

@@ -49,6 +49,7 @@ from harness.embedded_pacs.connection import (
     awaiting_request,
     guard_connection,
 )
+from harness.embedded_pacs.hl7 import Hl7Listener
 from harness.embedded_pacs.peers import PEERS_FILE_ERRORS, load_peers
 from harness.embedded_pacs.query import handle_find
 from harness.embedded_pacs.retrieve import Retriever
@@ -314,10 +315,12 @@ def serve(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     audit: AuditSender | None = None,
     tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
+    hl7_port: int | None = None,
 ) -> int:
     """Run the node until ``stop`` is set (or SIGTERM/SIGINT in the main thread); exit code.
     ``tls``: (server, client) contexts of connection.py: the port takes DICOM over TLS only
-    (PS3.15 B.1) and C-MOVEs to TLS peers use the client one."""
+    (PS3.15 B.1) and C-MOVEs to TLS peers use the client one. ``hl7_port``: an MLLP
+    listener for ADT^A08/A40 there (hl7.py), bound before the DICOM port."""
     server_tls, client_tls = tls or (None, None)
     pacs = EmbeddedPacs(ae_title, storage_dir.resolve(), peers_file, timeout_s, audit=audit,
                          client_tls=client_tls)
@@ -329,6 +332,17 @@ def serve(
     except (OSError, sqlite3.Error) as exc:
         print(f"embedded PACS {ae_title}: storage {storage_dir} unusable: {exc}", file=sys.stderr)
         return EXIT_ENVIRONMENT
+    hl7 = None
+    if hl7_port is not None:
+        try:
+            hl7 = Hl7Listener(pacs.storage, host, hl7_port, timeout_s)
+        except OSError as exc:
+            print(f"embedded PACS {ae_title}: cannot bind HL7 {host}:{hl7_port}: {exc}",
+                  file=sys.stderr)
+            return EXIT_ENVIRONMENT
+        hl7.start()
+        print(f"embedded PACS {ae_title} HL7 (MLLP) listening on {host}:{hl7.port}",
+              file=sys.stderr, flush=True)
     ae = pacs.build_ae()
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -340,6 +354,8 @@ def serve(
         )
     except OSError as exc:
         print(f"embedded PACS {ae_title}: cannot bind {host}:{port}: {exc}", file=sys.stderr)
+        if hl7 is not None:
+            hl7.stop()
         return EXIT_ENVIRONMENT
     assert server is not None
     server.contexts = _ContextTemplates(server.contexts)
@@ -353,6 +369,8 @@ def serve(
     finally:
         LOG.info("shutting down")
         STOPPING.set()  # guarded reads give up, so no thread waits on a peer
+        if hl7 is not None:
+            hl7.stop()
         closer = threading.Thread(target=ae.shutdown, name="shutdown", daemon=True)
         closer.start()
         closer.join(SHUTDOWN_GRACE_S)

@@ -102,9 +102,12 @@ def identity_report(ledger: str | os.PathLike[str], rules: Rules | None = None) 
 
 
 def merged_patients(
-    source_ledger: str | os.PathLike[str], target_ledger: str | os.PathLike[str]
+    source_ledger: str | os.PathLike[str], target_ledger: str | os.PathLike[str],
+    rules: Rules | None = None,
 ) -> list[dict[str, Any]]:
-    """Target patients holding studies of more than one source patient (a wrong merge)."""
+    """Target patients holding studies of more than one source patient (a wrong merge); a
+    merge the rules declare (`patient_merges`, an HL7 ADT^A40 the target applied) is none."""
+    rules = rules or Rules()
     conn = sqlite_db.connect_readonly(source_ledger)
     try:
         conn.execute("ATTACH DATABASE ? AS target", (sqlite_db.readonly_uri(target_ledger),))
@@ -119,6 +122,9 @@ def merged_patients(
         conn.close()
     sources: dict[PatientKey, list[dict[str, Any]]] = defaultdict(list)
     for t_id, t_issuer, s_id, s_issuer, studies in rows:
+        survivor = rules.merged_into(s_id)
+        if survivor is not None and rules.patient_id_allowed(survivor, s_issuer, t_id):
+            continue  # declared: counted with the survivor's own studies, not a second patient
         sources[(t_id, t_issuer)].append(
             {"patient_id": s_id, "issuer": s_issuer, "studies": studies}
         )

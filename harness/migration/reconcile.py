@@ -224,21 +224,24 @@ def _rules_for_tokens(rules: Rules, meta: dict[str, dict[str, str]], source: Pat
                       target: Path) -> Rules:
     """The rules as they apply to the ledgers: with tokenised identities (ledger.py), the
     issuers of the prefix map are tokens too. Two ledgers written differently (one in clear,
-    one tokenised) cannot be compared."""
+    one tokenised) cannot be compared. Declared merges name PatientIDs: tokens too."""
     modes = {alias: meta[alias].get("identities", "clear") for alias in ("s", "t")}
     if modes["s"] != modes["t"]:
         raise ConfigError(
             f"{source} holds patient identities {modes['s']!r}, {target} {modes['t']!r}: "
             "crawl both the same way (verify does; --show-identities for both in clear)"
         )
-    if modes["s"] != "tokens" or not rules.prefix_by_issuer:
+    if modes["s"] != "tokens" or not (rules.prefix_by_issuer or rules.patient_merges):
         return rules
     from harness.report.identities import LedgerTokens, ledger_key
 
     tokens = LedgerTokens(ledger_key())
     return replace(rules, prefix_by_issuer={
         tokens.column("IssuerOfPatientID", issuer): prefix
-        for issuer, prefix in rules.prefix_by_issuer.items()})
+        for issuer, prefix in rules.prefix_by_issuer.items()},
+        patient_merges=tuple((tokens.column("PatientID", prior),
+                              tokens.column("PatientID", survivor))
+                             for prior, survivor in rules.patient_merges))
 
 
 def _attach_ro(source: Path, target: Path) -> sqlite3.Connection:

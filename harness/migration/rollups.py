@@ -9,7 +9,9 @@ defect is one finding.
   and pixels as another instance is one `duplicate_instance` finding, not an extra.
 - reassignment: a study (all of its instances) now filed under another *source* patient is one
   `study_reassignment` (patient attributes then not reported again); when every study of a
-  patient went to the same other patient it is one `patient_reassignment`.
+  patient went to the same other patient it is one `patient_reassignment`. A merge the rules
+  declare (`patient_merges`, an HL7 ADT^A40 the target applied) is no reassignment: the
+  prior patient's studies under the survivor, with the survivor's identity, are no finding.
 - altered: instances with the same difference (same attributes, same before and after) are
   reported once for the highest entity they cover entirely (patient, study, series, else each
   instance), but not higher than the level the attributes belong to (StudyDate at most study,
@@ -231,12 +233,15 @@ class Rollups:
             else:
                 self.warnings.append(f"instance {a['sop_uid']}: pixels decoded on one side "
                                      "only, not compared")
-        if "PatientID" not in rules.ignore and not rules.patient_id_allowed(
+        merged = rules.merge_allowed(a["patient_id"], a["issuer"], b["patient_id"])
+        if "PatientID" not in rules.ignore and not merged and not rules.patient_id_allowed(
                 a["patient_id"], a["issuer"], b["patient_id"]):
             diff["PatientID"] = (a["patient_id"], b["patient_id"])  # e.g. a required prefix
         allowed = set()
         for name, (before, after) in diff.items():
-            if name in rules.ignore:
+            if merged and name in PATIENT_ATTRS:
+                allowed.add(name)  # a declared merge: the survivor's identity (HL7 ADT^A40)
+            elif name in rules.ignore:
                 allowed.add(name)
             elif name in rules.added and before is None:
                 allowed.add(name)

@@ -12,6 +12,9 @@ A rules file is YAML; every field is optional and an empty file allows no change
     added: [IssuerOfPatientID]     # may be absent in the source and present in the target
     charset_conversion: true       # SpecificCharacterSet may change (the text must not)
     ignore: [StationName, "(0009,1001)"]    # never compared
+    patient_merges:                # merges (HL7 ADT^A40) the target applied, by source IDs:
+      - {prior: "MRN-OLD", survivor: "MRN-NEW"}   # the prior's studies under the survivor,
+                                                  # with its demographics, are no finding
 
 A transfer syntax change is never a finding by itself (content is compared decoded, see
 docs/verification.md); a lossy recompression always is (`recompressed_lossy`). The old field
@@ -61,6 +64,7 @@ class Rules:
     ignore: frozenset[str] = frozenset()
     charset_conversion: bool = False
     lossless_transfer_syntax_change: bool = False
+    patient_merges: tuple[tuple[str, str], ...] = ()  # (prior, survivor) source PatientIDs
     source: str = "<none>"
 
     def patient_id_prefix(self, issuer: str) -> str | None:
@@ -81,6 +85,17 @@ class Rules:
                 candidates.add(target_id[len(prefix):])
         return candidates
 
+    def merged_into(self, prior_id: str) -> str | None:
+        """The surviving PatientID a declared merge (HL7 ADT^A40) moved `prior_id` to."""
+        return next((survivor for prior, survivor in self.patient_merges
+                     if prior == prior_id), None)
+
+    def merge_allowed(self, before_id: str, issuer: str, after_id: str) -> bool:
+        """True when a declared merge explains a study of `before_id` filed under `after_id`
+        (the survivor, with the prefix the rules give its issuer, if any)."""
+        survivor = self.merged_into(before_id)
+        return survivor is not None and self.patient_id_allowed(survivor, issuer, after_id)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -90,6 +105,7 @@ class Rules:
             "ignore": sorted(self.ignore),
             "charset_conversion": self.charset_conversion,
             "lossless_transfer_syntax_change": self.lossless_transfer_syntax_change,
+            "patient_merges": [{"prior": p, "survivor": s} for p, s in self.patient_merges],
         }
 
 
@@ -107,6 +123,7 @@ def parse_rules(text: str, source: str = "<string>") -> Rules:
         ignore=model.ignore,
         charset_conversion=model.charset_conversion,
         lossless_transfer_syntax_change=model.lossless_transfer_syntax_change,
+        patient_merges=tuple((m.prior, m.survivor) for m in model.patient_merges),
         source=source,
     )
 

@@ -1,5 +1,7 @@
 """The embedded pure-Python PACS (pynetdicom), run in a subprocess: the zero-install default.
 
+It takes HL7 v2 ADT^A08/A40 over MLLP on `hl7_port` (the cluster picks it).
+
 With `tls: {generate: true}` it takes DICOM over TLS only (PS3.15 B.1) with the node's
 generated certificate, `tls.min_version` and `tls.client_certificate` as declared (Python's
 ssl), and calls the peers that take TLS over TLS for C-MOVE (peers.json "tls": true).
@@ -36,10 +38,15 @@ class EmbeddedNode(Node):
         tls=True,
         index_backends=("sqlite",),
         audit_trail=True,  # --audit-syslog: IHE ATNA messages (embedded_pacs/audit.py)
+        hl7=True,  # --hl7-port: ADT^A08/A40 over MLLP (embedded_pacs/hl7.py)
         image_recipe=ImageRecipe(
             ("python3",), ("pydicom", "pynetdicom"), ("embedded_pacs", "sqlite_db.py")
         ),
     )
+
+    #: the MLLP port of its HL7 listener, picked by the cluster with its other ports
+    #: (harness/cluster.py); None: no listener
+    hl7_port: int | None = None
 
     @property
     def storage_dir(self):
@@ -103,6 +110,7 @@ class EmbeddedNode(Node):
             "--peers",
             str(self.workdir / "peers.json"),
             *audit,
+            *(["--hl7-port", str(self.hl7_port)] if self.hl7_port else []),
             *self.tls_arguments(),
         ]
 
