@@ -22,6 +22,7 @@ from harness.conformance.risks import (
     DELETE_BEFORE_RESEND,
     DUPLICATES,
     KEEP_ATTRIBUTES,
+    ONE_ASSOCIATION,
     RECONCILE_FULL,
     RETRIEVE_BY_GET,
     SPLIT_BY_DATE,
@@ -108,6 +109,18 @@ def test_refused_syntaxes_and_classes_of_the_target():
     assert _ids(risks, "a", "b") == {TRANSCODE, CLASS_NOT_STORED}
     assert _ids(risks, "b", "a") == set()
     assert any("JPEG Baseline" in r.risk for r in risks if r.remedy_id == TRANSCODE)
+
+
+@pytest.mark.parametrize(("outcome", "facts", "flagged"), [
+    ("differs", {"lost": 1, "refused": 0}, True),  # acknowledged, then not held
+    ("conforms", {"lost": 0, "refused": 20}, True),  # refusals: allowed, but a risk
+    ("conforms", {"lost": 0, "refused": 0}, False),
+])
+def test_a_target_that_cannot_take_parallel_stores(outcome, facts, flagged):
+    results = [_row("b", "limits.parallel-stores", outcome, "observed", **facts)]
+    risks = migration_risks(results, NODES)
+    assert _ids(risks, "a", "b") == ({ONE_ASSOCIATION} if flagged else set())
+    assert _ids(risks, "b", "a") == set()
 
 
 def test_source_without_move_is_migrated_by_get():

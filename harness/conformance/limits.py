@@ -113,3 +113,73 @@ def find_result_limit(ctx: ProbeContext) -> Observation:
         )
     return conforms(f"all {held} studies returned with Success (no limit up to {held})",
                     limit=None, says_so=False, **facts)
+
+
+#: parallel C-STORE probe: this many associations at once, each with its own study
+PARALLEL_ASSOCIATIONS = 4
+PARALLEL_INSTANCES_PER_STUDY = 6
+
+
+@probe(
+    "limits.parallel-stores",
+    title="parallel C-STORE associations",
+    expected="every instance acknowledged with Success over several associations at once is "
+    "held, each study listed once; a node that cannot take them in parallel refuses the "
+    "association or the instance instead (A-ASSOCIATE-RJ, 0xA7xx)",
+    reference="PS3.4 B.2.3, PS3.8 9.3.4",
+    writes=True,
+)
+def parallel_stores(ctx: ProbeContext) -> Observation:
+    """A migrator with N workers stores over N associations. dcmqrscp 3.6.7 acknowledges
+    instances it then loses (its forked children pick the same file names) and PixelMed
+    lists a study stored over two associations as several: the kind's `store_associations`
+    keeps the harness's own stores to one, so this probe bypasses it on purpose."""
+    from synthetic_data.templates import clone_study, template_instance
+
+    client = ctx.node.dimse()
+    client.max_store_associations = None  # measure the node, not the harness's cap
+    template = template_instance("tiny", "CT", seed=16)
+    studies = [clone_study(template, PARALLEL_INSTANCES_PER_STUDY, patient_id=f"CONFPAR{n}")
+               for n in range(PARALLEL_ASSOCIATIONS)]
+    # interleaved so that every association carries instances of every study
+    objects = [study[i] for i in range(PARALLEL_INSTANCES_PER_STUDY) for study in studies]
+    report = client.store(objects, associations=PARALLEL_ASSOCIATIONS)
+    acknowledged = {r.sop_instance_uid for r in report.succeeded}
+    refused = len(report.failed)
+    ctx.record(
+        f"C-STORE of {len(objects)} instances in {PARALLEL_ASSOCIATIONS} studies over "
+        f"{PARALLEL_ASSOCIATIONS} associations at once",
+        f"{len(acknowledged)} acknowledged, {refused} refused"
+        + (f" (first: {report.failed[0].error or report.failed[0].status})" if refused else ""),
+    )
+    held: set[str] = set()
+    listed_more_than_once = []
+    for study in studies:
+        study_uid = str(study[0].StudyInstanceUID)
+        listed = client.find("STUDY", {"StudyInstanceUID": study_uid})
+        if len(listed.matches) > 1:
+            listed_more_than_once.append(f"{study_uid} x{len(listed.matches)}")
+        found = client.find("IMAGE", {"StudyInstanceUID": study_uid,
+                                      "SeriesInstanceUID": str(study[0].SeriesInstanceUID),
+                                      "SOPInstanceUID": None})
+        held |= {str(m.get("SOPInstanceUID", "")) for m in found.matches}
+    lost = sorted(acknowledged - held)
+    ctx.record("C-FIND STUDY and IMAGE level of each of the studies",
+               f"{len(held & acknowledged)} of {len(acknowledged)} acknowledged instances "
+               f"found; studies listed more than once: {listed_more_than_once or 'none'}")
+    facts = {"associations": PARALLEL_ASSOCIATIONS, "sent": len(objects),
+             "acknowledged": len(acknowledged), "refused": refused, "lost": len(lost),
+             "listed_more_than_once": len(listed_more_than_once)}
+    if lost:
+        return differs(f"{len(lost)} of {len(acknowledged)} instances acknowledged with "
+                       f"Success over {PARALLEL_ASSOCIATIONS} associations are not held "
+                       f"(first: {lost[0]})", **facts)
+    if listed_more_than_once:
+        return differs(f"studies stored over {PARALLEL_ASSOCIATIONS} associations are listed "
+                       f"more than once: {', '.join(listed_more_than_once)}", **facts)
+    if not acknowledged:
+        return differs(f"every instance refused over {PARALLEL_ASSOCIATIONS} associations",
+                       **facts)
+    return conforms(f"{len(acknowledged)} acknowledged instances all held"
+                    + (f"; {refused} refused (allowed: the sender retries)" if refused else ""),
+                    **facts)

@@ -26,8 +26,10 @@ KEEP_ATTRIBUTES = "preserve-or-allow-changes"
 DUPLICATES = "deduplicate-before-migrating"
 DELETE_BEFORE_RESEND = "delete-before-resend"
 RECONCILE_FULL = "reconcile-full-depth"
+ONE_ASSOCIATION = "store-over-one-association"
 
 LIMIT_PROBE = "limits.find-results"
+PARALLEL_PROBE = "limits.parallel-stores"
 TRANSCODING_PROBE = "storage.transcoding"
 DUPLICATE_PROBE = "storage.duplicate-uid"
 #: C-FIND matching probes whose difference makes query-based discovery or verification
@@ -285,8 +287,29 @@ def _duplicates(source: str, target: str, seen: _Results) -> list[MigrationRisk]
     return risks
 
 
+def _parallel_stores(source: str, target: str, seen: _Results) -> list[MigrationRisk]:
+    """PS3.4 B.2.3: Success means stored. A target that loses or mislists instances stored
+    over parallel associations breaks a migrator running several workers."""
+    on_target = seen.get(target, PARALLEL_PROBE)
+    if on_target is None:
+        return []
+    if on_target.outcome == "differs":
+        what = "loses or splits studies on it"
+    elif on_target.facts.get("refused"):
+        what = "meets refusals and retries on it (refusing is allowed, but slows it down)"
+    else:
+        return []
+    return [MigrationRisk(
+        source, target, PARALLEL_PROBE,
+        f"{target} with several C-STORE associations at once: {on_target.observed}; a "
+        f"migration with parallel workers {what}.",
+        f"store into {target} over one association (one worker, or the kind's "
+        "store_associations) and reconcile afterwards", ONE_ASSOCIATION)]
+
+
 RULES: tuple[Rule, ...] = (
     _find_limit, _matching, _syntaxes, _retrieval, _storage, _transcoding, _duplicates,
+    _parallel_stores,
 )
 
 
