@@ -36,6 +36,7 @@ class EmbeddedNode(Node):
         tls=True,
         index_backends=("sqlite",),
         audit_trail=True,  # --audit-syslog: IHE ATNA messages (embedded_pacs/audit.py)
+        storage_commitment=True,  # N-ACTION/N-EVENT-REPORT SCP (embedded_pacs/commitment.py)
         image_recipe=ImageRecipe(
             ("python3",), ("pydicom", "pynetdicom"), ("embedded_pacs", "sqlite_db.py")
         ),
