@@ -229,8 +229,10 @@ def test_no_report_within_the_timeout_ends_at_the_deadline(silent_scp):
 
 
 def test_verify_commit_exit_codes(pacs_launch, tmp_path):
-    """A copy on the embedded PACS is committed (exit 0, counts in --json); the same copy
-    on dcmqrscp passes verify but is "storage commitment not supported" (exit 1)."""
+    """A copy on the embedded PACS is committed (exit 0, counts in --json); once one of its
+    files is lost behind its index's back, verify still passes but that instance is listed
+    failed with its reason (exit 1); the same copy on dcmqrscp passes verify but is "storage
+    commitment not supported" (exit 1)."""
     launched = pacs_launch("name: verifycommit\nnodes:\n"
                            "  src: {kind: embedded, ae_title: VCSRC}\n"
                            "  dst: {kind: embedded, ae_title: VCDST}\n"
@@ -255,6 +257,19 @@ def test_verify_commit_exit_codes(pacs_launch, tmp_path):
     assert printed["commitment"]["committed"] == 3 and printed["commitment"]["ok"]
     saved = json.loads((tmp_path / "dst" / "commitment.json").read_text())
     assert saved["committed"] == 3
+
+    # the index still lists it (verify at attributes depth passes), its file is gone:
+    # the target cannot commit to it
+    lost = str(study[2].SOPInstanceUID)
+    (lost_file,) = [p for p in (launched.node("dst").storage_dir / "files").rglob("*.dcm")
+                    if str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) == lost]
+    lost_file.unlink()
+    failed = verify("dst")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert f"{lost} ({study[2].SOPClassUID}): failed: 0x0112 no such object instance" \
+        in failed.stdout
+    assert "2 committed, 1 failed, 0 no answer" in failed.stdout
+    assert json.loads((tmp_path / "dst" / "findings.json").read_text())["verdict"] == "pass"
 
     refused = verify("dq")
     assert refused.returncode == 1, refused.stdout + refused.stderr
