@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pynetdicom import AE, evt
 
 from harness.dicom.commitment import (
@@ -184,6 +184,43 @@ def test_dcmqrscp_is_not_supported(cluster):
     assert result.problems() == [f"dcmqrscp: {NOT_SUPPORTED}"]
     nothing = commit_on_node(node, [], report_port=None)  # nothing to commit: no pass either
     assert not nothing.supported and not nothing.ok
+
+
+def _raw_action(node, info, action_type: int = 1,
+                instance: str = "1.2.840.10008.1.20.1.1") -> int:
+    """One N-ACTION as given, on pynetdicom directly; the status the node answers."""
+    ae = AE(ae_title="PACSHARNESS")
+    ae.add_requested_context(STORAGE_COMMITMENT, SYNTAXES)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate(node.host, node.dicom_port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(info, action_type, STORAGE_COMMITMENT, instance)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def _action_info(**values) -> Dataset:
+    info = Dataset()
+    for keyword, value in values.items():
+        setattr(info, keyword, value)
+    return info
+
+
+def test_embedded_refuses_malformed_requests_with_their_status(cluster):
+    """PS3.7 10.1.4.1.10: no such action 0x0123, invalid object instance 0x0117, invalid
+    argument value 0x0115 (no Transaction UID, no references); the node keeps serving."""
+    node = cluster.node("embedded")
+    item = _action_info(ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+                        ReferencedSOPInstanceUID="1.2.3.4")
+    good = _action_info(TransactionUID="1.2.3.99", ReferencedSOPSequence=[item])
+    assert _raw_action(node, good, action_type=2) == 0x0123
+    assert _raw_action(node, good, instance="1.2.3.5") == 0x0117
+    assert _raw_action(node, _action_info(ReferencedSOPSequence=[item])) == 0x0115
+    assert _raw_action(node, _action_info(TransactionUID="1.2.3.98",
+                                          ReferencedSOPSequence=[])) == 0x0115
+    assert node.dimse().echo().status.ok
 
 
 class _SilentScp:

@@ -19,9 +19,9 @@ never a pass.
 Batches: PS3.4 J sets no limit on a transaction's size, but the request and its report each
 travel as one DIMSE message that both ends hold whole in memory (pynetdicom reassembles a
 message before handing it over), and an SCP checks a whole transaction before answering.
-Batches of `DEFAULT_BATCH` references (about 150 KB per message) keep each message and each
-wait bounded; one association per transaction, so a late report of one transaction can never
-arrive in the middle of the next N-ACTION.
+Batches of `DEFAULT_BATCH` references (about 115 KB per message with 64-character UIDs)
+keep each message and each wait bounded; one association per transaction, so a late report
+of one transaction can never arrive in the middle of the next N-ACTION.
 """
 
 from __future__ import annotations
