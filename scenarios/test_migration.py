@@ -4,8 +4,10 @@ An archive with identity traps (colliding MRNs across facilities, one person und
 name and birth-date variants) is loaded into the source node, its identities are reported
 before anything moves, it is migrated with each applicable method while an availability
 monitor probes both sides, and the target is reconciled against the source at full depth:
-every instance, attribute and pixel. The gate: no finding, no merged patients, and the share
-of failed availability probes under the topology's threshold.
+every instance, attribute and pixel. The gate: no finding, no merged patients, the share
+of failed availability probes under the topology's threshold, and the target's storage
+commitment of every migrated instance (PS3.4 J; a target without the service fails with
+"storage commitment not supported": the source cannot be retired on its word).
 
 Topology settings (all optional)::
 
@@ -17,6 +19,7 @@ Topology settings (all optional)::
         max_inaccessible_share: 0.05
         pilot_patients: 4
         staged_patients: 48
+        commit_timeout_s: 60      # wait for each storage commitment report (harness's address)
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from pathlib import Path
 import allure
 import pytest
 
+from harness.dicom.commitment import commit_on_node
 from harness.migration.identity import identity_report, merged_patients
 from harness.migration.inventory import crawl
 from harness.migration.methods import METHODS
 from harness.migration.migrator import Migrator
 from harness.migration.monitor import AvailabilityMonitor
 from harness.migration.rules import load_rules
-from harness.migration.verify import verify
+from harness.migration.verify import migrated_instances, verify
 from harness.report.identities import for_report, redactor_for
 from synthetic_data import GeneratorOptions, generate
 from synthetic_data.manifest import colliding_patient_ids
@@ -78,7 +82,7 @@ def _applicable(method: str, source, target) -> str | None:
 
 
 def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: int, seed: int,
-                      settings: dict, metrics: dict, label: str) -> None:
+                      settings: dict, metrics: dict, label: str, report_port: int) -> None:
     archive = list(generate(GeneratorOptions(
         patients=patients, studies_per_patient=1, modalities=MODALITIES, facilities=2,
         seed=seed, scale="tiny", trap_rate=0.5, transfer_syntaxes=["explicit", "implicit"],
@@ -112,6 +116,10 @@ def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: i
         verified.paths["csv"], name="findings.csv",
         attachment_type=allure.attachment_type.CSV,
     )
+    with allure.step(f"storage commitment of the migrated instances by {target.name}"):
+        commitment = commit_on_node(
+            target, migrated_instances(verified), report_port=report_port,
+            timeout_s=float(settings.get("commit_timeout_s", 60)))
 
     metrics[label] = {
         "method": method,
@@ -126,6 +134,9 @@ def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: i
         "availability": availability,
         "identity": for_report(identities.as_dict(), source, target),
         "merged_patients": for_report(merged, source, target),
+        "commitment": {"summary": commitment.summary(), "supported": commitment.supported,
+                       "committed": len(commitment.committed),
+                       "problems": commitment.problems()[:20]},
     }
     assert result.ok, f"migration failed for {len(result.errors)} studies: {result.errors}"
     assert verified.verdict == "pass", (
@@ -133,6 +144,7 @@ def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: i
     ).summary_text()
     assert merged == [], ("patients of different facilities merged: "
                           f"{for_report(merged, source, target)}")
+    assert commitment.ok, "; ".join(commitment.problems()[:20])
     threshold = float(settings.get("max_inaccessible_share", 0.05))
     share = availability["inaccessible_share"]["source"] or 0.0
     assert share <= threshold, f"{share:.1%} of source probes failed (threshold {threshold:.1%})"
@@ -142,7 +154,8 @@ def migrate_and_prove(source, target, workdir: Path, *, method: str, patients: i
 
 @pytest.mark.phase("pilot")
 @pytest.mark.parametrize("method", METHODS)
-def test_migration_pilot(pacs_topology, pacs_node, pacs_janitor, pacs_metrics, tmp_path, method):
+def test_migration_pilot(pacs_topology, pacs_cluster, pacs_node, pacs_janitor, pacs_metrics,
+                         tmp_path, method):
     source, target = _pair(pacs_topology, pacs_node)
     reason = _applicable(method, source, target)
     if reason:
@@ -151,17 +164,17 @@ def test_migration_pilot(pacs_topology, pacs_node, pacs_janitor, pacs_metrics, t
     migrate_and_prove(
         source, target, tmp_path, method=method, seed=101,
         patients=int(settings.get("pilot_patients", 4)), settings=settings,
-        metrics=pacs_metrics, label=f"pilot-{method}",
+        metrics=pacs_metrics, label=f"pilot-{method}", report_port=pacs_cluster.harness_port,
     )
 
 
 @pytest.mark.phase("staged-rollout")
-def test_migration_staged_volume(pacs_topology, pacs_node, pacs_janitor, pacs_metrics,
-                                 tmp_path):
+def test_migration_staged_volume(pacs_topology, pacs_cluster, pacs_node, pacs_janitor,
+                                 pacs_metrics, tmp_path):
     source, target = _pair(pacs_topology, pacs_node)
     settings = _settings(pacs_topology)
     migrate_and_prove(
         source, target, tmp_path, method="move", seed=202,
         patients=int(settings.get("staged_patients", 48)), settings=settings,
-        metrics=pacs_metrics, label="staged-move",
+        metrics=pacs_metrics, label="staged-move", report_port=pacs_cluster.harness_port,
     )

@@ -3,8 +3,9 @@
 One cluster holds one node of each launched kind installed here (plus an embedded `sink`,
 the C-MOVE destination). Each declaration is probed with the protocol it claims: C-FIND at
 each level, C-GET, C-MOVE, Orthanc REST, DICOMweb, the syntax a C-GET returns, SOP Classes
-in Study, the association limit, TLS; an undeclared one is probed to be absent. A kind
-defined in a test is picked up by the catalog and the topology checks, and launches.
+in Study, the association limit, TLS, storage commitment; an undeclared one is probed to be
+absent. A kind defined in a test is picked up by the catalog and the topology checks, and
+launches.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pynetdicom.sop_class import Verification
 
 from harness.cluster import Cluster
 from harness.config import parse_topology
+from harness.dicom.commitment import STORAGE_COMMITMENT, commit_on_node
 from harness.dicom.pdu import (
     AAssociateAC,
     AAssociateRJ,
@@ -328,6 +330,24 @@ def test_hl7(node):
                                         "PatientID": None, "PatientName": None})
     assert [(m.PatientID, str(m.PatientName)) for m in found.matches] == [
         (patient_id, "CAPABILITY^PROBE")]
+
+
+def test_storage_commitment(node, cluster):
+    """PS3.4 J: a kind declaring storage commitment commits a study it stored (every
+    instance named in the N-EVENT-REPORT, on whichever association it comes); a kind
+    without it refuses the SOP class in negotiation (DimseClient.negotiate, not the SCU)."""
+    pair = (STORAGE_COMMITMENT, ExplicitVRLittleEndian)
+    # with Verification, so a node accepting nothing else still completes the association
+    offered = node.dimse().negotiate([pair, (Verification, ImplicitVRLittleEndian)])
+    assert offered[pair] == node.capabilities.storage_commitment
+    if not node.capabilities.storage_commitment:
+        return
+    study = _stored(node, seed=507 + 1000 * LAUNCHED.index(node.kind))
+    references = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in study]
+    result = commit_on_node(node, references, report_port=cluster.harness_port)
+    assert result.ok, result.problems()
+    assert sorted(o.sop_instance_uid for o in result.committed) == sorted(u for _, u in
+                                                                          references)
 
 
 def test_binaries_come_from_the_packages_the_hints_name(node):

@@ -378,18 +378,20 @@ def test_services_offered(results, cluster):
                       and r.outcome == "conforms"}
                for name in KINDS}
     assert offered == {
-        "embedded": set(),
+        "embedded": {"storage-commitment"},
         "dcmqrscp": set(),
         "orthanc": {"storage-commitment", "qido-rs", "wado-rs", "stow-rs", "orthanc-rest"},
     }
     assert {r.outcome for (p, n), r in results.items()
-            if p.startswith("services.") and n != "orthanc"} == {"not supported"}
-    # raw A-ASSOCIATE-AC: the Storage Commitment context is accepted by Orthanc only
+            if p.startswith("services.") and n != "orthanc"
+            and (p, n) != ("services.storage-commitment", "embedded")} == {"not supported"}
+    # raw A-ASSOCIATE-AC: the Storage Commitment context is accepted by Orthanc and the
+    # embedded PACS only
     for name in KINDS:
         body = _raw_associate(cluster.node(name), [(STORAGE_COMMITMENT,
                                                     ImplicitVRLittleEndian)])
         decoded = pdu.decode_pdu(struct.pack(">BBI", 2, 0, len(body)) + body)
-        assert (decoded.contexts[0].result == 0) == (name == "orthanc")
+        assert (decoded.contexts[0].result == 0) == (name in ("orthanc", "embedded"))
         # DCMTK's worklist query: no kind offers it
         assert _dcmtk(FINDSCU, cluster.node(name), "-W", "-k", "PatientName").returncode != 0
     version = subprocess.run([ORTHANC, "--version"], capture_output=True, text=True,

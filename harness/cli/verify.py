@@ -1,10 +1,12 @@
 """`pacs-harness inventory` and `pacs-harness verify`: crawl nodes, prove what was lost.
 
 Exit codes: verify exits 0 when nothing was lost or altered outside the rules, 1 when
-something was (the findings say what); inventory exits 0 when it read everything the node
-listed, 1 when it could not (instances listed but not retrievable, or other issues: the
-ledger's issues table says which; counts still cover everything listed). Both: 2 for bad
-input, 3 when a node does not answer.
+something was (the findings say what); with `--commit`, also 1 when the target does not
+commit every migrated instance (PS3.4 J storage commitment: the instances and reasons are
+listed) or does not offer storage commitment at all; inventory exits 0 when it read
+everything the node listed, 1 when it could not (instances listed but not retrievable, or
+other issues: the ledger's issues table says which; counts still cover everything listed).
+Both: 2 for bad input, 3 when a node does not answer.
 """
 
 from __future__ import annotations
@@ -31,6 +33,18 @@ def _nodes(topology_path: str | None, *names: str):
     return [reachable_node(topology, cluster, name) for name in names]
 
 
+
+
+def _report_port(topology_path: str | None) -> int | None:
+    """The harness's own address in the running cluster (Cluster.harness_peer), where its
+    launched nodes send storage commitment reports on a new association; None without one."""
+    from harness.cluster import Cluster
+    from harness.config import resolve_topology
+    from harness.launch.state import state_dir_for
+
+    topology, _ = resolve_topology(topology_path)
+    cluster = Cluster.from_state(topology, state_dir_for(topology))
+    return cluster.harness_port if cluster is not None else None
 
 
 def _show_identities(show: bool) -> None:
@@ -99,9 +113,15 @@ def inventory_command(node_name: str, depth: str, sample: int | None, ledger: st
 @click.option("--show-identities", is_flag=True,
               help="write patient IDs, names, birth dates in clear even when a node is not "
                    "declared synthetic (default: tokenised, see docs/safety.md)")
+@click.option("--commit", is_flag=True,
+              help="then ask the target for storage commitment of every migrated instance "
+                   "(PS3.4 J) and fail unless it commits them all")
+@click.option("--commit-timeout", type=click.FloatRange(min=1), default=60.0,
+              show_default=True, help="seconds to wait for each storage commitment report")
 def verify_command(source_name: str, target_name: str, depth: str, rules: str | None,
                    sample: int | None, out_dir: str | None, topology_path: str | None,
-                   as_json: bool, show_identities: bool) -> None:
+                   as_json: bool, show_identities: bool, commit: bool,
+                   commit_timeout: float) -> None:
     """Prove, instance by instance, what a migration lost, altered or added.
 
     Writes findings.json, findings.csv and summary.txt; exit 1 when anything is lost or
@@ -124,12 +144,33 @@ def verify_command(source_name: str, target_name: str, depth: str, rules: str | 
             progress=lambda side, done, total: progress.update(
                 tasks[side], completed=done, total=total),
         )
+    commitment = _commit(target, result, workdir, commit_timeout, topology_path) if commit \
+        else None
     if as_json:
-        out.print_json(json.dumps(result.as_json()))
+        printed = result.as_json()
+        if commitment is not None:
+            printed["commitment"] = commitment.as_dict()
+        out.print_json(json.dumps(printed))
     else:
         findings = result.findings if redactor is None else result.findings.redacted(redactor)
         out.print(findings.summary_text(), markup=False, highlight=False)
+        if commitment is not None:
+            for line in [commitment.summary(), *commitment.problems()]:
+                out.print(line, markup=False, highlight=False)
         console.print(f"findings: {workdir}/ (findings.json, findings.csv)", markup=False,
                       highlight=False)
-    if result.verdict != "pass":
+    if result.verdict != "pass" or (commitment is not None and not commitment.ok):
         sys.exit(EXIT_FINDINGS)
+
+
+def _commit(target, result, workdir: Path, timeout_s: float, topology_path: str | None):
+    """Storage commitment of every migrated instance by the target (PS3.4 J), written to
+    WORKDIR/commitment.json; the reports on a new association come to the harness's address
+    in the running cluster (an external target must send them on the N-ACTION's one)."""
+    from harness.dicom.commitment import commit_on_node
+    from harness.migration.verify import migrated_instances
+
+    commitment = commit_on_node(target, migrated_instances(result), timeout_s=timeout_s,
+                                report_port=_report_port(topology_path))
+    (workdir / "commitment.json").write_text(json.dumps(commitment.as_dict(), indent=2))
+    return commitment

@@ -7,7 +7,8 @@ harness's container image, which carries this package, harness/sqlite_db.py and 
 harness/__init__.py: so nothing here imports other harness modules.
 
 Services: Verification; Storage SCP for every storage SOP class with every transfer syntax;
-Patient Root and Study Root Query/Retrieve FIND, MOVE and GET. One module per concept:
+Patient Root and Study Root Query/Retrieve FIND, MOVE and GET; Storage Commitment Push Model
+SCP. One module per concept:
 
 * server.py      the AE, association policy (called/calling AE titles, limits), event
                  bindings, request logging, SIGTERM shutdown
@@ -20,6 +21,8 @@ Patient Root and Study Root Query/Retrieve FIND, MOVE and GET. One module per co
 * retrieve.py    C-GET and C-MOVE
 * conversion.py  transfer syntax conversion for retrieval (endianness, decompression)
 * hl7.py         HL7 v2 ADT^A08/A40 over MLLP (``--hl7-port``, off by default)
+* commitment.py  Storage Commitment N-ACTION, and its N-EVENT-REPORT on the same or a new
+                 association
 
 Adapter API (the harness's node adapter imports these; pure SQLite, no DICOM library):
 ``open_index``, ``statistics``, ``wipe_storage`` and ``COLUMNS`` (storage.py).

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -41,6 +42,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from harness import sqlite_db
 from harness.embedded_pacs.audit import AuditSender
+from harness.embedded_pacs.commitment import STORAGE_COMMITMENT, Committer
 from harness.embedded_pacs.connection import (
     DEFAULT_TIMEOUT_S,
     MAX_ASSOCIATIONS,
@@ -145,6 +147,7 @@ class EmbeddedPacs:
         self.storage = Storage(storage_dir)
         # client_tls: our certificate, for C-MOVE sub-associations to peers marked "tls"
         self.retriever = Retriever(storage_dir, peers_file, client_tls)
+        self.committer = Committer(storage_dir, peers_file, ae_title, timeout_s, client_tls)
         self.peers_file = peers_file
         self.ae: AE | None = None
         self._notes: dict[tuple[int, int], str] = {}
@@ -171,6 +174,8 @@ class EmbeddedPacs:
             )
         for model in QUERY_RETRIEVE_MODELS:
             ae.add_supported_context(model)
+        ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian,
+                                                      ImplicitVRLittleEndian])
         self.ae = ae
         return ae
 
@@ -183,6 +188,8 @@ class EmbeddedPacs:
             (evt.EVT_C_FIND, self.on_find),
             (evt.EVT_C_GET, self.on_get),
             (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_N_ACTION, self.on_n_action),
+            (evt.EVT_DIMSE_SENT, self.committer.on_dimse_sent),
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_ABORTED, self.on_aborted),
@@ -281,6 +288,9 @@ class EmbeddedPacs:
         if self.audit:
             self.audit.requested(event, "C-GET", _calling(event), _calling(event))
         return self.retriever.handle_get(event, self._noter(event))
+
+    def on_n_action(self, event: Any) -> tuple[int, Dataset | None]:
+        return self.committer.handle_action(event, _calling(event), self._noter(event))
 
     def on_move(self, event: Any) -> Iterator[Any]:
         assert self.ae is not None

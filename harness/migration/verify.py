@@ -15,7 +15,7 @@ from typing import Any
 
 from harness.migration.findings import Findings
 from harness.migration.inventory import crawl
-from harness.migration.reconcile import reconcile
+from harness.migration.reconcile import _attach_ro, reconcile
 from harness.migration.rules import Rules, load_rules
 from harness.migration.writers import write_findings
 from harness.report.identities import redactor_for
@@ -102,3 +102,16 @@ def verify(
     paths["source_ledger"] = str(out / "source.ledger.sqlite")
     paths["target_ledger"] = str(out / "target.ledger.sqlite")
     return VerifyResult(findings, summaries["source"], summaries["target"], paths)
+
+
+def migrated_instances(result: VerifyResult) -> list[tuple[str, str]]:
+    """(SOP Class UID, SOP Instance UID), as the target holds them, of every instance found
+    on the target that the source ledger has: what the target is asked to commit (PS3.4 J)
+    before the source is retired (`verify --commit`)."""
+    conn = _attach_ro(Path(result.paths["source_ledger"]), Path(result.paths["target_ledger"]))
+    try:
+        return [(str(sop_class), str(sop_uid)) for sop_class, sop_uid in conn.execute(
+            "SELECT t.sop_class, t.sop_uid FROM t.instances AS t JOIN s.instances AS s "
+            "ON s.sop_uid = t.sop_uid ORDER BY t.study_uid, t.series_uid, t.sop_uid")]
+    finally:
+        conn.close()

@@ -39,6 +39,7 @@ class EmbeddedNode(Node):
         index_backends=("sqlite",),
         audit_trail=True,  # --audit-syslog: IHE ATNA messages (embedded_pacs/audit.py)
         hl7=True,  # --hl7-port: ADT^A08/A40 over MLLP (embedded_pacs/hl7.py)
+        storage_commitment=True,  # N-ACTION/N-EVENT-REPORT SCP (embedded_pacs/commitment.py)
         image_recipe=ImageRecipe(
             ("python3",), ("pydicom", "pynetdicom"), ("embedded_pacs", "sqlite_db.py")
         ),

@@ -44,6 +44,15 @@ TLS 1.2 with BCP 195 suites or TLS 1.3, and passes the bytes to Orthanc's plain 
 loopback port of its own (bound to 0.0.0.0 by civetweb all the same, where
 `RemoteAccessAllowed: false` answers other hosts 403). A plain http:// request to the node's
 port gets no HTTP answer (the terminator expects a TLS ClientHello and closes).
+
+Storage commitment (PS3.4 J): Orthanc is an SCP since 1.6 (Debian's 1.10.1 included). It
+takes an N-ACTION from a modality of `DicomModalities` (per-modality `AllowStorageCommitment`,
+default true), answers the N-ACTION-RSP at once, then a job checks each instance in its index
+(0x0112 when absent, 0x0119 when stored under another SOP class) and sends the N-EVENT-REPORT
+always on a new association, to the requester's `DicomModalities` entry found by AE title,
+proposing itself as SCP (SCP/SCU role selection). The harness's entry is Cluster.harness_peer
+(PACSHARNESS at 127.0.0.1, the run's harness port), where harness/dicom/commitment.py listens
+(measured: the report arrives there while the N-ACTION's association is still open).
 """
 
 from __future__ import annotations
@@ -195,6 +204,7 @@ class OrthancNode(Node):
         binaries=(("Orthanc", "apt-get install orthanc orthanc-dicomweb"),),
         tls=True,
         https=True,  # behind a TLS terminator (module docstring)
+        storage_commitment=True,  # SCP since 1.6 (module docstring)
         image_recipe=ImageRecipe(("orthanc", "orthanc-dicomweb", "orthanc-postgresql")),
     )
     image_program = ("/usr/sbin/Orthanc",)
