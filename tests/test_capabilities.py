@@ -335,16 +335,23 @@ def test_hl7(node):
 def test_storage_commitment(node, cluster):
     """PS3.4 J: a kind declaring storage commitment commits a study it stored (every
     instance named in the N-EVENT-REPORT, on whichever association it comes); a kind
-    without it refuses the SOP class in negotiation (DimseClient.negotiate, not the SCU)."""
-    pair = (STORAGE_COMMITMENT, ExplicitVRLittleEndian)
+    without it refuses the SOP class in negotiation (DimseClient.negotiate), or accepts the
+    class without committing (CTN 3.2 never answers the N-ACTION)."""
+    pairs = [(STORAGE_COMMITMENT, ExplicitVRLittleEndian),
+             (STORAGE_COMMITMENT, ImplicitVRLittleEndian)]  # CTN takes Implicit VR only
     # with Verification, so a node accepting nothing else still completes the association
-    offered = node.dimse().negotiate([pair, (Verification, ImplicitVRLittleEndian)])
-    assert offered[pair] == node.capabilities.storage_commitment
-    if not node.capabilities.storage_commitment:
+    offered = node.dimse().negotiate([*pairs, (Verification, ImplicitVRLittleEndian)])
+    offered_class = any(offered[pair] for pair in pairs)
+    if not node.capabilities.storage_commitment and not offered_class:
         return
+    assert offered_class, f"{node.kind} declares storage commitment but refuses the class"
     study = _stored(node, seed=507 + 1000 * LAUNCHED.index(node.kind))
     references = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in study]
-    result = commit_on_node(node, references, report_port=cluster.harness_port)
+    result = commit_on_node(node, references, report_port=cluster.harness_port,
+                            timeout_s=60 if node.capabilities.storage_commitment else 10)
+    if not node.capabilities.storage_commitment:
+        assert not result.committed, f"{node.kind} commits: declare storage_commitment"
+        return
     assert result.ok, result.problems()
     assert sorted(o.sop_instance_uid for o in result.committed) == sorted(u for _, u in
                                                                           references)

@@ -41,6 +41,7 @@ MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
 MPPS = "1.2.840.10008.3.1.2.3.3"
 DEFAULT_DICOMWEB_ROOT = "/dicom-web"
 HTTP_TIMEOUT_S = 30.0
+COMMITMENT_TIMEOUT_S = 20.0  # for the N-EVENT-REPORT of the one made-up instance
 #: HTTP answers that say "no such service here" (RFC 9110 15.5.5, 15.5.6, 15.6.2)
 ABSENT = (404, 405, 501)
 
@@ -68,7 +69,43 @@ def _offered(ctx: ProbeContext, sop_class: str, name: str) -> Observation:
     reference="PS3.4 J.3; PS3.8 9.3.3.2",
 )
 def storage_commitment(ctx: ProbeContext) -> Observation:
-    return _offered(ctx, STORAGE_COMMITMENT_PUSH, "Storage Commitment Push Model")
+    """Accepting the SOP class is not doing it (CTN 3.2 accepts it and never answers the
+    N-ACTION, measured): an offered service is asked to commit one made-up instance, which
+    writes nothing, and must report it failed (PS3.4 J.3.3.1.1: 0x0112 no such object)."""
+    offered = _offered(ctx, STORAGE_COMMITMENT_PUSH, "Storage Commitment Push Model")
+    if offered.outcome != "conforms":
+        return offered
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    from harness.dicom.commitment import COMMITTED, NO_ANSWER, request_commitment
+    from harness.dicom.peer import HARNESS_AE_TITLE
+
+    harness = next((p for p in getattr(ctx.node, "peers", []) or []
+                    if p.ae_title == HARNESS_AE_TITLE), None)
+    address = ("127.0.0.1", harness.port) if harness is not None else None
+    made_up = generate_uid()
+    try:
+        result = request_commitment(ctx.node.dimse(timeout_s=TIMEOUT_S),
+                                    [(CTImageStorage, made_up)], report_address=address,
+                                    timeout_s=COMMITMENT_TIMEOUT_S, node_name=ctx.node.name)
+    except OSError as exc:  # the harness's report address is taken by another listener
+        return not_tested(f"the report listener could not start: {exc}", offered=True)
+    outcome = result.outcomes[0] if result.outcomes else None
+    via = result.transactions[0].report_via if result.transactions else ""
+    how = f"reported {via}" if via else "no report"
+    ctx.record(f"N-ACTION-RQ (Request Storage Commitment) of one made-up CT instance "
+               f"{made_up}" + ("" if address else " (no harness address known to the node: "
+                               "a report on a new association cannot arrive)"),
+               f"{outcome.line() if outcome else 'no outcome'}; {how}")
+    if outcome is None or outcome.state == NO_ANSWER:
+        why = outcome.reason if outcome else "no outcome"
+        return differs(f"accepts the SOP class but did not answer the request ({why})",
+                       offered=True, answered=False)
+    if outcome.state == COMMITTED:
+        return differs("reported an instance it does not hold as committed", offered=True,
+                       answered=True)
+    return conforms(f"offered; a made-up instance reported failed ({outcome.reason})",
+                    offered=True, answered=True)
 
 
 @probe(
