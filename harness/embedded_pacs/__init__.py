@@ -7,7 +7,8 @@ harness's container image, which carries this package, harness/sqlite_db.py and 
 harness/__init__.py: so nothing here imports other harness modules.
 
 Services: Verification; Storage SCP for every storage SOP class with every transfer syntax;
-Patient Root and Study Root Query/Retrieve FIND, MOVE and GET. One module per concept:
+Patient Root and Study Root Query/Retrieve FIND, MOVE and GET; Modality Worklist FIND and
+MPPS (N-CREATE, N-SET). One module per concept:
 
 * server.py      the AE, association policy (called/calling AE titles, limits), event
                  bindings, request logging, SIGTERM shutdown
@@ -19,6 +20,8 @@ Patient Root and Study Root Query/Retrieve FIND, MOVE and GET. One module per co
 * matching.py    attribute matching, wildcards and ranges (PS3.4 C.2.2.2)
 * retrieve.py    C-GET and C-MOVE
 * conversion.py  transfer syntax conversion for retrieval (endianness, decompression)
+* worklist.py    Modality Worklist C-FIND over a folder of .wl entries (PS3.4 K)
+* mpps.py        MPPS N-CREATE / N-SET, steps kept in mpps.sqlite (PS3.4 F.7)
 
 Adapter API (the harness's node adapter imports these; pure SQLite, no DICOM library):
 ``open_index``, ``statistics``, ``wipe_storage`` and ``COLUMNS`` (storage.py).

@@ -36,6 +36,8 @@ class EmbeddedNode(Node):
         tls=True,
         index_backends=("sqlite",),
         audit_trail=True,  # --audit-syslog: IHE ATNA messages (embedded_pacs/audit.py)
+        worklist=True,  # .wl files of storage/worklist/ (embedded_pacs/worklist.py)
+        mpps=True,  # N-CREATE / N-SET kept in storage/mpps.sqlite (embedded_pacs/mpps.py)
         image_recipe=ImageRecipe(
             ("python3",), ("pydicom", "pynetdicom"), ("embedded_pacs", "sqlite_db.py")
         ),
@@ -44,6 +46,11 @@ class EmbeddedNode(Node):
     @property
     def storage_dir(self):
         return self.workdir / "storage"
+
+    @property
+    def worklist_dir(self):
+        """The folder of .wl entries its worklist SCP reads (harness/workflow/orders.py)."""
+        return self.storage_dir / "worklist" if self.workdir else None
 
     def data_directories(self) -> tuple[str, ...]:
         return ("storage",)  # files and the SQLite index (relative paths)
