@@ -36,6 +36,9 @@ class MppsClient(DimsePeer):
 
     def _send(self, operation: str, instance_uid: str, attributes: Dataset) -> MppsResult:
         assoc = self.associate([build_context(ModalityPerformedProcedureStep)])
+        if not assoc.accepted_contexts:  # the peer has no MPPS SCP (PS3.8 9.3.3.2)
+            assoc.release()
+            return MppsResult(NO_STATUS, f"peer {self}: MPPS was not accepted")
         watchdog = Watchdog(lambda: assoc, self.timeout_s)
         try:
             if operation == "N-CREATE":

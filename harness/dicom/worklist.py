@@ -61,6 +61,10 @@ class WorklistClient(DimsePeer):
         """C-FIND on the worklist model (PS3.4 K.4.1); `matches` are the worklist items."""
         start = time.perf_counter()
         assoc = self.associate([build_context(ModalityWorklistInformationFind)])
+        if not assoc.accepted_contexts:  # the peer serves no worklist (PS3.8 9.3.3.2)
+            assoc.release()
+            return FindResult(NO_STATUS, [], time.perf_counter() - start,
+                              f"peer {self}: the worklist model was not accepted")
         watchdog = Watchdog(lambda: assoc, self.find_deadline_s)
         matches: list[Dataset] = []
         status, error = NO_STATUS, None
