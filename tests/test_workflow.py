@@ -184,3 +184,41 @@ def test_an_order_never_performed_is_flagged(cluster):
     outcome = _check(cluster, [order], [], "embedded")
     assert outcome.breaks == [f"{order.accession_number}: scheduled step "
                               f"{order.scheduled_step_id} not performed"]
+
+
+def test_the_report_section_shows_the_chain_and_its_breaks(cluster, tmp_path):
+    """A real run with one order never performed, rendered: the counts per link, the break
+    naming its order, the HL7 helper's rows; nothing falls into "Other figures"."""
+    import json
+
+    from harness.report.html import write_html_report
+
+    lost = make_order(5950, STATION_AE_TITLE)
+    run = run_workflow(cluster.node("embedded"), cluster.node("embedded"),
+                       cluster.node("embedded"), seed=5960, orders=2)
+    outcome = check_workflow([*run.orders, lost], run.performed,
+                             cluster.node("embedded").dimse(), read_mpps(cluster.node("embedded")))
+    metrics = {
+        "workflow": {"counts": outcome.counts(), "breaks": outcome.breaks,
+                     "runs": [{**outcome.as_dict(), "nodes": {
+                         "worklist": "embedded", "mpps": "embedded", "archive": "embedded"}}]},
+        "workflow.hl7": [{"message": "ADT^A40", "patient": "P1 <- P2", "applied": True,
+                          "verified": False, "observed": "P2 still <answers>"}],
+    }
+    report = {
+        "verdict": "fail", "started": "2026-12-02T07:00:00+0000",
+        "finished": "2026-12-02T07:01:00+0000", "harness_version": "test", "phase": "pilot",
+        "topology": {"name": "wf", "source": "wf.yaml", "nodes": []},
+        "scenarios": [{"name": "workflow", "phase": "pilot", "outcome": "failed",
+                       "duration_s": 1.0, "metrics": metrics, "tests": []}],
+        "counts": {"passed": 0, "failed": 1, "error": 0, "skipped": 0},
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    page = write_html_report(tmp_path).read_text()
+    counts = outcome.counts()  # 1 order and the unscheduled acquisition completed
+    assert counts["orders"] == 3 and counts["completed"] == 2
+    assert f"{lost.accession_number}: scheduled step {lost.scheduled_step_id} not performed" \
+        in page
+    assert "Scheduled workflow" in page and "On the worklist" in page
+    assert "ADT^A40" in page and "P2 still &lt;answers&gt;" in page
+    assert "Other figures" not in page

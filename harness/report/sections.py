@@ -30,6 +30,7 @@ from harness.report.charts import bar_chart, fmt, line_chart, num, status_strip
 from harness.report.compat import connectivity, ingest
 from harness.report.compliance import compliance
 from harness.report.generic import metric_blocks
+from harness.report.workflow import workflow
 
 Built = tuple[list[Any], set[str]]
 
@@ -54,6 +55,9 @@ PURPOSES = {
     "security": ("Security and compliance", "Encryption in transit, access control, REST "
                  "authentication, audit trails and patient data, checked on every node: the "
                  "infrastructure phase is not ready while any check fails."),
+    "workflow": ("Scheduled workflow", "Orders -> worklist -> MPPS -> stored -> committed -> "
+                 "reported: every order performed once, as ordered, MPPS listing what was "
+                 "stored; patient updates and merges applied and verified."),
 }
 FINDING_PREFIX_MISSING = "missing_"
 ALTERED_TYPES = ("altered_attributes", "altered_pixels", "recompressed_lossy")
@@ -444,6 +448,7 @@ BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Built]] = {
     "disaster-recovery": disaster_recovery, "dr": disaster_recovery,
     "migration-under-faults": migration_faults, "migration_faults": migration_faults,
     "security": compliance,
+    "workflow": workflow,
 }
 
 
