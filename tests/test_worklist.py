@@ -174,3 +174,19 @@ def test_kinds_without_mpps_refuse_it(cluster, kind):
     assert not cluster.node(kind).capabilities.mpps
     with pytest.raises(ConfigError, match="no MPPS SCP"):
         mpps_client(cluster.node(kind))
+
+
+def test_embedded_skips_an_unreadable_entry(cluster):
+    """A damaged file in the drop folder is skipped, even by a query with no key; the others
+    are answered."""
+    node = cluster.node("embedded")
+    good = make_order(3600, "DAMAGED")
+    schedule([good], node)
+    (worklist_folder(node) / "broken.wl").write_bytes(b"\x00" * 10 + b"not DICOM")
+    found = worklist_client(node).find_worklist(
+        worklist_identifier(ScheduledStationAETitle="DAMAGED"))
+    assert found.ok, found.error
+    assert [str(m.AccessionNumber) for m in found.matches] == [good.accession_number]
+    everything = worklist_client(node).find_worklist(worklist_identifier())
+    assert everything.ok and everything.matches
+    assert all(m.get("AccessionNumber") for m in everything.matches)

@@ -106,9 +106,13 @@ def read_entries(folder: Path) -> Iterator[tuple[Path, Dataset]]:
                         folder, MAX_ENTRIES)
             return
         try:
-            yield path, dcmread(path, force=True)
-        except (InvalidDicomError, OSError, ValueError) as exc:
+            entry = dcmread(path, force=True)  # files without a file meta too (dump2dcm -F)
+            if "ScheduledProcedureStepSequence" not in entry:
+                raise ValueError("no Scheduled Procedure Step Sequence")
+        except (InvalidDicomError, OSError, ValueError, KeyError, TypeError) as exc:
             LOG.warning("worklist entry %s unreadable: %s", path.name, exc)
+            continue
+        yield path, entry
 
 
 def handle_worklist_find(
