@@ -29,7 +29,8 @@ COUNTS = ("orders", "worklist", "mpps", "stored", "committed", "reported", "comp
           "discontinued", "unscheduled")
 
 
-def test_scheduled_workflow(pacs_nodes, pacs_topology, pacs_janitor, pacs_launch, pacs_metrics):
+def test_scheduled_workflow(pacs_cluster, pacs_nodes, pacs_topology, pacs_janitor, pacs_launch,
+                            pacs_metrics):
     settings = pacs_topology.settings.get("workflow", {}) or {}
     rules = SiteRules(
         unscheduled_allowed=bool(settings.get("unscheduled_allowed", True)),
@@ -49,7 +50,8 @@ def test_scheduled_workflow(pacs_nodes, pacs_topology, pacs_janitor, pacs_launch
     for index, node in enumerate(providers):
         run = run_workflow(node, mpps, node, seed=9000 + 100 * index,
                            orders=int(settings.get("orders", 3)),
-                           instances=int(settings.get("instances", 2)), rules=rules)
+                           instances=int(settings.get("instances", 2)), rules=rules,
+                           commitment_report_port=pacs_cluster.harness_port)
         runs.append(run.metrics(pacs_topology.name, {
             "worklist": node.name, "mpps": mpps.name, "archive": node.name}))
     totals = {key: sum(r["counts"][key] for r in runs) for key in COUNTS}

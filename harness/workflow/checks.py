@@ -174,7 +174,8 @@ def check_workflow(
             for order in orders]
     for status, step in unscheduled:
         rows.append(_unscheduled_row(status, step, performed, reader, rules))
-    notes = {d.commitment_note for d in performed if d.commitment_note}
+    # why storage commitment was not asked (no module, or no SCP on the archive)
+    notes = {d.commitment_note for d in performed if d.committed is None and d.commitment_note}
     return WorkflowOutcome(rows, source, "; ".join(sorted(notes)))
 
 
@@ -197,6 +198,7 @@ def _order_row(order: Order, steps: list[tuple[str, Dataset]], done: Performed |
     if done is not None:
         row.on_worklist = done.worklist_matches == 1
         row.committed = done.committed
+        row.breaks += [f"not committed: {p}" for p in done.commitment_problems]
     completed = [s for status, s in steps if status == "COMPLETED"]
     discontinued = [s for status, s in steps if status == "DISCONTINUED"]
     in_progress = [s for status, s in steps if status == "IN PROGRESS"]
@@ -264,6 +266,7 @@ def _unscheduled_row(status: str, step: Dataset, performed: list[Performed],
     for done in performed:
         if done.study_instance_uid == study_uid:
             row.committed = done.committed
+            row.breaks += [f"not committed: {p}" for p in done.commitment_problems]
     _compare_listed(row, step, study_uid, reader)
     if not rules.unscheduled_allowed:
         row.breaks.append("unscheduled acquisition (the site's rules allow none)")

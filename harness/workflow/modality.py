@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import importlib
 import importlib.util
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from pydicom.uid import generate_uid
 from harness.dicom.client import DimseClient
 from harness.dicom.mpps import MppsClient, MppsResult
 from harness.dicom.worklist import WorklistClient, scheduled_step, worklist_identifier
+from harness.errors import EnvironmentProblem
 from harness.workflow.orders import Order
 from synthetic_data.samples import sample_study
 
@@ -55,8 +57,9 @@ class Performed:
     stored: list[str] = field(default_factory=list)  # SOP Instance UIDs acknowledged
     listed: list[str] = field(default_factory=list)  # SOP Instance UIDs the N-SET listed
     store_errors: list[str] = field(default_factory=list)
-    committed: bool | None = None  # None: storage commitment not asked (module absent)
-    commitment_note: str = ""
+    committed: bool | None = None  # None: not asked (no module, or the archive has no SCP)
+    commitment_note: str = ""  # the commitment's summary, or why it was not asked
+    commitment_problems: list[str] = field(default_factory=list)  # instances not committed
     report_uid: str = ""
     report_stored: bool = False
     sent_step: Dataset | None = None  # the N-CREATE attributes updated by the N-SET's
@@ -82,10 +85,16 @@ class Modality:
     """A modality at `station_ae_title` using a worklist SCP, an MPPS SCP and an archive."""
 
     def __init__(self, station_ae_title: str, worklist: WorklistClient | None,
-                 mpps: MppsClient | None, archive: DimseClient, modality: str = "CT") -> None:
+                 mpps: MppsClient | None, archive: DimseClient, modality: str = "CT", *,
+                 commitment_report_port: int | None = None,
+                 commitment_timeout_s: float = 30.0) -> None:
         self.station_ae_title = station_ae_title
         self.worklist, self.mpps, self.archive = worklist, mpps, archive
         self.modality = modality
+        # where the archive's N-EVENT-REPORT may come on a new association (the address the
+        # launched nodes know for the calling AE title), None: on the N-ACTION's only
+        self.commitment_report_port = commitment_report_port
+        self.commitment_timeout_s = commitment_timeout_s
 
     # -- the steps -----------------------------------------------------------------------
     def pick(self, order: Order) -> tuple[Dataset | None, int, str | None]:
@@ -271,9 +280,24 @@ class Modality:
         return done
 
     def commit(self, done: Performed) -> None:
-        """Storage commitment (PS3.4 J) of what was stored, when harness/dicom/commitment.py
-        is there (another part of issue 17); otherwise the step is noted as not asked."""
+        """Storage commitment (PS3.4 J) of what was stored, through harness/dicom/commitment.py
+        (another part of issue 17) when this harness has it; an archive without the service
+        leaves `committed` None with "storage commitment not supported"."""
         if importlib.util.find_spec("harness.dicom.commitment") is None:
             done.commitment_note = "storage commitment not available in this harness"
             return
-        done.commitment_note = "storage commitment module present; not wired yet"
+        commitment = importlib.import_module("harness.dicom.commitment")
+        pairs = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in done.acquired
+                 if ds.SOPInstanceUID in done.stored]
+        port = self.commitment_report_port
+        try:
+            result = commitment.request_commitment(
+                self.archive, pairs, report_address=("127.0.0.1", port) if port else None,
+                timeout_s=self.commitment_timeout_s, node_name=self.archive.called_ae)
+        except EnvironmentProblem as exc:
+            done.committed, done.commitment_note = False, str(exc)
+            return
+        done.commitment_note = result.summary()
+        if result.supported:
+            done.committed = result.ok
+            done.commitment_problems = list(result.problems())

@@ -44,14 +44,17 @@ def unscheduled_patient(seed: int) -> Dataset:
 
 
 def run_workflow(worklist_node: Any, mpps_node: Any, archive_node: Any, *, seed: int,
-                 orders: int = 3, instances: int = 2, rules: SiteRules = DEFAULT_RULES
-                 ) -> WorkflowRun:
-    """`orders` orders (the last discontinued) and one unscheduled acquisition."""
+                 orders: int = 3, instances: int = 2, rules: SiteRules = DEFAULT_RULES,
+                 commitment_report_port: int | None = None) -> WorkflowRun:
+    """`orders` orders (the last discontinued) and one unscheduled acquisition.
+    `commitment_report_port`: the harness's address the launched nodes know
+    (Cluster.harness_port), where storage commitment reports may come."""
     scheduled = [make_order(seed + i, STATION_AE_TITLE) for i in range(orders)]
     schedule(scheduled, worklist_node)
     modality = Modality(STATION_AE_TITLE, worklist_client(worklist_node, STATION_AE_TITLE),
                         mpps_client(mpps_node, STATION_AE_TITLE),
-                        archive_node.dimse(calling_ae=STATION_AE_TITLE))
+                        archive_node.dimse(calling_ae=STATION_AE_TITLE),
+                        commitment_report_port=commitment_report_port)
     performed = []
     for index, order in enumerate(scheduled):
         last = index == len(scheduled) - 1 and len(scheduled) > 1
