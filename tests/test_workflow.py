@@ -231,3 +231,19 @@ def test_the_report_section_shows_the_chain_and_its_breaks(cluster, tmp_path):
     assert "Scheduled workflow" in page and "On the worklist" in page
     assert "ADT^A40" in page and "P2 still &lt;answers&gt;" in page
     assert "Other figures" not in page
+
+
+def test_an_order_missing_from_the_worklist_is_flagged(cluster):
+    """The RIS's order never reached the worklist: nothing is acquired, both links break."""
+    from harness.workflow.orders import withdraw
+
+    order = make_order(5860, STATION_AE_TITLE)
+    schedule([order], cluster.node("dcmqrscp"))
+    withdraw(order, cluster.node("dcmqrscp"))
+    done = _modality(cluster, "dcmqrscp", "dcmqrscp").perform(order, seed=5860)
+    assert done.acquired == [] and done.mpps_created is None
+    outcome = _check(cluster, [order], [done], "dcmqrscp")
+    assert outcome.breaks == [
+        f"{order.accession_number}: the worklist answered 0 item(s) for the order (one "
+        "expected)",
+        f"{order.accession_number}: scheduled step {order.scheduled_step_id} not performed"]

@@ -199,6 +199,11 @@ def _order_row(order: Order, steps: list[tuple[str, Dataset]], done: Performed |
         row.on_worklist = done.worklist_matches == 1
         row.committed = done.committed
         row.breaks += [f"not committed: {p}" for p in done.commitment_problems]
+        if done.worklist_error:
+            row.breaks.append(f"worklist query failed: {done.worklist_error}")
+        elif done.worklist_matches != 1:
+            row.breaks.append(f"the worklist answered {done.worklist_matches} item(s) for the "
+                              "order (one expected)")
     completed = [s for status, s in steps if status == "COMPLETED"]
     discontinued = [s for status, s in steps if status == "DISCONTINUED"]
     in_progress = [s for status, s in steps if status == "IN PROGRESS"]
