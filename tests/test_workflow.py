@@ -211,15 +211,20 @@ def test_the_report_section_shows_the_chain_and_its_breaks(cluster, tmp_path):
         "workflow": {"counts": outcome.counts(), "breaks": outcome.breaks,
                      "runs": [{**outcome.as_dict(), "nodes": {
                          "worklist": "embedded", "mpps": "embedded", "archive": "embedded"}}]},
-        "workflow.hl7": [{"message": "ADT^A40", "patient": "P1 <- P2", "applied": True,
-                          "verified": False, "observed": "P2 still <answers>"}],
     }
+    hl7 = [[{"node": node, "message": message, "patient": "P1 <- P2", "applied": True,
+             "verified": node == "legacy", "observed": ["P2 still <answers>", "1 study"]}]
+           for node, message in (("legacy", "ADT^A08"), ("target", "ADT^A40"))]
+    metrics["workflow.hl7"] = hl7[-1]  # the scenario's merged metrics keep the last test's
+    tests = [{"nodeid": f"scenarios/test_workflow_hl7.py::test_hl7[{rows[0]['node']}]",
+              "scenario": "workflow", "phase": "pilot", "duration_s": 0.1, "outcome": "passed",
+              "message": "", "metrics": {"workflow.hl7": rows}} for rows in hl7]
     report = {
         "verdict": "fail", "started": "2026-12-02T07:00:00+0000",
         "finished": "2026-12-02T07:01:00+0000", "harness_version": "test", "phase": "pilot",
         "topology": {"name": "wf", "source": "wf.yaml", "nodes": []},
         "scenarios": [{"name": "workflow", "phase": "pilot", "outcome": "failed",
-                       "duration_s": 1.0, "metrics": metrics, "tests": []}],
+                       "duration_s": 1.0, "metrics": metrics, "tests": tests}],
         "counts": {"passed": 0, "failed": 1, "error": 0, "skipped": 0},
     }
     (tmp_path / "report.json").write_text(json.dumps(report))
@@ -229,7 +234,8 @@ def test_the_report_section_shows_the_chain_and_its_breaks(cluster, tmp_path):
     assert f"{lost.accession_number}: scheduled step {lost.scheduled_step_id} not performed" \
         in page
     assert "Scheduled workflow" in page and "On the worklist" in page
-    assert "ADT^A40" in page and "P2 still &lt;answers&gt;" in page
+    assert "ADT^A08" in page and "ADT^A40" in page  # both nodes' HL7 checks
+    assert "P2 still &lt;answers&gt;; 1 study" in page
     assert "Other figures" not in page
 
 

@@ -4,8 +4,8 @@ Why a funnel: a go-live board asks "does every order come out as one study with 
 and the count at each link (orders -> worklist -> MPPS -> stored -> committed -> reported)
 shows where the chain breaks; each break is listed with its order. Reads `workflow`
 (scenarios/test_workflow.py: counts, breaks, one run per worklist node with its rows) and
-`workflow.hl7` (the HL7 ADT checks: a list of {message, patient, applied, verified,
-observed}), either alone.
+`workflow.hl7` (the HL7 ADT checks, per node: a list of {node, message, patient, applied,
+verified, observed}), either alone; the HL7 rows are gathered from every test of the scenario.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from harness.report.blocks import Cell, card, cards, fold, heading, table, text
 
 Built = tuple[list[Any], set[str]]
+HL7_KEY = "workflow.hl7"
 
 #: the chain's links, in order, with what each count means
 CHAIN = (
@@ -56,17 +57,33 @@ def _run_blocks(run: dict[str, Any]) -> list[Any]:
     return blocks
 
 
-def _hl7_blocks(checks: Any) -> list[Any]:
-    if not isinstance(checks, list) or not checks:
+def _observed(value: Any) -> str:
+    return "; ".join(str(v) for v in value) if isinstance(value, list) else str(value or "")
+
+
+def _hl7_checks(metrics: dict[str, Any], scenario: dict[str, Any]) -> list[dict[str, Any]]:
+    """`workflow.hl7` of every test of the scenario (one per node: the scenario's merged
+    metrics keep only the last), else the merged one."""
+    found: list[dict[str, Any]] = []
+    for test in scenario.get("tests") or []:
+        value = (test.get("metrics") or {}).get(HL7_KEY) if isinstance(test, dict) else None
+        found += [c for c in value if isinstance(c, dict)] if isinstance(value, list) else []
+    if not found and isinstance(metrics.get(HL7_KEY), list):
+        found = [c for c in metrics[HL7_KEY] if isinstance(c, dict)]
+    return found
+
+
+def _hl7_blocks(checks: list[dict[str, Any]]) -> list[Any]:
+    if not checks:
         return []
-    rows = [[c.get("message"), c.get("patient"), _yes(c.get("applied")),
-             _yes(c.get("verified")), c.get("observed")] for c in checks if isinstance(c, dict)]
-    failed = sum(1 for c in checks if isinstance(c, dict) and not c.get("verified"))
+    rows = [[c.get("node", "–"), c.get("message"), c.get("patient"), _yes(c.get("applied")),
+             _yes(c.get("verified")), _observed(c.get("observed"))] for c in checks]
+    failed = sum(1 for c in checks if not c.get("verified"))
     return [heading("Patient updates and merges (HL7 ADT)"),
             cards([card("Messages", len(rows)),
                    card("Not verified", failed, state="bad" if failed else "good")]),
-            table(["Message", "Patient", "Applied", "Verified", "Observed"], rows,
-                  row_classes=["" if r[3] == "yes" else "differs" for r in rows])]
+            table(["Node", "Message", "Patient", "Applied", "Verified", "Observed"], rows,
+                  row_classes=["" if r[4] == "yes" else "differs" for r in rows])]
 
 
 def workflow(metrics: dict[str, Any], scenario: dict[str, Any]) -> Built:
@@ -95,8 +112,8 @@ def workflow(metrics: dict[str, Any], scenario: dict[str, Any]) -> Built:
                     blocks.append(fold("breaks per order", [table(
                         ["Order", "Break"], [[r.get("label"), b] for r in run["rows"]
                                              for b in r.get("breaks") or []])]))
-    hl7 = metrics.get("workflow.hl7")
-    if hl7 is not None:
-        used.add("workflow.hl7")
-        blocks += _hl7_blocks(hl7)
+    if HL7_KEY in metrics or any(HL7_KEY in (t.get("metrics") or {})
+                                 for t in scenario.get("tests") or [] if isinstance(t, dict)):
+        used.add(HL7_KEY)
+        blocks += _hl7_blocks(_hl7_checks(metrics, scenario))
     return [b for b in blocks if b], used
