@@ -230,7 +230,7 @@ class OrthancNode(Node):
             if missing:
                 raise EnvironmentProblem(
                     f"node {self.name}: Orthanc plugin {missing[0]} not installed "
-                    "(install: apt-get install orthanc-dicomweb orthanc-postgresql)"
+                    "(install: apt-get install orthanc orthanc-dicomweb orthanc-postgresql)"
                 )
         config = orthanc_configuration(self, self.peers, plugin_paths)
         if self.spec.https:
