@@ -199,6 +199,7 @@ def _order_row(order: Order, steps: list[tuple[str, Dataset]], done: Performed |
         row.on_worklist = done.worklist_matches == 1
         row.committed = done.committed
         row.breaks += [f"not committed: {p}" for p in done.commitment_problems]
+        row.breaks += [f"C-STORE failed: {e}" for e in done.store_errors]
         if done.worklist_error:
             row.breaks.append(f"worklist query failed: {done.worklist_error}")
         elif done.worklist_matches != 1:
