@@ -3,9 +3,9 @@
 One cluster holds one node of each launched kind installed here (plus an embedded `sink`,
 the C-MOVE destination). Each declaration is probed with the protocol it claims: C-FIND at
 each level, C-GET, C-MOVE, Orthanc REST, DICOMweb, the syntax a C-GET returns, SOP Classes
-in Study, the association limit, TLS, storage commitment; an undeclared one is probed to be
-absent. A kind defined in a test is picked up by the catalog and the topology checks, and
-launches.
+in Study, the association limit, TLS, storage commitment, Modality Worklist and MPPS; an
+undeclared one is probed to be absent. A kind defined in a test is picked up by the catalog
+and the topology checks, and launches.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.sop_class import Verification
@@ -29,6 +29,7 @@ from pynetdicom.sop_class import Verification
 from harness.cluster import Cluster
 from harness.config import parse_topology
 from harness.dicom.commitment import STORAGE_COMMITMENT, commit_on_node
+from harness.dicom.mpps import MppsClient
 from harness.dicom.pdu import (
     AAssociateAC,
     AAssociateRJ,
@@ -36,12 +37,15 @@ from harness.dicom.pdu import (
     decode_pdu_body,
     decode_pdu_header,
 )
-from harness.dicom.peer import HARNESS_AE_TITLE
+from harness.dicom.peer import HARNESS_AE_TITLE, DimseConnectionError
+from harness.dicom.worklist import WorklistClient, worklist_identifier
 from harness.errors import ConfigError
 from harness.launch.tools import find_binary
 from harness.nodes import catalog, make_node
 from harness.nodes.capabilities import LAUNCHES, QUERY_LEVELS, Capabilities
 from harness.nodes.embedded import EmbeddedNode
+from harness.workflow.orders import make_order, schedule
+from harness.workflow.providers import worklist_client
 from synthetic_data.samples import sample_study
 
 #: kinds probed here: those the harness can run as a process (dcm4chee exists only as
@@ -371,7 +375,50 @@ def test_binaries_come_from_the_packages_the_hints_name(node):
         assert owner.returncode == 0, owner.stderr
         package = owner.stdout.split(":")[0]
         assert hint.startswith("apt-get install ") and package in hint.split()[2:]
+    # the first is the node's own program (others run beside it: dcmqrscp's wlmscpfs),
+    # possibly after a wrapper (pixelmed and ctn start inside a network namespace)
     assert find_binary(node.capabilities.binaries[0][0]) in node.command()
+
+
+
+def test_worklist(node):
+    """PS3.4 K: a kind declaring a worklist answers an order written into its folder with
+    exactly that item; any other refuses the worklist model on its DICOM port."""
+    order = make_order(7000 + LAUNCHED.index(node.kind), "CAPS")
+    if node.capabilities.worklist:
+        schedule([order], node)
+        found = worklist_client(node).find_worklist(
+            worklist_identifier(AccessionNumber=order.accession_number))
+        assert found.ok, found.error
+        assert [m.StudyInstanceUID for m in found.matches] == [order.study_instance_uid]
+        return
+    client = WorklistClient(node.host, node.dicom_port, node.ae_title, tls=node.tls_client())
+    try:
+        found = client.find_worklist(worklist_identifier(AccessionNumber="*"))
+    except DimseConnectionError:
+        return  # refused at association: absent too
+    assert not found.ok and found.matches == []
+
+
+def test_mpps(node):
+    """PS3.4 F.7: a kind declaring MPPS takes N-CREATE IN PROGRESS, N-SET COMPLETED, and
+    refuses a later N-SET (0x0110); any other refuses MPPS."""
+    uid = f"1.2.826.0.1.3680043.8.498.77{7000 + LAUNCHED.index(node.kind)}"
+    step = Dataset()
+    step.PerformedProcedureStepStatus = "IN PROGRESS"
+    client = MppsClient(node.host, node.dicom_port, node.ae_title, tls=node.tls_client())
+    try:
+        created = client.create(uid, step)
+    except DimseConnectionError:
+        assert not node.capabilities.mpps
+        return
+    if not node.capabilities.mpps:
+        assert not created.ok
+        return
+    assert created.ok, created.error
+    step.PerformedProcedureStepStatus = "COMPLETED"
+    assert client.set(uid, step).ok
+    assert client.set(uid, step).status.code == 0x0110
 
 
 @pytest.mark.parametrize("kind", list(catalog.kinds()))

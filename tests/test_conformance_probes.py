@@ -377,14 +377,15 @@ def test_services_offered(results, cluster):
                       if n == name and probe_id.startswith("services.")
                       and r.outcome == "conforms"}
                for name in KINDS}
+    # worklist and MPPS (issue 17): dcmqrscp's worklist is wlmscpfs on a port of its own
     assert offered == {
-        "embedded": {"storage-commitment"},
+        "embedded": {"storage-commitment", "worklist", "mpps"},
         "dcmqrscp": set(),
-        "orthanc": {"storage-commitment", "qido-rs", "wado-rs", "stow-rs", "orthanc-rest"},
+        "orthanc": {"storage-commitment", "qido-rs", "wado-rs", "stow-rs", "orthanc-rest",
+                    "worklist"},
     }
     assert {r.outcome for (p, n), r in results.items()
-            if p.startswith("services.") and n != "orthanc"
-            and (p, n) != ("services.storage-commitment", "embedded")} == {"not supported"}
+            if p.startswith("services.") and n == "dcmqrscp"} == {"not supported"}
     # raw A-ASSOCIATE-AC: the Storage Commitment context is accepted by Orthanc and the
     # embedded PACS only
     for name in KINDS:
@@ -392,8 +393,9 @@ def test_services_offered(results, cluster):
                                                     ImplicitVRLittleEndian)])
         decoded = pdu.decode_pdu(struct.pack(">BBI", 2, 0, len(body)) + body)
         assert (decoded.contexts[0].result == 0) == (name in ("orthanc", "embedded"))
-        # DCMTK's worklist query: no kind offers it
-        assert _dcmtk(FINDSCU, cluster.node(name), "-W", "-k", "PatientName").returncode != 0
+        # DCMTK's worklist query: on the DICOM port of the kinds that serve it there
+        worklist = _dcmtk(FINDSCU, cluster.node(name), "-W", "-k", "PatientName")
+        assert (worklist.returncode == 0) == (name != "dcmqrscp")
     version = subprocess.run([ORTHANC, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
     assert facts(results, "services.orthanc-rest", "orthanc")["version"] in version

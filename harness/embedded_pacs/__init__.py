@@ -8,7 +8,7 @@ harness/__init__.py: so nothing here imports other harness modules.
 
 Services: Verification; Storage SCP for every storage SOP class with every transfer syntax;
 Patient Root and Study Root Query/Retrieve FIND, MOVE and GET; Storage Commitment Push Model
-SCP. One module per concept:
+SCP; Modality Worklist FIND and MPPS (N-CREATE, N-SET). One module per concept:
 
 * server.py      the AE, association policy (called/calling AE titles, limits), event
                  bindings, request logging, SIGTERM shutdown
@@ -23,6 +23,8 @@ SCP. One module per concept:
 * hl7.py         HL7 v2 ADT^A08/A40 over MLLP (``--hl7-port``, off by default)
 * commitment.py  Storage Commitment N-ACTION, and its N-EVENT-REPORT on the same or a new
                  association
+* worklist.py    Modality Worklist C-FIND over a folder of .wl entries (PS3.4 K)
+* mpps.py        MPPS N-CREATE / N-SET, steps kept in mpps.sqlite (PS3.4 F.7)
 
 Adapter API (the harness's node adapter imports these; pure SQLite, no DICOM library):
 ``open_index``, ``statistics``, ``wipe_storage`` and ``COLUMNS`` (storage.py).

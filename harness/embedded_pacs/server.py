@@ -30,6 +30,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import (
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -41,6 +43,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from harness import sqlite_db
+from harness.embedded_pacs import mpps
 from harness.embedded_pacs.audit import AuditSender
 from harness.embedded_pacs.commitment import STORAGE_COMMITMENT, Committer
 from harness.embedded_pacs.connection import (
@@ -57,6 +60,7 @@ from harness.embedded_pacs.query import handle_find
 from harness.embedded_pacs.retrieve import Retriever
 from harness.embedded_pacs.storage import Storage
 from harness.embedded_pacs.store import handle_store
+from harness.embedded_pacs.worklist import handle_worklist_find
 
 LOG = logging.getLogger("harness.embedded_pacs")
 
@@ -157,7 +161,8 @@ class EmbeddedPacs:
         """An AE offering exactly the services the harness expects of a legacy PACS:
         Verification; Storage SCP for every storage SOP class of pynetdicom's
         ``AllStoragePresentationContexts`` with every transfer syntax; Patient Root and Study
-        Root Query/Retrieve FIND, MOVE and GET (module docstring for the association policy).
+        Root Query/Retrieve FIND, MOVE and GET; Modality Worklist FIND and MPPS (worklist.py,
+        mpps.py) (module docstring for the association policy).
         """
         ae = _PacsAE(ae_title=self.ae_title)
         ae.peers_file = self.peers_file
@@ -176,6 +181,8 @@ class EmbeddedPacs:
             ae.add_supported_context(model)
         ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian,
                                                       ImplicitVRLittleEndian])
+        ae.add_supported_context(ModalityWorklistInformationFind)  # worklist.py
+        ae.add_supported_context(ModalityPerformedProcedureStep)  # mpps.py
         self.ae = ae
         return ae
 
@@ -190,6 +197,8 @@ class EmbeddedPacs:
             (evt.EVT_C_MOVE, self.on_move),
             (evt.EVT_N_ACTION, self.on_n_action),
             (evt.EVT_DIMSE_SENT, self.committer.on_dimse_sent),
+            (evt.EVT_N_CREATE, self.on_n_create),
+            (evt.EVT_N_SET, self.on_n_set),
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_ABORTED, self.on_aborted),
@@ -282,7 +291,15 @@ class EmbeddedPacs:
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         if self.audit:
             self.audit.requested(event, "C-FIND", _calling(event))
+        if event.request.AffectedSOPClassUID == ModalityWorklistInformationFind:
+            return handle_worklist_find(event, self.storage.root, self._noter(event))
         return handle_find(event, self.storage.db_file, self.ae_title, self._noter(event))
+
+    def on_n_create(self, event: Any) -> tuple[Any, Dataset | None]:
+        return mpps.handle_n_create(event, self.storage.root, self._noter(event))
+
+    def on_n_set(self, event: Any) -> tuple[Any, Dataset | None]:
+        return mpps.handle_n_set(event, self.storage.root, self._noter(event))
 
     def on_get(self, event: Any) -> Iterator[int | tuple[int, Dataset | None]]:
         if self.audit:

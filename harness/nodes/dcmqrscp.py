@@ -28,17 +28,32 @@ sub-operations to TLS peers go through the same HAProxy: the HostTable points ea
 at a plain loopback frontend whose backend speaks TLS to the peer with the node's
 certificate. Behind the terminator every caller's address is 127.0.0.1, so the peer check
 compares AE titles and that address: on a loopback topology it still holds.
+
+Modality Worklist (PS3.4 K): dcmqrscp has none, so the node runs DCMTK's wlmscpfs beside it,
+as sites pair a DCMTK archive with a file-based worklist server: a sidecar on a loopback port
+of its own (`worklist_port`, kept in the work directory's `worklist-port` so a node attached
+from saved state finds it), answering under the node's AE title from the .wl files of
+`worklist_dir` (wlmscpfs wants a folder per called AE title, with a `lockfile`). A sidecar
+rather than a node kind of its own: it is started, saved, stopped and reaped with the archive
+by the node lifecycle that already does so for the TLS terminator, whereas a kind that stores
+nothing would have to be excused from every archive chore (store, statistics, wipe, C-FIND).
+wlmscpfs 3.6.7 has no listening address option either (0.0.0.0) and no calling AE title check:
+it serves worklists, which a site exposes to its modalities, not images; and it speaks no TLS.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
+import time
 
 from pydicom import dcmread
 
+from harness.errors import EnvironmentProblem
 from harness.launch.ports import free_port
+from harness.launch.process import log_tail, spawn
 from harness.launch.tls_terminator import (
     Tunnel,
     haproxy_binary,
@@ -55,6 +70,7 @@ from harness.nodes.orthanc import peer_ip
 # dcmqrscp deletes the oldest studies when an AE's quota is exceeded: make it unreachable.
 MAX_STUDIES = 500  # the most DCMTK allows per storage area
 MAX_BYTES_PER_STUDY = "100000mb"
+WORKLIST_PORT_FILE = "worklist-port"  # wlmscpfs's port, for a node attached from saved state
 PEERS_GROUP = "topology_peers"  # HostTable group naming everyone allowed to associate
 _UID_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
@@ -76,7 +92,8 @@ class DcmqrscpNode(Node):
         max_associations=32,  # MaxAssociations of the generated dcmqrscp.cfg
         store_associations=1,  # parallel C-STOREs lose instances (module docstring)
         tls=True,  # through an HAProxy terminator on the node's port (module docstring)
-        binaries=(("dcmqrscp", "apt-get install dcmtk"),),
+        worklist=True,  # DCMTK's wlmscpfs beside it, on `worklist_port` (module docstring)
+        binaries=(("dcmqrscp", "apt-get install dcmtk"), ("wlmscpfs", "apt-get install dcmtk")),
         image_recipe=ImageRecipe(("dcmtk",)),
     )
 
@@ -89,12 +106,27 @@ class DcmqrscpNode(Node):
     def database_dir(self):
         return self.workdir / "db"
 
+    @property
+    def worklist_dir(self):
+        """wlmscpfs's folder of .wl entries for this node's AE title."""
+        return self.workdir / "worklists" / self.ae_title if self.workdir else None
+
+    @property
+    def worklist_port(self) -> int | None:
+        """wlmscpfs's port (module docstring), as written at prepare."""
+        saved = self.workdir / WORKLIST_PORT_FILE if self.workdir else None
+        return int(saved.read_text()) if saved is not None and saved.exists() else None
+
     def data_directories(self) -> tuple[str, ...]:
         return ("db",)  # storage area and index.dat (which holds absolute file paths)
 
     def prepare(self, peers: list[Peer]) -> None:
         super().prepare(peers)
         self.database_dir.mkdir(parents=True, exist_ok=True)
+        self.worklist_dir.mkdir(parents=True, exist_ok=True)
+        (self.worklist_dir / "lockfile").touch()  # wlmscpfs serves an AE folder holding one
+        if self.worklist_port is None:
+            (self.workdir / WORKLIST_PORT_FILE).write_text(f"{free_port('127.0.0.1')}\n")
         listen_port = self.dicom_port
         if self.tls_material is not None:
             haproxy_binary(f"node {self.name}")  # missing: say so before anything starts
@@ -140,8 +172,9 @@ AETable END
         return f"{_symbolic(peer.name)} = ({peer.ae_title}, {peer_ip(peer.host)}, {peer.port})"
 
     def start_sidecars(self, *, detached: bool) -> None:
-        """The TLS terminator, listening before dcmqrscp starts (a node without `tls:` has
-        none)."""
+        """wlmscpfs, and the TLS terminator (a node without `tls:` has none), listening before
+        dcmqrscp starts."""
+        self._start_worklist_server(detached=detached)
         material = self.tls_material
         if material is None or self.spec.tls is None:
             return
@@ -166,6 +199,35 @@ AETable END
             self.name, self.workdir, public, None if attached else config, detached=detached
         )
         self.reap_on_stop.append(popen)
+
+    def _start_worklist_server(self, *, detached: bool, timeout_s: float = 20.0) -> None:
+        """wlmscpfs on `worklist_port`; returns once it accepts connections."""
+        assert self.workdir is not None and self.worklist_port is not None
+        log_path = self.workdir / "wlmscpfs.log"
+        popen, handle = spawn(
+            [self.require_binary("wlmscpfs"), "--data-files-path", str(self.worklist_dir.parent),
+             "--disable-host-lookup", "--log-level", "info", str(self.worklist_port)],
+            log_path=log_path, cwd=self.workdir, detached=detached,
+        )
+        self.sidecars["wlmscpfs"] = handle
+        self.reap_on_stop.append(popen)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not handle.alive():
+                raise EnvironmentProblem(
+                    f"node {self.name}: wlmscpfs exited at start-up; log tail:\n"
+                    f"{log_tail(log_path)}"
+                )
+            with socket.socket() as probe:
+                probe.settimeout(1.0)
+                if probe.connect_ex(("127.0.0.1", self.worklist_port)) == 0:
+                    return
+            if time.monotonic() > deadline:
+                raise EnvironmentProblem(
+                    f"node {self.name}: wlmscpfs not listening on port {self.worklist_port} "
+                    f"after {timeout_s:.0f} s; log tail:\n{log_tail(log_path)}"
+                )
+            time.sleep(0.1)
 
     image_program = ("/usr/bin/dcmqrscp",)
 

@@ -40,6 +40,8 @@ class EmbeddedNode(Node):
         audit_trail=True,  # --audit-syslog: IHE ATNA messages (embedded_pacs/audit.py)
         hl7=True,  # --hl7-port: ADT^A08/A40 over MLLP (embedded_pacs/hl7.py)
         storage_commitment=True,  # N-ACTION/N-EVENT-REPORT SCP (embedded_pacs/commitment.py)
+        worklist=True,  # .wl files of storage/worklist/ (embedded_pacs/worklist.py)
+        mpps=True,  # N-CREATE / N-SET kept in storage/mpps.sqlite (embedded_pacs/mpps.py)
         image_recipe=ImageRecipe(
             ("python3",), ("pydicom", "pynetdicom"), ("embedded_pacs", "sqlite_db.py")
         ),
@@ -52,6 +54,11 @@ class EmbeddedNode(Node):
     @property
     def storage_dir(self):
         return self.workdir / "storage"
+
+    @property
+    def worklist_dir(self):
+        """The folder of .wl entries its worklist SCP reads (harness/workflow/orders.py)."""
+        return self.storage_dir / "worklist" if self.workdir else None
 
     def data_directories(self) -> tuple[str, ...]:
         return ("storage",)  # files and the SQLite index (relative paths)

@@ -81,6 +81,9 @@ from harness.security.certificates import write_private  # orthanc.json holds a 
 DEBIAN_PLUGIN_DIR = "/usr/share/orthanc/plugins"
 DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
 POSTGRESQL_INDEX_PLUGIN = "libOrthancPostgreSQLIndex.so"
+#: Orthanc's Modality Worklist plugin (in Debian's `orthanc` package): a C-FIND SCP on the
+#: worklist model over the .wl files of its Database folder (harness/workflow/orders.py)
+WORKLIST_PLUGIN = "libModalityWorklists.so"
 
 
 #: the login name of the generated HTTP account (the password is random per launch)
@@ -147,6 +150,7 @@ def orthanc_configuration(node: Node, peers: list[Peer], plugins: list[str]) -> 
         "LogExportedResources": False,
         "Plugins": plugins,
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
+        "Worklists": {"Enable": True, "Database": str(node.workdir / "worklists")},
         **tls_configuration(node),
     }
 
@@ -205,6 +209,7 @@ class OrthancNode(Node):
         tls=True,
         https=True,  # behind a TLS terminator (module docstring)
         storage_commitment=True,  # SCP since 1.6 (module docstring)
+        worklist=True,  # its worklist plugin (WORKLIST_PLUGIN); Orthanc has no MPPS SCP
         image_recipe=ImageRecipe(("orthanc", "orthanc-dicomweb", "orthanc-postgresql")),
     )
     image_program = ("/usr/sbin/Orthanc",)
@@ -219,9 +224,9 @@ class OrthancNode(Node):
     def prepare(self, peers: list[Peer]) -> None:
         super().prepare(peers)
         assert self.workdir is not None
-        for sub in ("storage", "index"):
+        for sub in ("storage", "index", "worklists"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
-        plugins = [DICOMWEB_PLUGIN]
+        plugins = [DICOMWEB_PLUGIN, WORKLIST_PLUGIN]
         if self.spec.index == "postgresql":
             from harness.launch.ports import free_port
 
@@ -235,7 +240,7 @@ class OrthancNode(Node):
             if missing:
                 raise EnvironmentProblem(
                     f"node {self.name}: Orthanc plugin {missing[0]} not installed "
-                    "(install: apt-get install orthanc-dicomweb orthanc-postgresql)"
+                    "(install: apt-get install orthanc orthanc-dicomweb orthanc-postgresql)"
                 )
         config = orthanc_configuration(self, self.peers, plugin_paths)
         if self.spec.https:
@@ -257,6 +262,11 @@ class OrthancNode(Node):
         config.update(self.spec.orthanc_config)  # the topology's own settings win
         write_private(self.workdir / "orthanc.json", json.dumps(config, indent=2))
 
+    @property
+    def worklist_dir(self):
+        """The worklist plugin's folder of .wl entries (harness/workflow/orders.py)."""
+        return self.workdir / "worklists" if self.workdir else None
+
     def data_directories(self) -> tuple[str, ...]:
         # with index: postgresql the index lives in PostgreSQL (the DR drill pg_dumps it)
         return ("storage",) if self.spec.index == "postgresql" else ("storage", "index")
@@ -276,7 +286,7 @@ class OrthancNode(Node):
     def container_environment(self) -> dict[str, str]:
         if self.local_image:
             return {}
-        env = {"DICOM_WEB_PLUGIN_ENABLED": "true"}
+        env = {"DICOM_WEB_PLUGIN_ENABLED": "true", "WORKLISTS_PLUGIN_ENABLED": "true"}
         if self.postgres_port:
             env["POSTGRESQL_PLUGIN_ENABLED"] = "true"
         return env

@@ -32,6 +32,7 @@ from harness.report.compliance import compliance
 from harness.report.generic import metric_blocks
 from harness.report.interop import KEY as CONFORMANCE_KEY
 from harness.report.interop import interop_section, is_conformance
+from harness.report.workflow import workflow
 
 Built = tuple[list[Any], set[str]]
 
@@ -59,6 +60,9 @@ PURPOSES = {
     "conformance": ("Interoperability", "The same conformance probes against every node, "
                     "side by side, and the migration risks each source/target pair runs, "
                     "with their remedies."),
+    "workflow": ("Scheduled workflow", "Orders -> worklist -> MPPS -> stored -> committed -> "
+                 "reported: every order performed once, as ordered, MPPS listing what was "
+                 "stored; patient updates and merges applied and verified."),
 }
 FINDING_PREFIX_MISSING = "missing_"
 ALTERED_TYPES = ("altered_attributes", "altered_pixels", "recompressed_lossy")
@@ -449,6 +453,7 @@ BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], Built]] = {
     "disaster-recovery": disaster_recovery, "dr": disaster_recovery,
     "migration-under-faults": migration_faults, "migration_faults": migration_faults,
     "security": compliance, "conformance": interop_section,
+    "workflow": workflow,
 }
 
 
