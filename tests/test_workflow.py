@@ -40,7 +40,9 @@ def cluster():
 def _modality(cluster, worklist: str, archive: str) -> Modality:
     return Modality(STATION_AE_TITLE, worklist_client(cluster.node(worklist), STATION_AE_TITLE),
                     mpps_client(cluster.node("embedded"), STATION_AE_TITLE),
-                    cluster.node(archive).dimse(calling_ae=STATION_AE_TITLE))
+                    cluster.node(archive).dimse(calling_ae=STATION_AE_TITLE),
+                    commitment_report_port=cluster.harness_port,
+                    commitment=cluster.node(archive).dimse())
 
 
 def _check(cluster, orders, performed, archive: str, rules: SiteRules = DEFAULT_RULES):

@@ -87,10 +87,16 @@ class Modality:
     def __init__(self, station_ae_title: str, worklist: WorklistClient | None,
                  mpps: MppsClient | None, archive: DimseClient, modality: str = "CT", *,
                  commitment_report_port: int | None = None,
-                 commitment_timeout_s: float = 30.0) -> None:
+                 commitment_timeout_s: float = 30.0,
+                 commitment: DimseClient | None = None) -> None:
         self.station_ae_title = station_ae_title
         self.worklist, self.mpps, self.archive = worklist, mpps, archive
         self.modality = modality
+        # who asks for storage commitment: the archive sends a report on a new association
+        # to the AE title that asked, so that title must be a peer it knows. A launched
+        # archive knows the harness, not the simulated station: the harness asks in its
+        # name (`commitment`); at a site the station's own title is configured there.
+        self.commitment = commitment or archive
         # where the archive's N-EVENT-REPORT may come on a new association (the address the
         # launched nodes know for the calling AE title), None: on the N-ACTION's only
         self.commitment_report_port = commitment_report_port
@@ -292,7 +298,7 @@ class Modality:
         port = self.commitment_report_port
         try:
             result = commitment.request_commitment(
-                self.archive, pairs, report_address=("127.0.0.1", port) if port else None,
+                self.commitment, pairs, report_address=("127.0.0.1", port) if port else None,
                 timeout_s=self.commitment_timeout_s, node_name=self.archive.called_ae)
         except EnvironmentProblem as exc:
             done.committed, done.commitment_note = False, str(exc)

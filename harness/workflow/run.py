@@ -54,7 +54,8 @@ def run_workflow(worklist_node: Any, mpps_node: Any, archive_node: Any, *, seed:
     modality = Modality(STATION_AE_TITLE, worklist_client(worklist_node, STATION_AE_TITLE),
                         mpps_client(mpps_node, STATION_AE_TITLE),
                         archive_node.dimse(calling_ae=STATION_AE_TITLE),
-                        commitment_report_port=commitment_report_port)
+                        commitment_report_port=commitment_report_port,
+                        commitment=archive_node.dimse())  # a peer the archive knows
     performed = []
     for index, order in enumerate(scheduled):
         last = index == len(scheduled) - 1 and len(scheduled) > 1
