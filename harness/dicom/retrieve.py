@@ -79,7 +79,11 @@ class RetrieveClient(QueryClient):
     def _move(self, destination_ae: str, identifier: Dataset, model: str) -> RetrieveResult:
         sop_class = MOVE_MODELS[model]
         start = time.perf_counter()
-        assoc = self.associate([build_context(sop_class)])
+        # little endian only: pynetdicom's default also offers Deflated, which PixelMed
+        # picks, and pynetdicom then cannot decode its failed-UID identifiers (measured)
+        assoc = self.associate(
+            [build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+        )
         last: Dataset | None = None
         last_identifier: Dataset | None = None
         done = -1
