@@ -36,3 +36,14 @@ def test_readme_lists_every_command() -> None:
     missing = [name for name in COMMANDS
                if f"`pacs-harness {name} " not in readme and f"`pacs-harness {name}`" not in readme]
     assert missing == []
+
+
+def test_conformance_doc_lists_every_probe_with_its_reference() -> None:
+    """docs/conformance.md (rewritten by scripts/conformance-doc from a real run) names
+    every probe with its reference and a measured cell per kind."""
+    from harness.conformance.model import all_probes
+
+    doc = (ROOT / "docs" / "conformance.md").read_text()
+    missing = [p.id for p in all_probes()
+               if f"- `{p.id}` ({p.reference})" not in doc or f"| `{p.id}` " not in doc]
+    assert missing == [], "run scripts/conformance-doc"
