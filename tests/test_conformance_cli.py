@@ -2,7 +2,7 @@
 and the nodes it launched stopped afterwards (also when interrupted); `run --phase
 planning` includes the conformance scenario.
 
-The probes are this module's own (C-ECHO, Modality Worklist negotiation), put into the
+The probes are this module's own (C-ECHO, print management negotiation), put into the
 registry for one test at a time with monkeypatch; the command then runs in this process
 through `harness.cli.app.main`, with its real exit codes.
 """
@@ -24,7 +24,8 @@ from harness.conformance.runner import move_destination
 from harness.dicom.peer import HARNESS_AE_TITLE, DimseConnectionError
 from tests.helpers import processes_mentioning, run_cli, status_json
 
-MODALITY_WORKLIST_FIND = ("1.2.840.10008.5.1.4.31", "1.2.840.10008.1.2")
+#: Basic Grayscale Print Management Meta SOP Class (PS3.4 H): no PACS kind here offers it
+BASIC_PRINT = ("1.2.840.10008.5.1.1.9", "1.2.840.10008.1.2")
 
 
 def _echo(ctx):
@@ -33,14 +34,14 @@ def _echo(ctx):
     return conforms("answered")
 
 
-def _worklist(ctx):
+def _print(ctx):
     try:
-        accepted = ctx.node.dimse(timeout_s=10).negotiate([MODALITY_WORKLIST_FIND])
+        accepted = ctx.node.dimse(timeout_s=10).negotiate([BASIC_PRINT])
     except DimseConnectionError:  # its only context refused: no association
-        accepted = {MODALITY_WORKLIST_FIND: False}
-    if accepted[MODALITY_WORKLIST_FIND]:
+        accepted = {BASIC_PRINT: False}
+    if accepted[BASIC_PRINT]:
         return conforms("accepted")
-    return not_supported("Modality Worklist FIND refused")
+    return not_supported("Basic Grayscale Print Management refused")
 
 
 def _interrupted(ctx):
@@ -48,15 +49,15 @@ def _interrupted(ctx):
 
 
 ECHO = Probe("services.test-cli-echo", "services", "C-ECHO", "answers", "PS3.4 A.4", _echo)
-WORKLIST = Probe("services.test-cli-worklist", "services", "MWL", "offers MWL", "PS3.4 K",
-                 _worklist)
+PRINT = Probe("services.test-cli-print", "services", "Print", "offers print", "PS3.4 H",
+              _print)
 INTERRUPT = Probe("services.test-cli-interrupt", "services", "Ctrl-C", "-", "-", _interrupted)
 
 
 @pytest.fixture
 def registered(monkeypatch):
     """The test probes in the registry for this test only."""
-    for probe in (ECHO, WORKLIST, INTERRUPT):
+    for probe in (ECHO, PRINT, INTERRUPT):
         monkeypatch.setitem(model._registry, probe.id, probe)
 
 
@@ -99,7 +100,7 @@ def test_json_matrix_and_output_then_the_launched_nodes_are_stopped(
         topology, registered, capsys, tmp_path):
     path, name = topology
     output = tmp_path / "out"
-    code = _main("conformance", "-t", str(path), "--probe", ECHO.id, "--probe", WORKLIST.id,
+    code = _main("conformance", "-t", str(path), "--probe", ECHO.id, "--probe", PRINT.id,
                  "--json", "--output", str(output))
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -108,45 +109,45 @@ def test_json_matrix_and_output_then_the_launched_nodes_are_stopped(
     assert set(printed) == {"nodes", "probes", "results", "risks"}
     names = [n["name"] for n in printed["nodes"]]
     assert names[0] == "embedded" and all(n["writable"] for n in printed["nodes"])
-    assert [p["id"] for p in printed["probes"]] == [ECHO.id, WORKLIST.id]
+    assert [p["id"] for p in printed["probes"]] == [ECHO.id, PRINT.id]
     cells = {(r["probe"], r["node"]): r for r in printed["results"]}
     assert len(cells) == len(printed["results"]) == 2 * len(names)
     for node in names:
         assert cells[(ECHO.id, node)]["outcome"] == "conforms"
         assert cells[(ECHO.id, node)]["evidence"][0]["request"] == "C-ECHO"
-        assert cells[(WORKLIST.id, node)]["outcome"] == "not supported"
+        assert cells[(PRINT.id, node)]["outcome"] == "not supported"
     assert printed["risks"] == []
     assert json.loads((output / "conformance.json").read_text()) == printed
     if importlib.util.find_spec("harness.report.interop") is None:
         assert "no interop page" in captured.err
     else:  # the page names every node and probe
         page = (output / "interop.html").read_text()
-        assert all(text in page for text in (*names, ECHO.id, WORKLIST.id))
+        assert all(text in page for text in (*names, ECHO.id, PRINT.id))
     assert processes_mentioning(f"pacs-harness-{name}-") == []
 
 
 def test_human_matrix_lists_probes_by_area_and_nodes(topology, registered, capsys):
     path, _name = topology
     code = _main("conformance", "-t", str(path), "--probe", ECHO.id,
-                 "--probe", WORKLIST.id, "--node", "embedded")
+                 "--probe", PRINT.id, "--node", "embedded")
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "embedded" in captured.out and "dcmqrscp" not in captured.out
-    row = next(line for line in captured.out.splitlines() if WORKLIST.id in line)
-    assert "n-s" in row and "MWL (PS3.4 K)" in row  # 80 columns leave room for a title
+    row = next(line for line in captured.out.splitlines() if PRINT.id in line)
+    assert "n-s" in row and "Print (PS3.4 H)" in row  # 80 columns leave room for a title
     assert "conforms" in next(line for line in captured.out.splitlines() if ECHO.id in line)
     assert "migration risks: none" in captured.out
 
 
 def _stand_in_risks(remedy: str) -> ModuleType:
     """A stand-in for harness/conformance/risks.py: every node that refuses Modality
-    Worklist is a risk towards every other node, with `remedy` ("" for none)."""
+    Print is a risk towards every other node, with `remedy` ("" for none)."""
     stand_in = ModuleType("harness.conformance.risks")
 
     class Risk:
         def __init__(self, source: str, target: str, probe: str) -> None:
             self.fields = {"source": source, "target": target, "probe": probe,
-                           "risk": "worklist refused", "remedy": remedy,
+                           "risk": "print refused", "remedy": remedy,
                            "remedy_id": remedy.replace(" ", "-") or None}
 
         def as_dict(self) -> dict:
@@ -164,7 +165,7 @@ def pytest_configure(config):
     from the stand-in, its remedy from the environment."""
     import os
 
-    model._registry[WORKLIST.id] = WORKLIST
+    model._registry[PRINT.id] = PRINT
     sys.modules["harness.conformance.risks"] = _stand_in_risks(
         os.environ.get("CONFORMANCE_TEST_REMEDY", ""))
 
@@ -176,11 +177,11 @@ def test_migration_risks_are_printed_per_pair_and_exit_1(topology, registered, c
     path, _name = topology
     if "dcmqrscp" not in path.read_text():
         pytest.skip("dcmqrscp is not installed: one node, no pair")
-    code = _main("conformance", "-t", str(path), "--probe", WORKLIST.id)
+    code = _main("conformance", "-t", str(path), "--probe", PRINT.id)
     captured = capsys.readouterr()
     assert code == 1, captured.err
     assert "embedded -> dcmqrscp:" in captured.out
-    assert f"{WORKLIST.id}: worklist refused\n      remedy: no known remedy" in captured.out
+    assert f"{PRINT.id}: print refused\n      remedy: no known remedy" in captured.out
 
 
 @pytest.mark.parametrize("remedy", ["", "query by UID lists"])
@@ -196,7 +197,7 @@ def test_the_planning_gate_fails_only_on_a_risk_without_remedy(topology, tmp_pat
     if "dcmqrscp" not in path.read_text():
         pytest.skip("dcmqrscp is not installed: one node, no pair")
     path.write_text(path.read_text()
-                    + f"settings:\n  conformance: {{probes: [{WORKLIST.id}]}}\n")
+                    + f"settings:\n  conformance: {{probes: [{PRINT.id}]}}\n")
     repository = Path(__file__).resolve().parents[1]
     scenarios = repository / "scenarios"
     report_json = tmp_path / "run" / "report.json"
