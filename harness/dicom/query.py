@@ -173,7 +173,8 @@ class QueryClient(DimsePeer):
             )
         status = Status(answer.status)
         error = None
-        if status.category != "success":
+        cancelled = cancel_after is not None and status.category == "cancel"  # as asked
+        if status.category != "success" and not cancelled:
             comment = f" ({answer.error_comment})" if answer.error_comment else ""
             error = f"peer {self}: {level} C-FIND answered {status}{comment}"
         try:
