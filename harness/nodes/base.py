@@ -83,6 +83,36 @@ class HeldStatistics:
         return findings + [f"{name}: unreadable stored file {entry}" for entry in self.unreadable]
 
 
+#: what files_statistics reads of each stored file
+_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def files_statistics(paths: list[Path], means: str) -> HeldStatistics:
+    """Counts of the stored files a kind keeps in a folder of its own, each read with
+    pydicom: for kinds whose index is the very thing their C-FIND answers from (dcmqrscp's
+    index.dat, PixelMed's HSQLDB, CTN's MariaDB), so the count is held against C-FIND. A
+    file without PatientID counts under an empty one, as a C-FIND answers it."""
+    from pydicom import dcmread
+
+    patients, studies, series, instances = set(), set(), set(), set()
+    unreadable = []
+    for path in sorted(paths):
+        try:
+            ds = dcmread(path, stop_before_pixels=True,
+                         specific_tags=["PatientID", *_UID_KEYWORDS])
+            patient = str(ds.get("PatientID", ""))
+            study, one_series, instance = (str(ds[k].value) for k in _UID_KEYWORDS)
+        except Exception as exc:  # noqa: BLE001 - a damaged file is reported, not fatal
+            unreadable.append(f"{path.name}: {exc.__class__.__name__}")
+            continue
+        patients.add(patient)
+        studies.add(study)
+        series.add((study, one_series))
+        instances.add(instance)
+    counts = NodeStatistics(len(patients), len(studies), len(series), len(instances))
+    return HeldStatistics(counts, means, unreadable)
+
+
 class Node:
     """Base class: an addressable PACS with protocol clients and lifecycle chores.
 

@@ -49,8 +49,6 @@ import socket
 import subprocess
 import time
 
-from pydicom import dcmread
-
 from harness.errors import EnvironmentProblem
 from harness.launch.ports import free_port
 from harness.launch.process import log_tail, spawn
@@ -63,7 +61,7 @@ from harness.launch.tls_terminator import (
     write_certificate_bundle,
 )
 from harness.launch.tools import find_binary
-from harness.nodes.base import HeldStatistics, Node, NodeStatistics, Peer
+from harness.nodes.base import HeldStatistics, Node, Peer, files_statistics
 from harness.nodes.capabilities import Capabilities, ImageRecipe
 from harness.nodes.orthanc import peer_ip
 
@@ -72,7 +70,6 @@ MAX_STUDIES = 500  # the most DCMTK allows per storage area
 MAX_BYTES_PER_STUDY = "100000mb"
 WORKLIST_PORT_FILE = "worklist-port"  # wlmscpfs's port, for a node attached from saved state
 PEERS_GROUP = "topology_peers"  # HostTable group naming everyone allowed to associate
-_UID_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 def _symbolic(name: str) -> str:
@@ -254,23 +251,10 @@ AETable END
     def held_statistics(self) -> HeldStatistics:
         """The storage area, every file read with pydicom (index.dat is its own index, the
         one its C-FIND answers from, so it is not what is counted)."""
-        patients, studies, series, instances = set(), set(), set(), set()
-        unreadable = []
         folder = self.database_dir
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "index.dat"):
-            try:
-                ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_UID_KEYWORDS))
-                keys = [str(ds[k].value) for k in _UID_KEYWORDS]
-            except Exception as exc:  # noqa: BLE001 - a damaged file is reported, not fatal
-                unreadable.append(f"{path.name}: {exc.__class__.__name__}")
-                continue
-            patients.add(keys[0])
-            studies.add(keys[1])
-            series.add((keys[1], keys[2]))
-            instances.add(keys[3])
-        counts = NodeStatistics(len(patients), len(studies), len(series), len(instances))
-        return HeldStatistics(
-            counts, f"files of dcmqrscp's storage area {folder} read with pydicom", unreadable
+        return files_statistics(
+            [p for p in folder.rglob("*") if p.is_file() and p.name != "index.dat"],
+            f"files of dcmqrscp's storage area {folder} read with pydicom",
         )
 
     def _wipe(self) -> None:
