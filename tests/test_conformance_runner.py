@@ -126,9 +126,10 @@ def _count_studies(ctx):
 COUNT = _probe("query.test-count", _count_studies, needs_corpus=True)
 
 
-def _dcmtk(program: str, node, *args: str) -> int:
+def _dcmtk(program: str, node, *args: str, files: tuple[str, ...] = ()) -> int:
+    """DCMTK's exit code; `files` go after peer and port (its positional order)."""
     return subprocess.run([program, "-aet", HARNESS_AE_TITLE, "-aec", node.ae_title, *args,
-                           node.host, str(node.dicom_port)],
+                           node.host, str(node.dicom_port), *files],
                           capture_output=True, timeout=60).returncode
 
 
@@ -153,7 +154,7 @@ def test_every_probe_against_every_kind(cluster, tmp_path):
         # the node does not support it
         worklist = run.result(WORKLIST.id, node.name).outcome
         assert worklist in ("conforms", "not supported")
-        findscu = _dcmtk(FINDSCU, node, "-W", str(worklist_request))
+        findscu = _dcmtk(FINDSCU, node, "-W", files=(str(worklist_request),))
         assert (findscu == 0) == (worklist == "conforms"), (node.name, worklist, findscu)
         assert run.result(CORPUS_FIND.id, node.name).outcome == "conforms"
         held = node.held_statistics()

@@ -74,7 +74,9 @@ def listening(pid: int) -> dict[int, set[str]]:
 @pytest.mark.parametrize("name", ["orthanc", "archive", "pocket"])
 def test_listening_addresses(cluster, name):
     node = cluster.node(name)
-    ports = {node.dicom_port, *([node.http_port] if node.http_port else [])}
+    # the embedded PACS's HL7 listener (MLLP, issue 17) is on 127.0.0.1 too
+    ports = {node.dicom_port, *(p for p in (node.http_port, getattr(node, "hl7_port", None))
+                                if p)}
     sockets = listening(node.handle.pid)
     assert set(sockets) == ports, f"{name} listens on ports {sorted(sockets)}, not {ports}"
     addresses = set().union(*sockets.values())
