@@ -41,7 +41,9 @@ MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
 MPPS = "1.2.840.10008.3.1.2.3.3"
 DEFAULT_DICOMWEB_ROOT = "/dicom-web"
 HTTP_TIMEOUT_S = 30.0
-COMMITMENT_TIMEOUT_S = 20.0  # for the N-EVENT-REPORT of the one made-up instance
+#: for the N-ACTION-RSP and the N-EVENT-REPORT of the one made-up instance (an SCP that
+#: does the service answers in well under a second here; CTN never does)
+COMMITMENT_TIMEOUT_S = 20.0
 #: HTTP answers that say "no such service here" (RFC 9110 15.5.5, 15.5.6, 15.6.2)
 ABSENT = (404, 405, 501)
 
@@ -85,7 +87,7 @@ def storage_commitment(ctx: ProbeContext) -> Observation:
     address = ("127.0.0.1", harness.port) if harness is not None else None
     made_up = generate_uid()
     try:
-        result = request_commitment(ctx.node.dimse(timeout_s=TIMEOUT_S),
+        result = request_commitment(ctx.node.dimse(timeout_s=COMMITMENT_TIMEOUT_S),
                                     [(CTImageStorage, made_up)], report_address=address,
                                     timeout_s=COMMITMENT_TIMEOUT_S, node_name=ctx.node.name)
     except OSError as exc:  # the harness's report address is taken by another listener
