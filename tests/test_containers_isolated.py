@@ -9,8 +9,10 @@ from the embedded process node compared with pydicom's read of the original file
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from harness.launch.mariadb import socket_directory
 from harness.launch.netns import SOCKET_DIR_FILE
 from harness.launch.tools import find_binary
 from synthetic_data.samples import sample_study
-from tests.helpers import processes_mentioning, run_cli
+from tests.helpers import CHILD_PYTEST, processes_mentioning, run_cli
 from tests.realworld import valid_files
 from tests.test_netns import listeners
 
@@ -190,3 +192,82 @@ def test_image_build_of_an_isolated_kind_is_cached(images):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == images["pixelmed"]
     assert "up to date (cached)" in proc.stderr
+
+
+def test_restart_makes_a_new_isolated_container_that_keeps_the_data(images):
+    """harness/resilience/node_faults.restart (stop, start on the same ports): a new
+    container, again with network mode none, and CTN's index (MariaDB on the host) and
+    files still answer for what was stored."""
+    from harness.resilience.node_faults import restart
+
+    cluster = Cluster.launch(parse_topology(
+        "name: isolated-restart\nnodes:\n  classic: {kind: ctn, launch: docker}\n"))
+    try:
+        node = cluster.node("classic")
+        study = sample_study(seed=71, instances=1)
+        assert node.dimse().store(study).ok
+        before = node.handle.container_id
+        restart(node)
+        assert node.handle.container_id != before
+        assert _inspect(node.handle.container_id)["HostConfig"]["NetworkMode"] == "none"
+        assert _findscu_study(node, study[0].StudyInstanceUID) == [study[0].StudyInstanceUID]
+    finally:
+        root = cluster.root
+        cluster.stop()
+    assert harness_containers(cluster.run_id) == []
+    assert processes_mentioning(str(root)) == []
+
+
+HOLD = '''
+import json, os, time
+def test_hold(pacs_cluster):
+    with open(os.environ["HOLD_INFO"] + ".tmp", "w") as f:
+        json.dump({"run_id": pacs_cluster.run_id, "root": str(pacs_cluster.root)}, f)
+    os.replace(os.environ["HOLD_INFO"] + ".tmp", os.environ["HOLD_INFO"])
+    time.sleep(3600)  # far past the test's deadline: only the signal ends it
+'''
+
+
+def test_killed_session_leaves_no_isolated_container_nor_relay(images, tmp_path):
+    """A pytest session holding both kinds as containers is SIGKILLed: `down --all` removes
+    the containers (their owner is dead); the relays and MariaDB die with the session; the
+    socket directories nobody listens in any more go when the next one is made."""
+    topology = tmp_path / "isolated.yaml"
+    topology.write_text(TOPOLOGY)
+    (tmp_path / "test_hold.py").write_text(HOLD)
+    info = tmp_path / "hold.json"
+    proc = subprocess.Popen(
+        [*CHILD_PYTEST, str(tmp_path / "test_hold.py"), "--pacs-topology", str(topology),
+         "--rootdir", str(tmp_path)],
+        env={**os.environ, "HOLD_INFO": str(info)}, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 300  # bounds a hung start only
+        while not info.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "nodes did not come up"
+            time.sleep(0.3)
+        held = json.loads(info.read_text())
+        assert len(harness_containers(held["run_id"])) == 2
+        left = [Path((Path(held["root"]) / name / SOCKET_DIR_FILE).read_text().strip())
+                for name in ("pixel", "classic")]
+        left.append(socket_directory(Path(held["root"]) / "classic" / "mariadb"))
+        assert all(d.is_dir() for d in left)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert run_cli("down", "--all").returncode == 0
+    assert harness_containers(held["run_id"]) == []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and processes_mentioning(held["root"]):
+        time.sleep(0.3)
+    assert processes_mentioning(held["root"]) == []
+    # their socket directories are swept by the next isolated server that starts
+    cluster = Cluster.launch(parse_topology(
+        "name: isolated-next\nnodes:\n  next: {kind: ctn, launch: docker}\n"))
+    cluster.stop()
+    assert [d for d in left if d.exists()] == []

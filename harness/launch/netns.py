@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 #: where the per-server socket directory is made: short, so paths stay under 108 bytes
 SOCKET_PARENT = Path("/tmp")
+SOCKET_PREFIX = "pacs-ns-"
 SOCKET_DIR_FILE = "netns-socket-dir"  # in the work directory: found again after `up`
 RELAY_CONFIG = "netns-relay.cfg"  # the outside HAProxy
 INSIDE_CONFIG = "netns-inside.cfg"  # the HAProxy in the namespace
@@ -169,7 +170,8 @@ class IsolatedServer:
         record = self.workdir / SOCKET_DIR_FILE
         if record.is_file():
             return Path(record.read_text().strip())
-        made = Path(tempfile.mkdtemp(prefix="pacs-ns-", dir=SOCKET_PARENT))
+        sweep_stale_socket_dirs()
+        made = Path(tempfile.mkdtemp(prefix=SOCKET_PREFIX, dir=SOCKET_PARENT))
         record.write_text(f"{made}\n")
         return made
 
@@ -316,6 +318,29 @@ def wait_gone(processes: list[ProcessHandle], timeout_s: float = 10.0) -> None:
                     os.kill(process.pid, signal.SIGKILL)
                 break
             time.sleep(0.02)
+
+
+def sweep_stale_socket_dirs() -> list[Path]:
+    """Remove socket directories nothing listens in any more (a killed run's: its relays
+    died with it, no one removed the directory); one with no socket yet is being set up,
+    and one where any socket answers is in use. Returns what was removed."""
+    removed = []
+    for directory in SOCKET_PARENT.glob(f"{SOCKET_PREFIX}*"):
+        sockets = list(directory.glob("*.sock"))
+        if sockets and not any(_unix_listening(path) for path in sockets):
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
+
+
+def _unix_listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _listening(port: int) -> bool:
