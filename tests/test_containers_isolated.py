@@ -26,7 +26,7 @@ from harness.launch.mariadb import socket_directory
 from harness.launch.netns import SOCKET_DIR_FILE
 from harness.launch.tools import find_binary
 from synthetic_data.samples import sample_study
-from tests.helpers import CHILD_PYTEST, processes_mentioning, run_cli
+from tests.helpers import CHILD_PYTEST, processes_mentioning, run_cli, status_json
 from tests.realworld import valid_files
 from tests.test_netns import listeners
 
@@ -169,14 +169,15 @@ def test_isolated_containers_echo_store_find_and_move(images):
             held = node.held_statistics()
             assert held.unreadable == [] and held.statistics.instances == 3, name
 
-        # PixelMed's wipe restarts its container, on empty folders, in the same run
+        # PixelMed's wipe restarts its container (the same one: state.json's id holds) on
+        # empty folders
         pixel = cluster.node("pixel")
+        started = _inspect(containers["pixel"])["State"]["StartedAt"]
         pixel.wipe()
-        assert pixel.handle.container_id != containers["pixel"]
-        assert _inspect(pixel.handle.container_id)["HostConfig"]["NetworkMode"] == "none"
+        assert pixel.handle.container_id == containers["pixel"]
+        assert _inspect(containers["pixel"])["State"]["StartedAt"] != started
         assert _findscu_study(pixel, real.study_uid) == []
         assert pixel.held_statistics().statistics.instances == 0
-        containers["pixel"] = pixel.handle.container_id
     finally:
         root = cluster.root
         cluster.stop()
@@ -271,3 +272,28 @@ def test_killed_session_leaves_no_isolated_container_nor_relay(images, tmp_path)
         "name: isolated-next\nnodes:\n  next: {kind: ctn, launch: docker}\n"))
     cluster.stop()
     assert [d for d in left if d.exists()] == []
+
+
+def test_up_status_and_down_with_isolated_containers(images, tmp_path):
+    """`up` leaves both containers running (detached) behind their relays, `status` finds
+    them alive, `down` removes them, their relays and their socket directories."""
+    topology = tmp_path / "isolated.yaml"
+    topology.write_text(TOPOLOGY)
+    before = {c.id for c in harness_containers()}
+    proc = run_cli("up", "--topology", str(topology), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    started = {c.id for c in harness_containers()} - before
+    try:
+        assert len(started) == 2
+        rows = status_json("--topology", str(topology))
+        assert all(r["alive"] for r in rows), rows
+        socket_dirs = [Path(m["Source"]) for c in started for m in _inspect(c)["Mounts"]
+                       if Path(m["Source"]).name.startswith("pacs-")
+                       and Path(m["Source"]).parent == Path("/tmp")]
+        # each its relays' directory, CTN also MariaDB's
+        assert len(socket_dirs) == 3 and all(d.is_dir() for d in socket_dirs)
+    finally:
+        assert run_cli("down", "--topology", str(topology)).returncode == 0
+    assert not started & {c.id for c in harness_containers()}
+    assert not any(r["alive"] for r in status_json("--topology", str(topology)))
+    assert [d for d in socket_dirs if d.exists()] == []

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.errors import ConfigError, EnvironmentProblem
-from harness.launch.docker import LABEL_OWNER, LABEL_RUN, ContainerHandle, run_container
+from harness.launch.docker import ContainerHandle, run_container
 from harness.launch.process import ProcessHandle, log_tail, process_start_time, spawn
 from harness.launch.tls_terminator import _defaults, haproxy_binary
 from harness.launch.tools import require_binary
@@ -378,19 +378,19 @@ def run_isolated_container(
     )
 
 
-def restart_container(node: Node, start: Callable[[str, bool], ContainerHandle]) -> None:
-    """Remove the node's container and start it again as it was (same run, same owner):
-    `start(run_id, detached)` runs the new one (for a wipe that must restart the server)."""
+def restart_container(node: Node, while_stopped: Callable[[], None],
+                      timeout_s: float = 10.0) -> None:
+    """Stop the node's container, run `while_stopped`, start the same container again (its
+    id, the one state.json holds, stays valid; the wrapper and the server run afresh)."""
     handle = node.handle
     assert isinstance(handle, ContainerHandle)
     container = handle._container()
     if container is None:
         raise EnvironmentProblem(f"node {node.name}: its container {handle.container_id} "
                                  "is gone")
-    run_id = container.labels[LABEL_RUN]
-    detached = container.labels.get(LABEL_OWNER) == "detached"
-    handle.stop()
-    node.handle = start(run_id, detached)
+    container.stop(timeout=int(timeout_s))
+    while_stopped()
+    container.start()
 
 
 def container_package_version(handle: object, package: str) -> str | None:

@@ -248,20 +248,16 @@ class PixelmedNode(Node):
             unreadable,
         )
 
-    def _start_emptied(self, run_id: str, detached: bool):
-        """The container again, on empty folders (the old one is removed by now)."""
+    def _empty_folders(self) -> None:
         for folder in (self.database_dir, self.images_dir):
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-        return self._run_container(run_id, detached)
 
     def _wipe(self) -> None:
         """No delete over DICOM or HTTP and the index is held open: stop the server (not
         its relay), empty both folders, start it again and wait until it answers."""
-        if self.spec.launch == "docker":
-            if self.log_path is not None and self.handle is not None:
-                self.log_path.write_text(self.handle.logs(tail=2000))
-            netns.restart_container(self, self._start_emptied)
+        if self.spec.launch == "docker":  # the same container, stopped and started again
+            netns.restart_container(self, self._empty_folders)
             self.wait_ready()
             return
         detached = self._popen is None  # started by `up` (attached from its state)
@@ -271,9 +267,7 @@ class PixelmedNode(Node):
         if self._popen is not None:
             self._popen.wait(timeout=10)
         netns.wait_gone(inside)
-        for folder in (self.database_dir, self.images_dir):
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
+        self._empty_folders()
         self._popen, self.handle = spawn(
             self.command(), log_path=self.log_path, cwd=self.workdir, detached=detached,
         )
