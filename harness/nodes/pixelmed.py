@@ -32,8 +32,9 @@ had its file but no index row after a restart. So the index is opened with
 `hsqldb.write_delay=false` (each commit on disk); a restart then lists it.
 
 There is no delete over DICOM or HTTP, and the HSQLDB index is held open by the server, so
-a wipe restarts it on empty folders (a node started by `up` and wiped from another command
-then runs under a pid that state.json does not hold).
+a wipe restarts it on empty folders (a process started by `up` and wiped from another
+command then runs under a pid that state.json does not hold; a container is stopped and
+started again, its id unchanged).
 """
 
 from __future__ import annotations
