@@ -54,7 +54,7 @@ def test_image_build_is_cached(images):
 def test_unknown_image_is_a_usage_error():
     proc = run_cli("images", "build", "pacs9000")
     assert proc.returncode == 2
-    assert "unknown image (allowed: dcmqrscp, embedded, orthanc)" in proc.stderr
+    assert "unknown image (allowed: ctn, dcmqrscp, embedded, orthanc, pixelmed)" in proc.stderr
 
 
 MIXED = """\

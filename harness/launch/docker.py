@@ -1,9 +1,10 @@
 """Run a node as a Docker container: host networking on 127.0.0.1, labelled, always removed.
 
 Containers never use the Docker bridge (it sits on 172.17.x); they share the host's network
-and listen on the loopback ports the harness picked. Every container carries labels naming
-the harness run and the process that started it, so a crashed run's containers are found
-and removed (`sweep_orphans`, `pacs-harness down --all`).
+and listen on the loopback ports the harness picked, or (`network_mode="none"`, servers that
+bind every address: harness/launch/netns.py) have no network but their own loopback.
+Every container carries labels naming the harness run and the process that started it, so
+a crashed run's containers are found and removed (`sweep_orphans`, `pacs-harness down --all`).
 """
 
 from __future__ import annotations
@@ -126,8 +127,15 @@ def run_container(
     mounts: dict[Path, str],
     environment: dict[str, str] | None = None,
     detached: bool = False,
+    network_mode: str = "host",
+    working_dir: str | None = None,
+    hostname: str | None = None,
+    extra_hosts: dict[str, str] | None = None,
 ) -> ContainerHandle:
-    """Start a container on the host network; `mounts` maps host paths to container paths."""
+    """Start a container on the host network (or none: `lo` only); `mounts` maps host paths
+    to container paths."""
+    if network_mode not in ("host", "none"):  # never the bridge, never a published port
+        raise ValueError(f"network_mode {network_mode!r}: only host or none")
     import docker
 
     client = docker_client()
@@ -142,7 +150,10 @@ def run_container(
             command=command,
             name=name,
             detach=True,
-            network_mode="host",
+            network_mode=network_mode,
+            working_dir=working_dir,
+            hostname=hostname,
+            extra_hosts=extra_hosts,
             # docker-init (tini) as PID 1: it forwards SIGTERM (a server as PID 1 that sets
             # no handler, dcmqrscp, ignores it and `docker stop` waits out its whole grace)
             # and reaps the children dcmqrscp forks per association

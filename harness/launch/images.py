@@ -14,6 +14,7 @@ names (the embedded_pacs package and the SQLite helper, ``harness_files_of``), r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -21,7 +22,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from harness.errors import ConfigError, EnvironmentProblem
@@ -118,6 +119,18 @@ def _run(argv: list[str], log: Path, what: str) -> None:
         raise EnvironmentProblem(f"image build: {what} failed (exit {code}); log {log}:\n{tail}")
 
 
+@contextlib.contextmanager
+def _proc_mounted(root: Path, log: Path) -> Iterator[None]:
+    """/proc mounted in the chroot for the block, unmounted after (lazily if busy), so the
+    tree is never archived or removed with it mounted."""
+    _run(["mount", "-t", "proc", "proc", str(root / "proc")], log, "mount /proc")
+    try:
+        yield
+    finally:
+        if subprocess.call(["umount", str(root / "proc")]) != 0:
+            subprocess.call(["umount", "-l", str(root / "proc")])
+
+
 def build_image(
     name: str,
     tag: str | None = None,
@@ -149,21 +162,22 @@ def build_image(
         say(f"apt-get install {' '.join(recipe.packages)}")
         env_prefix = ["env", "DEBIAN_FRONTEND=noninteractive"]
         _run(["chroot", str(root), *env_prefix, "apt-get", "update", "-qq"], log, "apt-get update")
-        _run(
-            [
-                "chroot",
-                str(root),
-                *env_prefix,
-                "apt-get",
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                *recipe.packages,
-            ],
-            log,
-            "apt-get install",
-        )
+        with _proc_mounted(root, log):  # OpenJDK's postinst runs java, which needs /proc
+            _run(
+                [
+                    "chroot",
+                    str(root),
+                    *env_prefix,
+                    "apt-get",
+                    "install",
+                    "-y",
+                    "-qq",
+                    "--no-install-recommends",
+                    *recipe.packages,
+                ],
+                log,
+                "apt-get install",
+            )
         _run(["chroot", str(root), "apt-get", "clean"], log, "apt-get clean")
         shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
         if recipe.python_packages:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from harness.launch.tools import find_binary, require_binary
 
 INSTALL_HINT = "apt-get install mariadb-server-core mariadb-client-core"
 SQL_TIMEOUT_S = 120.0
+SOCKET_PREFIX = "pacs-harness-mariadb-"
 
 
 def mariadbd_binary() -> str:
@@ -45,7 +47,27 @@ def _install_db_script() -> str:
 def socket_directory(directory: Path) -> Path:
     """A short directory for the server's socket, the same for the same node directory."""
     digest = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
-    return Path("/tmp") / f"pacs-harness-mariadb-{digest}"
+    return Path("/tmp") / f"{SOCKET_PREFIX}{digest}"
+
+
+def sweep_stale_socket_dirs() -> list[Path]:
+    """Remove socket directories whose server is gone (a killed run's MariaDB died with
+    it and no one removed the directory): a socket that refuses a connection."""
+    removed = []
+    for directory in Path("/tmp").glob(f"{SOCKET_PREFIX}*"):
+        path = directory / "mariadb.sock"
+        if not path.exists():
+            continue  # a server starting up, or nothing to judge by
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    return removed
 
 
 def installed() -> bool:
@@ -74,6 +96,7 @@ class MariadbServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         if not (self.data_dir / "mysql").is_dir():
             self._install_db()
+        sweep_stale_socket_dirs()
         self.socket.parent.mkdir(mode=0o700, exist_ok=True)
         self.popen, self.handle = spawn(
             [

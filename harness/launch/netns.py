@@ -22,6 +22,11 @@ process group, which is what a stop signals. The outside HAProxy is a sidecar (i
 process handle). Unix socket paths are limited to 108 bytes (unix(7)), so the sockets live
 in a short directory made under /tmp per server, 0700, removed at stop.
 
+As a container (`launch: docker`) the namespace is Docker's: `network_mode: none` gives
+the container only `lo` (up already), so no unshare; the socket directory is mounted at the
+same path, the same wrapper runs the inside HAProxy of the image (`container_command`) and
+the outside relay runs on the host as for a process (`run_isolated_container`).
+
 API (also for other kinds): `IsolatedServer(name, workdir, inbound_ports, outbound_peers)`;
 `check_environment()` (exit 3 when no namespace can be made here), `command(argv)` (the
 argv to spawn), `start_relay()`, `remove_socket_dir()`; or `start(argv)` and `stop()` for
@@ -33,36 +38,47 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.errors import ConfigError, EnvironmentProblem
+from harness.launch.docker import ContainerHandle, run_container
 from harness.launch.process import ProcessHandle, log_tail, process_start_time, spawn
 from harness.launch.tls_terminator import _defaults, haproxy_binary
 from harness.launch.tools import require_binary
 
+if TYPE_CHECKING:
+    from harness.nodes.base import Node
+
 #: where the per-server socket directory is made: short, so paths stay under 108 bytes
 SOCKET_PARENT = Path("/tmp")
+SOCKET_PREFIX = "pacs-ns-"
 SOCKET_DIR_FILE = "netns-socket-dir"  # in the work directory: found again after `up`
 RELAY_CONFIG = "netns-relay.cfg"  # the outside HAProxy
 INSIDE_CONFIG = "netns-inside.cfg"  # the HAProxy in the namespace
 #: an idle connection is cut after this long; a C-MOVE answers per sub-operation (PS3.4
 #: C.4.2.3), so a working retrieve is never idle that long
 IDLE_TIMEOUT_S = 300
+#: HAProxy in the images of isolated kinds (Debian's package)
+IMAGE_HAPROXY = "/usr/sbin/haproxy"
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL (unix(7))
 
-# $1 ip, $2 haproxy, $3 its configuration, $4 a socket it binds; then the server's argv.
-# The server is exec'd only once HAProxy listens: its parent-death signal is set by then
-# (set after the parent had died, it would never fire), and a relay is there to reach it.
+# $1 ip ("-": lo is up already, as in a container), $2 haproxy, $3 its configuration, $4 a
+# socket it binds; then the server's argv. The server is exec'd only once HAProxy listens:
+# its parent-death signal is set by then (set after the parent had died, it would never
+# fire), and a relay is there to reach it.
 _WRAPPER = (
     'ip="$1"; haproxy="$2"; config="$3"; socket="$4"; shift 4; '
-    '"$ip" link set lo up || { echo "netns: cannot bring up lo in the namespace" >&2; exit 3; }; '
+    '[ "$ip" = - ] || "$ip" link set lo up '
+    '|| { echo "netns: cannot bring up lo in the namespace" >&2; exit 3; }; '
     'rm -f "$socket"; '
     'setpriv --pdeathsig KILL "$haproxy" -db -f "$config" & relay=$!; '
     'tries=0; '
@@ -154,7 +170,8 @@ class IsolatedServer:
         record = self.workdir / SOCKET_DIR_FILE
         if record.is_file():
             return Path(record.read_text().strip())
-        made = Path(tempfile.mkdtemp(prefix="pacs-ns-", dir=SOCKET_PARENT))
+        sweep_stale_socket_dirs()
+        made = Path(tempfile.mkdtemp(prefix=SOCKET_PREFIX, dir=SOCKET_PARENT))
         record.write_text(f"{made}\n")
         return made
 
@@ -214,6 +231,15 @@ class IsolatedServer:
         return [*unshare_arguments(), "/bin/sh", "-c", _WRAPPER, "netns-wrapper",
                 ip, binary, str(config), awaited, *argv]
 
+    def container_command(self, argv: Sequence[str]) -> list[str]:
+        """argv run in a container without a network (`lo` only), behind the inside
+        HAProxy of the image (its configuration written now, checked by the host's)."""
+        binary = haproxy_binary(f"node {self.name}", "its network namespace")
+        config = self._checked(INSIDE_CONFIG, self.inside_config(), binary)
+        awaited = self._socket("in", self.inbound_ports[-1])
+        return ["/bin/sh", "-c", _WRAPPER, "netns-wrapper", "-", IMAGE_HAPROXY, str(config),
+                awaited, *argv]
+
     def start_relay(self, *, detached: bool, timeout_s: float = 20.0
                     ) -> tuple[subprocess.Popen, ProcessHandle]:
         """Start the outside HAProxy and wait until it listens on every inbound port and
@@ -268,8 +294,8 @@ class IsolatedServer:
 def inside_processes(server: ProcessHandle | None) -> list[ProcessHandle]:
     """The server's children (the inside HAProxy), read before a stop: they are SIGTERMed
     with its group and SIGKILLed by the kernel when it dies, but may outlive it briefly."""
-    if server is None or not server.alive():
-        return []
+    if not isinstance(server, ProcessHandle) or not server.alive():
+        return []  # none, or a container: its processes end with it
     try:
         pids = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
     except OSError:
@@ -294,8 +320,85 @@ def wait_gone(processes: list[ProcessHandle], timeout_s: float = 10.0) -> None:
             time.sleep(0.02)
 
 
+def sweep_stale_socket_dirs() -> list[Path]:
+    """Remove socket directories nothing listens in any more (a killed run's: its relays
+    died with it, no one removed the directory); one with no socket yet is being set up,
+    and one where any socket answers is in use. Returns what was removed."""
+    removed = []
+    for directory in SOCKET_PARENT.glob(f"{SOCKET_PREFIX}*"):
+        sockets = list(directory.glob("*.sock"))
+        if sockets and not any(_unix_listening(path) for path in sockets):
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
+
+
+def _unix_listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(1.0)
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
+
+def run_isolated_container(
+    node: Node, isolated: IsolatedServer, argv: Sequence[str], *, run_id: str,
+    detached: bool, mounts: dict[Path, str] | None = None,
+    environment: dict[str, str] | None = None, hostname: str | None = None,
+) -> ContainerHandle:
+    """The node's server in a container with Docker's `network_mode: none` (only `lo`, no
+    bridge, no published port), its work directory and socket directory mounted at the
+    same paths; the outside relay must be started first (`start_relay`). Its host name
+    (the node's name unless given) resolves to 127.0.0.1: with network mode none Docker
+    maps it to nothing, and PixelMed's mDNS logged an UnknownHostException at start-up."""
+    assert node.workdir is not None
+    socket_dir = isolated.socket_dir
+    hostname = hostname or re.sub(r"[^A-Za-z0-9-]", "-", node.name).strip("-")[:63] or "node"
+    return run_container(
+        image=node.image(),
+        command=isolated.container_command(argv),
+        name=f"pacs-harness-{run_id}-{node.name}",
+        run_id=run_id,
+        node_name=node.name,
+        mounts={**node.container_mounts(), socket_dir: str(socket_dir), **(mounts or {})},
+        environment=environment,
+        detached=detached,
+        network_mode="none",
+        working_dir=str(node.workdir),
+        hostname=hostname,
+        extra_hosts={hostname: "127.0.0.1"},
+    )
+
+
+def restart_container(node: Node, while_stopped: Callable[[], None],
+                      timeout_s: float = 10.0) -> None:
+    """Stop the node's container, run `while_stopped`, start the same container again (its
+    id, the one state.json holds, stays valid; the wrapper and the server run afresh)."""
+    handle = node.handle
+    assert isinstance(handle, ContainerHandle)
+    container = handle._container()
+    if container is None:
+        raise EnvironmentProblem(f"node {node.name}: its container {handle.container_id} "
+                                 "is gone")
+    container.stop(timeout=int(timeout_s))
+    while_stopped()
+    container.start()
+
+
+def container_package_version(handle: object, package: str) -> str | None:
+    """The Debian version of `package` in the node's running container, else None."""
+    if not isinstance(handle, ContainerHandle):
+        return None
+    container = handle._container()
+    if container is None or container.status != "running":
+        return None
+    code, output = container.exec_run(["dpkg-query", "-W", "-f", "${Version}", package])
+    return output.decode().strip() if code == 0 and output.strip() else None

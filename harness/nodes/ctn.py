@@ -23,7 +23,10 @@ C-MOVE destinations at their loopback addresses through the same relays; its Mar
 is a file, which crosses namespaces. Inside, every caller comes from 127.0.0.1 (the relay),
 which CTN checks against the caller's ApplicationEntity row: peers at 127.0.0.1 (the
 launched ones and the harness) pass, a peer at another address could not call in, though
-it can be a C-MOVE destination. Who may associate is its
+it can be a C-MOVE destination. As a container (`launch: docker`, an image of Debian's ctn
+and HAProxy) the namespace is the container's (Docker's network mode `none`), MariaDB stays
+on the host, its socket directory mounted at the same path, and the container's host name is
+this machine's, the name of the node's own ApplicationEntity row. Who may associate is its
 SecurityMatrix: one row per topology peer (every node and the harness); a calling AE title
 with no row is refused with an A-ASSOCIATE-RJ (CTN gives reason 7, "called AE title not
 recognized", also when it is the calling title it refuses; PS3.8 9.3.4 has reason 3). No
@@ -44,7 +47,7 @@ from harness.errors import EnvironmentProblem
 from harness.launch import netns
 from harness.launch.mariadb import INSTALL_HINT, MariadbServer, socket_directory
 from harness.nodes.base import HeldStatistics, Node, NodeStatistics, Peer
-from harness.nodes.capabilities import Capabilities
+from harness.nodes.capabilities import Capabilities, ImageRecipe
 from harness.nodes.orthanc import peer_ip
 
 CTN_SCRIPTS = Path("/usr/share/ctn/mysql")
@@ -81,7 +84,8 @@ class CtnNode(Node):
         # parallel C-STOREs of one patient race in the DIM tables: 0xA700 for 12 of 32
         # studies stored over 4 associations (docs/research/node-kinds-2026-12.md)
         store_associations=1,
-        launches=("process",),
+        launches=("process", "docker"),
+        image_recipe=ImageRecipe(("ctn", "haproxy")),
         binaries=(
             ("archive_server", "apt-get install ctn"),
             ("mariadbd", INSTALL_HINT),
@@ -108,8 +112,10 @@ class CtnNode(Node):
         """The control rows, written as SQL that start_sidecars applies (on every start)."""
         super().prepare(peers)
         for program, _hint in self.capabilities.binaries:  # missing: exit 3 before any start
-            self.require_binary(program)
-        netns.check_environment(f"node {self.name}")
+            if program != "archive_server" or self.spec.launch != "docker":
+                self.require_binary(program)
+        if self.spec.launch != "docker":  # a container is a namespace of its own
+            netns.check_environment(f"node {self.name}")
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         titles: dict[str, Peer] = {}
         for peer in self.peers:
@@ -205,6 +211,23 @@ class CtnNode(Node):
         """archive_server in its own network namespace, behind the inside relay."""
         return self._isolation().command([*self.program(), *self.arguments()])
 
+    image_program = ("/usr/bin/archive_server",)
+
+    def start(self, *, detached: bool = False, run_id: str = "harness") -> None:
+        """As a process: Node.start. As a container: MariaDB and the relay on the host,
+        then the container with no network but `lo` and MariaDB's socket directory."""
+        if self.spec.launch != "docker":
+            super().start(detached=detached, run_id=run_id)
+            return
+        self.start_sidecars(detached=detached)
+        database_sockets = self.mariadb().socket.parent
+        self.handle = netns.run_isolated_container(
+            self, self._isolation(), [*self.image_program, *self.arguments()],
+            run_id=run_id, detached=detached,
+            mounts={database_sockets: str(database_sockets)},
+            environment=self.network_environment(), hostname=socket.gethostname(),
+        )
+
     def network_environment(self) -> dict[str, str]:
         """Where archive_server's database is: libmariadb takes the socket from
         MYSQL_UNIX_PORT when CTN connects to "localhost" (port 0)."""
@@ -225,6 +248,9 @@ class CtnNode(Node):
                 self._isolation().remove_socket_dir()
 
     def version(self) -> str:
+        in_container = netns.container_package_version(self.handle, "ctn")
+        if in_container:
+            return f"CTN archive_server {in_container} (container)"
         try:
             out = subprocess.run(
                 ["dpkg-query", "-W", "-f=${Version}", "ctn"],

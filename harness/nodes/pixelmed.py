@@ -9,7 +9,9 @@ It binds its DICOM and HTTP ports on every address and announces itself over mDN
 5353), and no property turns that off, so it runs in a network namespace of its own with
 only loopback (harness/launch/netns.py): the harness reaches 127.0.0.1:<dicom_port>
 through an HAProxy relay, and the server reaches its peers at their real loopback
-addresses through the same relays. The web server (WADO-URI, PS3.18 9, and HTML lists;
+addresses through the same relays. As a container (`launch: docker`, an image of the
+Debian packages and HAProxy) the namespace is the container's, with Docker's network mode
+`none`; the relays and sockets are the same. The web server (WADO-URI, PS3.18 9, and HTML lists;
 no DICOMweb RS) is relayed on `wado_uri_port`, which is not the node's `http_port`: the
 harness's HTTP port means Orthanc REST or DICOMweb, which it has not.
 
@@ -30,8 +32,9 @@ had its file but no index row after a restart. So the index is opened with
 `hsqldb.write_delay=false` (each commit on disk); a restart then lists it.
 
 There is no delete over DICOM or HTTP, and the HSQLDB index is held open by the server, so
-a wipe restarts it on empty folders (a node started by `up` and wiped from another command
-then runs under a pid that state.json does not hold).
+a wipe restarts it on empty folders (a process started by `up` and wiped from another
+command then runs under a pid that state.json does not hold; a container is stopped and
+started again, its id unchanged).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from harness.launch import netns
 from harness.launch.ports import free_port
 from harness.launch.process import spawn
 from harness.nodes.base import HeldStatistics, Node, NodeStatistics, Peer
-from harness.nodes.capabilities import Capabilities
+from harness.nodes.capabilities import Capabilities, ImageRecipe
 from harness.nodes.orthanc import peer_ip
 
 JAR = Path("/usr/share/java/pixelmed.jar")
@@ -85,9 +88,11 @@ class PixelmedNode(Node):
         keeps_stored_syntax=False,
         reports_sop_classes_in_study=True,
         store_associations=1,  # parallel C-STOREs of a new study duplicate it (docstring)
-        launches=("process",),
+        launches=("process", "docker"),
         binaries=(("java", "apt-get install openjdk-17-jre-headless libpixelmed-java"),),
+        image_recipe=ImageRecipe(("openjdk-17-jre-headless", PACKAGE, "haproxy")),
     )
+    image_program = ("/usr/bin/java",)
 
     @property
     def database_dir(self) -> Path:
@@ -111,11 +116,12 @@ class PixelmedNode(Node):
         server reaches it by from inside its namespace (its real loopback address)."""
         super().prepare(peers)
         who = f"node {self.name}"
-        if not JAR.is_file():
-            raise EnvironmentProblem(
-                f"{who}: {JAR} not found (install: apt-get install {PACKAGE})")
-        self.require_binary("java")
-        netns.check_environment(who)
+        if self.spec.launch != "docker":  # a container has them, and is the namespace
+            if not JAR.is_file():
+                raise EnvironmentProblem(
+                    f"{who}: {JAR} not found (install: apt-get install {PACKAGE})")
+            self.require_binary("java")
+            netns.check_environment(who)
         self.database_dir.mkdir(parents=True, exist_ok=True)
         self.images_dir.mkdir(parents=True, exist_ok=True)
         saved = self._isolation_settings()
@@ -182,6 +188,21 @@ class PixelmedNode(Node):
         """java in its own network namespace, behind the inside relay (harness/launch/netns.py)."""
         return self._isolation().command([*self.program(), *self.arguments()])
 
+    def start(self, *, detached: bool = False, run_id: str = "harness") -> None:
+        """As a process: Node.start. As a container: the relay, then the container with no
+        network but `lo` (harness/launch/netns.py)."""
+        if self.spec.launch != "docker":
+            super().start(detached=detached, run_id=run_id)
+            return
+        self.start_sidecars(detached=detached)
+        self.handle = self._run_container(run_id, detached)
+
+    def _run_container(self, run_id: str, detached: bool):
+        return netns.run_isolated_container(
+            self, self._isolation(), [*self.image_program, *self.arguments()],
+            run_id=run_id, detached=detached,
+        )
+
     def stop(self) -> None:
         """SIGTERM (the JVM exits by itself: 0 measured in the namespace, 143 in the
         research notes; its index is on disk at each commit), then the relay; the relays'
@@ -193,6 +214,9 @@ class PixelmedNode(Node):
             self._isolation().remove_socket_dir()
 
     def version(self) -> str:
+        in_container = netns.container_package_version(self.handle, PACKAGE)
+        if in_container:
+            return f"PixelMed DicomAndWebStorageServer ({PACKAGE} {in_container}, container)"
         try:
             out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", PACKAGE],
                                  capture_output=True, text=True, timeout=60)
@@ -225,9 +249,18 @@ class PixelmedNode(Node):
             unreadable,
         )
 
+    def _empty_folders(self) -> None:
+        for folder in (self.database_dir, self.images_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+
     def _wipe(self) -> None:
         """No delete over DICOM or HTTP and the index is held open: stop the server (not
         its relay), empty both folders, start it again and wait until it answers."""
+        if self.spec.launch == "docker":  # the same container, stopped and started again
+            netns.restart_container(self, self._empty_folders)
+            self.wait_ready()
+            return
         detached = self._popen is None  # started by `up` (attached from its state)
         inside = netns.inside_processes(self.handle)
         if self.handle is not None:
@@ -235,9 +268,7 @@ class PixelmedNode(Node):
         if self._popen is not None:
             self._popen.wait(timeout=10)
         netns.wait_gone(inside)
-        for folder in (self.database_dir, self.images_dir):
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
+        self._empty_folders()
         self._popen, self.handle = spawn(
             self.command(), log_path=self.log_path, cwd=self.workdir, detached=detached,
         )
