@@ -87,18 +87,19 @@ class HeldStatistics:
 _UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
-def files_statistics(paths: list[Path], means: str) -> HeldStatistics:
+def files_statistics(paths: list[Path], means: str, *, force: bool = False) -> HeldStatistics:
     """Counts of the stored files a kind keeps in a folder of its own, each read with
     pydicom: for kinds whose index is the very thing their C-FIND answers from (dcmqrscp's
     index.dat, PixelMed's HSQLDB, CTN's MariaDB), so the count is held against C-FIND. A
-    file without PatientID counts under an empty one, as a C-FIND answers it."""
+    file without PatientID counts under an empty one, as a C-FIND answers it. `force`: read
+    data sets without a Part 10 header (CTN writes them)."""
     from pydicom import dcmread
 
     patients, studies, series, instances = set(), set(), set(), set()
     unreadable = []
     for path in sorted(paths):
         try:
-            ds = dcmread(path, stop_before_pixels=True,
+            ds = dcmread(path, force=force, stop_before_pixels=True,
                          specific_tags=["PatientID", *_UID_KEYWORDS])
             patient = str(ds.get("PatientID", ""))
             study, one_series, instance = (str(ds[k].value) for k in _UID_KEYWORDS)

@@ -41,12 +41,10 @@ import socket
 import subprocess
 from pathlib import Path
 
-from pydicom import dcmread
-
 from harness.errors import EnvironmentProblem
 from harness.launch import netns
 from harness.launch.mariadb import INSTALL_HINT, MariadbServer, socket_directory
-from harness.nodes.base import HeldStatistics, Node, NodeStatistics, Peer
+from harness.nodes.base import HeldStatistics, Node, Peer, files_statistics
 from harness.nodes.capabilities import Capabilities, ImageRecipe
 from harness.nodes.orthanc import peer_ip
 
@@ -59,7 +57,6 @@ CONTROL_TABLES = ("ApplicationEntity", "StorageAccess", "StorageControl", "Secur
 ORGANIZATION = "pacs-harness"
 ACCESS_READ_WRITE = 3  # StorageAccess.Access, last digit: anyone (the matrix decides who)
 ISOLATION_FILE = "netns.json"  # its namespace's port and peers, for a restart
-_UID_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 def _quoted(value: object) -> str:
@@ -266,26 +263,10 @@ class CtnNode(Node):
     def held_statistics(self) -> HeldStatistics:
         """The storage folder, every file read with pydicom (force: CTN writes data sets
         without a Part 10 header); not the DIM tables its C-FIND answers from."""
-        patients, studies, series, instances = set(), set(), set(), set()
-        unreadable = []
         folder = self.storage_dir
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            try:
-                ds = dcmread(path, force=True, stop_before_pixels=True,
-                             specific_tags=list(_UID_KEYWORDS))
-                # a missing PatientID counts as empty (as C-FIND would answer it)
-                keys = [str(ds.get("PatientID", ""))]
-                keys += [str(ds[k].value) for k in _UID_KEYWORDS[1:]]
-            except Exception as exc:  # noqa: BLE001 - a damaged file is reported, not fatal
-                unreadable.append(f"{path.name}: {exc.__class__.__name__}")
-                continue
-            patients.add(keys[0])
-            studies.add(keys[1])
-            series.add((keys[1], keys[2]))
-            instances.add(keys[3])
-        counts = NodeStatistics(len(patients), len(studies), len(series), len(instances))
-        return HeldStatistics(
-            counts, f"files of CTN's storage folder {folder} read with pydicom", unreadable
+        return files_statistics(
+            [p for p in folder.rglob("*") if p.is_file()],
+            f"files of CTN's storage folder {folder} read with pydicom", force=True,
         )
 
     def _wipe(self) -> None:

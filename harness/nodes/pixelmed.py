@@ -45,13 +45,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from pydicom import dcmread
-
 from harness.errors import EnvironmentProblem
 from harness.launch import netns
 from harness.launch.ports import free_port
 from harness.launch.process import spawn
-from harness.nodes.base import HeldStatistics, Node, NodeStatistics, Peer
+from harness.nodes.base import HeldStatistics, Node, Peer, files_statistics
 from harness.nodes.capabilities import Capabilities, ImageRecipe
 from harness.nodes.orthanc import peer_ip
 
@@ -62,7 +60,6 @@ PACKAGE = "libpixelmed-java"
 #: stored just before a SIGTERM, which PixelMed does not turn into a database shutdown
 INDEX_DURABILITY = "hsqldb.write_delay=false"
 ISOLATION_FILE = "netns.json"  # the ports and peers of its namespace, for a restart
-_UID_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 def _property_name(number: int, name: str) -> str:
@@ -230,23 +227,9 @@ class PixelmedNode(Node):
     def held_statistics(self) -> HeldStatistics:
         """Its image folder, every file read with pydicom (the HSQLDB index is what its
         C-FIND answers from, so it is not what is counted)."""
-        patients, studies, series, instances = set(), set(), set(), set()
-        unreadable = []
-        for path in sorted(p for p in self.images_dir.rglob("*") if p.is_file()):
-            try:
-                ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_UID_KEYWORDS))
-                keys = [str(ds[k].value) for k in _UID_KEYWORDS]
-            except Exception as exc:  # noqa: BLE001 - a damaged file is reported, not fatal
-                unreadable.append(f"{path.name}: {exc.__class__.__name__}")
-                continue
-            patients.add(keys[0])
-            studies.add(keys[1])
-            series.add((keys[1], keys[2]))
-            instances.add(keys[3])
-        counts = NodeStatistics(len(patients), len(studies), len(series), len(instances))
-        return HeldStatistics(
-            counts, f"files of PixelMed's image folder {self.images_dir} read with pydicom",
-            unreadable,
+        return files_statistics(
+            [p for p in self.images_dir.rglob("*") if p.is_file()],
+            f"files of PixelMed's image folder {self.images_dir} read with pydicom",
         )
 
     def _empty_folders(self) -> None:
