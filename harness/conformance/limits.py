@@ -32,6 +32,7 @@ from harness.conformance.model import (
 )
 from harness.dicom.status import NO_STATUS, Status
 from harness.migration.discovery import discover_studies
+from synthetic_data.templates import clone_study, template_instance
 
 PROBE_QUERIES = 256
 PROBE_MAX_MATCHES = 10_000
@@ -134,8 +135,6 @@ def parallel_stores(ctx: ProbeContext) -> Observation:
     instances it then loses (its forked children pick the same file names) and PixelMed
     lists a study stored over two associations as several: the kind's `store_associations`
     keeps the harness's own stores to one, so this probe bypasses it on purpose."""
-    from synthetic_data.templates import clone_study, template_instance
-
     client = ctx.node.dimse()
     client.max_store_associations = None  # measure the node, not the harness's cap
     template = template_instance("tiny", "CT", seed=16)

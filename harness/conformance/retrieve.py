@@ -238,6 +238,14 @@ class _RefusingDestination:
         self.server.shutdown()
 
 
+def harness_peer(node: Any) -> Any | None:
+    """The node's peer entry for the harness (Cluster.harness_peer: where a launched node
+    sends C-MOVE sub-operations and storage commitment reports to the harness), or None
+    for a node without a peer table (external, attached)."""
+    return next((p for p in getattr(node, "peers", None) or []
+                 if p.ae_title == HARNESS_AE_TITLE), None)
+
+
 @probe(
     "retrieve.destination-refuses",
     title="C-MOVE when the destination refuses",
@@ -249,8 +257,7 @@ class _RefusingDestination:
 def destination_refuses(ctx: ProbeContext) -> Observation:
     """The destination is the harness's own AE title, which every launched node knows as a
     C-MOVE destination (Cluster.harness_peer): the probe listens there and rejects."""
-    peer = next((p for p in getattr(ctx.node, "peers", []) if p.ae_title == HARNESS_AE_TITLE),
-                None)
+    peer = harness_peer(ctx.node)
     if peer is None or peer.tls or peer.host != "127.0.0.1":
         return not_tested(f"the node knows no plain loopback C-MOVE destination "
                           f"{HARNESS_AE_TITLE} the probe could refuse from")

@@ -19,7 +19,12 @@ import requests
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 from pynetdicom.sop_class import Verification
 
 from harness.conformance.model import (
@@ -31,7 +36,8 @@ from harness.conformance.model import (
     not_tested,
     probe,
 )
-from harness.conformance.retrieve import TIMEOUT_S, Refused, store_objects
+from harness.conformance.retrieve import TIMEOUT_S, Refused, harness_peer, store_objects
+from harness.dicom.commitment import COMMITTED, NO_ANSWER, request_commitment
 from harness.dicom.dicomweb import http_session, parse_multipart
 from harness.errors import EnvironmentProblem
 from synthetic_data.samples import sample_study
@@ -77,13 +83,7 @@ def storage_commitment(ctx: ProbeContext) -> Observation:
     offered = _offered(ctx, STORAGE_COMMITMENT_PUSH, "Storage Commitment Push Model")
     if offered.outcome != "conforms":
         return offered
-    from pydicom.uid import CTImageStorage, generate_uid
-
-    from harness.dicom.commitment import COMMITTED, NO_ANSWER, request_commitment
-    from harness.dicom.peer import HARNESS_AE_TITLE
-
-    harness = next((p for p in getattr(ctx.node, "peers", []) or []
-                    if p.ae_title == HARNESS_AE_TITLE), None)
+    harness = harness_peer(ctx.node)
     address = ("127.0.0.1", harness.port) if harness is not None else None
     made_up = generate_uid()
     try:
