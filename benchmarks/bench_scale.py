@@ -247,11 +247,14 @@ def measure_crawls(node: Any, studies: list[str], instances: int, workdir: Path,
     def archive() -> int:
         size = 0
         for orthanc_id in ids.values():
-            with rest._request("GET", f"/studies/{orthanc_id}/archive", stream=True) as rsp:
+            with rest.session.get(f"{rest.base_url}/studies/{orthanc_id}/archive",
+                                  stream=True, timeout=300) as rsp:
+                rsp.raise_for_status()
                 size += sum(len(chunk) for chunk in rsp.iter_content(1 << 20))
         return size
 
-    result["rest_full_s"], _ = _timed(archive)
+    result["rest_full_s"], zipped = _timed(archive)
+    assert zipped > 0
     return result
 
 
