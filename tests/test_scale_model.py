@@ -105,10 +105,11 @@ def test_verification_row_names_reconcile_when_it_dominates() -> None:
     assert row["total_s"] == pytest.approx(2 + 2 + 1000)
 
 
-def test_real_world_rates() -> None:
+def test_real_world_rates_and_sampling_bound() -> None:
     """5.8 TB a week of 0.5 MB instances is 19 instances/s sustained."""
     assert bench.required_rate(5.8e12, 7 * 86400, 0.5e6) == pytest.approx(19.18, abs=0.01)
-    assert sample_bound(500, 450_000) < 0.01  # the bound docs/scale.md quotes
+    # the bound docs/scale.md quotes: 0 defects in 500 of 450,000 studies, 95% confidence
+    assert sample_bound(500, 450_000) == pytest.approx(0.0060, abs=5e-5)
 
 
 # -------------------------------------------------------------------------------------
