@@ -369,7 +369,7 @@ def report(doc: dict[str, Any]) -> None:
     for name, parts in doc["week_100m"].items():
         print(f"  {name:<17}" + (f"{parts} partition(s)" if parts else
                                  "not reachable: the PACS alone needs longer"))
-    print("\nThe machine was shared (2 CPUs, loopback; other jobs running): medians of one run.")
+    print(f"\nOne measurement of each, in one run; machine: {doc['machine']}.")
 
 
 def main() -> None:
