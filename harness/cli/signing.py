@@ -72,9 +72,9 @@ def say_signed(path: Path, document: dict[str, Any]) -> None:
         console.print(f"{path}: signed (Ed25519, public key {signature['public_key']})",
                       markup=False, highlight=False)
     else:
-        console.print(f"{path}: UNSIGNED (its sha256 is a content digest, not protection; "
-                      "give --signing-key or PACS_HARNESS_SIGNING_KEY)",
-                      markup=False, highlight=False)
+        digest = "its sha256 is a content digest, not protection; " if "sha256" in document else ""
+        console.print(f"{path}: UNSIGNED (anyone can edit it unseen: {digest}give "
+                      "--signing-key or PACS_HARNESS_SIGNING_KEY)", markup=False, highlight=False)
 
 
 @click.command("keygen")
