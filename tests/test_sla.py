@@ -242,3 +242,22 @@ def test_unsigned_evidence_and_bad_keys_exit_2(signed, tmp_path):
     proc = run_cli("sla", "--contract", str(tmp_path / "c.yaml"), "--node", "e", env=env)
     assert proc.returncode == 2 and "PACS_HARNESS_SIGNING_KEY" in proc.stderr
     assert "not a key" not in proc.stderr
+
+
+def test_run_signs_the_performance_evidence_beside_its_report(tmp_path):
+    """The scenario writes sla-evidence.json beside report.json; `run` with a key signs both."""
+    topo = tmp_path / "perf.yaml"
+    topo.write_text("name: slarun\nnodes:\n  e: {kind: embedded, ae_title: SLARUN}\n")
+    made = run_cli("keygen", str(tmp_path / "key"))
+    proc = run_cli("run", "-t", str(topo), "--scenario", "performance", "--report-dir",
+                   str(tmp_path / "r"), "--require-ready", "none", "-q",
+                   "--signing-key", str(tmp_path / "key"), timeout=900)
+    evidence = tmp_path / "r" / "sla-evidence.json"
+    assert evidence.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"sla-evidence.json: signed (Ed25519, public key {made.stdout.strip()})" in proc.stderr
+    for check in (("sla", "verify", str(evidence)), ("report", "verify", str(tmp_path / "r"))):
+        verified = run_cli(*check, "--public-key", made.stdout.strip())
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["exit"] == {"code": proc.returncode, "require_ready": "none",
+                              "reason": report["exit"]["reason"]}
