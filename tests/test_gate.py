@@ -153,3 +153,37 @@ def test_gate_command_through_pacs_harness(tmp_path):
     proc = run_cli("gate", "--report", str(tmp_path / "missing"), "--phase", "pilot")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no report.json" in proc.stderr
+
+
+def test_a_scenario_filtered_run_does_not_gate_later_phases():
+    report = _report(_scenario("connectivity", "infrastructure"), scenario_filter=["connectivity"])
+    assert evaluate_gate(report, "infrastructure").ready
+    result = evaluate_gate(report, "full")
+    assert not result.ready
+    assert "limited to --scenario connectivity (up to phase infrastructure)" in result.reasons[0]
+
+
+def test_exit_decision_follows_the_verdict_and_the_required_phase():
+    from harness.report.gate import exit_decision
+
+    report = _report(_scenario("connectivity", "infrastructure"), scenario_filter=["connectivity"])
+    assert exit_decision(report, "infrastructure")["code"] == 0
+    assert exit_decision(report, "full")["code"] == 1
+    assert exit_decision(report, "none")["code"] == 0
+    failed = _report(_scenario("connectivity", "infrastructure", "failed"), verdict="fail")
+    assert exit_decision(failed, "none")["code"] == 1
+    assert exit_decision(_report(environment_error="x"), "none")["code"] == 3
+
+
+def test_check_report_names_each_figure_that_does_not_recompute():
+    from harness.report.gate import check_report, exit_decision, readiness
+
+    report = _report(_scenario("connectivity", "infrastructure"), _scenario("ingest", "pilot"))
+    report["readiness"] = [{"phase": g.phase, "ready": g.ready} for g in readiness(report)]
+    report["exit"] = exit_decision(report, "pilot")
+    assert check_report(report) == []
+    report["scenarios"][1]["tests"][0]["outcome"] = "failed"  # the verdict still says pass
+    problems = check_report(report)
+    assert problems[0] == "verdict: 'pass' but the test outcomes give 'fail'"
+    assert any(p.startswith("readiness.pilot: recorded True, recomputed False") for p in problems)
+    assert any(p.startswith("exit.code: recorded 0, recomputed 1") for p in problems)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -191,13 +192,19 @@ def test_clusters_of_the_factory_and_launcher_stop_after_failure_and_interrupt(
 @pytest.mark.timeout(1800)
 def test_run_on_default_topology_is_the_main_job(default_run):
     report_dir, proc = default_run
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "default topology: legacy =" in proc.stderr
     for name in ("junit.xml", "report.json", "allure-results", "index.html"):
         assert (report_dir / name).exists(), name
     assert any((report_dir / "allure-results").glob("*-result.json"))
     report = json.loads((report_dir / "report.json").read_text())
-    assert report["verdict"] == "pass"
+    assert report["verdict"] == "pass", proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the exit is the report's: 1 when the phase its headline shows is not ready
+    headline = report["exit"]["require_ready"]
+    (row,) = [r for r in report["readiness"] if r["phase"] == headline]
+    assert proc.returncode == report["exit"]["code"] == (0 if row["ready"] else 1)
+    assert f"phase {headline}: {'ready' if row['ready'] else 'NOT READY'}" in proc.stderr
+    assert (f"{'READY' if row['ready'] else 'NOT READY'} for <span>{headline}</span>"
+            in (report_dir / "index.html").read_text())
     assert {n["name"] for n in report["topology"]["nodes"]} == {"legacy", "target"}
     (connectivity,) = [s for s in report["scenarios"] if s["name"] == "connectivity"]
     assert connectivity["phase"] == "infrastructure"
@@ -324,3 +331,67 @@ def test_failing_scenario_fails_the_phase_gate_and_the_report_says_why(tmp_path)
     assert "NOT READY" in page and "of source probes failed" in page
     gate = run_cli("gate", "--report", str(tmp_path / "r"), "--phase", "pilot")
     assert gate.returncode == 1
+
+
+@pytest.fixture(scope="module")
+def connectivity_runs(tmp_path_factory):
+    """`run --scenario connectivity` on embedded nodes twice: by default (the phase it gates,
+    infrastructure, must be ready) signed with a key from the environment, and with
+    `--require-ready full`, a phase such a run cannot show ready."""
+    home = tmp_path_factory.mktemp("honest")
+    topo = home / "pair.yaml"
+    topo.write_text("name: honest\nnodes:\n  legacy: {kind: embedded}\n"
+                    "  target: {kind: embedded}\n")
+    made = run_cli("keygen", str(home / "key"))
+    assert made.returncode == 0, made.stderr
+    env = {**os.environ, "PACS_HARNESS_SIGNING_KEY": str(home / "key")}
+    runs = {}
+    for name, extra in (("default", []), ("strict", ["--require-ready", "full"])):
+        runs[name] = run_cli("run", "--topology", str(topo), "--scenario", "connectivity",
+                             "--report-dir", str(home / name), "-q", *extra, timeout=900,
+                             env=env if name == "default" else None)
+    return home, made.stdout.strip(), runs
+
+
+def test_run_prints_each_phase_readiness_and_the_switch_decides_the_exit(connectivity_runs):
+    home, _, runs = connectivity_runs
+    for name, expected in (("default", 0), ("strict", 1)):
+        proc = runs[name]
+        assert proc.returncode == expected, proc.stdout[-3000:] + proc.stderr[-3000:]
+        report = json.loads((home / name / "report.json").read_text())
+        assert report["verdict"] == "pass"
+        assert report["exit"]["code"] == proc.returncode  # the report says what the exit did
+        for phase in ("planning", "infrastructure", "pilot", "staged-rollout", "full"):
+            assert f"phase {phase}: " in proc.stderr
+        assert "phase infrastructure: ready" in proc.stderr
+        assert "phase full: NOT READY\n  - the run was limited to --scenario connectivity " \
+               "(up to phase infrastructure)" in proc.stderr
+        # the gate command, run on its own, agrees with what run printed
+        assert run_cli("gate", "--report", str(home / name), "--phase", "full").returncode == 1
+    assert "exit 0: verdict pass; phase infrastructure ready" in runs["default"].stderr
+    assert "exit 1: verdict pass; phase full NOT READY (--require-ready full" \
+           in runs["strict"].stderr
+
+
+def test_run_signs_its_report_and_report_verify_catches_an_edit(connectivity_runs):
+    home, public_b64, runs = connectivity_runs
+    assert f"signed (Ed25519, public key {public_b64})" in runs["default"].stderr
+    good = run_cli("report", "verify", str(home / "default"), "--public-key", public_b64)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "integrity and origin" in good.stdout
+    report = json.loads((home / "default" / "report.json").read_text())
+    (row,) = [r for r in report["readiness"] if r["phase"] == "full"]
+    row["ready"], row["reasons"] = True, []  # a vendor claiming readiness for full
+    (home / "claimed.json").write_text(json.dumps(report))
+    bad = run_cli("report", "verify", str(home / "claimed.json"), "--public-key", public_b64)
+    assert bad.returncode == 1
+    assert "changed after it was signed" in bad.stdout
+    assert "readiness.full: recorded True, recomputed False" in bad.stdout
+    # the unsigned report of the second run: `report` signs it, then it verifies
+    unsigned = run_cli("report", "verify", str(home / "strict"))
+    assert unsigned.returncode == 2 and "unsigned" in unsigned.stderr
+    signed = run_cli("report", "--report", str(home / "strict"),
+                     "--signing-key", str(home / "key"))
+    assert signed.returncode == 0, signed.stderr
+    assert run_cli("report", "verify", str(home / "strict"),
+                   "--public-key", str(home / "key.pub")).returncode == 0

@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "load": "harness.cli.load:load_command",
     "sla": "harness.cli.load:sla_command",
     "images": "harness.cli.images:images",
+    "keygen": "harness.cli.signing:keygen",
 }
 
 

@@ -3,7 +3,8 @@
 Exit codes: load exits 0 when the run finished (errors are in the figures) and 3 when not one
 operation succeeded (the node does not answer as a PACS: the figures are still printed, the
 reason is one line on stderr); sla exits 0 when every clause passed and 1 when one failed;
-2 for bad input; 3 when a node does not answer.
+2 for bad input; 3 when a node does not answer; `sla verify` 0 valid, 1 a signature or figure
+mismatch, 2 unsigned or unreadable evidence or a bad key.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ import click
 from rich.console import Console
 from rich.live import Live
 
+from harness.cli.signing import (
+    finish_check,
+    public_key_option,
+    read_json_document,
+    say_signed,
+    signing_key_option,
+)
 from harness.errors import EXIT_FINDINGS, ConfigError, EnvironmentProblem
 
 console = Console(stderr=True, soft_wrap=True)
@@ -289,8 +297,8 @@ def _require_one_success(results: dict[str, Any], node: Any) -> None:
     )
 
 
-@click.command("sla")
-@click.option("--contract", "contract_path", required=True, type=click.Path(dir_okay=False),
+@click.group("sla", invoke_without_command=True)
+@click.option("--contract", "contract_path", type=click.Path(dir_okay=False), default=None,
               help="contract YAML: clauses with metric, operation, threshold, workload")
 @click.option("--node", "node_name", default=None,
               help="the node to measure (default: the topology's settings.performance.node)")
@@ -298,12 +306,25 @@ def _require_one_success(results: dict[str, Any], node: Any) -> None:
               help="evidence JSON to write (default: sla-evidence-CONTRACT.json)")
 @click.option("--topology", "-t", "topology_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print the evidence as JSON")
-def sla_command(contract_path: str, node_name: str | None, evidence_path: str | None,
-                topology_path: str | None, as_json: bool) -> None:
-    """Judge every clause of a contract by running its workloads; exit 1 if one fails."""
+@signing_key_option
+@click.pass_context
+def sla_command(ctx: click.Context, contract_path: str | None, node_name: str | None,
+                evidence_path: str | None, topology_path: str | None, as_json: bool,
+                signing_key_path: str | None) -> None:
+    """Judge every clause of a contract by running its workloads; exit 1 if one fails.
+
+    `sla --contract FILE ...` measures and writes the evidence (signed when a key is given);
+    `sla verify FILE` checks a signed evidence file.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if contract_path is None:
+        raise click.UsageError("Missing option '--contract'.", ctx)
     from harness.config import resolve_topology
     from harness.performance.sla import evaluate, load_contract, write_evidence
+    from harness.report.signing import signing_key
 
+    key = signing_key(signing_key_path)  # a bad key is refused before any load is sent
     contract = load_contract(contract_path)
     if node_name is None:
         topology, _ = resolve_topology(topology_path)
@@ -318,13 +339,27 @@ def sla_command(contract_path: str, node_name: str | None, evidence_path: str | 
             on_clause=lambda v: console.print(f"{v.verdict.upper():4} {v.message}"),
         )
     path = Path(evidence_path or f"sla-evidence-{contract.name}.json")
-    document = write_evidence(path, contract, verdicts)
+    document = write_evidence(path, contract, verdicts, key)
     if as_json:
         out.print_json(json.dumps(document, default=str))
     else:
         failed = [v for v in verdicts if v.verdict != "pass"]
         out.print(f"{len(verdicts) - len(failed)}/{len(verdicts)} clauses passed in "
-                  f"{time.monotonic() - started:.0f} s; evidence: {path} "
-                  f"(sha256 {document['sha256'][:16]}...)")
+                  f"{time.monotonic() - started:.0f} s; evidence: {path}")
+    say_signed(path, document)
     if document["verdict"] != "pass":
         sys.exit(EXIT_FINDINGS)
+
+
+@sla_command.command("verify")
+@click.argument("evidence_file", type=click.Path(dir_okay=False))
+@public_key_option
+def sla_verify(evidence_file: str, public_key: str | None) -> None:
+    """Check signed SLA evidence: its signature, then every clause's verdict recomputed from
+    its measured value and threshold. Exit 0 valid, 1 a mismatch (named), 2 unsigned or
+    unreadable file or bad key."""
+    from harness.performance.sla import check_figures
+
+    path = Path(evidence_file)
+    document = read_json_document(path, "SLA evidence")
+    finish_check(path, document, public_key, check_figures(document))

@@ -3,7 +3,13 @@
 Why separate commands: CI keeps a run's directory as an artifact, and a later pipeline stage
 (or a person) decides on a phase from it without running the scenarios again.
 
-Exit codes: gate 0 ready, 1 not ready, 2 bad input; report 0, 2 bad input, 3 no Allure CLI.
+Exit codes: gate 0 ready, 1 not ready, 2 bad input; report 0, 1 figures that do not
+recompute (nothing signed), 2 bad input or key, 3 no Allure CLI; report verify 0 valid,
+1 a signature or figure mismatch, 2 unsigned or unreadable report or bad key.
+
+Why the signature is inside report.json (a `signature` member) rather than a detached
+report.json.sig: the report is the one file CI keeps, mails and attaches to a contract; a
+detached file gets separated from it, and SLA evidence carries its signature the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +22,14 @@ from pathlib import Path
 
 import click
 
-from harness.errors import EXIT_FINDINGS, EXIT_PASS, ConfigError, EnvironmentProblem
+from harness.cli.signing import (
+    finish_check,
+    public_key_option,
+    read_json_document,
+    say_signed,
+    signing_key_option,
+)
+from harness.errors import EXIT_FINDINGS, EXIT_PASS, ConfigError, EnvironmentProblem, HarnessError
 from harness.phases import PHASES
 
 ALLURE_INSTALL = (
@@ -31,8 +44,6 @@ def _report_dir(path: str) -> Path:
     if target.name == "report.json" or target.is_file():
         target = target.parent
     return target
-
-
 
 
 @click.command("gate")
@@ -61,17 +72,32 @@ def gate_command(report_path: str, phase: str, as_json: bool) -> None:
     sys.exit(EXIT_PASS if result.ready else EXIT_FINDINGS)
 
 
-@click.command("report")
-@click.option("--report", "report_path", required=True, type=click.Path(),
+@click.group("report", invoke_without_command=True)
+@click.option("--report", "report_path", type=click.Path(), default=None,
               help="a finished run's directory (or its report.json)")
 @click.option("--allure", is_flag=True,
               help="also build the Allure HTML report (needs the `allure` command and Java)")
-def report_command(report_path: str, allure: bool) -> None:
-    """Re-render a run's index.html from its report.json and logs; optionally the Allure report."""
-    from harness.report.html import load_report, write_html_report
+@signing_key_option
+@click.pass_context
+def report_command(ctx: click.Context, report_path: str | None, allure: bool,
+                   signing_key_path: str | None) -> None:
+    """Re-render a run's index.html from its report.json and logs; optionally the Allure report.
 
+    With a signing key, report.json is signed (after its figures are recomputed and found
+    consistent). `report verify DIR` checks a signed report.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if report_path is None:
+        raise click.UsageError("Missing option '--report'.", ctx)
+    from harness.report.html import load_report, write_html_report
+    from harness.report.signing import signing_key
+
+    key = signing_key(signing_key_path)
     report_dir = _report_dir(report_path)
-    load_report(report_dir)  # one clear line if it is not a run directory
+    report = load_report(report_dir)  # one clear line if it is not a run directory
+    if key is not None:
+        _sign_report(report_dir / "report.json", report, key)
     if allure:
         results = report_dir / "allure-results"
         if not results.is_dir():
@@ -91,3 +117,37 @@ def report_command(report_path: str, allure: bool) -> None:
         click.echo(f"allure report: {output}/index.html")
     page = write_html_report(report_dir)  # after Allure, so the page links its report
     click.echo(f"report: {page}")
+
+
+def _sign_report(path: Path, report: dict, key) -> None:
+    """Sign report.json in place; refused (exit 1) when its figures do not recompute: a
+    signature vouches for the figures, so inconsistent ones are not signed."""
+    from harness.report.gate import check_report
+    from harness.report.signing import sign_document
+
+    problems = check_report(report)
+    if problems:
+        for problem in problems:
+            click.echo(f"{path}: figures do not match: {problem}", err=True)
+        raise HarnessError(f"{path}: not signed: its figures do not match (above)")
+    signed = sign_document(report, key)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(signed, indent=2, default=str))
+    tmp.replace(path)
+    say_signed(path, signed)
+
+
+@report_command.command("verify")
+@click.argument("report_path", type=click.Path())
+@public_key_option
+def report_verify(report_path: str, public_key: str | None) -> None:
+    """Check a signed readiness report (a run's directory or its report.json): the
+    signature, then the verdict, each phase's readiness and the exit decision recomputed
+    from the test outcomes. Exit 0 valid, 1 a mismatch (named), 2 unsigned or unreadable
+    file or bad key."""
+    from harness.report.gate import check_report
+
+    given = Path(report_path)
+    path = given if given.is_file() else given / "report.json"  # a copy may have any name
+    report = read_json_document(path, "report")
+    finish_check(path, report, public_key, check_report(report))

@@ -17,16 +17,16 @@ from harness.cli.options import (
     chosen_topology,
     topology_option,
 )
+from harness.cli.signing import say_signed, signing_key_option
 from harness.console import console
 from harness.errors import (
     EXIT_ENVIRONMENT,
-    EXIT_FINDINGS,
-    EXIT_PASS,
     EXIT_USAGE,
     ConfigError,
     HarnessError,
 )
 from harness.launch.process import die_with_parent
+from harness.phases import PHASES
 
 
 def scenario_names(suite_dir: Path) -> list[str]:
@@ -59,7 +59,7 @@ def _check_scenario_permissions(topology, scenarios: tuple[str, ...]) -> None:
 @click.option(
     "--phase",
     default=None,
-    type=click.Choice(["planning", "infrastructure", "pilot", "staged-rollout", "full"]),
+    type=click.Choice(PHASES),
     help="run what gates this phase and the phases before it",
 )
 @click.option(
@@ -77,6 +77,16 @@ def _check_scenario_permissions(topology, scenarios: tuple[str, ...]) -> None:
 )
 @click.option("--keep", is_flag=True, help="leave launched nodes running afterwards")
 @click.option("--quiet", "-q", is_flag=True, help="less pytest output")
+@click.option(
+    "--require-ready",
+    type=click.Choice([*PHASES, "none"]),
+    default=None,
+    help="fail (exit 1) unless this phase is ready; `none`: exit on the verdict only. "
+    "Default: the --phase asked for, else the last phase the run's scenarios gate (the "
+    "report's headline), so a job calling plain `run` fails when its own report says "
+    "NOT READY",
+)
+@signing_key_option
 @click.option("--show-identities", is_flag=True,
               help="report patient IDs, names, birth dates of external nodes not declared "
                    "synthetic in clear (default: tokenised, see docs/safety.md)")
@@ -88,12 +98,20 @@ def run(
     keep: bool,
     quiet: bool,
     show_identities: bool,
+    require_ready: str | None,
+    signing_key_path: str | None,
 ) -> None:
     """Run the scenario suites against the topology and write the report.
 
-    With no arguments this is the main job: the default topology, every scenario.
+    With no arguments this is the main job: the default topology, every scenario. It prints
+    each phase's readiness and exits 1 when the phase it gates is not ready (see
+    --require-ready); report.json records the readiness and the exit decision, and is
+    signed when a key is given (--signing-key or PACS_HARNESS_SIGNING_KEY).
     """
     import scenarios as scenarios_package
+    from harness.report.signing import signing_key
+
+    key = signing_key(signing_key_path)  # a bad key is refused before anything runs
 
     topology = chosen_topology(topology_path)  # validate (exit 2) and say what the default chose
     suite_dir = Path(scenarios_package.__file__).parent
@@ -138,34 +156,82 @@ def run(
     env = {**os.environ, SHOW_IDENTITIES_ENV: "1" if show_identities else ""}
     code = subprocess.call(argv, preexec_fn=die_with_parent, env=env)
     report = json.loads(report_json.read_text()) if report_json.exists() else None
-    if report is not None:
-        from harness.report.html import write_html_report
+    if report is None:
+        console.print(f"no report.json: pytest exited {code}")
+        sys.exit(EXIT_USAGE if code in (4, 5) else EXIT_ENVIRONMENT)
+    decision = _record_outcome(report, code, scenarios, phase, require_ready)
+    if key is not None:
+        from harness.report.signing import sign_document
 
-        report["command"] = shlex.join(["pacs-harness", *sys.argv[1:]])
-        report_json.write_text(json.dumps(report, indent=2, default=str))
-        try:
-            write_html_report(target)
-        except HarnessError as exc:
-            console.print(f"[yellow]no index.html:[/] {exc}")
+        report = sign_document(report, key)
+        _sign_sla_evidence(target / "sla-evidence.json", key)
+    report_json.write_text(json.dumps(report, indent=2, default=str))
+    say_signed(report_json, report)
+    from harness.report.html import write_html_report
+
+    try:
+        write_html_report(target)
+    except HarnessError as exc:
+        console.print(f"[yellow]no index.html:[/] {exc}")
     console.print(f"report: {target}/index.html (and report.json, junit.xml, allure-results/)")
-    if report and report.get("environment_error"):
+    _print_outcome(report, decision)
+    sys.exit(decision["code"])
+
+
+def _sign_sla_evidence(path: Path, key) -> None:
+    """The performance scenario's evidence beside report.json, signed with the same key
+    when its figures recompute (left unsigned, and said, when they do not)."""
+    if not path.is_file():
+        return
+    from harness.performance.sla import check_figures
+    from harness.report.signing import sign_document
+
+    document = json.loads(path.read_text())
+    problems = check_figures(document)
+    if problems:
+        console.print(f"{path}: not signed: {problems[0]}", markup=False, highlight=False)
+        return
+    document = sign_document(document, key)
+    path.write_text(json.dumps(document, indent=2, default=str))
+    say_signed(path, document)
+
+
+def _record_outcome(report: dict, code: int, scenarios: tuple[str, ...], phase: str | None,
+                    require_ready: str | None) -> dict:
+    """Put in report.json what its verdict, readiness and exit decision are computed from,
+    and the results: `report verify` recomputes them from the same file."""
+    from harness.report.gate import exit_decision, headline_phase, readiness
+
+    report["command"] = shlex.join(["pacs-harness", *sys.argv[1:]])
+    report["scenario_filter"] = list(scenarios)
+    report["pytest_exit_code"] = code
+    report["readiness"] = [
+        {"phase": gate.phase, "ready": gate.ready, "reasons": gate.reasons}
+        for gate in readiness(report)
+    ]
+    required = require_ready or phase or headline_phase(report)
+    report["exit"] = decision = exit_decision(report, required)
+    return decision
+
+
+def _print_outcome(report: dict, decision: dict) -> None:
+    """The verdict, each phase's readiness with what kept it from being ready, the exit."""
+    if report.get("environment_error"):
         console.print(f"[red]environment error:[/] {report['environment_error']}")
-        sys.exit(EXIT_ENVIRONMENT)
-    if code == 5 or (report and report.get("reason") == "no scenario ran"):
+    if decision["code"] == EXIT_USAGE:
         console.print("[red]no scenario ran[/] (check --phase and --scenario)")
-        sys.exit(EXIT_USAGE)
-    if code == 4:
-        sys.exit(EXIT_USAGE)
-    if code == 3 or report is None:
-        sys.exit(EXIT_ENVIRONMENT)
+    if decision["code"] in (EXIT_USAGE, EXIT_ENVIRONMENT):
+        return
     verdict = report["verdict"]
     console.print(f"verdict: [bold {'green' if verdict == 'pass' else 'red'}]{verdict}[/]")
-    if phase:
-        from harness.report.gate import evaluate_gate
-
-        gate = evaluate_gate(report, phase)
-        console.print(f"phase {phase}: {'ready' if gate.ready else 'NOT READY'}")
-        for reason in gate.reasons:
-            console.print(f"  - {reason}")
-        sys.exit(EXIT_PASS if code == 0 and gate.ready else EXIT_FINDINGS)
-    sys.exit(EXIT_PASS if code == 0 and verdict == "pass" else EXIT_FINDINGS)
+    for row in report["readiness"]:
+        console.print(f"phase {row['phase']}: {'ready' if row['ready'] else 'NOT READY'}",
+                      markup=False, highlight=False)
+        if not row["ready"]:
+            for reason in row["reasons"]:
+                console.print(f"  - {reason}", markup=False, highlight=False)
+    required = decision["require_ready"]
+    tail = ("" if required == "none" else
+            "; `--require-ready none` exits on the verdict only")
+    console.print(f"exit {decision['code']}: {decision['reason']} "
+                  f"(--require-ready {required}{tail})", markup=False, highlight=False)

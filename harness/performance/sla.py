@@ -3,8 +3,11 @@
 A contract is YAML (its schema, with an example: harness/config/contract.py).
 
 Each clause passes or fails with its measured value; `write_evidence` keeps the verdicts,
-the workloads, the node, the harness version and the time in one JSON file with a SHA-256
-over its content, so both parties can keep the same evidence and check it was not edited.
+the workloads, the node, the harness version and the time in one JSON file. Signed with an
+Ed25519 key (harness/report/signing.py), neither party can edit a figure unseen; unsigned,
+the document says so, and its SHA-256 is only a content digest anyone can recompute.
+`check_figures` recomputes every verdict from the recorded values, so a signed document whose
+verdicts do not follow from its figures is caught too.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.config.contract import ContractModel, parse_contract_data, resolve_operations
 from harness.config.errors import Checker
@@ -26,6 +29,10 @@ from harness.config.yaml import load_yaml, read_config_text
 from harness.errors import ConfigError, HarnessError
 from harness.performance.runner import run_workload
 from harness.performance.workload import Workload, load_workload, workload_from_data
+from harness.report.signing import canonical_bytes, sign_document
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
     "<=": lambda a, b: a <= b,
@@ -79,6 +86,8 @@ class ClauseResult:
     measured: float | None
     threshold: str
     unit: str
+    comparison: str  # <=, >=, < or >: with threshold_value, what `check_figures` recomputes
+    threshold_value: float
     workload: dict[str, Any]
     node: dict[str, Any]
     harness_version: str
@@ -176,7 +185,8 @@ def judge(clause: Clause, results: dict[str, Any]) -> ClauseResult:
     from harness import __version__
 
     try:
-        measured: float | None = measure(clause, results)
+        # judged on the value as recorded, so anyone can recompute the verdict from the file
+        measured: float | None = round(measure(clause, results), 6)
         ok = _COMPARE[clause.comparison](measured, clause.threshold)
         verdict = "pass" if ok else "fail"
         unit = "MB/s" if clause.unit == "mb/s" else clause.unit
@@ -189,8 +199,8 @@ def judge(clause: Clause, results: dict[str, Any]) -> ClauseResult:
         message += f" ({op['errors']} errors: {op['errors_by_status']})"
     return ClauseResult(
         clause=clause.id, title=clause.title, description=clause.description, verdict=verdict,
-        measured=None if measured is None else round(measured, 6),
-        threshold=clause.threshold_text, unit=clause.unit,
+        measured=measured, threshold=clause.threshold_text, unit=clause.unit,
+        comparison=clause.comparison, threshold_value=clause.threshold,
         workload=results["workload"], node=results["node"], harness_version=__version__,
         time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), message=message,
     )
@@ -232,8 +242,13 @@ def evaluate(contract: Contract, node: Any, *, move_port: int | None = None,
     return verdicts
 
 
-def evidence(contract: Contract, verdicts: list[ClauseResult]) -> dict[str, Any]:
-    """The evidence document: verdicts plus a SHA-256 of its canonical JSON."""
+UNSIGNED = ("none: unsigned evidence; its sha256 is a content digest anyone can recompute "
+            "after an edit, not protection (sign with --signing-key or PACS_HARNESS_SIGNING_KEY)")
+
+
+def evidence(contract: Contract, verdicts: list[ClauseResult],
+             signing_key: Ed25519PrivateKey | None = None) -> dict[str, Any]:
+    """The evidence document: verdicts, a SHA-256 content digest, and a signature if keyed."""
     from harness import __version__
 
     body = {
@@ -247,21 +262,70 @@ def evidence(contract: Contract, verdicts: list[ClauseResult]) -> dict[str, Any]
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "clauses": [v.as_dict() for v in verdicts],
     }
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
-    return {**body, "sha256": hashlib.sha256(canonical.encode()).hexdigest()}
+    document = {**body, "sha256": _content_digest(body)}
+    if signing_key is None:
+        return {**document, "signature": UNSIGNED}
+    return sign_document(document, signing_key)
+
+
+def _content_digest(document: dict[str, Any]) -> str:
+    body = {k: v for k, v in document.items() if k not in ("sha256", "signature")}
+    return hashlib.sha256(canonical_bytes(body)).hexdigest()
 
 
 def verify_evidence(document: dict[str, Any]) -> bool:
-    """True when the evidence was not changed after it was written."""
-    body = {k: v for k, v in document.items() if k != "sha256"}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest() == document.get("sha256")
+    """True when the content digest matches: catches accidents, not edits (see signing)."""
+    return _content_digest(document) == document.get("sha256")
+
+
+def check_figures(document: dict[str, Any]) -> list[str]:
+    """Every clause's verdict recomputed from its measured value and threshold, and the
+    overall verdict from the clauses: one line per disagreement (empty when consistent)."""
+    problems = []
+    clauses = document.get("clauses")
+    if document.get("kind") != "pacs-harness SLA evidence" or not isinstance(clauses, list):
+        return ["not pacs-harness SLA evidence (no 'kind' or 'clauses')"]
+    if not verify_evidence(document):
+        problems.append("sha256: the content digest does not match the content")
+    recomputed_all = []
+    for index, clause in enumerate(clauses):
+        name = clause.get("clause", f"#{index}") if isinstance(clause, dict) else f"#{index}"
+        try:
+            recomputed = _clause_verdict(clause)
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append(f"clause {name}: cannot recompute its verdict ({exc})")
+            recomputed_all.append("fail")
+            continue
+        recomputed_all.append(recomputed)
+        if clause.get("verdict") != recomputed:
+            problems.append(f"clause {name}: verdict {clause.get('verdict')!r} but measured "
+                            f"{clause.get('measured')} against {clause.get('threshold')} "
+                            f"gives {recomputed!r}")
+    overall = "pass" if clauses and all(v == "pass" for v in recomputed_all) else "fail"
+    if document.get("verdict") != overall:
+        problems.append(f"verdict: {document.get('verdict')!r} but the clauses give {overall!r}")
+    return problems
+
+
+def _clause_verdict(clause: dict[str, Any]) -> str:
+    measured = clause["measured"]
+    if measured is None:
+        return "fail"
+    if "comparison" in clause:
+        comparison, threshold = clause["comparison"], float(clause["threshold_value"])
+    else:  # evidence written before the threshold was recorded as a number
+        comparison, number = str(clause["threshold"]).split()[:2]
+        threshold = float(number)
+    if comparison not in _COMPARE:
+        raise ValueError(f"comparison {comparison!r}")
+    return "pass" if _COMPARE[comparison](float(measured), threshold) else "fail"
 
 
 def write_evidence(path: str | os.PathLike[str], contract: Contract,
-                   verdicts: list[ClauseResult]) -> dict[str, Any]:
+                   verdicts: list[ClauseResult],
+                   signing_key: Ed25519PrivateKey | None = None) -> dict[str, Any]:
     """Write the evidence JSON file (atomically) and return its content."""
-    document = evidence(contract, verdicts)
+    document = evidence(contract, verdicts, signing_key)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".tmp")

@@ -3,7 +3,11 @@
 Why: CI pipelines gate each rollout phase on the same rule that the HTML report shows, so the
 rule lives here once. A phase is ready iff every scenario whose phase is at or before it
 passed and at least one of them ran. Scenarios without a phase marker run in every phase, so
-they gate every phase.
+they gate every phase. A run limited by `--phase` or `--scenario` shows nothing about the
+phases after the last one its scenarios gate.
+
+`run` records each phase's readiness and its exit decision in report.json; `check_report`
+recomputes both (and the verdict) from the recorded test outcomes, for `report verify`.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ def evaluate_gate(report: dict[str, Any], phase: str) -> GateResult:
             f"the run only covered phase {run_phase}: scenarios of later phases up to "
             f"{phase} did not run (run `pacs-harness run --phase {phase}`)"
         )
+    limited = _limited_by_scenario_filter(report, phase)
+    if limited:
+        reasons.append(limited)
     if report.get("environment_error"):
         reasons.append(f"environment error: {report['environment_error']}")
     gating = [s for s in report["scenarios"] if _gates(s.get("phase"), phase)]
@@ -103,3 +110,90 @@ def evaluate_gate(report: dict[str, Any], phase: str) -> GateResult:
         ],
         scenarios=names,
     )
+
+
+def _limited_by_scenario_filter(report: dict[str, Any], phase: str) -> str | None:
+    """A `--scenario` run says nothing about phases after the last one its scenarios gate."""
+    chosen = report.get("scenario_filter") or []
+    if not chosen:
+        return None
+    marked = [s.get("phase") for s in report["scenarios"] if s.get("phase") in PHASES]
+    last = max(marked, key=PHASES.index) if marked else None
+    if last is not None and PHASES.index(last) >= PHASES.index(phase):
+        return None
+    return (f"the run was limited to --scenario {', '.join(map(str, chosen))}"
+            f"{f' (up to phase {last})' if last else ''}: the scenarios of later phases up "
+            f"to {phase} did not run")
+
+
+def headline_phase(report: dict[str, Any]) -> str:
+    """The phase asked for, else the latest phase any scenario of the run gates: the phase
+    index.html's headline and `run`'s exit decision are about."""
+    if report.get("phase") in PHASES:
+        return str(report["phase"])
+    marked = [s.get("phase") for s in report.get("scenarios", []) if s.get("phase") in PHASES]
+    return max(marked, key=PHASES.index) if marked else PHASES[-1]
+
+
+def readiness(report: dict[str, Any]) -> list[GateResult]:
+    """Every phase's gate on this run, planning to full."""
+    return [evaluate_gate(report, phase) for phase in PHASES]
+
+
+def recomputed_verdict(report: dict[str, Any]) -> str:
+    """pass iff a test ran, none failed and pytest exited 0 (harness/report/model.py)."""
+    tests = [t for s in report.get("scenarios", []) for t in s.get("tests") or []]
+    ran = [t for t in tests if t.get("outcome") != "skipped"]
+    failed = [t for t in tests if t.get("outcome") in ("failed", "error")]
+    exit_ok = report.get("pytest_exit_code", 0) == 0
+    return "pass" if ran and not failed and exit_ok else "fail"
+
+
+def exit_decision(report: dict[str, Any], require_ready: str) -> dict[str, Any]:
+    """`run`'s exit code from the verdict and, unless `require_ready` is "none", the
+    readiness of that phase: 0 pass (and ready), 1 otherwise. A failed test always fails;
+    3 for an environment error, 2 when nothing ran (exit codes: harness/errors.py)."""
+    pytest_code = report.get("pytest_exit_code", 0)
+    if report.get("environment_error") or pytest_code == 3:
+        return {"code": 3, "require_ready": require_ready,
+                "reason": f"environment error: {report.get('environment_error') or 'pytest'}"}
+    if pytest_code in (4, 5) or report.get("reason") == "no scenario ran":
+        return {"code": 2, "require_ready": require_ready,
+                "reason": "no scenario ran (check --phase and --scenario)"}
+    verdict = recomputed_verdict(report)
+    if verdict != "pass":
+        return {"code": 1, "require_ready": require_ready, "reason": "verdict fail"}
+    if require_ready == "none":
+        return {"code": 0, "require_ready": require_ready,
+                "reason": "verdict pass; readiness not required (--require-ready none)"}
+    gate = evaluate_gate(report, require_ready)
+    state = "ready" if gate.ready else "NOT READY"
+    return {"code": 0 if gate.ready else 1, "require_ready": require_ready,
+            "reason": f"verdict pass; phase {require_ready} {state}"}
+
+
+def check_report(report: dict[str, Any]) -> list[str]:
+    """The verdict, each phase's readiness and the exit decision recorded by `run`,
+    recomputed from the test outcomes: one line per disagreement (empty when consistent)."""
+    if not isinstance(report.get("scenarios"), list):
+        return ["not a pacs-harness report (no 'scenarios' list)"]
+    problems = []
+    verdict = recomputed_verdict(report)
+    if report.get("verdict") != verdict:
+        problems.append(f"verdict: {report.get('verdict')!r} but the test outcomes give "
+                        f"{verdict!r}")
+    recorded = {row.get("phase"): row for row in report.get("readiness") or []
+                if isinstance(row, dict)}
+    for gate in readiness(report) if recorded else []:
+        row = recorded.get(gate.phase)
+        if row is None or row.get("ready") != gate.ready:
+            problems.append(f"readiness.{gate.phase}: recorded "
+                            f"{'missing' if row is None else row.get('ready')!r}, "
+                            f"recomputed {gate.ready!r} ({'; '.join(gate.reasons)})")
+    decision = report.get("exit")
+    if isinstance(decision, dict) and decision.get("require_ready") is not None:
+        expected = exit_decision(report, str(decision["require_ready"]))
+        if decision.get("code") != expected["code"]:
+            problems.append(f"exit.code: recorded {decision.get('code')!r}, recomputed "
+                            f"{expected['code']} ({expected['reason']})")
+    return problems

@@ -27,7 +27,7 @@ from harness.errors import ConfigError
 from harness.phases import PHASES
 from harness.report.blocks import Cell, badge, raw_json, table
 from harness.report.charts import fmt
-from harness.report.gate import evaluate_gate
+from harness.report.gate import evaluate_gate, headline_phase
 from harness.report.sections import PURPOSES, scenario_blocks
 
 REDACTED = "[redacted]"
@@ -137,14 +137,6 @@ def _seed(report: dict[str, Any]) -> str:
     return "fixed seeds in the scenarios (synthetic data is the same on every run)"
 
 
-def _headline_phase(report: dict[str, Any]) -> str:
-    """The phase asked for, else the latest phase any scenario of the run gates."""
-    if report.get("phase") in PHASES:
-        return str(report["phase"])
-    marked = [s.get("phase") for s in report.get("scenarios", []) if s.get("phase") in PHASES]
-    return max(marked, key=PHASES.index) if marked else PHASES[-1]
-
-
 def _ladder(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Each rollout phase's gate on this run, in order."""
     steps = []
@@ -234,7 +226,7 @@ def render_html(report: dict[str, Any], logs: dict[str, str], report_dir: Path) 
     """The whole page as a string (report and logs are redacted here, again, to be safe)."""
     report = redact(report)
     logs = {name: redact_text(text) for name, text in logs.items()}
-    gate = evaluate_gate(report, _headline_phase(report))
+    gate = evaluate_gate(report, headline_phase(report))
     scenarios = report.get("scenarios") or []
     ordered = sorted(scenarios, key=lambda s: (s.get("outcome") == "passed",
                                                PHASES.index(s["phase"])
