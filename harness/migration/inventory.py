@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -40,8 +42,10 @@ from pydicom.errors import InvalidDicomError
 
 from harness.dicom.client import DimseClient
 from harness.dicom.dicomweb import DicomwebClient, request_failed
-from harness.dicom.status import RetrievedInstance
+from harness.dicom.status import NO_STATUS, RetrievedInstance
 from harness.errors import ConfigError, EnvironmentProblem
+from harness.migration import partitions
+from harness.migration.discovery import OUT_OF_RESOURCES
 from harness.migration.ledger import Ledger
 from harness.migration.normalise import (
     IDENTITY_COLUMNS,
@@ -55,6 +59,7 @@ from harness.migration.normalise import (
     row_from_dataset,
     row_from_keys,
 )
+from harness.migration.partitions import RangeAnswer
 from harness.nodes.base import Node
 
 Progress = Callable[[int, int], None]
@@ -85,6 +90,10 @@ class CrawlSummary:
     unretrievable: int = 0  # listed, but retrieving them failed (kept with the reason)
     issues: int = 0  # what the crawl could not read or the node answered inconsistently
     elapsed_s: float = 0.0
+    workers: int = 1
+    partition: str = "date"
+    partitions: dict[str, int] = field(default_factory=dict)  # by state
+    writer_s: float = 0.0  # time spent committing studies (the one writer)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -131,12 +140,24 @@ class _DimseSource:
     def _assoc(self) -> Any:
         return self.client.find_association()
 
-    def studies(self) -> Iterator[Dataset]:
+    def list_range(self, query: dict[str, str], limit: int | None) -> RangeAnswer:
+        """One study-level C-FIND of a partition, cancelled past `limit` matches (PS3.7
+        9.1.2.1.6): more means the partition is split, so the rest is not worth reading."""
+        keys = {**dict.fromkeys(STUDY_QUERY_KEYS), **query}
         assoc = self._assoc()
         try:
-            yield from self._find(assoc, _query("STUDY", dict.fromkeys(STUDY_QUERY_KEYS)))
+            result = self.client.find_over(assoc, "STUDY", _query("STUDY", keys),
+                                           cancel_after=None if limit is None else limit + 1)
         finally:
             assoc.release()
+        if result.status == NO_STATUS:
+            raise EnvironmentProblem(result.error or f"peer {self.client}: C-FIND unanswered")
+        category = result.status.category
+        if category == "failure" and not result.matches \
+                and result.status.code != OUT_OF_RESOURCES:
+            return RangeAnswer([], refused=f"answered {result.status}")
+        cut = category != "success" or (limit is not None and len(result.matches) > limit)
+        return RangeAnswer(result.matches, cut=cut)
 
     def instances(self, study_uid: str) -> Iterator[dict[str, Any]]:
         assoc = self._assoc()
@@ -213,19 +234,27 @@ class _DicomwebSource:
         assert web is not None
         self.web: DicomwebClient = web
 
-    def _search(self, path: str, fields: tuple[str, ...]) -> Iterator[Dataset]:
+    def _search(self, path: str, fields: tuple[str, ...], **params: str) -> Iterator[Dataset]:
         include = [f"{tag_for_keyword(k):08X}" for k in fields]
         offset = 0
         while True:
-            page = self.web.search(path, includefield=include, limit=QIDO_PAGE, offset=offset)
+            page = self.web.search(path, includefield=include, limit=QIDO_PAGE, offset=offset,
+                                   **params)
             for obj in page:
                 yield _from_json(obj)
             if len(page) < QIDO_PAGE:
                 return
             offset += len(page)
 
-    def studies(self) -> Iterator[Dataset]:
-        yield from self._search("/studies", STUDY_QUERY_KEYS)
+    def list_range(self, query: dict[str, str], limit: int | None) -> RangeAnswer:
+        """A partition's studies by QIDO-RS (PS3.18 10.6: range matching on StudyDate,
+        StudyTime); with `limit`, one request for limit + 1 answers shows a cut."""
+        params = {k: v for k, v in query.items() if v}
+        if limit is None:
+            return RangeAnswer(list(self._search("/studies", STUDY_QUERY_KEYS, **params)))
+        include = [f"{tag_for_keyword(k):08X}" for k in STUDY_QUERY_KEYS]
+        page = self.web.search("/studies", includefield=include, limit=limit + 1, **params)
+        return RangeAnswer([_from_json(obj) for obj in page], cut=len(page) > limit)
 
     def instances(self, study_uid: str) -> Iterator[dict[str, Any]]:
         for ds in self._search(f"/studies/{study_uid}/instances",
@@ -320,12 +349,14 @@ def _check_depth(depth: str, sample: int | None) -> None:
 
 
 # what must match to resume a crawl
-_RESUME_KEYS = ("ae_title", "depth", "sample", "via", "identities", "identity_prefixes")
+_RESUME_KEYS = ("ae_title", "depth", "sample", "via", "identities", "identity_prefixes",
+                "partition")
 
 
 def _open_ledger(node: Node, path: Path, depth: str, sample: int | None, via: str,
                  resume: bool, prefixes: tuple[str, ...] = (),
-                 identities: str | None = None) -> tuple[Ledger, bool]:
+                 identities: str | None = None, partition: str = "date"
+                 ) -> tuple[Ledger, bool]:
     """The ledger to write into, and whether it continues an earlier crawl."""
     from harness.report.identities import redactor_for
 
@@ -333,7 +364,7 @@ def _open_ledger(node: Node, path: Path, depth: str, sample: int | None, via: st
               "depth": depth, "sample": "" if sample is None else str(sample), "via": via,
               # a site's patients are tokens in the file (docs/safety.md, Patient identities)
               "identities": identities or ("clear" if redactor_for(node) is None else "tokens"),
-              "identity_prefixes": json.dumps(sorted(set(prefixes)))}
+              "identity_prefixes": json.dumps(sorted(set(prefixes))), "partition": partition}
     if resume and path.exists():
         ledger = Ledger.open(path)
         meta = ledger.meta()
@@ -361,6 +392,10 @@ def crawl(
     via: str = "auto",
     identity_prefixes: tuple[str, ...] = (),
     identities: str | None = None,
+    workers: int = 1,
+    partition: str = "date",
+    partition_size: int | None = None,
+    stop: threading.Event | None = None,
 ) -> CrawlSummary:
     """Crawl every patient, study, series and instance of `node` into `ledger_path`.
 
@@ -368,38 +403,50 @@ def crawl(
     node serves it, else DIMSE), `dimse` or `dicomweb`. `identity_prefixes`: the PatientID
     prefixes a migration adds, kept in clear before the token in a tokenised ledger;
     `identities` `tokens` or `clear` (default: tokens unless the node holds synthetic data only).
+    `workers` studies are read at once, each worker on its own associations (or HTTP
+    session); one writer commits them. `partition` (`date`, `uid`, `none`) and
+    `partition_size` (studies per partition at most) say how the study listing is cut
+    (partitions.py). Setting `stop` ends the crawl after the studies in hand, resumable.
     """
     _check_depth(depth, sample)
+    partitions.check_mode(partition, partition_size)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers: must be a whole number >= 1, got {workers!r}")
     started = time.perf_counter()
     source = _source(node, via)
     path = Path(ledger_path)
     ledger, resumed = _open_ledger(node, path, depth, sample, via, resume,
-                                   tuple(identity_prefixes), identities)
-    summary = CrawlSummary(node.name, node.kind, str(path), depth, sample, source.name, {})
+                                   tuple(identity_prefixes), identities, partition)
+    summary = CrawlSummary(node.name, node.kind, str(path), depth, sample, source.name, {},
+                           workers=workers, partition=partition)
     stored_syntax = _reports_stored_syntax(node, source)
     if not stored_syntax:
         summary.notes.append(f"transfer syntaxes not recorded: {node.kind} may convert "
                              "instances on retrieval, so the stored syntax is unknown")
     ledger.set_meta(transfer_syntax="stored" if stored_syntax else "unknown")
     try:
+        partitions.ensure_tables(ledger.conn)
         if ledger.meta().get("listing") != "complete":
-            _list_studies(ledger, source, depth, sample)
+            size = partition_size or partitions.DEFAULT_SIZE
+            listing = partitions.PartitionedListing(ledger.conn, partition, size).run(
+                source.list_range, lambda found: _add_studies(ledger, found), str(node.name))
+            summary.notes.extend(listing.notes)
+            if depth == "full":
+                uids = [uid for (uid,) in ledger.conn.execute("SELECT study_uid FROM studies")]
+                ledger.mark_for_retrieval(sorted(uids, key=sample_rank)[:sample] if sample
+                                          else uids)
+            ledger.set_meta(listing="complete")
         total = ledger.conn.execute("SELECT count(*) FROM studies").fetchone()[0]
-        pending = ledger.pending_studies()
+        pending = partitions.pending_studies(ledger.conn)
         summary.studies_total = total
         summary.studies_resumed = total - len(pending) if resumed else 0
-        done = total - len(pending)
-        if progress:
-            progress(done, total)
-        for study_uid, retrieve in pending:
-            if retrieve:
-                _crawl_full(ledger, source, study_uid, stored_syntax)
-            else:
-                _crawl_attributes(ledger, source, study_uid)
-            summary.studies_crawled += 1
-            done += 1
-            if progress:
-                progress(done, total)
+        _run_workers(node, via, ledger, pending, summary, stored_syntax, progress, stop)
+        partitions.mark_done(ledger.conn)
+        summary.partitions = partitions.states(ledger.conn)
+        if stop is not None and stop.is_set() and summary.studies_crawled < len(pending):
+            summary.notes.append("stopped: crawl again with the same ledger to resume")
+            summary.elapsed_s = round(time.perf_counter() - started, 3)
+            return summary
         ledger.finish()
         q = ledger.conn.execute
         summary.counts = ledger.counts()
@@ -418,27 +465,85 @@ def crawl(
     return summary
 
 
-def _list_studies(ledger: Ledger, source: Any, depth: str, sample: int | None) -> None:
-    ledger.conn.execute("DELETE FROM studies WHERE state = 'listed'")  # an interrupted listing
-    batch: list[StudyRow] = []
-    for ds in source.studies():
-        row = _study_row(ds)
-        if row is None:
-            continue
-        batch.append(row)
-        if len(batch) >= 1000:
-            ledger.add_studies(batch)
-            batch = []
-    ledger.add_studies(batch)
-    if depth == "full":
-        uids = [uid for (uid,) in ledger.conn.execute("SELECT study_uid FROM studies")]
-        chosen = sorted(uids, key=sample_rank)[:sample] if sample else uids
-        ledger.mark_for_retrieval(chosen)
-    ledger.set_meta(listing="complete")
+def _add_studies(ledger: Ledger, found: list[Dataset]) -> list[str]:
+    """Record one partition's studies; their UIDs (those with one)."""
+    rows = [row for row in map(_study_row, found) if row is not None]
+    ledger.add_studies(rows)
+    return [row.study_uid for row in rows]
 
 
-def _crawl_attributes(ledger: Ledger, source: Any, study_uid: str) -> None:
-    study_keys = ledger.study_keys(study_uid)
+# a study in hand: (StudyInstanceUID, its series, its instances, its issues)
+StudyResult = tuple[str, list[SeriesRow], list[InstanceRow], list[tuple[str, str]]]
+
+
+def _run_workers(node: Node, via: str, ledger: Ledger, pending: list[tuple[str, bool]],
+                 summary: CrawlSummary, stored_syntax: bool, progress: Progress | None,
+                 stop: threading.Event | None) -> None:
+    """Read `pending` studies on `summary.workers` threads, each with its own source (its
+    own associations or HTTP session), and commit them here, one writer on the ledger's
+    connection (SQLite has one writer at a time anyway). At most two studies per worker
+    are in hand; each network step has the client's deadline. On an exception (Ctrl-C, a
+    node that stops answering, `progress` raising) or `stop`, nothing more is started and
+    what is not committed stays `listed`: the ledger resumes there."""
+    halt = threading.Event()
+    local = threading.local()
+    total = summary.studies_total
+    done = total - len(pending)
+
+    def read(study_uid: str, retrieve: bool, keys: dict[str, Any],
+             reported: int | None) -> StudyResult | None:
+        if halt.is_set() or (stop is not None and stop.is_set()):
+            return None
+        if not hasattr(local, "source"):
+            local.source = _source(node, via)
+        if retrieve:
+            return _read_full(local.source, study_uid, keys, reported, stored_syntax)
+        return _read_attributes(local.source, study_uid, keys)
+
+    def ask(study_uid: str, retrieve: bool) -> Future:
+        reported = ledger.conn.execute("SELECT reported_instances FROM studies "
+                                       "WHERE study_uid = ?", (study_uid,)).fetchone()[0]
+        return pool.submit(read, study_uid, retrieve, ledger.study_keys(study_uid), reported)
+
+    if progress:
+        progress(done, total)
+    queue = iter(pending)
+    in_hand: set[Future] = set()
+    writer_s = 0.0
+    with ThreadPoolExecutor(summary.workers, thread_name_prefix="crawl") as pool:
+        try:
+            while True:
+                while len(in_hand) < 2 * summary.workers and not (stop and stop.is_set()):
+                    task = next(queue, None)
+                    if task is None:
+                        break
+                    in_hand.add(ask(*task))
+                if not in_hand:
+                    break
+                finished, in_hand = wait(in_hand, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    result = future.result()
+                    if result is None:
+                        continue
+                    began = time.perf_counter()
+                    ledger.commit_study(*result)
+                    writer_s += time.perf_counter() - began
+                    summary.studies_crawled += 1
+                    done += 1
+                    if done % 200 == 0:
+                        partitions.mark_done(ledger.conn)
+                    if progress:
+                        progress(done, total)
+        except BaseException:
+            halt.set()
+            for future in in_hand:
+                future.cancel()
+            raise
+        finally:
+            summary.writer_s = round(writer_s, 3)
+
+
+def _read_attributes(source: Any, study_uid: str, study_keys: dict[str, Any]) -> StudyResult:
     series: dict[str, SeriesRow] = {}
     rows: list[InstanceRow] = []
     issues: list[tuple[str, str]] = []
@@ -451,7 +556,7 @@ def _crawl_attributes(ledger: Ledger, source: Any, study_uid: str) -> None:
         uid = str(attrs.get("SeriesInstanceUID") or "")
         if uid not in series:
             series[uid] = _series_row(attrs, study_uid)
-    ledger.commit_study(study_uid, series.values(), rows, issues)
+    return study_uid, list(series.values()), rows, issues
 
 
 def _series_row(attrs: dict[str, Any], study_uid: str) -> SeriesRow:
@@ -463,11 +568,11 @@ def _series_row(attrs: dict[str, Any], study_uid: str) -> SeriesRow:
                      text("SeriesNumber"), text("SeriesDescription"))
 
 
-def _crawl_full(ledger: Ledger, source: Any, study_uid: str, stored_syntax: bool) -> None:
+def _read_full(source: Any, study_uid: str, study_keys: dict[str, Any], reported: int | None,
+               stored_syntax: bool) -> StudyResult:
     """List the study's instances, then retrieve them; an instance that is listed but not
     retrieved keeps its listing-level row with the reason in `retrieval_error`, so a failed
     retrieval is a fact in the ledger, never a missing row (the listing is what exists)."""
-    study_keys = ledger.study_keys(study_uid)
     listed: dict[str, InstanceRow] = {}
     issues: list[tuple[str, str]] = []
     for keys in source.instances(study_uid):
@@ -520,9 +625,7 @@ def _crawl_full(ledger: Ledger, source: Any, study_uid: str, stored_syntax: bool
     for uid, row in retrieved.items():  # answered by the retrieval, absent from the listing
         issues.append((uid, "retrieved but not listed by the node's query"))
         rows.append(row)
-    reported = ledger.conn.execute("SELECT reported_instances FROM studies WHERE study_uid = ?",
-                                   (study_uid,)).fetchone()[0]
     if reported is not None and reported != len(listed):
         issues.append(("", f"the node reports {reported} instances, its listing has "
                            f"{len(listed)}"))
-    ledger.commit_study(study_uid, series.values(), rows, issues)
+    return study_uid, list(series.values()), rows, issues
