@@ -9,12 +9,19 @@ What a node holds is read independently: Orthanc's REST API (/statistics, /studi
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
 import pytest
 
+from harness.cluster import Cluster
+from harness.config import parse_topology
 from harness.errors import EnvironmentProblem
 from harness.fixtures import pacs_cluster_factory
 from harness.migration.inventory import crawl
@@ -230,3 +237,50 @@ def test_cli_inventory_with_workers_and_partitions(cluster, tmp_path):
     bad = run_cli("inventory", "--node", "capped", "-t", str(topology), "--workers", "0",
                   env=env)
     assert bad.returncode == 2 and "--workers" in bad.stderr
+
+
+def dimse_only(node) -> str:
+    """A topology declaring `node` as a site's external PACS reached over DIMSE alone."""
+    return (f"name: ext\nnodes:\n  n: {{kind: external, ae_title: {node.ae_title}, "
+            f"host: 127.0.0.1, dicom_port: {node.dicom_port}, synthetic: true}}\n")
+
+
+def test_ctrl_c_during_a_parallel_crawl_leaves_a_resumable_ledger(cluster, tmp_path):
+    """SIGINT (Ctrl-C) while three workers read: the process ends (no worker thread keeps
+    it alive), the committed studies stay, and a resumed crawl equals a one-shot one."""
+    topology = dimse_only(cluster.node("plain"))
+    ledger = tmp_path / "interrupted.sqlite"
+    script = textwrap.dedent("""
+        import sys, time
+        from harness.cluster import Cluster
+        from harness.config import parse_topology
+        from harness.migration.inventory import crawl
+        node = Cluster.launch(parse_topology(sys.argv[2])).node("n")
+        def progress(done, total):
+            print(done, total, flush=True)
+            if done >= 2:
+                time.sleep(120)  # interrupted here, with workers reading further studies
+        crawl(node, sys.argv[1], depth="full", workers=3, partition_size=4, progress=progress)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script, str(ledger), topology],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in child.stdout:
+            if int(line.split()[0]) >= 2:
+                break
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=60) != 0
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait(timeout=10)
+    assert 2 <= STUDIES - ledger_content(ledger)["unfinished"][0][0] < STUDIES
+    external = Cluster.launch(parse_topology(topology))
+    try:
+        node = external.node("n")
+        resumed = crawl(node, ledger, depth="full", workers=2, partition_size=4)
+        assert resumed.studies_resumed >= 2
+        crawl(node, tmp_path / "oneshot.sqlite", depth="full", partition_size=4)
+    finally:
+        external.stop()
+    assert ledger_content(ledger) == ledger_content(tmp_path / "oneshot.sqlite")
