@@ -1,8 +1,9 @@
 """Inventory: crawl a PACS node into a ledger (harness/migration/ledger.py), resumably.
 
 The crawl lists every study first (C-FIND at STUDY level, or QIDO-RS where the node serves
-DICOMweb: one HTTP request per page instead of one association per query), then commits one
-study at a time:
+DICOMweb: sources.py), partition by partition (partitions.py: date ranges halved past an
+archive's C-FIND cap, or UID buckets), then reads the studies on `workers` threads, each
+with its own source, and commits them one at a time through one writer:
 
 - depth `attributes`: the study's instances with their key attributes, from C-FIND at SERIES
   and IMAGE level over one association, or from one QIDO-RS request;
@@ -17,8 +18,9 @@ study at a time:
 StudyInstanceUID so that a source and a target crawled with the same N retrieve the same
 studies, and lists the others at depth `attributes` (counts and key attributes for all).
 
-Killed half-way, a crawl resumes at the first study not yet committed (the listing is kept);
-`resume=False` starts again from scratch, and so does a crawl into a ledger that finished.
+Killed half-way, a crawl resumes at the first partition not yet listed, then at the studies
+not yet committed (what is listed is kept); `resume=False` starts again from scratch, and
+so does a crawl into a ledger that finished.
 """
 
 from __future__ import annotations
@@ -27,46 +29,31 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import requests
-from pydicom import Dataset, dcmread
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
-from pydicom.errors import InvalidDicomError
+from pydicom import Dataset
 
-from harness.dicom.client import DimseClient
-from harness.dicom.dicomweb import DicomwebClient, request_failed
-from harness.dicom.status import NO_STATUS, RetrievedInstance
-from harness.errors import ConfigError, EnvironmentProblem
+from harness.errors import ConfigError
 from harness.migration import partitions
-from harness.migration.discovery import OUT_OF_RESOURCES
 from harness.migration.ledger import Ledger
 from harness.migration.normalise import (
     IDENTITY_COLUMNS,
-    IMAGE_QUERY_KEYS,
-    SERIES_QUERY_KEYS,
     STUDY_QUERY_KEYS,
     InstanceRow,
     SeriesRow,
     StudyRow,
-    normalise,
     row_from_dataset,
     row_from_keys,
 )
-from harness.migration.partitions import RangeAnswer
+from harness.migration.sources import keys_of, reports_stored_syntax, source_for
 from harness.nodes.base import Node
 
 Progress = Callable[[int, int], None]
 DEPTHS = ("attributes", "full")
-VIA = ("auto", "dimse", "dicomweb")
-QIDO_PAGE = 1000
-WADO_CHUNK = 1 << 20
 _COUNT_KEYS = ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
 
 
@@ -101,211 +88,6 @@ class CrawlSummary:
 
 
 # ---------------------------------------------------------------------------------------
-# where the facts come from: DIMSE for every kind, DICOMweb where the node serves it
-
-
-def _query(level: str, keys: dict[str, Any]) -> Dataset:
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        tag = tag_for_keyword(keyword)
-        ds.add(DataElement(tag, dictionary_VR(tag), value))
-    return ds
-
-
-def _keys(ds: Dataset, wanted: tuple[str, ...]) -> dict[str, Any]:
-    attrs = normalise(ds)
-    return {k: attrs.get(k) for k in wanted}
-
-
-class _DimseSource:
-    """C-FIND for listings, C-GET for retrieval: what every PACS offers."""
-
-    name = "dimse"
-
-    def __init__(self, node: Node) -> None:
-        self.client: DimseClient = node.dimse()
-
-    def _find(self, assoc: Any, identifier: Dataset) -> Iterator[Dataset]:
-        result = self.client.find_over(assoc, identifier.QueryRetrieveLevel, identifier)
-        if not result.ok:
-            raise EnvironmentProblem(
-                result.error
-                or f"peer {self.client}: {identifier.QueryRetrieveLevel}-level C-FIND "
-                f"answered {result.status}"
-            )
-        yield from result.matches
-
-    def _assoc(self) -> Any:
-        return self.client.find_association()
-
-    def list_range(self, query: dict[str, str], limit: int | None) -> RangeAnswer:
-        """One study-level C-FIND of a partition, cancelled past `limit` matches (PS3.7
-        9.1.2.1.6): more means the partition is split, so the rest is not worth reading."""
-        keys = {**dict.fromkeys(STUDY_QUERY_KEYS), **query}
-        assoc = self._assoc()
-        try:
-            result = self.client.find_over(assoc, "STUDY", _query("STUDY", keys),
-                                           cancel_after=None if limit is None else limit + 1)
-        finally:
-            assoc.release()
-        if result.status == NO_STATUS:
-            raise EnvironmentProblem(result.error or f"peer {self.client}: C-FIND unanswered")
-        category = result.status.category
-        if category == "failure" and not result.matches \
-                and result.status.code != OUT_OF_RESOURCES:
-            return RangeAnswer([], refused=f"answered {result.status}")
-        cut = category != "success" or (limit is not None and len(result.matches) > limit)
-        return RangeAnswer(result.matches, cut=cut)
-
-    def instances(self, study_uid: str) -> Iterator[dict[str, Any]]:
-        assoc = self._assoc()
-        try:
-            series_keys = {"StudyInstanceUID": study_uid, **dict.fromkeys(SERIES_QUERY_KEYS)}
-            for series in list(self._find(assoc, _query("SERIES", series_keys))):
-                series_attrs = _keys(series, SERIES_QUERY_KEYS)
-                image_keys = {"StudyInstanceUID": study_uid,
-                              "SeriesInstanceUID": series.SeriesInstanceUID,
-                              **dict.fromkeys(IMAGE_QUERY_KEYS)}
-                for image in self._find(assoc, _query("IMAGE", image_keys)):
-                    yield {**series_attrs, **_keys(image, IMAGE_QUERY_KEYS)}
-        finally:
-            assoc.release()
-
-    def retrieve(self, study_uid: str, on_dataset: Callable[[Dataset, str], None]
-                 ) -> list[tuple[str, str]]:
-        def on_instance(instance: RetrievedInstance) -> None:
-            on_dataset(instance.dataset, instance.transfer_syntax_uid)
-
-        result = self.client.get("STUDY", {"StudyInstanceUID": study_uid},
-                                 on_instance=on_instance, keep=False)
-        problems = [(uid, f"C-GET failed for this instance ({result.status})")
-                    for uid in result.failed_sop_instance_uids]
-        if not problems and (not result.ok or result.failed):  # failures without their UIDs
-            problems.append(("", f"C-GET answered {result.status} "
-                                 f"({result.failed} failed sub-operations)"))
-        return problems
-
-
-def _from_json(obj: dict[str, Any]) -> Dataset:
-    obj = {tag: value for tag, value in obj.items() if value.get("vr") != "UR"}
-    return Dataset.from_json(obj)
-
-
-def _multipart(rsp: requests.Response) -> Iterator[bytes]:
-    """The parts of a multipart/related response, read as a stream (one part in memory)."""
-    boundary = None
-    for param in rsp.headers.get("Content-Type", "").split(";"):
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary":
-            boundary = value.strip('"')
-    if not boundary:
-        raise EnvironmentProblem(f"{rsp.url}: multipart answer without boundary")
-    delimiter = b"\r\n--" + boundary.encode()
-    buffer = bytearray(b"\r\n")
-    scan_from = 0
-    for chunk in rsp.iter_content(WADO_CHUNK):
-        buffer += chunk
-        while True:
-            first = buffer.find(delimiter)
-            if first < 0:
-                break
-            start = first + len(delimiter)
-            end = buffer.find(delimiter, max(start, scan_from))
-            if end < 0:
-                scan_from = max(start, len(buffer) - len(delimiter))
-                break
-            part = bytes(buffer[start:end])
-            del buffer[:end]
-            scan_from = 0
-            _, sep, payload = part.partition(b"\r\n\r\n")
-            if sep:
-                yield payload
-
-
-class _DicomwebSource:
-    """QIDO-RS for listings, WADO-RS for retrieval (as stored: transfer-syntax=*)."""
-
-    name = "dicomweb"
-
-    def __init__(self, node: Node) -> None:
-        web = node.dicomweb()
-        assert web is not None
-        self.web: DicomwebClient = web
-
-    def _search(self, path: str, fields: tuple[str, ...], **params: str) -> Iterator[Dataset]:
-        include = [f"{tag_for_keyword(k):08X}" for k in fields]
-        offset = 0
-        while True:
-            page = self.web.search(path, includefield=include, limit=QIDO_PAGE, offset=offset,
-                                   **params)
-            for obj in page:
-                yield _from_json(obj)
-            if len(page) < QIDO_PAGE:
-                return
-            offset += len(page)
-
-    def list_range(self, query: dict[str, str], limit: int | None) -> RangeAnswer:
-        """A partition's studies by QIDO-RS (PS3.18 10.6: range matching on StudyDate,
-        StudyTime); with `limit`, one request for limit + 1 answers shows a cut."""
-        params = {k: v for k, v in query.items() if v}
-        if limit is None:
-            return RangeAnswer(list(self._search("/studies", STUDY_QUERY_KEYS, **params)))
-        include = [f"{tag_for_keyword(k):08X}" for k in STUDY_QUERY_KEYS]
-        page = self.web.search("/studies", includefield=include, limit=limit + 1, **params)
-        return RangeAnswer([_from_json(obj) for obj in page], cut=len(page) > limit)
-
-    def instances(self, study_uid: str) -> Iterator[dict[str, Any]]:
-        for ds in self._search(f"/studies/{study_uid}/instances",
-                               SERIES_QUERY_KEYS + IMAGE_QUERY_KEYS):
-            yield _keys(ds, SERIES_QUERY_KEYS + IMAGE_QUERY_KEYS)
-
-    def retrieve(self, study_uid: str, on_dataset: Callable[[Dataset, str], None]
-                 ) -> list[tuple[str, str]]:
-        url = f"{self.web.root_url}/studies/{study_uid}"
-        accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-        try:
-            rsp = self.web.session.get(url, headers={"Accept": accept}, stream=True,
-                                       timeout=self.web.timeout_s, verify=self.web.session.verify)
-        except requests.RequestException as exc:
-            raise request_failed(self.web.node_label, f"DICOMweb at {self.web.root_url}",
-                                 exc) from None
-        with rsp:
-            if rsp.status_code >= 400:
-                return [("", f"WADO-RS answered HTTP {rsp.status_code}")]
-            problems = []
-            try:
-                for payload in _multipart(rsp):
-                    try:
-                        ds = dcmread(BytesIO(payload))
-                    except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
-                        problems.append(("", f"WADO-RS part is not DICOM ({exc})"))
-                        continue
-                    on_dataset(ds, str(ds.file_meta.get("TransferSyntaxUID", "")) or None)
-            except requests.RequestException as exc:
-                problems.append(("", f"WADO-RS response broke off ({exc.__class__.__name__})"))
-        return problems
-
-
-def _reports_stored_syntax(node: Node, source: Any) -> bool:
-    """WADO-RS, or a C-GET from a kind that sends each instance in its stored syntax when
-    offered (dcmqrscp converts to the first context it accepted, so its ledgers cannot tell
-    a stored syntax)."""
-    return source.name == "dicomweb" or node.capabilities.keeps_stored_syntax
-
-
-def _source(node: Node, via: str) -> _DimseSource | _DicomwebSource:
-    if via not in VIA:
-        raise ConfigError(f"via: unknown {via!r} (allowed: {', '.join(VIA)})")
-    if via == "dicomweb" and node.dicomweb() is None:
-        raise ConfigError(f"via: node {node.name} ({node.kind}) serves no DICOMweb")
-    if via == "dicomweb" or (via == "auto" and node.dicomweb() is not None):
-        return _DicomwebSource(node)
-    return _DimseSource(node)
-
-
-# ---------------------------------------------------------------------------------------
 # the crawl
 
 
@@ -322,7 +104,7 @@ def _int(value: Any) -> int | None:
 
 
 def _study_row(ds: Dataset) -> StudyRow | None:
-    keys = _keys(ds, STUDY_QUERY_KEYS)
+    keys = keys_of(ds, STUDY_QUERY_KEYS)
     uid = keys.get("StudyInstanceUID")
     if not uid:
         return None
@@ -413,13 +195,13 @@ def crawl(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers: must be a whole number >= 1, got {workers!r}")
     started = time.perf_counter()
-    source = _source(node, via)
+    source = source_for(node, via)
     path = Path(ledger_path)
     ledger, resumed = _open_ledger(node, path, depth, sample, via, resume,
                                    tuple(identity_prefixes), identities, partition)
     summary = CrawlSummary(node.name, node.kind, str(path), depth, sample, source.name, {},
                            workers=workers, partition=partition)
-    stored_syntax = _reports_stored_syntax(node, source)
+    stored_syntax = reports_stored_syntax(node, source)
     if not stored_syntax:
         summary.notes.append(f"transfer syntaxes not recorded: {node.kind} may convert "
                              "instances on retrieval, so the stored syntax is unknown")
@@ -495,7 +277,7 @@ def _run_workers(node: Node, via: str, ledger: Ledger, pending: list[tuple[str, 
         if halt.is_set() or (stop is not None and stop.is_set()):
             return None
         if not hasattr(local, "source"):
-            local.source = _source(node, via)
+            local.source = source_for(node, via)
         if retrieve:
             return _read_full(local.source, study_uid, keys, reported, stored_syntax)
         return _read_attributes(local.source, study_uid, keys)
