@@ -34,6 +34,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pydicom import Dataset
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.cluster import Cluster  # noqa: E402
@@ -50,9 +52,9 @@ _UID = {tag: re.compile(rf"\({tag}\) UI \[([^\]]*)\]") for tag in ("0020,000d", 
                                                                       "0008,0018")}
 
 
-def _dcmtk(node, *args: str) -> str:
+def _dcmtk(node, *args: str, files: tuple[str, ...] = ()) -> str:
     proc = subprocess.run([*args, "-aet", HARNESS_AE_TITLE, "-aec", node.ae_title, "-to", "60",
-                           node.host, str(node.dicom_port)],
+                           node.host, str(node.dicom_port), *files],
                           capture_output=True, text=True, timeout=600, env=DCMTK_ENV)
     if proc.returncode:
         raise SystemExit(f"{args[0]} failed: {(proc.stderr or proc.stdout)[-500:]}")
@@ -70,6 +72,16 @@ def _find(node, level: str, *keys: str) -> str:
     return _dcmtk(node, *args)
 
 
+def _image_query(path: Path, study: str, series: str) -> Path:
+    """An IMAGE-level query file for findscu (PS3.4 C.6.2: study and series unique keys)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.SOPInstanceUID = ds.SOPClassUID = ds.InstanceNumber = ""
+    ds.save_as(path, implicit_vr=False, little_endian=True)
+    return path
+
+
 def dcmtk_walk(node, workers: int, full: bool) -> tuple[float, int, int]:
     """(seconds, studies, instances) of DCMTK walking the node as the crawl does."""
     scratch = Path(tempfile.mkdtemp(prefix="bench-crawl-getscu-"))
@@ -77,14 +89,13 @@ def dcmtk_walk(node, workers: int, full: bool) -> tuple[float, int, int]:
     def one_study(study: str) -> int:
         series = _uids(_find(node, "SERIES", f"StudyInstanceUID={study}",
                              "SeriesInstanceUID"), "0020,000e")
-        count = 0
-        for uid in series:
-            count += len(_uids(_find(node, "IMAGE", f"StudyInstanceUID={study}",
-                                     f"SeriesInstanceUID={uid}", "SOPInstanceUID",
-                                     "SOPClassUID", "InstanceNumber"), "0008,0018"))
+        folder = scratch / study
+        folder.mkdir()
+        queries = [str(_image_query(folder / f"q{n}.dcm", study, uid))
+                   for n, uid in enumerate(series)]
+        count = len(_uids(_dcmtk(node, FINDSCU, "-v", "-S", files=tuple(queries)), "0008,0018")) \
+            if queries else 0
         if full:
-            folder = scratch / study
-            folder.mkdir()
             _dcmtk(node, GETSCU, "-S", "-k", "QueryRetrieveLevel=STUDY",
                    "-k", f"StudyInstanceUID={study}", "-od", str(folder))
             shutil.rmtree(folder)

@@ -7,6 +7,7 @@ source is used by one thread at a time: its associations and HTTP session are it
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from email.message import Message
 from io import BytesIO
 from typing import Any
 
@@ -128,12 +129,10 @@ def _from_json(obj: dict[str, Any]) -> Dataset:
 
 def _multipart(rsp: requests.Response) -> Iterator[bytes]:
     """The parts of a multipart/related response, read as a stream (one part in memory)."""
-    boundary = None
-    for param in rsp.headers.get("Content-Type", "").split(";"):
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary":
-            boundary = value.strip('"')
-    if not boundary:
+    header = Message()  # RFC 2045 parameter parsing (quotes, case) by the standard library
+    header["Content-Type"] = rsp.headers.get("Content-Type", "")
+    boundary = header.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
         raise EnvironmentProblem(f"{rsp.url}: multipart answer without boundary")
     delimiter = b"\r\n--" + boundary.encode()
     buffer = bytearray(b"\r\n")
