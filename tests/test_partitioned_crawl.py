@@ -44,12 +44,15 @@ launched = pacs_cluster_factory(TOPOLOGY, scope="module", requires=("Orthanc",))
 
 
 def dated_studies() -> list:
-    """STUDIES small studies spread over DATES, each at its own time of day."""
+    """STUDIES small studies spread over DATES, each at its own time of day (one with a
+    fraction of a second)."""
     datasets = []
     for number in range(STUDIES):
         for ds in sample_study(seed=1800 + number):
             ds.StudyDate = DATES[number % len(DATES)]
             ds.StudyTime = f"{8 + number % 12:02d}{number:02d}00"
+            if number == len(DATES):  # in the last half second before a time split at noon
+                ds.StudyTime = "115959.500000"
             datasets.append(ds)
     return datasets
 

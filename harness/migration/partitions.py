@@ -108,7 +108,10 @@ def _date_part(low: dt.date, high: dt.date) -> tuple[str, dict[str, str]]:
 
 
 def _time_part(day: str, low: int, high: int) -> tuple[str, dict[str, str]]:
-    value = _range(_hhmmss(low), _hhmmss(high), "000000", _hhmmss(DAY_SECONDS - 1))
+    """Whole seconds [low, high]; the upper bound takes in fractions of its second (TM
+    HHMMSS.FFFFFF, PS3.5 6.2), so no study falls between two adjacent ranges."""
+    end = f"{_hhmmss(DAY_SECONDS - 1)}.999999"
+    value = _range(_hhmmss(low), f"{_hhmmss(high)}.999999", "000000", end)
     return f"time:{day}:{low}-{high}", {"StudyDate": day, "StudyTime": value}
 
 
