@@ -25,6 +25,7 @@ from harness.config import parse_topology
 from harness.errors import EnvironmentProblem
 from harness.fixtures import pacs_cluster_factory
 from harness.migration.inventory import crawl
+from harness.migration.verify import verify
 from synthetic_data.samples import sample_study
 from tests.helpers import external_topology, login_env, run_cli
 from tests.realworld import valid_files
@@ -287,3 +288,13 @@ def test_ctrl_c_during_a_parallel_crawl_leaves_a_resumable_ledger(cluster, tmp_p
     finally:
         external.stop()
     assert ledger_content(ledger) == ledger_content(tmp_path / "oneshot.sqlite")
+
+
+def test_verify_of_a_capped_target_passes_with_parallel_partitioned_crawls(cluster, tmp_path):
+    """The same archive on both sides, the target capping its answers: `verify` with two
+    workers and partitions below the cap finds nothing missing."""
+    source, target = cluster.node("plain"), cluster.node("capped")
+    result = verify(source, target, tmp_path / "verify", workers=2, partition_size=CAP - 1)
+    assert result.counts == {"source": rest_counts(source), "target": rest_counts(target)}
+    assert result.verdict == "pass", result.findings.summary_text()
+    assert result.source_crawl.workers == result.target_crawl.workers == 2
