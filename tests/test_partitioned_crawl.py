@@ -25,6 +25,7 @@ from harness.config import parse_topology
 from harness.errors import EnvironmentProblem
 from harness.fixtures import pacs_cluster_factory
 from harness.migration.inventory import crawl
+from harness.migration.sources import DimseSource
 from harness.migration.verify import verify
 from synthetic_data.samples import sample_study
 from tests.helpers import external_topology, login_env, run_cli
@@ -298,3 +299,39 @@ def test_verify_of_a_capped_target_passes_with_parallel_partitioned_crawls(clust
     assert result.counts == {"source": rest_counts(source), "target": rest_counts(target)}
     assert result.verdict == "pass", result.findings.summary_text()
     assert result.source_crawl.workers == result.target_crawl.workers == 2
+
+
+def test_a_listing_broken_off_resumes_at_its_pending_partitions(cluster, tmp_path,
+                                                                 monkeypatch):
+    """Ctrl-C after a few partition queries of the capped archive: the partitions already
+    listed are not queried again, and the crawl ends with the one-shot ledger."""
+    node = cluster.node("capped")
+    ledger = tmp_path / "listing.sqlite"
+    real = DimseSource.list_range
+    asked: list[dict] = []
+
+    def interrupted(self, query, limit):
+        if len(asked) == 6:
+            raise KeyboardInterrupt
+        asked.append(query)
+        return real(self, query, limit)
+
+    monkeypatch.setattr(DimseSource, "list_range", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        crawl(node, ledger, via="dimse", partition_size=2)
+    listed = {key for key, (state, _) in partition_rows(ledger).items()
+              if state in ("listed", "split")}
+    assert "all" in listed and len(listed) >= 2
+
+    resumed_queries: list[dict] = []
+
+    def counted(self, query, limit):
+        resumed_queries.append(query)
+        return real(self, query, limit)
+
+    monkeypatch.setattr(DimseSource, "list_range", counted)
+    crawl(node, ledger, via="dimse", partition_size=2)
+    assert {} not in resumed_queries  # the universal query is not asked again
+    assert not [q for q in resumed_queries if q in asked]
+    crawl(node, tmp_path / "oneshot.sqlite", via="dimse", partition_size=2)
+    assert ledger_content(ledger) == ledger_content(tmp_path / "oneshot.sqlite")
