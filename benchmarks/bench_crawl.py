@@ -14,7 +14,8 @@ of 2 tiny instances each). Over DIMSE, for workers 1, 2 and 4:
     findscu IMAGE query per series (one association per query: findscu cannot chain them);
     for `full`, also /usr/bin/getscu of each study into a scratch folder.
 
-Each figure is the median of `--runs` runs; the ratio is crawl seconds / DCMTK seconds
+Runs are interleaved (crawl, DCMTK, next worker count, ...) so both sides see the same
+load; each figure is the median of `--runs` runs; the ratio is crawl seconds / DCMTK seconds
 (below 1: the crawl is faster). DCMTK runs with TCP_NODELAY=1. The machine may be shared:
 compare ratios measured in one run, not absolute seconds across runs.
 """
@@ -123,6 +124,22 @@ def harness_crawl(node, workers: int, depth: str, folder: Path) -> tuple[float, 
     return elapsed, summary.counts["studies"], summary.counts["instances"], summary.writer_s
 
 
+def _row(depth: str, workers: int, crawls: list, walks: list) -> dict:
+    if {c[1:3] for c in crawls} != {w[1:] for w in walks}:
+        raise SystemExit(f"crawl and DCMTK disagree: {crawls[0][1:3]} vs {walks[0][1:]} "
+                         "(studies, instances)")
+    row = {"depth": depth, "workers": workers, "studies": crawls[0][1],
+           "instances": crawls[0][2],
+           "crawl_s": round(statistics.median(c[0] for c in crawls), 3),
+           "writer_s": round(statistics.median(c[3] for c in crawls), 3),
+           "dcmtk_s": round(statistics.median(w[0] for w in walks), 3)}
+    row["ratio"] = round(row["crawl_s"] / row["dcmtk_s"], 2)
+    print(f"{depth:10} workers={workers}  crawl {row['crawl_s']:7.2f} s "
+          f"(writer {row['writer_s']:.2f} s)  DCMTK {row['dcmtk_s']:7.2f} s  "
+          f"ratio {row['ratio']}", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=60)
@@ -142,22 +159,14 @@ def main() -> None:
         if not stored.ok:
             raise SystemExit(f"store failed: {stored.failed[0].status}")
         for depth in ("attributes", "full"):
+            crawls: dict[int, list] = {w: [] for w in WORKERS}
+            walks: dict[int, list] = {w: [] for w in WORKERS}
+            for _ in range(args.runs):  # interleaved: both sides see the same machine load
+                for workers in WORKERS:
+                    crawls[workers].append(harness_crawl(node, workers, depth, folder))
+                    walks[workers].append(dcmtk_walk(node, workers, depth == "full"))
             for workers in WORKERS:
-                crawls = [harness_crawl(node, workers, depth, folder) for _ in range(args.runs)]
-                walks = [dcmtk_walk(node, workers, depth == "full") for _ in range(args.runs)]
-                if {c[1:3] for c in crawls} != {w[1:] for w in walks}:
-                    raise SystemExit(f"crawl and DCMTK disagree: {crawls[0][1:3]} vs "
-                                     f"{walks[0][1:]} (studies, instances)")
-                row = {"depth": depth, "workers": workers, "studies": crawls[0][1],
-                       "instances": crawls[0][2],
-                       "crawl_s": round(statistics.median(c[0] for c in crawls), 3),
-                       "writer_s": round(statistics.median(c[3] for c in crawls), 3),
-                       "dcmtk_s": round(statistics.median(w[0] for w in walks), 3)}
-                row["ratio"] = round(row["crawl_s"] / row["dcmtk_s"], 2)
-                rows.append(row)
-                print(f"{depth:10} workers={workers}  crawl {row['crawl_s']:7.2f} s "
-                      f"(writer {row['writer_s']:.2f} s)  DCMTK {row['dcmtk_s']:7.2f} s  "
-                      f"ratio {row['ratio']}", flush=True)
+                rows.append(_row(depth, workers, crawls[workers], walks[workers]))
     finally:
         cluster.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -165,7 +174,8 @@ def main() -> None:
         next(x["crawl_s"] for x in rows if x["depth"] == r["depth"] and x["workers"] == 1)
         / r["crawl_s"], 2) for r in rows}
     print(f"\n{rows[0]['studies']} studies, {rows[0]['instances']} instances, "
-          f"{os.cpu_count()} CPUs, median of {args.runs} runs; crawl speed-up over 1 worker: "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, median of {args.runs} runs; "
+          "crawl speed-up over 1 worker: "
           + ", ".join(f"{k} x{v}" for k, v in speedup.items()))
     if args.json:
         print(json.dumps({"rows": rows, "speedup": speedup, "cpus": os.cpu_count()}, indent=2))
