@@ -156,14 +156,16 @@ class PartitionedListing:
 
     def _record(self, key: str, datasets: list[Dataset], add_rows: AddRows,
                 state: str = "listed") -> None:
-        """The partition's studies, then its state: a kill in between leaves it pending,
-        and `_forget` removes what it had recorded before it is queried again."""
-        uids = add_rows(datasets)
+        """Which studies the partition holds, then the studies, then its state: a kill in
+        between leaves it pending, and `_forget` removes what it had recorded before it is
+        queried again (so no study is recorded twice)."""
+        found = {str(ds.get("StudyInstanceUID", "") or "") for ds in datasets} - {""}
         with sqlite_db.transaction(self.conn):
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO partition_studies VALUES (?, ?)", [(u, key) for u in uids])
-            self.conn.execute("UPDATE partitions SET state = ?, studies = ? WHERE key = ?",
-                              (state, len(uids), key))
+            self.conn.executemany("INSERT OR IGNORE INTO partition_studies VALUES (?, ?)",
+                                  [(uid, key) for uid in sorted(found)])
+        uids = add_rows(datasets)
+        self.conn.execute("UPDATE partitions SET state = ?, studies = ? WHERE key = ?",
+                          (state, len(uids), key))
 
     def _forget(self, key: str) -> None:
         """Studies recorded by an interrupted listing of `key` (none is committed yet)."""
