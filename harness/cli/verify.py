@@ -33,8 +33,6 @@ def _nodes(topology_path: str | None, *names: str):
     return [reachable_node(topology, cluster, name) for name in names]
 
 
-
-
 def _report_port(topology_path: str | None) -> int | None:
     """The harness's own address in the running cluster (Cluster.harness_peer), where its
     launched nodes send storage commitment reports on a new association; None without one."""
@@ -45,6 +43,25 @@ def _report_port(topology_path: str | None) -> int | None:
     topology, _ = resolve_topology(topology_path)
     cluster = Cluster.from_state(topology, state_dir_for(topology))
     return cluster.harness_port if cluster is not None else None
+
+
+def crawl_options(command):
+    """--workers, --partition, --partition-size: how a crawl reads a node (inventory.py)."""
+    for option in reversed([
+        click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+                     help="studies read at once, each worker on its own associations "
+                          "(or HTTP session); one writer commits them"),
+        click.option("--partition", type=click.Choice(["date", "uid", "none"]),
+                     default="date", show_default=True,
+                     help="how the study listing is cut and recorded for resuming: date "
+                          "ranges halved until no C-FIND answer is cut (gets past an "
+                          "archive's result cap), UID hash buckets, or one listing"),
+        click.option("--partition-size", type=click.IntRange(1), default=None,
+                     help="most studies one date partition may hold (default 5000); set it "
+                          "below a cap the archive applies without saying so"),
+    ]):
+        command = option(command)
+    return command
 
 
 def _show_identities(show: bool) -> None:
@@ -66,8 +83,10 @@ def _show_identities(show: bool) -> None:
 @click.option("--show-identities", is_flag=True,
               help="write patient IDs, names, birth dates, sex into the ledger in clear even "
                    "when the node is not declared synthetic (default: keyed tokens)")
+@crawl_options
 def inventory_command(node_name: str, depth: str, sample: int | None, ledger: str | None,
-                      topology_path: str | None, as_json: bool, show_identities: bool) -> None:
+                      topology_path: str | None, as_json: bool, show_identities: bool,
+                      workers: int, partition: str, partition_size: int | None) -> None:
     """Crawl every patient, study, series and instance of a node into a ledger.
 
     Exit 1 when something listed could not be read (see `issues` and `unretrievable`).
@@ -80,7 +99,8 @@ def inventory_command(node_name: str, depth: str, sample: int | None, ledger: st
     with progress_bar(as_json) as progress:
         task = progress.add_task(f"crawling {node_name}", total=None)
         summary = crawl(
-            node, path, depth=depth, sample=sample,
+            node, path, depth=depth, sample=sample, workers=workers, partition=partition,
+            partition_size=partition_size,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     result = {"node": node_name, "ledger": str(path), **summary.as_dict()}
@@ -118,10 +138,12 @@ def inventory_command(node_name: str, depth: str, sample: int | None, ledger: st
                    "(PS3.4 J) and fail unless it commits them all")
 @click.option("--commit-timeout", type=click.FloatRange(min=1), default=60.0,
               show_default=True, help="seconds to wait for each storage commitment report")
+@crawl_options
 def verify_command(source_name: str, target_name: str, depth: str, rules: str | None,
                    sample: int | None, out_dir: str | None, topology_path: str | None,
                    as_json: bool, show_identities: bool, commit: bool,
-                   commit_timeout: float) -> None:
+                   commit_timeout: float, workers: int, partition: str,
+                   partition_size: int | None) -> None:
     """Prove, instance by instance, what a migration lost, altered or added.
 
     Writes findings.json, findings.csv and summary.txt; exit 1 when anything is lost or
@@ -140,7 +162,8 @@ def verify_command(source_name: str, target_name: str, depth: str, rules: str | 
                  for side in ("source", "target")}
         result = verify(
             source, target, workdir, depth=depth, rules=checked_rules, sample=sample,
-            redactor=redactor,
+            redactor=redactor, workers=workers, partition=partition,
+            partition_size=partition_size,
             progress=lambda side, done, total: progress.update(
                 tasks[side], completed=done, total=total),
         )

@@ -1,8 +1,9 @@
 """Inventory: crawl a PACS node into a ledger (harness/migration/ledger.py), resumably.
 
 The crawl lists every study first (C-FIND at STUDY level, or QIDO-RS where the node serves
-DICOMweb: one HTTP request per page instead of one association per query), then commits one
-study at a time:
+DICOMweb: sources.py), partition by partition (partitions.py: date ranges halved past an
+archive's C-FIND cap, or UID buckets), then reads the studies on `workers` threads, each
+with its own source, and commits them one at a time through one writer:
 
 - depth `attributes`: the study's instances with their key attributes, from C-FIND at SERIES
   and IMAGE level over one association, or from one QIDO-RS request;
@@ -17,51 +18,42 @@ study at a time:
 StudyInstanceUID so that a source and a target crawled with the same N retrieve the same
 studies, and lists the others at depth `attributes` (counts and key attributes for all).
 
-Killed half-way, a crawl resumes at the first study not yet committed (the listing is kept);
-`resume=False` starts again from scratch, and so does a crawl into a ledger that finished.
+Killed half-way, a crawl resumes at the first partition not yet listed, then at the studies
+not yet committed (what is listed is kept); `resume=False` starts again from scratch, and
+so does a crawl into a ledger that finished.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import requests
-from pydicom import Dataset, dcmread
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
-from pydicom.errors import InvalidDicomError
+from pydicom import Dataset
 
-from harness.dicom.client import DimseClient
-from harness.dicom.dicomweb import DicomwebClient, request_failed
-from harness.dicom.status import RetrievedInstance
-from harness.errors import ConfigError, EnvironmentProblem
+from harness.errors import ConfigError
+from harness.migration import partitions
 from harness.migration.ledger import Ledger
 from harness.migration.normalise import (
     IDENTITY_COLUMNS,
-    IMAGE_QUERY_KEYS,
-    SERIES_QUERY_KEYS,
     STUDY_QUERY_KEYS,
     InstanceRow,
     SeriesRow,
     StudyRow,
-    normalise,
     row_from_dataset,
     row_from_keys,
 )
+from harness.migration.sources import keys_of, reports_stored_syntax, source_for
 from harness.nodes.base import Node
 
 Progress = Callable[[int, int], None]
 DEPTHS = ("attributes", "full")
-VIA = ("auto", "dimse", "dicomweb")
-QIDO_PAGE = 1000
-WADO_CHUNK = 1 << 20
 _COUNT_KEYS = ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
 
 
@@ -85,195 +77,14 @@ class CrawlSummary:
     unretrievable: int = 0  # listed, but retrieving them failed (kept with the reason)
     issues: int = 0  # what the crawl could not read or the node answered inconsistently
     elapsed_s: float = 0.0
+    workers: int = 1
+    partition: str = "date"
+    partitions: dict[str, int] = field(default_factory=dict)  # by state
+    writer_s: float = 0.0  # time spent committing studies (the one writer)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------
-# where the facts come from: DIMSE for every kind, DICOMweb where the node serves it
-
-
-def _query(level: str, keys: dict[str, Any]) -> Dataset:
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        tag = tag_for_keyword(keyword)
-        ds.add(DataElement(tag, dictionary_VR(tag), value))
-    return ds
-
-
-def _keys(ds: Dataset, wanted: tuple[str, ...]) -> dict[str, Any]:
-    attrs = normalise(ds)
-    return {k: attrs.get(k) for k in wanted}
-
-
-class _DimseSource:
-    """C-FIND for listings, C-GET for retrieval: what every PACS offers."""
-
-    name = "dimse"
-
-    def __init__(self, node: Node) -> None:
-        self.client: DimseClient = node.dimse()
-
-    def _find(self, assoc: Any, identifier: Dataset) -> Iterator[Dataset]:
-        result = self.client.find_over(assoc, identifier.QueryRetrieveLevel, identifier)
-        if not result.ok:
-            raise EnvironmentProblem(
-                result.error
-                or f"peer {self.client}: {identifier.QueryRetrieveLevel}-level C-FIND "
-                f"answered {result.status}"
-            )
-        yield from result.matches
-
-    def _assoc(self) -> Any:
-        return self.client.find_association()
-
-    def studies(self) -> Iterator[Dataset]:
-        assoc = self._assoc()
-        try:
-            yield from self._find(assoc, _query("STUDY", dict.fromkeys(STUDY_QUERY_KEYS)))
-        finally:
-            assoc.release()
-
-    def instances(self, study_uid: str) -> Iterator[dict[str, Any]]:
-        assoc = self._assoc()
-        try:
-            series_keys = {"StudyInstanceUID": study_uid, **dict.fromkeys(SERIES_QUERY_KEYS)}
-            for series in list(self._find(assoc, _query("SERIES", series_keys))):
-                series_attrs = _keys(series, SERIES_QUERY_KEYS)
-                image_keys = {"StudyInstanceUID": study_uid,
-                              "SeriesInstanceUID": series.SeriesInstanceUID,
-                              **dict.fromkeys(IMAGE_QUERY_KEYS)}
-                for image in self._find(assoc, _query("IMAGE", image_keys)):
-                    yield {**series_attrs, **_keys(image, IMAGE_QUERY_KEYS)}
-        finally:
-            assoc.release()
-
-    def retrieve(self, study_uid: str, on_dataset: Callable[[Dataset, str], None]
-                 ) -> list[tuple[str, str]]:
-        def on_instance(instance: RetrievedInstance) -> None:
-            on_dataset(instance.dataset, instance.transfer_syntax_uid)
-
-        result = self.client.get("STUDY", {"StudyInstanceUID": study_uid},
-                                 on_instance=on_instance, keep=False)
-        problems = [(uid, f"C-GET failed for this instance ({result.status})")
-                    for uid in result.failed_sop_instance_uids]
-        if not problems and (not result.ok or result.failed):  # failures without their UIDs
-            problems.append(("", f"C-GET answered {result.status} "
-                                 f"({result.failed} failed sub-operations)"))
-        return problems
-
-
-def _from_json(obj: dict[str, Any]) -> Dataset:
-    obj = {tag: value for tag, value in obj.items() if value.get("vr") != "UR"}
-    return Dataset.from_json(obj)
-
-
-def _multipart(rsp: requests.Response) -> Iterator[bytes]:
-    """The parts of a multipart/related response, read as a stream (one part in memory)."""
-    boundary = None
-    for param in rsp.headers.get("Content-Type", "").split(";"):
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary":
-            boundary = value.strip('"')
-    if not boundary:
-        raise EnvironmentProblem(f"{rsp.url}: multipart answer without boundary")
-    delimiter = b"\r\n--" + boundary.encode()
-    buffer = bytearray(b"\r\n")
-    scan_from = 0
-    for chunk in rsp.iter_content(WADO_CHUNK):
-        buffer += chunk
-        while True:
-            first = buffer.find(delimiter)
-            if first < 0:
-                break
-            start = first + len(delimiter)
-            end = buffer.find(delimiter, max(start, scan_from))
-            if end < 0:
-                scan_from = max(start, len(buffer) - len(delimiter))
-                break
-            part = bytes(buffer[start:end])
-            del buffer[:end]
-            scan_from = 0
-            _, sep, payload = part.partition(b"\r\n\r\n")
-            if sep:
-                yield payload
-
-
-class _DicomwebSource:
-    """QIDO-RS for listings, WADO-RS for retrieval (as stored: transfer-syntax=*)."""
-
-    name = "dicomweb"
-
-    def __init__(self, node: Node) -> None:
-        web = node.dicomweb()
-        assert web is not None
-        self.web: DicomwebClient = web
-
-    def _search(self, path: str, fields: tuple[str, ...]) -> Iterator[Dataset]:
-        include = [f"{tag_for_keyword(k):08X}" for k in fields]
-        offset = 0
-        while True:
-            page = self.web.search(path, includefield=include, limit=QIDO_PAGE, offset=offset)
-            for obj in page:
-                yield _from_json(obj)
-            if len(page) < QIDO_PAGE:
-                return
-            offset += len(page)
-
-    def studies(self) -> Iterator[Dataset]:
-        yield from self._search("/studies", STUDY_QUERY_KEYS)
-
-    def instances(self, study_uid: str) -> Iterator[dict[str, Any]]:
-        for ds in self._search(f"/studies/{study_uid}/instances",
-                               SERIES_QUERY_KEYS + IMAGE_QUERY_KEYS):
-            yield _keys(ds, SERIES_QUERY_KEYS + IMAGE_QUERY_KEYS)
-
-    def retrieve(self, study_uid: str, on_dataset: Callable[[Dataset, str], None]
-                 ) -> list[tuple[str, str]]:
-        url = f"{self.web.root_url}/studies/{study_uid}"
-        accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-        try:
-            rsp = self.web.session.get(url, headers={"Accept": accept}, stream=True,
-                                       timeout=self.web.timeout_s, verify=self.web.session.verify)
-        except requests.RequestException as exc:
-            raise request_failed(self.web.node_label, f"DICOMweb at {self.web.root_url}",
-                                 exc) from None
-        with rsp:
-            if rsp.status_code >= 400:
-                return [("", f"WADO-RS answered HTTP {rsp.status_code}")]
-            problems = []
-            try:
-                for payload in _multipart(rsp):
-                    try:
-                        ds = dcmread(BytesIO(payload))
-                    except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
-                        problems.append(("", f"WADO-RS part is not DICOM ({exc})"))
-                        continue
-                    on_dataset(ds, str(ds.file_meta.get("TransferSyntaxUID", "")) or None)
-            except requests.RequestException as exc:
-                problems.append(("", f"WADO-RS response broke off ({exc.__class__.__name__})"))
-        return problems
-
-
-def _reports_stored_syntax(node: Node, source: Any) -> bool:
-    """WADO-RS, or a C-GET from a kind that sends each instance in its stored syntax when
-    offered (dcmqrscp converts to the first context it accepted, so its ledgers cannot tell
-    a stored syntax)."""
-    return source.name == "dicomweb" or node.capabilities.keeps_stored_syntax
-
-
-def _source(node: Node, via: str) -> _DimseSource | _DicomwebSource:
-    if via not in VIA:
-        raise ConfigError(f"via: unknown {via!r} (allowed: {', '.join(VIA)})")
-    if via == "dicomweb" and node.dicomweb() is None:
-        raise ConfigError(f"via: node {node.name} ({node.kind}) serves no DICOMweb")
-    if via == "dicomweb" or (via == "auto" and node.dicomweb() is not None):
-        return _DicomwebSource(node)
-    return _DimseSource(node)
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,7 +104,7 @@ def _int(value: Any) -> int | None:
 
 
 def _study_row(ds: Dataset) -> StudyRow | None:
-    keys = _keys(ds, STUDY_QUERY_KEYS)
+    keys = keys_of(ds, STUDY_QUERY_KEYS)
     uid = keys.get("StudyInstanceUID")
     if not uid:
         return None
@@ -320,12 +131,14 @@ def _check_depth(depth: str, sample: int | None) -> None:
 
 
 # what must match to resume a crawl
-_RESUME_KEYS = ("ae_title", "depth", "sample", "via", "identities", "identity_prefixes")
+_RESUME_KEYS = ("ae_title", "depth", "sample", "via", "identities", "identity_prefixes",
+                "partition")
 
 
 def _open_ledger(node: Node, path: Path, depth: str, sample: int | None, via: str,
                  resume: bool, prefixes: tuple[str, ...] = (),
-                 identities: str | None = None) -> tuple[Ledger, bool]:
+                 identities: str | None = None, partition: str = "date"
+                 ) -> tuple[Ledger, bool]:
     """The ledger to write into, and whether it continues an earlier crawl."""
     from harness.report.identities import redactor_for
 
@@ -333,7 +146,7 @@ def _open_ledger(node: Node, path: Path, depth: str, sample: int | None, via: st
               "depth": depth, "sample": "" if sample is None else str(sample), "via": via,
               # a site's patients are tokens in the file (docs/safety.md, Patient identities)
               "identities": identities or ("clear" if redactor_for(node) is None else "tokens"),
-              "identity_prefixes": json.dumps(sorted(set(prefixes)))}
+              "identity_prefixes": json.dumps(sorted(set(prefixes))), "partition": partition}
     if resume and path.exists():
         ledger = Ledger.open(path)
         meta = ledger.meta()
@@ -361,6 +174,10 @@ def crawl(
     via: str = "auto",
     identity_prefixes: tuple[str, ...] = (),
     identities: str | None = None,
+    workers: int = 1,
+    partition: str = "date",
+    partition_size: int | None = None,
+    stop: threading.Event | None = None,
 ) -> CrawlSummary:
     """Crawl every patient, study, series and instance of `node` into `ledger_path`.
 
@@ -368,38 +185,50 @@ def crawl(
     node serves it, else DIMSE), `dimse` or `dicomweb`. `identity_prefixes`: the PatientID
     prefixes a migration adds, kept in clear before the token in a tokenised ledger;
     `identities` `tokens` or `clear` (default: tokens unless the node holds synthetic data only).
+    `workers` studies are read at once, each worker on its own associations (or HTTP
+    session); one writer commits them. `partition` (`date`, `uid`, `none`) and
+    `partition_size` (studies per partition at most) say how the study listing is cut
+    (partitions.py). Setting `stop` ends the crawl after the studies in hand, resumable.
     """
     _check_depth(depth, sample)
+    partitions.check_mode(partition, partition_size)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers: must be a whole number >= 1, got {workers!r}")
     started = time.perf_counter()
-    source = _source(node, via)
+    source = source_for(node, via)
     path = Path(ledger_path)
     ledger, resumed = _open_ledger(node, path, depth, sample, via, resume,
-                                   tuple(identity_prefixes), identities)
-    summary = CrawlSummary(node.name, node.kind, str(path), depth, sample, source.name, {})
-    stored_syntax = _reports_stored_syntax(node, source)
+                                   tuple(identity_prefixes), identities, partition)
+    summary = CrawlSummary(node.name, node.kind, str(path), depth, sample, source.name, {},
+                           workers=workers, partition=partition)
+    stored_syntax = reports_stored_syntax(node, source)
     if not stored_syntax:
         summary.notes.append(f"transfer syntaxes not recorded: {node.kind} may convert "
                              "instances on retrieval, so the stored syntax is unknown")
     ledger.set_meta(transfer_syntax="stored" if stored_syntax else "unknown")
     try:
+        partitions.ensure_tables(ledger.conn)
         if ledger.meta().get("listing") != "complete":
-            _list_studies(ledger, source, depth, sample)
+            size = partition_size or partitions.DEFAULT_SIZE
+            listing = partitions.PartitionedListing(ledger.conn, partition, size).run(
+                source.list_range, lambda found: _add_studies(ledger, found), str(node.name))
+            summary.notes.extend(listing.notes)
+            if depth == "full":
+                uids = [uid for (uid,) in ledger.conn.execute("SELECT study_uid FROM studies")]
+                ledger.mark_for_retrieval(sorted(uids, key=sample_rank)[:sample] if sample
+                                          else uids)
+            ledger.set_meta(listing="complete")
         total = ledger.conn.execute("SELECT count(*) FROM studies").fetchone()[0]
-        pending = ledger.pending_studies()
+        pending = partitions.pending_studies(ledger.conn)
         summary.studies_total = total
         summary.studies_resumed = total - len(pending) if resumed else 0
-        done = total - len(pending)
-        if progress:
-            progress(done, total)
-        for study_uid, retrieve in pending:
-            if retrieve:
-                _crawl_full(ledger, source, study_uid, stored_syntax)
-            else:
-                _crawl_attributes(ledger, source, study_uid)
-            summary.studies_crawled += 1
-            done += 1
-            if progress:
-                progress(done, total)
+        _run_workers(node, via, ledger, pending, summary, stored_syntax, progress, stop)
+        partitions.mark_done(ledger.conn)
+        summary.partitions = partitions.states(ledger.conn)
+        if stop is not None and stop.is_set() and summary.studies_crawled < len(pending):
+            summary.notes.append("stopped: crawl again with the same ledger to resume")
+            summary.elapsed_s = round(time.perf_counter() - started, 3)
+            return summary
         ledger.finish()
         q = ledger.conn.execute
         summary.counts = ledger.counts()
@@ -418,27 +247,85 @@ def crawl(
     return summary
 
 
-def _list_studies(ledger: Ledger, source: Any, depth: str, sample: int | None) -> None:
-    ledger.conn.execute("DELETE FROM studies WHERE state = 'listed'")  # an interrupted listing
-    batch: list[StudyRow] = []
-    for ds in source.studies():
-        row = _study_row(ds)
-        if row is None:
-            continue
-        batch.append(row)
-        if len(batch) >= 1000:
-            ledger.add_studies(batch)
-            batch = []
-    ledger.add_studies(batch)
-    if depth == "full":
-        uids = [uid for (uid,) in ledger.conn.execute("SELECT study_uid FROM studies")]
-        chosen = sorted(uids, key=sample_rank)[:sample] if sample else uids
-        ledger.mark_for_retrieval(chosen)
-    ledger.set_meta(listing="complete")
+def _add_studies(ledger: Ledger, found: list[Dataset]) -> list[str]:
+    """Record one partition's studies; their UIDs (those with one)."""
+    rows = [row for row in map(_study_row, found) if row is not None]
+    ledger.add_studies(rows)
+    return [row.study_uid for row in rows]
 
 
-def _crawl_attributes(ledger: Ledger, source: Any, study_uid: str) -> None:
-    study_keys = ledger.study_keys(study_uid)
+# a study in hand: (StudyInstanceUID, its series, its instances, its issues)
+StudyResult = tuple[str, list[SeriesRow], list[InstanceRow], list[tuple[str, str]]]
+
+
+def _run_workers(node: Node, via: str, ledger: Ledger, pending: list[tuple[str, bool]],
+                 summary: CrawlSummary, stored_syntax: bool, progress: Progress | None,
+                 stop: threading.Event | None) -> None:
+    """Read `pending` studies on `summary.workers` threads, each with its own source (its
+    own associations or HTTP session), and commit them here, one writer on the ledger's
+    connection (SQLite has one writer at a time anyway). At most two studies per worker
+    are in hand; each network step has the client's deadline. On an exception (Ctrl-C, a
+    node that stops answering, `progress` raising) or `stop`, nothing more is started and
+    what is not committed stays `listed`: the ledger resumes there."""
+    halt = threading.Event()
+    local = threading.local()
+    total = summary.studies_total
+    done = total - len(pending)
+
+    def read(study_uid: str, retrieve: bool, keys: dict[str, Any],
+             reported: int | None) -> StudyResult | None:
+        if halt.is_set() or (stop is not None and stop.is_set()):
+            return None
+        if not hasattr(local, "source"):
+            local.source = source_for(node, via)
+        if retrieve:
+            return _read_full(local.source, study_uid, keys, reported, stored_syntax)
+        return _read_attributes(local.source, study_uid, keys)
+
+    def ask(study_uid: str, retrieve: bool) -> Future:
+        reported = ledger.conn.execute("SELECT reported_instances FROM studies "
+                                       "WHERE study_uid = ?", (study_uid,)).fetchone()[0]
+        return pool.submit(read, study_uid, retrieve, ledger.study_keys(study_uid), reported)
+
+    if progress:
+        progress(done, total)
+    queue = iter(pending)
+    in_hand: set[Future] = set()
+    writer_s = 0.0
+    with ThreadPoolExecutor(summary.workers, thread_name_prefix="crawl") as pool:
+        try:
+            while True:
+                while len(in_hand) < 2 * summary.workers and not (stop and stop.is_set()):
+                    task = next(queue, None)
+                    if task is None:
+                        break
+                    in_hand.add(ask(*task))
+                if not in_hand:
+                    break
+                finished, in_hand = wait(in_hand, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    result = future.result()
+                    if result is None:
+                        continue
+                    began = time.perf_counter()
+                    ledger.commit_study(*result)
+                    writer_s += time.perf_counter() - began
+                    summary.studies_crawled += 1
+                    done += 1
+                    if done % 200 == 0:
+                        partitions.mark_done(ledger.conn)
+                    if progress:
+                        progress(done, total)
+        except BaseException:
+            halt.set()
+            for future in in_hand:
+                future.cancel()
+            raise
+        finally:
+            summary.writer_s = round(writer_s, 3)
+
+
+def _read_attributes(source: Any, study_uid: str, study_keys: dict[str, Any]) -> StudyResult:
     series: dict[str, SeriesRow] = {}
     rows: list[InstanceRow] = []
     issues: list[tuple[str, str]] = []
@@ -451,7 +338,7 @@ def _crawl_attributes(ledger: Ledger, source: Any, study_uid: str) -> None:
         uid = str(attrs.get("SeriesInstanceUID") or "")
         if uid not in series:
             series[uid] = _series_row(attrs, study_uid)
-    ledger.commit_study(study_uid, series.values(), rows, issues)
+    return study_uid, list(series.values()), rows, issues
 
 
 def _series_row(attrs: dict[str, Any], study_uid: str) -> SeriesRow:
@@ -463,11 +350,11 @@ def _series_row(attrs: dict[str, Any], study_uid: str) -> SeriesRow:
                      text("SeriesNumber"), text("SeriesDescription"))
 
 
-def _crawl_full(ledger: Ledger, source: Any, study_uid: str, stored_syntax: bool) -> None:
+def _read_full(source: Any, study_uid: str, study_keys: dict[str, Any], reported: int | None,
+               stored_syntax: bool) -> StudyResult:
     """List the study's instances, then retrieve them; an instance that is listed but not
     retrieved keeps its listing-level row with the reason in `retrieval_error`, so a failed
     retrieval is a fact in the ledger, never a missing row (the listing is what exists)."""
-    study_keys = ledger.study_keys(study_uid)
     listed: dict[str, InstanceRow] = {}
     issues: list[tuple[str, str]] = []
     for keys in source.instances(study_uid):
@@ -520,9 +407,7 @@ def _crawl_full(ledger: Ledger, source: Any, study_uid: str, stored_syntax: bool
     for uid, row in retrieved.items():  # answered by the retrieval, absent from the listing
         issues.append((uid, "retrieved but not listed by the node's query"))
         rows.append(row)
-    reported = ledger.conn.execute("SELECT reported_instances FROM studies WHERE study_uid = ?",
-                                   (study_uid,)).fetchone()[0]
     if reported is not None and reported != len(listed):
         issues.append(("", f"the node reports {reported} instances, its listing has "
                            f"{len(listed)}"))
-    ledger.commit_study(study_uid, series.values(), rows, issues)
+    return study_uid, list(series.values()), rows, issues

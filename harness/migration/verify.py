@@ -77,11 +77,15 @@ def verify(
     sample: int | None = None,
     resume: bool = False,
     redactor: Any = None,
+    workers: int = 1,
+    partition: str = "date",
+    partition_size: int | None = None,
 ) -> VerifyResult:
     """Crawl `source` and `target` (Nodes) into `workdir`, reconcile, write the findings.
 
     `progress(side, done, total)` with side `source` or `target`, in studies. Ledgers from
-    an earlier run in `workdir` are replaced unless `resume=True`.
+    an earlier run in `workdir` are replaced unless `resume=True`. `workers`, `partition`
+    and `partition_size` are each crawl's (inventory.crawl).
     """
     if not isinstance(rules, Rules):
         rules = load_rules(rules)  # fail on a bad rules file before crawling for an hour
@@ -96,7 +100,8 @@ def verify(
         report = (lambda d, t, s=side: progress(s, d, t)) if progress else None
         summaries[side] = crawl(node, out / f"{side}.ledger.sqlite", depth=depth, sample=sample,
                                 progress=report, resume=resume, identities=identities,
-                                identity_prefixes=prefixes)
+                                identity_prefixes=prefixes, workers=workers,
+                                partition=partition, partition_size=partition_size)
     findings = reconcile(out / "source.ledger.sqlite", out / "target.ledger.sqlite", rules)
     paths = {k: str(v) for k, v in write_findings(findings, out, redactor).items()}
     paths["source_ledger"] = str(out / "source.ledger.sqlite")
