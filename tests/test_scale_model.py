@@ -11,7 +11,9 @@ generated files, read with pydicom.
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -26,6 +28,7 @@ from harness.migration.inventory import crawl
 from harness.migration.merge import merge_ledgers
 from harness.migration.reconcile import reconcile, sample_bound
 from synthetic_data import GeneratorOptions, generate
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).parents[1]
 
@@ -121,25 +124,31 @@ cluster = pacs_cluster_factory("name: scale-merge\nnodes:\n  pacs: {kind: orthan
 
 @pytest.fixture(scope="module")
 def crawled(cluster, tmp_path_factory):
-    """A one-shot crawl of all studies, and one crawl per date range (early, late)."""
+    """A one-shot crawl of the node, and one crawl per share of it as machines would crawl
+    them (`study_dates`): early dates, late dates, the study without a StudyDate."""
     node = cluster.node("pacs")
     folder = tmp_path_factory.mktemp("merge")
     data = list(generate(GeneratorOptions(patients=4, studies_per_patient=2, seed=7,
                                           scale="tiny")))
-    dates = sorted({ds.StudyDate for ds in data})
-    cut = dates[len(dates) // 2]
-    ranges = {"early": [ds for ds in data if ds.StudyDate < cut],
-              "late": [ds for ds in data if ds.StudyDate >= cut]}
-    assert all(ranges.values())
+    undated = data[0].StudyInstanceUID
+    for ds in data:
+        if ds.StudyInstanceUID == undated:
+            del ds.StudyDate
+    dates = sorted({ds.StudyDate for ds in data if "StudyDate" in ds})
+    cut = dt.datetime.strptime(dates[len(dates) // 2], "%Y%m%d").date()
+    shares = {"early": f"-{cut - dt.timedelta(days=1):%Y%m%d}", "late": f"{cut:%Y%m%d}-",
+              "undated": "undated"}
     node.wipe()
     assert node.dimse().store(data).ok
     crawl(node, folder / "one-shot.sqlite", depth="full")
-    for name, part in ranges.items():
-        node.wipe()
-        assert node.dimse().store(part).ok
-        crawl(node, folder / f"{name}.sqlite", depth="full")
+    for name, share in shares.items():
+        summary = crawl(node, folder / f"{name}.sqlite", depth="full", study_dates=share)
+        assert summary.studies_total > 0, name
     node.wipe()
     return folder, {str(ds.SOPInstanceUID) for ds in data}
+
+
+PARTS = ("early.sqlite", "late.sqlite", "undated.sqlite")
 
 
 TABLES = ("patients", "studies", "series", "instances", "instance_attrs", "issues")
@@ -155,8 +164,7 @@ def _rows(path: Path) -> dict[str, list[tuple]]:
 
 def test_merged_partitions_equal_a_one_shot_crawl(crawled) -> None:
     folder, generated = crawled
-    counts = merge_ledgers([folder / "early.sqlite", folder / "late.sqlite"],
-                           folder / "merged.sqlite")
+    counts = merge_ledgers([folder / part for part in PARTS], folder / "merged.sqlite")
     assert counts["instances"] == len(generated)
     merged, one_shot = _rows(folder / "merged.sqlite"), _rows(folder / "one-shot.sqlite")
     assert {row[0] for row in merged["instances"]} == generated
@@ -169,8 +177,8 @@ def test_merged_partitions_equal_a_one_shot_crawl(crawled) -> None:
 def test_overlapping_partitions_are_reported(crawled) -> None:
     folder, generated = crawled
     shutil.copyfile(folder / "early.sqlite", folder / "early-again.sqlite")
-    merge_ledgers([folder / "early.sqlite", folder / "late.sqlite",
-                   folder / "early-again.sqlite"], folder / "overlap.sqlite")
+    merge_ledgers([*(folder / part for part in PARTS), folder / "early-again.sqlite"],
+                  folder / "overlap.sqlite")
     rows = _rows(folder / "overlap.sqlite")
     early = _rows(folder / "early.sqlite")
     assert len(rows["instances"]) == len(generated)
@@ -196,3 +204,49 @@ def test_partitions_of_different_crawls_are_refused(crawled, tmp_path) -> None:
                              capture_output=True, text=True, timeout=60)
     assert command.returncode == 2
     assert command.stderr.count("\n") == 1 and "missing.sqlite" in command.stderr
+
+
+def test_merge_ledgers_command_merges_the_shares(crawled, tmp_path) -> None:
+    folder, generated = crawled
+    merged = tmp_path / "merged.sqlite"
+    proc = run_cli("merge-ledgers", str(merged), *(str(folder / part) for part in PARTS),
+                   "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["counts"]["instances"] == len(generated)
+    assert _rows(merged) == _rows(folder / "one-shot.sqlite")
+    bad = run_cli("merge-ledgers", str(tmp_path / "m.sqlite"), str(tmp_path / "none.sqlite"))
+    assert bad.returncode == 2 and "none.sqlite" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("share, partition, message", [
+    ("2015-2016", "date", "expected a StudyDate range"),
+    ("20161301-", "date", "expected a StudyDate range"),
+    ("20170101-20160101", "date", "expected a StudyDate range"),
+    ("20160101-", "uid", "use partition 'date'"),
+])
+def test_a_bad_share_is_refused_before_the_node_is_asked(share, partition, message) -> None:
+    from harness.migration.partitions import check_study_dates
+
+    with pytest.raises(ConfigError, match=message):
+        check_study_dates(share, partition)
+
+
+def test_reconcile_command_compares_merged_shares_without_crawling(crawled, tmp_path) -> None:
+    """`reconcile` on ledgers alone: the merged shares equal the one-shot crawl (exit 0);
+    one share against the whole node misses every study of the other shares (exit 1)."""
+    folder, _ = crawled
+    merged = tmp_path / "merged.sqlite"
+    merge_ledgers([folder / part for part in PARTS], merged)
+    same = run_cli("reconcile", str(folder / "one-shot.sqlite"), str(merged),
+                   "--out", str(tmp_path / "same"), "--json")
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert json.loads(same.stdout)["verdict"] == "pass"
+    short = run_cli("reconcile", str(folder / "one-shot.sqlite"), str(folder / "early.sqlite"),
+                    "--out", str(tmp_path / "short"))
+    assert short.returncode == 1, short.stdout + short.stderr
+    findings = json.loads((tmp_path / "short" / "findings.json").read_text())
+    lost = sum(f["instances"] for f in findings["findings"] if f["type"].startswith("missing_"))
+    early = {row[0] for row in _rows(folder / "early.sqlite")["instances"]}
+    whole = {row[0] for row in _rows(folder / "one-shot.sqlite")["instances"]}
+    assert lost == len(whole - early) > 0
+    assert not [f for f in findings["findings"] if not f["type"].startswith("missing_")]

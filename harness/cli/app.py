@@ -31,6 +31,8 @@ COMMANDS: dict[str, str] = {
     "migrate": "harness.cli.migrate:migrate_command",
     "inventory": "harness.cli.verify:inventory_command",
     "verify": "harness.cli.verify:verify_command",
+    "merge-ledgers": "harness.cli.verify:merge_ledgers_command",
+    "reconcile": "harness.cli.verify:reconcile_command",
     "conformance": "harness.cli.conformance:conformance_command",
     "report": "harness.cli.report:report_command",
     "gate": "harness.cli.report:gate_command",

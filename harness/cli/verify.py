@@ -46,7 +46,8 @@ def _report_port(topology_path: str | None) -> int | None:
 
 
 def crawl_options(command):
-    """--workers, --partition, --partition-size: how a crawl reads a node (inventory.py)."""
+    """--workers, --partition, --partition-size, --study-dates: how a crawl reads a node
+    (inventory.py, partitions.py)."""
     for option in reversed([
         click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
                      help="studies read at once, each worker on its own associations "
@@ -59,6 +60,11 @@ def crawl_options(command):
         click.option("--partition-size", type=click.IntRange(1), default=None,
                      help="most studies one date partition may hold (default 5000); set it "
                           "below a cap the archive applies without saying so"),
+        click.option("--study-dates", default=None, metavar="RANGE|undated",
+                     help="crawl one share of the node: studies with a StudyDate in RANGE "
+                          "(YYYYMMDD-YYYYMMDD, either side open, or one day), or `undated`; "
+                          "for a crawl spread over machines, merged with merge-ledgers "
+                          "(docs/scale.md)"),
     ]):
         command = option(command)
     return command
@@ -86,7 +92,8 @@ def _show_identities(show: bool) -> None:
 @crawl_options
 def inventory_command(node_name: str, depth: str, sample: int | None, ledger: str | None,
                       topology_path: str | None, as_json: bool, show_identities: bool,
-                      workers: int, partition: str, partition_size: int | None) -> None:
+                      workers: int, partition: str, partition_size: int | None,
+                      study_dates: str | None) -> None:
     """Crawl every patient, study, series and instance of a node into a ledger.
 
     Exit 1 when something listed could not be read (see `issues` and `unretrievable`).
@@ -100,7 +107,7 @@ def inventory_command(node_name: str, depth: str, sample: int | None, ledger: st
         task = progress.add_task(f"crawling {node_name}", total=None)
         summary = crawl(
             node, path, depth=depth, sample=sample, workers=workers, partition=partition,
-            partition_size=partition_size,
+            partition_size=partition_size, study_dates=study_dates,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     result = {"node": node_name, "ledger": str(path), **summary.as_dict()}
@@ -143,7 +150,7 @@ def verify_command(source_name: str, target_name: str, depth: str, rules: str | 
                    sample: int | None, out_dir: str | None, topology_path: str | None,
                    as_json: bool, show_identities: bool, commit: bool,
                    commit_timeout: float, workers: int, partition: str,
-                   partition_size: int | None) -> None:
+                   partition_size: int | None, study_dates: str | None) -> None:
     """Prove, instance by instance, what a migration lost, altered or added.
 
     Writes findings.json, findings.csv and summary.txt; exit 1 when anything is lost or
@@ -163,7 +170,7 @@ def verify_command(source_name: str, target_name: str, depth: str, rules: str | 
         result = verify(
             source, target, workdir, depth=depth, rules=checked_rules, sample=sample,
             redactor=redactor, workers=workers, partition=partition,
-            partition_size=partition_size,
+            partition_size=partition_size, study_dates=study_dates,
             progress=lambda side, done, total: progress.update(
                 tasks[side], completed=done, total=total),
         )
@@ -197,3 +204,60 @@ def _commit(target, result, workdir: Path, timeout_s: float, topology_path: str 
                                 report_port=_report_port(topology_path))
     (workdir / "commitment.json").write_text(json.dumps(commitment.as_dict(), indent=2))
     return commitment
+
+
+@click.command("merge-ledgers")
+@click.argument("merged", type=click.Path(dir_okay=False))
+@click.argument("parts", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def merge_ledgers_command(merged: str, parts: tuple[str, ...], as_json: bool) -> None:
+    """Merge the ledgers of one crawl's shares (inventory --study-dates, one per machine)
+    into MERGED, which reconcile then compares as a one-shot crawl (docs/scale.md).
+
+    Exit 2 when a part did not finish or belongs to another crawl (named).
+    """
+    from harness.migration.merge import merge_ledgers
+
+    counts = merge_ledgers(parts, merged)
+    if as_json:
+        out.print_json(json.dumps({"ledger": merged, "parts": list(parts), "counts": counts}))
+    else:
+        out.print(f"{merged}: " + " ".join(f"{k}={v}" for k, v in counts.items())
+                  + f" (from {len(parts)} ledgers)", markup=False, highlight=False)
+
+
+@click.command("reconcile")
+@click.argument("source_ledger", type=click.Path(dir_okay=False))
+@click.argument("target_ledger", type=click.Path(dir_okay=False))
+@click.option("--rules", type=click.Path(dir_okay=False), default=None,
+              help="migration rules YAML (what the migration may change)")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="where findings.json, findings.csv and summary.txt go "
+                   "(default: reconcile-<source>-<target>)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def reconcile_command(source_ledger: str, target_ledger: str, rules: str | None,
+                      out_dir: str | None, as_json: bool) -> None:
+    """Compare two finished ledgers (inventory, or merge-ledgers of a crawl spread over
+    machines) without crawling again: the findings `verify` would report.
+
+    Exit 1 when anything is lost or altered outside the rules; 2 for a file that is no
+    finished ledger.
+    """
+    from harness.migration.reconcile import reconcile
+    from harness.migration.rules import load_rules
+    from harness.migration.writers import write_findings
+
+    checked_rules = load_rules(rules)
+    findings = reconcile(source_ledger, target_ledger, checked_rules)
+    workdir = Path(out_dir or f"reconcile-{Path(source_ledger).stem}-{Path(target_ledger).stem}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = write_findings(findings, workdir, None)  # ledgers hold tokens where they must
+    if as_json:
+        out.print_json(json.dumps({**findings.as_dict(),
+                                   "files": {k: str(v) for k, v in paths.items()}}))
+    else:
+        out.print(findings.summary_text(), markup=False, highlight=False)
+        console.print(f"findings: {workdir}/ (findings.json, findings.csv)", markup=False,
+                      highlight=False)
+    if findings.verdict != "pass":
+        sys.exit(EXIT_FINDINGS)

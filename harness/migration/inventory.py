@@ -132,13 +132,13 @@ def _check_depth(depth: str, sample: int | None) -> None:
 
 # what must match to resume a crawl
 _RESUME_KEYS = ("ae_title", "depth", "sample", "via", "identities", "identity_prefixes",
-                "partition")
+                "partition", "study_dates")
 
 
 def _open_ledger(node: Node, path: Path, depth: str, sample: int | None, via: str,
                  resume: bool, prefixes: tuple[str, ...] = (),
-                 identities: str | None = None, partition: str = "date"
-                 ) -> tuple[Ledger, bool]:
+                 identities: str | None = None, partition: str = "date",
+                 study_dates: str | None = None) -> tuple[Ledger, bool]:
     """The ledger to write into, and whether it continues an earlier crawl."""
     from harness.report.identities import redactor_for
 
@@ -146,13 +146,16 @@ def _open_ledger(node: Node, path: Path, depth: str, sample: int | None, via: st
               "depth": depth, "sample": "" if sample is None else str(sample), "via": via,
               # a site's patients are tokens in the file (docs/safety.md, Patient identities)
               "identities": identities or ("clear" if redactor_for(node) is None else "tokens"),
-              "identity_prefixes": json.dumps(sorted(set(prefixes))), "partition": partition}
+              "identity_prefixes": json.dumps(sorted(set(prefixes))), "partition": partition,
+              "study_dates": study_dates or ""}
     if resume and path.exists():
         ledger = Ledger.open(path)
         meta = ledger.meta()
         if "finished" in meta:  # a complete crawl is not resumed: it is done again
             ledger.close()
             return Ledger.create(path, wanted), False
+        # a ledger from before shares existed was a crawl of the whole node
+        meta.setdefault("study_dates", "")
         different = {k: (meta.get(k), wanted[k]) for k in _RESUME_KEYS if meta.get(k) != wanted[k]}
         if different:
             ledger.close()
@@ -177,6 +180,7 @@ def crawl(
     workers: int = 1,
     partition: str = "date",
     partition_size: int | None = None,
+    study_dates: str | None = None,
     stop: threading.Event | None = None,
 ) -> CrawlSummary:
     """Crawl every patient, study, series and instance of `node` into `ledger_path`.
@@ -188,17 +192,21 @@ def crawl(
     `workers` studies are read at once, each worker on its own associations (or HTTP
     session); one writer commits them. `partition` (`date`, `uid`, `none`) and
     `partition_size` (studies per partition at most) say how the study listing is cut
-    (partitions.py). Setting `stop` ends the crawl after the studies in hand, resumable.
+    (partitions.py). `study_dates` crawls one share of the node (a StudyDate range, or
+    `undated`) for a crawl spread over machines (partitions.py, merge.py). Setting `stop`
+    ends the crawl after the studies in hand, resumable.
     """
     _check_depth(depth, sample)
     partitions.check_mode(partition, partition_size)
+    partitions.check_study_dates(study_dates, partition)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers: must be a whole number >= 1, got {workers!r}")
     started = time.perf_counter()
     source = source_for(node, via)
     path = Path(ledger_path)
     ledger, resumed = _open_ledger(node, path, depth, sample, via, resume,
-                                   tuple(identity_prefixes), identities, partition)
+                                   tuple(identity_prefixes), identities, partition,
+                                   study_dates)
     summary = CrawlSummary(node.name, node.kind, str(path), depth, sample, source.name, {},
                            workers=workers, partition=partition)
     stored_syntax = reports_stored_syntax(node, source)
@@ -210,7 +218,8 @@ def crawl(
         partitions.ensure_tables(ledger.conn)
         if ledger.meta().get("listing") != "complete":
             size = partition_size or partitions.DEFAULT_SIZE
-            listing = partitions.PartitionedListing(ledger.conn, partition, size).run(
+            listing = partitions.PartitionedListing(ledger.conn, partition, size,
+                                                    study_dates).run(
                 source.list_range, lambda found: _add_studies(ledger, found), str(node.name))
             summary.notes.extend(listing.notes)
             if depth == "full":

@@ -32,7 +32,7 @@ from harness.migration.ledger import Ledger, ledger_info
 SAME = ("ae_title", "kind", "depth", "sample", "via", "identities", "identity_prefixes",
         "transfer_syntax", "schema_version")
 #: meta that belongs to one partition's crawl, not to the merged ledger
-_OWN = ("created", "finished", "summary", "listing", "schema_version")
+_OWN = ("created", "finished", "summary", "listing", "schema_version", "study_dates")
 
 
 def merge_ledgers(parts: Sequence[str | os.PathLike[str]],
@@ -60,7 +60,8 @@ def merge_ledgers(parts: Sequence[str | os.PathLike[str]],
         for path in paths:
             _copy_partition(ledger, path)
         ledger.finish(listing="complete", partitions=[
-            {"ledger": str(p), "created": m.get("created"), "finished": m.get("finished")}
+            {"ledger": str(p), "study_dates": m.get("study_dates") or "all",
+             "created": m.get("created"), "finished": m.get("finished")}
             for p, m in zip(paths, metas, strict=True)])
         return ledger.counts()
     finally:

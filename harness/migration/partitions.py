@@ -15,6 +15,13 @@ is lost whole when the crawl is killed. Modes:
   (wildcards are not allowed on UIDs, PS3.4 C.2.2.2.4, so there is nothing to split by).
 - `none`: one universal query, one partition; a cut answer is an error.
 
+A crawl spread over several machines (docs/scale.md) gives each machine a share with
+`study_dates`: a StudyDate range ("20150101-20171231", open-ended "-20141231" or
+"20180101-", or one day), which becomes the root partition instead of the universal query
+(and is halved like any date partition), or `undated`: the universal query's studies that
+have no StudyDate, which no range matches. The shares' ledgers are merged with
+harness/migration/merge.py.
+
 The work list is the `partitions` table (additive: created here, on the ledger's own
 connection, next to ledger.py's tables): `pending` rows are still to be queried; a queried
 row becomes `listed` (its studies recorded, their partition in `partition_studies`),
@@ -89,6 +96,38 @@ def check_mode(mode: str, size: int | None) -> None:
         raise ConfigError(f"partition_size: must be a whole number of studies >= 1, got {size!r}")
 
 
+UNDATED_SHARE = "undated"
+
+
+def check_study_dates(study_dates: str | None, mode: str) -> None:
+    """A share of the node (see the module doc): a one-line ConfigError for a bad value."""
+    if study_dates is None:
+        return
+    if mode != "date":
+        raise ConfigError(f"study_dates {study_dates!r}: a share is cut by date ranges; use "
+                          "partition 'date' (--partition date)")
+    share_root(study_dates)
+
+
+def share_root(study_dates: str) -> tuple[str, dict[str, str]]:
+    """The root partition of a share: (key, study-level query keys)."""
+    if study_dates == UNDATED_SHARE:
+        return "share:undated", {}
+    low_text, dash, high_text = study_dates.partition("-")
+    if not dash:
+        high_text = low_text
+    try:
+        low = _day(low_text) if low_text else FIRST_DAY
+        high = _day(high_text) if high_text else LAST_DAY
+    except ValueError:
+        low = high = None
+    if low is None or high is None or low > high or not (low_text or high_text):
+        raise ConfigError(f"study_dates {study_dates!r}: expected a StudyDate range "
+                          "YYYYMMDD-YYYYMMDD (either side may be left open), one day "
+                          f"YYYYMMDD, or {UNDATED_SHARE!r}")
+    return _date_part(max(low, FIRST_DAY), min(high, LAST_DAY))
+
+
 def ensure_tables(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
 
@@ -141,11 +180,14 @@ def _halves(key: str) -> list[tuple[str, dict[str, str]]] | None:
 class PartitionedListing:
     """Lists a node's studies into a ledger partition by partition (see the module doc)."""
 
-    def __init__(self, conn: sqlite3.Connection, mode: str, size: int | None) -> None:
+    def __init__(self, conn: sqlite3.Connection, mode: str, size: int | None,
+                 study_dates: str | None = None) -> None:
         check_mode(mode, size)
+        check_study_dates(study_dates, mode)
         self.conn = conn
         self.mode = mode
         self.size = size if mode == "date" else None
+        self.root = ("all", {}) if study_dates is None else share_root(study_dates)
         ensure_tables(conn)
 
     def _insert(self, parts: list[tuple[str, dict[str, str]]], state: str = "pending") -> None:
@@ -182,7 +224,7 @@ class PartitionedListing:
             # studies of a listing from before partitions (or a killed one) are listed again
             self.conn.execute("DELETE FROM studies WHERE state = 'listed'")
             with sqlite_db.transaction(self.conn):
-                self._insert([("all", {})])
+                self._insert([self.root])
         while True:
             row = self.conn.execute("SELECT key, query_json FROM partitions "
                                     "WHERE state = 'pending' ORDER BY seq LIMIT 1").fetchone()
@@ -194,9 +236,12 @@ class PartitionedListing:
                 continue
             self._forget(key)
             report.queries += 1
-            answer = list_range(query, self.size)
-            if answer.refused is not None:
-                if key == "all":
+            # the undated share keeps the whole universal answer (no size cut of our own)
+            answer = list_range(query, None if key == "share:undated" else self.size)
+            if key == "share:undated":
+                self._undated_share(answer, add_rows, report)
+            elif answer.refused is not None:
+                if key == self.root[0]:
                     raise EnvironmentProblem(f"peer {peer}: study-level C-FIND {answer.refused}")
                 self._unresolved(key, f"refused: {answer.refused}", report)
             elif not answer.cut:
@@ -213,6 +258,21 @@ class PartitionedListing:
             "SELECT count(*) FROM partitions WHERE state IN ('listed', 'done', 'unresolved')"
         ).fetchone()[0]
         return report
+
+    def _undated_share(self, answer: RangeAnswer, add_rows: AddRows,
+                       report: ListingReport) -> None:
+        """The share of studies without a StudyDate: only the universal answer lists them."""
+        key = "share:undated"
+        if answer.refused is not None:
+            self._unresolved(key, f"refused: {answer.refused}", report)
+            return
+        undated = [ds for ds in answer.matches if not str(ds.get("StudyDate", "") or "")]
+        self._record(key, undated, add_rows)
+        if answer.cut:
+            note = ("the universal study query was cut: studies without a StudyDate beyond "
+                    f"its {len(answer.matches)} answers cannot be listed over C-FIND")
+            self.conn.execute("UPDATE partitions SET note = ? WHERE key = ?", (note, key))
+            report.notes.append(note)
 
     def _split(self, key: str, answer: RangeAnswer, add_rows: AddRows,
                report: ListingReport) -> None:

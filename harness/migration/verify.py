@@ -80,12 +80,14 @@ def verify(
     workers: int = 1,
     partition: str = "date",
     partition_size: int | None = None,
+    study_dates: str | None = None,
 ) -> VerifyResult:
     """Crawl `source` and `target` (Nodes) into `workdir`, reconcile, write the findings.
 
     `progress(side, done, total)` with side `source` or `target`, in studies. Ledgers from
-    an earlier run in `workdir` are replaced unless `resume=True`. `workers`, `partition`
-    and `partition_size` are each crawl's (inventory.crawl).
+    an earlier run in `workdir` are replaced unless `resume=True`. `workers`, `partition`,
+    `partition_size` and `study_dates` (verify one share, e.g. a year) are each crawl's
+    (inventory.crawl).
     """
     if not isinstance(rules, Rules):
         rules = load_rules(rules)  # fail on a bad rules file before crawling for an hour
@@ -101,7 +103,8 @@ def verify(
         summaries[side] = crawl(node, out / f"{side}.ledger.sqlite", depth=depth, sample=sample,
                                 progress=report, resume=resume, identities=identities,
                                 identity_prefixes=prefixes, workers=workers,
-                                partition=partition, partition_size=partition_size)
+                                partition=partition, partition_size=partition_size,
+                                study_dates=study_dates)
     findings = reconcile(out / "source.ledger.sqlite", out / "target.ledger.sqlite", rules)
     paths = {k: str(v) for k, v in write_findings(findings, out, redactor).items()}
     paths["source_ledger"] = str(out / "source.ledger.sqlite")
