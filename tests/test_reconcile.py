@@ -343,7 +343,8 @@ def test_transfer_syntax_is_never_a_finding_but_lossy_recompression_is(archive, 
 
     # lossy on the target only, pixels differ: recompressed_lossy, not altered_pixels
     findings = pair(tmp_path / "d", archive, changed(archive, recompressed(True)))
-    _set_rows(Path(findings.target), "UPDATE instances SET transfer_syntax = ? WHERE sop_uid = ?",
+    _set_rows(Path(findings.target),
+              "UPDATE instance_rows SET transfer_syntax = ? WHERE sop_uid = ?",
               JPEGBaseline8Bit, archive[0].SOPInstanceUID)
     finding = only(reconcile(findings.source, findings.target))
     assert (finding.type, finding.sop_uid, finding.attributes) == (
@@ -351,7 +352,8 @@ def test_transfer_syntax_is_never_a_finding_but_lossy_recompression_is(archive, 
 
     # lossy syntax but every decoded value kept: nothing was lost
     findings = pair(tmp_path / "e", archive, lossless)
-    _set_rows(Path(findings.target), "UPDATE instances SET transfer_syntax = ? WHERE sop_uid = ?",
+    _set_rows(Path(findings.target),
+              "UPDATE instance_rows SET transfer_syntax = ? WHERE sop_uid = ?",
               JPEGBaseline8Bit, archive[0].SOPInstanceUID)
     assert reconcile(findings.source, findings.target).verdict == "pass"
 
@@ -373,7 +375,7 @@ def test_transfer_syntax_is_never_a_finding_but_lossy_recompression_is(archive, 
 def test_an_unretrievable_instance_is_one_finding_on_its_side(archive, tmp_path):
     findings = pair(tmp_path, archive, archive)
     victim = archive[2].SOPInstanceUID
-    _set_rows(Path(findings.target), "UPDATE instances SET retrieved = 0, attrs_digest = NULL, "
+    _set_rows(Path(findings.target), "UPDATE instance_rows SET retrieved = 0, attrs_digest = NULL, "
               "pixel_digest = NULL, retrieval_error = 'C-GET failed (0xA702)' WHERE sop_uid = ?",
               victim)
     result = reconcile(findings.source, findings.target)
@@ -416,6 +418,19 @@ def test_unfinished_or_missing_ledgers_and_bad_rules_are_config_errors(archive, 
         load_rules(bad)
     with pytest.raises(ConfigError, match="rules.yaml:1: lossless: unknown rule"):
         parse_rules("lossless: true\n", "rules.yaml")
+
+
+def test_a_ledger_of_the_previous_schema_is_refused_in_one_line(archive, tmp_path):
+    """Schema 3 (compact instance_rows) cannot read a schema-2 ledger: crawl again."""
+    good = build(tmp_path / "good.sqlite", archive)
+    old = build(tmp_path / "old.sqlite", archive)
+    with sqlite3.connect(old) as conn:
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    message = r"old.sqlite: ledger: schema version 2 unknown \(this harness reads 3\)$"
+    with pytest.raises(ConfigError, match=message):
+        Ledger.open(old)
+    with pytest.raises(ConfigError, match=message):
+        reconcile(good, old)
 
 
 def test_sample_bound():
