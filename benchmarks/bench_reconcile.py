@@ -11,7 +11,10 @@
    run must find. `reconcile` runs in a fresh process, which reports its wall time and peak
    RSS (/proc/self/status VmHWM); the sizes are printed side by side with the cost per instance,
    whose ratio shows whether the cost grows linearly. Target (issue 18): 10M x 10M within
-   30 s and 500 MB. Building the ledgers is timed apart (a crawl writes them, not reconcile).
+   30 s and 500 MB. Then the worst case: the target's per-series sums are all made to differ
+   (as when the two ledgers were crawled at different depths), so every instance is compared
+   row by row; the same 16 findings must come out. Building the ledgers is timed apart (a
+   crawl writes them, not reconcile).
    `fp` (ledger.py content_fingerprint) is random() here, as the digests are random blobs.
    The JSON of attributes is stored as text here (a crawl compresses it); the ledgers are
    deleted after each size.
@@ -219,14 +222,18 @@ def bench_reconcile(sizes: list[int], workdir: Path) -> None:
             print(f"built 2 ledgers of {count:,} instances in {built:.1f} s "
                   f"({size_mb:,.0f} MB each)", flush=True)
             result = reconcile_in_child(source, target)
+            with sqlite3.connect(target, isolation_level=None) as conn:  # every place differs
+                conn.execute("UPDATE place_sums SET fp_low = fp_low + 1")
+            worst = reconcile_in_child(source, target)
         finally:
             for path in (source, target):
                 for suffix in ("", "-wal", "-shm", "-journal"):
                     Path(f"{path}{suffix}").unlink(missing_ok=True)
-        assert result["by_type"] == EXPECTED, (count, result["by_type"])
-        print(f"reconciled in {result['elapsed_s']:.2f} s, peak RSS "
-              f"{result['peak_rss_mb']:.0f} MB: {result['by_type']}", flush=True)
-        results[count] = {**result, "built_s": built, "ledger_mb": size_mb}
+        for run in (result, worst):
+            assert run["by_type"] == EXPECTED, (count, run["by_type"])
+            print(f"reconciled in {run['elapsed_s']:.2f} s, peak RSS "
+                  f"{run['peak_rss_mb']:.0f} MB: {run['by_type']}", flush=True)
+        results[count] = {**result, "built_s": built, "ledger_mb": size_mb, "worst": worst}
     print()
 
     def row(label: str, values: list[str]) -> None:
@@ -239,6 +246,8 @@ def bench_reconcile(sizes: list[int], workdir: Path) -> None:
     row("peak RSS (MB)", [f"{results[n]['peak_rss_mb']:.0f}" for n in sizes])
     per = {n: results[n]["elapsed_s"] / n * 1e6 for n in sizes}
     row("us per instance", [f"{per[n]:.2f}" for n in sizes])
+    row("every series differing (s)", [f"{results[n]['worst']['elapsed_s']:.2f}" for n in sizes])
+    row("  its peak RSS (MB)", [f"{results[n]['worst']['peak_rss_mb']:.0f}" for n in sizes])
     if len(sizes) > 1:
         small, large = sizes[0], sizes[-1]
         print(f"cost per instance {large:,} / {small:,}: {per[large] / per[small]:.2f} "

@@ -16,6 +16,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import JPEGBaseline8Bit, RLELossless, generate_uid
 
 from harness.errors import ConfigError
+from harness.migration import reconcile as reconcile_module
 from harness.migration.ledger import Ledger
 from harness.migration.normalise import (
     IDENTITY_COLUMNS,
@@ -283,6 +284,32 @@ def test_prefix_rule(archive, tmp_path):
 
     wrong = changed(archive, lambda items: _prefixed(items, dict.fromkeys(issuers, "ZZ-")))
     assert pair(tmp_path / "e", archive, wrong, rules).verdict == "fail"
+
+
+def test_series_sums_and_a_full_row_comparison_find_the_same(archive, tmp_path, monkeypatch):
+    """Reconcile reads the rows of the series whose sums differ, or every row when most
+    differ (reconcile._DESCEND_SHARE): both ways must give the same findings."""
+    issuers = sorted({ds.IssuerOfPatientID for ds in archive})
+    prefixes = {issuer: f"F{n}-" for n, issuer in enumerate(issuers)}
+    rules = "prefix:\n  by_issuer:\n" + "".join(f"    {i}: {p}\n" for i, p in prefixes.items())
+
+    def damage(items: list[Dataset]) -> list[Dataset]:
+        items = _prefixed(items, prefixes)
+        items[3].StationName = "EDITED"
+        duplicate = copy.deepcopy(items[6])
+        duplicate.SOPInstanceUID = duplicate.SOPInstanceUID + ".9"
+        return [*items[:1], *items[2:], duplicate]
+
+    source = build(tmp_path / "source.sqlite", archive)
+    target = build(tmp_path / "target.sqlite", changed(archive, damage))
+    results = []
+    for share in (0.0, 1.0):
+        monkeypatch.setattr(reconcile_module, "_DESCEND_SHARE", share)
+        found = reconcile(source, target, parse_rules(rules, "rules.yaml")).as_dict()
+        results.append({k: v for k, v in found.items() if k != "elapsed_s"})
+    assert results[0] == results[1]
+    assert results[0]["by_type"] == {"missing_instance": 1, "altered_attributes": 1,
+                                     "duplicate_instance": 1}
 
 
 def test_added_ignore_and_charset_rules(archive, tmp_path):

@@ -7,7 +7,9 @@ instances are committed, so a killed crawl resumes at the first unfinished study
 reconciliation in seconds: digests as 16-byte BLOBs; where the instance is filed and whose it
 is as 64-bit fingerprints into the small `places` and `identities` tables, so equal texts are
 equal integers in both ledgers; clustered by SOP Instance UID, so the source/target join
-walks both tables in the same order). The view `instances` gives the wide row
+walks both tables in the same order); `place_sums`, written by finish(), holds per place the
+count and sums of its rows' content fingerprints, so reconcile skips every series that is
+equal on both sides without reading its instances. The view `instances` gives the wide row
 (INSTANCE_COLUMNS, digests in hex) to every other reader. `instance_attrs` holds the
 normalised attributes as zlib-compressed JSON, read only for the few instances whose digests
 differ; plus `issues` (what the crawl could not read).
