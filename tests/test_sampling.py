@@ -68,13 +68,10 @@ def test_a_full_census_and_an_empty_sample():
 STUDIES = 6
 SAMPLE = 2
 
-launched = pacs_cluster_factory(
-    "name: sampling\nnodes:\n"
-    "  src: {kind: embedded, ae_title: SAMPLESRC}\n"
-    "  dst: {kind: embedded, ae_title: SAMPLEDST}\n"
-    "  bad: {kind: embedded, ae_title: SAMPLEBAD}\n",
-    scope="module",
-)
+NODES = ("src", "dst", "bad")  # embedded PACS: the source, a faithful and an altered copy
+launched = pacs_cluster_factory("name: sampling\nnodes:\n" + "".join(
+    f"  {name}: {{kind: embedded, ae_title: SAMPLE{name.upper()}}}\n" for name in NODES),
+    scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +91,7 @@ def archive(launched, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sampling")
     topology = external_topology(workdir / "topology.yaml", "sampling",
                                  launched.nodes.values(), "SMP",
-                                 {n: ", synthetic: true" for n in ("src", "dst", "bad")})
+                                 dict.fromkeys(NODES, ", synthetic: true"))
     env = login_env(launched, "SMP", workdir / "state")
 
     def cli(*args: str) -> subprocess.CompletedProcess:
