@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
@@ -50,10 +51,23 @@ def tokenised(path: Path, datasets: list[Dataset], prefixes: tuple[str, ...] = (
 
 
 def dump(path: Path) -> str:
+    """The whole file as the sqlite3 shell dumps it, plus the attributes of every instance
+    unpacked with zlib (instance_attrs keeps them compressed, where a text search sees
+    nothing)."""
     out = subprocess.run([SQLITE, "-readonly", str(path), ".dump"], capture_output=True,
                          text=True, timeout=60)
-    assert out.returncode == 0 and "INSERT INTO instances" in out.stdout, out.stderr
-    return out.stdout
+    assert out.returncode == 0 and "INSERT INTO instance_rows" in out.stdout, out.stderr
+    attrs = subprocess.run([SQLITE, "-readonly", str(path),
+                            "SELECT hex(attrs) FROM instance_attrs"], capture_output=True,
+                           text=True, timeout=60)
+    unpacked = []
+    for packed in (bytes.fromhex(line) for line in attrs.stdout.split()):
+        try:
+            unpacked.append(zlib.decompress(packed).decode())
+        except zlib.error:  # kept as text: compressing did not make it shorter
+            unpacked.append(packed.decode())
+    assert unpacked and all(text.startswith("{") for text in unpacked)
+    return out.stdout + "\n".join(unpacked)
 
 
 def identities(datasets: list[Dataset]) -> set[str]:

@@ -16,6 +16,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import JPEGBaseline8Bit, RLELossless, generate_uid
 
 from harness.errors import ConfigError
+from harness.migration import reconcile as reconcile_module
 from harness.migration.ledger import Ledger
 from harness.migration.normalise import (
     IDENTITY_COLUMNS,
@@ -285,6 +286,32 @@ def test_prefix_rule(archive, tmp_path):
     assert pair(tmp_path / "e", archive, wrong, rules).verdict == "fail"
 
 
+def test_series_sums_and_a_full_row_comparison_find_the_same(archive, tmp_path, monkeypatch):
+    """Reconcile reads the rows of the series whose sums differ, or every row when most
+    differ (reconcile._DESCEND_SHARE): both ways must give the same findings."""
+    issuers = sorted({ds.IssuerOfPatientID for ds in archive})
+    prefixes = {issuer: f"F{n}-" for n, issuer in enumerate(issuers)}
+    rules = "prefix:\n  by_issuer:\n" + "".join(f"    {i}: {p}\n" for i, p in prefixes.items())
+
+    def damage(items: list[Dataset]) -> list[Dataset]:
+        items = _prefixed(items, prefixes)
+        items[3].StationName = "EDITED"
+        duplicate = copy.deepcopy(items[6])
+        duplicate.SOPInstanceUID = duplicate.SOPInstanceUID + ".9"
+        return [*items[:1], *items[2:], duplicate]
+
+    source = build(tmp_path / "source.sqlite", archive)
+    target = build(tmp_path / "target.sqlite", changed(archive, damage))
+    results = []
+    for share in (0.0, 1.0):
+        monkeypatch.setattr(reconcile_module, "_DESCEND_SHARE", share)
+        found = reconcile(source, target, parse_rules(rules, "rules.yaml")).as_dict()
+        results.append({k: v for k, v in found.items() if k != "elapsed_s"})
+    assert results[0] == results[1]
+    assert results[0]["by_type"] == {"missing_instance": 1, "altered_attributes": 1,
+                                     "duplicate_instance": 1}
+
+
 def test_added_ignore_and_charset_rules(archive, tmp_path):
     def no_issuer(items: list[Dataset]) -> list[Dataset]:
         for ds in items:
@@ -343,7 +370,8 @@ def test_transfer_syntax_is_never_a_finding_but_lossy_recompression_is(archive, 
 
     # lossy on the target only, pixels differ: recompressed_lossy, not altered_pixels
     findings = pair(tmp_path / "d", archive, changed(archive, recompressed(True)))
-    _set_rows(Path(findings.target), "UPDATE instances SET transfer_syntax = ? WHERE sop_uid = ?",
+    _set_rows(Path(findings.target),
+              "UPDATE instance_rows SET transfer_syntax = ? WHERE sop_uid = ?",
               JPEGBaseline8Bit, archive[0].SOPInstanceUID)
     finding = only(reconcile(findings.source, findings.target))
     assert (finding.type, finding.sop_uid, finding.attributes) == (
@@ -351,7 +379,8 @@ def test_transfer_syntax_is_never_a_finding_but_lossy_recompression_is(archive, 
 
     # lossy syntax but every decoded value kept: nothing was lost
     findings = pair(tmp_path / "e", archive, lossless)
-    _set_rows(Path(findings.target), "UPDATE instances SET transfer_syntax = ? WHERE sop_uid = ?",
+    _set_rows(Path(findings.target),
+              "UPDATE instance_rows SET transfer_syntax = ? WHERE sop_uid = ?",
               JPEGBaseline8Bit, archive[0].SOPInstanceUID)
     assert reconcile(findings.source, findings.target).verdict == "pass"
 
@@ -373,7 +402,7 @@ def test_transfer_syntax_is_never_a_finding_but_lossy_recompression_is(archive, 
 def test_an_unretrievable_instance_is_one_finding_on_its_side(archive, tmp_path):
     findings = pair(tmp_path, archive, archive)
     victim = archive[2].SOPInstanceUID
-    _set_rows(Path(findings.target), "UPDATE instances SET retrieved = 0, attrs_digest = NULL, "
+    _set_rows(Path(findings.target), "UPDATE instance_rows SET retrieved = 0, attrs_digest = NULL, "
               "pixel_digest = NULL, retrieval_error = 'C-GET failed (0xA702)' WHERE sop_uid = ?",
               victim)
     result = reconcile(findings.source, findings.target)
@@ -416,6 +445,19 @@ def test_unfinished_or_missing_ledgers_and_bad_rules_are_config_errors(archive, 
         load_rules(bad)
     with pytest.raises(ConfigError, match="rules.yaml:1: lossless: unknown rule"):
         parse_rules("lossless: true\n", "rules.yaml")
+
+
+def test_a_ledger_of_the_previous_schema_is_refused_in_one_line(archive, tmp_path):
+    """Schema 3 (compact instance_rows) cannot read a schema-2 ledger: crawl again."""
+    good = build(tmp_path / "good.sqlite", archive)
+    old = build(tmp_path / "old.sqlite", archive)
+    with sqlite3.connect(old) as conn:
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    message = r"old.sqlite: ledger: schema version 2 unknown \(this harness reads 3\)$"
+    with pytest.raises(ConfigError, match=message):
+        Ledger.open(old)
+    with pytest.raises(ConfigError, match=message):
+        reconcile(good, old)
 
 
 def test_sample_bound():

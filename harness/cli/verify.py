@@ -111,16 +111,33 @@ def inventory_command(node_name: str, depth: str, sample: int | None, ledger: st
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     result = {"node": node_name, "ledger": str(path), **summary.as_dict()}
+    if sample:
+        result["sample"] = _inventory_sample(path)
     if as_json:
         out.print_json(json.dumps(result, default=str))
     else:
         out.print(" ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, dict)),
                   markup=False, highlight=False)
+        if sample:
+            out.print(f"sample: {result['sample']['statement']}", markup=False,
+                      highlight=False)
     if summary.issues:
         console.print(f"inventory incomplete: {summary.issues} issues, {summary.unretrievable} "
                       f"instances listed but not retrievable (see the issues table of {path})",
                       markup=False, highlight=False)
         sys.exit(EXIT_FINDINGS)
+
+
+def _inventory_sample(path: Path) -> dict:
+    """What a sampled inventory says of every study (reconcile.sample_statement): a sampled
+    study is a defect when one of its instances could not be retrieved."""
+    from harness.migration.ledger import Ledger
+    from harness.migration.reconcile import sample_statement
+
+    with Ledger.open(path) as ledger:
+        defects, sampled, total = ledger.sample_counts()
+    return sample_statement(defects, sampled, total, "a defect: a sampled study with an "
+                            "instance that could not be retrieved")
 
 
 @click.command("verify")
@@ -131,7 +148,8 @@ def inventory_command(node_name: str, depth: str, sample: int | None, ledger: st
 @click.option("--rules", type=click.Path(dir_okay=False), default=None,
               help="YAML rules: the changes the migration may make")
 @click.option("--sample", type=click.IntRange(1), default=None,
-              help="retrieve only N studies fully (counts for all)")
+              help="retrieve only N studies fully (counts for all); states what the sample "
+                   "proves at 95% confidence")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="where ledgers and findings go (default: verify-SOURCE-TARGET/)")
 @click.option("--topology", "-t", "topology_path", type=click.Path(dir_okay=False), default=None)
@@ -178,6 +196,8 @@ def verify_command(source_name: str, target_name: str, depth: str, rules: str | 
         else None
     if as_json:
         printed = result.as_json()
+        if result.findings.sample:
+            printed["sample"] = result.findings.sample
         if commitment is not None:
             printed["commitment"] = commitment.as_dict()
         out.print_json(json.dumps(printed))

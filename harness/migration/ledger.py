@@ -3,9 +3,16 @@
 One file per crawl. Tables (see SCHEMA): `meta` (node, depth, sample, crawl state),
 `patients`, `studies` (also the crawl progress: `state` is `listed` until the study's
 instances are committed, so a killed crawl resumes at the first unfinished study),
-`series`, `instances` (key attributes and digests, kept narrow so a 1M x 1M reconciliation
-is a fast join) and `instance_attrs` (the normalised attributes as JSON, read only for the
-few instances whose digests differ), plus `issues` (what the crawl could not read).
+`series`, and per instance one narrow row in `instance_rows` (schema 3, for a 10M x 10M
+reconciliation in seconds: digests as 16-byte BLOBs; where the instance is filed and whose it
+is as 64-bit fingerprints into the small `places` and `identities` tables, so equal texts are
+equal integers in both ledgers; clustered by SOP Instance UID, so the source/target join
+walks both tables in the same order); `place_sums`, written by finish(), holds per place the
+count and sums of its rows' content fingerprints, so reconcile skips every series that is
+equal on both sides without reading its instances. The view `instances` gives the wide row
+(INSTANCE_COLUMNS, digests in hex) to every other reader. `instance_attrs` holds the
+normalised attributes as zlib-compressed JSON, read only for the few instances whose digests
+differ; plus `issues` (what the crawl could not read).
 
 An instance that was listed but could not be retrieved keeps its listing-level row
 (`retrieved` 0) with the reason in `retrieval_error`: it is never dropped, so counts at depth
@@ -27,10 +34,12 @@ attributes, digests), is harness/migration/normalise.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +56,7 @@ from harness.migration.normalise import (
     text_value,
 )
 
-SCHEMA_VERSION = 2  # in meta `schema_version`; 2: instances.retrieval_error
+SCHEMA_VERSION = 3  # in meta `schema_version`; 3: compact instance_rows (see module doc)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -72,28 +81,102 @@ CREATE TABLE IF NOT EXISTS series (
     modality TEXT NOT NULL DEFAULT '', series_number TEXT NOT NULL DEFAULT '',
     description TEXT NOT NULL DEFAULT ''
 );
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL,
-    patient_id TEXT NOT NULL, issuer TEXT NOT NULL, patient_name TEXT NOT NULL,
-    birth_date TEXT NOT NULL, sex TEXT NOT NULL,
-    sop_class TEXT NOT NULL, transfer_syntax TEXT, charset TEXT,
-    keys_digest TEXT NOT NULL, attrs_digest TEXT, pixel_digest TEXT, pixel_mode TEXT,
+-- where an instance is filed; `place` is fingerprint() of (series_uid, study_uid)
+CREATE TABLE IF NOT EXISTS places (
+    place INTEGER PRIMARY KEY, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL
+);
+-- whose an instance is; `ident` is fingerprint() of the other columns
+CREATE TABLE IF NOT EXISTS identities (
+    ident INTEGER PRIMARY KEY, patient_id TEXT NOT NULL, issuer TEXT NOT NULL,
+    patient_name TEXT NOT NULL, birth_date TEXT NOT NULL, sex TEXT NOT NULL, charset TEXT
+);
+CREATE TABLE IF NOT EXISTS instance_rows (
+    sop_uid TEXT PRIMARY KEY, place INTEGER NOT NULL, ident INTEGER NOT NULL,
+    fp INTEGER NOT NULL,  -- content_fingerprint() of the row
+    sop_class TEXT NOT NULL, transfer_syntax TEXT,
+    keys_digest BLOB NOT NULL, attrs_digest BLOB, pixel_digest BLOB, pixel_mode TEXT,
     retrieved INTEGER NOT NULL,
     retrieval_error TEXT  -- listed but not retrievable (depth full): the reason
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS instance_attrs (sop_uid TEXT PRIMARY KEY, attrs_json TEXT NOT NULL);
+-- the wide row of INSTANCE_COLUMNS, digests in hex, for every reader but the reconciler
+CREATE VIEW IF NOT EXISTS instances AS SELECT
+    i.sop_uid, p.series_uid, p.study_uid, d.patient_id, d.issuer, d.patient_name,
+    d.birth_date, d.sex, i.sop_class, i.transfer_syntax, d.charset,
+    lower(hex(i.keys_digest)) AS keys_digest,
+    nullif(lower(hex(i.attrs_digest)), '') AS attrs_digest,
+    nullif(lower(hex(i.pixel_digest)), '') AS pixel_digest,
+    i.pixel_mode, i.retrieved, i.retrieval_error
+    FROM instance_rows i JOIN places p ON p.place = i.place JOIN identities d ON d.ident = i.ident;
+-- attrs: the normalised attributes as JSON, zlib-compressed (a BLOB) when that is shorter
+CREATE TABLE IF NOT EXISTS instance_attrs (sop_uid TEXT PRIMARY KEY, attrs NOT NULL)
+    WITHOUT ROWID;
+-- per place, written by finish(): how many instances, the sums of the two 32-bit halves of
+-- their `fp` (equal multisets of rows have equal sums), and their identity when it is one
+CREATE TABLE IF NOT EXISTS place_sums (
+    place INTEGER PRIMARY KEY, instances INTEGER NOT NULL, fp_low INTEGER NOT NULL,
+    fp_high INTEGER NOT NULL, ident INTEGER  -- NULL: more than one identity in the place
+);
 CREATE TABLE IF NOT EXISTS issues (
     study_uid TEXT NOT NULL DEFAULT '', sop_uid TEXT NOT NULL DEFAULT '', problem TEXT NOT NULL
 );
 """
 #: Built when a crawl finishes (cheaper than maintaining them row by row).
 INDEXES = """
-CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
-CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
-CREATE INDEX IF NOT EXISTS instances_content ON instances (attrs_digest, pixel_digest)
+CREATE INDEX IF NOT EXISTS instance_rows_place ON instance_rows (place, ident, fp);
+CREATE INDEX IF NOT EXISTS instance_rows_content ON instance_rows (attrs_digest, pixel_digest)
     WHERE attrs_digest IS NOT NULL;
+CREATE INDEX IF NOT EXISTS instance_rows_unretrievable ON instance_rows (retrieval_error)
+    WHERE retrieval_error IS NOT NULL;
+CREATE INDEX IF NOT EXISTS places_series ON places (series_uid);
+CREATE INDEX IF NOT EXISTS places_study ON places (study_uid);
 CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_id, issuer);
 """
+
+PLACE_SUMS = """
+INSERT INTO place_sums SELECT place, count(*), sum(fp & 4294967295), sum((fp >> 32) & 4294967295),
+    CASE WHEN min(ident) = max(ident) THEN min(ident) END
+FROM instance_rows GROUP BY place
+"""
+
+
+def fingerprint(*values: str | None) -> int:
+    """A signed 64-bit integer naming `values`, the same in every ledger: two ledgers'
+    `place` (or `ident`) are equal exactly when the texts are (a collision among a million
+    distinct values has a chance of about 1 in 10^7), so reconcile compares integers."""
+    text = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big",
+                          signed=True)
+
+
+def content_fingerprint(sop_uid: str, sop_class: str, retrieved: int, retrieval_error: str | None,
+                        keys: bytes, attrs: bytes | None, pixels: bytes | None) -> int:
+    """A signed 64-bit integer naming what reconcile compares of an instance besides where it
+    is filed and whose it is (`place`, `ident`): summed per place (`place_sums`), two
+    ledgers whose sums for a place are equal hold the same rows there."""
+    text = "\x1f".join([sop_uid, sop_class, str(int(retrieved)), retrieval_error or "",
+                        keys.hex(), (attrs or b"").hex(), (pixels or b"").hex()])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big",
+                          signed=True)
+
+
+def identity_values(row: InstanceRow) -> tuple[str, str, str, str, str, str | None]:
+    """The `identities` columns of an instance row (after tokenisation)."""
+    return (row.patient_id, row.issuer, row.patient_name, row.birth_date, row.sex, row.charset)
+
+
+def stored_attrs(attrs_json: str) -> str | bytes:
+    """What `instance_attrs.attrs` holds: the JSON, zlib-compressed when that is shorter."""
+    packed = zlib.compress(attrs_json.encode(), 6)
+    return packed if len(packed) < len(attrs_json) else attrs_json
+
+
+def attrs_text(stored: str | bytes) -> str:
+    """The JSON text of an `instance_attrs.attrs` value (stored_attrs' inverse)."""
+    return zlib.decompress(stored).decode() if isinstance(stored, bytes) else stored
+
+
+def _blob(hex_digest: str | None) -> bytes | None:
+    return None if hex_digest is None else bytes.fromhex(hex_digest)
 
 
 def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
@@ -270,15 +353,28 @@ class Ledger:
                 [(s.series_uid, s.study_uid, s.modality, s.series_number, s.description)
                  for s in series],
             )
-            placeholders = ", ".join("?" * len(INSTANCE_COLUMNS))
             issues = list(issues)
+            self.conn.executemany("INSERT OR IGNORE INTO places VALUES (?, ?, ?)", {
+                (fingerprint(r.series_uid, r.study_uid), r.series_uid, r.study_uid)
+                for r in instances})
+            self.conn.executemany("INSERT OR IGNORE INTO identities VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                  {(fingerprint(*identity_values(r)), *identity_values(r))
+                                   for r in instances})
             for row in instances:
+                keys, attrs = _blob(row.keys_digest), _blob(row.attrs_digest)
+                pixels = _blob(row.pixel_digest)
                 cur = self.conn.execute(
-                    f"INSERT OR IGNORE INTO instances VALUES ({placeholders})", row.values()
-                )
+                    "INSERT OR IGNORE INTO instance_rows VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row.sop_uid, fingerprint(row.series_uid, row.study_uid),
+                     fingerprint(*identity_values(row)),
+                     content_fingerprint(row.sop_uid, row.sop_class, row.retrieved,
+                                         row.retrieval_error, keys, attrs, pixels),
+                     row.sop_class, row.transfer_syntax, keys, attrs, pixels,
+                     row.pixel_mode, int(row.retrieved), row.retrieval_error))
                 if cur.rowcount:
                     self.conn.execute("INSERT INTO instance_attrs VALUES (?, ?)",
-                                      (row.sop_uid, row.attrs_json))
+                                      (row.sop_uid, stored_attrs(row.attrs_json)))
                 else:
                     issues.append((row.sop_uid, "SOP Instance UID seen twice on the node "
                                                 f"(again in study {row.study_uid})"))
@@ -291,8 +387,12 @@ class Ledger:
         return len(instances)
 
     def finish(self, **meta: Any) -> None:
-        """Build the indexes reconciliation needs and mark the crawl complete."""
+        """Build the indexes and the per-place sums reconciliation needs and mark the crawl
+        complete."""
         self.conn.executescript(INDEXES)
+        with sqlite_db.transaction(self.conn):
+            self.conn.execute("DELETE FROM place_sums")
+            self.conn.execute(PLACE_SUMS)
         self.set_meta(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **meta)
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
@@ -315,13 +415,26 @@ class Ledger:
             "patients": q("SELECT count(*) FROM patients").fetchone()[0],
             "studies": q("SELECT count(*) FROM studies").fetchone()[0],
             "series": q("SELECT count(*) FROM series").fetchone()[0],
-            "instances": q("SELECT count(*) FROM instances").fetchone()[0],
+            "instances": q("SELECT count(*) FROM instance_rows").fetchone()[0],
         }
 
     def unretrievable(self) -> int:
         """Listed instances whose retrieval failed (depth full)."""
-        return self.conn.execute("SELECT count(*) FROM instances "
+        return self.conn.execute("SELECT count(*) FROM instance_rows "
                                  "WHERE retrieval_error IS NOT NULL").fetchone()[0]
+
+    def sample_counts(self) -> tuple[int, int, int]:
+        """(defects, sampled, total) of a sampled full-depth crawl: studies retrieved fully,
+        of all listed, and those of them with an instance that could not be retrieved."""
+        q = self.conn.execute
+        total = q("SELECT count(*) FROM studies").fetchone()[0]
+        sampled = q("SELECT count(*) FROM studies WHERE retrieve = 1").fetchone()[0]
+        defects = q("SELECT count(DISTINCT p.study_uid) FROM instance_rows AS i "
+                    "INDEXED BY instance_rows_unretrievable "
+                    "JOIN places p ON p.place = i.place "
+                    "JOIN studies st ON st.study_uid = p.study_uid AND st.retrieve = 1 "
+                    "WHERE i.retrieval_error IS NOT NULL").fetchone()[0]
+        return defects, sampled, total
 
     def issues(self) -> list[dict[str, str]]:
         return [{"study_uid": s, "sop_uid": i, "problem": p}

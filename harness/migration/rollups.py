@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from harness.migration.findings import Finding
+from harness.migration.ledger import attrs_text
 from harness.migration.normalise import (
     IDENTITY_COLUMNS,
     INSTANCE_COLUMNS,
@@ -171,13 +172,14 @@ class Rollups:
     def missing_and_extra(self) -> tuple[int, int]:
         cols = "a.sop_uid, a.series_uid, a.study_uid, a.patient_id, a.issuer"
         missing = self.conn.execute(
-            f"SELECT {cols} FROM cand c JOIN s.instances a ON a.sop_uid = c.sop_uid "
+            f"SELECT {cols} FROM cand c CROSS JOIN s.instances a ON a.sop_uid = c.sop_uid "
             "WHERE c.missing").fetchall()
         self.absent("missing", "s", "t", missing)
 
         extras = self.conn.execute(
-            f"SELECT {cols.replace('a.', 'b.')}, b.attrs_digest, b.pixel_digest "
-            "FROM extra e JOIN t.instances b ON b.sop_uid = e.sop_uid").fetchall()
+            f"SELECT {cols.replace('a.', 'b.')}, r.attrs_digest, r.pixel_digest "
+            "FROM extra e CROSS JOIN t.instances b ON b.sop_uid = e.sop_uid "
+            "CROSS JOIN t.instance_rows r ON r.sop_uid = e.sop_uid").fetchall()
         plain = []
         for sop, series, study, pid, issuer, attrs_digest, pixels in extras:
             original = self._duplicate_of(sop, attrs_digest, pixels)
@@ -192,13 +194,13 @@ class Rollups:
         self.absent("extra", "t", "s", plain)
         return len(missing), len(extras)
 
-    def _duplicate_of(self, sop: str, attrs_digest: str | None, pixels: str | None
+    def _duplicate_of(self, sop: str, attrs_digest: bytes | None, pixels: bytes | None
                       ) -> str | None:
         if attrs_digest is None:
             return None  # only known from C-FIND: too little to call it a duplicate
         for alias in ("t", "s"):
             row = self.conn.execute(
-                f"SELECT sop_uid FROM {alias}.instances WHERE attrs_digest = ? "
+                f"SELECT sop_uid FROM {alias}.instance_rows WHERE attrs_digest = ? "
                 "AND pixel_digest IS ? AND sop_uid != ? "
                 "AND sop_uid NOT IN (SELECT sop_uid FROM extra) LIMIT 1",
                 (attrs_digest, pixels, sop)).fetchone()
@@ -267,9 +269,9 @@ class Rollups:
     def altered(self) -> int:
         cols = ", ".join(f"{alias}.{c}" for alias in ("a", "b") for c in INSTANCE_COLUMNS)
         cur = self.conn.execute(
-            f"SELECT {cols}, ja.attrs_json, jb.attrs_json FROM cand c "
-            "JOIN s.instances a ON a.sop_uid = c.sop_uid "
-            "JOIN t.instances b ON b.sop_uid = c.sop_uid "
+            f"SELECT {cols}, ja.attrs, jb.attrs FROM cand c "
+            "CROSS JOIN s.instances a ON a.sop_uid = c.sop_uid "
+            "CROSS JOIN t.instances b ON b.sop_uid = c.sop_uid "
             "JOIN s.instance_attrs ja ON ja.sop_uid = c.sop_uid "
             "JOIN t.instance_attrs jb ON jb.sop_uid = c.sop_uid "
             "WHERE NOT c.missing")
@@ -278,7 +280,8 @@ class Rollups:
         for values in cur:
             a = dict(zip(INSTANCE_COLUMNS, values[:n], strict=True))
             b = dict(zip(INSTANCE_COLUMNS, values[n:2 * n], strict=True))
-            a["attrs_json"], b["attrs_json"] = values[2 * n], values[2 * n + 1]
+            a["attrs_json"] = attrs_text(values[2 * n])
+            b["attrs_json"] = attrs_text(values[2 * n + 1])
             if a["retrieval_error"] is not None or b["retrieval_error"] is not None:
                 continue  # reported as unretrievable; nothing to compare it with
             diff, pixels = self._diff(a, b)
