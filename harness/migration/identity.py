@@ -51,9 +51,11 @@ def _patients(ledger: str | os.PathLike[str]) -> list[dict[str, str]]:
     conn = sqlite_db.connect_readonly(ledger)
     try:
         # per instance, not per patient row: a PACS that indexes patients by PatientID
-        # alone keeps one name for two colliding people, while each study keeps its own
+        # alone keeps one name for two colliding people, while each study keeps its own;
+        # the ledger keeps each distinct identity once (ledger.py `identities`), the charset
+        # being the only other column there
         rows = conn.execute(
-            "SELECT DISTINCT patient_id, issuer, patient_name, birth_date, sex FROM instances"
+            "SELECT DISTINCT patient_id, issuer, patient_name, birth_date, sex FROM identities"
         ).fetchall()
     finally:
         conn.close()

@@ -243,9 +243,9 @@ def crawl(
         summary.counts = ledger.counts()
         summary.studies_retrieved = q("SELECT count(*) FROM studies WHERE retrieve = 1"
                                       ).fetchone()[0]
-        summary.instances_retrieved = q("SELECT count(*) FROM instances WHERE retrieved = 1"
+        summary.instances_retrieved = q("SELECT count(*) FROM instance_rows WHERE retrieved = 1"
                                         ).fetchone()[0]
-        summary.pixels_undecoded = q("SELECT count(*) FROM instances WHERE pixel_mode = 'raw'"
+        summary.pixels_undecoded = q("SELECT count(*) FROM instance_rows WHERE pixel_mode = 'raw'"
                                      ).fetchone()[0]
         summary.unretrievable = ledger.unretrievable()
         summary.issues = q("SELECT count(*) FROM issues").fetchone()[0]

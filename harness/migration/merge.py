@@ -81,9 +81,12 @@ def _copy_partition(ledger: Ledger, path: Path) -> None:
                  "overlapping partitions",))
             conn.execute(
                 "INSERT INTO issues (study_uid, sop_uid, problem) SELECT study_uid, sop_uid, ? "
-                "FROM part.instances WHERE sop_uid IN (SELECT sop_uid FROM main.instances)",
+                "FROM part.instances WHERE sop_uid IN (SELECT sop_uid FROM main.instance_rows)",
                 (f"SOP Instance UID seen twice on the node (again in partition {path.name})",))
-            for table in ("patients", "studies", "series", "instances", "instance_attrs"):
+            # `instances` is a view over instance_rows, places and identities (ledger.py);
+            # place_sums are built again by finish() over the merged rows
+            for table in ("patients", "studies", "series", "places", "identities",
+                          "instance_rows", "instance_attrs"):
                 conn.execute(f"INSERT OR IGNORE INTO main.{table} SELECT * FROM part.{table}")
             conn.execute("INSERT INTO main.issues SELECT * FROM part.issues")
     finally:
