@@ -56,6 +56,7 @@ from pydicom.filewriter import write_data_element
 from pydicom.hooks import raw_element_value as _default_raw_element_value
 from pydicom.hooks import raw_element_vr as _default_raw_element_vr
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 #: Patient identity: a column each in `instances`, not part of attrs_digest.
 IDENTITY_COLUMNS: dict[str, str] = {
@@ -325,25 +326,26 @@ def normalise(ds: Dataset, inherited: list[str] | None = None) -> dict[str, Any]
     encodings = dataset_encodings(ds, inherited)
     raw_path = _raw_path_usable()
     out: dict[str, Any] = {}
-    for tag in ds.keys():
+    for key in ds.keys():
+        tag = int(key)  # a plain int: BaseTag compares in Python, slowly
         plan = _TAG_PLANS.get(tag) or _tag_plan(tag)
         if plan is _SKIPPED:
             continue
         name, public_vr = plan
         value = _NOT_RAW
         if raw_path:
-            elem = ds.get_item(tag)
+            elem = ds.get_item(key)
             if type(elem) is RawDataElement:
                 value = _raw_value(elem, public_vr, encodings)
         if value is _NOT_RAW:
-            value = _converted_value(ds, tag, encodings)
+            value = _converted_value(ds, key, encodings)
         if tag == _PHOTOMETRIC and value in _COLOUR_MODELS:
             value = "RGB"  # pixels are compared decoded to RGB (see pixel_digest)
         out[name] = value
     return out
 
 
-def _converted_value(ds: Dataset, tag: int, encodings: list[str]) -> Any:
+def _converted_value(ds: Dataset, tag: BaseTag, encodings: list[str]) -> Any:
     """The value through pydicom's DataElement (every VR, every encoding)."""
     try:
         return element_value(ds[tag], encodings)
@@ -395,6 +397,10 @@ _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "OB or OW"})
 _STRUCT_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "UV": "Q", "SV": "q",
                    "FL": "f", "FD": "d"}
 _STRUCT_SIZES = {vr: struct.calcsize("<" + code) for vr, code in _STRUCT_FORMATS.items()}
+#: Explicit VRs whose little-endian bytes pydicom reads and writes back unchanged.
+_BYTES_KEPT_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "AT", "US", "SS", "UL", "SL",
+                             "UV", "SV"})
+_VR_UNSURE = frozenset({None, "SQ", "UN"})  # the value may be a sequence
 _LUT_DESCRIPTORS = frozenset({0x00281101, 0x00281102, 0x00281103, 0x00283002})
 _INTEGER_TEXT = re.compile(r" *[+-]?[0-9]+ *")
 _DECIMAL_TEXT = re.compile(r" *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)? *")
@@ -406,15 +412,16 @@ _PLAIN_PRIVATE = re.compile(rb"[!-\[\]-~][ -\[\]-~]*")
 def _raw_value(raw: RawDataElement, public_vr: str | None, encodings: list[str]) -> Any:
     """`element_value` of the converted element, or _NOT_RAW where this path cannot tell."""
     value = raw.value
-    if not value:
-        return _NOT_RAW
+    vr = raw.VR or public_vr
+    if not value:  # empty: None, but for a sequence or a VR pydicom must look up
+        return None if value is not None and raw.length == 0 and vr not in _VR_UNSURE \
+            and (public_vr or raw.tag >> 16 & 1) else _NOT_RAW
     if public_vr is None:  # private: compared as its little-endian value bytes
         if not raw.is_little_endian or raw.tag >> 16 & 1 == 0:
             return _NOT_RAW
-        if raw.VR in ("OB", "OW") or _PLAIN_PRIVATE.fullmatch(value.rstrip(b"\x00 ")):
+        if raw.VR in _BYTES_KEPT_VRS or _PLAIN_PRIVATE.fullmatch(value.rstrip(b"\x00 ")):
             return _bytes_repr(bytes(value), encodings)
         return _NOT_RAW
-    vr = raw.VR or public_vr
     if vr in _BINARY_VRS:
         return _binary_repr(bytes(value))
     if vr in _DEFAULT_REPERTOIRE_VRS:
