@@ -1,9 +1,11 @@
 """The faster `normalise` (issue 18) gives the rows the old one gave, and equal rows across
 encodings made by an independent tool.
 
-- Every file of the corpus (tests/realworld.py `valid_files()` and the synthetic set of
-  scripts/record_normalise_digests.py, every character set and transfer syntax it writes)
-  gives the digests recorded from the implementation before the rewrite (c9d1af4).
+- Every file of the corpus (tests/realworld.py `valid_files()`, the synthetic set of
+  scripts/record_normalise_digests.py in every character set and transfer syntax it writes,
+  and data sets of odd and of seeded random values in implicit VR, explicit VR little and
+  big endian) gives the digests recorded from the implementation before the rewrite
+  (c9d1af4).
 - The same file transcoded by DCMTK (/usr/bin/dcmconv to implicit VR, explicit VR little
   endian, PS3.5 A.1-A.2) gives the same attrs_digest, keys_digest and pixel_digest. Big
   endian (A.3, retired) keeps the keys only: OW values and decoded pixels keep the byte
@@ -75,6 +77,8 @@ def _row(path: Path) -> normalise.InstanceRow:
 def test_a_transcoding_by_dcmconv_keeps_the_digests(option: str, tmp_path: Path) -> None:
     compared, differ = 0, []
     for index, (name, data) in enumerate(CORPUS.items()):
+        if name.startswith(("odd/", "random/")):
+            continue  # values at the edges of PS3.5: held to the recorded digests above
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             syntax = str(recorder.read(data).file_meta.TransferSyntaxUID)

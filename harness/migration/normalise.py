@@ -389,7 +389,8 @@ def _raw_path_usable() -> bool:
             and pydicom_hooks.raw_element_value is _default_raw_element_value)
 
 
-#: VRs pydicom decodes with its default repertoire whatever the character set (PS3.5 6.1.2).
+#: VRs pydicom decodes with its default repertoire whatever the character set (PS3.5 6.1.2);
+#: a UID loses its white space at both ends (pydicom's UID strips it).
 _DEFAULT_REPERTOIRE_VRS = frozenset({"AS", "CS", "DA", "DT", "TM", "UI"})
 _CHARSET_SPLIT_VRS = frozenset({"LO", "SH", "UC", "PN"})  # multi-valued, charset text
 _CHARSET_SINGLE_VRS = frozenset({"LT", "ST", "UT"})  # one value, backslash is text
@@ -425,11 +426,14 @@ def _raw_value(raw: RawDataElement, public_vr: str | None, encodings: list[str])
     if vr in _BINARY_VRS:
         return _binary_repr(bytes(value))
     if vr in _DEFAULT_REPERTOIRE_VRS:
-        return _values(vr, value.decode("latin-1").rstrip(" \x00").split("\\"))
+        parts = value.decode("latin-1").rstrip(" \x00").split("\\")
+        return _values(vr, [part.strip() for part in parts] if vr == "UI" else parts)
     if vr in _CHARSET_SPLIT_VRS or vr in _CHARSET_SINGLE_VRS:
         if not value.isascii() or b"\x1b" in value:
             return _NOT_RAW  # the character set matters: pydicom decodes it
         if vr == "PN":
+            if b"=" in value:
+                return _NOT_RAW  # PersonName drops empty trailing groups (PS3.5 6.2.1)
             return _values(vr, value.rstrip(b"\x00 ").decode("ascii").split("\\"))
         if vr in _CHARSET_SINGLE_VRS:
             return _scalar(vr, value.decode("ascii").rstrip("\x00 "))
