@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
+import numpy
 from pydicom import Dataset
 from pydicom import config as pydicom_config
 from pydicom import hooks as pydicom_hooks
@@ -56,6 +57,7 @@ from pydicom.filewriter import write_data_element
 from pydicom.hooks import raw_element_value as _default_raw_element_value
 from pydicom.hooks import raw_element_vr as _default_raw_element_vr
 from pydicom.multival import MultiValue
+from pydicom.pixels import pixel_array as decode_pixels
 from pydicom.tag import BaseTag
 
 #: Patient identity: a column each in `instances`, not part of attrs_digest.
@@ -484,9 +486,13 @@ def pixel_digest(ds: Dataset) -> tuple[str | None, str | None]:
         return None, None
     if keyword == "PixelData":
         try:
-            arr = ds.pixel_array
-            head = f"{arr.dtype.str}:{arr.shape}:".encode()
-            return digest(head + arr.tobytes()), "decoded"
+            # what ds.pixel_array decodes (pydicom 3's default backend), without the cache
+            # bookkeeping that reads every image attribute twice
+            opts = getattr(ds, "_pixel_array_opts", {"use_pdh": True})
+            arr = ds.pixel_array if opts.get("use_pdh") else decode_pixels(ds)
+            hashed = hashlib.blake2b(f"{arr.dtype.str}:{arr.shape}:".encode(), digest_size=16)
+            hashed.update(numpy.ascontiguousarray(arr))  # the bytes of tobytes(), uncopied
+            return hashed.hexdigest(), "decoded"
         except Exception:  # noqa: BLE001 - an undecodable syntax is recorded, never fatal
             pass
     raw = ds[keyword].value
