@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 DEFAULT_BASE = "c9d1af4"
+GETSCU = "/usr/bin/getscu"
 REPEATS = 5
 
 
@@ -152,6 +155,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.crawl and args.crawl < 50:
         parser.error("--crawl needs at least 50 instances")
+    if args.crawl and not os.access(GETSCU, os.X_OK):
+        print(f"bench_normalise: {GETSCU} is not installed (apt-get install dcmtk)",
+              file=sys.stderr)
+        sys.exit(3)
+    try:
+        recorder.normalise_at(args.base)
+    except subprocess.CalledProcessError as exc:
+        parser.error(f"--base {args.base}: git has no harness/migration/normalise.py there "
+                     f"({exc.stderr.strip().splitlines()[-1] if exc.stderr else 'git failed'})")
     compare_rows(args.base)
     if args.crawl:
         compare_crawl(args.base, args.crawl)

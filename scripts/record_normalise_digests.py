@@ -45,13 +45,13 @@ def normalise_at(commit: str) -> ModuleType:
     source = subprocess.run(["git", "-C", str(ROOT), "show",
                              f"{commit}:harness/migration/normalise.py"],
                             check=True, capture_output=True, text=True).stdout
-    folder = Path(tempfile.mkdtemp(prefix="normalise-at-"))
-    path = folder / f"normalise_{commit}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="normalise-at-") as folder:
+        path = Path(folder) / f"normalise_{commit}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
     return module
 
 
