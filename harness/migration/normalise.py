@@ -36,19 +36,29 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import struct
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
+import numpy
 from pydicom import Dataset
+from pydicom import config as pydicom_config
+from pydicom import hooks as pydicom_hooks
 from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import keyword_for_tag
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_sequence
 from pydicom.filewriter import write_data_element
+from pydicom.hooks import raw_element_value as _default_raw_element_value
+from pydicom.hooks import raw_element_vr as _default_raw_element_vr
 from pydicom.multival import MultiValue
+from pydicom.pixels import pixel_array as decode_pixels
+from pydicom.tag import BaseTag
 
 #: Patient identity: a column each in `instances`, not part of attrs_digest.
 IDENTITY_COLUMNS: dict[str, str] = {
@@ -308,22 +318,163 @@ def dataset_encodings(ds: Dataset, inherited: list[str] | None = None) -> list[s
 
 
 def normalise(ds: Dataset, inherited: list[str] | None = None) -> dict[str, Any]:
-    """Every attribute of `ds` (recursively) in encoding-independent form, by attr_name."""
+    """Every attribute of `ds` (recursively) in encoding-independent form, by attr_name.
+
+    Most elements are read from their raw bytes (`_raw_value`) without pydicom building a
+    DataElement; the others, and every one whose raw form is unusual, take the element path
+    (`_converted_value`). Both give the same value: tests/test_normalise_speed.py holds them
+    to the digests recorded before the raw path existed.
+    """
     encodings = dataset_encodings(ds, inherited)
+    raw_path = _raw_path_usable()
     out: dict[str, Any] = {}
-    for tag in ds.keys():
-        if tag.group == 0x0002 or tag.element == 0 or tag in _DROPPED_TAGS:
+    for key in ds.keys():
+        tag = int(key)  # a plain int: BaseTag compares in Python, slowly
+        plan = _TAG_PLANS.get(tag) or _tag_plan(tag)
+        if plan is _SKIPPED:
             continue
-        try:
-            elem = ds[tag]
-            value = element_value(elem, encodings)
-        except Exception:  # noqa: BLE001 - an unreadable value is still a value to compare
-            raw = ds.get_item(tag)
-            value = _bytes_repr(bytes(getattr(raw, "value", b"") or b""), encodings)
+        name, public_vr = plan
+        value = _NOT_RAW
+        if raw_path:
+            elem = ds.get_item(key)
+            if type(elem) is RawDataElement:
+                value = _raw_value(elem, public_vr, encodings)
+        if value is _NOT_RAW:
+            value = _converted_value(ds, key, encodings)
         if tag == _PHOTOMETRIC and value in _COLOUR_MODELS:
             value = "RGB"  # pixels are compared decoded to RGB (see pixel_digest)
-        out[attr_name(int(tag))] = value
+        out[name] = value
     return out
+
+
+def _converted_value(ds: Dataset, tag: BaseTag, encodings: list[str]) -> Any:
+    """The value through pydicom's DataElement (every VR, every encoding)."""
+    try:
+        return element_value(ds[tag], encodings)
+    except Exception:  # noqa: BLE001 - an unreadable value is still a value to compare
+        raw = ds.get_item(tag)
+        return _bytes_repr(bytes(getattr(raw, "value", b"") or b""), encodings)
+
+
+# ---------------------------------------------------------------------------------------
+# the raw path: the same values as element_value, read from the encoded bytes (PS3.5 6.2)
+
+_NOT_RAW = object()  # this element takes the DataElement path
+_SKIPPED = ("", None)
+#: Per tag: ("", None) when dropped, else (attr_name, dictionary VR or None).
+_TAG_PLANS: dict[int, tuple[str, str | None]] = {}
+
+
+def _tag_plan(tag: int) -> tuple[str, str | None]:
+    if tag >> 16 == 0x0002 or tag & 0xFFFF == 0 or tag in _DROPPED_TAGS:
+        plan = _SKIPPED
+    else:
+        public_vr = None
+        if not (tag >> 16) % 2:
+            try:
+                public_vr = dictionary_VR(tag)
+            except KeyError:
+                pass
+        plan = (attr_name(tag), public_vr)
+    _TAG_PLANS[tag] = plan
+    return plan
+
+
+def _raw_path_usable() -> bool:
+    """The raw path repeats pydicom's default reading (PS3.5 6.2 values as pydicom 3 converts
+    them); a changed configuration or hook sends everything through pydicom itself."""
+    return (pydicom_config.settings.reading_validation_mode != pydicom_config.RAISE
+            and not pydicom_config.datetime_conversion
+            and not pydicom_config.use_DS_numpy and not pydicom_config.use_IS_numpy
+            and not pydicom_config.use_DS_decimal
+            and pydicom_hooks.raw_element_vr is _default_raw_element_vr
+            and pydicom_hooks.raw_element_value is _default_raw_element_value)
+
+
+#: VRs pydicom decodes with its default repertoire whatever the character set (PS3.5 6.1.2);
+#: a UID loses its white space at both ends (pydicom's UID strips it).
+_DEFAULT_REPERTOIRE_VRS = frozenset({"AS", "CS", "DA", "DT", "TM", "UI"})
+_CHARSET_SPLIT_VRS = frozenset({"LO", "SH", "UC", "PN"})  # multi-valued, charset text
+_CHARSET_SINGLE_VRS = frozenset({"LT", "ST", "UT"})  # one value, backslash is text
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "OB or OW"})
+_STRUCT_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "UV": "Q", "SV": "q",
+                   "FL": "f", "FD": "d"}
+_STRUCT_SIZES = {vr: struct.calcsize("<" + code) for vr, code in _STRUCT_FORMATS.items()}
+#: Explicit VRs whose little-endian bytes pydicom reads and writes back unchanged.
+_BYTES_KEPT_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "AT", "US", "SS", "UL", "SL",
+                             "UV", "SV"})
+_VR_UNSURE = frozenset({None, "SQ", "UN"})  # the value may be a sequence
+_LUT_DESCRIPTORS = frozenset({0x00281101, 0x00281102, 0x00281103, 0x00283002})
+_INTEGER_TEXT = re.compile(r" *[+-]?[0-9]+ *")
+_DECIMAL_TEXT = re.compile(r" *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)? *")
+#: Private value bytes that survive pydicom's read-then-rewrite unchanged whatever their VR:
+#: printable ASCII without backslash or leading space (numbers from such bytes are finite).
+_PLAIN_PRIVATE = re.compile(rb"[!-\[\]-~][ -\[\]-~]*")
+
+
+def _raw_value(raw: RawDataElement, public_vr: str | None, encodings: list[str]) -> Any:
+    """`element_value` of the converted element, or _NOT_RAW where this path cannot tell."""
+    value = raw.value
+    vr = raw.VR or public_vr
+    if not value:  # empty: None, but for a sequence or a VR pydicom must look up
+        return None if value is not None and raw.length == 0 and vr not in _VR_UNSURE \
+            and (public_vr or raw.tag >> 16 & 1) else _NOT_RAW
+    if public_vr is None:  # private: compared as its little-endian value bytes
+        if not raw.is_little_endian or raw.tag >> 16 & 1 == 0:
+            return _NOT_RAW
+        if raw.VR in _BYTES_KEPT_VRS or _PLAIN_PRIVATE.fullmatch(value.rstrip(b"\x00 ")):
+            return _bytes_repr(bytes(value), encodings)
+        return _NOT_RAW
+    if vr in _BINARY_VRS:
+        return _binary_repr(bytes(value))
+    if vr in _DEFAULT_REPERTOIRE_VRS:
+        parts = value.decode("latin-1").rstrip(" \x00").split("\\")
+        return _values(vr, [part.strip() for part in parts] if vr == "UI" else parts)
+    if vr in _CHARSET_SPLIT_VRS or vr in _CHARSET_SINGLE_VRS:
+        if not value.isascii() or b"\x1b" in value:
+            return _NOT_RAW  # the character set matters: pydicom decodes it
+        if vr == "PN":
+            if b"=" in value:
+                return _NOT_RAW  # PersonName drops empty trailing groups (PS3.5 6.2.1)
+            return _values(vr, value.rstrip(b"\x00 ").decode("ascii").split("\\"))
+        if vr in _CHARSET_SINGLE_VRS:
+            return _scalar(vr, value.decode("ascii").rstrip("\x00 "))
+        return _values(vr, [v.rstrip("\x00 ") for v in value.decode("ascii").split("\\")])
+    if vr in _STRUCT_FORMATS:
+        size = _STRUCT_SIZES[vr]
+        if len(value) % size or raw.tag in _LUT_DESCRIPTORS:
+            return _NOT_RAW
+        numbers = struct.unpack(f"{'><'[raw.is_little_endian]}{len(value) // size}"
+                                f"{_STRUCT_FORMATS[vr]}", value)
+        return _values(vr, numbers)
+    if vr == "DS":
+        parts = value.decode("latin-1").strip().rstrip(" \x00").split("\\")
+        return _numbers(parts, _DECIMAL_TEXT, float)
+    if vr == "IS":
+        parts = value.decode("latin-1").rstrip(" \x00").split("\\")
+        return _numbers(parts, _INTEGER_TEXT, int)
+    if vr == "AE":
+        return _values(vr, [v.strip() for v in value.decode("latin-1").split("\\")])
+    return _NOT_RAW  # SQ, AT, UR, UN, ambiguous VRs: the DataElement path
+
+
+def _values(vr: str, parts: Sequence[Any]) -> Any:
+    if len(parts) == 1:
+        return _scalar(vr, parts[0])
+    return [_scalar(vr, part) for part in parts]
+
+
+def _numbers(parts: list[str], pattern: re.Pattern, number: type) -> Any:
+    """DS and IS as `_scalar` makes them, for the plain decimal forms only."""
+    values: list[Any] = []
+    for part in parts:
+        if not part.strip():
+            values.append(None)
+        elif pattern.fullmatch(part):
+            values.append(_scalar("DS" if number is float else "IS", number(part)))
+        else:
+            return _NOT_RAW
+    return values[0] if len(values) == 1 else values
 
 
 def pixel_digest(ds: Dataset) -> tuple[str | None, str | None]:
@@ -335,9 +486,13 @@ def pixel_digest(ds: Dataset) -> tuple[str | None, str | None]:
         return None, None
     if keyword == "PixelData":
         try:
-            arr = ds.pixel_array
-            head = f"{arr.dtype.str}:{arr.shape}:".encode()
-            return digest(head + arr.tobytes()), "decoded"
+            # what ds.pixel_array decodes (pydicom 3's default backend), without the cache
+            # bookkeeping that reads every image attribute twice
+            opts = getattr(ds, "_pixel_array_opts", {"use_pdh": True})
+            arr = ds.pixel_array if opts.get("use_pdh") else decode_pixels(ds)
+            hashed = hashlib.blake2b(f"{arr.dtype.str}:{arr.shape}:".encode(), digest_size=16)
+            hashed.update(numpy.ascontiguousarray(arr))  # the bytes of tobytes(), uncopied
+            return hashed.hexdigest(), "decoded"
         except Exception:  # noqa: BLE001 - an undecodable syntax is recorded, never fatal
             pass
     raw = ds[keyword].value
