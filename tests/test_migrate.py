@@ -472,3 +472,116 @@ def test_summary_names_unstable_listings(capsys):
     printed = capsys.readouterr().out
     assert "1 studies with unstable listings" in printed
     assert f"unstable listing study 1.2.3: {note}" in printed
+
+
+# -- per-study durations and slow studies --------------------------------------------------
+
+
+def _duration_rows(state: Path) -> dict[str, sqlite3.Row]:
+    """Table study_durations of the last run, read with sqlite3 (not the harness)."""
+    with sqlite3.connect(state) as conn:
+        conn.row_factory = sqlite3.Row
+        (run,) = conn.execute("SELECT max(run_id) FROM runs").fetchone()
+        rows = conn.execute("SELECT * FROM study_durations WHERE run_id = ?", (run,))
+        return {row["study_instance_uid"]: row for row in rows}
+
+
+def _nearest_rank(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, -(-len(ordered) * share // 100)) - 1]
+
+
+def test_study_durations_kept_in_state_and_printed(cluster, tmp_path):
+    """`migrate --slow-study-s 0`: every study is beyond the bound, so each is reported
+    with the phase it spent most time in; p50/p99/max are those of the state file."""
+    source, target = cluster.node("legacy"), cluster.node("web")
+    target.wipe()
+    topo = _topology_file(cluster, tmp_path / "ext.yaml", ["legacy", "web"])
+    state = tmp_path / "state.sqlite"
+    args = ["--topology", str(topo), "--from", "legacy", "--to", "web", "--state", str(state),
+            "--no-monitor", "--slow-study-s", "0"]
+    done = subprocess.run(_cli(*args), env=_env(tmp_path, cluster), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = _duration_rows(state)
+    studies = list_studies(source.dimse())
+    assert sorted(rows) == sorted(studies)
+    phases = ("list_source_s", "send_s", "confirm_target_s", "backoff_s")
+    for row in rows.values():
+        assert row["status"] == "migrated"
+        assert row["send_s"] > 0 and row["list_source_s"] > 0 and row["confirm_target_s"] > 0
+        assert sum(row[p] for p in phases) <= row["elapsed_s"] + 1e-6
+    elapsed = [row["elapsed_s"] for row in rows.values()]
+    printed = " ".join(done.stdout.split())  # the console may wrap long lines
+    figures = ", ".join(f"{name} {round(_nearest_rank(elapsed, share), 3)} s"
+                        for name, share in (("p50", 50), ("p99", 99), ("max", 100)))
+    assert f"per study ({len(studies)} worked on): {figures}" in printed
+    assert f"{len(studies)} studies slower than 0 s" in printed
+    words = {"list_source_s": "listing source", "send_s": "sending",
+             "confirm_target_s": "confirming on target", "backoff_s": "retry backoff"}
+    for uid, row in rows.items():
+        slowest = max(phases, key=lambda p: row[p])
+        assert (f"slow study {uid}: {round(row['elapsed_s'], 3)} s, waiting for "
+                f"{words[slowest]}") in printed
+
+    # --json: the same figures; a second run works on no study (all confirmed)
+    again = subprocess.run(_cli(*args, "--json"), env=_env(tmp_path, cluster),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)["result"]
+    assert result["study_durations_s"]["studies"] == 0 and result["slow_studies"] == []
+    assert result["skipped_already_confirmed"] == len(studies)
+
+
+def test_slow_study_waiting_for_a_target_that_is_down(cluster, tmp_path):
+    """A target down for a while makes the studies wait in retry backoff: reported so.
+    One worker: the source listing of a second study means the first one's attempt has
+    failed (connection refused) and waits for its retry; the target starts then."""
+    source, target = cluster.node("pocket"), cluster.node("sink")
+    target.wipe()
+    target.stop()
+    listed: list[str] = []
+    second_study = threading.Event()
+
+    def hook(role: str, study: str, _read: int) -> None:
+        if role == "source" and study not in listed:
+            listed.append(study)
+            if len(listed) == 2:
+                second_study.set()
+
+    migrator = Migrator(source, target, "get", state_path=tmp_path / "s.sqlite", workers=1,
+                        retries=8, backoff_s=0.3, slow_study_s=0.2, on_listing=hook)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", migrator.run()))
+    thread.start()
+    try:
+        assert second_study.wait(120)
+        target.start()
+        target.wait_ready(120)
+    finally:
+        thread.join(240)
+        migrator.close()
+    result = outcome["result"]
+    assert result.ok, result.errors
+    (first,) = [o for o in result.outcomes if o.study_instance_uid == listed[0]]
+    assert first.attempts > 1 and first.phases["backoff"] >= 0.3
+    slow = {entry["study"]: entry for entry in result.as_dict()["slow_studies"]}
+    assert slow[listed[0]]["phases_s"]["backoff"] >= 0.3
+    rows = _duration_rows(tmp_path / "s.sqlite")
+    assert rows[listed[0]]["backoff_s"] == pytest.approx(first.phases["backoff"])
+    assert target.statistics().instances == source.statistics().instances
+
+
+def test_state_file_of_schema_2_gains_the_durations_table(tmp_path):
+    """A state file written before durations were kept resumes; the table is added."""
+    from harness.migration.state import STATE_SCHEMA_VERSION, MigrationState
+
+    path = tmp_path / "old.sqlite"
+    MigrationState(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE study_durations")
+        conn.execute("PRAGMA user_version = 2")
+    MigrationState(path).close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == STATE_SCHEMA_VERSION == 3
+        assert conn.execute("SELECT count(*) FROM study_durations").fetchone()[0] == 0
