@@ -8,25 +8,23 @@ are not sent again, partially sent ones are sent again whole (a PACS keeps one c
 Instance UID, so re-sending creates no duplicate).
 
 A study is *confirmed* when the target's IMAGE-level C-FIND (per series) shows every SOP
-Instance UID the source's IMAGE-level C-FIND listed, each listing settled first
+Instance UID the source's IMAGE-level C-FIND listed, the source's listing settled first
 (discovery.py). Only then is it written as confirmed, one transaction per study. This
-module is the orchestration: workers, rate limit, retries with backoff, confirmation; how
-a study travels is methods.py, the site's own tool external.py.
+module is the orchestration: sender threads (list the source, check the target, send) and
+as many confirmer threads (confirm each sent study while the senders go on: _Pipeline),
+rate limit, retries with backoff, and the time each study spends per phase (state.PHASES,
+kept in the state file; a study slower than `slow_study_s` is reported with them). How a
+study travels is methods.py, the site's own tool external.py.
 
 Run it from the command line with ``pacs-harness migrate`` (harness/cli/migrate.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from harness.dicom.dicomweb import AuthenticationFailed
 from harness.errors import ConfigError
@@ -40,12 +38,8 @@ from harness.migration.discovery import (
     stable_study_content,
     study_content,
 )
-from harness.migration.methods import (
-    METHODS,
-    check_method,
-    release_in_background,
-    send_study,
-)
+from harness.migration.methods import METHODS, check_method, send_study
+from harness.migration.pipeline import Finder, Job, Links, Pipeline, timed
 from harness.migration.state import (
     DEFAULT_SLOW_STUDY_S,
     MigrationError,
@@ -57,33 +51,7 @@ from harness.migration.state import (
 )
 from harness.nodes.base import Node
 
-
-@contextlib.contextmanager
-def _timed(outcome: StudyOutcome, phase: str) -> Iterator[None]:
-    """Add the block's wall time to the study's `phase` (state.PHASES)."""
-    start = time.monotonic()
-    try:
-        yield
-    finally:
-        outcome.phases[phase] = outcome.phases.get(phase, 0.0) + time.monotonic() - start
-
-
-class _RateLimiter:
-    """At most `rate` acquisitions per second over all workers (evenly spaced)."""
-
-    def __init__(self, rate: float | None) -> None:
-        self.interval = 1.0 / rate if rate else 0.0
-        self.next_at = time.monotonic()
-        self.lock = threading.Lock()
-
-    def acquire(self, stop: threading.Event) -> None:
-        if not self.interval:
-            return
-        with self.lock:
-            now = time.monotonic()
-            slot = max(now, self.next_at)
-            self.next_at = slot + self.interval
-        stop.wait(max(0.0, slot - time.monotonic()))
+CONFIRM_POLL_S = 0.2  # between reads of the target while it indexes what it received
 
 
 class Migrator:
@@ -156,7 +124,7 @@ class Migrator:
         self._plan: list[str] | None = None
         self._confirmed: set[str] = set()
         self._confirmed_lock = threading.Lock()
-        self._stop = threading.Event()
+        self.stopping = threading.Event()
         self.run_id = 0
 
     def __repr__(self) -> str:
@@ -219,7 +187,7 @@ class Migrator:
 
     def stop(self) -> None:
         """Ask the workers to finish the study at hand and take no more."""
-        self._stop.set()
+        self.stopping.set()
 
     # -- run ---------------------------------------------------------------------------
     def run(self, progress: ProgressCallback | None = None) -> MigrationResult:
@@ -237,7 +205,7 @@ class Migrator:
         start = time.monotonic()
         studies = self.plan()
         state = self.open()
-        self._stop.clear()
+        self.stopping.clear()
         self.run_id = state.start_run(self.method if send else "verify")
         result = MigrationResult(
             self.method if send else "verify",
@@ -248,13 +216,13 @@ class Migrator:
         )
         say = progress or (lambda _done, _total, _outcome: None)
         say(0, len(studies), None)
-        pipeline = _Pipeline(self, result, say, send)
+        pipeline = Pipeline(self, result, say, send)
         for uid in studies:
             if self.is_confirmed(uid):
-                pipeline.finish(_Job(uid, StudyOutcome(uid, "skipped_already_confirmed")),
+                pipeline.finish(Job(uid, StudyOutcome(uid, "skipped_already_confirmed")),
                                 record=False)
             else:
-                pipeline.to_send.append(_Job(uid, StudyOutcome(uid, "failed")))
+                pipeline.to_send.append(Job(uid, StudyOutcome(uid, "failed")))
         pipeline.run(min(self.workers, max(1, len(pipeline.to_send))))
         result.elapsed_s = time.monotonic() - start
         state.finish_run(self.run_id, result)
@@ -262,8 +230,8 @@ class Migrator:
             raise pipeline.auth_failures[0]
         return result
 
-    # -- one study's steps (called by _Pipeline's threads) ----------------------------------
-    def _attempt(self, job: _Job, links: _Links, send: bool) -> bool:
+    # -- one study's steps (called by Pipeline's threads) ----------------------------------
+    def attempt_send(self, job: Job, links: Links, send: bool) -> bool:
         """One attempt at a study up to its send: list the source (once), check the target,
         send what it lacks. True: sent, to be confirmed; False: the study is finished or
         waits for a retry (job.outcome says which)."""
@@ -273,7 +241,7 @@ class Migrator:
         send_id = None
         try:
             if job.source_content is None:
-                with _timed(outcome, "list_source"):
+                with timed(outcome, "list_source"):
                     listed = self._listing(links.source, "source", job.uid, outcome)
                 if not listed.instances:
                     raise MigrationError(
@@ -282,16 +250,16 @@ class Migrator:
                 job.source_content = listed
                 state.record_instances(job.uid, listed.instances)
                 outcome.instances = len(listed.instances)
-            with _timed(outcome, "confirm_target"):
+            with timed(outcome, "confirm_target"):
                 missing = self._missing(job, links.target)
             if not missing:
                 self._confirmed_now(job)
                 return False
             if not send:
                 raise self._not_on_target(job, missing, sent=False)
-            links.release()  # idle during the send: see _Finder
+            links.release()  # idle during the send: see Finder
             send_id = state.start_send(self.run_id, job.uid, outcome.attempts, self.method)
-            with _timed(outcome, "send"):
+            with timed(outcome, "send"):
                 sent = send_study(
                     self.method, self.source, self.target, job.uid, job.source_content
                 )
@@ -308,7 +276,7 @@ class Migrator:
                 state.finish_send(send_id, 0, outcome.error)
             return False
 
-    def _confirm_sent(self, job: _Job, links: _Links) -> None:
+    def confirm_sent(self, job: Job, links: Links) -> None:
         """After a send: poll the target until its C-FIND shows every instance the source
         listed (some PACS index what they received a moment later), within
         confirm_timeout_s. A read that shows them all is the proof, whatever its count (a
@@ -319,7 +287,7 @@ class Migrator:
         assert content is not None
         wanted = set(content.instances)
         deadline = time.monotonic() + self.confirm_timeout_s
-        with _timed(outcome, "confirm_target"):
+        with timed(outcome, "confirm_target"):
             try:
                 while True:
                     shown = study_content(
@@ -329,10 +297,10 @@ class Migrator:
                     if not wanted - set(shown.instances):
                         self._confirmed_now(job)
                         return
-                    if time.monotonic() >= deadline or self._stop.is_set():
+                    if time.monotonic() >= deadline or self.stopping.is_set():
                         break
-                    links.release()  # idle while it waits: see _Finder
-                    self._stop.wait(CONFIRM_POLL_S)
+                    links.release()  # idle while it waits: see Finder
+                    self.stopping.wait(CONFIRM_POLL_S)
                 missing = self._missing(job, links.target)
             except AuthenticationFailed:
                 raise
@@ -344,21 +312,21 @@ class Migrator:
         else:
             self._confirmed_now(job)
 
-    def _confirmed_now(self, job: _Job) -> None:
+    def _confirmed_now(self, job: Job) -> None:
         self.open().confirm(self.run_id, job.uid)
         with self._confirmed_lock:
             self._confirmed.add(job.uid)
         job.outcome.status = "migrated" if job.outcome.instances_sent else "already_on_target"
         job.outcome.error = None
 
-    def _not_on_target(self, job: _Job, missing: set[str], *, sent: bool) -> MigrationError:
+    def _not_on_target(self, job: Job, missing: set[str], *, sent: bool) -> MigrationError:
         assert job.source_content is not None
         return MigrationError(
             f"{len(missing)} of {len(job.source_content.instances)} instances not on "
             f"target {self.target.name}" + (" after sending" if sent else "")
         )
 
-    def _listing(self, finder: _Finder, role: str, uid: str, outcome: StudyOutcome
+    def _listing(self, finder: Finder, role: str, uid: str, outcome: StudyOutcome
                  ) -> StudyContent:
         """The study as the node lists it once the listing settled; disagreeing reads are
         noted in the outcome and the state file (also when it never settles)."""
@@ -371,7 +339,7 @@ class Migrator:
                 tries=self.listing_tries,
                 deadline_s=self.listing_timeout_s,
                 on_listing=self.on_listing,
-                stop=self._stop,
+                stop=self.stopping,
                 assoc=finder.association(),
                 # the SOP classes only for C-GET's presentation contexts (methods.py)
                 sop_classes=role == "source" and self.method == "get",
@@ -386,223 +354,8 @@ class Migrator:
             state.record_unstable(self.run_id, uid, notes, settled=True)
         return content
 
-    def _missing(self, job: _Job, finder: _Finder) -> set[str]:
+    def _missing(self, job: Job, finder: Finder) -> set[str]:
         """SOP Instance UIDs of the source study that the target's settled C-FIND lacks."""
         assert job.source_content is not None
         on_target = self._listing(finder, "target", job.uid, job.outcome)
         return set(job.source_content.instances) - set(on_target.instances)
-
-
-CONFIRM_POLL_S = 0.2  # between reads of the target while it indexes what it received
-
-
-@dataclass
-class _Job:
-    """One study on its way through the pipeline, over all its attempts."""
-
-    uid: str
-    outcome: StudyOutcome
-    started: float = 0.0  # when a sender took it up (a study's time excludes its queueing)
-    source_content: StudyContent | None = None
-    retry_at: float = 0.0  # monotonic time before which the next attempt must not start
-    queued_at: float = 0.0  # when it was last handed on (to a confirmer or for a retry)
-
-
-class _Finder:
-    """One thread's C-FIND association to one node, kept while the thread has queries to
-    ask (back-to-back confirmations) and opened again when released or closed by the peer.
-
-    Never kept idle: Orthanc serves its associations in turns on DicomThreadsCount (4)
-    threads, and a turn on an association with no request waits up to 1 s for one
-    (Orthanc's CommandDispatcher::Step), so idle associations held on the target starve
-    the C-STOREs of the C-MOVEs. Measured with 4 workers keeping 8 idle associations on
-    the target Orthanc: the C-MOVEs of 4 studies of 48 CT took 21.5 s instead of 0.3 s.
-    Hence release() before a send and whenever the thread waits for work."""
-
-    def __init__(self, node: Node) -> None:
-        self.client = node.dimse()
-        self.assoc: Any = None
-
-    def association(self) -> Any:
-        if self.assoc is None or not self.assoc.is_open:
-            self.assoc = self.client.find_association()
-        return self.assoc
-
-    def release(self) -> None:
-        if self.assoc is not None and self.assoc.is_open:
-            release_in_background(self.assoc)
-        self.assoc = None
-
-
-class _Links:
-    """A thread's kept C-FIND associations: to the source and to the target."""
-
-    def __init__(self, migrator: Migrator) -> None:
-        self.source = _Finder(migrator.source)
-        self.target = _Finder(migrator.target)
-
-    def release(self) -> None:
-        """Release both associations (see _Finder: none is kept idle)."""
-        for finder in (self.source, self.target):
-            try:
-                finder.release()
-            except Exception:  # noqa: BLE001 - a peer gone meanwhile changes no outcome
-                finder.assoc = None
-
-
-class _Pipeline:
-    """The threads of one run. Senders list a study on the source, check the target and
-    send; confirmers (as many) confirm each sent study on the target meanwhile, so the
-    confirmation of study k overlaps the send of study k+1. A failed attempt goes back to
-    the senders after its backoff, until its attempts are spent."""
-
-    def __init__(self, migrator: Migrator, result: MigrationResult, say: ProgressCallback,
-                 send: bool) -> None:
-        self.migrator, self.result, self.say, self.send = migrator, result, say, send
-        self.to_send: deque[_Job] = deque()
-        self.to_confirm: deque[_Job] = deque()
-        self.cond = threading.Condition()
-        self.done = 0
-        self.senders_alive = 0
-        self.auth_failures: list[AuthenticationFailed] = []
-        self.attempts = 1 + migrator.retries if send else 1
-        self.limiter = _RateLimiter(migrator.rate_limit if send else None)
-
-    def run(self, workers: int) -> None:
-        stop = self.migrator._stop
-        self.senders_alive = workers
-        threads = [threading.Thread(target=self._thread, args=(self._sender,),
-                                    name=f"migrate-{n}", daemon=True) for n in range(workers)]
-        threads += [threading.Thread(target=self._thread, args=(self._confirmer,),
-                                     name=f"confirm-{n}", daemon=True) for n in range(workers)]
-        for thread in threads:
-            thread.start()
-        try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.2)
-        except KeyboardInterrupt:
-            stop.set()  # the state file is consistent after every study; just stop
-            raise
-        for job in list(self.to_send) + list(self.to_confirm):
-            if job.outcome.attempts:  # a retry that never came: reported, left pending
-                job.outcome.error = job.outcome.error or "stopped before the study was confirmed"
-                self.finish(job)
-
-    def _thread(self, loop: Callable[[_Links], None]) -> None:
-        links = _Links(self.migrator)
-        try:
-            loop(links)
-        except AuthenticationFailed as exc:  # no retry logs in: stop every thread
-            self.auth_failures.append(exc)
-            self.migrator._stop.set()
-        finally:
-            links.release()
-            with self.cond:
-                if loop == self._sender:
-                    self.senders_alive -= 1
-                self.cond.notify_all()
-
-    def _next(self, queue: deque[_Job], links: _Links, confirming: bool) -> _Job | None:
-        """The next job of `queue`, None once there is nothing more to do; the thread's
-        associations are released before it waits."""
-        stop = self.migrator._stop
-        if not queue:  # a glance without the lock: releasing takes a round trip
-            links.release()
-        with self.cond:
-            while not queue:
-                if stop.is_set() and (not confirming or self.senders_alive == 0):
-                    return None
-                if self.done == self.result.studies_total - self.skipped:
-                    return None
-                if confirming and self.senders_alive == 0 and not self.to_send:
-                    return None
-                self.cond.wait(0.2)
-            if stop.is_set() and not confirming:
-                return None
-            return queue.popleft()
-
-    @property
-    def skipped(self) -> int:
-        return self.result.skipped_already_confirmed
-
-    def _sender(self, links: _Links) -> None:
-        migrator = self.migrator
-        while (job := self._next(self.to_send, links, confirming=False)) is not None:
-            wait = job.retry_at - time.monotonic()
-            if wait > 0:
-                links.release()
-                migrator._stop.wait(wait)
-            if job.queued_at:  # from the failed attempt to this one: retry backoff
-                job.outcome.phases["backoff"] += time.monotonic() - job.queued_at
-            if not job.outcome.attempts:
-                self.limiter.acquire(migrator._stop)
-                job.started = time.monotonic()
-            if migrator._stop.is_set():
-                self.requeue(job)
-                return
-            try:
-                sent = migrator._attempt(job, links, self.send)
-            except AuthenticationFailed:
-                self.finish(job)
-                raise
-            except Exception as exc:  # e.g. the state file's disk is full: report, go on
-                job.outcome.error = f"internal: {describe_error(exc)}"
-                self.finish(job)
-                continue
-            if sent:
-                with self.cond:
-                    job.queued_at = time.monotonic()
-                    self.to_confirm.append(job)
-                    self.cond.notify_all()
-            else:
-                self.settle(job)
-
-    def _confirmer(self, links: _Links) -> None:
-        while (job := self._next(self.to_confirm, links, confirming=True)) is not None:
-            # waiting for a confirmer counts as confirming on the target
-            job.outcome.phases["confirm_target"] += time.monotonic() - job.queued_at
-            try:
-                self.migrator._confirm_sent(job, links)
-            except AuthenticationFailed:
-                self.finish(job)
-                raise
-            except Exception as exc:
-                job.outcome.error = f"internal: {describe_error(exc)}"
-            self.settle(job)
-
-    def settle(self, job: _Job) -> None:
-        """After an attempt: finished when confirmed or out of attempts, else queued for
-        the next attempt after its backoff (backoff_s, 2 x backoff_s, ...)."""
-        outcome = job.outcome
-        if outcome.status != "failed":
-            self.finish(job)
-        elif outcome.attempts >= self.attempts or self.migrator._stop.is_set():
-            if outcome.attempts >= self.attempts:
-                self.migrator.open().fail(job.uid, outcome.error or "failed")
-            self.finish(job)
-        else:
-            job.retry_at = (time.monotonic()
-                            + self.migrator.backoff_s * 2 ** (outcome.attempts - 1))
-            self.requeue(job)
-
-    def requeue(self, job: _Job) -> None:
-        with self.cond:
-            job.queued_at = time.monotonic()
-            self.to_send.append(job)
-            self.cond.notify_all()
-
-    def finish(self, job: _Job, record: bool = True) -> None:
-        outcome = job.outcome
-        if record:
-            if outcome.status == "failed" and outcome.error is None:
-                outcome.error = "stopped before the study was confirmed"
-            outcome.elapsed_s = time.monotonic() - job.started if job.started else 0.0
-            self.migrator.open().record_duration(self.migrator.run_id, outcome)
-        with self.cond:
-            self.result.add(outcome)
-            if record:
-                self.done += 1
-            count = len(self.result.outcomes)
-            self.cond.notify_all()
-        self.say(count, self.result.studies_total, outcome)
