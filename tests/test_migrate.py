@@ -26,6 +26,7 @@ from harness.launch.tools import find_binary
 from harness.migration.discovery import list_studies
 from harness.migration.external import ExternalMigration
 from harness.migration.migrator import Migrator
+from harness.migration.state import MigrationResult
 from harness.nodes.base import Node
 from synthetic_data.samples import sample_study
 from tests.helpers import external_topology, login_env, processes_mentioning
@@ -197,6 +198,21 @@ def test_sigkill_mid_run_then_restart_ends_with_zero_loss_and_no_resend(cluster,
         assert CONTENT["pocket"][0] <= sends <= CONTENT["pocket"][0] + 1
 
 
+def _run_while_target_restarts(migrator: Migrator, target: Node, until) -> MigrationResult:
+    """Run the migrator in a thread; start the (stopped) target once `until()` returns."""
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", migrator.run()))
+    thread.start()
+    try:
+        until()
+        target.start()
+        target.wait_ready(120)
+    finally:
+        thread.join(240)
+        migrator.close()
+    return outcome["result"]
+
+
 def test_target_down_for_a_while_is_retried_with_backoff(cluster, tmp_path):
     source, target = cluster.node("legacy"), cluster.node("sink")
     target.wipe()
@@ -206,17 +222,8 @@ def test_target_down_for_a_while_is_retried_with_backoff(cluster, tmp_path):
         # 8 retries: waits of 0.3 s doubling, 76 s in all, for the target's restart under load
         source, target, "get", state_path=tmp_path / "s.sqlite", retries=8, backoff_s=0.3
     )
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("result", migrator.run()))
-    thread.start()
-    try:
-        time.sleep(1.0)  # the first attempts fail: connection refused
-        target.start()
-        target.wait_ready(120)
-    finally:
-        thread.join(240)
-        migrator.close()
-    result = outcome["result"]
+    # the first attempts fail: connection refused
+    result = _run_while_target_restarts(migrator, target, lambda: time.sleep(1.0))
     assert result.ok, result.errors
     assert result.retries_used > 0
     assert result.migrated == CONTENT["legacy"][0]
@@ -551,17 +558,7 @@ def test_slow_study_waiting_for_a_target_that_is_down(cluster, tmp_path):
 
     migrator = Migrator(source, target, "get", state_path=tmp_path / "s.sqlite", workers=1,
                         retries=8, backoff_s=0.3, slow_study_s=0.2, on_listing=hook)
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("result", migrator.run()))
-    thread.start()
-    try:
-        assert second_study.wait(120)
-        target.start()
-        target.wait_ready(120)
-    finally:
-        thread.join(240)
-        migrator.close()
-    result = outcome["result"]
+    result = _run_while_target_restarts(migrator, target, lambda: second_study.wait(120))
     assert result.ok, result.errors
     (first,) = [o for o in result.outcomes if o.study_instance_uid == listed[0]]
     assert first.attempts > 1 and first.phases["backoff"] >= 0.3
