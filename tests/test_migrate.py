@@ -582,3 +582,24 @@ def test_state_file_of_schema_2_gains_the_durations_table(tmp_path):
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == STATE_SCHEMA_VERSION == 3
         assert conn.execute("SELECT count(*) FROM study_durations").fetchone()[0] == 0
+
+
+def test_a_peer_slow_to_answer_the_release_holds_no_study():
+    """The migrator's associations are released in the background once their last response
+    came: a peer that never answers the A-RELEASE-RQ (the 30 s stall of issue 18 with 0
+    retries) no longer holds the study; the release still ends at the ARTIM timer."""
+    from harness.migration.methods import release_in_background
+    from tests.test_wire import associate, raw_peer, silent_release, sockets_to
+
+    with raw_peer(silent_release) as peer:
+        assoc = associate(peer.port, timeout_s=3600, artim_s=20)
+        release_in_background(assoc)
+        # a release on this thread would have aborted the association (after 20 s) before
+        # returning; in the background the peer still waits for it
+        assert not peer.eof.is_set() and assoc.is_open
+        assert peer.eof.wait(120)  # then the ARTIM timer ends it: A-ABORT, socket closed
+        assert peer.after_script == [bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])]
+        for thread in threading.enumerate():
+            if thread.name == "release":
+                thread.join(60)
+        assert not assoc.is_open and sockets_to(peer.port) == []

@@ -59,8 +59,6 @@ class RateLimiter:
         stop.wait(max(0.0, slot - time.monotonic()))
 
 
-
-
 @dataclass
 class Job:
     """One study on its way through the pipeline, over all its attempts."""
