@@ -1,7 +1,7 @@
 """Benchmark: the reference migrator (`pacs-harness migrate`) against DCMTK movescu (by hand).
 
-    python benchmarks/bench_migrate.py             # 20 harness runs, ~2 min
-    python benchmarks/bench_migrate.py --runs 5    # quicker
+    python benchmarks/bench_migrate.py             # 20 harness runs, 3-8 min
+    python benchmarks/bench_migrate.py --runs 5    # quicker; --no-monitor, --json
 
 Two launched Orthancs; the source holds 12 studies of 48 small synthetic CT (576 instances).
 In one run, each timed around the whole copy, the target wiped through Orthanc's REST API
@@ -11,11 +11,13 @@ before each copy and its instances counted there afterwards (an independent mean
       load changes during a run; the ratio uses the medians);
   (b) Orthanc's own REST push of every study to the target (a reference);
   (c) Migrator(method="move") at 1 and 4 workers, each study confirmed on the target (the
-      target's IMAGE-level C-FIND lists every SOP Instance UID the source listed).
+      target's IMAGE-level C-FIND lists every SOP Instance UID the source listed), with the
+      availability monitor probing both nodes as `pacs-harness migrate` does by default.
 The migration at 4 workers is repeated `--runs` times: median, max, max/median and the
 outliers (a run over 3x the median) are printed, with per-study durations (p50, p99, max)
 and the ratio movescu/harness (>= 1.0: the harness, confirmation included, is at least as
-fast as the bare C-MOVEs). The machine may be shared: compare ratios from one run.
+fast as the bare C-MOVEs). A study slower than 5 s is printed with its time by phase as
+the runs go. The machine may be shared: compare ratios from one run.
 """
 
 from __future__ import annotations
