@@ -26,6 +26,7 @@ from harness.launch.tools import find_binary
 from harness.migration.discovery import list_studies
 from harness.migration.external import ExternalMigration
 from harness.migration.migrator import Migrator
+from harness.migration.state import MigrationResult
 from harness.nodes.base import Node
 from synthetic_data.samples import sample_study
 from tests.helpers import external_topology, login_env, processes_mentioning
@@ -197,6 +198,21 @@ def test_sigkill_mid_run_then_restart_ends_with_zero_loss_and_no_resend(cluster,
         assert CONTENT["pocket"][0] <= sends <= CONTENT["pocket"][0] + 1
 
 
+def _run_while_target_restarts(migrator: Migrator, target: Node, until) -> MigrationResult:
+    """Run the migrator in a thread; start the (stopped) target once `until()` returns."""
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", migrator.run()))
+    thread.start()
+    try:
+        until()
+        target.start()
+        target.wait_ready(120)
+    finally:
+        thread.join(240)
+        migrator.close()
+    return outcome["result"]
+
+
 def test_target_down_for_a_while_is_retried_with_backoff(cluster, tmp_path):
     source, target = cluster.node("legacy"), cluster.node("sink")
     target.wipe()
@@ -206,17 +222,8 @@ def test_target_down_for_a_while_is_retried_with_backoff(cluster, tmp_path):
         # 8 retries: waits of 0.3 s doubling, 76 s in all, for the target's restart under load
         source, target, "get", state_path=tmp_path / "s.sqlite", retries=8, backoff_s=0.3
     )
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("result", migrator.run()))
-    thread.start()
-    try:
-        time.sleep(1.0)  # the first attempts fail: connection refused
-        target.start()
-        target.wait_ready(120)
-    finally:
-        thread.join(240)
-        migrator.close()
-    result = outcome["result"]
+    # the first attempts fail: connection refused
+    result = _run_while_target_restarts(migrator, target, lambda: time.sleep(1.0))
     assert result.ok, result.errors
     assert result.retries_used > 0
     assert result.migrated == CONTENT["legacy"][0]
@@ -472,3 +479,127 @@ def test_summary_names_unstable_listings(capsys):
     printed = capsys.readouterr().out
     assert "1 studies with unstable listings" in printed
     assert f"unstable listing study 1.2.3: {note}" in printed
+
+
+# -- per-study durations and slow studies --------------------------------------------------
+
+
+def _duration_rows(state: Path) -> dict[str, sqlite3.Row]:
+    """Table study_durations of the last run, read with sqlite3 (not the harness)."""
+    with sqlite3.connect(state) as conn:
+        conn.row_factory = sqlite3.Row
+        (run,) = conn.execute("SELECT max(run_id) FROM runs").fetchone()
+        rows = conn.execute("SELECT * FROM study_durations WHERE run_id = ?", (run,))
+        return {row["study_instance_uid"]: row for row in rows}
+
+
+def _nearest_rank(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, -(-len(ordered) * share // 100)) - 1]
+
+
+def test_study_durations_kept_in_state_and_printed(cluster, tmp_path):
+    """`migrate --slow-study-s 0`: every study is beyond the bound, so each is reported
+    with the phase it spent most time in; p50/p99/max are those of the state file."""
+    source, target = cluster.node("legacy"), cluster.node("web")
+    target.wipe()
+    topo = _topology_file(cluster, tmp_path / "ext.yaml", ["legacy", "web"])
+    state = tmp_path / "state.sqlite"
+    args = ["--topology", str(topo), "--from", "legacy", "--to", "web", "--state", str(state),
+            "--no-monitor", "--slow-study-s", "0"]
+    done = subprocess.run(_cli(*args), env=_env(tmp_path, cluster), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = _duration_rows(state)
+    studies = list_studies(source.dimse())
+    assert sorted(rows) == sorted(studies)
+    phases = ("list_source_s", "send_s", "confirm_target_s", "backoff_s")
+    for row in rows.values():
+        assert row["status"] == "migrated"
+        assert row["send_s"] > 0 and row["list_source_s"] > 0 and row["confirm_target_s"] > 0
+        assert sum(row[p] for p in phases) <= row["elapsed_s"] + 1e-6
+    elapsed = [row["elapsed_s"] for row in rows.values()]
+    printed = " ".join(done.stdout.split())  # the console may wrap long lines
+    figures = ", ".join(f"{name} {round(_nearest_rank(elapsed, share), 3)} s"
+                        for name, share in (("p50", 50), ("p99", 99), ("max", 100)))
+    assert f"per study ({len(studies)} worked on): {figures}" in printed
+    assert f"{len(studies)} studies slower than 0 s" in printed
+    words = {"list_source_s": "listing source", "send_s": "sending",
+             "confirm_target_s": "confirming on target", "backoff_s": "retry backoff"}
+    for uid, row in rows.items():
+        slowest = max(phases, key=lambda p: row[p])
+        assert (f"slow study {uid}: {round(row['elapsed_s'], 3)} s, waiting for "
+                f"{words[slowest]}") in printed
+
+    # --json: the same figures; a second run works on no study (all confirmed)
+    again = subprocess.run(_cli(*args, "--json"), env=_env(tmp_path, cluster),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)["result"]
+    assert result["study_durations_s"]["studies"] == 0 and result["slow_studies"] == []
+    assert result["skipped_already_confirmed"] == len(studies)
+
+
+def test_slow_study_waiting_for_a_target_that_is_down(cluster, tmp_path):
+    """A target down for a while makes the studies wait in retry backoff: reported so.
+    One worker: the source listing of a second study means the first one's attempt has
+    failed (connection refused) and waits for its retry; the target starts then."""
+    source, target = cluster.node("pocket"), cluster.node("sink")
+    target.wipe()
+    target.stop()
+    listed: list[str] = []
+    second_study = threading.Event()
+
+    def hook(role: str, study: str, _read: int) -> None:
+        if role == "source" and study not in listed:
+            listed.append(study)
+            if len(listed) == 2:
+                second_study.set()
+
+    migrator = Migrator(source, target, "get", state_path=tmp_path / "s.sqlite", workers=1,
+                        retries=8, backoff_s=0.3, slow_study_s=0.2, on_listing=hook)
+    result = _run_while_target_restarts(migrator, target, lambda: second_study.wait(120))
+    assert result.ok, result.errors
+    (first,) = [o for o in result.outcomes if o.study_instance_uid == listed[0]]
+    assert first.attempts > 1 and first.phases["backoff"] >= 0.3
+    slow = {entry["study"]: entry for entry in result.as_dict()["slow_studies"]}
+    assert slow[listed[0]]["phases_s"]["backoff"] >= 0.3
+    rows = _duration_rows(tmp_path / "s.sqlite")
+    assert rows[listed[0]]["backoff_s"] == pytest.approx(first.phases["backoff"])
+    assert target.statistics().instances == source.statistics().instances
+
+
+def test_state_file_of_schema_2_gains_the_durations_table(tmp_path):
+    """A state file written before durations were kept resumes; the table is added."""
+    from harness.migration.state import STATE_SCHEMA_VERSION, MigrationState
+
+    path = tmp_path / "old.sqlite"
+    MigrationState(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE study_durations")
+        conn.execute("PRAGMA user_version = 2")
+    MigrationState(path).close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == STATE_SCHEMA_VERSION == 3
+        assert conn.execute("SELECT count(*) FROM study_durations").fetchone()[0] == 0
+
+
+def test_a_peer_slow_to_answer_the_release_holds_no_study():
+    """The migrator's associations are released in the background once their last response
+    came: a peer that never answers the A-RELEASE-RQ (the 30 s stall of issue 18 with 0
+    retries) no longer holds the study; the release still ends at the ARTIM timer."""
+    from harness.migration.methods import release_in_background
+    from tests.test_wire import associate, raw_peer, silent_release, sockets_to
+
+    with raw_peer(silent_release) as peer:
+        assoc = associate(peer.port, timeout_s=3600, artim_s=20)
+        release_in_background(assoc)
+        # a release on this thread would have aborted the association (after 20 s) before
+        # returning; in the background the peer still waits for it
+        assert not peer.eof.is_set() and assoc.is_open
+        assert peer.eof.wait(120)  # then the ARTIM timer ends it: A-ABORT, socket closed
+        assert peer.after_script == [bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])]
+        for thread in threading.enumerate():
+            if thread.name == "release":
+                thread.join(60)
+        assert not assoc.is_open and sockets_to(peer.port) == []

@@ -21,6 +21,7 @@ import click
 from harness.console import out, progress_bar
 from harness.errors import EXIT_FINDINGS
 from harness.migration.methods import METHODS
+from harness.migration.state import DEFAULT_SLOW_STUDY_S, PHASES
 
 if TYPE_CHECKING:
     from harness.migration.state import StudyOutcome
@@ -103,6 +104,21 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"{result['instances_sent']} instances sent, {result['retries_used']} retries, "
         f"{result['elapsed_s']} s (state: {summary['state']})"
     )
+    durations = result.get("study_durations_s")
+    if durations and durations["studies"]:
+        out.print(
+            f"per study ({durations['studies']} worked on): p50 {durations['p50']} s, "
+            f"p99 {durations['p99']} s, max {durations['max']} s"
+        )
+    slow = result.get("slow_studies") or []
+    if slow:
+        out.print(f"[yellow]{len(slow)} studies slower than {result['slow_study_s']:g} s[/] "
+                  "(time by phase; see table study_durations)")
+    for entry in slow[:20]:
+        phases = ", ".join(f"{PHASES[name]} {seconds} s"
+                           for name, seconds in entry["phases_s"].items())
+        out.print(f"[yellow]slow study[/] {entry['study']}: {entry['elapsed_s']} s, "
+                  f"waiting for {entry['waiting_for']} ({phases})")
     discovery = summary.get("discovery")
     if discovery and discovery["split_by_date"]:
         cut = (f"the source cut its C-FIND answer at {discovery['limit']} matches"
@@ -158,6 +174,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
 )
 @click.option("--retries", default=3, show_default=True, type=click.IntRange(0, 100))
 @click.option(
+    "--slow-study-s",
+    default=DEFAULT_SLOW_STUDY_S,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="report each study slower than this (seconds) with the time it spent listing the "
+    "source, sending, confirming on the target and in retry backoff",
+)
+@click.option(
     "--state",
     "state_path",
     type=click.Path(dir_okay=False),
@@ -197,6 +221,7 @@ def migrate_command(
     workers: int,
     rate: float | None,
     retries: int,
+    slow_study_s: float,
     state_path: str | None,
     external_command: str | None,
     external_timeout: float,
@@ -208,7 +233,9 @@ def migrate_command(
 
     A study counts as migrated once the target's C-FIND lists every SOP instance the
     source has, each listing agreeing with the node's study count or with a second read
-    (listings that changed between reads are reported). Killed or interrupted? Run the
+    (listings that changed between reads are reported). Prints each study's duration
+    (p50, p99, max) and the studies slower than --slow-study-s with what they waited for.
+    Killed or interrupted? Run the
     same command again: confirmed studies are not sent again. Exit 1 if any study is not
     on the target at the end.
     """
@@ -233,6 +260,7 @@ def migrate_command(
         workers=workers,
         rate_limit=rate,
         retries=retries,
+        slow_study_s=slow_study_s,
         split_queries=remedies["split_queries"],
         source_find_limit=remedies["source_find_limit"],
     )

@@ -555,6 +555,43 @@ class WireAssociation:
                 self._send_message(context_id, c_cancel_rq(self._message_id), None)
                 cancelled = True
 
+    # -- C-MOVE ---------------------------------------------------------------------------------
+    def move(
+        self, context_id: int, destination_ae: str, identifier: bytes
+    ) -> tuple[dict[int, bytes], bytes | None]:
+        """C-MOVE-RQ to `destination_ae` with an encoded identifier (PS3.7 9.1.4), read until
+        the final C-MOVE-RSP: its command elements (status, sub-operation counts) and data
+        set. The deadline starts afresh whenever a sub-operation ended (the counts grew);
+        pending responses without that count against max_pending. Why here and not on
+        pynetdicom: its association threads cost ~70 ms of CPU per C-MOVE (measured, 12
+        studies: 0.7-1.0 s), which the PACS on the same machine then lacks."""
+        self._message_id = self._message_id % 0xFFFF + 1
+        padded = destination_ae + " " * (len(destination_ae) % 2)  # AE: space padded (PS3.5)
+        command = encode_command(
+            {
+                0x00000002: self.contexts[context_id][0],
+                0x00000100: 0x0021,
+                0x00000110: self._message_id,
+                0x00000600: padded,
+                0x00000700: 0x0000,
+                0x00000800: 0x0001,
+            }
+        )
+        operation = self._begin("C-MOVE-RSP")
+        self._send_message(context_id, command, identifier)
+        ended = -1
+        while True:
+            elements, data, status = self._read_response(0x8021, "C-MOVE-RSP", "during C-MOVE")
+            if status not in (0xFF00, 0xFF01):
+                self.operation = None
+                return elements, data
+            counts = sum(command_us(elements, tag) for tag in (0x00001021, 0x00001022, 0x00001023))
+            if counts > ended:
+                ended = counts
+                operation.progress()
+            else:
+                self._pending(operation, "C-MOVE-RSPs without a finished sub-operation")
+
     # -- ending ---------------------------------------------------------------------------------
     def release(self) -> None:
         """A-RELEASE-RQ, then wait for the A-RELEASE-RP no longer than the ARTIM timer

@@ -294,6 +294,8 @@ def study_content(
     series_uids: list[str] | None = None,
     *,
     between: Callable[[], None] | None = None,
+    assoc: Any = None,
+    sop_classes: bool = True,
 ) -> StudyContent:
     """The study's instances via IMAGE-level C-FIND, one query per series, then the study's
     own NumberOfStudyRelatedInstances (where the node returns it) to cross-check them.
@@ -301,11 +303,16 @@ def study_content(
     Walks SERIES then IMAGE (each level with its parent's unique key), which every Q/R SCP
     supports, strict hierarchical ones like dcmqrscp included. `series_uids` skips the
     series query (the count is then not asked: it covers every series). `between` runs
-    after the walk, before the count.
+    after the walk, before the count. `assoc`: a C-FIND association the caller keeps
+    (find_association) and releases; None: one of its own for this listing.
+    `sop_classes` False: SOPClassUID is not asked (Orthanc 1.10 reads every instance's file
+    to answer it: an IMAGE C-FIND of 48 CT took 78-106 ms with it, 20-45 ms without).
     """
     content = StudyContent()
     whole_study = series_uids is None
-    assoc = client.find_association()
+    kept = assoc is not None
+    if assoc is None:
+        assoc = client.find_association()
     try:
         if series_uids is None:
             found = _find(
@@ -325,7 +332,7 @@ def study_content(
                     "StudyInstanceUID": study,
                     "SeriesInstanceUID": series,
                     "SOPInstanceUID": None,
-                    "SOPClassUID": None,
+                    **({"SOPClassUID": None} if sop_classes else {}),
                 },
             )
             sops = {str(ds.SOPInstanceUID) for ds in images if ds.get("SOPInstanceUID")}
@@ -343,7 +350,8 @@ def study_content(
             )
             content.reported_instances = _reported_instances(counted)
     finally:
-        assoc.release()
+        if not kept:
+            assoc.release()
     return content
 
 
@@ -364,6 +372,8 @@ def stable_study_content(
     pause_s: float = 0.2,
     on_listing: ListingHook | None = None,
     stop: threading.Event | None = None,
+    assoc: Any = None,
+    sop_classes: bool = True,
 ) -> tuple[StudyContent, list[str]]:
     """A listing of the study that a second means agrees with, and what was unstable.
 
@@ -373,6 +383,7 @@ def stable_study_content(
     where the node does not return that count, when two consecutive reads list the same
     SOP Instance UIDs. At most `tries` reads within `deadline_s`; else UnstableListing.
     Returns the accepted content and one note per read that disagreed (empty: stable).
+    `assoc`, `sop_classes`: see study_content.
     """
     notes: list[str] = []
     reads: list[str] = []
@@ -380,7 +391,8 @@ def stable_study_content(
     deadline = time.monotonic() + deadline_s
     for read in range(1, tries + 1):
         hook = (lambda read=read: on_listing(role, study, read)) if on_listing else None
-        content = study_content(client, study, between=hook)
+        content = study_content(client, study, between=hook, assoc=assoc,
+                                sop_classes=sop_classes)
         reads.append(_describe_read(content))
         listed = set(content.instances)
         counted = content.reported_instances

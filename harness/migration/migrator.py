@@ -8,10 +8,13 @@ are not sent again, partially sent ones are sent again whole (a PACS keeps one c
 Instance UID, so re-sending creates no duplicate).
 
 A study is *confirmed* when the target's IMAGE-level C-FIND (per series) shows every SOP
-Instance UID the source's IMAGE-level C-FIND listed, each listing settled first
+Instance UID the source's IMAGE-level C-FIND listed, the source's listing settled first
 (discovery.py). Only then is it written as confirmed, one transaction per study. This
-module is the orchestration: workers, rate limit, retries with backoff, confirmation; how
-a study travels is methods.py, the site's own tool external.py.
+module is the orchestration: sender threads (list the source, check the target, send) and
+as many confirmer threads (confirm each sent study while the senders go on: _Pipeline),
+rate limit, retries with backoff, and the time each study spends per phase (state.PHASES,
+kept in the state file; a study slower than `slow_study_s` is reported with them). How a
+study travels is methods.py, the site's own tool external.py.
 
 Run it from the command line with ``pacs-harness migrate`` (harness/cli/migrate.py).
 """
@@ -21,7 +24,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 from harness.dicom.dicomweb import AuthenticationFailed
@@ -34,9 +36,12 @@ from harness.migration.discovery import (
     UnstableListing,
     discover_studies,
     stable_study_content,
+    study_content,
 )
 from harness.migration.methods import METHODS, check_method, send_study
+from harness.migration.pipeline import Finder, Job, Links, Pipeline, timed
 from harness.migration.state import (
+    DEFAULT_SLOW_STUDY_S,
     MigrationError,
     MigrationResult,
     MigrationState,
@@ -46,23 +51,7 @@ from harness.migration.state import (
 )
 from harness.nodes.base import Node
 
-
-class _RateLimiter:
-    """At most `rate` acquisitions per second over all workers (evenly spaced)."""
-
-    def __init__(self, rate: float | None) -> None:
-        self.interval = 1.0 / rate if rate else 0.0
-        self.next_at = time.monotonic()
-        self.lock = threading.Lock()
-
-    def acquire(self, stop: threading.Event) -> None:
-        if not self.interval:
-            return
-        with self.lock:
-            now = time.monotonic()
-            slot = max(now, self.next_at)
-            self.next_at = slot + self.interval
-        stop.wait(max(0.0, slot - time.monotonic()))
+CONFIRM_POLL_S = 0.2  # between reads of the target while it indexes what it received
 
 
 class Migrator:
@@ -98,6 +87,7 @@ class Migrator:
         on_listing: ListingHook | None = None,
         split_queries: bool = False,
         source_find_limit: int | None = None,
+        slow_study_s: float = DEFAULT_SLOW_STUDY_S,
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"method {method!r}: unknown (allowed: {', '.join(METHODS)})")
@@ -107,6 +97,8 @@ class Migrator:
             raise ConfigError(f"rate limit: must be > 0 studies/s, got {rate_limit}")
         if retries < 0 or backoff_s < 0:
             raise ConfigError("retries and backoff must be >= 0")
+        if slow_study_s < 0:
+            raise ConfigError(f"slow study bound: must be >= 0 s, got {slow_study_s}")
         if listing_tries < 2:
             raise ConfigError(f"listing tries: must be >= 2, got {listing_tries}")
         if source.name == target.name:
@@ -124,6 +116,7 @@ class Migrator:
         self.on_listing = on_listing
         self.split_queries = split_queries
         self.source_find_limit = source_find_limit
+        self.slow_study_s = slow_study_s
         self.discovery: StudyListing | None = None  # how this run listed the source
         self.state_path = Path(state_path)
         check_method(method, source, target)
@@ -131,7 +124,7 @@ class Migrator:
         self._plan: list[str] | None = None
         self._confirmed: set[str] = set()
         self._confirmed_lock = threading.Lock()
-        self._stop = threading.Event()
+        self.stopping = threading.Event()
         self.run_id = 0
 
     def __repr__(self) -> str:
@@ -194,7 +187,7 @@ class Migrator:
 
     def stop(self) -> None:
         """Ask the workers to finish the study at hand and take no more."""
-        self._stop.set()
+        self.stopping.set()
 
     # -- run ---------------------------------------------------------------------------
     def run(self, progress: ProgressCallback | None = None) -> MigrationResult:
@@ -212,148 +205,144 @@ class Migrator:
         start = time.monotonic()
         studies = self.plan()
         state = self.open()
-        self._stop.clear()
-        auth_failures: list[AuthenticationFailed] = []
+        self.stopping.clear()
         self.run_id = state.start_run(self.method if send else "verify")
         result = MigrationResult(
             self.method if send else "verify",
             self.source.name,
             self.target.name,
             studies_total=len(studies),
+            slow_study_s=self.slow_study_s,
         )
-        lock = threading.Lock()
-        done = 0
         say = progress or (lambda _done, _total, _outcome: None)
         say(0, len(studies), None)
-
-        def finish(outcome: StudyOutcome) -> None:
-            nonlocal done
-            with lock:
-                result.add(outcome)
-                done += 1
-                count = done
-            say(count, len(studies), outcome)
-
-        work: deque[str] = deque()
+        pipeline = Pipeline(self, result, say, send)
         for uid in studies:
             if self.is_confirmed(uid):
-                finish(StudyOutcome(uid, "skipped_already_confirmed"))
+                pipeline.finish(Job(uid, StudyOutcome(uid, "skipped_already_confirmed")),
+                                record=False)
             else:
-                work.append(uid)
-        queue_lock = threading.Lock()
-        limiter = _RateLimiter(self.rate_limit if send else None)
-
-        def worker() -> None:
-            while not self._stop.is_set():
-                with queue_lock:
-                    if not work:
-                        return
-                    uid = work.popleft()
-                limiter.acquire(self._stop)
-                if self._stop.is_set():
-                    return
-                try:
-                    outcome = self._study(uid, send)
-                except AuthenticationFailed as exc:  # no retry logs in: stop every worker
-                    auth_failures.append(exc)
-                    self._stop.set()
-                    return
-                except Exception as exc:  # e.g. the state file's disk is full: report, go on
-                    outcome = StudyOutcome(uid, "failed", error=f"internal: {describe_error(exc)}")
-                finish(outcome)
-
-        threads = [
-            threading.Thread(target=worker, name=f"migrate-{n}", daemon=True)
-            for n in range(min(self.workers, max(1, len(work))))
-        ]
-        for thread in threads:
-            thread.start()
-        try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.2)
-        except KeyboardInterrupt:
-            self._stop.set()  # the state file is consistent after every study; just stop
-            raise
+                pipeline.to_send.append(Job(uid, StudyOutcome(uid, "failed")))
+        pipeline.run(min(self.workers, max(1, len(pipeline.to_send))))
         result.elapsed_s = time.monotonic() - start
         state.finish_run(self.run_id, result)
-        if auth_failures:
-            raise auth_failures[0]
+        if pipeline.auth_failures:
+            raise pipeline.auth_failures[0]
         return result
 
-    def _study(self, uid: str, send: bool) -> StudyOutcome:
-        """All attempts at one study: list, check the target, send, confirm."""
+    # -- one study's steps (called by Pipeline's threads) ----------------------------------
+    def attempt_send(self, job: Job, links: Links, send: bool) -> bool:
+        """One attempt at a study up to its send: list the source (once), check the target,
+        send what it lacks. True: sent, to be confirmed; False: the study is finished or
+        waits for a retry (job.outcome says which)."""
         state = self.open()
-        start = time.monotonic()
-        outcome = StudyOutcome(uid, "failed")
-        source_content: StudyContent | None = None
-        attempts = 1 + self.retries if send else 1
-        for attempt in range(1, attempts + 1):
-            if attempt > 1:
-                if self._stop.wait(self.backoff_s * 2 ** (attempt - 2)):
-                    break
-            outcome.attempts = attempt
-            send_id = None
-            try:
-                if source_content is None:
-                    listed = self._listing(self.source, "source", uid, outcome)
-                    if not listed.instances:
-                        raise MigrationError(
-                            f"source {self.source.name} lists no instance of study {uid}"
-                        )
-                    source_content = listed
-                    state.record_instances(uid, source_content.instances)
-                    outcome.instances = len(source_content.instances)
-                missing = self._missing(uid, source_content, outcome)
-                if missing and send:
-                    send_id = state.start_send(self.run_id, uid, attempt, self.method)
-                    sent = send_study(
-                        self.method, self.source, self.target, uid, source_content
-                    )
-                    outcome.instances_sent += sent
-                    state.finish_send(send_id, sent, None)
-                    send_id = None
-                    missing = self._wait_confirmed(uid, source_content, outcome)
-                if missing:
+        outcome = job.outcome
+        outcome.attempts += 1
+        send_id = None
+        try:
+            if job.source_content is None:
+                with timed(outcome, "list_source"):
+                    listed = self._listing(links.source, "source", job.uid, outcome)
+                if not listed.instances:
                     raise MigrationError(
-                        f"{len(missing)} of {len(source_content.instances)} instances not on "
-                        f"target {self.target.name}" + (" after sending" if send else "")
+                        f"source {self.source.name} lists no instance of study {job.uid}"
                     )
-            except AuthenticationFailed as exc:  # not transient: a retry is refused again
-                if send_id is not None:
-                    state.finish_send(send_id, 0, describe_error(exc))
-                raise
-            except Exception as exc:  # any failure of this attempt is retried, then recorded
-                outcome.error = describe_error(exc)
-                if send_id is not None:
-                    state.finish_send(send_id, 0, outcome.error)
-                continue
-            state.confirm(self.run_id, uid)
-            with self._confirmed_lock:
-                self._confirmed.add(uid)
-            outcome.status = "migrated" if outcome.instances_sent else "already_on_target"
-            outcome.error = None
-            break
-        else:
-            state.fail(uid, outcome.error or "failed")
-        if outcome.status == "failed" and outcome.error is None:
-            outcome.error = "stopped before the study was confirmed"
-        outcome.elapsed_s = time.monotonic() - start
-        return outcome
+                job.source_content = listed
+                state.record_instances(job.uid, listed.instances)
+                outcome.instances = len(listed.instances)
+            with timed(outcome, "confirm_target"):
+                missing = self._missing(job, links.target)
+            if not missing:
+                self._confirmed_now(job)
+                return False
+            if not send:
+                raise self._not_on_target(job, missing, sent=False)
+            links.release()  # idle during the send: see Finder
+            send_id = state.start_send(self.run_id, job.uid, outcome.attempts, self.method)
+            with timed(outcome, "send"):
+                sent = send_study(
+                    self.method, self.source, self.target, job.uid, job.source_content
+                )
+            outcome.instances_sent += sent
+            state.finish_send(send_id, sent, None)
+            return True
+        except AuthenticationFailed as exc:  # not transient: a retry is refused again
+            if send_id is not None:
+                state.finish_send(send_id, 0, describe_error(exc))
+            raise
+        except Exception as exc:  # any failure of this attempt is retried, then recorded
+            outcome.error = describe_error(exc)
+            if send_id is not None:
+                state.finish_send(send_id, 0, outcome.error)
+            return False
 
-    def _listing(self, node: Node, role: str, uid: str, outcome: StudyOutcome) -> StudyContent:
-        """The study as `node` lists it once the listing settled; disagreeing reads are
+    def confirm_sent(self, job: Job, links: Links) -> None:
+        """After a send: poll the target until its C-FIND shows every instance the source
+        listed (some PACS index what they received a moment later), within
+        confirm_timeout_s. A read that shows them all is the proof, whatever its count (a
+        short read is what a busy PACS gets wrong, never an extra UID); only a study still
+        short at the deadline gets a settled listing, which decides and is reported."""
+        outcome = job.outcome
+        content = job.source_content
+        assert content is not None
+        wanted = set(content.instances)
+        deadline = time.monotonic() + self.confirm_timeout_s
+        with timed(outcome, "confirm_target"):
+            try:
+                while True:
+                    shown = study_content(
+                        links.target.client, job.uid, sorted(content.series),
+                        assoc=links.target.association(), sop_classes=False,
+                    )
+                    if not wanted - set(shown.instances):
+                        self._confirmed_now(job)
+                        return
+                    if time.monotonic() >= deadline or self.stopping.is_set():
+                        break
+                    links.release()  # idle while it waits: see Finder
+                    self.stopping.wait(CONFIRM_POLL_S)
+                missing = self._missing(job, links.target)
+            except AuthenticationFailed:
+                raise
+            except Exception as exc:
+                outcome.error = describe_error(exc)
+                return
+        if missing:
+            outcome.error = describe_error(self._not_on_target(job, missing, sent=True))
+        else:
+            self._confirmed_now(job)
+
+    def _confirmed_now(self, job: Job) -> None:
+        self.open().confirm(self.run_id, job.uid)
+        with self._confirmed_lock:
+            self._confirmed.add(job.uid)
+        job.outcome.status = "migrated" if job.outcome.instances_sent else "already_on_target"
+        job.outcome.error = None
+
+    def _not_on_target(self, job: Job, missing: set[str], *, sent: bool) -> MigrationError:
+        assert job.source_content is not None
+        return MigrationError(
+            f"{len(missing)} of {len(job.source_content.instances)} instances not on "
+            f"target {self.target.name}" + (" after sending" if sent else "")
+        )
+
+    def _listing(self, finder: Finder, role: str, uid: str, outcome: StudyOutcome
+                 ) -> StudyContent:
+        """The study as the node lists it once the listing settled; disagreeing reads are
         noted in the outcome and the state file (also when it never settles)."""
         state = self.open()
         try:
             content, notes = stable_study_content(
-                node.dimse(),
+                finder.client,
                 uid,
                 role=role,
                 tries=self.listing_tries,
                 deadline_s=self.listing_timeout_s,
                 on_listing=self.on_listing,
-                stop=self._stop,
+                stop=self.stopping,
+                assoc=finder.association(),
+                # the SOP classes only for C-GET's presentation contexts (methods.py)
+                sop_classes=role == "source" and self.method == "get",
             )
         except UnstableListing as exc:
             gave_up = [*exc.notes, str(exc)]
@@ -365,21 +354,8 @@ class Migrator:
             state.record_unstable(self.run_id, uid, notes, settled=True)
         return content
 
-    def _missing(
-        self, uid: str, source_content: StudyContent, outcome: StudyOutcome
-    ) -> set[str]:
-        """SOP Instance UIDs of the source study that the target's C-FIND does not show."""
-        on_target = self._listing(self.target, "target", uid, outcome)
-        wanted = set(source_content.instances)
-        return wanted - set(on_target.instances)
-
-    def _wait_confirmed(
-        self, uid: str, source_content: StudyContent, outcome: StudyOutcome
-    ) -> set[str]:
-        """Poll the target briefly: some PACS index what they received a moment later."""
-        deadline = time.monotonic() + self.confirm_timeout_s
-        while True:
-            missing = self._missing(uid, source_content, outcome)
-            if not missing or time.monotonic() >= deadline or self._stop.is_set():
-                return missing
-            self._stop.wait(0.5)  # poll the target; a stop() ends the wait at once
+    def _missing(self, job: Job, finder: Finder) -> set[str]:
+        """SOP Instance UIDs of the source study that the target's settled C-FIND lacks."""
+        assert job.source_content is not None
+        on_target = self._listing(finder, "target", job.uid, job.outcome)
+        return set(job.source_content.instances) - set(on_target.instances)

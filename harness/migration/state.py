@@ -24,6 +24,10 @@ Schema (SQLite, WAL; ``PRAGMA user_version`` = ``STATE_SCHEMA_VERSION``)::
     unstable_listings(id INTEGER PRIMARY KEY, run_id, study_instance_uid,
                       detail,                   one read that disagreed, or the give-up
                       settled INTEGER, at)      1: a later read agreed; 0: it never did
+    study_durations(run_id, study_instance_uid, one row per study a run worked on
+                    status, elapsed_s,          its outcome and wall time in that run
+                    list_source_s, send_s,      seconds in each phase (PHASES)
+                    confirm_target_s, backoff_s, at)
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -43,7 +48,18 @@ from typing import Any
 from harness import sqlite_db
 from harness.errors import ConfigError, HarnessError
 
-STATE_SCHEMA_VERSION = 2  # 2: table unstable_listings (a version 1 file gains it)
+# 2: table unstable_listings; 3: table study_durations (older files gain the tables)
+STATE_SCHEMA_VERSION = 3
+
+# Where a study's time goes (seconds per phase, kept per study): what a slow study was
+# waiting for. The target's listing before a send counts as confirming on the target.
+PHASES = {
+    "list_source": "listing source",
+    "send": "sending",
+    "confirm_target": "confirming on target",
+    "backoff": "retry backoff",
+}
+DEFAULT_SLOW_STUDY_S = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -86,6 +102,18 @@ CREATE TABLE IF NOT EXISTS unstable_listings (
     settled            INTEGER NOT NULL,
     at                 TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS study_durations (
+    run_id             INTEGER NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    status             TEXT NOT NULL,
+    elapsed_s          REAL NOT NULL,
+    list_source_s      REAL NOT NULL,
+    send_s             REAL NOT NULL,
+    confirm_target_s   REAL NOT NULL,
+    backoff_s          REAL NOT NULL,
+    at                 TEXT NOT NULL,
+    PRIMARY KEY (run_id, study_instance_uid)
+);
 CREATE TABLE IF NOT EXISTS runs (
     run_id      INTEGER PRIMARY KEY,
     pid         INTEGER NOT NULL,
@@ -127,6 +155,22 @@ class StudyOutcome:
     elapsed_s: float = 0.0
     error: str | None = None
     unstable_listings: list[str] = field(default_factory=list)  # reads that disagreed
+    # seconds spent in each of PHASES (the wall time between them is bookkeeping)
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    @property
+    def waiting_for(self) -> str:
+        """The phase this study spent the most time in, as PHASES words it."""
+        return PHASES[max(PHASES, key=lambda phase: self.phases.get(phase, 0.0))]
+
+
+def percentile(values: list[float], share: float) -> float:
+    """Nearest-rank percentile of `values` (`share` in percent; no interpolation, so every
+    figure is a measured one); 0.0 for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    return ordered[max(1, math.ceil(share / 100 * len(ordered))) - 1]
 
 
 @dataclass
@@ -148,6 +192,23 @@ class MigrationResult:
     # study UID -> reads of its listing that disagreed (settled or not)
     unstable_listings: dict[str, list[str]] = field(default_factory=dict)
     outcomes: list[StudyOutcome] = field(default_factory=list)
+    slow_study_s: float = DEFAULT_SLOW_STUDY_S  # a study slower than this is reported
+
+    def study_durations(self) -> dict[str, Any]:
+        """p50, p99 and max of the studies this run worked on (not the skipped ones)."""
+        worked = [o.elapsed_s for o in self.outcomes if o.status != "skipped_already_confirmed"]
+        return {"studies": len(worked),
+                **{name: round(percentile(worked, share), 3)
+                   for name, share in (("p50", 50), ("p99", 99), ("max", 100))}}
+
+    def slow_studies(self) -> list[dict[str, Any]]:
+        """Studies slower than `slow_study_s`, slowest first, with their time by phase."""
+        slow = [o for o in self.outcomes if o.elapsed_s > self.slow_study_s
+                and o.status != "skipped_already_confirmed"]
+        return [{"study": o.study_instance_uid, "status": o.status,
+                 "elapsed_s": round(o.elapsed_s, 3), "waiting_for": o.waiting_for,
+                 "phases_s": {phase: round(s, 3) for phase, s in o.phases.items()}}
+                for o in sorted(slow, key=lambda o: -o.elapsed_s)]
 
     @property
     def ok(self) -> bool:
@@ -173,6 +234,8 @@ class MigrationResult:
         data = asdict(self)
         data["elapsed_s"] = round(self.elapsed_s, 3)
         data["ok"] = self.ok
+        data["study_durations_s"] = self.study_durations()
+        data["slow_studies"] = self.slow_studies()
         if not with_outcomes:
             del data["outcomes"]
         return data
@@ -210,7 +273,7 @@ class MigrationState:
             sqlite_db.check_schema_version(
                 conn,
                 STATE_SCHEMA_VERSION,
-                readable=(1,),  # gains table unstable_listings below
+                readable=(1, 2),  # gain tables unstable_listings, study_durations below
                 what=f"{self.path}: state file",
                 hint="use a new --state file",
             )
@@ -345,6 +408,20 @@ class MigrationState:
                 "VALUES (?, ?, ?, ?, ?)",
                 [(run_id, study, note, int(settled), _now()) for note in notes],
             )
+
+    def record_duration(self, run_id: int, outcome: StudyOutcome) -> None:
+        """How long the study took in this run and in which phase (table study_durations)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO study_durations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, outcome.study_instance_uid, outcome.status, outcome.elapsed_s,
+                 *(outcome.phases.get(phase, 0.0) for phase in PHASES), _now()),
+            )
+
+    def durations(self, run_id: int | None = None) -> list[sqlite3.Row]:
+        """Rows of study_durations (of one run, or of all), in the order they were written."""
+        where, params = ("WHERE run_id = ?", (run_id,)) if run_id is not None else ("", ())
+        return self.query(f"SELECT * FROM study_durations {where} ORDER BY rowid", params)
 
     def fail(self, study: str, error: str) -> None:
         with self.transaction() as conn:
