@@ -169,6 +169,18 @@ def test_a_capped_archive_is_listed_whole_by_date_partitions(cluster, tmp_path):
     assert parts["all"][0] == "split" and "unresolved" not in {s for s, _ in parts.values()}
 
 
+def test_the_migrators_discovery_lists_the_same_capped_archive_whole(cluster):
+    """The migration plan's listing (discovery.py) halves ranges with the same bounds
+    (discovery.time_range), down to times of day: every study is listed, the one in the
+    last half second before noon included."""
+    from harness.migration.discovery import discover_studies
+
+    node = cluster.node("capped")
+    listing = discover_studies(node.dimse(), silent_limit=2)  # days split by time too
+    assert listing.split and listing.unresolved == []
+    assert set(listing.uids) == rest_study_uids(node)
+
+
 def test_a_silent_qido_cap_is_passed_with_a_smaller_partition_size(cluster, tmp_path):
     """Orthanc's QIDO-RS applies LimitFindResults without saying so (HTTP 200, a short
     list): only a partition size below the cap shows the cut, and splits past it."""

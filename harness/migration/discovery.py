@@ -122,6 +122,18 @@ def _range(low: str, high: str, first: str, last: str) -> str:
     return f"{'' if low == first else low}-{'' if high == last else high}"
 
 
+def _hhmmss(seconds: int) -> str:
+    return f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
+
+
+def time_range(low: int, high: int) -> str:
+    """A StudyTime range of the whole seconds [low, high] of a day. The upper bound takes in
+    the fractions of its last second (TM is HHMMSS.FFFFFF, PS3.5 6.2): a study at 11:59:59.5
+    must not fall between the ranges ...-115959 and 120000-... of two halves."""
+    end = f"{_hhmmss(DAY_SECONDS - 1)}.999999"
+    return _range(_hhmmss(low), f"{_hhmmss(high)}.999999", "000000", end)
+
+
 class _Partition:
     """Bisects study-level C-FINDs by StudyDate, then StudyTime, until no answer is cut.
 
@@ -227,10 +239,7 @@ class _Partition:
 
     @staticmethod
     def _times(low: int, high: int) -> str:
-        def hhmmss(seconds: int) -> str:
-            return f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
-
-        return _range(hhmmss(low), hhmmss(high), "000000", hhmmss(DAY_SECONDS - 1))
+        return time_range(low, high)
 
 
 def discover_studies(

@@ -42,7 +42,14 @@ from pydicom import Dataset
 
 from harness import sqlite_db
 from harness.errors import ConfigError, EnvironmentProblem
-from harness.migration.discovery import DAY_SECONDS, FIRST_DAY, LAST_DAY, TIME_FLOOR_S, _range
+from harness.migration.discovery import (
+    DAY_SECONDS,
+    FIRST_DAY,
+    LAST_DAY,
+    TIME_FLOOR_S,
+    _range,
+    time_range,
+)
 
 MODES = ("date", "uid", "none")
 DEFAULT_SIZE = 5000  # studies per partition at most: below most archives' C-FIND caps
@@ -136,10 +143,6 @@ def _day(text: str) -> dt.date:
     return dt.datetime.strptime(text, "%Y%m%d").date()
 
 
-def _hhmmss(seconds: int) -> str:
-    return f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
-
-
 def _date_part(low: dt.date, high: dt.date) -> tuple[str, dict[str, str]]:
     a, b = low.strftime("%Y%m%d"), high.strftime("%Y%m%d")
     value = _range(a, b, FIRST_DAY.strftime("%Y%m%d"), LAST_DAY.strftime("%Y%m%d"))
@@ -147,11 +150,8 @@ def _date_part(low: dt.date, high: dt.date) -> tuple[str, dict[str, str]]:
 
 
 def _time_part(day: str, low: int, high: int) -> tuple[str, dict[str, str]]:
-    """Whole seconds [low, high]; the upper bound takes in fractions of its second (TM
-    HHMMSS.FFFFFF, PS3.5 6.2), so no study falls between two adjacent ranges."""
-    end = f"{_hhmmss(DAY_SECONDS - 1)}.999999"
-    value = _range(_hhmmss(low), f"{_hhmmss(high)}.999999", "000000", end)
-    return f"time:{day}:{low}-{high}", {"StudyDate": day, "StudyTime": value}
+    """Whole seconds [low, high] of `day` (discovery.time_range)."""
+    return f"time:{day}:{low}-{high}", {"StudyDate": day, "StudyTime": time_range(low, high)}
 
 
 def _halves(key: str) -> list[tuple[str, dict[str, str]]] | None:
