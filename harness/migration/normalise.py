@@ -9,6 +9,8 @@ the encoding is normalised away before hashing:
   the text is equal), trailing padding is stripped, DS/IS become numbers;
 - private elements are compared as their little-endian value bytes, so an element that is
   `UN` after a change to implicit VR equals its explicit-VR original;
+- binary values (OW, OF, OL, OD, OV) and decoded pixels are compared in little endian, so a
+  file read in Explicit VR Big Endian (PS3.5 A.3, retired) equals its little-endian copy;
 - `pixel_digest` hashes the *decoded* pixels (dtype, shape, values), so a lossless change of
   transfer syntax is equal; when a syntax cannot be decoded here the raw PixelData bytes are
   hashed instead and `pixel_mode` says `raw`;
@@ -288,18 +290,35 @@ def _scalar(vr: str, value: Any) -> Any:
     return text or None
 
 
-def element_value(elem: DataElement, encodings: list[str]) -> Any:
-    """One element's value in encoding-independent form (JSON-ready)."""
+#: Bytes per word of the binary VRs whose values depend on the byte order (PS3.5 7.3).
+_WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def little_endian_bytes(value: bytes, vr: str | None, little: bool) -> bytes:
+    """The value bytes of an OW, OF, OL, OD or OV element in little endian: an element read
+    from an Explicit VR Big Endian file (PS3.5 A.3, retired) then equals its little-endian
+    copy, as a PACS that converts the syntax on receipt stores it."""
+    size = _WORD_SIZES.get(vr or "")
+    if little or size is None or len(value) % size:
+        return value
+    return numpy.frombuffer(value, dtype=f">u{size}").astype(f"<u{size}").tobytes()
+
+
+def element_value(elem: DataElement, encodings: list[str], little: bool = True) -> Any:
+    """One element's value in encoding-independent form (JSON-ready); `little`: the byte
+    order the element was read in."""
     vr = elem.VR
     if vr == "SQ":
         return [normalise(item, encodings) for item in elem.value]
     if elem.tag.is_private or vr == "UN":
         if vr == "SQ":
             return [normalise(item, encodings) for item in elem.value]
+        if isinstance(elem.value, bytes | bytearray):
+            return _bytes_repr(little_endian_bytes(bytes(elem.value), vr, little), encodings)
         return _bytes_repr(_private_bytes(elem, encodings), encodings)
     value = elem.value
     if isinstance(value, bytes | bytearray):
-        return _binary_repr(bytes(value))
+        return _binary_repr(little_endian_bytes(bytes(value), vr, little))
     if vr not in _SCALAR_VRS:
         vr = "LO"
     if isinstance(value, MultiValue | list | tuple):
@@ -326,6 +345,7 @@ def normalise(ds: Dataset, inherited: list[str] | None = None) -> dict[str, Any]
     to the digests recorded before the raw path existed.
     """
     encodings = dataset_encodings(ds, inherited)
+    little = _read_little_endian(ds)
     raw_path = _raw_path_usable()
     out: dict[str, Any] = {}
     for key in ds.keys():
@@ -340,17 +360,25 @@ def normalise(ds: Dataset, inherited: list[str] | None = None) -> dict[str, Any]
             if type(elem) is RawDataElement:
                 value = _raw_value(elem, public_vr, encodings)
         if value is _NOT_RAW:
-            value = _converted_value(ds, key, encodings)
+            value = _converted_value(ds, key, encodings, little)
         if tag == _PHOTOMETRIC and value in _COLOUR_MODELS:
             value = "RGB"  # pixels are compared decoded to RGB (see pixel_digest)
         out[name] = value
     return out
 
 
-def _converted_value(ds: Dataset, tag: BaseTag, encodings: list[str]) -> Any:
+def _read_little_endian(ds: Dataset) -> bool:
+    """The byte order `ds` was read in (a data set built in memory: little endian)."""
+    try:
+        return ds.original_encoding[1] is not False
+    except AttributeError:
+        return True
+
+
+def _converted_value(ds: Dataset, tag: BaseTag, encodings: list[str], little: bool) -> Any:
     """The value through pydicom's DataElement (every VR, every encoding)."""
     try:
-        return element_value(ds[tag], encodings)
+        return element_value(ds[tag], encodings, little)
     except Exception:  # noqa: BLE001 - an unreadable value is still a value to compare
         raw = ds.get_item(tag)
         return _bytes_repr(bytes(getattr(raw, "value", b"") or b""), encodings)
@@ -426,7 +454,7 @@ def _raw_value(raw: RawDataElement, public_vr: str | None, encodings: list[str])
             return _bytes_repr(bytes(value), encodings)
         return _NOT_RAW
     if vr in _BINARY_VRS:
-        return _binary_repr(bytes(value))
+        return _binary_repr(little_endian_bytes(bytes(value), vr, raw.is_little_endian))
     if vr in _DEFAULT_REPERTOIRE_VRS:
         parts = value.decode("latin-1").rstrip(" \x00").split("\\")
         return _values(vr, [part.strip() for part in parts] if vr == "UI" else parts)
@@ -490,6 +518,8 @@ def pixel_digest(ds: Dataset) -> tuple[str | None, str | None]:
             # bookkeeping that reads every image attribute twice
             opts = getattr(ds, "_pixel_array_opts", {"use_pdh": True})
             arr = ds.pixel_array if opts.get("use_pdh") else decode_pixels(ds)
+            if arr.dtype.str.startswith(">"):  # read from a big endian file (PS3.5 A.3)
+                arr = arr.astype(arr.dtype.newbyteorder("<"))
             hashed = hashlib.blake2b(f"{arr.dtype.str}:{arr.shape}:".encode(), digest_size=16)
             hashed.update(numpy.ascontiguousarray(arr))  # the bytes of tobytes(), uncopied
             return hashed.hexdigest(), "decoded"
