@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,51 @@ LAUNCHABLE_KINDS = [kind for kind, binary in (("embedded", None), ("dcmqrscp", "
 #: (no bytecode cache under PYTHONDONTWRITEBYTECODE): tens of seconds on a loaded machine
 CHILD_PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                 "-p", "no:hypothesispytest"]
+
+
+#: The one test of a child session that holds its nodes: it writes the cluster's run id and
+#: state root to $HOLD_INFO, then sleeps until a signal ends the session.
+HOLD_TEST = '''
+import json, os, time
+def test_hold(pacs_cluster):
+    with open(os.environ["HOLD_INFO"] + ".tmp", "w") as f:
+        json.dump({"run_id": pacs_cluster.run_id, "root": str(pacs_cluster.root)}, f)
+    os.replace(os.environ["HOLD_INFO"] + ".tmp", os.environ["HOLD_INFO"])
+    time.sleep(3600)  # far past the test's deadline: only the signal ends it
+'''
+
+
+def start_held_session(topology: Path, folder: Path) -> tuple[subprocess.Popen, dict]:
+    """A child pytest session (CHILD_PYTEST, HOLD_TEST) that launched `topology` and holds
+    its nodes, and what it wrote once they were up ({run_id, root}). Waits for that file,
+    not for a time (300 s bounds a hung start only); the caller ends the session."""
+    (folder / "test_hold.py").write_text(HOLD_TEST)
+    info = folder / "hold.json"
+    proc = subprocess.Popen(
+        [*CHILD_PYTEST, str(folder / "test_hold.py"), "--pacs-topology", str(topology),
+         "--rootdir", str(folder)],
+        env={**os.environ, "HOLD_INFO": str(info)}, cwd=folder,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not info.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "nodes did not come up"
+            time.sleep(0.3)
+        return proc, json.loads(info.read_text())
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def wait_for_no_process_mentioning(text: str, timeout_s: float = 60) -> None:
+    """Until no live process mentions `text` (processes of a session that ended are still
+    exiting), at most `timeout_s`; the caller asserts what is left."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and processes_mentioning(text):
+        time.sleep(0.3)
 
 
 def run_cli(*args: str, timeout: float = 180, **kwargs) -> subprocess.CompletedProcess:

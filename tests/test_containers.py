@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,13 @@ from harness.errors import EnvironmentProblem
 from harness.launch.docker import harness_containers
 from harness.launch.tools import find_binary
 from synthetic_data.samples import sample_study
-from tests.helpers import CHILD_PYTEST, processes_mentioning, run_cli, status_json
+from tests.helpers import (
+    processes_mentioning,
+    run_cli,
+    start_held_session,
+    status_json,
+    wait_for_no_process_mentioning,
+)
 
 
 @pytest.fixture(scope="module")
@@ -171,35 +175,12 @@ def test_orthanc_process_on_postgresql():
     assert not postgres.alive()
 
 
-HOLD = '''
-import json, os, time
-def test_hold(pacs_cluster):
-    with open(os.environ["HOLD_INFO"] + ".tmp", "w") as f:
-        json.dump({"run_id": pacs_cluster.run_id, "root": str(pacs_cluster.root)}, f)
-    os.replace(os.environ["HOLD_INFO"] + ".tmp", os.environ["HOLD_INFO"])
-    time.sleep(3600)  # far past the test's deadline: only the signal ends it
-'''
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_container_session_leaves_nothing(images, tmp_path, sig):
     topo = tmp_path / "mixed.yaml"
     topo.write_text(MIXED)
-    (tmp_path / "test_hold.py").write_text(textwrap.dedent(HOLD))
-    info = tmp_path / "hold.json"
-    proc = subprocess.Popen(
-        [*CHILD_PYTEST, str(tmp_path / "test_hold.py"),
-         "--pacs-topology", str(topo), "--rootdir", str(tmp_path)],
-        env={**os.environ, "HOLD_INFO": str(info)}, cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    proc, held = start_held_session(topo, tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        while not info.exists():
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "nodes did not come up"
-            time.sleep(0.3)
-        held = json.loads(info.read_text())
         assert len(harness_containers(held["run_id"])) == 3
         proc.send_signal(sig)
         try:  # generous: the session ends within seconds; this only bounds a hung one
@@ -214,9 +195,7 @@ def test_interrupted_container_session_leaves_nothing(images, tmp_path, sig):
         # a killed harness cannot clean up: the next run's sweep (or down --all) does
         assert run_cli("down", "--all").returncode == 0
     assert harness_containers(held["run_id"]) == []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and processes_mentioning(held["root"]):
-        time.sleep(0.3)
+    wait_for_no_process_mentioning(held["root"])
     assert processes_mentioning(held["root"]) == []
 
 

@@ -9,10 +9,8 @@ from the embedded process node compared with pydicom's read of the original file
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,13 @@ from harness.launch.mariadb import socket_directory
 from harness.launch.netns import SOCKET_DIR_FILE
 from harness.launch.tools import find_binary
 from synthetic_data.samples import sample_study
-from tests.helpers import CHILD_PYTEST, processes_mentioning, run_cli, status_json
+from tests.helpers import (
+    processes_mentioning,
+    run_cli,
+    start_held_session,
+    status_json,
+    wait_for_no_process_mentioning,
+)
 from tests.realworld import valid_files
 from tests.test_netns import listeners
 
@@ -219,37 +223,14 @@ def test_restart_makes_a_new_isolated_container_that_keeps_the_data(images):
     assert processes_mentioning(str(root)) == []
 
 
-HOLD = '''
-import json, os, time
-def test_hold(pacs_cluster):
-    with open(os.environ["HOLD_INFO"] + ".tmp", "w") as f:
-        json.dump({"run_id": pacs_cluster.run_id, "root": str(pacs_cluster.root)}, f)
-    os.replace(os.environ["HOLD_INFO"] + ".tmp", os.environ["HOLD_INFO"])
-    time.sleep(3600)  # far past the test's deadline: only the signal ends it
-'''
-
-
 def test_killed_session_leaves_no_isolated_container_nor_relay(images, tmp_path):
     """A pytest session holding both kinds as containers is SIGKILLed: `down --all` removes
     the containers (their owner is dead); the relays and MariaDB die with the session; the
     socket directories nobody listens in any more go when the next one is made."""
     topology = tmp_path / "isolated.yaml"
     topology.write_text(TOPOLOGY)
-    (tmp_path / "test_hold.py").write_text(HOLD)
-    info = tmp_path / "hold.json"
-    proc = subprocess.Popen(
-        [*CHILD_PYTEST, str(tmp_path / "test_hold.py"), "--pacs-topology", str(topology),
-         "--rootdir", str(tmp_path)],
-        env={**os.environ, "HOLD_INFO": str(info)}, cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    proc, held = start_held_session(topology, tmp_path)
     try:
-        deadline = time.monotonic() + 300  # bounds a hung start only
-        while not info.exists():
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "nodes did not come up"
-            time.sleep(0.3)
-        held = json.loads(info.read_text())
         assert len(harness_containers(held["run_id"])) == 2
         left = [Path((Path(held["root"]) / name / SOCKET_DIR_FILE).read_text().strip())
                 for name in ("pixel", "classic")]
@@ -263,9 +244,7 @@ def test_killed_session_leaves_no_isolated_container_nor_relay(images, tmp_path)
             proc.wait()
     assert run_cli("down", "--all").returncode == 0
     assert harness_containers(held["run_id"]) == []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and processes_mentioning(held["root"]):
-        time.sleep(0.3)
+    wait_for_no_process_mentioning(held["root"])
     assert processes_mentioning(held["root"]) == []
     # their socket directories are swept by the next isolated server that starts
     cluster = Cluster.launch(parse_topology(

@@ -588,12 +588,11 @@ def test_a_peer_slow_to_answer_the_release_holds_no_study():
     """The migrator's associations are released in the background once their last response
     came: a peer that never answers the A-RELEASE-RQ (the 30 s stall of issue 18 with 0
     retries) no longer holds the study; the release still ends at the ARTIM timer."""
-    from harness.migration.methods import release_in_background
     from tests.test_wire import associate, raw_peer, silent_release, sockets_to
 
     with raw_peer(silent_release) as peer:
         assoc = associate(peer.port, timeout_s=3600, artim_s=20)
-        release_in_background(assoc)
+        assoc.release_in_background()
         # a release on this thread would have aborted the association (after 20 s) before
         # returning; in the background the peer still waits for it
         assert not peer.eof.is_set() and assoc.is_open

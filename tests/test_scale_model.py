@@ -16,7 +16,6 @@ import importlib.util
 import json
 import shutil
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
@@ -199,9 +198,8 @@ def test_partitions_of_different_crawls_are_refused(crawled, tmp_path) -> None:
                       tmp_path / "merged.sqlite")
     with pytest.raises(ConfigError, match="cannot be one of the partitions"):
         merge_ledgers([folder / "early.sqlite"], folder / "early.sqlite")
-    command = subprocess.run([sys.executable, "-m", "harness.migration.merge",
-                              str(tmp_path / "m.sqlite"), str(tmp_path / "missing.sqlite")],
-                             capture_output=True, text=True, timeout=60)
+    command = run_cli("merge-ledgers", str(tmp_path / "m.sqlite"),
+                      str(tmp_path / "missing.sqlite"), timeout=60)
     assert command.returncode == 2
     assert command.stderr.count("\n") == 1 and "missing.sqlite" in command.stderr
 

@@ -26,8 +26,8 @@ from harness.cli.signing import (
     finish_check,
     public_key_option,
     read_json_document,
-    say_signed,
     signing_key_option,
+    write_signed,
 )
 from harness.errors import EXIT_FINDINGS, EXIT_PASS, ConfigError, EnvironmentProblem, HarnessError
 from harness.phases import PHASES
@@ -123,18 +123,13 @@ def _sign_report(path: Path, report: dict, key) -> None:
     """Sign report.json in place; refused (exit 1) when its figures do not recompute: a
     signature vouches for the figures, so inconsistent ones are not signed."""
     from harness.report.gate import check_report
-    from harness.report.signing import sign_document
 
     problems = check_report(report)
     if problems:
         for problem in problems:
             click.echo(f"{path}: figures do not match: {problem}", err=True)
         raise HarnessError(f"{path}: not signed: its figures do not match (above)")
-    signed = sign_document(report, key)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(signed, indent=2, default=str))
-    tmp.replace(path)
-    say_signed(path, signed)
+    write_signed(path, report, key)
 
 
 @report_command.command("verify")

@@ -17,7 +17,7 @@ from harness.cli.options import (
     chosen_topology,
     topology_option,
 )
-from harness.cli.signing import say_signed, signing_key_option
+from harness.cli.signing import say_signed, signing_key_option, write_signed
 from harness.console import console
 from harness.errors import (
     EXIT_ENVIRONMENT,
@@ -184,16 +184,13 @@ def _sign_sla_evidence(path: Path, key) -> None:
     if not path.is_file():
         return
     from harness.performance.sla import check_figures
-    from harness.report.signing import sign_document
 
     document = json.loads(path.read_text())
     problems = check_figures(document)
     if problems:
         console.print(f"{path}: not signed: {problems[0]}", markup=False, highlight=False)
         return
-    document = sign_document(document, key)
-    path.write_text(json.dumps(document, indent=2, default=str))
-    say_signed(path, document)
+    write_signed(path, document, key)
 
 
 def _record_outcome(report: dict, code: int, scenarios: tuple[str, ...], phase: str | None,

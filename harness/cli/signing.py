@@ -65,6 +65,19 @@ def finish_check(path: Path, document: dict[str, Any], public_key: str | None,
     sys.exit(EXIT_FINDINGS)
 
 
+def write_signed(path: Path, document: dict[str, Any], key: Any) -> dict[str, Any]:
+    """Sign `document` with `key` and write it to `path` atomically (a reader never sees
+    half a file); says so on stderr. Returns the signed document."""
+    from harness.report.signing import sign_document
+
+    signed = sign_document(document, key)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(signed, indent=2, default=str))
+    tmp.replace(path)
+    say_signed(path, signed)
+    return signed
+
+
 def say_signed(path: Path, document: dict[str, Any]) -> None:
     """One line on stderr: signed with which public key, or plainly unsigned."""
     signature = document.get("signature")

@@ -270,8 +270,7 @@ def reconcile_command(source_ledger: str, target_ledger: str, rules: str | None,
     checked_rules = load_rules(rules)
     findings = reconcile(source_ledger, target_ledger, checked_rules)
     workdir = Path(out_dir or f"reconcile-{Path(source_ledger).stem}-{Path(target_ledger).stem}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    paths = write_findings(findings, workdir, None)  # ledgers hold tokens where they must
+    paths = write_findings(findings, workdir)  # ledgers hold tokens where they must
     if as_json:
         out.print_json(json.dumps({**findings.as_dict(),
                                    "files": {k: str(v) for k, v in paths.items()}}))

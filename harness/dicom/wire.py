@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -614,6 +615,14 @@ class WireAssociation:
             self.abort()
             return
         self.close()
+
+    def release_in_background(self) -> None:
+        """release() on a thread of its own, for an association whose work is done (its last
+        response came): nothing the caller waits for depends on the A-RELEASE-RP (PS3.8
+        7.2). Waiting for it is bounded only by the ARTIM timer, so a peer slow to answer
+        would hold the caller that long and end in success, no retry: the shape of the 30 s
+        stall of issue 18. The thread ends within that bound."""
+        threading.Thread(target=self.release, name="release", daemon=True).start()
 
     def abort(self, source: int = 0, reason: int = 0) -> None:
         """A-ABORT (PS3.8 9.3.8; by default source service-user) and close; never raises."""

@@ -13,14 +13,12 @@ with INSERT ... SELECT, one transaction per partition. A study or an instance fo
 partitions (overlapping ranges) is kept once and reported in the merged ledger's `issues`,
 as the crawl reports an instance seen twice.
 
-    python -m harness.migration.merge merged.sqlite part-2019.sqlite part-2020.sqlite
+    pacs-harness merge-ledgers merged.sqlite part-2019.sqlite part-2020.sqlite
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -91,22 +89,3 @@ def _copy_partition(ledger: Ledger, path: Path) -> None:
             conn.execute("INSERT INTO main.issues SELECT * FROM part.issues")
     finally:
         conn.execute("DETACH DATABASE part")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m harness.migration.merge MERGED PART...`: exit 0, or 2 with one line."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 2:
-        print("usage: python -m harness.migration.merge MERGED PART [PART...]", file=sys.stderr)
-        return 2
-    try:
-        counts = merge_ledgers(args[1:], args[0])
-    except ConfigError as exc:
-        print(f"merge: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"ledger": args[0], "partitions": args[1:], "counts": counts}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,6 @@ use them.
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING
 
 from harness.errors import ConfigError, EnvironmentProblem
@@ -60,15 +59,6 @@ def check_method(method: str, source: Node, target: Node) -> None:
         )
 
 
-def release_in_background(assoc: WireAssociation) -> None:
-    """A-RELEASE on a thread of its own: the work on the association is done (its last
-    response came), so nothing a study waits for depends on the A-RELEASE-RP (PS3.8 7.2).
-    Why: waiting for it is bounded only by the ARTIM timer, 30 s, and a peer slow to answer
-    a release then holds the study that long and ends in success, no retry: the shape of
-    the 30 s stall of issue 18. The thread ends within that bound (wire.release)."""
-    threading.Thread(target=assoc.release, name="release", daemon=True).start()
-
-
 def send_study(method: str, source: Node, target: Node, uid: str, content: StudyContent) -> int:
     """Send one study with the chosen method; returns how many instances went out."""
     return {
@@ -80,52 +70,16 @@ def send_study(method: str, source: Node, target: Node, uid: str, content: Study
 
 
 def _send_move(source: Node, target: Node, uid: str, _content: StudyContent) -> int:
-    """C-MOVE of the study on the harness's wire layer (harness/dicom/wire.py), one
-    association per study like movescu; the operation is reported to the observers (the
-    audit journal) as DimseClient.move would."""
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    from harness.dicom.contexts import MOVE_MODELS
-    from harness.dicom.dimse import command_us
-    from harness.dicom.part10 import encode_dataset
-    from harness.dicom.peer import utc_now
-    from harness.dicom.query import query_identifier
-    from harness.dicom.status import Status
-    from harness.dicom.wire import TransferFailed
-
-    client = source.dimse()
-    sop_class = MOVE_MODELS["study"]
-    started = utc_now()
-    assoc = client.wire_association(
-        [(sop_class, ExplicitVRLittleEndian), (sop_class, ImplicitVRLittleEndian)]
-    )
-    context = next(((cid, pair[1]) for pair, cid in assoc.accepted.items()), None)
-    if context is None:
-        assoc.release()
-        raise MigrationError(f"peer {client} does not accept C-MOVE (study root)")
-    identifier = encode_dataset(query_identifier("STUDY", {"StudyInstanceUID": uid}),
-                                context[1])
-    try:
-        elements, _data = assoc.move(context[0], target.ae_title, identifier)
-    except TransferFailed as exc:
-        assoc.abort()
-        raise MigrationError(f"peer {client}: C-MOVE broken off: {exc}") from None
-    except BaseException:
-        assoc.abort()
-        raise
-    release_in_background(assoc)
-    status = Status(command_us(elements, 0x00000900))
-    completed, failed, warning = (command_us(elements, tag)
-                                  for tag in (0x00001021, 0x00001022, 0x00001023))
-    ok = status.category == "success" and not failed
-    client.notify("C-MOVE", uid, ok, started, f"status {status} to {target.ae_title}, "
-                  f"{completed} completed, {failed} failed")
-    if not ok:
+    # released in the background once the final response came: a peer slow to answer the
+    # A-RELEASE-RQ must not hold the study (WireAssociation.release_in_background)
+    result = source.dimse().move(target.ae_title, "STUDY", {"StudyInstanceUID": uid},
+                                 release_in_background=True)
+    if not result.ok:
         raise MigrationError(
-            f"C-MOVE to {target.ae_title} answered {status} "
-            f"(completed {completed}, failed {failed})"
+            f"C-MOVE to {target.ae_title} answered {result.status} "
+            f"(completed {result.completed}, failed {result.failed})"
         )
-    return completed + warning
+    return result.completed + result.warning
 
 
 def _send_get(source: Node, target: Node, uid: str, content: StudyContent) -> int:

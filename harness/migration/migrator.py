@@ -11,7 +11,7 @@ A study is *confirmed* when the target's IMAGE-level C-FIND (per series) shows e
 Instance UID the source's IMAGE-level C-FIND listed, the source's listing settled first
 (discovery.py). Only then is it written as confirmed, one transaction per study. This
 module is the orchestration: sender threads (list the source, check the target, send) and
-as many confirmer threads (confirm each sent study while the senders go on: _Pipeline),
+as many confirmer threads (confirm each sent study while the senders go on: pipeline.py),
 rate limit, retries with backoff, and the time each study spends per phase (state.PHASES,
 kept in the state file; a study slower than `slow_study_s` is reported with them). How a
 study travels is methods.py, the site's own tool external.py.

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from harness.migration.state import percentile
 from harness.nodes.base import Node
 
 ROLES = ("source", "target")
@@ -59,13 +60,6 @@ class _InstanceRef:
     series: str
     sop_instance: str
     sop_class: str | None
-
-
-def _percentile(values: list[float], share: float) -> float:
-    """Nearest-rank percentile (no interpolation: every figure is a measured latency)."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(share * len(ordered)))
-    return ordered[rank - 1]
 
 
 class AvailabilityMonitor:
@@ -280,8 +274,8 @@ class AvailabilityMonitor:
             good = [s.latency_s for s in mine if s.ok]
             out["latency_s"][role] = (
                 {
-                    "p50": round(_percentile(good, 0.50), 4),
-                    "p95": round(_percentile(good, 0.95), 4),
+                    "p50": round(percentile(good, 50), 4),
+                    "p95": round(percentile(good, 95), 4),
                     "max": round(max(good), 4),
                 }
                 if good

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 from harness.dicom.dicomweb import AuthenticationFailed
 from harness.migration.discovery import StudyContent
-from harness.migration.methods import release_in_background
 from harness.migration.state import (
     MigrationResult,
     ProgressCallback,
@@ -93,7 +92,7 @@ class Finder:
 
     def release(self) -> None:
         if self.assoc is not None and self.assoc.is_open:
-            release_in_background(self.assoc)
+            self.assoc.release_in_background()
         self.assoc = None
 
 
